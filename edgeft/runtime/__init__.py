@@ -1,0 +1,53 @@
+"""One small interface over the inference engines, so verify and bench are written once.
+
+Each engine (PyTorch, llama.cpp, onnxruntime) has one module here with one class implementing `Runtime`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..constants import FORMAT_GGUF, FORMAT_TORCH
+from ..errors import EdgeftError
+
+
+class Runtime(Protocol):
+    """A loaded model that can score and extend token ids."""
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits for every position of `ids` (fresh context), float32 [len(ids), vocab]."""
+        ...
+
+    def generate(self, ids: Sequence[int], n: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        """Greedy continuation of `ids`: at most `n` new ids, ending early after any of `stop_ids`."""
+        ...
+
+    def close(self) -> None:
+        """Free the engine's memory."""
+        ...
+
+
+def artifact_format(path: Path) -> str:
+    """The format of an artifact path: a .gguf file or an HF model directory."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return FORMAT_GGUF
+    if path.is_dir() and (path / "config.json").is_file():
+        return FORMAT_TORCH
+    raise EdgeftError(f"{path}: not a .gguf file or a Hugging Face model directory (with config.json)")
+
+
+def open_runtime(path: Path, *, threads: int | None = None, n_ctx: int = 512, all_logits: bool = True) -> Runtime:
+    """Open an artifact in the engine that its format needs."""
+    fmt = artifact_format(path)
+    if fmt == FORMAT_GGUF:
+        from .llamacpp import LlamaCppRuntime
+
+        return LlamaCppRuntime(path, threads=threads, n_ctx=n_ctx, all_logits=all_logits)
+    from .torch import TorchRuntime
+
+    return TorchRuntime(path, threads=threads)
