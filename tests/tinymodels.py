@@ -1,0 +1,245 @@
+"""Tiny random-weight HF causal LMs with in-process trained tokenizers, for offline tests.
+
+Everything is built from local text (`pydoc_data.topics`, ~465K chars of English), so no test ever
+touches the network. Trained tokenizers are cached per kind for the life of the process; models are
+cheap (a few hundred KB) and rebuilt per call.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+# ChatML, as used by Qwen2 and SmolLM2 instruct models.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# A minimal Llama-2 style template for SentencePiece tokenizers.
+LLAMA2_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+BPE_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+SPM_SPECIALS = ("<unk>", "<s>", "</s>")
+
+# ref: llama.cpp src/llama-vocab.cpp (LLAMA_VOCAB_PRE_TYPE_LLAMA3 / QWEN2 regexes), the same strings the
+# upstream HF tokenizer.json files carry in their Split pre-tokenizer.
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Tokenizer kinds: "bpe" (GPT-2 style ByteLevel regex), "bpe-llama3", "bpe-qwen2", "bpe-smollm" (byte-level
+# BPE variants differing only in pre-tokenizer), and "spm" (SentencePiece BPE with byte fallback).
+TOKENIZER_KINDS = ("bpe", "bpe-llama3", "bpe-qwen2", "bpe-smollm", "spm")
+
+_CACHE: dict[str, Path] = {}
+_CACHE_ROOT: Path | None = None
+
+
+def corpus_lines() -> list[str]:
+    """Offline English training text: the pydoc topic help pages, split into paragraphs."""
+    from pydoc_data.topics import topics
+
+    lines: list[str] = []
+    for text in topics.values():
+        lines.extend(p for p in text.split("\n\n") if p.strip())
+    return lines
+
+
+def _cache_root() -> Path:
+    global _CACHE_ROOT
+    if _CACHE_ROOT is None:
+        _CACHE_ROOT = Path(tempfile.mkdtemp(prefix="edgeft-tinytok-"))
+    return _CACHE_ROOT
+
+
+def _bpe_pre_tokenizer(kind: str):  # noqa: ANN202 - tokenizers types are untyped
+    from tokenizers import Regex, pre_tokenizers
+
+    if kind == "bpe":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if kind == "bpe-smollm":
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    regex = {"bpe-llama3": LLAMA3_REGEX, "bpe-qwen2": QWEN2_REGEX}[kind]
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+def _train_bpe(kind: str, out_dir: Path, vocab_size: int = 1200) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = _bpe_pre_tokenizer(kind)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any UTF-8 round-trips
+        special_tokens=list(BPE_SPECIALS),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus_lines(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(out_dir)
+
+
+def _train_spm(out_dir: Path, vocab_size: int = 1000) -> None:
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix="edgeft-spm-"))
+    try:
+        corpus = tmp / "corpus.txt"
+        corpus.write_text("\n".join(line.replace("\n", " ") for line in corpus_lines()), encoding="utf-8")
+        spm.SentencePieceTrainer.train(
+            input=str(corpus),
+            model_prefix=str(tmp / "tokenizer"),
+            model_type="bpe",  # llama.cpp's SPM tokenizer merges by piece score, which is exact for BPE
+            vocab_size=vocab_size,
+            character_coverage=1.0,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            add_dummy_prefix=True,
+            allow_whitespace_only_pieces=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            minloglevel=2,
+        )
+        spm_dir = tmp / "hf"
+        spm_dir.mkdir()
+        shutil.copy(tmp / "tokenizer.model", spm_dir / "tokenizer.model")
+        tok = LlamaTokenizer.from_pretrained(spm_dir, legacy=False, add_bos_token=True, add_eos_token=False)
+        tok.chat_template = LLAMA2_TEMPLATE
+        tok.save_pretrained(out_dir)
+        shutil.copy(tmp / "tokenizer.model", out_dir / "tokenizer.model")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_tokenizer(kind: str, out_dir: Path) -> None:
+    """Write a trained tokenizer of `kind` (see TOKENIZER_KINDS) into `out_dir` (cached per kind)."""
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; known: {TOKENIZER_KINDS}")
+    out_dir = Path(out_dir)
+    if kind not in _CACHE:
+        cached = _cache_root() / kind
+        cached.mkdir(parents=True, exist_ok=True)
+        if kind == "spm":
+            _train_spm(cached)
+        else:
+            _train_bpe(kind, cached)
+        _CACHE[kind] = cached
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in _CACHE[kind].iterdir():
+        shutil.copy(f, out_dir / f.name)
+
+
+def load_tokenizer(model_dir: Path):  # noqa: ANN201 - transformers tokenizer
+    """The HF tokenizer of a tiny model directory."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def make_model(
+    arch: str,
+    tokenizer_kind: str,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    tie_embeddings: bool = True,
+    dtype: torch.dtype = torch.float32,
+    hidden: int = 64,
+    intermediate: int | None = None,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    std: float = 0.25,
+) -> Path:
+    """Save a tiny random `arch` ("llama" | "qwen2") model with a `tokenizer_kind` tokenizer to `out_dir`.
+
+    Weights use a large init std (and randomized norms/biases) so logits are far from flat and every
+    tensor matters; hidden/intermediate default to multiples of 32 (q4_0/q8_0). Use hidden=256 for k-quants.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    out_dir = Path(out_dir)
+    make_tokenizer(tokenizer_kind, out_dir)
+    tok = load_tokenizer(out_dir)
+    intermediate = intermediate or 2 * hidden
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie_embeddings,
+        initializer_range=std,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
+    if arch == "llama":
+        config = LlamaConfig(**common)
+    elif arch == "qwen2":
+        config = Qwen2Config(**common, use_sliding_window=False)
+    else:
+        raise ValueError(f"unknown arch {arch!r}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+    model = model.to(dtype)
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    gen = out_dir / "generation_config.json"
+    if gen.exists():  # keep generation defaults deterministic
+        data = json.loads(gen.read_text())
+        data["do_sample"] = False
+        gen.write_text(json.dumps(data, indent=2))
+    return out_dir
