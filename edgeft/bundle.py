@@ -1,0 +1,190 @@
+"""Bundle: the directory a device or an app uses as it is — artifacts, tokenizer, manifest.json, report.md.
+
+Written under a temporary name and renamed at the end, so `OUT/<target>/` is always a whole bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from . import __version__
+from .bench import LatencyReport
+from .constants import MANIFEST, REPORT, TOKENIZER_FILES
+from .errors import EdgeftError
+from .targets import ArtifactSpec, TargetProfile
+from .verify import DriftReport
+
+
+@dataclass(frozen=True)
+class ArtifactResult:
+    """One built artifact with its measurements."""
+
+    spec: ArtifactSpec
+    path: Path
+    drift: DriftReport
+    latency: LatencyReport
+    violations: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BuildFacts:
+    """What the manifest records about the build besides the artifacts."""
+
+    base_model: str
+    adapter_sha256: str
+    dataset_sha256: str
+    reference_task_accuracy: float | None
+    base_task_accuracy: float | None
+    reference_latency: LatencyReport | None
+    kv_cache_mb: float
+    seconds: dict[str, float] = field(default_factory=dict)
+    train_examples: int = 0
+    eval_examples: int = 0
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the tools that shaped the artifacts."""
+    out = {"edgeft": __version__}
+    for dist in ("torch", "transformers", "peft", "gguf", "llama-cpp-python"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def artifact_name(spec: ArtifactSpec) -> str:
+    """File name of an artifact inside the bundle."""
+    return f"model-{spec.quant}.{spec.format}"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactResult]) -> str:
+    """report.md: what was built, how far it drifts, how fast it runs, and whether it fits the device."""
+    lines = [f"# edgeft bundle for `{target.name}`", "", f"{target.description}", ""]
+    lines += [f"- base model: `{facts.base_model}`"]
+    if facts.reference_task_accuracy is not None:
+        lines += [
+            f"- held-out task accuracy (exact match, {facts.eval_examples} examples): base "
+            f"{_fmt(facts.base_task_accuracy, '.1%')} → fine-tuned float {facts.reference_task_accuracy:.1%}"
+        ]
+    lines += [f"- stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in facts.seconds.items()), ""]
+    lines += [
+        "| artifact | size MB | KLD mean | KLD p99 | top-1 | PPL ratio | task acc | prefill tok/s | "
+        "decode tok/s | TTFT ms | peak RSS MB | est. decode on device | fits RAM | budget |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ref = facts.reference_latency
+    if ref is not None:
+        lines.append(
+            f"| PyTorch float (reference) | {ref.bytes / 1e6:.1f} | 0 | 0 | 100% | 1.000 | "
+            f"{_fmt(facts.reference_task_accuracy, '.1%')} | {ref.prefill_tok_s:.0f} | {ref.decode_tok_s:.0f} | "
+            f"{ref.ttft_ms:.1f} | {ref.peak_rss_mb:.0f} | — | — | — |"
+        )
+    for a in arts:
+        d, lat = a.drift, a.latency
+        need_mb = lat.bytes / 1e6 + facts.kv_cache_mb
+        est = target.bandwidth_gb_s * 1e9 / lat.bytes
+        lines.append(
+            f"| {artifact_name(a.spec)} | {lat.bytes / 1e6:.1f} | {d.kld_mean:.5f} | {d.kld_p99:.4f} | "
+            f"{d.top1:.1%} | {d.ppl_ratio:.4f} | {_fmt(d.task_accuracy, '.1%')} | {lat.prefill_tok_s:.0f} | "
+            f"{lat.decode_tok_s:.0f} | {lat.ttft_ms:.1f} | {lat.peak_rss_mb:.0f} | ~{est:.0f} tok/s | "
+            f"{'yes' if need_mb <= target.ram_budget_mb else 'NO'} ({need_mb:.0f} MB) | "
+            f"{'FAIL: ' + '; '.join(a.violations) if a.violations else 'pass'} |"
+        )
+    lines += [
+        "",
+        f"Latency measured on the build host ({arts[0].latency.threads if arts else '?'} threads, "
+        f"{arts[0].latency.prompt_tokens if arts else '?'}-token prompt, medians of "
+        f"{arts[0].latency.runs if arts else '?'} runs after a warm-up). "
+        f"\"est. decode on device\" = {target.bandwidth_gb_s:g} GB/s ÷ file size: decode is memory-bound. "
+        f"\"fits RAM\" = file + KV cache at {target.context_length} tokens ({facts.kv_cache_mb:.0f} MB) within "
+        f"the profile's {target.ram_budget_mb} MB budget.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_bundle(
+    out_dir: Path,
+    target: TargetProfile,
+    facts: BuildFacts,
+    arts: list[ArtifactResult],
+    tokenizer_dir: Path,
+    name: str | None = None,
+) -> Path:
+    """Write OUT/<name or target>/ atomically and return its path."""
+    final = Path(out_dir) / (name or target.name)
+    tmp = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        entries = []
+        for a in arts:
+            name = artifact_name(a.spec)
+            shutil.copy2(a.path, tmp / name)
+            entries.append(
+                {
+                    "path": name,
+                    "format": a.spec.format,
+                    "quant": a.spec.quant,
+                    "bytes": (tmp / name).stat().st_size,
+                    "sha256": sha256_file(tmp / name),
+                    "drift": a.drift.metrics(),
+                    "latency": a.latency.metrics(),
+                    "budget": {k: v for k, v in asdict(a.spec.budget).items() if v is not None},
+                    "within_budget": not a.violations,
+                }
+            )
+        tok_out = tmp / "tokenizer"
+        tok_out.mkdir()
+        for fname in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / fname).is_file():
+                shutil.copy2(Path(tokenizer_dir) / fname, tok_out / fname)
+        manifest = {
+            "target": target.name,
+            "base_model": facts.base_model,
+            "adapter_sha256": facts.adapter_sha256,
+            "dataset_sha256": facts.dataset_sha256,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "tools": tool_versions(),
+            "device": {
+                "description": target.description,
+                "threads": target.threads,
+                "ram_budget_mb": target.ram_budget_mb,
+                "context_length": target.context_length,
+            },
+            "reference": {
+                "task_accuracy": facts.reference_task_accuracy,
+                "base_task_accuracy": facts.base_task_accuracy,
+                "latency": facts.reference_latency.metrics() if facts.reference_latency else None,
+            },
+            "data": {"train_examples": facts.train_examples, "eval_examples": facts.eval_examples},
+            "artifacts": entries,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        (tmp / REPORT).write_text(render_report(target, facts, arts), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EdgeftError(f"cannot write bundle {final}: {exc.strerror or exc}") from None
+    return final
