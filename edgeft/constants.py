@@ -62,3 +62,29 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+
+# --- GGUF tokenizer / pre-tokenizers ---
+# tokenizer.ggml.model values. ref: llama.cpp src/llama-vocab.cpp llama_vocab::impl::load
+# ("gpt2" → byte-level BPE, "llama" → SentencePiece).
+GGUF_TOKENIZER_BPE = "gpt2"
+GGUF_TOKENIZER_SPM = "llama"
+
+# Pre-tokenizer regexes exactly as upstream tokenizer.json files spell them in a `Split` pre-tokenizer.
+# ref: llama.cpp src/llama-vocab.cpp (LLAMA_VOCAB_PRE_TYPE_LLAMA3 / _QWEN2, "original regex from tokenizer.json").
+PRE_REGEX_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_REGEX_QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# A byte-level BPE pre-tokenizer's signature (the tuple edgeft.export.gguf.pre_tokenizer_signature builds
+# from tokenizer.json) → tokenizer.ggml.pre name that llama.cpp maps to the same split rules.
+# ref: llama.cpp src/llama-vocab.cpp (`tokenizer_pre == "..."` and the regex_exprs per LLAMA_VOCAB_PRE_TYPE).
+GGUF_PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
+    ("ByteLevel(regex)",): "gpt-2",
+    ("Digits(individual)", "ByteLevel(regex)"): "smollm",
+    (f"Split({PRE_REGEX_LLAMA3})", "ByteLevel(no-regex)"): "llama-bpe",
+    (f"Split({PRE_REGEX_QWEN2})", "ByteLevel(no-regex)"): "qwen2",
+}
