@@ -188,3 +188,12 @@ def write_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise EdgeftError(f"cannot write bundle {final}: {exc.strerror or exc}") from None
     return final
+
+
+def kv_cache_mb(model_dir: Path, context_length: int) -> float:
+    """llama.cpp's default f16 KV cache at `context_length`: 2 (K,V) × layers × kv heads × head dim × 2 bytes."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * context_length * 2 / 1e6

@@ -1,0 +1,180 @@
+"""The command line: one table of commands, each a thin wrapper over a stage function.
+
+Errors a user can cause arrive as EdgeftError (or OSError) and are printed as one line with exit code 2.
+With `--json` a command prints exactly one JSON object on stdout; progress and messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import EdgeftError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune a Hugging Face causal LM with LoRA and ship it, verified and benchmarked, to small devices.",
+)
+
+
+def _emit(obj: Any, as_json: bool) -> None:
+    """Print a result: one JSON object on stdout, or a readable summary on stderr."""
+    plain = asdict(obj) if is_dataclass(obj) else obj
+    if as_json:
+        sys.stdout.write(json.dumps(plain, default=str) + "\n")
+        return
+    from .ui import info
+
+    for key, value in plain.items():
+        info(f"{key:>16}: {value:.6g}" if isinstance(value, float) else f"{key:>16}: {value}")
+
+
+def _lora_overrides(pairs: list[str]):
+    """`--lora r=8 --lora epochs=2` → validated LoraSettings (values are TOML literals)."""
+    from .config import lora_settings
+
+    table = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise EdgeftError(f"--lora {pair}: expected KEY=VALUE, e.g. --lora r=8")
+        try:
+            table[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            table[key.strip()] = value
+    return lora_settings(table, "--lora")
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
+Threads = Annotated[int | None, typer.Option(help="CPU threads (default: up to 4).")]
+
+
+@app.command(epilog="Example: edgeft build --target raspberrypi --model ./my-model --data tasks.jsonl --out dist")
+def build(
+    target: Annotated[str | None, typer.Option(help="Target profile name (see `edgeft targets`) or a .toml path.")] = None,
+    model: Annotated[str | None, typer.Option(help="HF model dir or hub id (default: built-in demo).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Task data, JSONL (default: built-in demo).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output dir; the bundle goes to OUT/<target>/ (default ./dist).")] = None,
+    fail_on_drift: Annotated[bool | None, typer.Option("--fail-on-drift/--no-fail-on-drift")] = None,
+    threads: Threads = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run the whole pipeline: fine-tune, merge, export, quantize, verify, bench, bundle."""
+    from .config import resolve
+    from .pipeline import build as run_build
+    from .ui import info
+
+    cfg = resolve(target=target, model=model, data=data, out=out, fail_on_drift=fail_on_drift, threads=threads)
+    res = run_build(cfg)
+    if as_json:
+        _emit({"bundle": str(res.bundle_dir), "passed": res.passed}, True)
+    else:
+        info(f"bundle: {res.bundle_dir}  (report: {res.bundle_dir / 'report.md'})")
+
+
+@app.command(epilog="Example: edgeft finetune --model ./base --data tasks.jsonl --out adapter --lora r=8 --lora epochs=2")
+def finetune(
+    model: Annotated[str, typer.Option(help="HF model dir or hub id.")],
+    data: Annotated[Path, typer.Option(help="JSONL: {prompt, completion} or {messages} per line.")],
+    out: Annotated[Path, typer.Option(help="Adapter directory to write.")],
+    lora: Annotated[list[str] | None, typer.Option(help="LoRA setting override KEY=VALUE (repeatable).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Fine-tune with LoRA; writes a PEFT adapter directory."""
+    from .finetune import finetune as run
+
+    _emit(run(model, data, out, _lora_overrides(lora or [])), as_json)
+
+
+@app.command(epilog="Example: edgeft merge --model ./base --adapter adapter --out merged")
+def merge(
+    model: Annotated[str, typer.Option(help="Base HF model dir or hub id.")],
+    adapter: Annotated[Path, typer.Option(help="PEFT adapter directory.")],
+    out: Annotated[Path, typer.Option(help="Merged model directory to write.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Fold a LoRA adapter into the base (in float32) and check the logits did not change."""
+    from .merge import merge as run
+
+    _emit(run(model, adapter, out), as_json)
+
+
+@app.command(epilog="Example: edgeft export --model merged --format gguf --quant q4_0 --out model-q4_0.gguf")
+def export(
+    model: Annotated[Path, typer.Option(help="HF model directory (safetensors).")],
+    quant: Annotated[str, typer.Option(help="gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m.")],
+    out: Annotated[Path, typer.Option(help="Output file (.gguf).")],
+    format: Annotated[str, typer.Option(help="Output format.")] = "gguf",
+    as_json: JsonFlag = False,
+) -> None:
+    """Export an HF model to a device format, quantized."""
+    from .export import export_file
+
+    _emit(export_file(model, format, quant, out), as_json)
+
+
+@app.command(epilog="Example: edgeft verify --reference merged --artifact model-q4_0.gguf --data tasks.jsonl --json")
+def verify(
+    reference: Annotated[Path, typer.Option(help="Float HF model directory to compare against.")],
+    artifact: Annotated[Path, typer.Option(help="Exported file (.gguf).")],
+    data: Annotated[Path | None, typer.Option(help="Task JSONL; its held-out split is the text and the task.")] = None,
+    threads: Threads = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Drift of an artifact against the float model: KLD mean/p99, top-1, PPL ratio, task accuracy."""
+    from .ui import task
+    from .verify import verify as run
+
+    with task("verify") as update:
+        report, ref_acc = run(reference, artifact, data, threads=threads, progress=update)
+    _emit(asdict(report) | {"reference_task_accuracy": ref_acc}, as_json)
+
+
+@app.command(epilog="Example: edgeft bench --artifact model-q4_0.gguf --threads 4 --json")
+def bench(
+    artifact: Annotated[Path, typer.Option(help="Exported file (.gguf) or HF model directory.")],
+    threads: Threads = None,
+    runs: Annotated[int, typer.Option(help="Timed runs after one warm-up.")] = 3,
+    as_json: JsonFlag = False,
+) -> None:
+    """Latency on this machine: prefill and decode tok/s, time to first token, peak RSS, size."""
+    from .bench import bench as run
+
+    _emit(run(artifact, threads=threads, runs=runs), as_json)
+
+
+@app.command(epilog="Example: edgeft targets --json")
+def targets(as_json: JsonFlag = False) -> None:
+    """List the target profiles, one line each."""
+    from . import targets as t
+
+    profiles = t.load_all()
+    if as_json:
+        _emit({p.name: asdict(p) for p in profiles}, True)
+    else:
+        for p in profiles:
+            typer.echo(p.summary())
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line and a non-zero exit."""
+    try:
+        app()
+    except EdgeftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)

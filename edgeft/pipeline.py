@@ -1,0 +1,113 @@
+"""`edgeft build`: the stages, in order. Each stage is a function of its own module."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import bench, bundle, data, export, targets, verify
+from .config import BuildConfig, apply_budgets
+from .errors import EdgeftError
+from .finetune import finetune
+from .merge import merge
+from .runtime import open_runtime
+from .runtime.torch import TorchRuntime
+from .ui import info, task
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    bundle_dir: Path
+    artifacts: list[bundle.ArtifactResult]
+    passed: bool
+
+
+def build(cfg: BuildConfig) -> BuildResult:
+    """Fine-tune, merge, export, verify, bench and bundle for one target."""
+    target = apply_budgets(targets.load(cfg.target), cfg.budgets)
+    model, data_path = resolve_inputs(cfg)
+    work = Path(cfg.out) / ".work" / target.name
+    threads = cfg.threads or min(target.threads, os.cpu_count() or 1)
+    seconds: dict[str, float] = {}
+    info(f"[bold]edgeft build[/] target={target.name} model={model} data={data_path}")
+
+    with timed("finetune", seconds):
+        ft = finetune(model, data_path, work / "adapter", cfg.lora, trust_remote_code=cfg.trust_remote_code)
+    with timed("merge", seconds):
+        merged = merge(model, ft.adapter_dir, work / "merged").out_dir
+
+    _, held_out = data.split(data.load_jsonl(data_path), cfg.lora.eval_fraction, cfg.lora.seed)
+    evalset = verify.make_eval_set(verify.load_tokenizer(merged), held_out)
+    with timed("reference", seconds):
+        base_acc = score("base model (before LoRA)", TorchRuntime(model, threads=threads), evalset).task_accuracy
+        ref = score("fine-tuned float model", open_runtime(merged, threads=threads), evalset)
+        ref_latency = bench.bench(merged, threads=threads)
+
+    results = []
+    for spec in target.artifacts:
+        with timed(spec.label, seconds):
+            path = export.export_artifact(merged, spec.format, spec.quant, work / "artifacts")
+            drift = check(spec.label, ref, path, evalset, threads)
+            latency = bench.bench(path, threads=threads)
+        violations = spec.budget.violations(drift.metrics(), ref.task_accuracy)
+        results.append(bundle.ArtifactResult(spec, path, drift, latency, tuple(violations)))
+
+    facts = bundle.BuildFacts(
+        base_model=str(model),
+        adapter_sha256=bundle.sha256_file(ft.adapter_dir / "adapter_model.safetensors"),
+        dataset_sha256=data.dataset_sha256(data_path),
+        reference_task_accuracy=ref.task_accuracy,
+        base_task_accuracy=base_acc,
+        reference_latency=ref_latency,
+        kv_cache_mb=bundle.kv_cache_mb(merged, target.context_length),
+        seconds=seconds,
+        train_examples=ft.train_examples,
+        eval_examples=len(held_out),
+    )
+    failed = [f"{r.spec.label}: {v}" for r in results for v in r.violations]
+    if failed and cfg.fail_on_drift:
+        where = bundle.write_bundle(cfg.out, target, facts, results, merged, name=f"{target.name}.rejected")
+        raise EdgeftError(
+            f"drift budget exceeded ({'; '.join(failed)}); report in {where / 'report.md'} "
+            "(loosen [budgets] in edgeft.toml or pass --no-fail-on-drift)"
+        )
+    out = bundle.write_bundle(cfg.out, target, facts, results, merged)
+    return BuildResult(out, results, not failed)
+
+
+def resolve_inputs(cfg: BuildConfig) -> tuple[str, Path]:
+    """The model and data to use: the built-in demo when neither is given."""
+    from .demo import DEMO_DATA, DEMO_MODEL
+
+    if cfg.model and not cfg.data:
+        raise EdgeftError(f"--model {cfg.model} needs --data FILE.jsonl (or data = ... in edgeft.toml)")
+    return str(cfg.model or DEMO_MODEL), Path(cfg.data or DEMO_DATA)
+
+
+@contextmanager
+def timed(name: str, seconds: dict[str, float]):
+    t0 = time.perf_counter()
+    yield
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def score(label: str, rt, evalset: verify.EvalSet) -> verify.ReferenceRun:
+    """Run a float model over the eval set (its log-probs and task accuracy)."""
+    try:
+        with task(f"score {label}", evalset.n_steps) as update:
+            return verify.run_reference(rt, evalset, update)
+    finally:
+        rt.close()
+
+
+def check(label: str, ref: verify.ReferenceRun, path: Path, evalset: verify.EvalSet, threads: int):
+    """Drift of one artifact against the reference run."""
+    rt = open_runtime(path, threads=threads)
+    try:
+        with task(f"verify {label}", evalset.n_steps) as update:
+            return verify.compare(ref, rt, evalset, update)
+    finally:
+        rt.close()
