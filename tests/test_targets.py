@@ -1,0 +1,68 @@
+"""Target profiles: every shipped profile validates; bad profiles fail with one clear line."""
+
+from pathlib import Path
+
+import pytest
+
+from edgeft import targets
+from edgeft.constants import GGUF_QUANTS
+from edgeft.errors import EdgeftError
+
+
+def test_every_shipped_profile_loads() -> None:
+    profiles = targets.load_all()
+    names = {p.name for p in profiles}
+    assert {"raspberrypi", "host"} <= names
+    for p in profiles:
+        assert p.artifacts, p.name
+        assert 0 < p.ram_budget_mb <= p.ram_mb
+        for a in p.artifacts:
+            assert a.quant in GGUF_QUANTS
+            assert a.budget.kld_mean is not None, f"{p.name} {a.label} has no KLD budget"
+        assert p.name in p.summary()
+
+
+def test_raspberrypi_profile_facts() -> None:
+    pi = targets.load("raspberrypi")
+    assert pi.threads == 4 and pi.arch == "aarch64"
+    quants = [a.quant for a in pi.artifacts]
+    assert quants[:2] == ["q4_0", "q8_0"]
+    q4, q8 = pi.artifacts[0].budget, pi.artifacts[1].budget
+    assert q8.kld_mean < q4.kld_mean  # the 8-bit file must be held to a tighter budget
+
+
+def test_unknown_target_lists_available() -> None:
+    with pytest.raises(EdgeftError) as e:
+        targets.load("toaster")
+    assert "toaster" in str(e.value) and "raspberrypi" in str(e.value)
+
+
+def test_profile_from_path_and_field_errors(tmp_path: Path) -> None:
+    good = tmp_path / "dev.toml"
+    good.write_text(
+        'name = "dev"\nthreads = 2\nram_mb = 1024\nram_budget_mb = 512\ncontext_length = 256\n'
+        'bandwidth_gb_s = 3.5\n[[artifacts]]\nformat = "gguf"\nquant = "q8_0"\n[artifacts.budget]\nkld_mean = 0.01\n'
+    )
+    p = targets.load(good)
+    assert p.name == "dev" and p.artifacts[0].budget.kld_mean == 0.01
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.read_text().replace('"q8_0"', '"q3_xs"'))
+    with pytest.raises(EdgeftError, match=r"bad\.toml.*q3_xs.*q4_0"):
+        targets.load(bad)
+    bad.write_text(good.read_text().replace("threads = 2", 'threads = "two"'))
+    with pytest.raises(EdgeftError, match="threads"):
+        targets.load(bad)
+    bad.write_text(good.read_text().replace("kld_mean", "kld_median"))
+    with pytest.raises(EdgeftError, match="kld_median"):
+        targets.load(bad)
+
+
+def test_budget_violations_name_metric_value_budget() -> None:
+    b = targets.DriftBudget(kld_mean=0.01, top1=0.9, task_accuracy_drop=0.05)
+    ok = b.violations({"kld_mean": 0.005, "top1": 0.95, "task_accuracy": 0.9}, reference_accuracy=0.92)
+    assert ok == []
+    bad = b.violations({"kld_mean": 0.02, "top1": 0.5, "task_accuracy": 0.8}, reference_accuracy=0.92)
+    assert len(bad) == 3
+    assert any("kld_mean = 0.02" in v and "0.01" in v for v in bad)
+    assert b.violations({"kld_mean": float("nan"), "top1": 1.0}, None)
