@@ -1,0 +1,123 @@
+"""`edgeft build` end to end on a tiny model, and on the built-in demo as the README runs it."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeft import bundle, config, pipeline
+from edgeft.finetune import LoraSettings
+
+TARGET = """name = "tiny-device"
+description = "test device"
+threads = 2
+ram_mb = 1024
+ram_budget_mb = 512
+context_length = 256
+bandwidth_gb_s = 4.0
+[[artifacts]]
+format = "gguf"
+quant = "q8_0"
+[[artifacts]]
+format = "gguf"
+quant = "q4_0"
+"""
+
+
+def _data(path: Path, n: int = 40) -> Path:
+    rooms = ["kitchen", "hall", "office", "garage", "attic"]
+    with path.open("w") as f:
+        for i in range(n):
+            room = rooms[i % len(rooms)]
+            f.write(json.dumps({"prompt": f"lights on in the {room} {i}", "completion": f"on {room}"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("build")
+    (tmp / "tiny.toml").write_text(TARGET)
+    cfg = config.BuildConfig(
+        target=str(tmp / "tiny.toml"),
+        model=str(tiny_llama),
+        data=_data(tmp / "tasks.jsonl"),
+        out=tmp / "dist",
+        lora=LoraSettings(epochs=1, eval_fraction=0.2),
+        fail_on_drift=False,
+        threads=2,
+    )
+    return pipeline.build(cfg), tmp
+
+
+def test_bundle_layout_and_checksums(built) -> None:
+    res, tmp = built
+    assert res.bundle_dir == tmp / "dist" / "tiny-device"
+    manifest = json.loads((res.bundle_dir / "manifest.json").read_text())
+    for key in ("target", "base_model", "adapter_sha256", "dataset_sha256", "tools", "artifacts", "reference"):
+        assert key in manifest, key
+    assert manifest["dataset_sha256"] == bundle.sha256_file(tmp / "tasks.jsonl")
+    assert [a["quant"] for a in manifest["artifacts"]] == ["q8_0", "q4_0"]
+    for a in manifest["artifacts"]:
+        f = res.bundle_dir / a["path"]
+        assert f.stat().st_size == a["bytes"]
+        assert bundle.sha256_file(f) == a["sha256"]
+        assert set(a["drift"]) == {"kld_mean", "kld_p99", "top1", "ppl_ratio", "task_accuracy"}
+        assert set(a["latency"]) == {"prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb"}
+        assert all(math.isfinite(v) for v in a["latency"].values())
+        assert a["latency"]["peak_rss_mb"] > 1
+    assert (res.bundle_dir / "tokenizer" / "tokenizer.json").is_file()
+    report = (res.bundle_dir / "report.md").read_text()
+    assert "model-q4_0.gguf" in report and "model-q8_0.gguf" in report
+    assert not list((tmp / "dist").glob(".*.partial"))
+
+
+def test_drift_is_finite_and_ordered(built) -> None:
+    res, _ = built
+    q8, q4 = (a.drift for a in res.artifacts)
+    assert math.isfinite(q8.kld_mean) and math.isfinite(q4.kld_mean)
+    assert 0 <= q8.kld_mean < q4.kld_mean
+    assert q8.top1 >= q4.top1
+
+
+def test_drift_budget_fails_the_build(tiny_llama: Path, tmp_path: Path) -> None:
+    (tmp_path / "strict.toml").write_text(TARGET.replace('quant = "q4_0"', 'quant = "q4_0"\n[artifacts.budget]\nkld_mean = 0.0'))
+    cfg = config.BuildConfig(
+        target=str(tmp_path / "strict.toml"),
+        model=str(tiny_llama),
+        data=_data(tmp_path / "tasks.jsonl", 20),
+        out=tmp_path / "dist",
+        lora=LoraSettings(epochs=1, eval_fraction=0.2),
+        threads=2,
+    )
+    from edgeft.errors import EdgeftError
+
+    with pytest.raises(EdgeftError, match=r"gguf-q4_0: kld_mean = .*budget <= 0"):
+        pipeline.build(cfg)
+    assert not (tmp_path / "dist" / "tiny-device").exists()
+    assert (tmp_path / "dist" / "tiny-device.rejected" / "report.md").is_file()
+
+
+def test_demo_build_as_in_readme(tmp_path: Path) -> None:
+    """The README's first command: the demo lifts held-out task accuracy to >= 80% and ships both quants."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    res = subprocess.run(
+        [sys.executable, "-m", "edgeft", "build", "--target", "raspberrypi", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    manifest = json.loads((Path(out["bundle"]) / "manifest.json").read_text())
+    ref = manifest["reference"]
+    assert ref["task_accuracy"] >= 0.8
+    assert ref["base_task_accuracy"] < ref["task_accuracy"]
+    assert {a["quant"] for a in manifest["artifacts"]} >= {"q4_0", "q8_0"}
+    for a in manifest["artifacts"]:
+        assert a["drift"]["task_accuracy"] >= ref["task_accuracy"] - 0.15
