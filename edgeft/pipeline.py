@@ -39,7 +39,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     with timed("merge", seconds):
         merged = merge(model, ft.adapter_dir, work / "merged").out_dir
 
-    _, held_out = data.split(data.load_jsonl(data_path), cfg.lora.eval_fraction, cfg.lora.seed)
+    _, held_out = data.load_split(data_path, cfg.lora.eval_fraction, cfg.lora.seed)
     evalset = verify.make_eval_set(verify.load_tokenizer(merged), held_out)
     with timed("reference", seconds):
         base_acc = score("base model (before LoRA)", TorchRuntime(model, threads=threads), evalset).task_accuracy

@@ -139,14 +139,14 @@ def compare(ref: ReferenceRun, rt: Runtime, es: EvalSet, progress: Progress | No
     """Drift of a runtime's model against the reference run on the same ids."""
     klds, agree, nll = [], [], []
     for i, (ids, ref_lp) in enumerate(zip(es.sequences, ref.log_probs, strict=True)):
-        lp = _log_softmax(rt.logits(ids))
+        lp = _log_softmax(rt.logits(ids)).astype(np.float32)  # stored like the reference's
         if lp.shape != ref_lp.shape:
             raise EdgeftError(
                 f"artifact gives logits of shape {lp.shape} where the float model gives {ref_lp.shape}; "
                 "vocabulary sizes differ, re-export the artifact from this model"
             )
         p = np.exp(ref_lp.astype(np.float64))
-        klds.append((p * (ref_lp - lp)).sum(axis=-1))
+        klds.append((p * (ref_lp.astype(np.float64) - lp)).sum(axis=-1))
         agree.append(ref_lp.argmax(axis=-1) == lp.argmax(axis=-1))
         nll.append(_nll(lp, ids))
         if progress:
@@ -182,7 +182,7 @@ def verify(
     tok = load_tokenizer(reference)
     examples = None
     if data is not None:
-        _, examples = data_mod.split(data_mod.load_jsonl(Path(data)), eval_fraction, seed)
+        _, examples = data_mod.load_split(Path(data), eval_fraction, seed)
     es = make_eval_set(tok, examples)
     ref_rt = open_runtime(reference, threads=threads)
     ref = run_reference(ref_rt, es)
