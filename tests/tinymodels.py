@@ -196,12 +196,17 @@ def make_model(
 ) -> Path:
     """Save a tiny random `arch` ("llama" | "qwen2") model with a `tokenizer_kind` tokenizer to `out_dir`.
 
+    For arch "qwen2", tokenizer_kind "bpe" means "bpe-qwen2" (see below).
     Weights use a large init std (and randomized norms/biases) so logits are far from flat and every
     tensor matters; hidden/intermediate default to multiples of 32 (q4_0/q8_0). Use hidden=256 for k-quants.
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     out_dir = Path(out_dir)
+    if arch == "qwen2" and tokenizer_kind == "bpe":
+        # transformers 5 loads a qwen2 model's tokenizer as Qwen2Tokenizer, which rebuilds the Qwen2 split
+        # regex whatever tokenizer.json says; train with that regex so tokenizer.json and HF agree.
+        tokenizer_kind = "bpe-qwen2"
     make_tokenizer(tokenizer_kind, out_dir)
     tok = load_tokenizer(out_dir)
     intermediate = intermediate or 2 * hidden
