@@ -1,0 +1,41 @@
+"""GGUF → quantized GGUF through llama.cpp's own quantizer (llama-cpp-python bindings).
+
+llama.cpp picks per-tensor types for mixes like q4_k_m (e.g. q6_k for some ffn_down/attn_v rows), so
+edgeft never reimplements that; it only calls `llama_model_quantize` and writes atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .constants import GGUF_FTYPES, GGUF_QUANTS
+from .errors import EdgeftError
+
+
+def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int | None = None) -> Path:
+    """Quantize the GGUF `src` into `dst` as `quant` (one of GGUF_QUANTS); returns `dst`."""
+    if quant not in GGUF_QUANTS:
+        raise EdgeftError(f"unknown GGUF quant {quant!r}; choose one of: {', '.join(GGUF_QUANTS)}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise EdgeftError(f"{src}: GGUF file to quantize does not exist")
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(GGUF_FTYPES[quant])
+    params.nthread = int(threads or 0)  # 0 → llama.cpp uses hardware concurrency
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise EdgeftError(f"{src}: llama.cpp quantization to {quant} failed (return code {rc})")
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dst

@@ -1,0 +1,132 @@
+"""llama.cpp runtime (llama-cpp-python): scores and extends token ids of a GGUF file.
+
+All llama_cpp imports stay in this module and edgeft/quantize.py, so the rest of edgeft imports without it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EdgeftError
+
+
+def _silence_llama_logs() -> None:
+    """Route llama.cpp's C-level log output through a callback that drops it (verbose=False is not enough
+    for messages emitted before/after the Llama object exists, e.g. during quantization or free)."""
+    import llama_cpp
+
+    global _LOG_CB
+    if _LOG_CB is None:
+
+        @llama_cpp.llama_log_callback
+        def _drop(level: int, text: bytes, user_data: Any) -> None:  # noqa: ARG001
+            return None
+
+        _LOG_CB = _drop
+    llama_cpp.llama_log_set(_LOG_CB, None)
+
+
+_LOG_CB: Any = None
+
+
+class LlamaCppRuntime:
+    """A GGUF model loaded in llama.cpp, implementing edgeft.runtime.Runtime."""
+
+    def __init__(
+        self, path: Path, *, threads: int | None = None, n_ctx: int = 512, all_logits: bool = True
+    ) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise EdgeftError(f"{path}: GGUF file does not exist")
+        try:
+            import llama_cpp
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise EdgeftError(f"llama-cpp-python is not installed ({e}); pip install llama-cpp-python") from e
+        _silence_llama_logs()
+        threads = threads or max(1, os.cpu_count() or 1)
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=n_ctx,  # one decode call per eval up to n_ctx tokens
+                n_ubatch=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                logits_all=all_logits,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise EdgeftError(f"{path}: llama.cpp could not load the model ({e})") from e
+        self.path = path
+        self.n_ctx = n_ctx
+        self.all_logits = all_logits
+        self.n_vocab: int = int(self._llm.n_vocab())
+        self.metadata: dict[str, str] = dict(self._llm.metadata)
+
+    def _check_len(self, n: int) -> None:
+        if n > self.n_ctx:
+            raise EdgeftError(f"{n} tokens do not fit the llama.cpp context of {self.n_ctx}; raise n_ctx")
+        if n == 0:
+            raise EdgeftError("no token ids to evaluate")
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits for every position of `ids` in a fresh context, float32 [len(ids), n_vocab]."""
+        if not self.all_logits:
+            raise EdgeftError(
+                "this llama.cpp runtime was opened with all_logits=False; per-position logits need it"
+            )
+        ids = [int(i) for i in ids]
+        self._check_len(len(ids))
+        self._llm.reset()
+        self._llm.eval(ids)
+        return np.array(self._llm.scores[: len(ids)], dtype=np.float32, copy=True)
+
+    def _last_logits(self) -> np.ndarray:
+        import llama_cpp
+
+        if self.all_logits:
+            return np.asarray(self._llm.scores[self._llm.n_tokens - 1])
+        ptr = llama_cpp.llama_get_logits_ith(self._llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def generate(self, ids: Sequence[int], n: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        """Greedy continuation: up to `n` new ids, ending after (and including) the first of `stop_ids`."""
+        ids = [int(i) for i in ids]
+        self._check_len(len(ids) + max(n - 1, 0))
+        stops = {int(s) for s in stop_ids}
+        self._llm.reset()
+        self._llm.eval(ids)
+        out: list[int] = []
+        for _ in range(n):
+            nxt = int(np.argmax(self._last_logits()))
+            out.append(nxt)
+            if nxt in stops or len(out) == n:
+                break
+            self._llm.eval([nxt])
+        return out
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """llama.cpp's own tokenization of `text` (special tokens in the text are parsed as such)."""
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """llama.cpp's detokenization of `ids` to text (invalid UTF-8 replaced)."""
+        return self._llm.detokenize([int(i) for i in ids]).decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        """Free the model and context."""
+        llm = getattr(self, "_llm", None)
+        if llm is not None:
+            llm.close()
+            self._llm = None
+
+    def __enter__(self) -> LlamaCppRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
