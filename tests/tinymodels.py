@@ -202,6 +202,7 @@ def make_model(
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
+    quiet_transformers()
     out_dir = Path(out_dir)
     if arch == "qwen2" and tokenizer_kind == "bpe":
         # transformers 5 loads a qwen2 model's tokenizer as Qwen2Tokenizer, which rebuilds the Qwen2 split
@@ -248,3 +249,23 @@ def make_model(
         data["do_sample"] = False
         gen.write_text(json.dumps(data, indent=2))
     return out_dir
+
+
+_MODELS: dict[tuple, Path] = {}
+
+
+def cached_model(arch: str, tokenizer_kind: str, **kw: object) -> Path:
+    """make_model into a process-wide temp dir, built once per argument set (tests share them)."""
+    key = (arch, tokenizer_kind, tuple(sorted(kw.items())))
+    if key not in _MODELS:
+        out = Path(tempfile.mkdtemp(prefix=f"{arch}-{tokenizer_kind}-", dir=_cache_root()))
+        _MODELS[key] = make_model(arch, tokenizer_kind, out, **kw)  # type: ignore[arg-type]
+    return _MODELS[key]
+
+
+def quiet_transformers() -> None:
+    """No progress bars or warnings from transformers in test output."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
