@@ -146,10 +146,18 @@ def _train_spm(out_dir: Path, vocab_size: int = 1000) -> None:
         spm_dir = tmp / "hf"
         spm_dir.mkdir()
         shutil.copy(tmp / "tokenizer.model", spm_dir / "tokenizer.model")
-        tok = LlamaTokenizer.from_pretrained(spm_dir, legacy=False, add_bos_token=True, add_eos_token=False)
+        # legacy=True → Metaspace prepend_scheme "always": a "▁" goes before the text after every special
+        # token, which is what llama.cpp's SPM tokenizer does (llama-vocab.cpp: "prefix with space if previous
+        # is special") and what the original Llama-2 tokenizer.json does. legacy=False ("first") differs
+        # from llama.cpp right after special tokens, e.g. inside chat templates.
+        tok = LlamaTokenizer.from_pretrained(spm_dir, legacy=True, add_bos_token=True, add_eos_token=False)
         tok.chat_template = LLAMA2_TEMPLATE
         tok.save_pretrained(out_dir)
         shutil.copy(tmp / "tokenizer.model", out_dir / "tokenizer.model")
+        cfg_path = out_dir / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["legacy"] = True  # transformers 5 does not save it, and reloads with legacy=False otherwise
+        cfg_path.write_text(json.dumps(cfg, indent=2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
