@@ -146,17 +146,32 @@ def _train_spm(out_dir: Path, vocab_size: int = 1000) -> None:
         spm_dir = tmp / "hf"
         spm_dir.mkdir()
         shutil.copy(tmp / "tokenizer.model", spm_dir / "tokenizer.model")
-        # legacy=True → Metaspace prepend_scheme "always": a "▁" goes before the text after every special
-        # token, which is what llama.cpp's SPM tokenizer does (llama-vocab.cpp: "prefix with space if previous
-        # is special") and what the original Llama-2 tokenizer.json does. legacy=False ("first") differs
-        # from llama.cpp right after special tokens, e.g. inside chat templates.
         tok = LlamaTokenizer.from_pretrained(spm_dir, legacy=True, add_bos_token=True, add_eos_token=False)
         tok.chat_template = LLAMA2_TEMPLATE
         tok.save_pretrained(out_dir)
         shutil.copy(tmp / "tokenizer.model", out_dir / "tokenizer.model")
+        # Make tokenizer.json the original Llama-2 form: normalizer Prepend("▁") + Replace(" ", "▁") and no
+        # pre-tokenizer. This is exactly sentencepiece's add_dummy_prefix, per text segment between special
+        # tokens, which is also what llama.cpp's SPM tokenizer does ("prefix with space if previous is
+        # special", llama-vocab.cpp). transformers 5's LlamaTokenizer class instead rebuilds a Metaspace
+        # pre-tokenizer, whose prefix is skipped when text already starts with a space (" " → ["▁"], where
+        # sentencepiece and llama.cpp give ["▁▁"]), so the tokenizer is saved with the generic class.
+        tj_path = out_dir / "tokenizer.json"
+        tj = json.loads(tj_path.read_text(encoding="utf-8"))
+        tj["normalizer"] = {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "\u2581"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+            ],
+        }
+        tj["pre_tokenizer"] = None
+        tj_path.write_text(json.dumps(tj, ensure_ascii=False, indent=2), encoding="utf-8")
         cfg_path = out_dir / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg["legacy"] = True  # transformers 5 does not save it, and reloads with legacy=False otherwise
+        cfg["tokenizer_class"] = "TokenizersBackend"
+        cfg["add_bos_token"] = True
+        cfg["add_eos_token"] = False
         cfg_path.write_text(json.dumps(cfg, indent=2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -394,16 +394,22 @@ def _spm_vocab_from_json(
             types.append(gguf.TokenType.BYTE)
         else:
             types.append(gguf.TokenType.NORMAL)
-    pre = tj.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    add_prefix = any(
-        s.get("type") == "Metaspace"
-        and s.get("prepend_scheme", "always") != "never"
-        and s.get("add_prefix_space", True)
-        for s in steps
-    )
-    _write_spm(w, tokens, scores, types, add_prefix)
+    _write_spm(w, tokens, scores, types, _json_adds_space_prefix(tj))
     return vocab
+
+
+def _json_adds_space_prefix(tj: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style tokenizer.json prepends "▁" (Metaspace prepend, or Llama-2's Prepend)."""
+    steps: list[dict[str, Any]] = []
+    for key, seq in (("pre_tokenizer", "pretokenizers"), ("normalizer", "normalizers")):
+        node = tj.get(key) or {}
+        steps += node.get(seq, []) if node.get("type") == "Sequence" else [node]
+    for s in steps:
+        if s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never":
+            return bool(s.get("add_prefix_space", True))
+        if s.get("type") == "Prepend" and s.get("prepend") == "\u2581":
+            return True
+    return False
 
 
 def _write_spm(

@@ -115,8 +115,21 @@ class LlamaCppRuntime:
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        """llama.cpp's detokenization of `ids` to text (invalid UTF-8 replaced)."""
-        return self._llm.detokenize([int(i) for i in ids]).decode("utf-8", errors="replace")
+        """llama.cpp's detokenization of `ids` (special tokens rendered, SPM dummy-prefix space removed)."""
+        import ctypes
+
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        arr = (llama_cpp.llama_token * len(ids))(*[int(i) for i in ids])
+        size = 64 + 16 * len(ids)
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            # ref: llama.h llama_detokenize; a negative result is the needed buffer size
+            n = llama_cpp.llama_detokenize(vocab, arr, len(ids), buf, size, False, True)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n
 
     def close(self) -> None:
         """Free the model and context."""

@@ -1,0 +1,78 @@
+"""llama.cpp's tokenizer, driven only by the GGUF metadata we write, must equal the HF tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tinymodels import cached_model, load_tokenizer
+
+from edgeft.export.gguf import export_gguf
+
+pytest.importorskip("llama_cpp")
+from edgeft.runtime.llamacpp import LlamaCppRuntime  # noqa: E402
+
+TRICKY = [
+    "Hello world",
+    "  leading spaces",
+    "trailing spaces   ",
+    "runs   of     spaces",
+    "tabs\tand\t\ttabs",
+    "line\nbreaks\r\nand\n\n\nblank lines\n",
+    "\n\n\n",
+    " ",
+    "1234567890 and 3.14159, 42nd",
+    "café naïve Ålesund",
+    "日本語の文章",
+    "🙂👍🏽",
+    "def f(x):\n\treturn x**2  # ok",
+    "It's they're we've I'm you'll he'd IT'S",
+    "mixed   \t\n  whitespace\u00a0nbsp",
+]
+
+# (arch, tokenizer kind, expected tokenizer.ggml.pre)
+KINDS = [
+    ("llama", "bpe", "gpt-2"),
+    ("llama", "bpe-llama3", "llama-bpe"),
+    ("llama", "bpe-smollm", "smollm"),
+    ("qwen2", "bpe", "qwen2"),
+    ("llama", "spm", "default"),
+]
+
+
+@pytest.fixture(scope="module")
+def runtimes(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - generator fixture
+    """(HF tokenizer, llama.cpp runtime) per tokenizer kind, exported once per module."""
+    out: dict[str, tuple] = {}
+    for arch, kind, _ in KINDS:
+        model_dir = cached_model(arch, kind)
+        path = export_gguf(model_dir, tmp_path_factory.mktemp(kind) / "m.gguf").path
+        out[f"{arch}-{kind}"] = (load_tokenizer(model_dir), LlamaCppRuntime(Path(path), n_ctx=64))
+    yield out
+    for _, rt in out.values():
+        rt.close()
+
+
+@pytest.mark.parametrize(("arch", "kind", "pre"), KINDS)
+def test_pre_tokenizer_name(arch: str, kind: str, pre: str, runtimes: dict) -> None:
+    _, rt = runtimes[f"{arch}-{kind}"]
+    assert rt.metadata["tokenizer.ggml.pre"] == pre
+
+
+@pytest.mark.parametrize("add_special", [False, True])
+@pytest.mark.parametrize("text", TRICKY)
+@pytest.mark.parametrize(("arch", "kind", "pre"), KINDS)
+def test_tokenization_matches_hf(
+    arch: str, kind: str, pre: str, text: str, add_special: bool, runtimes: dict
+) -> None:
+    tok, rt = runtimes[f"{arch}-{kind}"]
+    expected = tok.encode(text, add_special_tokens=add_special)
+    assert rt.tokenize(text, add_special=add_special) == expected
+
+
+@pytest.mark.parametrize("text", TRICKY)
+@pytest.mark.parametrize(("arch", "kind", "pre"), KINDS)
+def test_detokenize_round_trips(arch: str, kind: str, pre: str, text: str, runtimes: dict) -> None:
+    tok, rt = runtimes[f"{arch}-{kind}"]
+    ids = tok.encode(text, add_special_tokens=False)
+    assert rt.detokenize(ids) == tok.decode(ids)
