@@ -88,3 +88,30 @@ GGUF_PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
     (f"Split({PRE_REGEX_LLAMA3})", "ByteLevel(no-regex)"): "llama-bpe",
     (f"Split({PRE_REGEX_QWEN2})", "ByteLevel(no-regex)"): "qwen2",
 }
+
+# --- ONNX (onnxruntime-genai builder) ---
+# edgeft ONNX quant name → the model builder's `precision`. ref: onnxruntime_genai/models/builder.py
+# (--precision int4/int8/bf16/fp16/fp32; int8 and int4 write MatMulNBits bits=8 / bits=4 weight-only nodes,
+# block_size 32, symmetric; fp32 keeps plain MatMul).
+ONNX_PRECISIONS: dict[str, str] = {"fp32": "fp32", "int8": "int8", "int4": "int4"}
+ONNX_QUANTS = tuple(ONNX_PRECISIONS)
+ONNX_FLOAT_QUANTS = ("fp32",)
+ONNX_EXECUTION_PROVIDER = "cpu"
+# MatMulNBits `accuracy_level`: the lowest precision the kernel may compute activations in.
+# ref: builder.py --extra_options help ("accuracy_level = 1/2/3/4 ... 4 is int8 ... 1 is fp32") and
+# onnxruntime docs/ContribOperators.md (com.microsoft.MatMulNBits, 0 = unset: the EP picks).
+ONNX_ACCURACY_LEVELS: dict[int, str] = {0: "unset", 1: "fp32", 2: "fp16", 3: "bf16", 4: "int8"}
+# The builder's own default on the CPU EP. ref: quantization/quant_config.py QuantConfig.from_extra_options
+# (`accuracy_level` defaults to 4 for cpu/webgpu, 0 otherwise).
+ONNX_DEFAULT_ACCURACY_LEVEL = 4
+# Builder extra-option keys (KEY=VALUE strings). `int4_accuracy_level` is the deprecated alias in older builders.
+ONNX_OPT_ACCURACY_LEVEL = "accuracy_level"
+ONNX_OPT_HF_TOKEN = "hf_token"
+# HF architectures edgeft exports to ONNX (the builder dispatches them to LlamaModel, MistralModel, QwenModel).
+ONNX_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Files of an onnxruntime-genai model directory. ref: builders/base.py save_model / make_genai_config /
+# save_processing.
+ONNX_GENAI_CONFIG = "genai_config.json"
+ONNX_MODEL_FILE = "model.onnx"
+ONNX_DATA_FILE = "model.onnx.data"
+ONNX_REQUIRED_FILES = (ONNX_GENAI_CONFIG, ONNX_MODEL_FILE, "tokenizer.json", "tokenizer_config.json")

@@ -1,0 +1,194 @@
+"""onnxruntime runtime: scores and extends token ids of an onnxruntime-genai model directory.
+
+Scoring runs the decoder graph once in a plain onnxruntime.InferenceSession (empty KV cache, all positions'
+logits); generation runs onnxruntime-genai's own greedy loop, the path a deployed app uses. Each engine is
+created on first use, so a benchmark that only generates never holds two copies of the weights.
+All onnxruntime imports stay in this module and edgeft/export/onnx.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..constants import ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
+from ..errors import EdgeftError
+
+# onnxruntime's type strings for the float I/O dtypes a CPU decoder can have.
+_ORT_FLOATS: dict[str, Any] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class OrtRuntime:
+    """An onnxruntime-genai model directory, implementing edgeft.runtime.Runtime."""
+
+    def __init__(
+        self, path: Path, *, threads: int | None = None, n_ctx: int = 512, all_logits: bool = True
+    ) -> None:
+        from ..export.onnx import check_external_data
+
+        path = Path(path)
+        cfg_path = path / ONNX_GENAI_CONFIG
+        if not cfg_path.is_file():
+            raise EdgeftError(f"{path}: not an onnxruntime-genai model directory (no {ONNX_GENAI_CONFIG})")
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            model_cfg = cfg["model"]
+            dec = model_cfg["decoder"]
+            # ref: onnxruntime-genai src/config.h (model.decoder.{filename,head_size,num_key_value_heads,
+            # num_hidden_layers,inputs,outputs}, model.{vocab_size,context_length}).
+            self._file = path / dec.get("filename", ONNX_MODEL_FILE)
+            self._head_size = int(dec["head_size"])
+            self._kv_heads = int(dec["num_key_value_heads"])
+            self._layers = int(dec["num_hidden_layers"])
+            self._inputs: dict[str, str] = dict(dec.get("inputs", {}))
+            self._outputs: dict[str, str] = dict(dec.get("outputs", {}))
+            self.n_vocab: int = int(model_cfg["vocab_size"])
+            context = int(model_cfg.get("context_length", n_ctx))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise EdgeftError(f"{cfg_path}: not a usable genai config ({type(e).__name__}: {e})") from None
+        if not self._file.is_file():
+            raise EdgeftError(f"{self._file}: decoder model file does not exist")
+        check_external_data(self._file, path)  # refuse weights outside the model dir before any load
+        self.path = path
+        self.threads = threads or max(1, os.cpu_count() or 1)
+        self.n_ctx = min(n_ctx, context)
+        self.all_logits = all_logits
+        self._session: Any = None  # onnxruntime.InferenceSession, created by logits()
+        self._og_model: Any = None  # onnxruntime_genai.Model, created by generate()
+
+    # --- scoring: plain onnxruntime -----------------------------------------------------------------------
+
+    def _check_ids(self, ids: list[int], extra: int = 0) -> None:
+        if not ids:
+            raise EdgeftError("no token ids to evaluate")
+        if len(ids) + extra > self.n_ctx:
+            raise EdgeftError(
+                f"{len(ids) + extra} tokens do not fit the ONNX context of {self.n_ctx}; raise n_ctx "
+                "(up to the model's context_length)"
+            )
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise EdgeftError(f"token id {bad[0]} is outside the ONNX model's vocabulary of {self.n_vocab}")
+
+    def _get_session(self) -> Any:
+        if self._session is None:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+            so.log_severity_level = 3  # errors only: keep stderr clean
+            try:
+                self._session = ort.InferenceSession(str(self._file), so, providers=["CPUExecutionProvider"])
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+                raise EdgeftError(f"{self._file}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+        return self._session
+
+    def _feeds(self, ids: list[int]) -> dict[str, np.ndarray]:
+        sess = self._get_session()
+        n = len(ids)
+        names = self._inputs
+        ids_name = names.get("input_ids", "input_ids")
+        mask_name = names.get("attention_mask", "attention_mask")
+        pos_name = names.get("position_ids", "position_ids")
+        key_fmt = names.get("past_key_names", "past_key_values.%d.key")
+        value_fmt = names.get("past_value_names", "past_key_values.%d.value")
+        past = {key_fmt % i for i in range(self._layers)} | {value_fmt % i for i in range(self._layers)}
+        feeds: dict[str, np.ndarray] = {}
+        for inp in sess.get_inputs():
+            if inp.name == ids_name:
+                feeds[inp.name] = np.array([ids], dtype=np.int64)
+            elif inp.name == mask_name:
+                feeds[inp.name] = np.ones((1, n), dtype=np.int64)
+            elif inp.name == pos_name:
+                feeds[inp.name] = np.arange(n, dtype=np.int64)[None, :]
+            elif inp.name in past:
+                dtype = _ORT_FLOATS.get(inp.type)
+                if dtype is None:
+                    raise EdgeftError(f"{self._file}: KV cache input {inp.name} has unsupported type {inp.type}")
+                # [batch, kv_heads, past_len=0, head_size]; symbolic dims come from genai_config.json.
+                feeds[inp.name] = np.zeros((1, self._kv_heads, 0, self._head_size), dtype=dtype)
+            else:
+                raise EdgeftError(f"{self._file}: unexpected decoder input '{inp.name}'")
+        return feeds
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits for every position of `ids` in a fresh context, float32 [len(ids), n_vocab]."""
+        if not self.all_logits:
+            raise EdgeftError("this ONNX runtime was opened with all_logits=False; per-position logits need it")
+        ids = [int(i) for i in ids]
+        self._check_ids(ids)
+        sess = self._get_session()
+        out_name = self._outputs.get("logits", "logits")
+        (logits,) = sess.run([out_name], self._feeds(ids))
+        return np.asarray(logits[0, :, : self.n_vocab], dtype=np.float32)
+
+    # --- generation: onnxruntime-genai ----------------------------------------------------------------------
+
+    def _get_og_model(self) -> Any:
+        if self._og_model is None:
+            import onnxruntime_genai as og
+
+            try:
+                config = og.Config(str(self.path))
+                # Thread count through a config overlay of the decoder's session options.
+                # ref: onnxruntime-genai src/config.h SessionOptions (intra_op_num_threads, inter_op_num_threads).
+                overlay = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1}
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": overlay}}}))
+                self._og_model = og.Model(config)
+            except Exception as e:  # noqa: BLE001 - og raises RuntimeError and others
+                raise EdgeftError(f"{self.path}: onnxruntime-genai cannot load it ({str(e).splitlines()[0]})") from None
+        return self._og_model
+
+    def _greedy(self, prefix: list[int], n: int, stops: set[int]) -> tuple[list[int], bool]:
+        """Up to `n` greedy ids after `prefix`; second value says onnxruntime-genai stopped on its own EOS."""
+        import onnxruntime_genai as og
+
+        model = self._get_og_model()
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prefix) + n)
+        gen = og.Generator(model, params)
+        gen.append_tokens(prefix)
+        out: list[int] = []
+        while len(out) < n:
+            if gen.is_done():  # genai ends after its configured eos_token_id (the id itself is emitted)
+                return out, True
+            gen.generate_next_token()
+            tok = int(gen.get_next_tokens()[0])
+            out.append(tok)
+            if tok in stops:
+                break
+        return out, False
+
+    def generate(self, ids: Sequence[int], n: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        """Greedy continuation: up to `n` new ids, ending after (and including) the first of `stop_ids`.
+
+        onnxruntime-genai always stops after the model's EOS; when that EOS is not one of `stop_ids`, the
+        loop restarts from the ids so far (one extra prefill), so output matches the other runtimes.
+        """
+        ids = [int(i) for i in ids]
+        self._check_ids(ids, max(n, 0))
+        stops = {int(s) for s in stop_ids}
+        out: list[int] = []
+        while len(out) < n:
+            new, eos_stop = self._greedy(ids + out, n - len(out), stops)
+            out.extend(new)
+            if not eos_stop or not new or new[-1] in stops:
+                break
+        return out
+
+    def close(self) -> None:
+        """Free the sessions (both are recreated on next use)."""
+        self._session = None
+        self._og_model = None
+
+    def __enter__(self) -> OrtRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
