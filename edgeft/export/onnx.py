@@ -147,7 +147,8 @@ def _run_builder(model_dir: Path, out: Path, quant: str, accuracy_level: int | N
             str(cache),
             _builder_options(quant, accuracy_level),
         )
-        builder.create_model(None, str(model_dir), str(out), precision, ONNX_EXECUTION_PROVIDER, str(cache), **kv)
+        ep = ONNX_EXECUTION_PROVIDER
+        builder.create_model(None, str(model_dir), str(out), precision, ep, str(cache), **kv)
 
 
 def _builder_error(model_dir: Path, exc: BaseException) -> EdgeftError:
@@ -165,7 +166,7 @@ def _builder_error(model_dir: Path, exc: BaseException) -> EdgeftError:
 
 
 def _all_tensors(graph: Any) -> Iterator[Any]:
-    """Every TensorProto of a graph: initializers, sparse initializers, Constant/attribute tensors, subgraphs."""
+    """Every TensorProto of a graph: initializers, sparse ones, attribute tensors, and those of subgraphs."""
     import onnx
 
     yield from graph.initializer
@@ -241,9 +242,10 @@ def _check_tokenizer(out: Path) -> None:
         tok = og.Tokenizer(og.Model(str(out)))
         text = tok.decode(tok.encode(probe))
     except Exception as e:  # noqa: BLE001 - og raises RuntimeError/others for config and file problems
-        raise EdgeftError(f"{out}: onnxruntime-genai cannot load the model/tokenizer ({str(e).splitlines()[0]})")
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EdgeftError(f"{out}: onnxruntime-genai cannot load the model/tokenizer ({msg})") from None
     if probe not in text:
-        raise EdgeftError(f"{out}: onnxruntime-genai tokenizer does not round-trip text ({probe!r} → {text!r})")
+        raise EdgeftError(f"{out}: onnxruntime-genai tokenizer does not round-trip {probe!r} (got {text!r})")
 
 
 def check_output(out: Path) -> None:

@@ -23,6 +23,10 @@ from ..errors import EdgeftError
 _ORT_FLOATS: dict[str, Any] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 class OrtRuntime:
     """An onnxruntime-genai model directory, implementing edgeft.runtime.Runtime."""
 
@@ -86,7 +90,7 @@ class OrtRuntime:
             try:
                 self._session = ort.InferenceSession(str(self._file), so, providers=["CPUExecutionProvider"])
             except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-                raise EdgeftError(f"{self._file}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+                raise EdgeftError(f"{self._file}: onnxruntime cannot load it ({_first_line(e)})") from None
         return self._session
 
     def _feeds(self, ids: list[int]) -> dict[str, np.ndarray]:
@@ -110,7 +114,7 @@ class OrtRuntime:
             elif inp.name in past:
                 dtype = _ORT_FLOATS.get(inp.type)
                 if dtype is None:
-                    raise EdgeftError(f"{self._file}: KV cache input {inp.name} has unsupported type {inp.type}")
+                    raise EdgeftError(f"{self._file}: KV input {inp.name} has unsupported type {inp.type}")
                 # [batch, kv_heads, past_len=0, head_size]; symbolic dims come from genai_config.json.
                 feeds[inp.name] = np.zeros((1, self._kv_heads, 0, self._head_size), dtype=dtype)
             else:
@@ -120,7 +124,7 @@ class OrtRuntime:
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Next-token logits for every position of `ids` in a fresh context, float32 [len(ids), n_vocab]."""
         if not self.all_logits:
-            raise EdgeftError("this ONNX runtime was opened with all_logits=False; per-position logits need it")
+            raise EdgeftError("ONNX runtime opened with all_logits=False; per-position logits need it")
         ids = [int(i) for i in ids]
         self._check_ids(ids)
         sess = self._get_session()
@@ -136,13 +140,14 @@ class OrtRuntime:
 
             try:
                 config = og.Config(str(self.path))
-                # Thread count through a config overlay of the decoder's session options.
-                # ref: onnxruntime-genai src/config.h SessionOptions (intra_op_num_threads, inter_op_num_threads).
+                # Threads via an overlay of the decoder's session options. ref: onnxruntime-genai
+                # src/config.h, Config::SessionOptions intra_op_num_threads / inter_op_num_threads.
                 overlay = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1}
                 config.overlay(json.dumps({"model": {"decoder": {"session_options": overlay}}}))
                 self._og_model = og.Model(config)
             except Exception as e:  # noqa: BLE001 - og raises RuntimeError and others
-                raise EdgeftError(f"{self.path}: onnxruntime-genai cannot load it ({str(e).splitlines()[0]})") from None
+                msg = f"{self.path}: onnxruntime-genai cannot load it ({_first_line(e)})"
+                raise EdgeftError(msg) from None
         return self._og_model
 
     def _greedy(self, prefix: list[int], n: int, stops: set[int]) -> tuple[list[int], bool]:
