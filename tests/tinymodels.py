@@ -215,13 +215,14 @@ def make_model(
     layers: int = 2,
     heads: int = 4,
     kv_heads: int = 2,
-    std: float = 0.25,
+    std: float | None = None,
 ) -> Path:
     """Save a tiny random `arch` ("llama" | "qwen2") model with a `tokenizer_kind` tokenizer to `out_dir`.
 
     For arch "qwen2", tokenizer_kind "bpe" means "bpe-qwen2" (see below).
-    Weights use a large init std (and randomized norms/biases) so logits are far from flat and every
-    tensor matters; hidden/intermediate default to multiples of 32 (q4_0/q8_0). Use hidden=256 for k-quants.
+    Weights use init std 1/sqrt(hidden) by default (gain ~1 per layer: logits std ~1, far from flat, yet not
+    chaotic, so quantization drift looks like a real model's) and randomized norms/biases so every tensor
+    matters; hidden/intermediate default to multiples of 32 (q4_0/q8_0). Use hidden=256 for k-quants.
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -244,7 +245,7 @@ def make_model(
         max_position_embeddings=512,
         rms_norm_eps=1e-6,
         tie_word_embeddings=tie_embeddings,
-        initializer_range=std,
+        initializer_range=std if std is not None else hidden**-0.5,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
