@@ -1,0 +1,270 @@
+"""HF → ONNX (onnxruntime-genai builder): logits and greedy output match PyTorch, quants drift in order,
+bad inputs fail with one EdgeftError and leave nothing behind, external data cannot escape the model dir."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tinymodels import cached_model, load_tokenizer, quiet_transformers
+
+from edgeft.constants import ONNX_ARCHS, ONNX_QUANTS, ONNX_REQUIRED_FILES
+from edgeft.errors import EdgeftError
+
+pytest.importorskip("onnxruntime_genai")
+from edgeft.export.onnx import OnnxExportResult, check_external_data, export_onnx  # noqa: E402
+from edgeft.runtime.ort import OrtRuntime  # noqa: E402
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. In Python, a function is defined with def; "
+    "for example:\n\ndef square(x):\n\treturn x ** 2  # 1234567890\n\n"
+    "Names are bound to objects, and the for statement iterates over the items of any sequence."
+)
+PROMPT = "The for statement is used to iterate over"
+# hidden 128: every MatMul has K ≥ 128, several 32-blocks per row, so int8/int4 really quantize.
+LLAMA = {"hidden": 128, "layers": 2}
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def kld(ref_logits: np.ndarray, test_logits: np.ndarray) -> float:
+    """Mean over positions of KL(ref || test) of the next-token distributions, in float64."""
+    lp, lq = log_softmax(ref_logits), log_softmax(test_logits)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def torch_model(model_dir: Path):  # noqa: ANN201 - transformers model
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def torch_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
+    """Greedy decoding by full recompute each step: independent of any KV-cache code."""
+    model, seq = torch_model(model_dir), list(ids)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids) :]
+
+
+def model_dir(arch: str) -> Path:
+    return cached_model("llama", "bpe", **LLAMA) if arch == "llama" else cached_model("qwen2", "bpe")
+
+
+_EXPORTS: dict[tuple, tuple[Path, OnnxExportResult]] = {}
+
+
+def exported(arch: str, quant: str, tmp_root: Path, accuracy_level: int | None = None) -> Path:
+    key = (arch, quant, accuracy_level)
+    if key not in _EXPORTS:
+        out = tmp_root / f"{arch}-{quant}-{accuracy_level}"
+        _EXPORTS[key] = (out, export_onnx(model_dir(arch), out, quant, accuracy_level=accuracy_level))
+    return _EXPORTS[key][0]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("onnx")
+
+
+def ids_of(arch: str, text: str = TEXT) -> list[int]:
+    return load_tokenizer(model_dir(arch)).encode(text)
+
+
+# --- float export parity -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fp32_logits_match_torch(arch: str, root: Path) -> None:
+    out = exported(arch, "fp32", root)
+    res = _EXPORTS[(arch, "fp32", None)][1]
+    assert res.path == out and res.quant == "fp32" and res.accuracy_level is None
+    assert res.bytes == sum(p.stat().st_size for p in out.iterdir())
+    assert all((out / f).is_file() for f in ONNX_REQUIRED_FILES)
+    assert not out.with_name(out.name + ".partial").exists()
+    ids = ids_of(arch)
+    with torch.no_grad():
+        ref = torch_model(model_dir(arch))(torch.tensor([ids])).logits[0].numpy()
+    rt = OrtRuntime(out, threads=1)
+    got = rt.logits(ids)
+    assert rt._og_model is None  # scoring never loads the genai engine
+    assert got.shape == ref.shape == (len(ids), rt.n_vocab) and got.dtype == np.float32
+    assert kld(ref, got) < 1e-4
+    assert (ref.argmax(-1) == got.argmax(-1)).all()
+    rt.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fp32_genai_greedy_matches_torch(arch: str, root: Path) -> None:
+    out = exported(arch, "fp32", root)
+    ids = ids_of(arch, PROMPT)
+    with OrtRuntime(out, threads=1) as rt:
+        got = rt.generate(ids, 20)
+        assert rt._session is None  # generation never loads the scoring session
+    assert got == torch_greedy(model_dir(arch), ids, 20)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_genai_tokenizer_matches_hf(arch: str, root: Path) -> None:
+    import onnxruntime_genai as og
+
+    out = exported(arch, "fp32", root)
+    tok = og.Tokenizer(og.Model(str(out)))
+    assert [int(i) for i in tok.encode(TEXT)] == ids_of(arch)
+
+
+def test_generate_stops_and_survives_genai_eos(root: Path) -> None:
+    """stop_ids end generation (stop id included); genai's own EOS does not end it early."""
+    ids = ids_of("llama", PROMPT)
+    ref = torch_greedy(model_dir("llama"), ids, 12)
+    eos_dir = root / "llama-eos"
+    shutil.copytree(exported("llama", "fp32", root), eos_dir)
+    cfg = json.loads((eos_dir / "genai_config.json").read_text())
+    cfg["model"]["eos_token_id"] = ref[3]  # genai stops after this id unless we carry on
+    (eos_dir / "genai_config.json").write_text(json.dumps(cfg))
+    with OrtRuntime(eos_dir, threads=1) as rt:
+        assert rt.generate(ids, 12) == ref
+        assert rt.generate(ids, 12, stop_ids=[ref[5]]) == ref[: ref.index(ref[5]) + 1]
+        with pytest.raises(EdgeftError, match="context"):
+            rt.generate(ids, 600)
+
+
+# --- quants ----------------------------------------------------------------------------------------------
+
+
+def test_quant_drift_ordered(root: Path) -> None:
+    ids = ids_of("llama")
+    with torch.no_grad():
+        ref = torch_model(model_dir("llama"))(torch.tensor([ids])).logits[0].numpy()
+    drift = {}
+    for quant, level in (("fp32", None), ("int8", None), ("int8", 1), ("int4", None)):
+        out = exported("llama", quant, root, level)
+        res = _EXPORTS[("llama", quant, level)][1]
+        if quant != "fp32":
+            # builder default on CPU is 4 (int8 activations); an explicit level lands in the graph
+            assert res.accuracy_level == (level if level is not None else 4)
+        with OrtRuntime(out, threads=1) as rt:
+            logits = rt.logits(ids)
+            assert len(rt.generate(ids[:8], 4)) == 4
+        assert np.isfinite(logits).all()
+        drift[(quant, level)] = kld(ref, logits)
+    assert drift[("fp32", None)] < drift[("int8", None)] < drift[("int4", None)]
+    assert drift[("int8", 1)] < drift[("int4", None)]
+    sizes = {q: _EXPORTS[("llama", q, None)][1].bytes for q in ("fp32", "int8", "int4")}
+    assert sizes["fp32"] > sizes["int8"] > sizes["int4"]
+
+
+# --- failures --------------------------------------------------------------------------------------------
+
+
+def test_export_is_quiet(root: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Nothing on stdout (a --json CLI prints there), nothing noisy on stderr."""
+    export_onnx(model_dir("qwen2"), root / "quiet", "int4")
+    captured = capfd.readouterr()
+    assert captured.out == ""
+    assert "quantize" not in captured.err and "Saving" not in captured.err
+
+
+def test_unknown_quant_and_bad_accuracy_level(root: Path) -> None:
+    out = root / "bad-quant"
+    with pytest.raises(EdgeftError) as e:
+        export_onnx(model_dir("llama"), out, "q4_k_m")
+    assert "q4_k_m" in str(e.value) and all(q in str(e.value) for q in ONNX_QUANTS)
+    with pytest.raises(EdgeftError, match="accuracy_level"):
+        export_onnx(model_dir("llama"), out, "fp32", accuracy_level=4)
+    with pytest.raises(EdgeftError, match="accuracy_level 7"):
+        export_onnx(model_dir("llama"), out, "int8", accuracy_level=7)
+    assert not out.exists()
+
+
+def test_unsupported_architecture(root: Path) -> None:
+    bad = root / "gpt2-ish"
+    shutil.copytree(model_dir("llama"), bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgeftError) as e:
+        export_onnx(bad, root / "gpt2-out", "fp32")
+    msg = str(e.value)
+    assert "GPT2LMHeadModel" in msg and all(a in msg for a in ONNX_ARCHS) and "\n" not in msg
+    assert not (root / "gpt2-out").exists()
+
+
+def test_builder_failure_leaves_nothing(root: Path) -> None:
+    broken = root / "broken-weights"
+    shutil.copytree(model_dir("llama"), broken)
+    (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    parent = root / "fail"
+    parent.mkdir()
+    with pytest.raises(EdgeftError) as e:
+        export_onnx(broken, parent / "out", "int8")
+    msg = str(e.value)
+    assert msg.startswith(f"onnx builder failed for {broken}: ") and "\n" not in msg
+    assert list(parent.iterdir()) == []  # no out, no out.partial, no temp work dir
+
+
+def test_refuses_to_replace_a_foreign_dir(root: Path) -> None:
+    foreign = root / "not-onnx"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(EdgeftError, match="not an ONNX model directory"):
+        export_onnx(model_dir("qwen2"), foreign, "fp32")
+    assert (foreign / "keep.txt").read_text() == "mine"
+
+
+# --- external data path traversal ------------------------------------------------------------------------
+
+
+def _model_with_external(path: Path, location: str) -> Path:
+    """A one-initializer ONNX model whose weights live at `location` (written by hand, not by onnx)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
+    w.ClearField("float_data")
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", "16")):
+        w.external_data.add(key=k, value=v)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [w],
+    )
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+@pytest.mark.parametrize("location", ["../evil.bin", "sub/../../evil.bin", "/etc/passwd"])
+def test_external_data_escape_refused(tmp_path: Path, location: str) -> None:
+    model_dir_ = tmp_path / "m"
+    model_dir_.mkdir()
+    (tmp_path / "evil.bin").write_bytes(b"\0" * 16)
+    model = _model_with_external(model_dir_ / "model.onnx", location)
+    with pytest.raises(EdgeftError, match="outside"):
+        check_external_data(model, model_dir_)
+
+
+def test_external_data_inside_ok_and_runtime_checks(tmp_path: Path, root: Path) -> None:
+    inside = tmp_path / "ok"
+    inside.mkdir()
+    (inside / "w.bin").write_bytes(b"\0" * 16)
+    model = _model_with_external(inside / "model.onnx", "w.bin")
+    assert check_external_data(model, inside) == [(inside / "w.bin").resolve()]
+    # A model dir whose decoder escapes is refused when opened, before any engine reads it.
+    evil = tmp_path / "evil-model"
+    shutil.copytree(exported("qwen2", "fp32", root), evil)
+    _model_with_external(evil / "model.onnx", "../evil.bin")
+    with pytest.raises(EdgeftError, match="outside"):
+        OrtRuntime(evil)
