@@ -23,6 +23,9 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int | None = Non
         raise EdgeftError(f"{src}: GGUF file to quantize does not exist")
     import llama_cpp
 
+    from .runtime.llamacpp import silence_llama_logs
+
+    silence_llama_logs()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(GGUF_FTYPES[quant])
     params.nthread = int(threads or 0)  # 0 → llama.cpp uses hardware concurrency

@@ -220,3 +220,23 @@ def test_missing_dir_config_and_pickle(tmp_path: Path) -> None:
     with pytest.raises(EdgeftError, match="q4_k_m"):
         export_gguf(d, tmp_path / "m.gguf", "q3_k")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_long_sequence_and_open_runtime(tmp_path: Path) -> None:
+    """~400 positions in one eval call (rope at long range); open_runtime picks llama.cpp for .gguf."""
+    from edgeft.runtime import open_runtime
+
+    model_dir = cached_model("qwen2", "bpe")
+    ids = load_tokenizer(model_dir).encode(TEXT * 6)[:400]
+    assert len(ids) == 400
+    res = export_gguf(model_dir, tmp_path / "m.gguf")
+    rt = open_runtime(res.path, threads=2, n_ctx=512)
+    try:
+        assert isinstance(rt, LlamaCppRuntime)
+        got = rt.logits(ids)
+        assert got.dtype == np.float32 and got.shape == (400, rt.n_vocab)
+        assert kld(torch_logits(model_dir, ids), got) < 1e-4
+        with pytest.raises(EdgeftError, match="n_ctx"):
+            rt.logits(ids * 2)
+    finally:
+        rt.close()

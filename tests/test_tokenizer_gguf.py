@@ -76,3 +76,23 @@ def test_detokenize_round_trips(arch: str, kind: str, pre: str, text: str, runti
     tok, rt = runtimes[f"{arch}-{kind}"]
     ids = tok.encode(text, add_special_tokens=False)
     assert rt.detokenize(ids) == tok.decode(ids)
+
+
+def test_spm_from_tokenizer_json_only(tmp_path: Path) -> None:
+    """Without tokenizer.model, scores come from tokenizer.json merge ranks; tokenization must not change."""
+    import shutil
+
+    src = cached_model("llama", "spm")
+    model_dir = tmp_path / "m"
+    shutil.copytree(src, model_dir)
+    (model_dir / "tokenizer.model").unlink()
+    tok = load_tokenizer(model_dir)
+    res = export_gguf(model_dir, tmp_path / "m.gguf")
+    rt = LlamaCppRuntime(res.path, n_ctx=64)
+    try:
+        assert rt.metadata["tokenizer.ggml.model"] == "llama"
+        assert rt.metadata["tokenizer.ggml.add_space_prefix"] == "true"
+        for text in TRICKY:
+            assert rt.tokenize(text, add_special=True) == tok.encode(text), text
+    finally:
+        rt.close()

@@ -427,7 +427,7 @@ def _is_spm_json(tj: dict[str, Any]) -> bool:
     model = tj.get("model", {})
     if model.get("type") == "Unigram":
         return True
-    pre = json.dumps(tj.get("pre_tokenizer")) + json.dumps(tj.get("normalizer"))
+    pre = json.dumps([tj.get("pre_tokenizer"), tj.get("normalizer")], ensure_ascii=False)
     return (
         model.get("type") == "BPE" and bool(model.get("byte_fallback")) and ("Metaspace" in pre or "▁" in pre)
     )

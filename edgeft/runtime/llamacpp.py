@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import EdgeftError
 
 
-def _silence_llama_logs() -> None:
+def silence_llama_logs() -> None:
     """Route llama.cpp's C-level log output through a callback that drops it (verbose=False is not enough
     for messages emitted before/after the Llama object exists, e.g. during quantization or free)."""
     import llama_cpp
@@ -47,7 +47,7 @@ class LlamaCppRuntime:
             import llama_cpp
         except ImportError as e:  # pragma: no cover - depends on the install
             raise EdgeftError(f"llama-cpp-python is not installed ({e}); pip install llama-cpp-python") from e
-        _silence_llama_logs()
+        silence_llama_logs()
         threads = threads or max(1, os.cpu_count() or 1)
         try:
             self._llm = llama_cpp.Llama(
