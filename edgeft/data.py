@@ -1,0 +1,274 @@
+"""Task data: load JSONL examples, split them, and turn them into token ids the same way everywhere.
+
+Fine-tuning, evaluation and every runtime use these functions, so the prompt a model is trained on is
+byte-for-byte the prompt it is later asked to complete.
+
+A data file is JSONL, one example per line, either
+    {"prompt": "...", "completion": "..."}                      (becomes a user turn and an assistant turn)
+or  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}  (last turn: assistant)
+Blank lines are skipped. An explicit held-out split can be given as a sibling file `<stem>.eval.jsonl`
+(see `load_split`); otherwise `split` holds out a seeded random fraction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgeftError
+
+ROLES = ("system", "user", "assistant")
+# End-of-turn tokens used by common chat templates; any that the vocabulary has also end an answer.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+IGNORE_INDEX = -100
+EVAL_SUFFIX = ".eval.jsonl"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One task example: chat turns ending with the assistant's answer, and where it came from."""
+
+    messages: tuple[dict[str, str], ...]
+    source: str  # "file:line", for error messages
+
+    @property
+    def prompt_messages(self) -> list[dict[str, str]]:
+        """All turns before the last assistant turn: what the model is asked to continue."""
+        return [dict(m) for m in self.messages[: self._last_assistant()]]
+
+    @property
+    def answer(self) -> str:
+        """The content of the last assistant turn: the expected answer."""
+        return self.messages[self._last_assistant()]["content"]
+
+    def _last_assistant(self) -> int:
+        for i in range(len(self.messages) - 1, -1, -1):
+            if self.messages[i]["role"] == "assistant":
+                return i
+        raise EdgeftError(f"{self.source}: no assistant turn")
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+
+def _parse_line(obj: Any, where: str) -> Example:
+    """Validate one decoded JSON line and build its Example; raises EdgeftError naming `where`."""
+    expected = (
+        'expected {"prompt": str, "completion": str} or {"messages": [{"role": ..., "content": str}, ...]}'
+    )
+    if not isinstance(obj, dict):
+        raise EdgeftError(f"{where}: line is a JSON {type(obj).__name__}, not an object; {expected}")
+    has_pc = "prompt" in obj or "completion" in obj
+    if has_pc and "messages" in obj:
+        raise EdgeftError(f"{where}: has both prompt/completion and messages; {expected}")
+    if has_pc:
+        for key in ("prompt", "completion"):
+            if key not in obj:
+                raise EdgeftError(f'{where}: missing field "{key}"; {expected}')
+            if not isinstance(obj[key], str):
+                raise EdgeftError(
+                    f'{where}: field "{key}" is {type(obj[key]).__name__}, not a string; {expected}'
+                )
+        if not obj["completion"].strip():
+            raise EdgeftError(f'{where}: field "completion" is empty; {expected}')
+        msgs = (
+            {"role": "user", "content": obj["prompt"]},
+            {"role": "assistant", "content": obj["completion"]},
+        )
+        return Example(messages=msgs, source=where)
+    if "messages" not in obj:
+        raise EdgeftError(f"{where}: no prompt/completion or messages field; {expected}")
+    raw = obj["messages"]
+    if not isinstance(raw, list) or not raw:
+        raise EdgeftError(f'{where}: field "messages" must be a non-empty list; {expected}')
+    msgs_list: list[dict[str, str]] = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise EdgeftError(f"{where}: messages[{i}] is {type(m).__name__}, not an object; {expected}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise EdgeftError(f"{where}: messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise EdgeftError(
+                f"{where}: messages[{i}].content is {type(content).__name__}, not a string; {expected}"
+            )
+        msgs_list.append({"role": role, "content": content})
+    if msgs_list[-1]["role"] != "assistant":
+        raise EdgeftError(f"{where}: the last message must be the assistant's answer; {expected}")
+    if not msgs_list[-1]["content"].strip():
+        raise EdgeftError(f"{where}: the assistant's answer is empty; {expected}")
+    if len(msgs_list) < 2:
+        raise EdgeftError(f"{where}: needs at least one turn before the assistant's answer; {expected}")
+    return Example(messages=tuple(msgs_list), source=where)
+
+
+def load_jsonl(path: Path) -> list[Example]:
+    """All examples of a JSONL file; any malformed line raises EdgeftError("FILE:LINE: ...")."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeftError(f"{path}: data file not found (expected a JSONL file of prompt/completion lines)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgeftError(f"{path}: not UTF-8 text ({e}); expected a JSONL file") from e
+    examples: list[Example] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EdgeftError(
+                f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected one object a line"
+            ) from e
+        examples.append(_parse_line(obj, where))
+    if not examples:
+        raise EdgeftError(f"{path}: no examples (the file is empty); expected one JSON object a line")
+    return examples
+
+
+def dataset_sha256(path: Path) -> str:
+    """SHA-256 of the data file's bytes, to record exactly which data a model was tuned on."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- splitting ----------------------------------------------------------------------------------------
+
+
+def split(
+    examples: Sequence[Example], eval_fraction: float = 0.1, seed: int = 0, max_eval: int | None = None
+) -> tuple[list[Example], list[Example]]:
+    """Seeded, deterministic (train, eval) split; both keep file order and share no example.
+
+    At least one example is held out when eval_fraction > 0 and there are two or more. `max_eval` caps how
+    many held-out examples are returned (for speed) without putting the others back into train.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise EdgeftError(f"eval_fraction is {eval_fraction}; expected 0 <= eval_fraction < 1")
+    n = len(examples)
+    n_eval = 0 if eval_fraction == 0 or n < 2 else min(n - 1, max(1, round(n * eval_fraction)))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = order[:n_eval]
+    train = [ex for i, ex in enumerate(examples) if i not in set(held)]
+    # max_eval only shortens the eval list; train never depends on it, so no held-out example leaks.
+    shown = set(held if max_eval is None else held[: max(0, max_eval)])
+    evals = [ex for i, ex in enumerate(examples) if i in shown]
+    return train, evals
+
+
+def eval_file_for(path: Path) -> Path:
+    """The explicit held-out file that goes with a data file: `<stem>.eval.jsonl` beside it."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".jsonl") + EVAL_SUFFIX)
+
+
+def load_split(
+    path: Path, eval_fraction: float = 0.1, seed: int = 0, max_eval: int | None = None
+) -> tuple[list[Example], list[Example]]:
+    """(train, eval) for a data file: its sibling `<stem>.eval.jsonl` if present, else `split` of the file."""
+    path = Path(path)
+    examples = load_jsonl(path)
+    eval_path = eval_file_for(path)
+    if eval_path.is_file() and eval_path != path:
+        evals = load_jsonl(eval_path)
+        return examples, evals[:max_eval] if max_eval is not None else evals
+    return split(examples, eval_fraction, seed, max_eval)
+
+
+# --- token ids ----------------------------------------------------------------------------------------
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    if not isinstance(text, str):
+        raise EdgeftError("the tokenizer's chat template did not render to text")
+    return text
+
+
+def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _plain_prompt(ex: Example) -> str:
+    """Prompt text for tokenizers without a chat template: the prompt turns' contents, one per line."""
+    return "\n".join(m["content"] for m in ex.prompt_messages)
+
+
+def prompt_ids(tokenizer: Any, ex: Example) -> list[int]:
+    """Ids a runtime generates the answer from: chat template + generation prompt (or plain prompt text)."""
+    if _has_chat_template(tokenizer):
+        # The rendered template carries its own BOS/markers, so no special tokens are added again.
+        return _encode(tokenizer, _render(tokenizer, ex.prompt_messages, True), special=False)
+    return _encode(tokenizer, _plain_prompt(ex), special=True)
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    """Ids that end a greedy answer: the tokenizer's eos plus any end-of-turn token in its vocabulary."""
+    ids: list[int] = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for i in eos if isinstance(eos, list) else [eos]:
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
+    vocab = tokenizer.get_vocab()
+    for tok in END_OF_TURN_TOKENS:
+        i = vocab.get(tok)
+        if i is not None and i not in ids:
+            ids.append(i)
+    return ids
+
+
+def train_ids(tokenizer: Any, ex: Example, max_len: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one example; labels are -100 everywhere but the answer and its end token.
+
+    The input starts with exactly `prompt_ids(tokenizer, ex)`, so training sees what inference sees. Too
+    long examples lose prompt tokens from the left first, then answer tokens from the right.
+    """
+    prompt = prompt_ids(tokenizer, ex)
+    stops = set(stop_ids(tokenizer))
+    end = next(iter(stop_ids(tokenizer)), None)
+    rest: list[int] | None = None
+    if _has_chat_template(tokenizer):
+        full_msgs = ex.prompt_messages + [{"role": "assistant", "content": ex.answer}]
+        full = _render(tokenizer, full_msgs, False)
+        head = _render(tokenizer, ex.prompt_messages, True)
+        if full.startswith(head):
+            rest = _encode(tokenizer, full[len(head) :], special=False)
+            cut = next((i for i, t in enumerate(rest) if t in stops), None)
+            # Learn the answer and its end-of-turn token; text after it (e.g. "\n") is not the answer's.
+            rest = rest[: cut + 1] if cut is not None else rest + ([end] if end is not None else [])
+    if rest is None:
+        rest = _encode(tokenizer, ex.answer, special=False) + ([end] if end is not None else [])
+    if max_len < 2:
+        raise EdgeftError(f"max_len is {max_len}; expected at least 2")
+    if len(prompt) + len(rest) > max_len:
+        keep_prompt = max(1, max_len - len(rest))
+        prompt = prompt[-keep_prompt:]
+        rest = rest[: max_len - len(prompt)]
+    return prompt + rest, [IGNORE_INDEX] * len(prompt) + rest
+
+
+def answer_matches(tokenizer: Any, generated_ids: Sequence[int], ex: Example) -> bool:
+    """Exact match of a greedy answer (up to its first stop id, specials skipped, stripped) with ex.answer."""
+    stops = set(stop_ids(tokenizer))
+    ids: list[int] = []
+    for t in generated_ids:
+        if int(t) in stops:
+            break
+        ids.append(int(t))
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return text.strip() == ex.answer.strip()
