@@ -1,0 +1,194 @@
+"""ONNX int8 on a SmolLM2-135M-shaped model: edgeft's accuracy-level choice against the builder default.
+
+    python bench/onnx_int8.py                      # threads 2, 3 runs
+    python bench/onnx_int8.py --threads 4 --runs 5 --work /tmp/onnx-bench
+
+Exports a random-weight SmolLM2-135M-shaped Llama (bench/compare.py `smollm2_shaped`; speed depends only on
+shapes) with onnxruntime-genai's model builder as: the builder's int8 with no extra options (what a builder
+user gets), edgeft int8 at accuracy_level 4 (int8 activations) and 1 (fp32 activations), edgeft int4 and
+fp32. For each: size, prefill and decode tok/s through onnxruntime-genai (32-token prompt, 64 greedy
+tokens, warm-up + median of runs), drift against PyTorch fp32 (KLD mean, top-1 over an eval text), how
+many of the 64 greedy tokens match PyTorch's before the first difference, and PyTorch's top-1/top-2 logit
+gap at that first difference (a tiny gap means a near-tie flipped, not a broken model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import smollm2_shaped  # noqa: E402
+
+from edgeft.constants import ONNX_EXECUTION_PROVIDER  # noqa: E402
+from edgeft.export.onnx import _import_builder, _quiet, export_onnx  # noqa: E402
+from edgeft.runtime.ort import OrtRuntime  # noqa: E402
+from edgeft.runtime.torch import TorchRuntime  # noqa: E402
+
+PROMPT_TOKENS = 32
+DECODE_TOKENS = 64
+EVAL_TOKENS = 256
+
+
+def builder_default(model_dir: Path, out: Path, precision: str, work: Path) -> Path:
+    """The builder exactly as its CLI runs with no --extra_options (same calls as builder.py __main__)."""
+    if (out / "genai_config.json").is_file():
+        return out
+    builder = _import_builder()
+    work.mkdir(parents=True, exist_ok=True)
+    with _quiet(work / "builder-default.log"):
+        kv = builder.parse_extra_options(
+            None, str(model_dir), str(out), precision, ONNX_EXECUTION_PROVIDER, str(work / "cache"), []
+        )
+        builder.create_model(
+            None, str(model_dir), str(out), precision, ONNX_EXECUTION_PROVIDER, str(work / "cache"), **kv
+        )
+    return out
+
+
+def eval_ids(model_dir: Path) -> list[int]:
+    """EVAL_TOKENS ids of offline English text in the model's own tokenizer."""
+    from pydoc_data.topics import topics
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = "\n\n".join(list(topics.values())[:20])
+    return tok.encode(text)[:EVAL_TOKENS]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def drift(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    """KLD mean (float64) and top-1 agreement of `got` logits against `ref`."""
+    lp, lq = log_softmax(ref), log_softmax(got)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean()), float((ref.argmax(-1) == got.argmax(-1)).mean())
+
+
+def time_decode(rt: OrtRuntime, prompt: list[int], runs: int) -> tuple[float, float, list[int]]:
+    """Median prefill tok/s and decode tok/s through onnxruntime-genai, and the greedy tokens.
+
+    append_tokens runs the prompt; the first generate_next_token only picks from those logits, each later
+    one runs one decode step, so decode tok/s = (DECODE_TOKENS - 1) / time of calls 2..DECODE_TOKENS.
+    """
+    import onnxruntime_genai as og
+
+    model = rt._get_og_model()
+    prefill, decode, tokens = [], [], []
+    for run in range(runs + 1):  # run 0 is the warm-up
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prompt) + DECODE_TOKENS)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(prompt)
+        t1 = time.perf_counter()
+        gen.generate_next_token()
+        out = [int(gen.get_next_tokens()[0])]
+        t2 = time.perf_counter()
+        while len(out) < DECODE_TOKENS and not gen.is_done():
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        t3 = time.perf_counter()
+        del gen
+        if run:
+            prefill.append(len(prompt) / (t1 - t0))
+            decode.append((len(out) - 1) / (t3 - t2))
+        tokens = out
+    return statistics.median(prefill), statistics.median(decode), tokens
+
+
+def matching_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=None, help="keep the model and exports here (default: temp)")
+    a = ap.parse_args()
+    work = a.work or Path(tempfile.mkdtemp(prefix="edgeft-onnx-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = smollm2_shaped(work / "smollm2")
+    torch.set_num_threads(a.threads)
+
+    ids = eval_ids(model_dir)
+    prompt = ids[:PROMPT_TOKENS]
+    ref_rt = TorchRuntime(model_dir, threads=a.threads)
+    ref_logits = ref_rt.logits(ids)
+    ref_greedy = ref_rt.generate(prompt, DECODE_TOKENS)
+    # PyTorch's top-1 minus top-2 logit at each greedy step: how close a tie a divergence was.
+    top2 = np.sort(ref_rt.logits(prompt + ref_greedy)[len(prompt) - 1 :], -1)[:, -2:]
+    ref_gaps = top2[:, 1] - top2[:, 0]
+    ref_rt.close()
+
+    variants: list[tuple[str, Path]] = []
+    t = time.perf_counter()
+    default_int8 = builder_default(model_dir, work / "builder-int8", "int8", work)
+    variants.append(("builder int8 (default)", default_int8))
+    print(f"  builder int8: {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    for label, quant, level in (
+        ("edgeft int8 acc4", "int8", 4),
+        ("edgeft int8 acc1", "int8", 1),
+        ("edgeft int4 acc4", "int4", 4),
+        ("edgeft fp32", "fp32", None),
+    ):
+        out = work / f"{quant}-acc{level}"
+        t = time.perf_counter()
+        if not (out / "genai_config.json").is_file():
+            export_onnx(model_dir, out, quant, accuracy_level=level)
+        print(f"  {label}: {time.perf_counter() - t:.0f}s", file=sys.stderr)
+        variants.append((label, out))
+
+    rows = []
+    for label, path in variants:
+        with OrtRuntime(path, threads=a.threads, n_ctx=2048) as rt:
+            kld, top1 = drift(ref_logits, rt.logits(ids))
+            rt._session = None  # drop the scoring session before timing genai
+            prefill, decode, toks = time_decode(rt, prompt, a.runs)
+        size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+        same = matching_prefix(toks, ref_greedy)
+        gap = float(ref_gaps[same]) if same < DECODE_TOKENS else float("nan")
+        rows.append((label, size, prefill, decode, kld, top1, same, gap))
+        print(f"  {label}: measured", file=sys.stderr)
+
+    print(
+        f"SmolLM2-135M shape (random weights), onnxruntime-genai CPU, threads={a.threads}, "
+        f"{PROMPT_TOKENS}-token prompt, {DECODE_TOKENS} greedy tokens, median of {a.runs} runs after "
+        f"warm-up; drift vs PyTorch fp32 over {len(ids)} tokens"
+    )
+    print(
+        f"{'variant':<24} {'MB':>7} {'prefill t/s':>11} {'decode t/s':>10} {'KLD mean':>10} {'top-1':>7} "
+        f"{'greedy =':>8} {'gap@diff':>8}"
+    )
+    for label, size, prefill, decode, kld, top1, same, gap in rows:
+        print(
+            f"{label:<24} {size / 1e6:7.1f} {prefill:11.0f} {decode:10.1f} {kld:10.2e} {top1:7.1%} "
+            f"{same:>5}/{DECODE_TOKENS} {gap:8.4f}"
+        )
+    by = {r[0]: r for r in rows}
+    ratio = by["edgeft int8 acc4"][3] / by["builder int8 (default)"][3]
+    print(f"decode ratio edgeft int8 (acc 4) / builder default int8: {ratio:.2f}")
+    if a.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
