@@ -244,9 +244,9 @@ def finetune(
     train_ex, eval_ex = _data.load_split(Path(data), settings.eval_fraction, settings.seed, settings.max_eval)
     if not train_ex:
         raise EdgeftError(f"{data}: no training examples left after holding out the eval split")
-    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     set_seed(settings.seed)
     base = load_model(model, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     base.config.use_cache = False
     lora = LoraConfig(
         r=settings.r,
