@@ -104,10 +104,11 @@ ONNX_ACCURACY_LEVELS: dict[int, str] = {0: "unset", 1: "fp32", 2: "fp16", 3: "bf
 # The builder's own default on the CPU EP. ref: quantization/quant_config.py QuantConfig.from_extra_options
 # (`accuracy_level` defaults to 4 for cpu/webgpu, 0 otherwise).
 ONNX_DEFAULT_ACCURACY_LEVEL = 4
-# Builder extra-option keys (KEY=VALUE strings). `int4_accuracy_level` is the deprecated alias in older builders.
+# Builder extra-option keys (KEY=VALUE strings); older builders spell it `int4_accuracy_level`.
 ONNX_OPT_ACCURACY_LEVEL = "accuracy_level"
 ONNX_OPT_HF_TOKEN = "hf_token"
-# HF architectures edgeft exports to ONNX (the builder dispatches them to LlamaModel, MistralModel, QwenModel).
+# HF architectures edgeft exports to ONNX (builder.py dispatches them to LlamaModel, MistralModel,
+# QwenModel).
 ONNX_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # Files of an onnxruntime-genai model directory. ref: builders/base.py save_model / make_genai_config /
 # save_processing.

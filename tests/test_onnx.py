@@ -12,7 +12,7 @@ import pytest
 import torch
 from tinymodels import cached_model, load_tokenizer, quiet_transformers
 
-from edgeft.constants import ONNX_ARCHS, ONNX_QUANTS, ONNX_REQUIRED_FILES
+from edgeft.constants import ONNX_ARCHS, ONNX_DEFAULT_ACCURACY_LEVEL, ONNX_QUANTS, ONNX_REQUIRED_FILES
 from edgeft.errors import EdgeftError
 
 pytest.importorskip("onnxruntime_genai")
@@ -133,7 +133,11 @@ def test_generate_stops_and_survives_genai_eos(root: Path) -> None:
     cfg["model"]["eos_token_id"] = ref[3]  # genai stops after this id unless we carry on
     (eos_dir / "genai_config.json").write_text(json.dumps(cfg))
     with OrtRuntime(eos_dir, threads=1) as rt:
+        calls = []
+        greedy = rt._greedy
+        rt._greedy = lambda *a: calls.append(a) or greedy(*a)  # type: ignore[method-assign]
         assert rt.generate(ids, 12) == ref
+        assert len(calls) >= 2  # genai did stop at its EOS and the loop carried on
         assert rt.generate(ids, 12, stop_ids=[ref[5]]) == ref[: ref.index(ref[5]) + 1]
         with pytest.raises(EdgeftError, match="context"):
             rt.generate(ids, 600)
@@ -147,18 +151,19 @@ def test_quant_drift_ordered(root: Path) -> None:
     with torch.no_grad():
         ref = torch_model(model_dir("llama"))(torch.tensor([ids])).logits[0].numpy()
     drift = {}
-    for quant, level in (("fp32", None), ("int8", None), ("int8", 1), ("int4", None)):
+    for quant, level in (("fp32", None), ("int8", None), ("int8", 0), ("int8", 1), ("int4", None)):
         out = exported("llama", quant, root, level)
         res = _EXPORTS[("llama", quant, level)][1]
         if quant != "fp32":
-            # builder default on CPU is 4 (int8 activations); an explicit level lands in the graph
-            assert res.accuracy_level == (level if level is not None else 4)
+            # None/0 = builder default, 4 on CPU (int8 activations); an explicit level lands in the graph
+            assert res.accuracy_level == (level or ONNX_DEFAULT_ACCURACY_LEVEL)
         with OrtRuntime(out, threads=1) as rt:
             logits = rt.logits(ids)
             assert len(rt.generate(ids[:8], 4)) == 4
         assert np.isfinite(logits).all()
         drift[(quant, level)] = kld(ref, logits)
     assert drift[("fp32", None)] < drift[("int8", None)] < drift[("int4", None)]
+    assert drift[("int8", 0)] == drift[("int8", None)]  # same graph
     assert drift[("int8", 1)] < drift[("int4", None)]
     sizes = {q: _EXPORTS[("llama", q, None)][1].bytes for q in ("fp32", "int8", "int4")}
     assert sizes["fp32"] > sizes["int8"] > sizes["int4"]

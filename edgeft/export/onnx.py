@@ -64,7 +64,7 @@ def _architecture(model_dir: Path) -> str:
 def _check_inputs(model_dir: Path, quant: str, accuracy_level: int | None) -> None:
     if quant not in ONNX_PRECISIONS:
         raise EdgeftError(f"unknown ONNX quant '{quant}' (known: {', '.join(ONNX_QUANTS)})")
-    if accuracy_level is not None:
+    if accuracy_level:
         if quant in ONNX_FLOAT_QUANTS:
             raise EdgeftError(f"accuracy_level applies to int8/int4 ONNX quants, not '{quant}'")
         if accuracy_level not in ONNX_ACCURACY_LEVELS:
@@ -127,7 +127,8 @@ def _quiet(log_path: Path) -> Iterator[None]:
 def _builder_options(quant: str, accuracy_level: int | None) -> list[str]:
     # KEY=VALUE strings, exactly as builder.parse_extra_options takes them from the command line.
     opts = [f"{ONNX_OPT_HF_TOKEN}=false"]  # local input dir: never read or send a Hub token
-    if accuracy_level is not None and quant not in ONNX_FLOAT_QUANTS:
+    # None/0: leave it to the builder (4 on the CPU EP today; the result records what the graph got).
+    if accuracy_level and quant not in ONNX_FLOAT_QUANTS:
         opts.append(f"{ONNX_OPT_ACCURACY_LEVEL}={accuracy_level}")
     return opts
 
@@ -280,9 +281,10 @@ def export_onnx(
     """Export an HF Llama/Mistral/Qwen2 directory to an onnxruntime-genai model directory `out_dir`.
 
     quant: fp32 | int8 | int4 (weight-only MatMulNBits, block 32, symmetric). accuracy_level (int quants
-    only): None = the builder's default (4 on CPU), 0 = unset (the EP picks), 1 = fp32 activations, 4 = int8
-    activations. The build goes to `out_dir`.partial and is renamed on success; an existing `out_dir` is only
-    replaced if it is an onnxruntime-genai model directory.
+    only): None or 0 = the builder's default (4 on the CPU EP), 1 = fp32 activations (closer to float, far
+    slower for int8 on CPU), 4 = int8 activations; the result records the level the graph got. The build
+    goes to `out_dir`.partial and is renamed on success; an existing `out_dir` is only replaced if it is an
+    onnxruntime-genai model directory. Every failure is one EdgeftError and leaves no partial output.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_inputs(model_dir, quant, accuracy_level)
