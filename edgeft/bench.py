@@ -51,6 +51,20 @@ def artifact_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB.
+
+    Linux keeps ru_maxrss across fork+exec, so a child would report its parent's peak; VmHWM in
+    /proc/self/status belongs to the current address space only (ref: proc(5)).
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(
     path: Path, *, threads: int, prompt_tokens: int = 64, decode_tokens: int = 64, runs: int = 3
 ) -> LatencyReport:
@@ -81,7 +95,7 @@ def measure(
         prefill_tok_s=prompt_tokens / t_first,
         decode_tok_s=decode_tok_s,
         ttft_ms=t_first * 1000,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mb=peak_rss_mb(),
         bytes=size,
         effective_gb_s=size * decode_tok_s / 1e9,
         prompt_tokens=prompt_tokens,

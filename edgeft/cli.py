@@ -7,8 +7,11 @@ With `--json` a command prints exactly one JSON object on stdout; progress and m
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +26,40 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Fine-tune a Hugging Face causal LM with LoRA and ship it, verified and benchmarked, to small devices.",
 )
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal to edgeft's own progress: no per-file loading bars or deprecation chatter."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """While a stage runs, anything written to stdout (library prints, C-level logs) goes to stderr.
+
+    stdout is the result channel: with --json it must hold one JSON object and nothing else.
+    """
+    _quiet_libraries()
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _emit(obj: Any, as_json: bool) -> None:
@@ -73,7 +110,8 @@ def build(
     from .ui import info
 
     cfg = resolve(target=target, model=model, data=data, out=out, fail_on_drift=fail_on_drift, threads=threads)
-    res = run_build(cfg)
+    with _stdout_to_stderr():
+        res = run_build(cfg)
     if as_json:
         _emit({"bundle": str(res.bundle_dir), "passed": res.passed}, True)
     else:
@@ -91,7 +129,10 @@ def finetune(
     """Fine-tune with LoRA; writes a PEFT adapter directory."""
     from .finetune import finetune as run
 
-    _emit(run(model, data, out, _lora_overrides(lora or [])), as_json)
+    settings = _lora_overrides(lora or [])
+    with _stdout_to_stderr():
+        res = run(model, data, out, settings)
+    _emit(res, as_json)
 
 
 @app.command(epilog="Example: edgeft merge --model ./base --adapter adapter --out merged")
@@ -104,7 +145,9 @@ def merge(
     """Fold a LoRA adapter into the base (in float32) and check the logits did not change."""
     from .merge import merge as run
 
-    _emit(run(model, adapter, out), as_json)
+    with _stdout_to_stderr():
+        res = run(model, adapter, out)
+    _emit(res, as_json)
 
 
 @app.command(epilog="Example: edgeft export --model merged --format gguf --quant q4_0 --out model-q4_0.gguf")
@@ -118,7 +161,9 @@ def export(
     """Export an HF model to a device format, quantized."""
     from .export import export_file
 
-    _emit(export_file(model, format, quant, out), as_json)
+    with _stdout_to_stderr():
+        res = export_file(model, format, quant, out)
+    _emit(res, as_json)
 
 
 @app.command(epilog="Example: edgeft verify --reference merged --artifact model-q4_0.gguf --data tasks.jsonl --json")
@@ -133,7 +178,7 @@ def verify(
     from .ui import task
     from .verify import verify as run
 
-    with task("verify") as update:
+    with _stdout_to_stderr(), task("verify") as update:
         report, ref_acc = run(reference, artifact, data, threads=threads, progress=update)
     _emit(asdict(report) | {"reference_task_accuracy": ref_acc}, as_json)
 
@@ -148,7 +193,9 @@ def bench(
     """Latency on this machine: prefill and decode tok/s, time to first token, peak RSS, size."""
     from .bench import bench as run
 
-    _emit(run(artifact, threads=threads, runs=runs), as_json)
+    with _stdout_to_stderr():
+        res = run(artifact, threads=threads, runs=runs)
+    _emit(res, as_json)
 
 
 @app.command(epilog="Example: edgeft targets --json")

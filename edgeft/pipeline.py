@@ -65,7 +65,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         kv_cache_mb=bundle.kv_cache_mb(merged, target.context_length),
         seconds=seconds,
         train_examples=ft.train_examples,
-        eval_examples=len(held_out),
+        eval_examples=len(evalset.prompts),
     )
     failed = [f"{r.spec.label}: {v}" for r in results for v in r.violations]
     if failed and cfg.fail_on_drift:

@@ -35,10 +35,11 @@ class TorchRuntime:
     def generate(self, ids: Sequence[int], n: int, stop_ids: Sequence[int] = ()) -> list[int]:
         stops, out = set(stop_ids), []
         x = torch.tensor([list(ids)], dtype=torch.long)
-        past = None
+        cache = None
         for _ in range(n):
-            res = self.model(input_ids=x, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            # transformers 5 names the KV cache `cache` (ref: transformers 5.x LlamaForCausalLM.forward)
+            res = self.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
+            cache = res.cache
             tok = int(res.logits[0, -1].argmax())
             out.append(tok)
             if tok in stops:
