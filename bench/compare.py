@@ -31,7 +31,7 @@ QUANTS = ("f32", "f16", "q8_0", "q4_k_m", "q4_0")
 
 def smollm2_shaped(out: Path) -> Path:
     """A SmolLM2-135M-shaped Llama (hidden 576, 30 layers, 9/3 heads, vocab 49152, tied), random weights."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     if (out / "config.json").exists():
@@ -89,7 +89,9 @@ def run(name: str, model_dir: Path, work: Path, threads: int, runs: int) -> list
         drift = verify.compare(ref, rt, es)
         rt.close()
         lat = bench.bench(path, threads=threads, runs=runs)
-        rows.append({"model": name, "artifact": f"gguf {q}", "lat": lat, "kld": drift.kld_mean, "top1": drift.top1})
+        rows.append(
+            {"model": name, "artifact": f"gguf {q}", "lat": lat, "kld": drift.kld_mean, "top1": drift.top1}
+        )
         print(f"  {name} {q}: done", file=sys.stderr)
     return rows
 
@@ -114,7 +116,9 @@ def main() -> None:
         print(json.dumps([{**r, "lat": r["lat"].__dict__} for r in rows]))
         return
     print(f"threads={a.threads}, 64-token prompt, 64 decode tokens, median of {a.runs} runs after warm-up")
-    hdr = f"{'model':<20} {'artifact':<13} {'MB':>7} {'prefill':>8} {'decode':>7} {'TTFT ms':>8} {'RSS MB':>7}"
+    hdr = (
+        f"{'model':<20} {'artifact':<13} {'MB':>7} {'prefill':>8} {'decode':>7} {'TTFT ms':>8} {'RSS MB':>7}"
+    )
     print(hdr + f" {'KLD mean':>9} {'top-1':>6} {'GB/s used':>9}")
     for r in rows:
         lat = r["lat"]

@@ -138,7 +138,11 @@ def _child() -> None:
     a = ap.parse_args()
     try:
         rep = measure(
-            a.path, threads=a.threads, prompt_tokens=a.prompt_tokens, decode_tokens=a.decode_tokens, runs=a.runs
+            a.path,
+            threads=a.threads,
+            prompt_tokens=a.prompt_tokens,
+            decode_tokens=a.decode_tokens,
+            runs=a.runs,
         )
     except EdgeftError as exc:
         print(exc, file=sys.stderr)

@@ -85,7 +85,7 @@ def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactR
             f"- held-out task accuracy (exact match, {facts.eval_examples} examples): base "
             f"{_fmt(facts.base_task_accuracy, '.1%')} → fine-tuned float {facts.reference_task_accuracy:.1%}"
         ]
-    lines += [f"- stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in facts.seconds.items()), ""]
+    lines += ["- stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in facts.seconds.items()), ""]
     lines += [
         "| artifact | size MB | KLD mean | KLD p99 | top-1 | PPL ratio | task acc | prefill tok/s | "
         "decode tok/s | TTFT ms | peak RSS MB | est. decode on device | fits RAM | budget |",
@@ -114,8 +114,8 @@ def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactR
         f"Latency measured on the build host ({arts[0].latency.threads if arts else '?'} threads, "
         f"{arts[0].latency.prompt_tokens if arts else '?'}-token prompt, medians of "
         f"{arts[0].latency.runs if arts else '?'} runs after a warm-up). "
-        f"\"est. decode on device\" = {target.bandwidth_gb_s:g} GB/s ÷ file size: decode is memory-bound. "
-        f"\"fits RAM\" = file + KV cache at {target.context_length} tokens ({facts.kv_cache_mb:.0f} MB) within "
+        f'"est. decode on device" = {target.bandwidth_gb_s:g} GB/s ÷ file size: decode is memory-bound. '
+        f'"fits RAM" = file + KV cache at {target.context_length} tokens ({facts.kv_cache_mb:.0f} MB) within '
         f"the profile's {target.ram_budget_mb} MB budget.",
         "",
     ]

@@ -90,16 +90,26 @@ def _lora_overrides(pairs: list[str]):
     return lora_settings(table, "--lora")
 
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
+JsonFlag = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")
+]
 Threads = Annotated[int | None, typer.Option(help="CPU threads (default: up to 4).")]
 
 
-@app.command(epilog="Example: edgeft build --target raspberrypi --model ./my-model --data tasks.jsonl --out dist")
+@app.command(
+    epilog="Example: edgeft build --target raspberrypi --model ./my-model --data tasks.jsonl --out dist"
+)
 def build(
-    target: Annotated[str | None, typer.Option(help="Target profile name (see `edgeft targets`) or a .toml path.")] = None,
-    model: Annotated[str | None, typer.Option(help="HF model dir or hub id (default: built-in demo).")] = None,
+    target: Annotated[
+        str | None, typer.Option(help="Target profile name (see `edgeft targets`) or a .toml path.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="HF model dir or hub id (default: built-in demo).")
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="Task data, JSONL (default: built-in demo).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output dir; the bundle goes to OUT/<target>/ (default ./dist).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output dir; the bundle goes to OUT/<target>/ (default ./dist).")
+    ] = None,
     fail_on_drift: Annotated[bool | None, typer.Option("--fail-on-drift/--no-fail-on-drift")] = None,
     threads: Threads = None,
     as_json: JsonFlag = False,
@@ -109,7 +119,9 @@ def build(
     from .pipeline import build as run_build
     from .ui import info
 
-    cfg = resolve(target=target, model=model, data=data, out=out, fail_on_drift=fail_on_drift, threads=threads)
+    cfg = resolve(
+        target=target, model=model, data=data, out=out, fail_on_drift=fail_on_drift, threads=threads
+    )
     with _stdout_to_stderr():
         res = run_build(cfg)
     if as_json:
@@ -118,12 +130,16 @@ def build(
         info(f"bundle: {res.bundle_dir}  (report: {res.bundle_dir / 'report.md'})")
 
 
-@app.command(epilog="Example: edgeft finetune --model ./base --data tasks.jsonl --out adapter --lora r=8 --lora epochs=2")
+@app.command(
+    epilog="Example: edgeft finetune --model ./base --data tasks.jsonl --out adapter --lora r=8 --lora epochs=2"
+)
 def finetune(
     model: Annotated[str, typer.Option(help="HF model dir or hub id.")],
     data: Annotated[Path, typer.Option(help="JSONL: {prompt, completion} or {messages} per line.")],
     out: Annotated[Path, typer.Option(help="Adapter directory to write.")],
-    lora: Annotated[list[str] | None, typer.Option(help="LoRA setting override KEY=VALUE (repeatable).")] = None,
+    lora: Annotated[
+        list[str] | None, typer.Option(help="LoRA setting override KEY=VALUE (repeatable).")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Fine-tune with LoRA; writes a PEFT adapter directory."""
@@ -166,11 +182,15 @@ def export(
     _emit(res, as_json)
 
 
-@app.command(epilog="Example: edgeft verify --reference merged --artifact model-q4_0.gguf --data tasks.jsonl --json")
+@app.command(
+    epilog="Example: edgeft verify --reference merged --artifact model-q4_0.gguf --data tasks.jsonl --json"
+)
 def verify(
     reference: Annotated[Path, typer.Option(help="Float HF model directory to compare against.")],
     artifact: Annotated[Path, typer.Option(help="Exported file (.gguf).")],
-    data: Annotated[Path | None, typer.Option(help="Task JSONL; its held-out split is the text and the task.")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Task JSONL; its held-out split is the text and the task.")
+    ] = None,
     threads: Threads = None,
     as_json: JsonFlag = False,
 ) -> None:

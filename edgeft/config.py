@@ -28,7 +28,17 @@ from .errors import EdgeftError
 from .finetune import LoraSettings
 from .targets import TargetProfile, parse_budget
 
-KNOWN_KEYS = {"model", "data", "target", "out", "fail_on_drift", "trust_remote_code", "threads", "lora", "budgets"}
+KNOWN_KEYS = {
+    "model",
+    "data",
+    "target",
+    "out",
+    "fail_on_drift",
+    "trust_remote_code",
+    "threads",
+    "lora",
+    "budgets",
+}
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise EdgeftError(f"{path}: not valid TOML ({exc})") from None
     unknown = set(data) - KNOWN_KEYS
     if unknown:
-        raise EdgeftError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(KNOWN_KEYS))})")
+        raise EdgeftError(
+            f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(KNOWN_KEYS))})"
+        )
     return data
 
 

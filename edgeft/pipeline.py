@@ -42,7 +42,9 @@ def build(cfg: BuildConfig) -> BuildResult:
     _, held_out = data.load_split(data_path, cfg.lora.eval_fraction, cfg.lora.seed)
     evalset = verify.make_eval_set(verify.load_tokenizer(merged), held_out)
     with timed("reference", seconds):
-        base_acc = score("base model (before LoRA)", TorchRuntime(model, threads=threads), evalset).task_accuracy
+        base_acc = score(
+            "base model (before LoRA)", TorchRuntime(model, threads=threads), evalset
+        ).task_accuracy
         ref = score("fine-tuned float model", open_runtime(merged, threads=threads), evalset)
         ref_latency = bench.bench(merged, threads=threads)
 

@@ -156,7 +156,9 @@ def parse_profile(data: dict[str, Any], source: str) -> TargetProfile:
         if getattr(profile, key) <= 0:
             raise EdgeftError(f"{source}: field '{key}' must be > 0")
     if profile.ram_budget_mb > profile.ram_mb:
-        raise EdgeftError(f"{source}: ram_budget_mb ({profile.ram_budget_mb}) exceeds ram_mb ({profile.ram_mb})")
+        raise EdgeftError(
+            f"{source}: ram_budget_mb ({profile.ram_budget_mb}) exceeds ram_mb ({profile.ram_mb})"
+        )
     return profile
 
 
@@ -167,7 +169,9 @@ def load(name_or_path: str | Path) -> TargetProfile:
     if not (text.endswith(".toml") or path.is_file()):
         path = profiles_dir() / f"{text}.toml"
         if not path.is_file():
-            raise EdgeftError(f"unknown target '{text}' (available: {', '.join(available())}, or a .toml path)")
+            raise EdgeftError(
+                f"unknown target '{text}' (available: {', '.join(available())}, or a .toml path)"
+            )
     if not path.is_file():
         raise EdgeftError(f"target file {path} does not exist")
     try:

@@ -44,7 +44,9 @@ def test_targets_lists_profiles_and_json() -> None:
 
 
 def test_unknown_target(tmp_path: Path) -> None:
-    assert_one_line_error(edgeft("build", "--target", "toaster", cwd=tmp_path), "toaster", "raspberrypi", "host")
+    assert_one_line_error(
+        edgeft("build", "--target", "toaster", cwd=tmp_path), "toaster", "raspberrypi", "host"
+    )
 
 
 def test_missing_model_dir(tmp_path: Path) -> None:
@@ -55,7 +57,9 @@ def test_missing_model_dir(tmp_path: Path) -> None:
 
 
 def test_unsupported_architecture(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    )
     res = edgeft("export", "--model", str(tmp_path), "--quant", "f16", "--out", str(tmp_path / "m.gguf"))
     assert_one_line_error(res, "GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM")
 

@@ -57,7 +57,15 @@ def test_bundle_layout_and_checksums(built) -> None:
     res, tmp = built
     assert res.bundle_dir == tmp / "dist" / "tiny-device"
     manifest = json.loads((res.bundle_dir / "manifest.json").read_text())
-    for key in ("target", "base_model", "adapter_sha256", "dataset_sha256", "tools", "artifacts", "reference"):
+    for key in (
+        "target",
+        "base_model",
+        "adapter_sha256",
+        "dataset_sha256",
+        "tools",
+        "artifacts",
+        "reference",
+    ):
         assert key in manifest, key
     assert manifest["dataset_sha256"] == bundle.sha256_file(tmp / "tasks.jsonl")
     assert [a["quant"] for a in manifest["artifacts"]] == ["q8_0", "q4_0"]
@@ -84,7 +92,9 @@ def test_drift_is_finite_and_ordered(built) -> None:
 
 
 def test_drift_budget_fails_the_build(tiny_llama: Path, tmp_path: Path) -> None:
-    (tmp_path / "strict.toml").write_text(TARGET.replace('quant = "q4_0"', 'quant = "q4_0"\n[artifacts.budget]\nkld_mean = 0.0'))
+    (tmp_path / "strict.toml").write_text(
+        TARGET.replace('quant = "q4_0"', 'quant = "q4_0"\n[artifacts.budget]\nkld_mean = 0.0')
+    )
     cfg = config.BuildConfig(
         target=str(tmp_path / "strict.toml"),
         model=str(tiny_llama),

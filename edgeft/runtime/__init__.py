@@ -41,7 +41,9 @@ def artifact_format(path: Path) -> str:
     raise EdgeftError(f"{path}: not a .gguf file or a Hugging Face model directory (with config.json)")
 
 
-def open_runtime(path: Path, *, threads: int | None = None, n_ctx: int = 512, all_logits: bool = True) -> Runtime:
+def open_runtime(
+    path: Path, *, threads: int | None = None, n_ctx: int = 512, all_logits: bool = True
+) -> Runtime:
     """Open an artifact in the engine that its format needs."""
     fmt = artifact_format(path)
     if fmt == FORMAT_GGUF:
