@@ -105,7 +105,7 @@ def test_torchrun_two_processes(tmp_path: Path, task: Path) -> None:
             from edgeft.finetune import LoraSettings, finetune
             s = LoraSettings(r=8, alpha=16, lr=1e-2, batch_size=4, max_steps=4, eval_fraction=0.25)
             res = finetune({str(base)!r}, Path({str(task)!r}), Path({str(out)!r}), s)
-            print("DONE rank", os.environ["RANK"], res.train_examples, flush=True)
+            Path({str(tmp_path)!r}, "done-" + os.environ["RANK"]).write_text(str(res.train_examples))
             """
         )
     )
@@ -130,10 +130,7 @@ def test_torchrun_two_processes(tmp_path: Path, task: Path) -> None:
     ]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("DONE")) == [
-        "DONE rank 0 48",
-        "DONE rank 1 48",
-    ]
+    assert [(tmp_path / f"done-{r}").read_text() for r in (0, 1)] == ["48", "48"]  # both ranks finished
     record = json.loads((out / "edgeft_finetune.json").read_text())
     assert record["world_size"] == 2
     assert (out / "adapter_model.safetensors").is_file()
