@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
-from .bench import LatencyReport
+from .bench import LatencyReport, artifact_bytes
 from .constants import MANIFEST, REPORT, TOKENIZER_FILES
 from .errors import EdgeftError
 from .targets import ArtifactSpec, TargetProfile
@@ -59,7 +59,15 @@ def sha256_file(path: Path) -> str:
 def tool_versions() -> dict[str, str]:
     """Versions of the tools that shaped the artifacts."""
     out = {"edgeft": __version__}
-    for dist in ("torch", "transformers", "peft", "gguf", "llama-cpp-python"):
+    for dist in (
+        "torch",
+        "transformers",
+        "peft",
+        "gguf",
+        "llama-cpp-python",
+        "onnxruntime",
+        "onnxruntime-genai",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -68,12 +76,29 @@ def tool_versions() -> dict[str, str]:
 
 
 def artifact_name(spec: ArtifactSpec) -> str:
-    """File name of an artifact inside the bundle."""
-    return f"model-{spec.quant}.{spec.format}"
+    """Name of an artifact inside the bundle (a file for GGUF, a directory for ONNX)."""
+    from .export import artifact_name as name
+
+    return name(spec.format, spec.quant)
+
+
+def sha256_tree(path: Path) -> tuple[str, dict[str, str]]:
+    """A file's sha256, or for a directory one digest over its files' (relative path, sha256) pairs."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path), {}
+    files = {p.relative_to(path).as_posix(): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    digest = hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in files.items()).encode()).hexdigest()
+    return digest, files
 
 
 def _fmt(x: float | None, spec: str) -> str:
     return "—" if x is None else format(x, spec)
+
+
+def _variant(spec: ArtifactSpec) -> str:
+    level = "" if spec.accuracy_level is None else f" (accuracy_level {spec.accuracy_level})"
+    return level + ("" if spec.ship else " — compared, not shipped")
 
 
 def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactResult]) -> str:
@@ -103,7 +128,7 @@ def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactR
         need_mb = lat.bytes / 1e6 + facts.kv_cache_mb
         est = target.bandwidth_gb_s * 1e9 / lat.bytes
         lines.append(
-            f"| {artifact_name(a.spec)} | {lat.bytes / 1e6:.1f} | {d.kld_mean:.5f} | {d.kld_p99:.4f} | "
+            f"| {artifact_name(a.spec) + _variant(a.spec)} | {lat.bytes / 1e6:.1f} | {d.kld_mean:.5f} | {d.kld_p99:.4f} | "
             f"{d.top1:.1%} | {d.ppl_ratio:.4f} | {_fmt(d.task_accuracy, '.1%')} | {lat.prefill_tok_s:.0f} | "
             f"{lat.decode_tok_s:.0f} | {lat.ttft_ms:.1f} | {lat.peak_rss_mb:.0f} | ~{est:.0f} tok/s | "
             f"{'yes' if need_mb <= target.ram_budget_mb else 'NO'} ({need_mb:.0f} MB) | "
@@ -138,21 +163,30 @@ def write_bundle(
         tmp.mkdir(parents=True)
         entries = []
         for a in arts:
+            if not a.spec.ship:
+                continue
             name = artifact_name(a.spec)
-            shutil.copy2(a.path, tmp / name)
-            entries.append(
-                {
-                    "path": name,
-                    "format": a.spec.format,
-                    "quant": a.spec.quant,
-                    "bytes": (tmp / name).stat().st_size,
-                    "sha256": sha256_file(tmp / name),
-                    "drift": a.drift.metrics(),
-                    "latency": a.latency.metrics(),
-                    "budget": {k: v for k, v in asdict(a.spec.budget).items() if v is not None},
-                    "within_budget": not a.violations,
-                }
-            )
+            if Path(a.path).is_dir():
+                shutil.copytree(a.path, tmp / name)
+            else:
+                shutil.copy2(a.path, tmp / name)
+            digest, files = sha256_tree(tmp / name)
+            entry = {
+                "path": name,
+                "format": a.spec.format,
+                "quant": a.spec.quant,
+                "bytes": artifact_bytes(tmp / name),
+                "sha256": digest,
+                "drift": a.drift.metrics(),
+                "latency": a.latency.metrics(),
+                "budget": {k: v for k, v in asdict(a.spec.budget).items() if v is not None},
+                "within_budget": not a.violations,
+            }
+            if a.spec.accuracy_level is not None:
+                entry["accuracy_level"] = a.spec.accuracy_level
+            if files:
+                entry["files"] = files
+            entries.append(entry)
         tok_out = tmp / "tokenizer"
         tok_out.mkdir()
         for fname in TOKENIZER_FILES:

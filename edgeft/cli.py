@@ -166,19 +166,27 @@ def merge(
     _emit(res, as_json)
 
 
-@app.command(epilog="Example: edgeft export --model merged --format gguf --quant q4_0 --out model-q4_0.gguf")
+@app.command(
+    epilog="Example: edgeft export --model merged --format gguf --quant q4_0 --out model-q4_0.gguf\n\n"
+    "Example: edgeft export --model merged --format onnx --quant int8 --out onnx-int8"
+)
 def export(
     model: Annotated[Path, typer.Option(help="HF model directory (safetensors).")],
-    quant: Annotated[str, typer.Option(help="gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m.")],
-    out: Annotated[Path, typer.Option(help="Output file (.gguf).")],
-    format: Annotated[str, typer.Option(help="Output format.")] = "gguf",
+    quant: Annotated[
+        str, typer.Option(help="gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m; onnx: fp32, int8, int4.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output: a .gguf file, or a directory for onnx.")],
+    format: Annotated[str, typer.Option(help="gguf (llama.cpp) or onnx (onnxruntime-genai).")] = "gguf",
+    accuracy_level: Annotated[
+        int | None, typer.Option(help="onnx int8/int4: 4 = int8 activations (fast), 1 = fp32 activations.")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Export an HF model to a device format, quantized."""
     from .export import export_file
 
     with _stdout_to_stderr():
-        res = export_file(model, format, quant, out)
+        res = export_file(model, format, quant, out, accuracy_level)
     _emit(res, as_json)
 
 
@@ -187,7 +195,7 @@ def export(
 )
 def verify(
     reference: Annotated[Path, typer.Option(help="Float HF model directory to compare against.")],
-    artifact: Annotated[Path, typer.Option(help="Exported file (.gguf).")],
+    artifact: Annotated[Path, typer.Option(help="Exported artifact: a .gguf file or an ONNX model dir.")],
     data: Annotated[
         Path | None, typer.Option(help="Task JSONL; its held-out split is the text and the task.")
     ] = None,
@@ -205,7 +213,7 @@ def verify(
 
 @app.command(epilog="Example: edgeft bench --artifact model-q4_0.gguf --threads 4 --json")
 def bench(
-    artifact: Annotated[Path, typer.Option(help="Exported file (.gguf) or HF model directory.")],
+    artifact: Annotated[Path, typer.Option(help="A .gguf file, an ONNX model dir or an HF model dir.")],
     threads: Threads = None,
     runs: Annotated[int, typer.Option(help="Timed runs after one warm-up.")] = 3,
     as_json: JsonFlag = False,

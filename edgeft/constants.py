@@ -12,7 +12,7 @@ import gguf
 FORMAT_GGUF = "gguf"
 FORMAT_ONNX = "onnx"
 FORMAT_TORCH = "torch"
-FORMATS = (FORMAT_GGUF,)
+FORMATS = (FORMAT_GGUF, FORMAT_ONNX)
 
 # --- GGUF quant names → llama.cpp file types ------------------------------------------------------------
 # ref: llama.cpp include/llama.h `enum llama_ftype`, mirrored by gguf-py as gguf.LlamaFileType.

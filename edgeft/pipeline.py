@@ -51,7 +51,9 @@ def build(cfg: BuildConfig) -> BuildResult:
     results = []
     for spec in target.artifacts:
         with timed(spec.label, seconds):
-            path = export.export_artifact(merged, spec.format, spec.quant, work / "artifacts")
+            path = export.export_artifact(
+                merged, spec.format, spec.quant, work / "artifacts", spec.accuracy_level
+            )
             drift = check(spec.label, ref, path, evalset, threads)
             latency = bench.bench(path, threads=threads)
         violations = spec.budget.violations(drift.metrics(), ref.task_accuracy)
@@ -69,7 +71,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         train_examples=ft.train_examples,
         eval_examples=len(evalset.prompts),
     )
-    failed = [f"{r.spec.label}: {v}" for r in results for v in r.violations]
+    failed = [f"{r.spec.label}: {v}" for r in results if r.spec.ship for v in r.violations]
     if failed and cfg.fail_on_drift:
         where = bundle.write_bundle(cfg.out, target, facts, results, merged, name=f"{target.name}.rejected")
         raise EdgeftError(

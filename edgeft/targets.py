@@ -12,10 +12,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .constants import BUDGET_KINDS, FORMAT_GGUF, FORMATS, GGUF_QUANTS
+from .constants import (
+    BUDGET_KINDS,
+    FORMAT_GGUF,
+    FORMAT_ONNX,
+    FORMATS,
+    GGUF_QUANTS,
+    ONNX_ACCURACY_LEVELS,
+    ONNX_FLOAT_QUANTS,
+    ONNX_QUANTS,
+)
 from .errors import EdgeftError
 
-QUANTS_BY_FORMAT: dict[str, tuple[str, ...]] = {FORMAT_GGUF: GGUF_QUANTS}
+QUANTS_BY_FORMAT: dict[str, tuple[str, ...]] = {FORMAT_GGUF: GGUF_QUANTS, FORMAT_ONNX: ONNX_QUANTS}
 
 
 @dataclass(frozen=True)
@@ -49,15 +58,22 @@ class DriftBudget:
 
 @dataclass(frozen=True)
 class ArtifactSpec:
-    """One file to build for a target: a format, a quant and its drift budget."""
+    """One artifact to build for a target: a format, a quant and its drift budget.
+
+    `accuracy_level` (ONNX int quants) is MatMulNBits' activation precision: 4 = int8 (fast), 1 = fp32.
+    `ship = false` builds, verifies and benches it for the report only, so a user sees the trade-off.
+    """
 
     format: str
     quant: str
     budget: DriftBudget = DriftBudget()
+    accuracy_level: int | None = None
+    ship: bool = True
 
     @property
     def label(self) -> str:
-        return f"{self.format}-{self.quant}"
+        level = f"-acc{self.accuracy_level}" if self.accuracy_level is not None else ""
+        return f"{self.format}-{self.quant}{level}"
 
 
 @dataclass(frozen=True)
@@ -78,7 +94,7 @@ class TargetProfile:
 
     def summary(self) -> str:
         """One line with the key facts, for `edgeft targets`."""
-        arts = ", ".join(a.label for a in self.artifacts)
+        arts = ", ".join(a.label + ("" if a.ship else " (compare)") for a in self.artifacts)
         return (
             f"{self.name:<14} {self.description} | {self.threads} threads, RAM budget {self.ram_budget_mb} MB "
             f"at ctx {self.context_length}, ~{self.bandwidth_gb_s:g} GB/s | {arts}"
@@ -135,10 +151,28 @@ def parse_profile(data: dict[str, Any], source: str) -> TargetProfile:
             raise EdgeftError(
                 f"{where}: unknown {fmt} quant '{quant}' (known: {', '.join(QUANTS_BY_FORMAT[fmt])})"
             )
-        arts.append(ArtifactSpec(fmt, quant, parse_budget(art.get("budget", {}), f"{where}.budget")))
+        level = art.get("accuracy_level")
+        if level is not None and (fmt != FORMAT_ONNX or quant in ONNX_FLOAT_QUANTS):
+            raise EdgeftError(f"{where}: accuracy_level applies to onnx int8/int4 only, not {fmt} {quant}")
+        if level is not None and level not in ONNX_ACCURACY_LEVELS:
+            raise EdgeftError(
+                f"{where}: accuracy_level = {level!r} (known: {', '.join(map(str, ONNX_ACCURACY_LEVELS))})"
+            )
+        ship = art.get("ship", True)
+        if not isinstance(ship, bool):
+            raise EdgeftError(f"{where}: ship = {ship!r} should be true or false")
+        budget = parse_budget(art.get("budget", {}), f"{where}.budget")
+        arts.append(ArtifactSpec(fmt, quant, budget, level, ship))
     labels = [a.label for a in arts]
     if len(set(labels)) != len(labels):
         raise EdgeftError(f"{source}: artifacts repeat a format/quant pair: {', '.join(labels)}")
+    shipped = [(a.format, a.quant) for a in arts if a.ship]
+    if not shipped:
+        raise EdgeftError(f"{source}: every artifact has ship = false; ship at least one")
+    if len(set(shipped)) != len(shipped):
+        raise EdgeftError(
+            f"{source}: two shipped artifacts share a format and quant; set ship = false on one"
+        )
     profile = TargetProfile(
         name=_expect(data, "name", str, source),
         description=str(data.get("description", "")),

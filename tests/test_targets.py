@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from edgeft import targets
-from edgeft.constants import GGUF_QUANTS
 from edgeft.errors import EdgeftError
+from edgeft.targets import QUANTS_BY_FORMAT
 
 
 def test_every_shipped_profile_loads() -> None:
@@ -17,8 +17,9 @@ def test_every_shipped_profile_loads() -> None:
         assert p.artifacts, p.name
         assert 0 < p.ram_budget_mb <= p.ram_mb
         for a in p.artifacts:
-            assert a.quant in GGUF_QUANTS
-            assert a.budget.kld_mean is not None, f"{p.name} {a.label} has no KLD budget"
+            assert a.quant in QUANTS_BY_FORMAT[a.format]
+            if a.ship:
+                assert a.budget.kld_mean is not None, f"{p.name} {a.label} has no KLD budget"
         assert p.name in p.summary()
 
 
@@ -27,6 +28,9 @@ def test_raspberrypi_profile_facts() -> None:
     assert pi.threads == 4 and pi.arch == "aarch64"
     quants = [a.quant for a in pi.artifacts]
     assert quants[:2] == ["q4_0", "q8_0"]
+    onnx = [a for a in pi.artifacts if a.format == "onnx"]
+    assert {a.accuracy_level for a in onnx} == {4, 1}  # both int8 figures, one shipped
+    assert [a.ship for a in onnx].count(True) == 1
     q4, q8 = pi.artifacts[0].budget, pi.artifacts[1].budget
     assert q8.kld_mean < q4.kld_mean  # the 8-bit file must be held to a tighter budget
 
@@ -56,6 +60,26 @@ def test_profile_from_path_and_field_errors(tmp_path: Path) -> None:
     bad.write_text(good.read_text().replace("kld_mean", "kld_median"))
     with pytest.raises(EdgeftError, match="kld_median"):
         targets.load(bad)
+
+
+def test_onnx_primary_profiles() -> None:
+    for name in ("android-arm64", "windows-x64"):
+        p = targets.load(name)
+        assert p.artifacts[0].format == "onnx", name
+
+
+def test_accuracy_level_only_for_onnx_int(tmp_path: Path) -> None:
+    f = tmp_path / "t.toml"
+    base = 'name = "t"\nthreads = 1\nram_mb = 10\nram_budget_mb = 5\ncontext_length = 8\nbandwidth_gb_s = 1\n'
+    f.write_text(base + '[[artifacts]]\nformat = "gguf"\nquant = "q4_0"\naccuracy_level = 4\n')
+    with pytest.raises(EdgeftError, match="accuracy_level"):
+        targets.load(f)
+    f.write_text(base + '[[artifacts]]\nformat = "onnx"\nquant = "int8"\naccuracy_level = 7\n')
+    with pytest.raises(EdgeftError, match="accuracy_level = 7"):
+        targets.load(f)
+    f.write_text(base + '[[artifacts]]\nformat = "onnx"\nquant = "int8"\nship = false\n')
+    with pytest.raises(EdgeftError, match="ship at least one"):
+        targets.load(f)
 
 
 def test_budget_violations_name_metric_value_budget() -> None:

@@ -1,7 +1,7 @@
 """Exporters, one module per format, behind one registry so the pipeline and CLI never branch on format.
 
-Each exporter is `fn(model_dir, out, quant) -> result with .path`; adding a format is one module and one
-registry line (and its quants in edgeft.targets.QUANTS_BY_FORMAT).
+Each exporter is `fn(model_dir, out, quant, accuracy_level) -> result with .path`; adding a format is one
+module and one registry line (and its quants in edgeft.targets.QUANTS_BY_FORMAT).
 """
 
 from __future__ import annotations
@@ -10,33 +10,55 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..constants import FORMAT_GGUF
+from ..constants import FORMAT_GGUF, FORMAT_ONNX
 from ..errors import EdgeftError
 
 
-def _gguf(model_dir: Path, out: Path, quant: str) -> Any:
+def _gguf(model_dir: Path, out: Path, quant: str, accuracy_level: int | None) -> Any:
     from .gguf import export_gguf
 
+    if accuracy_level is not None:
+        raise EdgeftError("accuracy_level applies to onnx int8/int4 only, not gguf")
     return export_gguf(model_dir, out, quant)
 
 
-EXPORTERS: dict[str, tuple[Callable[[Path, Path, str], Any], str]] = {
-    # format: (exporter, file name suffix)
-    FORMAT_GGUF: (_gguf, ".gguf"),
+def _onnx(model_dir: Path, out: Path, quant: str, accuracy_level: int | None) -> Any:
+    from .onnx import export_onnx
+
+    return export_onnx(model_dir, out, quant, accuracy_level=accuracy_level)
+
+
+Exporter = Callable[[Path, Path, str, int | None], Any]
+# format: (exporter, artifact name for a quant: a file for GGUF, a directory for onnxruntime-genai)
+EXPORTERS: dict[str, tuple[Exporter, Callable[[str], str]]] = {
+    FORMAT_GGUF: (_gguf, lambda quant: f"model-{quant}.gguf"),
+    FORMAT_ONNX: (_onnx, lambda quant: f"onnx-{quant}"),
 }
 
 
-def export_file(model_dir: Path, fmt: str, quant: str, out: Path) -> Any:
+def _entry(fmt: str) -> tuple[Exporter, Callable[[str], str]]:
+    if fmt not in EXPORTERS:
+        raise EdgeftError(f"unknown format '{fmt}' (known: {', '.join(EXPORTERS)})")
+    return EXPORTERS[fmt]
+
+
+def artifact_name(fmt: str, quant: str) -> str:
+    """The conventional name of an artifact inside a bundle: model-q4_0.gguf, onnx-int8/."""
+    return _entry(fmt)[1](quant)
+
+
+def export_file(model_dir: Path, fmt: str, quant: str, out: Path, accuracy_level: int | None = None) -> Any:
     """Export `model_dir` to `out` in `fmt`/`quant`; returns the exporter's typed result."""
-    if fmt not in EXPORTERS:
-        raise EdgeftError(f"unknown format '{fmt}' (known: {', '.join(EXPORTERS)})")
-    return EXPORTERS[fmt][0](Path(model_dir), Path(out), quant)
+    return _entry(fmt)[0](Path(model_dir), Path(out), quant, accuracy_level)
 
 
-def export_artifact(model_dir: Path, fmt: str, quant: str, out_dir: Path) -> Path:
-    """Export into `out_dir` under the conventional name `model-<quant><suffix>`; returns the path."""
-    if fmt not in EXPORTERS:
-        raise EdgeftError(f"unknown format '{fmt}' (known: {', '.join(EXPORTERS)})")
-    out = Path(out_dir) / f"model-{quant}{EXPORTERS[fmt][1]}"
+def export_artifact(
+    model_dir: Path, fmt: str, quant: str, out_dir: Path, accuracy_level: int | None = None
+) -> Path:
+    """Export into `out_dir` under the conventional name (plus the accuracy level, if set); returns the path."""
+    name = artifact_name(fmt, quant)
+    if accuracy_level is not None:
+        name = f"{name}-acc{accuracy_level}"
+    out = Path(out_dir) / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(export_file(model_dir, fmt, quant, out).path)
+    return Path(export_file(model_dir, fmt, quant, out, accuracy_level).path)

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..constants import FORMAT_GGUF, FORMAT_TORCH
+from ..constants import FORMAT_GGUF, FORMAT_ONNX, FORMAT_TORCH, ONNX_GENAI_CONFIG
 from ..errors import EdgeftError
 
 
@@ -32,13 +32,18 @@ class Runtime(Protocol):
 
 
 def artifact_format(path: Path) -> str:
-    """The format of an artifact path: a .gguf file or an HF model directory."""
+    """The format of an artifact path: a .gguf file, an onnxruntime-genai dir or an HF model dir."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         return FORMAT_GGUF
+    if path.is_dir() and (path / ONNX_GENAI_CONFIG).is_file():
+        return FORMAT_ONNX
     if path.is_dir() and (path / "config.json").is_file():
         return FORMAT_TORCH
-    raise EdgeftError(f"{path}: not a .gguf file or a Hugging Face model directory (with config.json)")
+    raise EdgeftError(
+        f"{path}: not a .gguf file, an ONNX model dir (with {ONNX_GENAI_CONFIG}) "
+        "or a Hugging Face model dir (with config.json)"
+    )
 
 
 def open_runtime(
@@ -50,6 +55,10 @@ def open_runtime(
         from .llamacpp import LlamaCppRuntime
 
         return LlamaCppRuntime(path, threads=threads, n_ctx=n_ctx, all_logits=all_logits)
+    if fmt == FORMAT_ONNX:
+        from .ort import OrtRuntime
+
+        return OrtRuntime(path, threads=threads, n_ctx=n_ctx, all_logits=all_logits)
     from .torch import TorchRuntime
 
     return TorchRuntime(path, threads=threads)
