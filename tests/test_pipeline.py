@@ -25,6 +25,15 @@ quant = "q8_0"
 [[artifacts]]
 format = "gguf"
 quant = "q4_0"
+[[artifacts]]
+format = "onnx"
+quant = "int8"
+accuracy_level = 4
+[[artifacts]]
+format = "onnx"
+quant = "int8"
+accuracy_level = 1
+ship = false
 """
 
 
@@ -68,24 +77,39 @@ def test_bundle_layout_and_checksums(built) -> None:
     ):
         assert key in manifest, key
     assert manifest["dataset_sha256"] == bundle.sha256_file(tmp / "tasks.jsonl")
-    assert [a["quant"] for a in manifest["artifacts"]] == ["q8_0", "q4_0"]
+    assert [(a["format"], a["quant"]) for a in manifest["artifacts"]] == [
+        ("gguf", "q8_0"),
+        ("gguf", "q4_0"),
+        ("onnx", "int8"),  # the accuracy_level 1 build is compared in the report, not shipped
+    ]
     for a in manifest["artifacts"]:
         f = res.bundle_dir / a["path"]
-        assert f.stat().st_size == a["bytes"]
-        assert bundle.sha256_file(f) == a["sha256"]
+        if a["format"] == "gguf":
+            assert f.stat().st_size == a["bytes"]
+            assert bundle.sha256_file(f) == a["sha256"]
+        else:
+            assert (f / "genai_config.json").is_file() and (f / "tokenizer.json").is_file()
+            assert a["accuracy_level"] == 4
+            assert {p.relative_to(f).as_posix() for p in f.rglob("*") if p.is_file()} == set(a["files"])
+            for rel, digest in a["files"].items():
+                assert bundle.sha256_file(f / rel) == digest, rel
+            assert bundle.sha256_tree(f)[0] == a["sha256"]
+            assert sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) == a["bytes"]
         assert set(a["drift"]) == {"kld_mean", "kld_p99", "top1", "ppl_ratio", "task_accuracy"}
         assert set(a["latency"]) == {"prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb"}
         assert all(math.isfinite(v) for v in a["latency"].values())
         assert a["latency"]["peak_rss_mb"] > 1
     assert (res.bundle_dir / "tokenizer" / "tokenizer.json").is_file()
     report = (res.bundle_dir / "report.md").read_text()
-    assert "model-q4_0.gguf" in report and "model-q8_0.gguf" in report
+    assert "model-q4_0.gguf" in report and "model-q8_0.gguf" in report and "onnx-int8" in report
+    assert "accuracy_level 1" in report and "not shipped" in report
     assert not list((tmp / "dist").glob(".*.partial"))
 
 
 def test_drift_is_finite_and_ordered(built) -> None:
     res, _ = built
-    q8, q4 = (a.drift for a in res.artifacts)
+    drift = {a.spec.label: a.drift for a in res.artifacts}
+    q8, q4 = drift["gguf-q8_0"], drift["gguf-q4_0"]
     assert math.isfinite(q8.kld_mean) and math.isfinite(q4.kld_mean)
     assert 0 <= q8.kld_mean < q4.kld_mean
     assert q8.top1 >= q4.top1
@@ -128,6 +152,10 @@ def test_demo_build_as_in_readme(tmp_path: Path) -> None:
     ref = manifest["reference"]
     assert ref["task_accuracy"] >= 0.8
     assert ref["base_task_accuracy"] < ref["task_accuracy"]
-    assert {a["quant"] for a in manifest["artifacts"]} >= {"q4_0", "q8_0"}
+    assert {(a["format"], a["quant"]) for a in manifest["artifacts"]} == {
+        ("gguf", "q4_0"),
+        ("gguf", "q8_0"),
+        ("onnx", "int8"),
+    }
     for a in manifest["artifacts"]:
         assert a["drift"]["task_accuracy"] >= ref["task_accuracy"] - 0.15
