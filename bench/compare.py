@@ -1,4 +1,4 @@
-"""Size, speed and drift of every GGUF quant next to PyTorch float, for the demo model and a
+"""Size, speed and drift of every GGUF quant and the ONNX variants next to PyTorch float, for the demo model and a
 SmolLM2-135M-shaped model (random weights; speed only depends on shapes).
 
     python bench/compare.py                 # both models
@@ -26,7 +26,18 @@ from edgeft import bench, verify
 from edgeft.export import export_artifact
 from edgeft.runtime import open_runtime
 
-QUANTS = ("f32", "f16", "q8_0", "q4_k_m", "q4_0")
+# (format, quant, accuracy_level): every GGUF quant, and the ONNX variants edgeft ships (int8/int4 with int8
+# activations). bench/onnx_int8.py compares accuracy levels and the builder's own default in detail.
+VARIANTS = (
+    ("gguf", "f32", None),
+    ("gguf", "f16", None),
+    ("gguf", "q8_0", None),
+    ("gguf", "q4_k_m", None),
+    ("gguf", "q4_0", None),
+    ("onnx", "fp32", None),
+    ("onnx", "int8", 4),
+    ("onnx", "int4", 4),
+)
 
 
 def smollm2_shaped(out: Path) -> Path:
@@ -83,15 +94,14 @@ def run(name: str, model_dir: Path, work: Path, threads: int, runs: int) -> list
     rows = []
     lat = bench.bench(model_dir, threads=threads, runs=runs)
     rows.append({"model": name, "artifact": "PyTorch fp32", "lat": lat, "kld": 0.0, "top1": 1.0})
-    for q in QUANTS:
-        path = export_artifact(model_dir, "gguf", q, work / name)
+    for fmt, q, level in VARIANTS:
+        path = export_artifact(model_dir, fmt, q, work / name, level)
         rt = open_runtime(path, threads=threads)
         drift = verify.compare(ref, rt, es)
         rt.close()
         lat = bench.bench(path, threads=threads, runs=runs)
-        rows.append(
-            {"model": name, "artifact": f"gguf {q}", "lat": lat, "kld": drift.kld_mean, "top1": drift.top1}
-        )
+        label = f"{fmt} {q}" + (f" acc{level}" if level else "")
+        rows.append({"model": name, "artifact": label, "lat": lat, "kld": drift.kld_mean, "top1": drift.top1})
         print(f"  {name} {q}: done", file=sys.stderr)
     return rows
 
@@ -117,13 +127,13 @@ def main() -> None:
         return
     print(f"threads={a.threads}, 64-token prompt, 64 decode tokens, median of {a.runs} runs after warm-up")
     hdr = (
-        f"{'model':<20} {'artifact':<13} {'MB':>7} {'prefill':>8} {'decode':>7} {'TTFT ms':>8} {'RSS MB':>7}"
+        f"{'model':<20} {'artifact':<16} {'MB':>7} {'prefill':>8} {'decode':>7} {'TTFT ms':>8} {'RSS MB':>7}"
     )
     print(hdr + f" {'KLD mean':>9} {'top-1':>6} {'GB/s used':>9}")
     for r in rows:
         lat = r["lat"]
         print(
-            f"{r['model']:<20} {r['artifact']:<13} {lat.bytes / 1e6:7.1f} {lat.prefill_tok_s:8.0f} "
+            f"{r['model']:<20} {r['artifact']:<16} {lat.bytes / 1e6:7.1f} {lat.prefill_tok_s:8.0f} "
             f"{lat.decode_tok_s:7.1f} {lat.ttft_ms:8.1f} {lat.peak_rss_mb:7.0f} {r['kld']:9.5f} "
             f"{r['top1']:6.1%} {lat.effective_gb_s:9.2f}"
         )
