@@ -110,12 +110,36 @@ def _nll(log_probs: np.ndarray, ids: Sequence[int]) -> np.ndarray:
     return -log_probs[np.arange(len(nxt)), nxt]
 
 
+def _still_possible(es: EvalSet, out: list[int], ex: data_mod.Example) -> bool:
+    """Whether a greedy answer that starts with `out` can still match exactly (decoding only appends text)."""
+    text = es.tokenizer.decode(out, skip_special_tokens=True).strip()
+    return ex.answer.strip().startswith(text)
+
+
+def greedy_answer(rt: Runtime, ids: list[int], ex: data_mod.Example, es: EvalSet) -> list[int]:
+    """The greedy answer, generated in doubling chunks and cut short once it can no longer match.
+
+    A wrong answer (every answer of an untuned base model) then costs a few tokens instead of the
+    whole budget; a right one costs a few extra prompt passes.
+    """
+    out: list[int] = []
+    chunk, stops = 4, set(es.stop_ids)
+    while len(out) < es.max_new_tokens:
+        n = min(chunk, es.max_new_tokens - len(out))
+        new = rt.generate(ids + out, n, es.stop_ids)
+        out += new
+        if len(new) < n or (new and new[-1] in stops) or not _still_possible(es, out, ex):
+            break
+        chunk *= 2
+    return out
+
+
 def _task_accuracy(rt: Runtime, es: EvalSet, progress: Progress | None, done: int) -> float | None:
     if not es.prompts:
         return None
     hits = 0
     for i, (ids, ex) in enumerate(zip(es.prompts, es.examples, strict=True)):
-        out = rt.generate(ids, es.max_new_tokens, es.stop_ids)
+        out = greedy_answer(rt, list(ids), ex, es)
         hits += bool(data_mod.answer_matches(es.tokenizer, out, ex))
         if progress:
             progress(done + i + 1, es.n_steps)
