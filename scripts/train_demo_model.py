@@ -78,7 +78,7 @@ def corpus(seed: int) -> tuple[list[str], list[str]]:
         {w for text in topics.values() for w in text.lower().split() if w.isalpha() and 2 < len(w) < 12}
     )
     chats += json_chats(words, 10000, rng)
-    chats += repeat_chats(words, 4000, rng)
+    chats += repeat_chats(words, 12000, rng)
     return docs, chats
 
 
@@ -128,12 +128,12 @@ REPEAT_TEMPLATES = ("repeat: {}", "say {}", "Copy this: {}", "echo {}")
 
 
 def repeat_chats(words: list[str], n: int, rng: random.Random) -> list[str]:
-    """ "repeat: w1 w2 ..." → "w1 w2 ...": plain copying, which small models learn late from text alone."""
+    """Chats "repeat: w1 w2 ..." → "w1 w2 ...": plain copying, which small models learn late from text alone."""
     chats = []
     for _ in range(n):
         items = [
-            rng.choice(words) if rng.random() < 0.7 else str(rng.randint(0, 999))
-            for _ in range(rng.randint(1, 6))
+            rng.choice(words) if rng.random() < 0.5 else str(rng.randint(0, 120))
+            for _ in range(rng.randint(1, 10))
         ]
         text = " ".join(items)
         q = rng.choice(REPEAT_TEMPLATES).format(text)
@@ -194,7 +194,7 @@ def stream(hf, docs: list[str], chats: list[str], seed: int) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--steps", type=int, default=160)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                 "params": n_params,
                 "final_loss": round(loss.item(), 4),
                 "train_seconds": round(time.time() - t1),
-                "corpus": "pydoc_data.topics + stdlib sources " + ", ".join(STDLIB_MODULES),
+                "corpus": "pydoc_data.topics + stdlib sources (" + ", ".join(STDLIB_MODULES) + "), "
+                f"{len(chats)} ChatML chats (topics, generic fields->JSON, repeat/copy); no smart-home data",
             },
             indent=2,
         )
