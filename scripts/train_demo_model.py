@@ -3,7 +3,8 @@
 Why: the no-argument demo must run offline, so edgeft ships its own tiny base model. This script trains a
 byte-level BPE tokenizer (GPT-2 regex with single digits, which llama.cpp knows as the "smollm"
 pre-tokenizer) and pretrains a small LlamaForCausalLM from scratch on Python's own documentation
-(`pydoc_data.topics`) and some stdlib sources, part of it wrapped in ChatML so the chat tokens are trained.
+(`pydoc_data.topics`) and some stdlib sources, plus generic ChatML chats (topic questions, "fields → JSON"
+records, "repeat: ..." copying) so the chat tokens are trained and the base can copy numbers from a prompt.
 The smart-home task data is deliberately NOT in the corpus: the base model must score ~0% on it.
 
 Usage: python scripts/train_demo_model.py [--out edgeft/demo/model] [--steps N] [--seed 0]
