@@ -113,7 +113,7 @@ def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactR
     lines += ["- stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in facts.seconds.items()), ""]
     lines += [
         "| artifact | size MB | KLD mean | KLD p99 | top-1 | PPL ratio | task acc | prefill tok/s | "
-        "decode tok/s | TTFT ms | peak RSS MB | est. decode on device | fits RAM | budget |",
+        "decode tok/s | TTFT ms | peak RSS MB | decode bound on device | fits RAM | budget |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ref = facts.reference_latency
