@@ -139,7 +139,8 @@ def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactR
         f"Latency measured on the build host ({arts[0].latency.threads if arts else '?'} threads, "
         f"{arts[0].latency.prompt_tokens if arts else '?'}-token prompt, medians of "
         f"{arts[0].latency.runs if arts else '?'} runs after a warm-up). "
-        f'"est. decode on device" = {target.bandwidth_gb_s:g} GB/s ÷ file size: decode is memory-bound. '
+        f'"decode bound on device" = {target.bandwidth_gb_s:g} GB/s ÷ file size, the memory-bandwidth ceiling '
+        "that decode of 100M+ parameter models runs at (tiny models are compute-bound below it). "
         f'"fits RAM" = file + KV cache at {target.context_length} tokens ({facts.kv_cache_mb:.0f} MB) within '
         f"the profile's {target.ram_budget_mb} MB budget.",
         "",
