@@ -125,7 +125,7 @@ def build(
     with _stdout_to_stderr():
         res = run_build(cfg)
     if as_json:
-        _emit({"bundle": str(res.bundle_dir), "passed": res.passed}, True)
+        _emit({"bundle": str(res.bundle_dir.resolve()), "passed": res.passed}, True)
     else:
         info(f"bundle: {res.bundle_dir}  (report: {res.bundle_dir / 'report.md'})")
 
