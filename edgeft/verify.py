@@ -83,7 +83,7 @@ def load_tokenizer(model_dir: Path):
 
 
 def make_eval_set(
-    tokenizer, examples: Sequence[data_mod.Example] | None, *, max_examples: int = 64, max_len: int = 256
+    tokenizer, examples: Sequence[data_mod.Example] | None, *, max_examples: int = 256, max_len: int = 256
 ) -> EvalSet:
     """Token ids for drift (the full held-out conversations, or offline text) and prompts for the task."""
     examples = list(examples or [])[:max_examples]
