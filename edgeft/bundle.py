@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
+from .atomic import atomic_dir
 from .bench import LatencyReport, artifact_bytes
 from .constants import MANIFEST, REPORT, TOKENIZER_FILES
 from .errors import EdgeftError
@@ -158,69 +159,63 @@ def write_bundle(
 ) -> Path:
     """Write OUT/<name or target>/ atomically and return its path."""
     final = Path(out_dir) / (name or target.name)
-    tmp = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        entries = []
-        for a in arts:
-            if not a.spec.ship:
-                continue
-            name = artifact_name(a.spec)
-            if Path(a.path).is_dir():
-                shutil.copytree(a.path, tmp / name)
-            else:
-                shutil.copy2(a.path, tmp / name)
-            digest, files = sha256_tree(tmp / name)
-            entry = {
-                "path": name,
-                "format": a.spec.format,
-                "quant": a.spec.quant,
-                "bytes": artifact_bytes(tmp / name),
-                "sha256": digest,
-                "drift": a.drift.metrics(),
-                "latency": a.latency.metrics(),
-                "budget": {k: v for k, v in asdict(a.spec.budget).items() if v is not None},
-                "within_budget": not a.violations,
+        with atomic_dir(final) as tmp:
+            entries = []
+            for a in arts:
+                if not a.spec.ship:
+                    continue
+                name = artifact_name(a.spec)
+                if Path(a.path).is_dir():
+                    shutil.copytree(a.path, tmp / name)
+                else:
+                    shutil.copy2(a.path, tmp / name)
+                digest, files = sha256_tree(tmp / name)
+                entry = {
+                    "path": name,
+                    "format": a.spec.format,
+                    "quant": a.spec.quant,
+                    "bytes": artifact_bytes(tmp / name),
+                    "sha256": digest,
+                    "drift": a.drift.metrics(),
+                    "latency": a.latency.metrics(),
+                    "budget": {k: v for k, v in asdict(a.spec.budget).items() if v is not None},
+                    "within_budget": not a.violations,
+                }
+                if a.spec.accuracy_level is not None:
+                    entry["accuracy_level"] = a.spec.accuracy_level
+                if files:
+                    entry["files"] = files
+                entries.append(entry)
+            tok_out = tmp / "tokenizer"
+            tok_out.mkdir()
+            for fname in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / fname).is_file():
+                    shutil.copy2(Path(tokenizer_dir) / fname, tok_out / fname)
+            manifest = {
+                "target": target.name,
+                "base_model": facts.base_model,
+                "adapter_sha256": facts.adapter_sha256,
+                "dataset_sha256": facts.dataset_sha256,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "tools": tool_versions(),
+                "device": {
+                    "description": target.description,
+                    "threads": target.threads,
+                    "ram_budget_mb": target.ram_budget_mb,
+                    "context_length": target.context_length,
+                },
+                "reference": {
+                    "task_accuracy": facts.reference_task_accuracy,
+                    "base_task_accuracy": facts.base_task_accuracy,
+                    "latency": facts.reference_latency.metrics() if facts.reference_latency else None,
+                },
+                "data": {"train_examples": facts.train_examples, "eval_examples": facts.eval_examples},
+                "artifacts": entries,
             }
-            if a.spec.accuracy_level is not None:
-                entry["accuracy_level"] = a.spec.accuracy_level
-            if files:
-                entry["files"] = files
-            entries.append(entry)
-        tok_out = tmp / "tokenizer"
-        tok_out.mkdir()
-        for fname in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / fname).is_file():
-                shutil.copy2(Path(tokenizer_dir) / fname, tok_out / fname)
-        manifest = {
-            "target": target.name,
-            "base_model": facts.base_model,
-            "adapter_sha256": facts.adapter_sha256,
-            "dataset_sha256": facts.dataset_sha256,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "tools": tool_versions(),
-            "device": {
-                "description": target.description,
-                "threads": target.threads,
-                "ram_budget_mb": target.ram_budget_mb,
-                "context_length": target.context_length,
-            },
-            "reference": {
-                "task_accuracy": facts.reference_task_accuracy,
-                "base_task_accuracy": facts.base_task_accuracy,
-                "latency": facts.reference_latency.metrics() if facts.reference_latency else None,
-            },
-            "data": {"train_examples": facts.train_examples, "eval_examples": facts.eval_examples},
-            "artifacts": entries,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        (tmp / REPORT).write_text(render_report(target, facts, arts), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            (tmp / REPORT).write_text(render_report(target, facts, arts), encoding="utf-8")
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise EdgeftError(f"cannot write bundle {final}: {exc.strerror or exc}") from None
     return final
 

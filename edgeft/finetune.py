@@ -8,7 +8,6 @@ held-out split is `_data.load_split` with the settings' seed, and the adapter di
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from . import data as _data
+from .atomic import atomic_dir
 from .errors import EdgeftError
 
 # Attention and MLP projections of Llama/Mistral/Qwen2-style models.
@@ -341,25 +341,13 @@ def _finite(x: float) -> bool:
 
 def _save_atomic(peft_model: Any, tokenizer: Any, out: Path, record: dict[str, Any]) -> None:
     """Write adapter + tokenizer + record into `out`.partial, then swap it into place."""
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        partial.mkdir(parents=True)
+    with atomic_dir(out) as partial:
         peft_model.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)
         (partial / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         missing = [f for f in ADAPTER_FILES if not (partial / f).is_file()]
         if missing:
             raise EdgeftError(f"{out}: saving the adapter did not write {', '.join(missing)}")
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 # --- evaluation helper -------------------------------------------------------------------------------

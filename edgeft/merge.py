@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .atomic import atomic_dir
 from .errors import EdgeftError
 from .finetune import ADAPTER_FILES, RECORD, load_model, load_tokenizer, resolve_model
 
@@ -129,9 +130,7 @@ def merge(
         raise EdgeftError(f"merge changed float32 logits by {f32_diff:.3g} (max |logit| {scale:.3g})")
 
     tolerance = REL_TOLERANCE[dtype] * scale
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    with atomic_dir(out) as partial:
         merged = merged.to(dtype)
         merged.config.dtype = dtype
         merged.save_pretrained(partial, safe_serialization=True)
@@ -164,15 +163,6 @@ def merge(
             + "\n",
             encoding="utf-8",
         )
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return MergeResult(
         out_dir=out, dtype=str(dtype).removeprefix("torch."), max_abs_diff=diff, tolerance=tolerance
     )

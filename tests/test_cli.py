@@ -90,3 +90,39 @@ def test_unwritable_out_dir(tiny_llama: Path, tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     res = edgeft("export", "--model", str(tiny_llama), "--quant", "f16", "--out", str(blocker / "m.gguf"))
     assert_one_line_error(res)
+
+
+def test_onnx_unsupported_architecture(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    )
+    out = tmp_path / "onnx-int8"
+    res = edgeft("export", "--model", str(tmp_path), "--format", "onnx", "--quant", "int8", "--out", str(out))
+    assert_one_line_error(res, "GPT2LMHeadModel", "LlamaForCausalLM")
+    assert not out.exists() and not list(tmp_path.glob("onnx-int8*"))
+
+
+def test_onnx_unwritable_out_dir(tiny_llama: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    res = edgeft(
+        "export",
+        "--model",
+        str(tiny_llama),
+        "--format",
+        "onnx",
+        "--quant",
+        "int4",
+        "--out",
+        str(blocker / "o"),
+    )
+    assert_one_line_error(res)
+    assert blocker.read_text() == "not a directory"
+
+
+def test_export_json_is_the_only_stdout(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.gguf"
+    res = edgeft("export", "--model", str(tiny_llama), "--quant", "q8_0", "--out", str(out), "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)  # the whole of stdout is one JSON object
+    assert data["quant"] == "q8_0" and out.stat().st_size == data["bytes"]

@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tinymodels import cached_model, load_tokenizer, quiet_transformers
+from tinymodels import cached_model, kld, load_tokenizer, quiet_transformers
 
 from edgeft.errors import EdgeftError
 from edgeft.export.gguf import export_gguf
@@ -23,18 +23,6 @@ TEXT = (
     "for example:\n\ndef square(x):\n\treturn x ** 2  # 1234567890\n\n"
     "Names are bound to objects, and the for statement iterates over the items of any sequence."
 )
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def kld(ref_logits: np.ndarray, test_logits: np.ndarray) -> float:
-    """Mean over positions of KL(ref || test) of the next-token distributions, in float64."""
-    lp, lq = log_softmax(ref_logits), log_softmax(test_logits)
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
 def decisive_top1(ref_logits: np.ndarray, test_logits: np.ndarray, gap: float = 1e-2) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tinymodels import cached_model, load_tokenizer, quiet_transformers
+from tinymodels import cached_model, kld, load_tokenizer, quiet_transformers
 
 from edgeft.constants import ONNX_ARCHS, ONNX_DEFAULT_ACCURACY_LEVEL, ONNX_QUANTS, ONNX_REQUIRED_FILES
 from edgeft.errors import EdgeftError
@@ -27,18 +27,6 @@ TEXT = (
 PROMPT = "The for statement is used to iterate over"
 # hidden 128: every MatMul has K ≥ 128, several 32-blocks per row, so int8/int4 really quantize.
 LLAMA = {"hidden": 128, "layers": 2}
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def kld(ref_logits: np.ndarray, test_logits: np.ndarray) -> float:
-    """Mean over positions of KL(ref || test) of the next-token distributions, in float64."""
-    lp, lq = log_softmax(ref_logits), log_softmax(test_logits)
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
 def torch_model(model_dir: Path):  # noqa: ANN201 - transformers model

@@ -103,7 +103,7 @@ def test_bundle_layout_and_checksums(built) -> None:
     report = (res.bundle_dir / "report.md").read_text()
     assert "model-q4_0.gguf" in report and "model-q8_0.gguf" in report and "onnx-int8" in report
     assert "accuracy_level 1" in report and "not shipped" in report
-    assert not list((tmp / "dist").glob(".*.partial"))
+    assert not list((tmp / "dist").glob("*.partial"))
 
 
 def test_drift_is_finite_and_ordered(built) -> None:

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # ChatML, as used by Qwen2 and SmolLM2 instruct models.
@@ -293,3 +294,18 @@ def quiet_transformers() -> None:
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
+
+
+# --- drift helpers shared by the export tests (computed here, independently of edgeft.verify) ----------
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def kld(ref_logits: np.ndarray, test_logits: np.ndarray) -> float:
+    """Mean over positions of KL(ref || test) of the next-token distributions, in float64."""
+    lp, lq = log_softmax(ref_logits), log_softmax(test_logits)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
