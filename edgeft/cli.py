@@ -184,9 +184,10 @@ def export(
 ) -> None:
     """Export an HF model to a device format, quantized."""
     from .export import export_file
+    from .ui import task
 
-    with _stdout_to_stderr():
-        res = export_file(model, format, quant, out, accuracy_level)
+    with _stdout_to_stderr(), task(f"export {format} {quant}") as update:
+        res = export_file(model, format, quant, out, accuracy_level, update)
     _emit(res, as_json)
 
 

@@ -46,16 +46,19 @@ def build(cfg: BuildConfig) -> BuildResult:
             "base model (before LoRA)", TorchRuntime(model, threads=threads), evalset
         ).task_accuracy
         ref = score("fine-tuned float model", open_runtime(merged, threads=threads), evalset)
-        ref_latency = bench.bench(merged, threads=threads)
+        with task("bench PyTorch float"):
+            ref_latency = bench.bench(merged, threads=threads)
 
     results = []
     for spec in target.artifacts:
         with timed(spec.label, seconds):
-            path = export.export_artifact(
-                merged, spec.format, spec.quant, work / "artifacts", spec.accuracy_level
-            )
+            with task(f"export {spec.label}") as update:
+                path = export.export_artifact(
+                    merged, spec.format, spec.quant, work / "artifacts", spec.accuracy_level, update
+                )
             drift = check(spec.label, ref, path, evalset, threads)
-            latency = bench.bench(path, threads=threads)
+            with task(f"bench {spec.label}"):
+                latency = bench.bench(path, threads=threads)
         violations = spec.budget.violations(drift.metrics(), ref.task_accuracy)
         results.append(bundle.ArtifactResult(spec, path, drift, latency, tuple(violations)))
 

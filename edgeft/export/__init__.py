@@ -13,22 +13,24 @@ from typing import Any
 from ..constants import FORMAT_GGUF, FORMAT_ONNX
 from ..errors import EdgeftError
 
+Progress = Callable[[int, int], None] | None
 
-def _gguf(model_dir: Path, out: Path, quant: str, accuracy_level: int | None) -> Any:
+
+def _gguf(model_dir: Path, out: Path, quant: str, accuracy_level: int | None, progress: Progress) -> Any:
     from .gguf import export_gguf
 
     if accuracy_level is not None:
         raise EdgeftError("accuracy_level applies to onnx int8/int4 only, not gguf")
-    return export_gguf(model_dir, out, quant)
+    return export_gguf(model_dir, out, quant, progress=progress)
 
 
-def _onnx(model_dir: Path, out: Path, quant: str, accuracy_level: int | None) -> Any:
+def _onnx(model_dir: Path, out: Path, quant: str, accuracy_level: int | None, progress: Progress) -> Any:
     from .onnx import export_onnx
 
-    return export_onnx(model_dir, out, quant, accuracy_level=accuracy_level)
+    return export_onnx(model_dir, out, quant, accuracy_level=accuracy_level, progress=progress)
 
 
-Exporter = Callable[[Path, Path, str, int | None], Any]
+Exporter = Callable[[Path, Path, str, int | None, Progress], Any]
 # format: (exporter, artifact name for a quant: a file for GGUF, a directory for onnxruntime-genai)
 EXPORTERS: dict[str, tuple[Exporter, Callable[[str], str]]] = {
     FORMAT_GGUF: (_gguf, lambda quant: f"model-{quant}.gguf"),
@@ -47,13 +49,25 @@ def artifact_name(fmt: str, quant: str) -> str:
     return _entry(fmt)[1](quant)
 
 
-def export_file(model_dir: Path, fmt: str, quant: str, out: Path, accuracy_level: int | None = None) -> Any:
+def export_file(
+    model_dir: Path,
+    fmt: str,
+    quant: str,
+    out: Path,
+    accuracy_level: int | None = None,
+    progress: Progress = None,
+) -> Any:
     """Export `model_dir` to `out` in `fmt`/`quant`; returns the exporter's typed result."""
-    return _entry(fmt)[0](Path(model_dir), Path(out), quant, accuracy_level)
+    return _entry(fmt)[0](Path(model_dir), Path(out), quant, accuracy_level, progress)
 
 
 def export_artifact(
-    model_dir: Path, fmt: str, quant: str, out_dir: Path, accuracy_level: int | None = None
+    model_dir: Path,
+    fmt: str,
+    quant: str,
+    out_dir: Path,
+    accuracy_level: int | None = None,
+    progress: Progress = None,
 ) -> Path:
     """Export into `out_dir` under the conventional name (plus the accuracy level, if set); returns the path."""
     name = artifact_name(fmt, quant)
@@ -61,4 +75,4 @@ def export_artifact(
         name = f"{name}-acc{accuracy_level}"
     out = Path(out_dir) / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(export_file(model_dir, fmt, quant, out, accuracy_level).path)
+    return Path(export_file(model_dir, fmt, quant, out, accuracy_level, progress).path)
