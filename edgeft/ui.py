@@ -22,7 +22,7 @@ def task(description: str, total: int | None = None) -> Iterator[Callable[[int, 
         console=console,
         transient=False,
     ) as bar:
-        tid = bar.add_task(description, total=total)
+        tid = bar.add_task(description, total=total or 1)  # a step without a count shows 0/1 → 1/1
 
         def update(done: int, tot: int) -> None:
             bar.update(tid, completed=done, total=tot)
