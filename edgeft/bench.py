@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgeftError
+from .files import tree_bytes
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,6 @@ class LatencyReport:
 
     def metrics(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")}
-
-
-def artifact_bytes(path: Path) -> int:
-    """Size on disk of a file, or of every file under a directory."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def peak_rss_mb() -> float:
@@ -89,7 +82,7 @@ def measure(
     rt.close()
     t_first = statistics.median(ttft)
     t_decode = max(statistics.median(total) - t_first, 1e-9)
-    size = artifact_bytes(path)
+    size = tree_bytes(path)
     decode_tok_s = decode_tokens / t_decode
     return LatencyReport(
         prefill_tok_s=prompt_tokens / t_first,

@@ -14,10 +14,10 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
-from .atomic import atomic_dir
-from .bench import LatencyReport, artifact_bytes
+from .bench import LatencyReport
 from .constants import MANIFEST, REPORT, TOKENIZER_FILES
 from .errors import EdgeftError
+from .files import atomic_dir, sha256_file, tree_bytes
 from .targets import ArtifactSpec, TargetProfile
 from .verify import DriftReport
 
@@ -47,14 +47,6 @@ class BuildFacts:
     seconds: dict[str, float] = field(default_factory=dict)
     train_examples: int = 0
     eval_examples: int = 0
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tool_versions() -> dict[str, str]:
@@ -175,7 +167,7 @@ def write_bundle(
                     "path": name,
                     "format": a.spec.format,
                     "quant": a.spec.quant,
-                    "bytes": artifact_bytes(tmp / name),
+                    "bytes": tree_bytes(tmp / name),
                     "sha256": digest,
                     "drift": a.drift.metrics(),
                     "latency": a.latency.metrics(),

@@ -12,7 +12,6 @@ Blank lines are skipped. An explicit held-out split can be given as a sibling fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgeftError
+from .files import sha256_file
 
 ROLES = ("system", "user", "assistant")
 # End-of-turn tokens used by common chat templates; any that the vocabulary has also end an answer.
@@ -135,11 +135,7 @@ def load_jsonl(path: Path) -> list[Example]:
 
 def dataset_sha256(path: Path) -> str:
     """SHA-256 of the data file's bytes, to record exactly which data a model was tuned on."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 # --- splitting ----------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from . import data as _data
-from .atomic import atomic_dir
 from .errors import EdgeftError
+from .files import atomic_dir
 
 # Attention and MLP projections of Llama/Mistral/Qwen2-style models.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -348,29 +348,3 @@ def _save_atomic(peft_model: Any, tokenizer: Any, out: Path, record: dict[str, A
         missing = [f for f in ADAPTER_FILES if not (partial / f).is_file()]
         if missing:
             raise EdgeftError(f"{out}: saving the adapter did not write {', '.join(missing)}")
-
-
-# --- evaluation helper -------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def greedy_accuracy(
-    model: Any, tokenizer: Any, examples: Sequence[_data.Example], max_new_tokens: int = 64
-) -> tuple[float, list[str]]:
-    """Exact-match accuracy of greedy answers with a transformers model; also the decoded answers."""
-    stops = _data.stop_ids(tokenizer)
-    model.eval()
-    hits, answers = 0, []
-    for ex in examples:
-        ids = torch.tensor([_data.prompt_ids(tokenizer, ex)])
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id,
-        )[0, ids.shape[1] :].tolist()
-        hits += _data.answer_matches(tokenizer, gen, ex)
-        answers.append(tokenizer.decode(gen, skip_special_tokens=True).strip())
-    return (hits / len(examples) if examples else float("nan")), answers

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_dir
 from .errors import EdgeftError
+from .files import atomic_dir
 from .finetune import ADAPTER_FILES, RECORD, load_model, load_tokenizer, resolve_model
 
 # Max |logit difference| allowed, relative to max(1, max |reference logit|): float32 only sees summation

@@ -33,6 +33,7 @@ from ..constants import (
     ONNX_REQUIRED_FILES,
 )
 from ..errors import EdgeftError
+from ..files import tree_bytes
 
 Progress = Callable[[int, int], None]
 _STEPS = 3  # build, check, publish
@@ -262,10 +263,6 @@ def check_output(out: Path) -> None:
             raise EdgeftError(f"{out}: external data file {data.name} is missing")
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 # --- the exporter ----------------------------------------------------------------------------------------
 
 
@@ -317,7 +314,7 @@ def export_onnx(
         partial.rename(out_dir)
         if progress:
             progress(3, _STEPS)
-        return OnnxExportResult(path=out_dir, quant=quant, accuracy_level=level, bytes=_dir_bytes(out_dir))
+        return OnnxExportResult(path=out_dir, quant=quant, accuracy_level=level, bytes=tree_bytes(out_dir))
     finally:
         shutil.rmtree(partial, ignore_errors=True)
         if own_work:
