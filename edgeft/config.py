@@ -8,7 +8,7 @@ edgeft.toml (every key optional):
     out = "dist"
     fail_on_drift = true
     trust_remote_code = false
-    [lora]                                           # any field of edgeft.finetune.LoraSettings
+    [lora]                                           # any field of LoraSettings below
     r = 16
     epochs = 3
     [budgets.q4_0]                                   # tighten/loosen a target's drift budget per quant
@@ -25,8 +25,70 @@ from typing import Any
 
 from .constants import CONFIG_FILE
 from .errors import EdgeftError
-from .finetune import LoraSettings
 from .targets import TargetProfile, parse_budget
+
+# Attention and MLP projections of Llama/Mistral/Qwen/Gemma-style models, and Phi-3's fused qkv/gate_up;
+# finetune keeps the ones a model has.
+DEFAULT_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
+)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA and training hyper-parameters.
+
+    The defaults are tuned for the shipped demo (a 4.2M-parameter model, 1080 short training examples):
+    ~340 steps, ~70 s on 2 CPU cores, ~96% held-out exact match (base: 0%). For bigger models a lower lr
+    (1e-4 .. 3e-4) and fewer epochs are the usual choice.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    lr: float = 4e-3
+    epochs: float = 5.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_len: int = 256
+    eval_fraction: float = 0.1
+    max_eval: int | None = 200
+    seed: int = 0
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    scheduler: str = "linear"
+    max_steps: int = -1  # > 0 overrides epochs (tests, smoke runs)
+    logging_steps: int = 10
+
+    def __post_init__(self) -> None:
+        checks = {
+            "r": self.r >= 1,
+            "alpha": self.alpha > 0,
+            "dropout": 0.0 <= self.dropout < 1.0,
+            "lr": self.lr > 0,
+            "epochs": self.epochs > 0,
+            "batch_size": self.batch_size >= 1,
+            "grad_accum": self.grad_accum >= 1,
+            "max_len": self.max_len >= 8,
+            "eval_fraction": 0.0 <= self.eval_fraction < 1.0,
+            "warmup_ratio": 0.0 <= self.warmup_ratio < 1.0,
+            "target_modules": len(self.target_modules) > 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise EdgeftError(
+                f"LoRA settings out of range: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
+            )
+
 
 KNOWN_KEYS = {
     "model",
@@ -54,11 +116,6 @@ class BuildConfig:
     fail_on_drift: bool = True
     trust_remote_code: bool = False
     threads: int | None = None
-    source: str = "flags"
-
-    @property
-    def is_demo(self) -> bool:
-        return self.model is None and self.data is None
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -131,7 +188,6 @@ def resolve(
         fail_on_drift=raw.get("fail_on_drift", True) if fail_on_drift is None else fail_on_drift,
         trust_remote_code=bool(raw.get("trust_remote_code", False)),
         threads=threads or raw.get("threads"),
-        source=where if raw else "flags",
     )
 
 

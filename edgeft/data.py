@@ -182,6 +182,37 @@ def load_split(
     return split(examples, eval_fraction, seed, max_eval)
 
 
+def split_record(path: Path, evals: Sequence[Example]) -> dict[str, Any]:
+    """What a fine-tune records about its held-out split, so verify scores exactly those examples later."""
+    examples = []
+    for ex in evals:
+        file, line = ex.source.rsplit(":", 1)
+        examples.append(f"{Path(file).resolve()}:{line}")
+    files = sorted({e.rsplit(":", 1)[0] for e in examples}) or [str(Path(path).resolve())]
+    return {"files": {f: sha256_file(Path(f)) for f in files}, "examples": examples}
+
+
+def load_recorded_split(record: dict[str, Any], where: str) -> list[Example]:
+    """The held-out examples a fine-tune recorded (see split_record), refusing data that changed since."""
+    try:
+        files, sources = dict(record["files"]), list(record["examples"])
+    except (KeyError, TypeError, ValueError):
+        raise EdgeftError(f"{where}: eval_split record is malformed; re-run finetune") from None
+    loaded: dict[str, Example] = {}
+    for f, digest in files.items():
+        if not Path(f).is_file():
+            raise EdgeftError(f"{where}: the fine-tune's eval data {f} is gone; pass --data to choose data")
+        if sha256_file(Path(f)) != digest:
+            raise EdgeftError(
+                f"{where}: {f} changed since the fine-tune (sha256 differs); pass --data to choose data"
+            )
+        loaded.update({ex.source: ex for ex in load_jsonl(Path(f))})
+    missing = [s for s in sources if s not in loaded]
+    if missing:
+        raise EdgeftError(f"{where}: recorded eval example {missing[0]} not found")
+    return [loaded[s] for s in sources]
+
+
 # --- token ids ----------------------------------------------------------------------------------------
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from .errors import EdgeftError
 
 
 @contextmanager
@@ -44,3 +48,16 @@ def tree_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content; EdgeftError naming the file when it cannot be read or parsed."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise EdgeftError(f"{path}: cannot read JSON ({e})") from None
+
+
+def optional_json(path: Path) -> Any:
+    """read_json, or {} when the file does not exist."""
+    return read_json(path) if Path(path).is_file() else {}

@@ -18,62 +18,13 @@ from typing import Any
 import torch
 
 from . import data as _data
+from .config import LoraSettings
 from .errors import EdgeftError
 from .files import atomic_dir
+from .loading import copy_tokenizer_files, load_model, load_tokenizer
 
-# Attention and MLP projections of Llama/Mistral/Qwen2-style models.
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RECORD = "edgeft_finetune.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA and training hyper-parameters.
-
-    The defaults are tuned for the shipped demo (a 4.2M-parameter model, 1080 short training examples):
-    ~340 steps, ~70 s on 2 CPU cores, ~96% held-out exact match (base: 0%). For bigger models a lower lr
-    (1e-4 .. 3e-4) and fewer epochs are the usual choice.
-    """
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    lr: float = 4e-3
-    epochs: float = 5.0
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_len: int = 256
-    eval_fraction: float = 0.1
-    max_eval: int | None = 200
-    seed: int = 0
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    scheduler: str = "linear"
-    max_steps: int = -1  # > 0 overrides epochs (tests, smoke runs)
-    logging_steps: int = 10
-
-    def __post_init__(self) -> None:
-        checks = {
-            "r": self.r >= 1,
-            "alpha": self.alpha > 0,
-            "dropout": 0.0 <= self.dropout < 1.0,
-            "lr": self.lr > 0,
-            "epochs": self.epochs > 0,
-            "batch_size": self.batch_size >= 1,
-            "grad_accum": self.grad_accum >= 1,
-            "max_len": self.max_len >= 8,
-            "eval_fraction": 0.0 <= self.eval_fraction < 1.0,
-            "warmup_ratio": 0.0 <= self.warmup_ratio < 1.0,
-            "target_modules": len(self.target_modules) > 0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise EdgeftError(
-                f"LoRA settings out of range: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
-            )
 
 
 @dataclass(frozen=True)
@@ -88,91 +39,6 @@ class FinetuneResult:
     seconds: float  # wall time of the training loop
     base_eval_loss: float = float("nan")  # held-out loss of the base model, before training
     history: tuple[float, ...] = field(default=(), repr=False)  # logged training losses
-
-
-# --- model loading (shared with merge) -----------------------------------------------------------------
-
-
-def _looks_like_path(name: str) -> bool:
-    """True for things meant as local paths; "org/name" hub ids are not."""
-    p = Path(name).expanduser()
-    return (
-        p.is_absolute()
-        or name.startswith((".", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-        or p.exists()
-        or name.endswith("/")
-    )
-
-
-def resolve_model(model: str | Path) -> str:
-    """A local model directory (checked: config.json, safetensors weights) or a hub id, as a string."""
-    name = str(model)
-    if isinstance(model, Path) or _looks_like_path(name):
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise EdgeftError(
-                f"{path}: model directory not found (expected a local HF model dir or a hub id)"
-            )
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise EdgeftError(f"{path}: not a Hugging Face model directory (no config.json)")
-        files = [f.name for f in path.iterdir()]
-        if not any(f.endswith(".safetensors") for f in files):
-            if any(f.endswith(PICKLE_SUFFIXES) for f in files):
-                raise EdgeftError(
-                    f"{path}: only pickle weights (.bin/.pt), which can run code when loaded; refusing. "
-                    "Convert them to safetensors first"
-                )
-            raise EdgeftError(f"{path}: no .safetensors weights found")
-        return str(path)
-    return name
-
-
-def load_tokenizer(model: str | Path, *, trust_remote_code: bool = False) -> Any:
-    """The tokenizer of a model dir, adapter dir or hub id, with a pad token (eos) if it has none."""
-    from transformers import AutoTokenizer
-
-    name = str(model)
-    if isinstance(model, Path) or _looks_like_path(name):
-        path = Path(name).expanduser()
-        if not path.is_dir():
-            raise EdgeftError(
-                f"{path}: directory not found (expected a model or adapter dir with a tokenizer)"
-            )
-        name = str(path)
-    try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise EdgeftError(f"{name}: cannot load the tokenizer ({str(e).splitlines()[0]})") from e
-    if tok.pad_token_id is None:
-        if tok.eos_token is None:
-            raise EdgeftError(f"{name}: the tokenizer has neither a pad nor an eos token")
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_model(
-    model: str | Path, *, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False
-) -> Any:
-    """A causal LM from a local dir or hub id, safetensors only; any failure becomes an EdgeftError."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    name = resolve_model(model)
-    try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise EdgeftError(f"{name}: unsupported or unreadable model config ({str(e).splitlines()[0]})") from e
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            name, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
-    except ValueError as e:
-        raise EdgeftError(
-            f"{name}: {type(config).__name__} is not a supported causal LM ({str(e).splitlines()[0]})"
-        ) from e
-    except OSError as e:
-        raise EdgeftError(f"{name}: cannot load safetensors weights ({str(e).splitlines()[0]})") from e
 
 
 # --- training ------------------------------------------------------------------------------------------
@@ -313,6 +179,7 @@ def finetune(
                 "settings": {
                     k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()
                 },
+                "eval_split": _data.split_record(Path(data), eval_ex),
                 "train_examples": len(train_ex),
                 "eval_examples": len(eval_ex),
                 "base_eval_loss": base_eval,
@@ -321,7 +188,7 @@ def finetune(
                 "seconds": round(seconds, 1),
                 "world_size": args.world_size,
             }
-            _save_atomic(peft_model, tokenizer, out, record)
+            _save_atomic(peft_model, model, out, record)
         trainer.accelerator.wait_for_everyone()
     return FinetuneResult(
         adapter_dir=out,
@@ -339,11 +206,11 @@ def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
 
 
-def _save_atomic(peft_model: Any, tokenizer: Any, out: Path, record: dict[str, Any]) -> None:
-    """Write adapter + tokenizer + record into `out`.partial, then swap it into place."""
+def _save_atomic(peft_model: Any, base: str | Path, out: Path, record: dict[str, Any]) -> None:
+    """Write adapter + the base's own tokenizer files + record into a partial dir, then swap it into place."""
     with atomic_dir(out) as partial:
         peft_model.save_pretrained(partial, safe_serialization=True)
-        tokenizer.save_pretrained(partial)
+        copy_tokenizer_files(base, partial)
         (partial / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         missing = [f for f in ADAPTER_FILES if not (partial / f).is_file()]
         if missing:

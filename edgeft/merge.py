@@ -1,7 +1,7 @@
 """Merge a LoRA adapter into its base model and prove the merged checkpoint computes the same logits.
 
 Why: exporters (GGUF, ONNX) want one plain checkpoint. Merging is done in float32, the result is cast to
-the base checkpoint's own dtype and saved with the tokenizer, chat template and generation config; then
+the base checkpoint's own dtype and saved with the base's own tokenizer and chat-template files (byte for byte) and generation config; then
 the saved model is reloaded and its logits on probe sequences are compared with the adapter model's.
 Any difference over the dtype's tolerance, or a NaN/inf anywhere, is an EdgeftError: a silently broken
 merge would otherwise only show up as a bad score on the device.
@@ -20,12 +20,12 @@ import torch
 
 from .errors import EdgeftError
 from .files import atomic_dir
-from .finetune import ADAPTER_FILES, RECORD, load_model, load_tokenizer, resolve_model
+from .finetune import ADAPTER_FILES, RECORD
+from .loading import checkpoint_dtype, copy_tokenizer_files, load_model, load_tokenizer
 
 # Max |logit difference| allowed, relative to max(1, max |reference logit|): float32 only sees summation
 # order changes; half types see the rounding of every weight and activation.
 REL_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 8e-2, torch.float16: 2e-2}
-SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 PROBE_TEXTS = (
     "turn on the kitchen lights",
     "The quick brown fox jumps over the lazy dog. 0123456789",
@@ -41,28 +41,6 @@ class MergeResult:
     dtype: str  # "float32" | "bfloat16" | "float16"
     max_abs_diff: float  # saved model vs adapter model, over all probe positions and vocab
     tolerance: float
-
-
-def checkpoint_dtype(model: str | Path) -> torch.dtype:
-    """The floating dtype the base checkpoint stores its weights in (safetensors header, else config)."""
-    name = resolve_model(model)
-    path = Path(name)
-    if path.is_dir():
-        from safetensors import safe_open
-
-        for f in sorted(path.glob("*.safetensors")):
-            with safe_open(str(f), "pt") as st:
-                for key in st.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    dt = SAFETENSORS_DTYPES.get(st.get_slice(key).get_dtype())
-                    if dt is not None:
-                        return dt
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(name)
-    dt = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
-    if isinstance(dt, str):
-        dt = getattr(torch, dt, None)
-    return dt if dt in REL_TOLERANCE else torch.float32
 
 
 def _probe_ids(tokenizer: Any, vocab_size: int) -> list[list[int]]:
@@ -104,8 +82,8 @@ def merge(
 
     adapter, out = Path(adapter), Path(out)
     _check_adapter_dir(adapter)
-    dtype = checkpoint_dtype(model)
-    tok_src = adapter if (adapter / "tokenizer_config.json").is_file() else model
+    dtype = getattr(torch, checkpoint_dtype(model))
+    tok_src = model  # the merged model carries the base's own tokenizer files, as the adapter does
     tokenizer = load_tokenizer(tok_src, trust_remote_code=trust_remote_code)
     base = load_model(model, dtype=torch.float32, trust_remote_code=trust_remote_code)
     try:
@@ -134,7 +112,7 @@ def merge(
         merged = merged.to(dtype)
         merged.config.dtype = dtype
         merged.save_pretrained(partial, safe_serialization=True)
-        tokenizer.save_pretrained(partial)
+        copy_tokenizer_files(tok_src, partial)
         if (adapter / RECORD).is_file():
             shutil.copy2(adapter / RECORD, partial / RECORD)
         del merged, peft_model, base

@@ -16,7 +16,8 @@ from edgeft.constants import ONNX_ARCHS, ONNX_DEFAULT_ACCURACY_LEVEL, ONNX_QUANT
 from edgeft.errors import EdgeftError
 
 pytest.importorskip("onnxruntime_genai")
-from edgeft.export.onnx import OnnxExportResult, check_external_data, export_onnx  # noqa: E402
+from edgeft.export.onnx import OnnxExportResult, export_onnx  # noqa: E402
+from edgeft.guard import check_external_data  # noqa: E402
 from edgeft.runtime.ort import OrtRuntime  # noqa: E402
 
 TEXT = (

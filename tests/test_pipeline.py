@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgeft import bundle, config, pipeline
-from edgeft.finetune import LoraSettings
+from edgeft.config import LoraSettings
 
 TARGET = """name = "tiny-device"
 description = "test device"

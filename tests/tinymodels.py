@@ -203,6 +203,57 @@ def load_tokenizer(model_dir: Path):  # noqa: ANN201 - transformers tokenizer
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+# Architectures the tiny-model factory builds: name → (transformers config class, per-arch config fields).
+# Hyperparameters are deliberately far from the defaults (rms_norm_eps 0.05, rope_theta 1000 instead of
+# 1e-6 / 10000) so a converter that drops or mistypes one shows up as drift, not as f32 noise.
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+RMS_NORM_EPS = 0.05
+ROPE_THETA = 1000.0
+
+
+def _arch_config(arch: str, common: dict, hidden: int, heads: int):  # noqa: ANN202 - transformers config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if arch == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False)
+    if arch == "qwen3":
+        # head_dim != hidden / heads, as in the real Qwen3 models (q/k norms work per head)
+        return Qwen3Config(**common, head_dim=2 * hidden // heads, use_sliding_window=False)
+    if arch == "gemma2":
+        return Gemma2Config(
+            **common,
+            head_dim=hidden // heads,
+            query_pre_attn_scalar=hidden // heads // 2,  # != head_dim: the scale must come from the config
+            sliding_window=16,
+            final_logit_softcapping=3.0,  # low caps so soft-capping really bends the logits
+            attn_logit_softcapping=5.0,
+            hidden_activation="gelu_pytorch_tanh",
+        )
+    if arch == "gemma3":
+        return Gemma3TextConfig(
+            **common,
+            head_dim=hidden // heads,
+            query_pre_attn_scalar=hidden // heads // 2,
+            sliding_window=16,
+            hidden_activation="gelu_pytorch_tanh",
+        )
+    if arch == "phi3":
+        return Phi3Config(**common, sliding_window=None)
+    raise ValueError(f"unknown arch {arch!r}; known: {ARCHS}")
+
+
 def make_model(
     arch: str,
     tokenizer_kind: str,
@@ -217,19 +268,22 @@ def make_model(
     heads: int = 4,
     kv_heads: int = 2,
     std: float | None = None,
+    vocab_pad: int = 0,
+    config_overrides: dict | None = None,
 ) -> Path:
-    """Save a tiny random `arch` ("llama" | "qwen2") model with a `tokenizer_kind` tokenizer to `out_dir`.
+    """Save a tiny random `arch` model (see ARCHS) with a `tokenizer_kind` tokenizer to `out_dir`.
 
-    For arch "qwen2", tokenizer_kind "bpe" means "bpe-qwen2" (see below).
+    For arch "qwen2"/"qwen3", tokenizer_kind "bpe" means "bpe-qwen2" (see below).
     Weights use init std 1/sqrt(hidden) by default (gain ~1 per layer: logits std ~1, far from flat, yet not
     chaotic, so quantization drift looks like a real model's) and randomized norms/biases so every tensor
     matters; hidden/intermediate default to multiples of 32 (q4_0/q8_0). Use hidden=256 for k-quants.
+    `vocab_pad` rows are added past the tokenizer's vocabulary (as Phi-3 and Qwen2 checkpoints do).
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     out_dir = Path(out_dir)
-    if arch == "qwen2" and tokenizer_kind == "bpe":
+    if arch in ("qwen2", "qwen3") and tokenizer_kind == "bpe":
         # transformers 5 loads a qwen2 model's tokenizer as Qwen2Tokenizer, which rebuilds the Qwen2 split
         # regex whatever tokenizer.json says; train with that regex so tokenizer.json and HF agree.
         tokenizer_kind = "bpe-qwen2"
@@ -237,32 +291,31 @@ def make_model(
     tok = load_tokenizer(out_dir)
     intermediate = intermediate or 2 * hidden
     common = dict(
-        vocab_size=len(tok),
+        vocab_size=len(tok) + vocab_pad,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=512,
-        rms_norm_eps=1e-6,
+        rms_norm_eps=RMS_NORM_EPS,
+        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
         tie_word_embeddings=tie_embeddings,
         initializer_range=std if std is not None else hidden**-0.5,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
     )
-    if arch == "llama":
-        config = LlamaConfig(**common)
-    elif arch == "qwen2":
-        config = Qwen2Config(**common, use_sliding_window=False)
-    else:
-        raise ValueError(f"unknown arch {arch!r}")
+    common.update(config_overrides or {})
+    config = _arch_config(arch, common, hidden, heads)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                # Gemma norms scale by (1 + w): centre them on 0 there, on 1 elsewhere
+                centre = 0.0 if arch.startswith("gemma") else 1.0
+                p.copy_(centre + 0.2 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.5 * torch.randn_like(p))
     model = model.to(dtype)

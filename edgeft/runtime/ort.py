@@ -18,6 +18,7 @@ import numpy as np
 
 from ..constants import ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
 from ..errors import EdgeftError
+from ..guard import check_external_data
 
 # onnxruntime's type strings for the float I/O dtypes a CPU decoder can have.
 _ORT_FLOATS: dict[str, Any] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -33,8 +34,6 @@ class OrtRuntime:
     def __init__(
         self, path: Path, *, threads: int | None = None, n_ctx: int = 512, all_logits: bool = True
     ) -> None:
-        from ..export.onnx import check_external_data
-
         path = Path(path)
         cfg_path = path / ONNX_GENAI_CONFIG
         if not cfg_path.is_file():

@@ -1,0 +1,229 @@
+"""Loading models and tokenizers, in one place for finetune, merge, verify and the exporters.
+
+One tokenization truth: a checkpoint's own tokenizer files — tokenizer.json's pipeline as written — are how
+its model was pretrained. transformers 5 rebuilds some tokenizer classes from their own template and drops
+what the file says (Qwen2Tokenizer imposes Qwen2's split regex, GPT2Tokenizer drops a `Digits` step,
+LlamaTokenizer turns a SentencePiece `Prepend` normalizer into Metaspace "first"; ../shared/REFERENCE.md
+"Where users get hurt" 10). `load_tokenizer` detects such a rebuild, uses the file's pipeline instead and
+says so in one line; edgeft's own outputs carry the base's tokenizer files byte for byte
+(`copy_tokenizer_files`), never a re-save.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgeftError
+from .files import read_json
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Files that make up a tokenizer and its chat template (copied unchanged into every model edgeft writes).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+)
+# Parts of tokenizer.json that decide which ids a text becomes.
+_PIPELINE_PARTS = ("normalizer", "pre_tokenizer", "model")
+# BPE/Unigram model fields where None, "" and False mean the same (transformers writes one, tokenizers another).
+_FALSY_SAME = ("continuing_subword_prefix", "end_of_word_suffix", "dropout", "ignore_merges", "byte_fallback")
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for things meant as local paths; "org/name" hub ids are not."""
+    p = Path(name).expanduser()
+    return (
+        p.is_absolute()
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or p.exists()
+        or name.endswith("/")
+    )
+
+
+def resolve_model(model: str | Path) -> str:
+    """A local model directory (checked: config.json, safetensors weights) or a hub id, as a string."""
+    name = str(model)
+    if isinstance(model, Path) or _looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise EdgeftError(
+                f"{path}: model directory not found (expected a local HF model dir or a hub id)"
+            )
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise EdgeftError(f"{path}: not a Hugging Face model directory (no config.json)")
+        files = [f.name for f in path.iterdir()]
+        if not any(f.endswith(".safetensors") for f in files):
+            if any(f.endswith(PICKLE_SUFFIXES) for f in files):
+                raise EdgeftError(
+                    f"{path}: only pickle weights (.bin/.pt), which can run code when loaded; refusing. "
+                    "Convert them to safetensors first"
+                )
+            raise EdgeftError(f"{path}: no .safetensors weights found")
+        return str(path)
+    return name
+
+
+def local_dir(model: str | Path) -> Path:
+    """The directory holding a model's files: the path itself, or the hub cache snapshot of a hub id."""
+    name = str(model)
+    if isinstance(model, Path) or _looks_like_path(name):
+        return Path(name).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=[*TOKENIZER_FILES, "config.json"]))
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types
+        raise EdgeftError(f"{name}: cannot fetch the tokenizer files ({str(e).splitlines()[0]})") from None
+
+
+# --- tokenizers --------------------------------------------------------------------------------------------
+
+
+def _canonical(part: str, node: Any) -> Any:
+    """A tokenizer.json part with spellings that do not change behaviour made equal."""
+    if part != "model" or not isinstance(node, dict):
+        return node
+    node = dict(node)
+    for key in _FALSY_SAME:
+        if not node.get(key):
+            node.pop(key, None)
+    if isinstance(node.get("merges"), list):
+        node["merges"] = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in node["merges"]]
+    return node
+
+
+def pipeline_differences(tokenizer: Any, tokenizer_json: Path) -> list[str]:
+    """Which parts of the file's pipeline (normalizer, pre_tokenizer, model) a loaded tokenizer does not use."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return list(_PIPELINE_PARTS)
+    loaded = json.loads(backend.to_str())
+    written = read_json(tokenizer_json)
+    return [p for p in _PIPELINE_PARTS if _canonical(p, loaded.get(p)) != _canonical(p, written.get(p))]
+
+
+def load_tokenizer(model: str | Path, *, trust_remote_code: bool = False, notify: bool = True) -> Any:
+    """The tokenizer of a model dir, adapter dir or hub id, running the pipeline its tokenizer.json spells.
+
+    When transformers' class for it rebuilds a different pipeline, the file's is used instead (one line on
+    stderr says so). A tokenizer without a pad token gets its eos as pad (training batches need one).
+    """
+    from transformers import AutoTokenizer, TokenizersBackend
+
+    name = str(model)
+    if isinstance(model, Path) or _looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise EdgeftError(
+                f"{path}: directory not found (expected a model or adapter dir with a tokenizer)"
+            )
+        name = str(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EdgeftError(f"{name}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+    tj = local_dir(name) / "tokenizer.json"
+    if tj.is_file():
+        differs = pipeline_differences(tok, tj)
+        if differs:
+            rebuilt = type(tok).__name__
+            try:
+                tok = TokenizersBackend.from_pretrained(name)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise EdgeftError(f"{tj}: cannot load as written ({str(e).splitlines()[0]})") from None
+            still = pipeline_differences(tok, tj)
+            if still:
+                raise EdgeftError(f"{tj}: cannot run its own {', '.join(still)} in transformers")
+            if notify:
+                from .ui import info
+
+                info(
+                    f"tokenizer: transformers' {rebuilt} would rebuild the {' and '.join(differs)} of {tj}; "
+                    "using the file's own pipeline (the one the model was trained with)"
+                )
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise EdgeftError(f"{name}: the tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tokenizer_files(model: str | Path) -> list[Path]:
+    """The tokenizer and chat-template files a model directory (or hub snapshot) has."""
+    src = local_dir(model)
+    return [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+
+
+def copy_tokenizer_files(model: str | Path, dst: Path) -> list[str]:
+    """Copy the model's own tokenizer files into `dst` unchanged (never a re-save); returns their names."""
+    files = tokenizer_files(model)
+    if not files:
+        raise EdgeftError(f"{model}: no tokenizer files (tokenizer.json or tokenizer.model) to carry along")
+    for f in files:
+        shutil.copyfile(f, Path(dst) / f.name)  # copyfile: a symlink's target content, never the link
+    return [f.name for f in files]
+
+
+# --- models ------------------------------------------------------------------------------------------------
+
+
+def load_model(model: str | Path, *, dtype: Any = None, trust_remote_code: bool = False) -> Any:
+    """A causal LM from a local dir or hub id, safetensors only, in `dtype` (default float32)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = resolve_model(model)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise EdgeftError(f"{name}: unsupported or unreadable model config ({str(e).splitlines()[0]})") from e
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name,
+            config=config,
+            dtype=dtype or torch.float32,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except ValueError as e:
+        raise EdgeftError(
+            f"{name}: {type(config).__name__} is not a supported causal LM ({str(e).splitlines()[0]})"
+        ) from e
+    except OSError as e:
+        raise EdgeftError(f"{name}: cannot load safetensors weights ({str(e).splitlines()[0]})") from e
+
+
+SAFETENSORS_DTYPES = ("F32", "BF16", "F16")
+
+
+def checkpoint_dtype(model: str | Path) -> str:
+    """The floating dtype a checkpoint stores its weights in ("float32" | "bfloat16" | "float16")."""
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    name = resolve_model(model)
+    path = Path(name)
+    if path.is_dir():
+        from safetensors import safe_open
+
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                for key in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    dt = st.get_slice(key).get_dtype()
+                    if dt in names:
+                        return names[dt]
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(name)
+    dt = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    dt = str(dt).removeprefix("torch.") if dt is not None else "float32"
+    return dt if dt in names.values() else "float32"
