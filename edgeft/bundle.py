@@ -47,6 +47,7 @@ class BuildFacts:
     seconds: dict[str, float] = field(default_factory=dict)
     train_examples: int = 0
     eval_examples: int = 0
+    eval_source: str = ""
 
 
 def tool_versions() -> dict[str, str]:
@@ -105,16 +106,17 @@ def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactR
         ]
     lines += ["- stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in facts.seconds.items()), ""]
     lines += [
-        "| artifact | size MB | KLD mean | KLD p99 | top-1 | PPL ratio | task acc | prefill tok/s | "
-        "decode tok/s | TTFT ms | peak RSS MB | decode bound on device | fits RAM | budget |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| artifact | size MB | KLD mean | KLD p99 | top-1 | PPL ratio | task acc | prompt ids match | "
+        "answers match | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB | decode bound on device | "
+        "fits RAM | budget |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ref = facts.reference_latency
     if ref is not None:
         lines.append(
             f"| PyTorch float (reference) | {ref.bytes / 1e6:.1f} | 0 | 0 | 100% | 1.000 | "
-            f"{_fmt(facts.reference_task_accuracy, '.1%')} | {ref.prefill_tok_s:.0f} | {ref.decode_tok_s:.0f} | "
-            f"{ref.ttft_ms:.1f} | {ref.peak_rss_mb:.0f} | — | — | — |"
+            f"{_fmt(facts.reference_task_accuracy, '.1%')} | 100% | 100% | {ref.prefill_tok_s:.0f} | "
+            f"{ref.decode_tok_s:.0f} | {ref.ttft_ms:.1f} | {ref.peak_rss_mb:.0f} | — | — | — |"
         )
     for a in arts:
         d, lat = a.drift, a.latency
@@ -122,7 +124,8 @@ def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactR
         est = target.bandwidth_gb_s * 1e9 / lat.bytes
         lines.append(
             f"| {artifact_name(a.spec) + _variant(a.spec)} | {lat.bytes / 1e6:.1f} | {d.kld_mean:.5f} | {d.kld_p99:.4f} | "
-            f"{d.top1:.1%} | {d.ppl_ratio:.4f} | {_fmt(d.task_accuracy, '.1%')} | {lat.prefill_tok_s:.0f} | "
+            f"{d.top1:.1%} | {d.ppl_ratio:.4f} | {_fmt(d.task_accuracy, '.1%')} | {d.prompt_ids_match:.1%} | "
+            f"{d.answers_match:.1%} | {lat.prefill_tok_s:.0f} | "
             f"{lat.decode_tok_s:.0f} | {lat.ttft_ms:.1f} | {lat.peak_rss_mb:.0f} | ~{est:.0f} tok/s | "
             f"{'yes' if need_mb <= target.ram_budget_mb else 'NO'} ({need_mb:.0f} MB) | "
             f"{'FAIL: ' + '; '.join(a.violations) if a.violations else 'pass'} |"
@@ -137,7 +140,21 @@ def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactR
         f'"fits RAM" = file + KV cache at {target.context_length} tokens ({facts.kv_cache_mb:.0f} MB) within '
         f"the profile's {target.ram_budget_mb} MB budget.",
         "",
+        f"App path ({facts.eval_examples} conversations: {facts.eval_source}): each artifact renders the "
+        "conversation with its own chat template and tokenizer and answers greedily in its own runtime "
+        "(llama-cpp-python's create_chat_completion path, onnxruntime-genai's apply_chat_template + "
+        '`Generator`). "prompt ids match" = share of conversations whose prompt ids equal the fine-tune\'s; '
+        '"answers match" = share whose answers equal the float model\'s, token for token.',
+        "",
     ]
+    diffs = [
+        f"- {artifact_name(a.spec)}{_variant(a.spec)}: {d}"
+        for a in arts
+        for d in (a.drift.prompt_diff, a.drift.answer_diff)
+        if d
+    ]
+    if diffs:
+        lines += ["First differences:", "", *diffs, ""]
     return "\n".join(lines)
 
 
@@ -169,7 +186,8 @@ def write_bundle(
                     "quant": a.spec.quant,
                     "bytes": tree_bytes(tmp / name),
                     "sha256": digest,
-                    "drift": a.drift.metrics(),
+                    "drift": a.drift.metrics()
+                    | {"prompt_diff": a.drift.prompt_diff, "answer_diff": a.drift.answer_diff},
                     "latency": a.latency.metrics(),
                     "budget": {k: v for k, v in asdict(a.spec.budget).items() if v is not None},
                     "within_budget": not a.violations,
@@ -202,7 +220,11 @@ def write_bundle(
                     "base_task_accuracy": facts.base_task_accuracy,
                     "latency": facts.reference_latency.metrics() if facts.reference_latency else None,
                 },
-                "data": {"train_examples": facts.train_examples, "eval_examples": facts.eval_examples},
+                "data": {
+                    "train_examples": facts.train_examples,
+                    "eval_examples": facts.eval_examples,
+                    "eval_source": facts.eval_source,
+                },
                 "artifacts": entries,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -74,20 +74,25 @@ def _emit(obj: Any, as_json: bool) -> None:
         info(f"{key:>16}: {value:.6g}" if isinstance(value, float) else f"{key:>16}: {value}")
 
 
-def _lora_overrides(pairs: list[str]):
-    """`--lora r=8 --lora epochs=2` → validated LoraSettings (values are TOML literals)."""
-    from .config import lora_settings
-
-    table = {}
+def _key_values(pairs: list[str], flag: str) -> dict[str, Any]:
+    """`--flag k=v --flag k2=v2` → {k: v, ...}; values are TOML literals (strings when not)."""
+    table: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise EdgeftError(f"--lora {pair}: expected KEY=VALUE, e.g. --lora r=8")
+            raise EdgeftError(f"{flag} {pair}: expected KEY=VALUE")
         try:
             table[key.strip()] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             table[key.strip()] = value
-    return lora_settings(table, "--lora")
+    return table
+
+
+def _lora_overrides(pairs: list[str]):
+    """`--lora r=8 --lora epochs=2` → validated LoraSettings."""
+    from .config import lora_settings
+
+    return lora_settings(_key_values(pairs, "--lora"), "--lora")
 
 
 JsonFlag = Annotated[
@@ -192,24 +197,40 @@ def export(
 
 
 @app.command(
-    epilog="Example: edgeft verify --reference merged --artifact model-q4_0.gguf --data tasks.jsonl --json"
+    epilog="Example: edgeft verify --reference merged --artifact model-q4_0.gguf --data tasks.jsonl --json\n\n"
+    "Example: edgeft verify --reference merged --artifact onnx-int8 --budget answers_match=0.95"
 )
 def verify(
-    reference: Annotated[Path, typer.Option(help="Float HF model directory to compare against.")],
+    reference: Annotated[Path, typer.Option(help="Fine-tuned float HF model directory to compare against.")],
     artifact: Annotated[Path, typer.Option(help="Exported artifact: a .gguf file or an ONNX model dir.")],
     data: Annotated[
-        Path | None, typer.Option(help="Task JSONL; its held-out split is the text and the task.")
+        Path | None,
+        typer.Option(
+            help="Task JSONL. Default: the held-out split the fine-tune recorded; other data is used whole."
+        ),
+    ] = None,
+    budget: Annotated[
+        list[str] | None,
+        typer.Option(help="Drift budget METRIC=VALUE (repeatable); prompt_ids_match=1 is always on."),
     ] = None,
     threads: Threads = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Drift of an artifact against the float model: KLD mean/p99, top-1, PPL ratio, task accuracy."""
+    """Drift of an artifact against the float model: KLD, top-1, PPL ratio, task accuracy, and the app path
+    (prompt ids and greedy answers through the artifact's own template, tokenizer and runtime). Exits 1 when
+    a budget is exceeded."""
+    from .targets import parse_budget
     from .ui import task
     from .verify import verify as run
 
+    limits = parse_budget(_key_values(budget or [], "--budget"), "--budget")
     with _stdout_to_stderr(), task("verify") as update:
-        report, ref_acc = run(reference, artifact, data, threads=threads, progress=update)
-    _emit(asdict(report) | {"reference_task_accuracy": ref_acc}, as_json)
+        report, ref_acc, source = run(reference, artifact, data, threads=threads, progress=update)
+    _emit(asdict(report) | {"reference_task_accuracy": ref_acc, "eval_source": source}, as_json)
+    failed = [report.explain(v) for v in limits.violations(report.metrics(), ref_acc)]
+    if failed:
+        print(f"error: {artifact}: over budget: {'; '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 @app.command(epilog="Example: edgeft bench --artifact model-q4_0.gguf --threads 4 --json")

@@ -31,16 +31,19 @@ GGUF_QUANTS = GGUF_FLOAT_QUANTS + GGUF_LLAMA_QUANTS
 
 # --- architectures --------------------------------------------------------------------------------------
 # HF `config.json` "architectures" entry → GGUF architecture. ref: llama.cpp convert_hf_to_gguf.py
-# (LlamaModel is registered for Llama/Mistral, Qwen2Model for Qwen2).
+# (@ModelBase.register: LlamaModel for Llama/Mistral, Qwen2Model, Qwen3Model, Gemma2Model, Gemma3Model,
+# Phi3MiniModel). How each is converted lives in edgeft/export/gguf/arch.py (ARCHS).
 GGUF_ARCHS: dict[str, gguf.MODEL_ARCH] = {
     "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
     "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,
     "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
+    "Qwen3ForCausalLM": gguf.MODEL_ARCH.QWEN3,
+    "Gemma2ForCausalLM": gguf.MODEL_ARCH.GEMMA2,
+    "Gemma3ForCausalLM": gguf.MODEL_ARCH.GEMMA3,
+    "Phi3ForCausalLM": gguf.MODEL_ARCH.PHI3,
 }
 
-# --- drift and latency metric names (manifest keys) ---------------------------------------------------
-DRIFT_METRICS = ("kld_mean", "kld_p99", "top1", "ppl_ratio", "task_accuracy")
-LATENCY_METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
+# --- drift budgets ---------------------------------------------------------------------------------------
 # Direction of "worse" per budgeted metric: "max" budgets cap the value, "min" budgets floor it.
 BUDGET_KINDS = {
     "kld_mean": "max",
@@ -48,6 +51,8 @@ BUDGET_KINDS = {
     "top1": "min",
     "ppl_ratio": "max",
     "task_accuracy_drop": "max",
+    "prompt_ids_match": "min",
+    "answers_match": "min",
 }
 
 # --- files -----------------------------------------------------------------------------------------------
@@ -107,9 +112,33 @@ ONNX_DEFAULT_ACCURACY_LEVEL = 4
 # Builder extra-option keys (KEY=VALUE strings); older builders spell it `int4_accuracy_level`.
 ONNX_OPT_ACCURACY_LEVEL = "accuracy_level"
 ONNX_OPT_HF_TOKEN = "hf_token"
-# HF architectures edgeft exports to ONNX (builder.py dispatches them to LlamaModel, MistralModel,
-# QwenModel).
-ONNX_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# HF architecture → None when edgeft exports it to ONNX, else the one-line reason it is refused up front.
+# ref: builder.py create_model, which dispatches the supported ones to LlamaModel, MistralModel, QwenModel,
+# Qwen3Model (builders/qwen.py), Gemma2Model / Gemma3Model (builders/gemma.py) and Phi3MiniModel /
+# Phi3MiniLongRoPEModel (builders/phi.py); edgeft/export/onnx.py fixes the config traits it misreads.
+ONNX_ARCHS: dict[str, str | None] = {
+    "LlamaForCausalLM": None,
+    "MistralForCausalLM": None,
+    "Qwen2ForCausalLM": None,
+    "Qwen3ForCausalLM": None,
+    "Gemma2ForCausalLM": None,
+    "Gemma3ForCausalLM": None,
+    "Phi3ForCausalLM": None,
+    # ref: builders/gemma.py Gemma3Model.make_rotary_embedding_multi_cache keeps the full-attention
+    # rescale_factors (linear, factor 8 in Gemma 3 4B/12B/27B) when it builds the sliding layers' cache.
+    "Gemma3ForConditionalGeneration": (
+        "multimodal Gemma 3: edgeft exports text decoders only, and the builder applies the full-attention "
+        "layers' linear RoPE scaling to the sliding-window layers too"
+    ),
+    # ref: transformers has no phi3small model; builder.py loads it with trust_remote_code only.
+    "Phi3SmallForCausalLM": "needs the checkpoint's own Python code (trust_remote_code), which edgeft never runs",
+}
+ONNX_SUPPORTED_ARCHS = tuple(arch for arch, refused in ONNX_ARCHS.items() if refused is None)
+# The only weight files the builder may read: transformers' from_pretrained looks for these names first and
+# falls back to pickle (pytorch_model.bin) without them. ref: transformers utils SAFE_WEIGHTS_NAME /
+# SAFE_WEIGHTS_INDEX_NAME. Files with these suffixes never reach the builder (pickle can run code).
+ONNX_SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+ONNX_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Files of an onnxruntime-genai model directory. ref: builders/base.py save_model / make_genai_config /
 # save_processing.
 ONNX_GENAI_CONFIG = "genai_config.json"

@@ -231,24 +231,46 @@ def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _plain_prompt(ex: Example) -> str:
-    """Prompt text for tokenizers without a chat template: the prompt turns' contents, one per line."""
-    return "\n".join(m["content"] for m in ex.prompt_messages)
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Ids a model answers from: chat template + generation prompt (or the turns' text, one per line)."""
+    if _has_chat_template(tokenizer):
+        # The rendered template carries its own BOS/markers, so no special tokens are added again.
+        return _encode(tokenizer, _render(tokenizer, messages, True), special=False)
+    return _encode(tokenizer, "\n".join(m["content"] for m in messages), special=True)
 
 
 def prompt_ids(tokenizer: Any, ex: Example) -> list[int]:
-    """Ids a runtime generates the answer from: chat template + generation prompt (or plain prompt text)."""
-    if _has_chat_template(tokenizer):
-        # The rendered template carries its own BOS/markers, so no special tokens are added again.
-        return _encode(tokenizer, _render(tokenizer, ex.prompt_messages, True), special=False)
-    return _encode(tokenizer, _plain_prompt(ex), special=True)
+    """Ids a runtime generates the example's answer from (see chat_prompt_ids)."""
+    return chat_prompt_ids(tokenizer, ex.prompt_messages)
+
+
+_SENTINEL = "\u2063edgeft-answer\u2063"
+
+
+def template_end_of_turn(tokenizer: Any) -> int | None:
+    """The special token the chat template puts right after an assistant answer (e.g. <|im_end|>), if any."""
+    if not _has_chat_template(tokenizer):
+        return None
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        text = _render(tokenizer, msgs, False)
+    except Exception:  # noqa: BLE001 - a template may refuse this shape; then there is nothing to learn
+        return None
+    if _SENTINEL not in text:
+        return None
+    tail = _encode(tokenizer, text.split(_SENTINEL, 1)[1], special=False)
+    specials = set(getattr(tokenizer, "all_special_ids", [])) | {
+        int(i) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special
+    }
+    return next((t for t in tail if t in specials), None)
 
 
 def stop_ids(tokenizer: Any) -> list[int]:
-    """Ids that end a greedy answer: the tokenizer's eos plus any end-of-turn token in its vocabulary."""
+    """Ids that end a greedy answer: eos, the template's end-of-turn token, known end-of-turn tokens."""
     ids: list[int] = []
     eos = getattr(tokenizer, "eos_token_id", None)
-    for i in eos if isinstance(eos, list) else [eos]:
+    eot = template_end_of_turn(tokenizer)
+    for i in [*(eos if isinstance(eos, list) else [eos]), eot]:
         if isinstance(i, int) and i not in ids:
             ids.append(i)
     vocab = tokenizer.get_vocab()
@@ -289,13 +311,6 @@ def train_ids(tokenizer: Any, ex: Example, max_len: int) -> tuple[list[int], lis
     return prompt + rest, [IGNORE_INDEX] * len(prompt) + rest
 
 
-def answer_matches(tokenizer: Any, generated_ids: Sequence[int], ex: Example) -> bool:
-    """Exact match of a greedy answer (up to its first stop id, specials skipped, stripped) with ex.answer."""
-    stops = set(stop_ids(tokenizer))
-    ids: list[int] = []
-    for t in generated_ids:
-        if int(t) in stops:
-            break
-        ids.append(int(t))
-    text = tokenizer.decode(ids, skip_special_tokens=True)
+def answer_text_matches(text: str, ex: Example) -> bool:
+    """Exact match (surrounding whitespace aside) of a decoded greedy answer with the expected answer."""
     return text.strip() == ex.answer.strip()

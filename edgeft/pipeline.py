@@ -12,6 +12,7 @@ from . import bench, bundle, data, export, targets, verify
 from .config import BuildConfig, apply_budgets
 from .errors import EdgeftError
 from .finetune import finetune
+from .loading import load_tokenizer
 from .merge import merge
 from .runtime import open_runtime
 from .runtime.torch import TorchRuntime
@@ -39,28 +40,32 @@ def build(cfg: BuildConfig) -> BuildResult:
     with timed("merge", seconds):
         merged = merge(model, ft.adapter_dir, work / "merged").out_dir
 
-    _, held_out = data.load_split(data_path, cfg.lora.eval_fraction, cfg.lora.seed)
-    evalset = verify.make_eval_set(verify.load_tokenizer(merged), held_out)
+    examples, source = verify.eval_examples(merged, None)  # the fine-tune's own held-out split
+    evalset = verify.make_eval_set(load_tokenizer(merged, notify=False), examples, source=source)
     with timed("reference", seconds):
-        base_acc = score(
-            "base model (before LoRA)", TorchRuntime(model, threads=threads), evalset
-        ).task_accuracy
-        ref = score("fine-tuned float model", open_runtime(merged, threads=threads), evalset)
-        with task("bench PyTorch float"):
-            ref_latency = bench.bench(merged, threads=threads)
-
-    results = []
-    for spec in target.artifacts:
-        with timed(spec.label, seconds):
-            with task(f"export {spec.label}") as update:
-                path = export.export_artifact(
-                    merged, spec.format, spec.quant, work / "artifacts", spec.accuracy_level, update
-                )
-            drift = check(spec.label, ref, path, evalset, threads)
-            with task(f"bench {spec.label}"):
-                latency = bench.bench(path, threads=threads)
-        violations = spec.budget.violations(drift.metrics(), ref.task_accuracy)
-        results.append(bundle.ArtifactResult(spec, path, drift, latency, tuple(violations)))
+        base_acc = base_accuracy(model, evalset, threads)
+        ref_rt = open_runtime(merged, threads=threads)
+    try:
+        with timed("reference", seconds):
+            ref = score(ref_rt, evalset)
+            with task("bench PyTorch float"):
+                ref_latency = bench.bench(merged, threads=threads)
+        results = []
+        for spec in target.artifacts:
+            with timed(spec.label, seconds):
+                with task(f"export {spec.label}") as update:
+                    path = export.export_artifact(
+                        merged, spec.format, spec.quant, work / "artifacts", spec.accuracy_level, update
+                    )
+                drift = check(spec.label, ref, path, evalset, threads)
+                with task(f"bench {spec.label}"):
+                    latency = bench.bench(path, threads=threads)
+            violations = [
+                drift.explain(v) for v in spec.budget.violations(drift.metrics(), ref.task_accuracy)
+            ]
+            results.append(bundle.ArtifactResult(spec, path, drift, latency, tuple(violations)))
+    finally:
+        ref_rt.close()
 
     facts = bundle.BuildFacts(
         base_model=str(model),
@@ -72,7 +77,8 @@ def build(cfg: BuildConfig) -> BuildResult:
         kv_cache_mb=bundle.kv_cache_mb(merged, target.context_length),
         seconds=seconds,
         train_examples=ft.train_examples,
-        eval_examples=len(evalset.prompts),
+        eval_examples=len(evalset.examples),
+        eval_source=evalset.source,
     )
     failed = [f"{r.spec.label}: {v}" for r in results if r.spec.ship for v in r.violations]
     if failed and cfg.fail_on_drift:
@@ -101,18 +107,27 @@ def timed(name: str, seconds: dict[str, float]):
     seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-def score(label: str, rt, evalset: verify.EvalSet) -> verify.ReferenceRun:
-    """Run a float model over the eval set (its log-probs and task accuracy)."""
+def base_accuracy(model: str, evalset: verify.EvalSet, threads: int) -> float | None:
+    """Task accuracy of the base model before fine-tuning (what the fine-tune is worth)."""
+    if not evalset.scored:
+        return None
+    rt = TorchRuntime(model, threads=threads)
     try:
-        with task(f"score {label}", evalset.n_steps) as update:
-            return verify.run_reference(rt, evalset, update)
+        with task("score base model (before fine-tuning)", len(evalset.examples)) as update:
+            return verify.task_accuracy(rt, evalset, update)
     finally:
         rt.close()
 
 
+def score(rt, evalset: verify.EvalSet) -> verify.ReferenceRun:
+    """The fine-tuned float model over the eval set: next-token NLL, its answers, task accuracy."""
+    with task("score fine-tuned float model", evalset.n_steps) as update:
+        return verify.run_reference(rt, evalset, update)
+
+
 def check(label: str, ref: verify.ReferenceRun, path: Path, evalset: verify.EvalSet, threads: int):
-    """Drift of one artifact against the reference run."""
-    rt = open_runtime(path, threads=threads)
+    """Drift of one artifact against the reference run (shared ids and the app path)."""
+    rt = open_runtime(path, threads=threads, n_ctx=evalset.n_ctx)
     try:
         with task(f"verify {label}", evalset.n_steps) as update:
             return verify.compare(ref, rt, evalset, update)

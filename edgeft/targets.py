@@ -36,6 +36,9 @@ class DriftBudget:
     top1: float | None = None
     ppl_ratio: float | None = None
     task_accuracy_drop: float | None = None
+    # The app path: a tokenization or template difference fails the build unless a profile loosens it.
+    prompt_ids_match: float | None = 1.0
+    answers_match: float | None = None
 
     def violations(self, drift: dict[str, float | None], reference_accuracy: float | None) -> list[str]:
         """One line per exceeded limit, naming metric, value and budget."""

@@ -34,4 +34,4 @@ def task(description: str, total: int | None = None) -> Iterator[Callable[[int, 
 
 
 def info(msg: str) -> None:
-    console.print(msg, highlight=False)
+    console.print(msg, highlight=False, soft_wrap=True)

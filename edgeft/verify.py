@@ -1,41 +1,90 @@
-"""Verify: how far an exported artifact drifts from the float model, judged by the artifact's own runtime.
+"""Verify: how far an exported artifact drifts from the fine-tuned float model, judged in its own runtime.
 
-Both models see the same token ids. Per next-token position we compare the distributions (KL divergence,
-top-1 agreement), over the sequence the perplexity of the real next tokens, and on the held-out task split
-the exact-match accuracy of greedy answers. llama.cpp's perplexity tool reports the same family of numbers
-(mean/percentile KLD, same-top-p, PPL ratio; ref: llama.cpp tools/perplexity README) but against an f16
-GGUF; here the reference is the fine-tuned float model itself.
+Two views, both against the float model in PyTorch:
+- the weights: both models see the same token ids; per next-token position the distributions are compared
+  (KL divergence, top-1 agreement) and over the sequences the perplexity of the real next tokens
+  (llama.cpp's perplexity tool reports the same family of numbers against an f16 GGUF; ref: llama.cpp
+  tools/perplexity README — here the reference is the fine-tuned float model itself);
+- the product, the path an app takes: each eval conversation is rendered by the artifact's own chat
+  template and tokenized by its own tokenizer (llama-cpp-python's `create_chat_completion` path for GGUF,
+  onnxruntime-genai's `apply_chat_template` + `encode` for ONNX) and answered greedily until the runtime's
+  own end-of-generation ids. `prompt_ids_match` is the fraction of conversations whose prompt ids equal
+  the fine-tune's, `answers_match` the fraction whose answers equal the float model's, and the first
+  difference of each is kept, as tokens, for the report.
+
+Memory stays bounded for big vocabularies: the float model's logits are kept between artifacts only while
+they fit REFERENCE_CACHE_BYTES; beyond that they are recomputed per sequence from the open float model.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from . import data as data_mod
+from . import metrics
 from .errors import EdgeftError
 from .runtime import Runtime, open_runtime
 
 Progress = Callable[[int, int], None]
+REFERENCE_CACHE_BYTES = 512 << 20
+FINETUNE_RECORD = "edgeft_finetune.json"
+# Conversations every verify runs through the app path, besides the task's own: numbers, whitespace runs,
+# non-ASCII text, a system turn and several turns — where templates and tokenizers disagree in practice.
+PROBE_CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
+    ({"role": "user", "content": "What is 2 + 2?"},),
+    ({"role": "user", "content": "Set the timer to 3.11 minutes,   then  stop."},),
+    (
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Café in Ålesund: open at 07:30?"},
+    ),
+    (
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "Hi! How can I help?"},
+        {"role": "user", "content": "list 3 colours\n\n- red"},
+    ),
+)
 
 
 @dataclass
 class EvalSet:
-    """The held-out material every model is scored on: text ids for drift, prompts for the task."""
+    """What every model is scored on: conversations (the task) and their ids as the fine-tune saw them."""
 
-    sequences: list[list[int]]
-    examples: list[data_mod.Example]
-    prompts: list[list[int]]
-    stop_ids: list[int]
-    tokenizer: object
-    max_new_tokens: int = 64
+    examples: list[data_mod.Example]  # conversations; the last assistant turn is the expected answer
+    sequences: list[list[int]]  # whole conversations, for drift on shared ids
+    prompts: list[list[int]]  # the fine-tune's prompt ids of each conversation
+    max_new_tokens: int
+    scored: bool  # the examples are task data (exact match is meaningful), not built-in probes
+    source: str = ""  # where the examples came from, for the report
 
     @property
     def n_steps(self) -> int:
-        return len(self.sequences) + len(self.prompts)
+        return len(self.sequences) + len(self.examples)
+
+    @property
+    def n_ctx(self) -> int:
+        """A context that holds every sequence, and every prompt plus its answer."""
+        longest = max([len(s) for s in self.sequences] + [len(p) for p in self.prompts] + [1])
+        return longest + self.max_new_tokens + 16
+
+
+@dataclass(frozen=True)
+class AppAnswer:
+    """One conversation through a runtime's app path."""
+
+    prompt: list[int]
+    answer: list[int]  # greedy ids before the first end-of-generation id
+    ended: bool  # whether it ended on an end-of-generation id (not on the token limit)
+    text: str
+    error: str | None = None  # the runtime could not render or run this conversation
+
+    def same_answer(self, other: AppAnswer) -> bool:
+        return self.error is None and self.answer == other.answer and self.ended == other.ended
 
 
 @dataclass(frozen=True)
@@ -47,21 +96,49 @@ class DriftReport:
     top1: float
     ppl_ratio: float
     task_accuracy: float | None
+    prompt_ids_match: float
+    answers_match: float
     n_positions: int
     n_examples: int
+    prompt_diff: str | None = None  # the first conversation whose prompt ids differ, as tokens
+    answer_diff: str | None = None  # the first conversation whose answer differs, as tokens
+
+    def explain(self, violation: str) -> str:
+        """A budget violation line, with the first differing token when it is about the app path."""
+        if violation.startswith("prompt_ids_match") and self.prompt_diff:
+            return f"{violation} ({self.prompt_diff})"
+        if violation.startswith("answers_match") and self.answer_diff:
+            return f"{violation} ({self.answer_diff})"
+        return violation
 
     def metrics(self) -> dict[str, float | None]:
-        d = asdict(self)
-        return {k: d[k] for k in ("kld_mean", "kld_p99", "top1", "ppl_ratio", "task_accuracy")}
+        keys = (
+            "kld_mean",
+            "kld_p99",
+            "top1",
+            "ppl_ratio",
+            "task_accuracy",
+            "prompt_ids_match",
+            "answers_match",
+        )
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass
 class ReferenceRun:
     """What the float model produced on an EvalSet, computed once and compared with every artifact."""
 
-    log_probs: list[np.ndarray]
+    runtime: Runtime  # kept open while logits are recomputed (see REFERENCE_CACHE_BYTES)
     nll: float
     task_accuracy: float | None
+    answers: list[AppAnswer]
+    cached: list[np.ndarray] | None = field(default=None, repr=False)
+
+    def logits(self, i: int, ids: list[int]) -> np.ndarray:
+        return self.cached[i] if self.cached is not None else self.runtime.logits(ids)
+
+
+# --- the eval set --------------------------------------------------------------------------------------
 
 
 def _fallback_text(n: int = 8, chars: int = 600) -> list[str]:
@@ -72,120 +149,247 @@ def _fallback_text(n: int = 8, chars: int = 600) -> list[str]:
     return [topics[k][:chars] for k in keys]
 
 
-def load_tokenizer(model_dir: Path):
-    """The reference model's tokenizer (the artifact shares it: same ids in, same ids out)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise EdgeftError(f"{model_dir}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+def probe_examples() -> list[data_mod.Example]:
+    """The built-in conversations as examples (answers unknown: they are compared, never scored)."""
+    return [
+        data_mod.Example((*msgs, {"role": "assistant", "content": "-"}), f"probe:{i + 1}")
+        for i, msgs in enumerate(PROBE_CONVERSATIONS)
+    ]
 
 
 def make_eval_set(
-    tokenizer, examples: Sequence[data_mod.Example] | None, *, max_examples: int = 256, max_len: int = 256
+    tokenizer: Any,
+    examples: Sequence[data_mod.Example] | None,
+    *,
+    max_examples: int = 256,
+    max_len: int = 256,
+    source: str = "",
 ) -> EvalSet:
-    """Token ids for drift (the full held-out conversations, or offline text) and prompts for the task."""
+    """Ids for drift (the whole held-out conversations, or offline text) and the conversations to answer."""
     examples = list(examples or [])[:max_examples]
     if examples:
         seqs = [data_mod.train_ids(tokenizer, ex, max_len)[0] for ex in examples]
-        prompts = [data_mod.prompt_ids(tokenizer, ex) for ex in examples]
         longest = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
-        max_new = min(256, longest + 8)
+        max_new, scored = min(256, longest + 8), True
     else:
+        examples = probe_examples()
         seqs = [tokenizer(t)["input_ids"][:max_len] for t in _fallback_text()]
-        prompts, max_new = [], 0
-    return EvalSet(seqs, examples, prompts, data_mod.stop_ids(tokenizer), tokenizer, max_new)
+        max_new, scored, source = 24, False, "built-in probe conversations"
+    prompts = [data_mod.prompt_ids(tokenizer, ex) for ex in examples]
+    return EvalSet(examples, seqs, prompts, max_new, scored, source)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+# --- greedy answers ------------------------------------------------------------------------------------
 
 
-def _nll(log_probs: np.ndarray, ids: Sequence[int]) -> np.ndarray:
-    """Negative log-likelihood of each real next token."""
-    nxt = np.asarray(ids[1:])
-    return -log_probs[np.arange(len(nxt)), nxt]
+def _visible_prefix(text: str) -> str:
+    """Decoded text of a partial answer without a trailing incomplete UTF-8 character (shown as U+FFFD)."""
+    return text.strip().rstrip("\ufffd")
 
 
-def _still_possible(es: EvalSet, out: list[int], ex: data_mod.Example) -> bool:
-    """Whether a greedy answer that starts with `out` can still match exactly (decoding only appends text)."""
-    text = es.tokenizer.decode(out, skip_special_tokens=True).strip()
-    return ex.answer.strip().startswith(text)
+def _could_match(rt: Runtime, out: list[int], ex: data_mod.Example) -> bool:
+    """Whether a greedy answer that starts with `out` can still match the expected answer exactly."""
+    return ex.answer.strip().startswith(_visible_prefix(rt.decode(out)))
 
 
-def greedy_answer(rt: Runtime, ids: list[int], ex: data_mod.Example, es: EvalSet) -> list[int]:
-    """The greedy answer, generated in doubling chunks and cut short once it can no longer match.
-
-    A wrong answer (every answer of an untuned base model) then costs a few tokens instead of the
-    whole budget; a right one costs a few extra prompt passes.
-    """
+def greedy(rt: Runtime, prompt: list[int], limit: int, keep_going: Callable[[list[int]], bool]) -> list[int]:
+    """Greedy ids after `prompt` until an end id or `limit`, in doubling chunks, cut once `keep_going` is
+    false — a wrong answer (every answer of an untuned base model) costs a few tokens, not the budget."""
     out: list[int] = []
-    chunk, stops = 4, set(es.stop_ids)
-    while len(out) < es.max_new_tokens:
-        n = min(chunk, es.max_new_tokens - len(out))
-        new = rt.generate(ids + out, n, es.stop_ids)
+    chunk, ends = 4, set(rt.end_ids)
+    while len(out) < limit:
+        n = min(chunk, limit - len(out))
+        new = rt.generate(prompt + out, n, rt.end_ids)
         out += new
-        if len(new) < n or (new and new[-1] in stops) or not _still_possible(es, out, ex):
+        if len(new) < n or (new and new[-1] in ends) or not keep_going(out):
             break
         chunk *= 2
     return out
 
 
-def _task_accuracy(rt: Runtime, es: EvalSet, progress: Progress | None, done: int) -> float | None:
-    if not es.prompts:
+def app_answer(
+    rt: Runtime, es: EvalSet, i: int, keep_going: Callable[[list[int]], bool] | None = None
+) -> AppAnswer:
+    """Conversation `i` through the runtime's own chat template, tokenizer and end ids."""
+    ex = es.examples[i]
+    try:
+        prompt = rt.chat_prompt_ids(ex.prompt_messages)
+    except EdgeftError as e:
+        return AppAnswer([], [], False, "", error=str(e))
+    if len(prompt) + es.max_new_tokens > es.n_ctx:
+        return AppAnswer(prompt, [], False, "", error=f"prompt of {len(prompt)} tokens exceeds the context")
+    out = greedy(rt, prompt, es.max_new_tokens, keep_going or (lambda _: True))
+    ends = set(rt.end_ids)
+    cut = next((k for k, t in enumerate(out) if t in ends), len(out))
+    return AppAnswer(prompt, out[:cut], cut < len(out), rt.decode(out[:cut]))
+
+
+def task_accuracy(rt: Runtime, es: EvalSet, progress: Progress | None = None) -> float | None:
+    """Exact-match accuracy of greedy answers on the task (None without task data); answers cut early."""
+    if not es.scored:
         return None
     hits = 0
-    for i, (ids, ex) in enumerate(zip(es.prompts, es.examples, strict=True)):
-        out = greedy_answer(rt, list(ids), ex, es)
-        hits += bool(data_mod.answer_matches(es.tokenizer, out, ex))
+    for i, ex in enumerate(es.examples):
+        a = app_answer(rt, es, i, lambda out, ex=ex: _could_match(rt, out, ex))
+        hits += a.ended and data_mod.answer_text_matches(a.text, ex)
         if progress:
-            progress(done + i + 1, es.n_steps)
-    return hits / len(es.prompts)
+            progress(i + 1, len(es.examples))
+    return hits / len(es.examples)
+
+
+# --- reference and comparison ------------------------------------------------------------------------------
 
 
 def run_reference(rt: Runtime, es: EvalSet, progress: Progress | None = None) -> ReferenceRun:
-    """Score the float model once: its log-probs, perplexity and task accuracy."""
-    log_probs, nll = [], []
+    """Score the float model once: next-token NLL, its own app-path answers, task accuracy.
+
+    `rt` stays in use afterwards when the logits do not fit REFERENCE_CACHE_BYTES; close it after the last
+    compare().
+    """
+    size = sum(len(s) for s in es.sequences) * int(rt.n_vocab) * 4
+    cached: list[np.ndarray] | None = [] if size <= REFERENCE_CACHE_BYTES else None
+    nll = []
     for i, ids in enumerate(es.sequences):
-        lp = _log_softmax(rt.logits(ids)).astype(np.float32)
-        log_probs.append(lp)
-        nll.append(_nll(lp, ids))
+        logits = rt.logits(ids)
+        nll.append(metrics.compare_logits(logits, logits, ids).ref_nll)
+        if cached is not None:
+            cached.append(np.asarray(logits, dtype=np.float32))
         if progress:
             progress(i + 1, es.n_steps)
-    acc = _task_accuracy(rt, es, progress, len(es.sequences))
-    return ReferenceRun(log_probs, float(np.concatenate(nll).mean()), acc)
+    answers, hits = [], 0
+    for i, ex in enumerate(es.examples):
+        a = app_answer(rt, es, i)
+        if a.error:
+            raise EdgeftError(f"{ex.source}: the float model cannot answer this conversation ({a.error})")
+        answers.append(a)
+        hits += a.ended and data_mod.answer_text_matches(a.text, ex)
+        if progress:
+            progress(len(es.sequences) + i + 1, es.n_steps)
+    acc = hits / len(es.examples) if es.scored else None
+    return ReferenceRun(rt, float(np.concatenate(nll).mean()), acc, answers, cached)
 
 
-def compare(ref: ReferenceRun, rt: Runtime, es: EvalSet, progress: Progress | None = None) -> DriftReport:
-    """Drift of a runtime's model against the reference run on the same ids."""
+def _piece(decode: Callable[[list[int]], str], ids: list[int], k: int) -> str:
+    return f"{decode([ids[k]])!r} ({ids[k]})" if k < len(ids) else "(end)"
+
+
+def first_difference(
+    label: str, ref: list[int], got: list[int], ref_decode: Callable, got_decode: Callable
+) -> str:
+    """'LABEL: token K: float 'x' (id) vs artifact 'y' (id)' for the first position where two id lists differ."""
+    k = next((j for j, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b), min(len(ref), len(got)))
+    return (
+        f"{label}: first difference at token {k}: float {_piece(ref_decode, ref, k)} "
+        f"vs artifact {_piece(got_decode, got, k)}"
+    )
+
+
+def compare(
+    ref: ReferenceRun,
+    rt: Runtime,
+    es: EvalSet,
+    progress: Progress | None = None,
+    *,
+    ref_rt: Runtime | None = None,
+) -> DriftReport:
+    """Drift of a runtime's model against the reference run: shared ids, then the app path."""
     klds, agree, nll = [], [], []
-    for i, (ids, ref_lp) in enumerate(zip(es.sequences, ref.log_probs, strict=True)):
-        lp = _log_softmax(rt.logits(ids)).astype(np.float32)  # stored like the reference's
-        if lp.shape != ref_lp.shape:
+    for i, ids in enumerate(es.sequences):
+        ref_logits = ref.logits(i, ids)
+        got = rt.logits(ids)
+        if got.shape != ref_logits.shape:
             raise EdgeftError(
-                f"artifact gives logits of shape {lp.shape} where the float model gives {ref_lp.shape}; "
+                f"artifact gives logits of shape {got.shape} where the float model gives {ref_logits.shape}; "
                 "vocabulary sizes differ, re-export the artifact from this model"
             )
-        p = np.exp(ref_lp.astype(np.float64))
-        klds.append((p * (ref_lp.astype(np.float64) - lp)).sum(axis=-1))
-        agree.append(ref_lp.argmax(axis=-1) == lp.argmax(axis=-1))
-        nll.append(_nll(lp, ids))
+        stats = metrics.compare_logits(ref_logits, got, ids)
+        klds.append(stats.kld)
+        agree.append(stats.same_top1)
+        nll.append(stats.test_nll)
         if progress:
             progress(i + 1, es.n_steps)
-    kld = np.maximum(np.concatenate(klds), 0.0)
-    acc = _task_accuracy(rt, es, progress, len(es.sequences))
+    kld = np.concatenate(klds)
+
+    ref_decode = (ref_rt or ref.runtime).decode
+    prompt_hits = answer_hits = task_hits = 0
+    prompt_diff = answer_diff = None
+    for i, ex in enumerate(es.examples):
+        want = ref.answers[i]
+        full = want.answer + ([-1] if want.ended else [])
+
+        def keep_going(out: list[int], ex: data_mod.Example = ex, full: list[int] = full) -> bool:
+            return out == full[: len(out)] or (es.scored and _could_match(rt, out, ex))
+
+        got = app_answer(rt, es, i, keep_going)
+        label = f"conversation {i + 1} ({ex.source})"
+        if got.error is not None:
+            prompt_diff = prompt_diff or f"{label}: {got.error}"
+            answer_diff = answer_diff or f"{label}: {got.error}"
+        else:
+            if got.prompt == want.prompt:
+                prompt_hits += 1
+            elif prompt_diff is None:
+                prompt_diff = first_difference(
+                    f"{label} prompt", want.prompt, got.prompt, ref_decode, rt.decode
+                )
+            if got.same_answer(want):
+                answer_hits += 1
+            elif answer_diff is None:
+                a, b = want.answer + ([-2] if want.ended else []), got.answer + ([-2] if got.ended else [])
+                answer_diff = first_difference(
+                    f"{label} answer", a, b, _end_aware(ref_decode), _end_aware(rt.decode)
+                )
+            task_hits += got.ended and data_mod.answer_text_matches(got.text, ex)
+        if progress:
+            progress(len(es.sequences) + i + 1, es.n_steps)
+    n = len(es.examples)
     return DriftReport(
         kld_mean=float(kld.mean()),
         kld_p99=float(np.percentile(kld, 99)),
         top1=float(np.concatenate(agree).mean()),
         ppl_ratio=float(np.exp(np.concatenate(nll).mean() - ref.nll)),
-        task_accuracy=acc,
+        task_accuracy=task_hits / n if es.scored else None,
+        prompt_ids_match=prompt_hits / n,
+        answers_match=answer_hits / n,
         n_positions=int(kld.size),
-        n_examples=len(es.prompts),
+        n_examples=n,
+        prompt_diff=prompt_diff,
+        answer_diff=answer_diff,
     )
+
+
+def _end_aware(decode: Callable[[list[int]], str]) -> Callable[[list[int]], str]:
+    """decode, with the marker -2 shown as the end of the answer."""
+    return lambda ids: "<end of turn>" if ids == [-2] else decode(ids)
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+
+def eval_examples(reference: Path, data: Path | None) -> tuple[list[data_mod.Example] | None, str]:
+    """The conversations to verify on, and where they came from.
+
+    The fine-tune's own held-out split when the reference records one (edgeft finetune writes it, and merge
+    carries it) and `data` is that data or absent; otherwise every example of `data`; with neither, None
+    (built-in probe conversations and offline text).
+    """
+    record_path = Path(reference) / FINETUNE_RECORD
+    record = None
+    if record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8")).get("eval_split")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            raise EdgeftError(f"{record_path}: not a readable fine-tune record") from None
+    if record:
+        files = dict(record.get("files", {}))
+        same = data is None or data_mod.dataset_sha256(Path(data)) in files.values()
+        if same:
+            examples = data_mod.load_recorded_split(record, str(record_path))
+            return examples, f"the fine-tune's held-out split ({len(examples)} examples)"
+    if data is not None:
+        examples = data_mod.load_jsonl(Path(data))
+        return examples, f"every example of {data} (not the fine-tune's data)"
+    return None, "built-in probe conversations"
 
 
 def verify(
@@ -193,26 +397,22 @@ def verify(
     artifact: Path,
     data: Path | None = None,
     *,
-    eval_fraction: float = 0.1,
-    seed: int = 0,
     threads: int | None = None,
     progress: Progress | None = None,
-) -> tuple[DriftReport, float | None]:
-    """Drift of `artifact` against the float model in `reference` (and the reference's task accuracy).
+) -> tuple[DriftReport, float | None, str]:
+    """Drift of `artifact` against the float model in `reference`; also the reference's task accuracy and
+    where the eval conversations came from."""
+    from .loading import load_tokenizer
 
-    With `data`, the held-out split (same seed as fine-tuning) is the text and the task; without it,
-    offline English text is used and task accuracy is not measured.
-    """
-    tok = load_tokenizer(reference)
-    examples = None
-    if data is not None:
-        _, examples = data_mod.load_split(Path(data), eval_fraction, seed)
-    es = make_eval_set(tok, examples)
+    examples, source = eval_examples(Path(reference), data)
+    es = make_eval_set(load_tokenizer(reference), examples, source=source)
+    rt = open_runtime(
+        artifact, threads=threads, n_ctx=es.n_ctx
+    )  # a broken artifact fails before the reference
     ref_rt = open_runtime(reference, threads=threads)
-    ref = run_reference(ref_rt, es)
-    ref_rt.close()
-    rt = open_runtime(artifact, threads=threads)
     try:
-        return compare(ref, rt, es, progress), ref.task_accuracy
+        ref = run_reference(ref_rt, es)
+        return compare(ref, rt, es, progress), ref.task_accuracy, es.source
     finally:
         rt.close()
+        ref_rt.close()

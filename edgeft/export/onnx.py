@@ -5,6 +5,10 @@ weights in model.onnx.data), genai_config.json and the tokenizer files. int8/int
 MatMulNBits quants; `accuracy_level` picks the precision the CPU kernel computes activations in (4 = int8,
 fast; 1 = fp32, closer to the float model). The builder is chatty (print, tqdm, root-logger INFO), so all
 of its output goes to a log file in the work dir and a `--json` CLI stays clean.
+
+Architectures are the ONNX_ARCHS table; traits the builder or onnxruntime cannot handle are refused before
+any work. The builder reads a staged copy of the model dir (safetensors only, config.json rewritten where
+needed) and a config object fixed where it misreads a transformers 5 config (`_fix_builder_config`).
 """
 
 from __future__ import annotations
@@ -28,13 +32,17 @@ from ..constants import (
     ONNX_MODEL_FILE,
     ONNX_OPT_ACCURACY_LEVEL,
     ONNX_OPT_HF_TOKEN,
+    ONNX_PICKLE_SUFFIXES,
     ONNX_PRECISIONS,
     ONNX_QUANTS,
     ONNX_REQUIRED_FILES,
+    ONNX_SAFETENSORS_FILES,
+    ONNX_SUPPORTED_ARCHS,
 )
 from ..errors import EdgeftError
 from ..files import tree_bytes
 from ..guard import check_external_data
+from ..loading import copy_tokenizer_files
 
 Progress = Callable[[int, int], None]
 _STEPS = 3  # build, check, publish
@@ -53,14 +61,89 @@ class OnnxExportResult:
 # --- input checks ----------------------------------------------------------------------------------------
 
 
-def _architecture(model_dir: Path) -> str:
+def _read_config(model_dir: Path) -> dict[str, Any]:
     cfg_path = model_dir / "config.json"
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise EdgeftError(f"{cfg_path}: cannot read the model config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise EdgeftError(f"{cfg_path}: the model config is not a JSON object")
+    return cfg
+
+
+def _architecture(model_dir: Path) -> str:
+    cfg = _read_config(model_dir)
     archs = cfg.get("architectures") or []
     return str(archs[0]) if archs else f"model_type={cfg.get('model_type', '?')}"
+
+
+def _unsupported(model_dir: Path, arch: str) -> EdgeftError:
+    refused = [a for a in ONNX_ARCHS if a not in ONNX_SUPPORTED_ARCHS]
+    return EdgeftError(
+        f"{model_dir}: architecture {arch} is not supported by edgeft's ONNX export "
+        f"(supported: {', '.join(ONNX_SUPPORTED_ARCHS)}; refused: {', '.join(refused)})"
+    )
+
+
+def _gemma3_rope_types(cfg: dict[str, Any]) -> dict[str, str]:
+    """Gemma 3's RoPE type per layer type, from a transformers 5 (nested) or 4 (rope_scaling) config."""
+    # ref: transformers models/gemma3/configuration_gemma3.py convert_rope_params_to_dict: rope_parameters is
+    # {"full_attention": {...}, "sliding_attention": {...}}; an old `rope_scaling` applies to full_attention.
+    params = cfg.get("rope_parameters") or {}
+    types = {
+        t: str((params.get(t) or {}).get("rope_type", "default"))
+        for t in ("full_attention", "sliding_attention")
+    }
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling:
+        types["full_attention"] = str(scaling.get("rope_type", scaling.get("type", "default")))
+    return types
+
+
+def _refused_trait(arch: str, cfg: dict[str, Any]) -> str | None:
+    """Why a supported architecture's config still cannot become a correct ONNX model (None: it can)."""
+    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    head_dim = cfg.get("head_dim") or (
+        hidden // heads if isinstance(hidden, int) and isinstance(heads, int) else 0
+    )
+    # ref: onnxruntime contrib_ops/cpu/bert/group_query_attention_helper.h CheckInputs ("head_size shall be a
+    # multiple of 16", "cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8"); the builder
+    # uses GroupQueryAttention for every CPU float/int model (builders/base.py is_gqa_supported).
+    if head_dim and head_dim % 16:
+        return f"head_dim {head_dim} is not a multiple of 16, which onnxruntime's GroupQueryAttention needs"
+    rope = cfg.get("rope_parameters") or {}
+    partial = cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
+    rotary = int(head_dim * float(partial))
+    if head_dim and rotary % 16:
+        return (
+            f"{rotary} rotary dims (head_dim {head_dim} x partial_rotary_factor {partial}) are not a multiple of "
+            "16, which onnxruntime's GroupQueryAttention needs"
+        )
+    if arch == "Gemma3ForCausalLM":
+        scaled = {t: r for t, r in _gemma3_rope_types(cfg).items() if r != "default"}
+        if scaled:
+            # ref: builders/gemma.py Gemma3Model.make_rotary_embedding_multi_cache builds the sliding layers'
+            # cache with the full-attention rescale_factors (KLD 0.19 on a tiny linear-scaled model).
+            return (
+                f"RoPE scaling {scaled} is not exported correctly: the builder applies the full-attention "
+                "scaling to the sliding-window layers too"
+            )
+    return None
+
+
+def _check_architecture(model_dir: Path) -> None:
+    """Refuse, before any work, what the builder cannot turn into a correct onnxruntime-genai model."""
+    cfg = _read_config(model_dir)
+    arch = _architecture(model_dir)
+    if arch not in ONNX_ARCHS:
+        raise _unsupported(model_dir, arch)
+    reason = ONNX_ARCHS[arch]
+    if reason:
+        raise EdgeftError(f"{model_dir}: {arch} is refused by edgeft's ONNX export: {reason}")
+    trait = _refused_trait(arch, cfg)
+    if trait:
+        raise EdgeftError(f"{model_dir / 'config.json'}: {arch} cannot be exported to ONNX: {trait}")
 
 
 def _check_inputs(model_dir: Path, quant: str, accuracy_level: int | None) -> None:
@@ -74,15 +157,14 @@ def _check_inputs(model_dir: Path, quant: str, accuracy_level: int | None) -> No
             raise EdgeftError(f"unknown ONNX accuracy_level {accuracy_level} (known: {levels})")
     if not model_dir.is_dir():
         raise EdgeftError(f"{model_dir}: model directory does not exist")
-    arch = _architecture(model_dir)
-    if arch not in ONNX_ARCHS:
+    _check_architecture(model_dir)
+    # The builder loads weights with transformers' from_pretrained, which reads these names (and only pickle
+    # files without them; _stage_input never shows it any).
+    if not any((model_dir / name).is_file() for name in ONNX_SAFETENSORS_FILES):
         raise EdgeftError(
-            f"{model_dir}: architecture {arch} is not supported by edgeft's ONNX export "
-            f"(supported: {', '.join(ONNX_ARCHS)})"
+            f"{model_dir}: no {' or '.join(ONNX_SAFETENSORS_FILES)} (pickle checkpoints are not loaded); "
+            "re-save the model with safe_serialization=True"
         )
-    # The builder loads weights with transformers' from_pretrained; refuse pickle-only checkpoints.
-    if not any(model_dir.glob("*.safetensors")):
-        raise EdgeftError(f"{model_dir}: no .safetensors weights (pickle checkpoints are not loaded)")
 
 
 # --- the builder, quietly ----------------------------------------------------------------------------------
@@ -135,33 +217,100 @@ def _builder_options(quant: str, accuracy_level: int | None) -> list[str]:
     return opts
 
 
+# Gemma norms scale by (1 + w); the builder adds that 1 to the weight in the dtype the checkpoint loads in
+# (ref: builders/gemma.py GemmaModel add_offset = 1, builders/base.py make_layernorm `layernorm.weight +
+# add_offset`), which rounds for a bf16 checkpoint (KLD ~1e-5 on a tiny model), so these load as float32.
+_FLOAT32_LOAD_ARCHS = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+
+
+def _stage_input(model_dir: Path, work: Path) -> Path:
+    """The builder's input dir: links to model_dir's files minus pickle ones, and a rewritten config.json.
+
+    transformers' from_pretrained falls back to pytorch_model.bin and the like, so the builder never sees
+    those; config.json is a copy (the user's model dir is never written).
+    """
+    stage = work / "builder-input"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    for src in sorted(model_dir.iterdir()):
+        if not src.is_file() or src.name == "config.json" or src.suffix.lower() in ONNX_PICKLE_SUFFIXES:
+            continue
+        try:
+            (stage / src.name).symlink_to(src.resolve())
+        except OSError:  # no symlinks here (some Windows setups): copy
+            shutil.copy2(src, stage / src.name)
+    cfg = _read_config(model_dir)
+    if cfg.get("architectures", [None])[0] in _FLOAT32_LOAD_ARCHS:
+        # ref: transformers 5 from_pretrained dtype="auto" takes the config's dtype (torch_dtype before 4.56).
+        cfg["dtype"] = cfg["torch_dtype"] = "float32"
+    (stage / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    return stage
+
+
+def _fix_builder_config(config: Any) -> None:
+    """Set the attributes the builder reads from the HF config object where it misreads a transformers 5 one.
+
+    Each fix gives the builder what the HF modeling code does; tests/test_onnx_archs.py checks the logits.
+    """
+    arch = config.architectures[0]
+    rope = getattr(config, "rope_parameters", None) or {}
+    if arch == "Gemma3ForCausalLM":
+        # ref: builders/gemma.py Gemma3Model reads config.rope_local_base_freq and (builders/base.py) a flat
+        # config.rope_theta / rope_parameters["rope_type"]; transformers 5 nests them per layer type.
+        full, sliding = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        config.rope_local_base_freq = sliding.get("rope_theta", 10_000.0)
+        config.rope_theta = full.get("rope_theta", 1_000_000.0)
+        config.rope_parameters = dict(full) or {"rope_type": "default"}
+    if arch == "Phi3ForCausalLM":
+        if rope.get("rope_type") == "longrope":
+            # ref: builders/phi.py Phi3MiniLongRoPEModel.make_rope_init reads rope_parameters["type"].
+            rope.setdefault("type", "longrope")
+        else:
+            # ref: builder.py create_model picks Phi3MiniLongRoPEModel whenever max_position_embeddings !=
+            # original_max_position_embeddings; HF Phi-3 uses the latter only for longrope.
+            config.original_max_position_embeddings = config.max_position_embeddings
+    # ref: transformers models/{mistral,phi3}/modeling_*.py apply config.sliding_window in every layer;
+    # builders/base.py is_local only windows layers whose layer_types entry is "sliding_attention".
+    window = getattr(config, "sliding_window", None) or 0
+    if (
+        arch in ("MistralForCausalLM", "Phi3ForCausalLM")
+        and getattr(config, "layer_types", None) is None
+        and 0 < window < config.max_position_embeddings
+    ):
+        config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+
+
 def _run_builder(model_dir: Path, out: Path, quant: str, accuracy_level: int | None, work: Path) -> None:
     builder = _import_builder()
     precision = ONNX_PRECISIONS[quant]
     cache = work / "cache"
+    stage = _stage_input(model_dir, work)
     with _quiet(work / "builder.log"):
         # ref: builder.py __main__: parse_extra_options (loads the HF config/tokenizer) then create_model.
         kv = builder.parse_extra_options(
             None,
-            str(model_dir),
+            str(stage),
             str(out),
             precision,
             ONNX_EXECUTION_PROVIDER,
             str(cache),
             _builder_options(quant, accuracy_level),
         )
+        # ref: builder.py create_model pops extra_options["hf_details"]["hf_config"] and builds from it.
+        _fix_builder_config(kv["hf_details"]["hf_config"])
         ep = ONNX_EXECUTION_PROVIDER
-        builder.create_model(None, str(model_dir), str(out), precision, ep, str(cache), **kv)
+        builder.create_model(None, str(stage), str(out), precision, ep, str(cache), **kv)
 
 
 def _builder_error(model_dir: Path, exc: BaseException) -> EdgeftError:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     first = lines[0] if lines else type(exc).__name__
+    arch = _architecture(model_dir)
     if isinstance(exc, NotImplementedError) and "not currently supported" in first:
-        return EdgeftError(
-            f"{model_dir}: architecture {_architecture(model_dir)} is not supported by edgeft's ONNX export "
-            f"(supported: {', '.join(ONNX_ARCHS)})"
-        )
+        if arch not in ONNX_SUPPORTED_ARCHS:
+            return _unsupported(model_dir, arch)
+        # e.g. "The llama3 RoPE style is not currently supported.": a trait of a supported architecture
+        return EdgeftError(f"{model_dir}: the onnx builder cannot export this {arch} ({first})")
     return EdgeftError(f"onnx builder failed for {model_dir}: {first}")
 
 
@@ -222,7 +371,7 @@ def export_onnx(
     work_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> OnnxExportResult:
-    """Export an HF Llama/Mistral/Qwen2 directory to an onnxruntime-genai model directory `out_dir`.
+    """Export an HF causal LM directory (see ONNX_ARCHS) to an onnxruntime-genai model directory `out_dir`.
 
     quant: fp32 | int8 | int4 (weight-only MatMulNBits, block 32, symmetric). accuracy_level (int quants
     only): None or 0 = the builder's default (4 on the CPU EP), 1 = fp32 activations (closer to float, far
@@ -251,6 +400,9 @@ def export_onnx(
             raise _builder_error(model_dir, e) from None
         if progress:
             progress(1, _STEPS)
+        # The builder re-saves the tokenizer through transformers, which may rebuild its pipeline; ship the
+        # model's own files instead (edgeft.loading: one tokenization truth).
+        copy_tokenizer_files(model_dir, partial)
         check_output(partial)
         _check_tokenizer(partial)
         level = _matmulnbits_accuracy(partial / ONNX_MODEL_FILE)

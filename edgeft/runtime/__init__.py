@@ -16,7 +16,9 @@ from ..errors import EdgeftError
 
 
 class Runtime(Protocol):
-    """A loaded model that can score and extend token ids."""
+    """A loaded model that can score and extend token ids, and take a conversation the way an app does."""
+
+    n_vocab: int
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Next-token logits for every position of `ids` (fresh context), float32 [len(ids), vocab]."""
@@ -24,6 +26,19 @@ class Runtime(Protocol):
 
     def generate(self, ids: Sequence[int], n: int, stop_ids: Sequence[int] = ()) -> list[int]:
         """Greedy continuation of `ids`: at most `n` new ids, ending early after any of `stop_ids`."""
+        ...
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The ids an app feeds the model for a conversation: the artifact's own template and tokenizer."""
+        ...
+
+    @property
+    def end_ids(self) -> list[int]:
+        """The ids this runtime ends an answer on (what an app's generation stops at)."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids, as the runtime's own tokenizer renders an answer."""
         ...
 
     def close(self) -> None:

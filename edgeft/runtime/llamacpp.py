@@ -34,6 +34,57 @@ def silence_llama_logs() -> None:
 _LOG_CB: Any = None
 
 
+class _Captured(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by _PromptProbe once llama-cpp-python's chat handler has built the prompt it would run."""
+
+    def __init__(self, prompt: list[int]) -> None:
+        super().__init__("prompt captured")
+        self.prompt = prompt
+
+
+class _PromptProbe:
+    """Stands in for a `Llama` inside llama-cpp-python's chat handler: tokenizes for real, then stops.
+
+    `create_chat_completion` = handler(llama, messages): render the chat format (the GGUF's own Jinja
+    template, or a built-in format llama-cpp-python guesses from it), `llama.tokenize(...)`, then
+    `llama.create_completion(prompt=ids, ...)`. Intercepting that last call yields exactly the ids an app's
+    `create_chat_completion` feeds the model, through llama-cpp-python's own code.
+    """
+
+    def __init__(self, llm: Any) -> None:
+        self._llm = llm
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    def create_completion(self, prompt: Any, **kwargs: Any) -> Any:  # noqa: ARG002
+        raise _Captured([int(t) for t in prompt])
+
+
+def chat_prompt_ids(llm: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt ids `llm.create_chat_completion(messages)` would evaluate (see _PromptProbe)."""
+    from llama_cpp import llama_chat_format
+
+    handler = (
+        llm.chat_handler
+        or llm._chat_handlers.get(llm.chat_format)  # noqa: SLF001 - where Llama keeps GGUF templates
+        or llama_chat_format.get_chat_completion_handler(llm.chat_format)
+    )
+    try:
+        handler(llama=_PromptProbe(llm), messages=messages, temperature=0.0, max_tokens=1)
+    except _Captured as c:
+        return c.prompt
+    raise EdgeftError(f"llama-cpp-python's chat handler {llm.chat_format!r} did not build a prompt")
+
+
+def end_of_generation_ids(llm: Any) -> list[int]:
+    """Every id llama.cpp ends a generation on (EOS, EOT and the other end-of-generation tokens)."""
+    import llama_cpp
+
+    vocab = llm._model.vocab  # noqa: SLF001 - the vocab handle llama-cpp-python itself passes around
+    return [t for t in range(int(llm.n_vocab())) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+
+
 class LlamaCppRuntime:
     """A GGUF model loaded in llama.cpp, implementing edgeft.runtime.Runtime."""
 
@@ -67,6 +118,7 @@ class LlamaCppRuntime:
         self.all_logits = all_logits
         self.n_vocab: int = int(self._llm.n_vocab())
         self.metadata: dict[str, str] = dict(self._llm.metadata)
+        self.end_ids: list[int] = end_of_generation_ids(self._llm)
 
     def _check_len(self, n: int) -> None:
         if n > self.n_ctx:
@@ -109,6 +161,19 @@ class LlamaCppRuntime:
                 break
             self._llm.eval([nxt])
         return out
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The ids an app's `create_chat_completion(messages)` feeds this model (its template, its tokenizer)."""
+        try:
+            return chat_prompt_ids(self._llm, messages)
+        except EdgeftError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a template can raise anything while rendering
+            raise EdgeftError(f"{self.path}: the GGUF chat template fails to render ({e})") from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Answer text the way llama-cpp-python returns it (special tokens not rendered)."""
+        return self._llm.detokenize([int(i) for i in ids]).decode("utf-8", errors="replace")
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         """llama.cpp's own tokenization of `text` (special tokens in the text are parsed as such)."""

@@ -50,7 +50,14 @@ class OrtRuntime:
             self._layers = int(dec["num_hidden_layers"])
             self._inputs: dict[str, str] = dict(dec.get("inputs", {}))
             self._outputs: dict[str, str] = dict(dec.get("outputs", {}))
+            # Layers whose KV cache is window-sized (GroupQueryAttention sliding_window_cache): an empty past
+            # still needs the window's capacity ("KV cache capacity (0) must be at least local_window_size").
+            # ref: onnxruntime_genai/models/builders/base.py make_genai_config, decoder.sliding_window.
+            window = dec.get("sliding_window") or {}
+            self._window_caps = {int(i): int(window["window_size"]) for i in window.get("layers", [])}
             self.n_vocab: int = int(model_cfg["vocab_size"])
+            eos = model_cfg.get("eos_token_id", [])
+            self._eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos])]
             context = int(model_cfg.get("context_length", n_ctx))
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise EdgeftError(f"{cfg_path}: not a usable genai config ({type(e).__name__}: {e})") from None
@@ -63,6 +70,7 @@ class OrtRuntime:
         self.all_logits = all_logits
         self._session: Any = None  # onnxruntime.InferenceSession, created by logits()
         self._og_model: Any = None  # onnxruntime_genai.Model, created by generate()
+        self._og_tokenizer: Any = None  # onnxruntime_genai.Tokenizer, created by chat_prompt_ids()
 
     # --- scoring: plain onnxruntime -----------------------------------------------------------------------
 
@@ -101,7 +109,7 @@ class OrtRuntime:
         pos_name = names.get("position_ids", "position_ids")
         key_fmt = names.get("past_key_names", "past_key_values.%d.key")
         value_fmt = names.get("past_value_names", "past_key_values.%d.value")
-        past = {key_fmt % i for i in range(self._layers)} | {value_fmt % i for i in range(self._layers)}
+        past = {key_fmt % i: i for i in range(self._layers)} | {value_fmt % i: i for i in range(self._layers)}
         feeds: dict[str, np.ndarray] = {}
         for inp in sess.get_inputs():
             if inp.name == ids_name:
@@ -114,8 +122,10 @@ class OrtRuntime:
                 dtype = _ORT_FLOATS.get(inp.type)
                 if dtype is None:
                     raise EdgeftError(f"{self._file}: KV input {inp.name} has unsupported type {inp.type}")
-                # [batch, kv_heads, past_len=0, head_size]; symbolic dims come from genai_config.json.
-                feeds[inp.name] = np.zeros((1, self._kv_heads, 0, self._head_size), dtype=dtype)
+                # [batch, kv_heads, capacity, head_size], no past tokens (the mask covers `ids` only); symbolic
+                # dims come from genai_config.json.
+                cap = self._window_caps.get(past[inp.name], 0)
+                feeds[inp.name] = np.zeros((1, self._kv_heads, cap, self._head_size), dtype=dtype)
             else:
                 raise EdgeftError(f"{self._file}: unexpected decoder input '{inp.name}'")
         return feeds
@@ -186,9 +196,44 @@ class OrtRuntime:
                 break
         return out
 
+    # --- the app path: onnxruntime-genai's own template, tokenizer and stop ids ----------------------------
+
+    def _get_og_tokenizer(self) -> Any:
+        if self._og_tokenizer is None:
+            import onnxruntime_genai as og
+
+            try:
+                self._og_tokenizer = og.Tokenizer(self._get_og_model())
+            except Exception as e:  # noqa: BLE001 - og raises RuntimeError and others
+                raise EdgeftError(
+                    f"{self.path}: onnxruntime-genai cannot load the tokenizer ({_first_line(e)})"
+                ) from None
+        return self._og_tokenizer
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The ids an app feeds the model: `Tokenizer.apply_chat_template` (generation prompt) + `encode`."""
+        tok = self._get_og_tokenizer()
+        try:
+            prompt = tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+            return [int(i) for i in tok.encode(prompt)]
+        except Exception as e:  # noqa: BLE001 - template and tokenizer errors surface as RuntimeError
+            raise EdgeftError(
+                f"{self.path}: onnxruntime-genai cannot render the chat prompt ({_first_line(e)})"
+            ) from None
+
+    @property
+    def end_ids(self) -> list[int]:
+        """The ids onnxruntime-genai's generator stops after: genai_config.json's eos_token_id."""
+        return list(self._eos_ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Answer text the way onnxruntime-genai's tokenizer decodes it."""
+        return str(self._get_og_tokenizer().decode(np.asarray([int(i) for i in ids], dtype=np.int32)))
+
     def close(self) -> None:
-        """Free the sessions (both are recreated on next use)."""
+        """Free the sessions (all are recreated on next use)."""
         self._session = None
+        self._og_tokenizer = None
         self._og_model = None
 
     def __enter__(self) -> OrtRuntime:

@@ -1,30 +1,40 @@
-"""PyTorch runtime: the float reference every exported artifact is judged against."""
+"""PyTorch runtime: the float reference every exported artifact is judged against.
+
+Its app path is the fine-tune's own: the conversation rendered by the model's chat template and tokenized
+by the checkpoint's own tokenizer files (edgeft.loading.load_tokenizer), exactly as training saw it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import EdgeftError
+from .. import data as data_mod
+from ..loading import load_model, load_tokenizer
 
 
 class TorchRuntime:
     """A Hugging Face causal LM directory run eagerly in float32 on the CPU."""
 
     def __init__(self, path: Path, *, threads: int | None = None, dtype: torch.dtype = torch.float32) -> None:
-        from transformers import AutoModelForCausalLM
-
         if threads:
             torch.set_num_threads(threads)
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-        except (OSError, ValueError) as exc:
-            raise EdgeftError(f"{path}: cannot load as a causal LM ({str(exc).splitlines()[0]})") from None
+        self.path = Path(path)
+        self.model = load_model(path, dtype=dtype)
         self.model.eval()
         self.n_vocab = int(self.model.config.vocab_size)
+        self._tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The checkpoint's own tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.path, notify=False)
+        return self._tokenizer
 
     @torch.inference_mode()
     def logits(self, ids: Sequence[int]) -> np.ndarray:
@@ -47,5 +57,17 @@ class TorchRuntime:
             x = torch.tensor([[tok]], dtype=torch.long)
         return out
 
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The fine-tune's prompt ids for a conversation (chat template + generation prompt)."""
+        return data_mod.chat_prompt_ids(self.tokenizer, messages)
+
+    @property
+    def end_ids(self) -> list[int]:
+        """Ids that end an answer: eos and the chat template's end-of-turn tokens."""
+        return data_mod.stop_ids(self.tokenizer)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
     def close(self) -> None:
-        del self.model
+        self.model = None

@@ -8,21 +8,22 @@ which knows the per-tensor type mixes (e.g. q4_k_m).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
 
-from ...constants import GGUF_ARCHS, GGUF_FLOAT_QUANTS, GGUF_FTYPES, GGUF_QUANTS
+from ...constants import GGUF_FLOAT_QUANTS, GGUF_FTYPES, GGUF_QUANTS
 from ...errors import EdgeftError
-from ...files import read_json
-from .arch import plan_tensors, write_hparams
-from .vocab import pre_tokenizer_signature, write_tokenizer
+from .arch import Prepared, prepare
+from .tokcheck import Mismatch, choose_vocab
+from .vocab import Vocab, pre_tokenizer_signature, read_vocab, write_vocab
 from .weights import fit_f16, intermediate_type, materialize, out_type
 
 __all__ = ["GGUFExportResult", "export_gguf", "pre_tokenizer_signature"]
@@ -39,38 +40,21 @@ class GGUFExportResult:
     arch: str
     n_tensors: int
     bytes: int
+    tokenizer_mismatches: tuple[str, ...] = ()  # probes llama.cpp tokenizes differently (see tokcheck)
 
 
-def _load_config(model_dir: Path) -> tuple[dict[str, Any], gguf.MODEL_ARCH]:
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise EdgeftError(f"{model_dir}: model directory does not exist")
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file():
-        raise EdgeftError(f"{cfg_path}: missing; not a Hugging Face model directory")
-    config = read_json(cfg_path)
-    archs = config.get("architectures") or []
-    for a in archs:
-        if a in GGUF_ARCHS:
-            return config, GGUF_ARCHS[a]
-    raise EdgeftError(
-        f"{cfg_path}: architecture {', '.join(archs) or '(none)'} is not supported for GGUF export; "
-        f"supported: {', '.join(GGUF_ARCHS)}"
-    )
-
-
-def _write_float_gguf(model_dir: Path, dst: Path, quant: str, progress: Progress | None) -> tuple[str, int]:
+def _write_float_gguf(
+    prep: Prepared, model_dir: Path, dst: Path, quant: str, progress: Progress | None, tok: ChosenVocab
+) -> tuple[str, int]:
     """Write a float GGUF to `dst` (not atomic; the caller owns the temp name). Returns (arch, n_tensors)."""
-    config, arch = _load_config(model_dir)
-    arch_name = gguf.MODEL_ARCH_NAMES[arch]
-    n_vocab = int(config.get("vocab_size") or 0)
+    arch_name = gguf.MODEL_ARCH_NAMES[prep.gguf_arch]
     w = gguf.GGUFWriter(str(dst), arch_name)
     try:
         w.add_name(model_dir.name)
-        extra = write_hparams(w, config, int(GGUF_FTYPES[quant]), n_vocab)
-        write_tokenizer(w, model_dir, config, n_vocab)
+        prep.write_hparams(w, int(GGUF_FTYPES[quant]))
+        write_vocab(w, model_dir, tok.vocab, prep.model.n_vocab, end_of_turn=tok.end_of_turn)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        plans = plan_tensors(model_dir, arch, config, extra)
+        plans = prep.plans
         if quant == "f16":
             plans = [fit_f16(p) for p in plans]
         for p in plans:
@@ -102,14 +86,67 @@ def _temp_path(out: Path, tag: str) -> Path:
     return Path(name)
 
 
+@dataclass(frozen=True)
+class ChosenVocab:
+    """The tokenizer as it goes into the GGUF, and what llama.cpp still tokenizes differently."""
+
+    vocab: Vocab
+    end_of_turn: int | None
+    mismatches: list[Mismatch]
+
+
+def choose_tokenizer(
+    prep: Prepared, model_dir: Path, conversations: Sequence[Sequence[dict[str, str]]] = ()
+) -> ChosenVocab:
+    """Read the tokenizer files and settle the flags llama.cpp needs to reproduce the fine-tune's prompts
+    (edgeft.export.gguf.tokcheck); one line on stderr names the first difference left, if any."""
+    from ...data import template_end_of_turn
+    from ...loading import load_tokenizer
+
+    n_vocab = prep.model.n_vocab
+    tokenizer = load_tokenizer(model_dir, notify=False)
+    eot = template_end_of_turn(tokenizer)
+    # Whether plain encoding adds BOS/EOS: taken from what the tokenizer does, not from config guesses.
+    probe = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    vocab = dataclasses.replace(
+        read_vocab(model_dir, n_vocab),
+        add_bos=len(probe) > len(plain) and probe[0] == tokenizer.bos_token_id,
+        add_eos=len(probe) > len(plain) and probe[-1] == tokenizer.eos_token_id,
+    )
+    arch_name = gguf.MODEL_ARCH_NAMES[prep.gguf_arch]
+    header = functools.partial(_vocab_header, prep)
+    vocab, found = choose_vocab(model_dir, vocab, n_vocab, arch_name, header, conversations, end_of_turn=eot)
+    if found:
+        from ...ui import info
+
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        info(f"warning: llama.cpp cannot reproduce the tokenization of {model_dir}: {found[0]}{more}")
+    return ChosenVocab(vocab, eot, found)
+
+
+def _vocab_header(prep: Prepared, w: gguf.GGUFWriter) -> None:
+    prep.write_hparams(w, int(GGUF_FTYPES["f32"]))
+
+
 def export_gguf(
-    model_dir: Path, out: Path, quant: str = "f32", *, progress: Progress | None = None
+    model_dir: Path,
+    out: Path,
+    quant: str = "f32",
+    *,
+    progress: Progress | None = None,
+    conversations: Sequence[Sequence[dict[str, str]]] = (),
 ) -> GGUFExportResult:
-    """Convert an HF model directory (safetensors + tokenizer) into one GGUF file at `out`, atomically."""
+    """Convert an HF model directory (safetensors + tokenizer) into one GGUF file at `out`, atomically.
+
+    The tokenizer settings are proven first on built-in probes plus `conversations` (e.g. the eval set's):
+    llama-cpp-python's chat path must give the fine-tune's prompt ids (see tokcheck).
+    """
     if quant not in GGUF_QUANTS:
         raise EdgeftError(f"unknown GGUF quant {quant!r}; choose one of: {', '.join(GGUF_QUANTS)}")
     model_dir, out = Path(model_dir), Path(out)
-    _load_config(model_dir)  # fail on bad input before creating any file
+    prep = prepare(model_dir)  # every config and tensor check happens before any file is created
+    tok = choose_tokenizer(prep, model_dir, conversations)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Integer quants go through a 16-bit intermediate (2 bytes a parameter of temporary disk, not 4): bf16
     # for bf16 checkpoints (lossless), f16 otherwise, as llama.cpp's own convert-then-quantize flow does.
@@ -117,7 +154,7 @@ def export_gguf(
     tmp = _temp_path(out, float_quant)
     tmp_q: Path | None = None
     try:
-        arch, n_tensors = _write_float_gguf(model_dir, tmp, float_quant, progress)
+        arch, n_tensors = _write_float_gguf(prep, model_dir, tmp, float_quant, progress, tok)
         if quant in GGUF_FLOAT_QUANTS:
             os.replace(tmp, out)
         else:
@@ -130,4 +167,11 @@ def export_gguf(
         for t in (tmp, tmp_q):
             if t is not None and t.exists():
                 t.unlink()
-    return GGUFExportResult(path=out, quant=quant, arch=arch, n_tensors=n_tensors, bytes=out.stat().st_size)
+    return GGUFExportResult(
+        path=out,
+        quant=quant,
+        arch=arch,
+        n_tensors=n_tensors,
+        bytes=out.stat().st_size,
+        tokenizer_mismatches=tuple(str(m) for m in tok.mismatches),
+    )

@@ -1,54 +1,328 @@
-"""Per-architecture facts for GGUF: hyperparameter keys, tensor names and layout transforms."""
+"""Per-architecture facts for GGUF: hyperparameter keys, tensor names, layout transforms and refusals.
+
+`ARCHS` is the table: one `ArchSpec` per HF `architectures` entry, naming the GGUF architecture, the extra
+hyperparameter writers, the per-tensor transforms and the checks that refuse configs llama.cpp cannot run
+as transformers does. Everything is decided by `prepare` before the caller creates any file.
+
+Facts come from llama.cpp's own converter and loader (vendor/llama.cpp in llama-cpp-python 0.3.36):
+`conversion/*.py` (what convert_hf_to_gguf.py writes) and `src/models/<arch>.cpp` (what the runtime reads,
+and what it hard-codes instead of reading).
+"""
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 
+from ...constants import GGUF_ARCHS
 from ...errors import EdgeftError
+from ...files import read_json
 from .weights import Plan, safetensors_files, tensor_index
 
+FULL, SLIDING = "full_attention", "sliding_attention"  # transformers `layer_types` values
 
-def permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
-    """Reorder rotary halves of Q/K rows from HF's rotate_half layout to GGML's interleaved one.
+Array = np.ndarray
+Transform = Callable[[Array], Array]
 
-    ref: llama.cpp convert_hf_to_gguf.py LlamaModel.permute
+
+# --- the parsed config -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rope:
+    """One layer type's rotary settings, normalized across transformers 4 and 5 config spellings."""
+
+    type: str  # "default", "linear", "yarn", "llama3", "longrope"
+    theta: float
+    params: dict[str, Any]  # the rest: factor, original_max_position_embeddings, long_factor, ...
+
+
+@dataclass(frozen=True)
+class Model:
+    """What the writers, transforms and checks need from config.json."""
+
+    config: dict[str, Any]
+    where: Path  # config.json, for error messages
+    spec: ArchSpec
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_layer: int
+    n_vocab: int
+    rope: dict[str, Rope]  # FULL and SLIDING
+    rope_field: str  # the config field the rope settings came from, for error messages
+    layer_types: tuple[str, ...]
+    tied: bool
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A config field, or the transformers default of this architecture when the file omits it."""
+        if key in self.config:
+            return self.config[key]
+        return self.spec.defaults.get(key, default)
+
+    def refuse(self, what: str, why: str) -> EdgeftError:
+        """The one-line error for a config llama.cpp cannot run as transformers does."""
+        return EdgeftError(
+            f"{self.where}: {what} is not supported for GGUF export of {self.spec.hf_arch}; {why}"
+        )
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.get("max_position_embeddings") or 2048)
+
+    @property
+    def partial_rotary_factor(self) -> float:
+        return float(self.rope[FULL].params.get("partial_rotary_factor", 1.0))
+
+    @property
+    def n_rot(self) -> int:
+        # ref: transformers modeling_rope_utils (dim = int(head_dim * partial_rotary_factor))
+        return int(self.head_dim * self.partial_rotary_factor)
+
+
+def _rope_dict(raw: dict[str, Any], theta: float) -> Rope:
+    params = dict(raw)
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    return Rope(rope_type, float(params.pop("rope_theta", theta)), params)
+
+
+def _parse_rope(config: dict[str, Any], spec: ArchSpec) -> tuple[dict[str, Rope], str]:
+    """Rope settings per layer type from transformers 5 `rope_parameters` (flat, or one dict per layer type)
+    or transformers 4 `rope_theta` + `rope_scaling` (+ Gemma 3's `rope_local_base_freq`).
+
+    ref: transformers modeling_rope_utils.py standardize_rope_params, Gemma3TextConfig.convert_rope_params_to_dict
     """
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    rp = config.get("rope_parameters")
+    field_name = "rope_parameters" if rp else "rope_scaling"
+    theta = float(config.get("rope_theta", spec.defaults.get("rope_theta", 10000.0)))
+    if rp and (FULL in rp or SLIDING in rp):
+        full = _rope_dict(rp.get(FULL) or {}, theta)
+        local = rp.get(SLIDING)
+        sliding = _rope_dict(local, spec.defaults.get("rope_local_base_freq", theta)) if local else full
+    else:
+        full = _rope_dict({**(config.get("rope_scaling") or {}), **(rp or {})}, theta)
+        if spec.local_rope_default:
+            # Gemma 3 (transformers 4): rope_scaling applies to global layers only; local ones use
+            # rope_local_base_freq unscaled. ref: Gemma3TextConfig.convert_rope_params_to_dict
+            local_theta = config.get("rope_local_base_freq", spec.defaults["rope_local_base_freq"])
+            sliding = Rope("default", float(local_theta), {})
+        else:
+            sliding = full
+    for key in ("partial_rotary_factor", "original_max_position_embeddings"):
+        for rope in (full, sliding):
+            if key in config and (key not in rope.params or key == "original_max_position_embeddings"):
+                # Phi-3 keeps original_max_position_embeddings beside rope_scaling, and it wins.
+                # ref: transformers standardize_rope_params ("exception case where we give priority")
+                rope.params[key] = config[key]
+    return {FULL: full, SLIDING: sliding}, field_name
 
 
-# --- hyperparameters -------------------------------------------------------------------------------------
+def _layer_types(config: dict[str, Any], spec: ArchSpec, n_layer: int, where: Path) -> tuple[str, ...]:
+    """transformers' per-layer attention kinds: `layer_types`, else the arch's default pattern."""
+    types = config.get("layer_types")
+    if types is None:
+        period = int(config.get("sliding_window_pattern") or spec.hf_swa_period or 0)
+        if not period:
+            return (FULL,) * n_layer
+        # ref: transformers Gemma2Config/Gemma3TextConfig (sliding unless (i + 1) % pattern == 0)
+        return tuple(SLIDING if (i + 1) % period else FULL for i in range(n_layer))
+    types = tuple(types)
+    unknown = sorted(set(types) - {FULL, SLIDING})
+    if len(types) != n_layer or unknown:
+        raise EdgeftError(
+            f"{where}: layer_types {list(types)} is not one of {FULL!r}/{SLIDING!r} per layer "
+            f"(num_hidden_layers {n_layer}); fix layer_types"
+        )
+    return types
 
 
-def _rope_params(config: dict[str, Any]) -> dict[str, Any]:
-    """Rope settings across transformers 4 (rope_theta + rope_scaling) and 5 (rope_parameters)."""
-    params = dict(config.get("rope_parameters") or {})
-    scaling = config.get("rope_scaling") or {}
-    params = {**scaling, **params}
-    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type") or params.get("type") or "default"
-    params["rope_type"] = rope_type
-    return params
+def parse_model(model_dir: Path) -> Model:
+    """config.json → Model, refusing architectures not in ARCHS."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise EdgeftError(f"{model_dir}: model directory does not exist")
+    where = model_dir / "config.json"
+    if not where.is_file():
+        raise EdgeftError(f"{where}: missing; not a Hugging Face model directory")
+    config = read_json(where)
+    archs = config.get("architectures") or []
+    spec = next((ARCHS[a] for a in archs if a in ARCHS), None)
+    if spec is None:
+        raise EdgeftError(
+            f"{where}: architecture {', '.join(archs) or '(none)'} is not supported for GGUF export; "
+            f"supported: {', '.join(ARCHS)}"
+        )
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if not isinstance(config.get(key), int):
+            raise EdgeftError(f"{where}: {key} is missing or not an integer ({config.get(key)!r})")
+    n_embd, n_head, n_layer = (
+        config["hidden_size"],
+        config["num_attention_heads"],
+        config["num_hidden_layers"],
+    )
+    rope, rope_field = _parse_rope(config, spec)
+    return Model(
+        config=config,
+        where=where,
+        spec=spec,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=int(config.get("num_key_value_heads") or n_head),
+        head_dim=int(config.get("head_dim") or n_embd // n_head),
+        n_layer=n_layer,
+        n_vocab=int(config["vocab_size"]),
+        rope=rope,
+        rope_field=rope_field,
+        layer_types=_layer_types(config, spec, n_layer, where),
+        tied=bool(config.get("tie_word_embeddings", spec.defaults.get("tie_word_embeddings", False))),
+    )
 
 
-def _llama3_rope_factors(params: dict[str, Any], head_dim: int) -> np.ndarray:
+# --- hyperparameter writers --------------------------------------------------------------------------------
+
+HparamWriter = Callable[[gguf.GGUFWriter, Model], None]
+
+
+def write_common(w: gguf.GGUFWriter, m: Model) -> None:
+    """Keys every architecture here reads. ref: llama.cpp conversion/base.py TextModel.set_gguf_parameters"""
+    w.add_context_length(m.n_ctx)
+    w.add_embedding_length(m.n_embd)
+    w.add_block_count(m.n_layer)
+    w.add_feed_forward_length(int(m.config["intermediate_size"]))
+    w.add_head_count(m.n_head)
+    w.add_head_count_kv(m.n_head_kv)
+    w.add_layer_norm_rms_eps(float(m.get("rms_norm_eps", 1e-6)))
+    if m.head_dim != m.n_embd // m.n_head:
+        # ref: src/llama-model.cpp load_hparams (n_embd_head_k defaults to n_embd / n_head)
+        w.add_key_length(m.head_dim)
+        w.add_value_length(m.head_dim)
+    w.add_rope_dimension_count(m.n_rot)
+    w.add_rope_freq_base(m.rope[FULL].theta)
+    w.add_vocab_size(m.n_vocab)
+
+
+def _mscale(factor: float) -> float:
+    """YaRN's default attention factor. ref: transformers _compute_yarn_parameters get_mscale."""
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+
+def write_rope_scaling(w: gguf.GGUFWriter, m: Model) -> None:
+    """Linear and YaRN scaling of the global rope. ref: conversion/base.py TextModel.set_gguf_parameters"""
+    rope = m.rope[FULL]
+    if rope.type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope.params["factor"]))
+    elif rope.type == "yarn":
+        factor = _yarn_factor(m)
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(_orig_ctx(m))
+        attn = rope.params.get("attention_factor")
+        if attn is not None:
+            # llama.cpp derives mscale(factor) itself, then multiplies by rope.scaling.attn_factor.
+            # ref: src/llama-context.cpp (yarn_attn_factor = get_mscale(factor); *= hparams.rope_attn_factor)
+            w.add_rope_scaling_attn_factors(float(attn) / _mscale(factor))
+
+
+def _orig_ctx(m: Model) -> int:
+    """The pretraining context a scaled rope extends (transformers' default: max_position_embeddings)."""
+    orig = m.rope[FULL].params.get("original_max_position_embeddings") or m.get(
+        "original_max_position_embeddings"
+    )
+    return int(orig or m.n_ctx)
+
+
+def _yarn_factor(m: Model) -> float:
+    # ref: transformers _compute_yarn_parameters (factor, else max_position_embeddings / original)
+    factor = m.rope[FULL].params.get("factor")
+    return float(factor) if factor is not None else m.n_ctx / _orig_ctx(m)
+
+
+def write_gemma_softcaps(w: gguf.GGUFWriter, m: Model) -> None:
+    """Attention and final logit soft-capping. ref: conversion/gemma.py Gemma2Model / Gemma3Model"""
+    if (attn := m.get("attn_logit_softcapping")) is not None:
+        w.add_attn_logit_softcapping(float(attn))
+    if (final := m.get("final_logit_softcapping")) is not None:
+        w.add_final_logit_softcapping(float(final))
+
+
+def _llama_swa_layers(m: Model) -> list[bool]:
+    """The sliding layers llama.cpp assumes when the file has no per-layer pattern.
+
+    ref: src/models/gemma2.cpp / gemma3.cpp load_swa_pattern(ml, 2 / 6) and llama-hparams.cpp
+    set_swa_pattern (layer il slides when il % n_pattern < n_pattern - 1)
+    """
+    period = m.spec.llama_swa_period
+    return [il % period < period - 1 for il in range(m.n_layer)]
+
+
+def write_sliding_window(w: gguf.GGUFWriter, m: Model) -> None:
+    """Window size, and the per-layer pattern when it is not the one llama.cpp hard-codes.
+
+    llama.cpp reads an array `attention.sliding_window_pattern` before falling back to its built-in period
+    (ref: src/llama-model.cpp llama_model_base::load_swa_pattern), so any transformers `layer_types` layout
+    is representable; the array is only written when needed, as older runtimes expect the default.
+    """
+    sliding = [t == SLIDING for t in m.layer_types]
+    if not any(sliding) and m.spec.gguf_arch == gguf.MODEL_ARCH.GEMMA3:
+        return  # no window key: llama.cpp runs Gemma 3 without SWA. ref: src/models/gemma3.cpp
+    w.add_sliding_window(int(m.get("sliding_window") or 0))
+    if sliding != _llama_swa_layers(m):
+        w.add_sliding_window_pattern(sliding)
+    if any(sliding):
+        # ref: conversion/base.py (rope.freq_base_swa from rope_parameters.sliding_attention.rope_theta)
+        w.add_rope_freq_base_swa(m.rope[SLIDING].theta)
+
+
+def write_phi3_rope(w: gguf.GGUFWriter, m: Model) -> None:
+    """Phi-3: original context, sliding window as written by the converter, LongRoPE attention factor.
+
+    ref: conversion/phi.py Phi3MiniModel.set_gguf_parameters / generate_extra_tensors
+    """
+    w.add_rope_scaling_orig_ctx_len(_orig_ctx(m))
+    w.add_sliding_window(int(m.get("sliding_window") or 0))
+    rope = m.rope[FULL]
+    if rope.type in ("longrope", "su"):
+        w.add_rope_scaling_attn_factors(_longrope_attn_factor(m))
+
+
+def _longrope_attn_factor(m: Model) -> float:
+    """ref: transformers _compute_longrope_parameters (attention_factor, else from the context ratio)"""
+    rope = m.rope[FULL]
+    if (attn := rope.params.get("attention_factor")) is not None:
+        return float(attn)
+    orig = _orig_ctx(m)
+    factor = rope.params.get("factor") or m.n_ctx / orig
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+
+
+# --- generated tensors -------------------------------------------------------------------------------------
+
+ExtraTensors = Callable[[Model], list[tuple[gguf.MODEL_TENSOR, Array]]]
+
+
+def llama3_rope_freqs(m: Model) -> list[tuple[gguf.MODEL_TENSOR, Array]]:
     """Per-frequency divisors for Llama-3.x rope scaling, stored as rope_freqs.weight.
 
-    ref: llama.cpp convert_hf_to_gguf.py LlamaModel.generate_extra_tensors
+    ref: llama.cpp conversion/llama.py LlamaModel.generate_extra_tensors
     """
-    base = float(params["rope_theta"])
-    factor = float(params.get("factor", 8.0))
-    low = float(params.get("low_freq_factor", 1.0))
-    high = float(params.get("high_freq_factor", 4.0))
-    old_ctx = float(params.get("original_max_position_embeddings", 8192))
-    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    rope = m.rope[FULL]
+    if rope.type != "llama3":
+        return []
+    p = rope.params
+    factor = float(p.get("factor", 8.0))
+    low, high = float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0))
+    old_ctx = float(p.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (rope.theta ** (np.arange(0, m.n_rot, 2, dtype=np.float64) / m.n_rot))
     low_wl, high_wl = old_ctx / low, old_ctx / high
     out = []
     for f in freqs:
@@ -60,84 +334,407 @@ def _llama3_rope_factors(params: dict[str, Any], head_dim: int) -> np.ndarray:
         else:
             smooth = (old_ctx / wl - low) / (high - low)
             out.append(1.0 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, dtype=np.float32)
+    return [(gguf.MODEL_TENSOR.ROPE_FREQS, np.asarray(out, dtype=np.float32))]
 
 
-def write_hparams(w: gguf.GGUFWriter, config: dict[str, Any], ftype: int, n_vocab: int) -> np.ndarray | None:
-    """Model hyperparameters; returns the rope_freqs tensor when the rope scaling needs one."""
-    n_embd = int(config["hidden_size"])
-    n_head = int(config["num_attention_heads"])
-    n_head_kv = int(config.get("num_key_value_heads") or n_head)
-    head_dim = int(config.get("head_dim") or n_embd // n_head)
-    w.add_context_length(int(config.get("max_position_embeddings", 2048)))
-    w.add_embedding_length(n_embd)
-    w.add_block_count(int(config["num_hidden_layers"]))
-    w.add_feed_forward_length(int(config["intermediate_size"]))
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-    if head_dim != n_embd // n_head:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    w.add_vocab_size(n_vocab)
-    w.add_file_type(ftype)
+def longrope_factors(m: Model) -> list[tuple[gguf.MODEL_TENSOR, Array]]:
+    """LongRoPE long/short frequency factors; llama.cpp picks long ones when n_ctx > the original context.
 
-    rope = _rope_params(config)
-    w.add_rope_freq_base(float(rope["rope_theta"]))
-    rope_type = rope["rope_type"]
-    if rope_type == "default":
+    ref: conversion/phi.py Phi3MiniModel.generate_extra_tensors; src/llama-model.cpp get_rope_factors
+    """
+    rope = m.rope[FULL]
+    if rope.type not in ("longrope", "su"):
+        return []
+    return [
+        (gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, np.asarray(rope.params["long_factor"], dtype=np.float32)),
+        (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, np.asarray(rope.params["short_factor"], dtype=np.float32)),
+    ]
+
+
+# --- per-tensor transforms ---------------------------------------------------------------------------------
+
+TransformFactory = Callable[[Model, str], Transform | None]  # (model, HF tensor name) → transform or None
+
+
+def permute(w: Array, n_head: int, n_head_kv: int | None) -> Array:
+    """Reorder rotary halves of Q/K rows from HF's rotate_half layout to GGML's interleaved one.
+
+    ref: llama.cpp conversion/llama.py LlamaModel.permute
+    """
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_qk_permute(m: Model, name: str) -> Transform | None:
+    """LLM_ARCH_LLAMA ropes adjacent pairs (LLAMA_ROPE_TYPE_NORM), HF rotates halves.
+
+    ref: src/llama-model.cpp llama_model_rope_type; conversion/llama.py LlamaModel.modify_tensors
+    """
+    if name.endswith(("q_proj.weight", "q_proj.bias")):
+        return functools.partial(permute, n_head=m.n_head, n_head_kv=m.n_head)
+    if name.endswith(("k_proj.weight", "k_proj.bias")):
+        return functools.partial(permute, n_head=m.n_head, n_head_kv=m.n_head_kv)
+    return None
+
+
+def _add(x: Array, c: float) -> Array:
+    return x + np.float32(c)
+
+
+def _mul(x: Array, c: float) -> Array:
+    return x * np.float32(c)
+
+
+def gemma_norm_plus_one(m: Model, name: str) -> Transform | None:
+    """Gemma RMSNorm scales by (1 + w); llama.cpp's norms scale by w, so the converter adds 1.
+
+    ref: conversion/gemma.py Gemma2Model.modify_tensors / Gemma3Model.norm_shift
+    """
+    return functools.partial(_add, c=1.0) if name.endswith("norm.weight") else None
+
+
+def _gemma_q_scale(m: Model) -> float:
+    """Factor folding transformers' query_pre_attn_scalar**-0.5 into Q, given llama.cpp's fixed scale.
+
+    llama.cpp ignores query_pre_attn_scalar: it scales Q by 1/sqrt(head_dim), or 1/sqrt(n_embd / n_head) for
+    the 27B layer counts (46 for Gemma 2, 62 for Gemma 3). Scaling Q is linear and commutes with rope, so
+    the ratio is folded into the last linear step before rope (q_proj for Gemma 2, q_norm for Gemma 3).
+    ref: src/models/gemma2.cpp, gemma3.cpp load_arch_hparams (f_attention_scale)
+    """
+    big = m.n_layer == m.spec.llama_27b_layers
+    llama_dim = m.n_embd // m.n_head if big else m.head_dim
+    return math.sqrt(llama_dim / float(m.get("query_pre_attn_scalar")))
+
+
+def gemma2_q_scale(m: Model, name: str) -> Transform | None:
+    scale = _gemma_q_scale(m)
+    if scale == 1.0 or not name.endswith(("q_proj.weight", "q_proj.bias")):
         return None
-    if rope_type == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(rope["factor"]))
+    return functools.partial(_mul, c=scale)
+
+
+def gemma3_q_scale(m: Model, name: str) -> Transform | None:
+    # Q is RMS-normalized after q_proj, so the factor goes on the q_norm weight (after its +1).
+    scale = _gemma_q_scale(m)
+    if scale == 1.0 or not name.endswith("q_norm.weight"):
         return None
-    if rope_type == "yarn":
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(float(rope["factor"]))
-        orig = rope.get("original_max_position_embeddings")
-        if orig:
-            w.add_rope_scaling_orig_ctx_len(int(orig))
-        return None
-    if rope_type == "llama3":
-        return _llama3_rope_factors(rope, head_dim)
-    raise EdgeftError(
-        f"config.json: rope scaling type {rope_type!r} is not supported for GGUF export "
-        "(supported: default, linear, yarn, llama3)"
+    return functools.partial(_mul, c=scale)
+
+
+# --- checks: configs llama.cpp cannot run as transformers does ---------------------------------------------
+
+Check = Callable[[Model], None]
+
+
+def check_activation(m: Model) -> None:
+    key, want = m.spec.activation
+    got = m.get(key)
+    if got != want:
+        raise m.refuse(f"{key} {got!r}", f"llama.cpp's {m.spec.gguf_arch.name.lower()} graph uses {want!r}")
+
+
+def check_rope(m: Model) -> None:
+    """Rope types llama.cpp reproduces for this architecture, and their parameters."""
+    full, sliding = m.rope[FULL], m.rope[SLIDING]
+    allowed = m.spec.rope_types
+    if full.type not in allowed:
+        raise m.refuse(
+            f"{m.rope_field} rope_type {full.type!r}", f"llama.cpp reproduces: {', '.join(allowed)}"
+        )
+    if m.partial_rotary_factor != 1.0 and not m.spec.partial_rotary:
+        raise m.refuse(
+            f"{m.rope_field} partial_rotary_factor {m.partial_rotary_factor}",
+            "llama.cpp ropes the whole head for this architecture",
+        )
+    if full.type == "yarn":
+        p = full.params
+        for key, default in (("beta_fast", 32), ("beta_slow", 1)):
+            if p.get(key) not in (None, default):
+                # ref: src/llama-hparams.h (yarn_beta_fast 32, yarn_beta_slow 1; not read for these archs)
+                raise m.refuse(f"{m.rope_field} {key} {p[key]}", f"llama.cpp uses {default}")
+        for key in ("mscale", "mscale_all_dim"):
+            if p.get(key) not in (None, 1, 1.0):
+                raise m.refuse(f"{m.rope_field} {key} {p[key]}", "llama.cpp applies mscale only for DeepSeek")
+        if p.get("truncate", True) is not True:
+            # ref: ggml ggml_rope_yarn_corr_dims (floor/ceil of the correction range)
+            raise m.refuse(f"{m.rope_field} truncate {p['truncate']}", "llama.cpp always truncates")
+    if full.type in ("longrope", "su"):
+        for key in ("long_factor", "short_factor"):
+            n = len(full.params.get(key) or [])
+            if n != m.n_rot // 2:
+                raise m.refuse(
+                    f"{m.rope_field} {key} of length {n}", f"llama.cpp needs n_rot/2 = {m.n_rot // 2}"
+                )
+    if any(t == SLIDING for t in m.layer_types) and sliding is not full:
+        local = m.spec.sliding_rope_types
+        if sliding.type not in local:
+            raise m.refuse(
+                f"{m.rope_field} {SLIDING} rope_type {sliding.type!r}",
+                f"llama.cpp's sliding layers support: {', '.join(local)}",
+            )
+        if sliding.params.get("partial_rotary_factor", 1.0) != m.partial_rotary_factor:
+            raise m.refuse(f"{m.rope_field} {SLIDING} partial_rotary_factor", "it must match full_attention")
+        if m.spec.sliding_rope_is_global and (sliding.type, sliding.params) != (full.type, full.params):
+            # ref: src/models/gemma2.cpp (rope_freq_scale_train_swa = rope_freq_scale_train)
+            raise m.refuse(f"{m.rope_field} {SLIDING} scaling", "llama.cpp scales all layers alike")
+
+
+def check_no_sliding_window(m: Model) -> None:
+    """Architectures llama.cpp runs with full attention only (src/models/llama.cpp, qwen2.cpp, qwen3.cpp,
+    phi3.cpp: "Phi SWA is currently disabled"): a window shorter than the context changes the outputs."""
+    window = m.get("sliding_window")
+    if m.spec.swa_flag is not None and not m.get(m.spec.swa_flag, False):
+        return  # Qwen: sliding_window is inert unless use_sliding_window
+    if window is not None and int(window) < m.n_ctx:
+        what = f"sliding_window {window}" + (f" with {m.spec.swa_flag} true" if m.spec.swa_flag else "")
+        raise m.refuse(
+            what,
+            "llama.cpp attends over the whole context here; set sliding_window to null in config.json to "
+            "accept full attention",
+        )
+
+
+def check_head_dim_is_split(m: Model) -> None:
+    """ref: src/models/phi3.cpp (wo is {n_embd, n_embd}: head_dim must be hidden_size / heads)"""
+    if m.head_dim * m.n_head != m.n_embd:
+        raise m.refuse(f"head_dim {m.head_dim}", "llama.cpp needs hidden_size / num_attention_heads here")
+
+
+def check_no_attention_bias(m: Model) -> None:
+    """ref: src/models/qwen3.cpp, gemma2.cpp, gemma3.cpp (no attn_output bias tensor)"""
+    if m.get("attention_bias", False):
+        raise m.refuse("attention_bias true", "llama.cpp's graph has no attention output bias here")
+
+
+def check_tied_head(m: Model) -> None:
+    """ref: src/models/gemma2.cpp (output is token_embd; there is no output.weight)"""
+    if not m.tied:
+        raise m.refuse(
+            "tie_word_embeddings false", "llama.cpp's gemma2 always uses the embeddings as lm_head"
+        )
+
+
+def check_gemma2_softcaps(m: Model) -> None:
+    """ref: src/models/gemma2.cpp (attn_soft_cap is always on; final soft-capping always applied)"""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if m.get(key) is None:
+            raise m.refuse(f"{key} null", "llama.cpp's gemma2 always soft-caps")
+
+
+def check_gemma3(m: Model) -> None:
+    """ref: src/models/gemma3.cpp (no attention soft-capping, causal only)"""
+    if m.get("attn_logit_softcapping") is not None:
+        raise m.refuse(
+            f"attn_logit_softcapping {m.get('attn_logit_softcapping')}",
+            "llama.cpp's gemma3 has no attention cap",
+        )
+    if m.get("use_bidirectional_attention"):
+        raise m.refuse("use_bidirectional_attention true", "llama.cpp's gemma3 is causal")
+
+
+def check_sliding_window_size(m: Model) -> None:
+    if any(t == SLIDING for t in m.layer_types) and not m.get("sliding_window"):
+        raise m.refuse(f"sliding_window {m.get('sliding_window')!r}", "layer_types has sliding layers")
+
+
+# --- the table ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one HF architecture becomes a GGUF one."""
+
+    hf_arch: str
+    activation: tuple[str, str]  # (config key, the activation llama.cpp's graph hard-codes)
+    rope_types: tuple[str, ...]  # HF rope types of the global layers llama.cpp reproduces
+    hparams: tuple[HparamWriter, ...] = ()  # beyond write_common
+    transforms: tuple[TransformFactory, ...] = ()  # applied in order to every tensor they match
+    extra_tensors: tuple[ExtraTensors, ...] = ()
+    checks: tuple[Check, ...] = ()
+    defaults: dict[str, Any] = field(default_factory=dict)  # transformers defaults for omitted keys
+    partial_rotary: bool = False
+    swa_flag: str | None = None  # config key that switches sliding_window on (Qwen)
+    hf_swa_period: int = 0  # transformers' default layer_types period
+    llama_swa_period: int = 0  # the period llama.cpp assumes
+    sliding_rope_types: tuple[str, ...] = ("default",)
+    sliding_rope_is_global: bool = False
+    local_rope_default: bool = False  # transformers 4 configs: rope_scaling only on global layers
+    llama_27b_layers: int = 0
+
+    @property
+    def gguf_arch(self) -> gguf.MODEL_ARCH:
+        return GGUF_ARCHS[self.hf_arch]
+
+
+_SILU = ("hidden_act", "silu")
+_GELU_TANH = ("hidden_activation", "gelu_pytorch_tanh")  # llama.cpp LLM_FFN_GELU is the tanh form
+_LLAMA = dict(
+    activation=_SILU,
+    rope_types=("default", "linear", "yarn", "llama3"),
+    hparams=(write_rope_scaling,),
+    transforms=(llama_qk_permute,),
+    extra_tensors=(llama3_rope_freqs,),
+    checks=(check_activation, check_rope, check_no_sliding_window),
+)
+_QWEN = dict(
+    activation=_SILU,
+    rope_types=("default", "linear", "yarn"),
+    hparams=(write_rope_scaling,),
+    checks=(check_activation, check_rope, check_no_sliding_window),
+    swa_flag="use_sliding_window",
+)
+
+ARCHS: dict[str, ArchSpec] = {
+    spec.hf_arch: spec
+    for spec in (
+        # ref: conversion/llama.py LlamaModel (registered for both)
+        ArchSpec("LlamaForCausalLM", **_LLAMA),
+        ArchSpec("MistralForCausalLM", **_LLAMA),
+        # ref: conversion/qwen.py Qwen2Model, Qwen3Model (q_norm/k_norm map by name; head_dim as key_length)
+        ArchSpec("Qwen2ForCausalLM", **_QWEN),
+        ArchSpec(
+            "Qwen3ForCausalLM",
+            **{**_QWEN, "checks": (*_QWEN["checks"], check_no_attention_bias)},  # type: ignore[dict-item]
+        ),
+        # ref: conversion/gemma.py Gemma2Model; src/models/gemma2.cpp
+        ArchSpec(
+            "Gemma2ForCausalLM",
+            activation=_GELU_TANH,
+            rope_types=("default", "linear"),
+            hparams=(write_rope_scaling, write_gemma_softcaps, write_sliding_window),
+            transforms=(gemma_norm_plus_one, gemma2_q_scale),
+            checks=(
+                check_activation,
+                check_rope,
+                check_tied_head,
+                check_gemma2_softcaps,
+                check_no_attention_bias,
+                check_sliding_window_size,
+            ),
+            defaults={
+                "tie_word_embeddings": True,
+                "query_pre_attn_scalar": 256,
+                "sliding_window": 4096,
+                "attn_logit_softcapping": 50.0,
+                "final_logit_softcapping": 30.0,
+                "hidden_activation": "gelu_pytorch_tanh",
+            },
+            hf_swa_period=2,
+            llama_swa_period=2,
+            sliding_rope_types=("default", "linear"),
+            sliding_rope_is_global=True,
+            llama_27b_layers=46,
+        ),
+        # ref: conversion/gemma.py Gemma3Model; src/models/gemma3.cpp
+        ArchSpec(
+            "Gemma3ForCausalLM",
+            activation=_GELU_TANH,
+            rope_types=("default", "linear"),
+            hparams=(write_rope_scaling, write_gemma_softcaps, write_sliding_window),
+            transforms=(gemma_norm_plus_one, gemma3_q_scale),
+            checks=(
+                check_activation,
+                check_rope,
+                check_gemma3,
+                check_no_attention_bias,
+                check_sliding_window_size,
+            ),
+            defaults={
+                "tie_word_embeddings": True,
+                "query_pre_attn_scalar": 256,
+                "sliding_window": 4096,
+                "rope_theta": 1_000_000.0,
+                "rope_local_base_freq": 10_000.0,
+                "hidden_activation": "gelu_pytorch_tanh",
+            },
+            hf_swa_period=6,
+            llama_swa_period=6,
+            local_rope_default=True,
+            llama_27b_layers=62,
+        ),
+        # ref: conversion/phi.py Phi3MiniModel (qkv_proj → attn_qkv, gate_up_proj → ffn_up, both fused in
+        # llama.cpp too: src/models/phi3.cpp build_qkv / LLM_FFN_SWIGLU on ffn_up {n_embd, 2*n_ff})
+        ArchSpec(
+            "Phi3ForCausalLM",
+            activation=_SILU,
+            rope_types=("default", "longrope", "su"),
+            hparams=(write_phi3_rope,),
+            extra_tensors=(longrope_factors,),
+            checks=(check_activation, check_rope, check_head_dim_is_split, check_no_sliding_window),
+            defaults={"original_max_position_embeddings": 4096},
+            partial_rotary=True,
+        ),
     )
+}
+assert set(ARCHS) == set(GGUF_ARCHS), "constants.GGUF_ARCHS and arch.ARCHS must list the same architectures"
 
 
-def plan_tensors(
-    model_dir: Path, arch: gguf.MODEL_ARCH, config: dict[str, Any], extra: np.ndarray | None
-) -> list[Plan]:
+# --- entry points ------------------------------------------------------------------------------------------
+
+
+def _tensor_plans(model_dir: Path, m: Model) -> list[Plan]:
     from safetensors import safe_open
 
-    files = safetensors_files(model_dir)
-    index = tensor_index(files)
-    n_layers = int(config["num_hidden_layers"])
-    tmap = gguf.get_tensor_name_map(arch, n_layers)
-    n_head = int(config["num_attention_heads"])
-    n_head_kv = int(config.get("num_key_value_heads") or n_head)
-    tied = bool(config.get("tie_word_embeddings", False))
-    plans: list[Plan] = []
-    if extra is not None:
-        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-        plans.append(Plan(name, None, "", tuple(extra.shape), data=extra))
+    index = tensor_index(safetensors_files(model_dir))
+    tmap = gguf.get_tensor_name_map(m.spec.gguf_arch, m.n_layer)
+    plans = [
+        Plan(gguf.TENSOR_NAMES[kind] + ".weight", None, "", tuple(data.shape), data=data)
+        for extra in m.spec.extra_tensors
+        for kind, data in extra(m)
+    ]
     for hf_name, path in index.items():
         if hf_name.endswith((".rotary_emb.inv_freq", "attention.masked_bias", "attention.bias")):
             continue
-        if hf_name == "lm_head.weight" and tied:
+        if hf_name == "lm_head.weight" and m.tied:
             continue  # llama.cpp falls back to token_embd.weight when output.weight is absent
         name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise EdgeftError(f"{path}: tensor {hf_name!r} has no GGUF name for arch {arch.name.lower()}")
+            raise EdgeftError(
+                f"{path}: tensor {hf_name!r} has no GGUF name for arch {m.spec.gguf_arch.name.lower()}"
+            )
         with safe_open(str(path), framework="pt") as sf:
             shape = tuple(sf.get_slice(hf_name).get_shape())
-        transform = None
-        if arch == gguf.MODEL_ARCH.LLAMA:
-            if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                transform = functools.partial(permute, n_head=n_head, n_head_kv=n_head)
-            elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                transform = functools.partial(permute, n_head=n_head, n_head_kv=n_head_kv)
-        plans.append(Plan(name, path, hf_name, shape, transform))
+        steps = [t for t in (factory(m, hf_name) for factory in m.spec.transforms) if t is not None]
+        plans.append(Plan(name, path, hf_name, shape, _compose(steps)))
     return plans
+
+
+def _compose(steps: Sequence[Transform]) -> Transform | None:
+    if not steps:
+        return None
+    if len(steps) == 1:
+        return steps[0]
+
+    def run(x: Array) -> Array:
+        for step in steps:
+            x = step(x)
+        return x
+
+    return run
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated model: its config facts and tensor plans, ready to write."""
+
+    model: Model
+    plans: list[Plan]
+
+    @property
+    def gguf_arch(self) -> gguf.MODEL_ARCH:
+        return self.model.spec.gguf_arch
+
+    def write_hparams(self, w: gguf.GGUFWriter, ftype: int) -> None:
+        write_common(w, self.model)
+        for writer in self.model.spec.hparams:
+            writer(w, self.model)
+        w.add_file_type(ftype)
+
+
+def prepare(model_dir: Path) -> Prepared:
+    """Read and check config.json and plan every tensor; raises EdgeftError before any file is written."""
+    m = parse_model(model_dir)
+    for check in m.spec.checks:
+        check(m)
+    return Prepared(m, _tensor_plans(Path(model_dir), m))

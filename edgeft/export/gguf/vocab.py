@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +11,7 @@ import gguf
 
 from ...constants import GGUF_PRE_TOKENIZERS, GGUF_TOKENIZER_BPE, GGUF_TOKENIZER_SPM
 from ...errors import EdgeftError
-from ...files import optional_json, read_json
-
-
-def _token_str(tok: Any) -> str | None:
-    """A special token as tokenizer_config.json spells it: a string or an AddedToken dict."""
-    if isinstance(tok, dict):
-        return tok.get("content")
-    return tok if isinstance(tok, str) else None
+from ...files import optional_json
 
 
 def pre_tokenizer_signature(pre: dict[str, Any] | None) -> tuple[str, ...]:
@@ -87,8 +81,47 @@ def _added_tokens(tj: dict[str, Any], model_dir: Path) -> dict[int, tuple[str, b
     return out
 
 
-def _bpe_vocab(w: gguf.GGUFWriter, model_dir: Path, tj: dict[str, Any], n_vocab: int) -> dict[str, int]:
-    """Byte-level BPE: tokens, merges, types.
+# llama.cpp's converter marks added tokens that look like markup as CONTROL even when not flagged special.
+# ref: llama.cpp convert_hf_to_gguf.py TextModel.does_token_look_special
+_SPECIAL_LOOKING = ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+
+
+def _looks_special(text: str) -> bool:
+    return (
+        text in _SPECIAL_LOOKING
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+        or text.startswith(("<start_of_", "<end_of_"))
+    )
+
+
+def _added_type(content: str, special: bool, template: str) -> int:
+    """GGUF type of an added token: CONTROL when flagged special, looking special or used by the chat
+    template (a turn marker written as NORMAL/USER_DEFINED is a known cause of endless or garbled output,
+    ../shared/REFERENCE.md "Where users get hurt" 2); USER_DEFINED for plain added words."""
+    if special or _looks_special(content) or (content and content in template):
+        return gguf.TokenType.CONTROL
+    return gguf.TokenType.USER_DEFINED
+
+
+@dataclass
+class Vocab:
+    """A tokenizer as GGUF stores it (ref: llama.cpp gguf.md "tokenizer.ggml.*")."""
+
+    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) | "llama" (SentencePiece)
+    pre: str  # tokenizer.ggml.pre
+    tokens: list[str]
+    types: list[int]
+    scores: list[float] | None = None  # SentencePiece only
+    add_space_prefix: bool | None = None  # SentencePiece only
+    ids: dict[str, int] = field(default_factory=dict)
+    # Whether encoding adds BOS / EOS, as the tokenizer itself does it (None: leave it to SpecialVocab).
+    add_bos: bool | None = None
+    add_eos: bool | None = None
+
+
+def _bpe_vocab(model_dir: Path, tj: dict[str, Any], n_vocab: int, template: str) -> Vocab:
+    """Byte-level BPE: tokens and types (merges come from gguf-py's SpecialVocab).
 
     ref: llama.cpp convert_hf_to_gguf.py TextModel._set_vocab_gpt2
     """
@@ -106,22 +139,15 @@ def _bpe_vocab(w: gguf.GGUFWriter, model_dir: Path, tj: dict[str, Any], n_vocab:
             types.append(gguf.TokenType.UNUSED)
         elif i in added:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if added[i][1] else gguf.TokenType.USER_DEFINED)
+            types.append(_added_type(added[i][0], added[i][1], template))
         else:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges", [])]
-    w.add_tokenizer_model(GGUF_TOKENIZER_BPE)
-    w.add_tokenizer_pre(_gguf_pre_name(tj, model_dir / "tokenizer.json"))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    return vocab
+    pre = _gguf_pre_name(tj, model_dir / "tokenizer.json")
+    return Vocab(GGUF_TOKENIZER_BPE, pre, tokens, types, ids=vocab)
 
 
-def _spm_vocab_from_model(
-    w: gguf.GGUFWriter, model_dir: Path, tj: dict[str, Any], n_vocab: int
-) -> dict[str, int]:
+def _spm_vocab_from_model(model_dir: Path, tj: dict[str, Any], n_vocab: int, template: str) -> Vocab:
     """SentencePiece tokenizer.model: tokens, scores, types from the proto.
 
     ref: llama.cpp convert_hf_to_gguf.py TextModel._create_vocab_sentencepiece
@@ -153,13 +179,15 @@ def _spm_vocab_from_model(
         if tid >= sp.vocab_size() or types[tid] in (gguf.TokenType.NORMAL, gguf.TokenType.UNUSED):
             tokens[tid] = content
             scores[tid] = -1000.0
-            types[tid] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+            types[tid] = _added_type(content, special, template)
     while len(tokens) < n_vocab:
         tokens.append(f"[PAD{len(tokens)}]")
         scores.append(-1000.0)
         types.append(gguf.TokenType.UNUSED)
-    _write_spm(w, tokens, scores, types, _sp_add_dummy_prefix(sp))
-    return {t: i for i, t in enumerate(tokens)}
+    # The file's own pipeline decides the space prefix when there is one (one tokenization truth).
+    prefix = _json_adds_space_prefix(tj) if tj else _sp_add_dummy_prefix(sp)
+    ids = {t: i for i, t in enumerate(tokens)}
+    return Vocab(GGUF_TOKENIZER_SPM, "default", tokens, types, scores, prefix, ids)
 
 
 def _sp_add_dummy_prefix(sp: Any) -> bool:
@@ -170,9 +198,7 @@ def _sp_add_dummy_prefix(sp: Any) -> bool:
     return bool(proto.normalizer_spec.add_dummy_prefix)
 
 
-def _spm_vocab_from_json(
-    w: gguf.GGUFWriter, model_dir: Path, tj: dict[str, Any], n_vocab: int
-) -> dict[str, int]:
+def _spm_vocab_from_json(model_dir: Path, tj: dict[str, Any], n_vocab: int, template: str) -> Vocab:
     """SentencePiece-style tokenizer.json (BPE + byte_fallback + Metaspace) without tokenizer.model.
 
     llama.cpp's SPM tokenizer merges the adjacent pair whose merged piece has the highest score, so the
@@ -201,15 +227,14 @@ def _spm_vocab_from_json(
         tokens.append(t)
         scores.append(-float(rank[t]) if t in rank else 0.0)
         if i in added:
-            types.append(gguf.TokenType.CONTROL if added[i][1] else gguf.TokenType.USER_DEFINED)
+            types.append(_added_type(added[i][0], added[i][1], template))
         elif t == unk:
             types.append(gguf.TokenType.UNKNOWN)
         elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
             types.append(gguf.TokenType.BYTE)
         else:
             types.append(gguf.TokenType.NORMAL)
-    _write_spm(w, tokens, scores, types, _json_adds_space_prefix(tj))
-    return vocab
+    return Vocab(GGUF_TOKENIZER_SPM, "default", tokens, types, scores, _json_adds_space_prefix(tj), vocab)
 
 
 def _json_adds_space_prefix(tj: dict[str, Any]) -> bool:
@@ -226,17 +251,6 @@ def _json_adds_space_prefix(tj: dict[str, Any]) -> bool:
     return False
 
 
-def _write_spm(
-    w: gguf.GGUFWriter, tokens: list[str], scores: list[float], types: list[int], add_prefix: bool
-) -> None:
-    w.add_tokenizer_model(GGUF_TOKENIZER_SPM)
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_add_space_prefix(add_prefix)
-
-
 def _is_spm_json(tj: dict[str, Any]) -> bool:
     model = tj.get("model", {})
     if model.get("type") == "Unigram":
@@ -247,78 +261,63 @@ def _is_spm_json(tj: dict[str, Any]) -> bool:
     )
 
 
-def _post_processor_adds(tj: dict[str, Any]) -> tuple[bool, bool]:
-    """(adds BOS, adds EOS) for single sequences, read from a TemplateProcessing post-processor."""
-    pp = tj.get("post_processor") or {}
-    procs = pp.get("processors", []) if pp.get("type") == "Sequence" else [pp]
-    for p in procs:
-        if p.get("type") == "TemplateProcessing":
-            single = p.get("single", [])
-            return (
-                bool(single) and "SpecialToken" in single[0],
-                len(single) > 1 and "SpecialToken" in single[-1],
-            )
-    return False, False
-
-
-def _chat_template(model_dir: Path, tok_cfg: dict[str, Any]) -> str | list[dict[str, str]] | None:
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    tmpl = tok_cfg.get("chat_template")
-    if tmpl:
-        return tmpl
-    cj = model_dir / "chat_template.json"
-    if cj.is_file():
-        return read_json(cj).get("chat_template")
-    return None
-
-
-def write_tokenizer(w: gguf.GGUFWriter, model_dir: Path, config: dict[str, Any], n_vocab: int) -> None:
-    """Vocabulary, special token ids, add_bos/add_eos and chat template."""
+def read_vocab(model_dir: Path, n_vocab: int) -> Vocab:
+    """The model directory's tokenizer files as GGUF's vocabulary (kind decided by the files themselves)."""
     tj_path = model_dir / "tokenizer.json"
     tj = optional_json(tj_path)
+    template = chat_template_text(model_dir)
     if (model_dir / "tokenizer.model").is_file():
-        vocab = _spm_vocab_from_model(w, model_dir, tj, n_vocab)
-    elif tj and _is_spm_json(tj):
+        return _spm_vocab_from_model(model_dir, tj, n_vocab, template)
+    if tj and _is_spm_json(tj):
         if tj["model"].get("type") != "BPE":
             raise EdgeftError(f"{tj_path}: Unigram tokenizer without tokenizer.model; cannot export scores")
-        vocab = _spm_vocab_from_json(w, model_dir, tj, n_vocab)
-    elif tj and _is_byte_level_bpe(tj):
-        vocab = _bpe_vocab(w, model_dir, tj, n_vocab)
-    elif not tj:
+        return _spm_vocab_from_json(model_dir, tj, n_vocab, template)
+    if tj and _is_byte_level_bpe(tj):
+        return _bpe_vocab(model_dir, tj, n_vocab, template)
+    if not tj:
         raise EdgeftError(
             f"{model_dir}: no tokenizer.json or tokenizer.model; save the tokenizer with the model"
         )
-    else:
-        kind = tj.get("model", {}).get("type")
-        raise EdgeftError(
-            f"{tj_path}: tokenizer model {kind!r} is not supported for GGUF "
-            "(supported: byte-level BPE, SentencePiece BPE/Unigram)"
-        )
+    kind = tj.get("model", {}).get("type")
+    raise EdgeftError(
+        f"{tj_path}: tokenizer model {kind!r} is not supported for GGUF "
+        "(supported: byte-level BPE, SentencePiece BPE/Unigram)"
+    )
 
-    tok_cfg = optional_json(model_dir / "tokenizer_config.json")
-    special_map = optional_json(model_dir / "special_tokens_map.json")
-    for role, add in (
-        ("bos", w.add_bos_token_id),
-        ("eos", w.add_eos_token_id),
-        ("unk", w.add_unk_token_id),
-        ("pad", w.add_pad_token_id),
-    ):
-        text = _token_str(tok_cfg.get(f"{role}_token")) or _token_str(special_map.get(f"{role}_token"))
-        tid = vocab.get(text) if text is not None else None
-        if tid is None and role in ("bos", "eos", "pad"):
-            cid = config.get(f"{role}_token_id")
-            tid = cid[0] if isinstance(cid, list) and cid else cid
-        if isinstance(tid, int):
-            add(tid)
 
-    pp_bos, pp_eos = _post_processor_adds(tj)
-    add_bos = tok_cfg.get("add_bos_token")
-    add_eos = tok_cfg.get("add_eos_token")
-    w.add_add_bos_token(bool(pp_bos if add_bos is None else add_bos))
-    w.add_add_eos_token(bool(pp_eos if add_eos is None else add_eos))
+def chat_template_text(model_dir: Path) -> str:
+    """The chat template(s) of a model dir as one string (for finding the tokens it uses)."""
+    sv = gguf.SpecialVocab(model_dir, load_merges=False)
+    tmpl = sv.chat_template
+    if isinstance(tmpl, list):
+        return "\n".join(str(t.get("template", "")) for t in tmpl)
+    return tmpl or ""
 
-    tmpl = _chat_template(model_dir, tok_cfg)
-    if tmpl:
-        w.add_chat_template(tmpl)
+
+def write_vocab(
+    w: gguf.GGUFWriter, model_dir: Path, vocab: Vocab, n_vocab: int, *, end_of_turn: int | None = None
+) -> None:
+    """Vocabulary, merges, special token ids, add_bos/add_eos and chat template.
+
+    Special ids, add_* flags, merges and the chat template come from gguf-py's SpecialVocab, which reads
+    tokenizer.json, tokenizer_config.json, chat_template.jinja/json and config.json the way llama.cpp's own
+    converter does. `end_of_turn` (the token the chat template closes an answer with) becomes the EOT id
+    when it is not the EOS, so llama.cpp ends generation on it.
+    """
+    w.add_tokenizer_model(vocab.model)
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    if vocab.scores is not None:
+        w.add_token_scores(vocab.scores)
+    if vocab.add_space_prefix is not None:
+        w.add_add_space_prefix(vocab.add_space_prefix)
+    sv = gguf.SpecialVocab(
+        model_dir, load_merges=vocab.model == GGUF_TOKENIZER_BPE, n_vocab=len(vocab.tokens)
+    )
+    if end_of_turn is not None and end_of_turn != sv.special_token_ids.get("eos"):
+        sv.special_token_ids["eot"] = end_of_turn
+    for role, value in (("bos", vocab.add_bos), ("eos", vocab.add_eos)):
+        if value is not None:
+            sv.add_special_token[role] = value
+    sv.add_to_gguf(w, quiet=True)

@@ -1,0 +1,168 @@
+"""Before writing a GGUF: prove llama.cpp tokenizes chat prompts exactly as the fine-tune did.
+
+The vocabulary and flags are written into a small vocab-only GGUF first; llama-cpp-python loads it and builds
+each probe conversation's prompt ids the way an app's `create_chat_completion` does (edgeft.runtime.llamacpp
+.chat_prompt_ids). They must equal the ids of the same conversation rendered by the model's chat template
+and tokenized by its own tokenizer files (edgeft.data.chat_prompt_ids). Plain texts are compared too.
+
+For SentencePiece vocabularies the space-prefix rule is the one choice that differs between runtimes:
+llama.cpp prefixes text after every special token, transformers' Metaspace(prepend_scheme="first") only the
+start of the input (../shared/REFERENCE.md "Where users get hurt" 11). When the flag derived from the
+tokenizer files does not reproduce the prompts, the other one is tried; when neither does, one line says so
+with the first differing token (the artifact is still written, and verify's prompt_ids_match fails it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from ... import data as data_mod
+from .vocab import Vocab, write_vocab
+
+# Plain texts every tokenizer must split like the original: whitespace runs, digits, non-ASCII, code.
+PROBE_TEXTS = (
+    "Hello world",
+    "  leading spaces and trailing   ",
+    "line\nbreaks\r\n\n\tand tabs",
+    "version 3.11, 2024-05-17 at 07:30 for 1234567 items",
+    "café naïve Ålesund 日本語 🙂",
+    "def f(x):\n    return x**2  # ok",
+    "It's they're we've I'm you'll he'd",
+)
+PROBE_CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
+    ({"role": "user", "content": "turn on the kitchen lights at 7.30"},),
+    (
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "  Set 3 timers:\n10 s, 2.5 min and 1 h"},
+    ),
+    (
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "Hi! How can I help?"},
+        {"role": "user", "content": "Café au lait, 2 cups"},
+    ),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mismatch:
+    """Where llama.cpp's ids first differ from the fine-tune's for one probe."""
+
+    probe: str
+    position: int
+    want: str
+    got: str
+
+    def __str__(self) -> str:
+        return f"{self.probe}: token {self.position} is {self.got} in llama.cpp, {self.want} in the fine-tune"
+
+
+def _first_diff(probe: str, want: list[int], got: list[int], pieces: Callable[[int], str]) -> Mismatch | None:
+    if want == got:
+        return None
+    k = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), min(len(want), len(got)))
+
+    def show(ids: list[int]) -> str:
+        return f"{pieces(ids[k])!r} ({ids[k]})" if k < len(ids) else "(end)"
+
+    return Mismatch(probe, k, show(want), show(got))
+
+
+def mismatches(
+    path: Path, tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]]
+) -> list[Mismatch]:
+    """Every probe (text or conversation) whose llama.cpp ids differ from the tokenizer's."""
+    import llama_cpp
+
+    from ...runtime.llamacpp import chat_prompt_ids, silence_llama_logs
+
+    silence_llama_logs()
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+
+        def piece(i: int) -> str:
+            return tokenizer.convert_ids_to_tokens(int(i))
+
+        found: list[Mismatch] = []
+        for n, text in enumerate(PROBE_TEXTS, 1):
+            want = list(tokenizer(text)["input_ids"])
+            got = list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+            m = _first_diff(f"probe text {n} {text[:24]!r}", want, got, piece)
+            if m:
+                found.append(m)
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        for n, messages in enumerate(conversations, 1):
+            msgs = [dict(m) for m in messages]
+            try:
+                want = data_mod.chat_prompt_ids(tokenizer, msgs)
+            except Exception:  # noqa: BLE001 - the template refuses this conversation shape: not comparable
+                continue
+            if not has_template:
+                continue
+            got = chat_prompt_ids(llm, msgs)
+            m = _first_diff(f"conversation {n}", want, got, piece)
+            if m:
+                found.append(m)
+        return found
+    finally:
+        llm.close()
+
+
+def _vocab_only_gguf(
+    arch_name: str, write_header: Callable[[gguf.GGUFWriter], None], write: Callable
+) -> Path:
+    fd, name = tempfile.mkstemp(prefix=".edgeft-vocab-", suffix=".gguf")
+    os.close(fd)
+    w = gguf.GGUFWriter(name, arch_name)
+    try:
+        write_header(w)
+        write(w)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.flush()
+    finally:
+        w.close()
+    return Path(name)
+
+
+def choose_vocab(
+    model_dir: Path,
+    vocab: Vocab,
+    n_vocab: int,
+    arch_name: str,
+    write_header: Callable[[gguf.GGUFWriter], None],
+    conversations: Sequence[Sequence[dict[str, str]]] = (),
+    *,
+    end_of_turn: int | None = None,
+) -> tuple[Vocab, list[Mismatch]]:
+    """The vocabulary settings under which llama.cpp reproduces the fine-tune's prompts, and what still
+    differs (empty when everything matches). `conversations` are checked besides the built-in probes."""
+    from ...loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir, notify=False)
+    convs = list(PROBE_CONVERSATIONS) + [tuple(c) for c in conversations]
+    candidates = [vocab]
+    if vocab.add_space_prefix is not None:
+        candidates.append(dataclasses.replace(vocab, add_space_prefix=not vocab.add_space_prefix))
+    first: list[Mismatch] | None = None
+    for cand in candidates:
+        path = _vocab_only_gguf(
+            arch_name,
+            write_header,
+            lambda w, c=cand: write_vocab(w, model_dir, c, n_vocab, end_of_turn=end_of_turn),
+        )
+        try:
+            found = mismatches(path, tokenizer, convs)
+        finally:
+            path.unlink(missing_ok=True)
+        if not found:
+            return cand, []
+        first = first if first is not None else found
+    return vocab, first or []
