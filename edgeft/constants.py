@@ -31,16 +31,19 @@ GGUF_QUANTS = GGUF_FLOAT_QUANTS + GGUF_LLAMA_QUANTS
 
 # --- architectures --------------------------------------------------------------------------------------
 # HF `config.json` "architectures" entry → GGUF architecture. ref: llama.cpp convert_hf_to_gguf.py
-# (LlamaModel is registered for Llama/Mistral, Qwen2Model for Qwen2).
+# (@ModelBase.register: LlamaModel for Llama/Mistral, Qwen2Model, Qwen3Model, Gemma2Model, Gemma3Model,
+# Phi3MiniModel). How each is converted lives in edgeft/export/gguf/arch.py (ARCHS).
 GGUF_ARCHS: dict[str, gguf.MODEL_ARCH] = {
     "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
     "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,
     "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
+    "Qwen3ForCausalLM": gguf.MODEL_ARCH.QWEN3,
+    "Gemma2ForCausalLM": gguf.MODEL_ARCH.GEMMA2,
+    "Gemma3ForCausalLM": gguf.MODEL_ARCH.GEMMA3,
+    "Phi3ForCausalLM": gguf.MODEL_ARCH.PHI3,
 }
 
-# --- drift and latency metric names (manifest keys) ---------------------------------------------------
-DRIFT_METRICS = ("kld_mean", "kld_p99", "top1", "ppl_ratio", "task_accuracy")
-LATENCY_METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
+# --- drift budgets ---------------------------------------------------------------------------------------
 # Direction of "worse" per budgeted metric: "max" budgets cap the value, "min" budgets floor it.
 BUDGET_KINDS = {
     "kld_mean": "max",
@@ -48,6 +51,8 @@ BUDGET_KINDS = {
     "top1": "min",
     "ppl_ratio": "max",
     "task_accuracy_drop": "max",
+    "prompt_ids_match": "min",
+    "answers_match": "min",
 }
 
 # --- files -----------------------------------------------------------------------------------------------

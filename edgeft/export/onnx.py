@@ -42,6 +42,7 @@ from ..constants import (
 from ..errors import EdgeftError
 from ..files import tree_bytes
 from ..guard import check_external_data
+from ..loading import copy_tokenizer_files
 
 Progress = Callable[[int, int], None]
 _STEPS = 3  # build, check, publish
@@ -399,6 +400,9 @@ def export_onnx(
             raise _builder_error(model_dir, e) from None
         if progress:
             progress(1, _STEPS)
+        # The builder re-saves the tokenizer through transformers, which may rebuild its pipeline; ship the
+        # model's own files instead (edgeft.loading: one tokenization truth).
+        copy_tokenizer_files(model_dir, partial)
         check_output(partial)
         _check_tokenizer(partial)
         level = _matmulnbits_accuracy(partial / ONNX_MODEL_FILE)

@@ -56,6 +56,8 @@ class OrtRuntime:
             window = dec.get("sliding_window") or {}
             self._window_caps = {int(i): int(window["window_size"]) for i in window.get("layers", [])}
             self.n_vocab: int = int(model_cfg["vocab_size"])
+            eos = model_cfg.get("eos_token_id", [])
+            self._eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos])]
             context = int(model_cfg.get("context_length", n_ctx))
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise EdgeftError(f"{cfg_path}: not a usable genai config ({type(e).__name__}: {e})") from None
@@ -68,6 +70,7 @@ class OrtRuntime:
         self.all_logits = all_logits
         self._session: Any = None  # onnxruntime.InferenceSession, created by logits()
         self._og_model: Any = None  # onnxruntime_genai.Model, created by generate()
+        self._og_tokenizer: Any = None  # onnxruntime_genai.Tokenizer, created by chat_prompt_ids()
 
     # --- scoring: plain onnxruntime -----------------------------------------------------------------------
 
@@ -193,9 +196,44 @@ class OrtRuntime:
                 break
         return out
 
+    # --- the app path: onnxruntime-genai's own template, tokenizer and stop ids ----------------------------
+
+    def _get_og_tokenizer(self) -> Any:
+        if self._og_tokenizer is None:
+            import onnxruntime_genai as og
+
+            try:
+                self._og_tokenizer = og.Tokenizer(self._get_og_model())
+            except Exception as e:  # noqa: BLE001 - og raises RuntimeError and others
+                raise EdgeftError(
+                    f"{self.path}: onnxruntime-genai cannot load the tokenizer ({_first_line(e)})"
+                ) from None
+        return self._og_tokenizer
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The ids an app feeds the model: `Tokenizer.apply_chat_template` (generation prompt) + `encode`."""
+        tok = self._get_og_tokenizer()
+        try:
+            prompt = tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+            return [int(i) for i in tok.encode(prompt)]
+        except Exception as e:  # noqa: BLE001 - template and tokenizer errors surface as RuntimeError
+            raise EdgeftError(
+                f"{self.path}: onnxruntime-genai cannot render the chat prompt ({_first_line(e)})"
+            ) from None
+
+    @property
+    def end_ids(self) -> list[int]:
+        """The ids onnxruntime-genai's generator stops after: genai_config.json's eos_token_id."""
+        return list(self._eos_ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Answer text the way onnxruntime-genai's tokenizer decodes it."""
+        return str(self._get_og_tokenizer().decode(np.asarray([int(i) for i in ids], dtype=np.int32)))
+
     def close(self) -> None:
-        """Free the sessions (both are recreated on next use)."""
+        """Free the sessions (all are recreated on next use)."""
         self._session = None
+        self._og_tokenizer = None
         self._og_model = None
 
     def __enter__(self) -> OrtRuntime:
