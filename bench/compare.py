@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from edgeft import bench, verify
-from edgeft.export import export_artifact
+from edgeft.export import ExportOptions, export_artifact
+from edgeft.loading import load_tokenizer
 from edgeft.runtime import open_runtime
 
 # (format, quant, accuracy_level): every GGUF quant, and the ONNX variants edgeft ships (int8/int4 with int8
@@ -86,23 +87,22 @@ def smollm2_shaped(out: Path) -> Path:
 
 
 def run(name: str, model_dir: Path, work: Path, threads: int, runs: int) -> list[dict]:
-    tok = verify.load_tokenizer(model_dir)
-    es = verify.make_eval_set(tok, None)
+    es = verify.make_eval_set(load_tokenizer(model_dir, notify=False), None)
     ref_rt = open_runtime(model_dir, threads=threads)
     ref = verify.run_reference(ref_rt, es)
-    ref_rt.close()
     rows = []
     lat = bench.bench(model_dir, threads=threads, runs=runs)
     rows.append({"model": name, "artifact": "PyTorch fp32", "lat": lat, "kld": 0.0, "top1": 1.0})
     for fmt, q, level in VARIANTS:
-        path = export_artifact(model_dir, fmt, q, work / name, level)
-        rt = open_runtime(path, threads=threads)
+        path = export_artifact(model_dir, fmt, q, work / name, ExportOptions(level))
+        rt = open_runtime(path, threads=threads, n_ctx=es.n_ctx)
         drift = verify.compare(ref, rt, es)
         rt.close()
         lat = bench.bench(path, threads=threads, runs=runs)
         label = f"{fmt} {q}" + (f" acc{level}" if level else "")
         rows.append({"model": name, "artifact": label, "lat": lat, "kld": drift.kld_mean, "top1": drift.top1})
         print(f"  {name} {q}: done", file=sys.stderr)
+    ref_rt.close()
     return rows
 
 

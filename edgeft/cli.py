@@ -185,14 +185,23 @@ def export(
     accuracy_level: Annotated[
         int | None, typer.Option(help="onnx int8/int4: 4 = int8 activations (fast), 1 = fp32 activations.")
     ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Task JSONL whose conversations the tokenizer check covers (besides built-in probes)."
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Export an HF model to a device format, quantized."""
-    from .export import export_file
+    """Export an HF model to a device format, quantized; the artifact's tokenizer is checked against the
+    model's own on chat prompts before it is shipped."""
+    from .data import load_jsonl
+    from .export import ExportOptions, export_file
     from .ui import task
 
+    convs = [ex.prompt_messages for ex in load_jsonl(data)] if data else []
     with _stdout_to_stderr(), task(f"export {format} {quant}") as update:
-        res = export_file(model, format, quant, out, accuracy_level, update)
+        res = export_file(model, format, quant, out, ExportOptions(accuracy_level, update, convs))
     _emit(res, as_json)
 
 

@@ -42,6 +42,7 @@ def build(cfg: BuildConfig) -> BuildResult:
 
     examples, source = verify.eval_examples(merged, None)  # the fine-tune's own held-out split
     evalset = verify.make_eval_set(load_tokenizer(merged, notify=False), examples, source=source)
+    conversations = [ex.prompt_messages for ex in evalset.examples]
     with timed("reference", seconds):
         base_acc = base_accuracy(model, evalset, threads)
         ref_rt = open_runtime(merged, threads=threads)
@@ -54,9 +55,8 @@ def build(cfg: BuildConfig) -> BuildResult:
         for spec in target.artifacts:
             with timed(spec.label, seconds):
                 with task(f"export {spec.label}") as update:
-                    path = export.export_artifact(
-                        merged, spec.format, spec.quant, work / "artifacts", spec.accuracy_level, update
-                    )
+                    opts = export.ExportOptions(spec.accuracy_level, update, conversations)
+                    path = export.export_artifact(merged, spec.format, spec.quant, work / "artifacts", opts)
                 drift = check(spec.label, ref, path, evalset, threads)
                 with task(f"bench {spec.label}"):
                     latency = bench.bench(path, threads=threads)

@@ -6,15 +6,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as Bar
 
 console = Console(stderr=True)
+# A long step's progress callback: update(done, total).
+Progress = Callable[[int, int], None]
 
 
 @contextmanager
 def task(description: str, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
     """A progress bar for one long step; yields `update(done, total)`."""
-    with Progress(
+    with Bar(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -29,26 +29,12 @@ import numpy as np
 from . import data as data_mod
 from . import metrics
 from .errors import EdgeftError
+from .probes import PROBE_CONVERSATIONS
 from .runtime import Runtime, open_runtime
+from .ui import Progress
 
-Progress = Callable[[int, int], None]
 REFERENCE_CACHE_BYTES = 512 << 20
 FINETUNE_RECORD = "edgeft_finetune.json"
-# Conversations every verify runs through the app path, besides the task's own: numbers, whitespace runs,
-# non-ASCII text, a system turn and several turns — where templates and tokenizers disagree in practice.
-PROBE_CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
-    ({"role": "user", "content": "What is 2 + 2?"},),
-    ({"role": "user", "content": "Set the timer to 3.11 minutes,   then  stop."},),
-    (
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "Café in Ålesund: open at 07:30?"},
-    ),
-    (
-        {"role": "user", "content": "hello"},
-        {"role": "assistant", "content": "Hi! How can I help?"},
-        {"role": "user", "content": "list 3 colours\n\n- red"},
-    ),
-)
 
 
 @dataclass

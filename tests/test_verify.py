@@ -1,86 +1,185 @@
-"""Drift metrics: zero against itself, positive and ordered as logits are perturbed."""
+"""The judge: drift metrics on hand-computed cases, and the app-path comparison on scripted runtimes."""
 
+from __future__ import annotations
+
+import math
 from collections.abc import Sequence
 
 import numpy as np
+import pytest
 
-from edgeft import verify
+from edgeft import metrics, verify
+from edgeft.data import Example
+
+# --- metrics, against numbers worked out by hand -----------------------------------------------------------
 
 
-class FakeRuntime:
-    """Fixed random logits per position plus optional noise: a runtime with known drift."""
+def test_kld_is_reference_to_test_direction() -> None:
+    """KL(p‖q) with p = (0.5, 0.5), q = (0.9, 0.1): 0.5·ln(0.5/0.9) + 0.5·ln(0.5/0.1) = 0.51083; the other
+    direction would be 0.9·ln(1.8) + 0.1·ln(0.2) = 0.36806."""
+    ref = np.log([[0.5, 0.5]])
+    test = np.log([[0.9, 0.1]])
+    stats = metrics.compare_logits(ref, test, [0])
+    assert stats.kld[0] == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(5.0), abs=1e-12)
+    assert stats.kld[0] == pytest.approx(0.510826, abs=1e-6)
+    assert metrics.compare_logits(test, ref, [0]).kld[0] == pytest.approx(0.368064, abs=1e-6)
 
-    def __init__(self, noise: float, vocab: int = 50, seed: int = 1) -> None:
-        self.noise, self.vocab = noise, vocab
-        self.rng = np.random.default_rng(seed)
-        self.base = np.random.default_rng(0).normal(size=(64, vocab)) * 3
+
+def test_logits_are_shift_invariant_and_top1_counts_argmax() -> None:
+    ref = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    test = ref + 100.0  # same distributions
+    stats = metrics.compare_logits(ref, test, [0, 1])
+    assert np.all(np.abs(stats.kld) < 1e-12)
+    test2 = np.array([[1.0, 3.5, 3.0], [3.0, 2.0, 1.0]])  # first row's argmax moves to index 1
+    assert metrics.compare_logits(ref, test2, [0, 1]).same_top1.tolist() == [False, True]
+
+
+def test_next_token_nll_scores_the_following_token() -> None:
+    """Row t predicts ids[t+1]: with ids (0, 2, 1), NLL = (−ln p0[2], −ln p1[1]); the last row scores nothing."""
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4]])
+    stats = metrics.compare_logits(np.log(probs), np.log(probs), [0, 2, 1])
+    assert stats.ref_nll.tolist() == pytest.approx([-math.log(0.1), -math.log(0.6)])
+    assert len(stats.test_nll) == 2
+
+
+def test_blocks_give_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    ref, test = rng.normal(size=(37, 11)), rng.normal(size=(37, 11))
+    ids = rng.integers(0, 11, size=37).tolist()
+    whole = metrics.compare_logits(ref, test, ids)
+    monkeypatch.setattr(metrics, "BLOCK_ELEMENTS", 11 * 4)  # 4 positions a block
+    blocked = metrics.compare_logits(ref, test, ids)
+    assert np.allclose(whole.kld, blocked.kld) and np.array_equal(whole.same_top1, blocked.same_top1)
+    assert np.allclose(whole.ref_nll, blocked.ref_nll) and np.allclose(whole.test_nll, blocked.test_nll)
+
+
+# --- scripted runtimes ---------------------------------------------------------------------------------------
+
+END = 0
+
+
+class Scripted:
+    """A runtime whose logits are fixed per position and whose answers follow a script per prompt."""
+
+    def __init__(self, logits: np.ndarray, answers: dict[tuple[int, ...], list[int]], prompt_shift: int = 0):
+        self.table, self.answers, self.shift = logits, answers, prompt_shift
+        self.n_vocab = logits.shape[1]
+        self.generated = 0
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
-        x = self.base[: len(ids)]
-        return (x + self.noise * self.rng.normal(size=x.shape)).astype(np.float32)
+        return self.table[: len(ids)]
 
-    def generate(self, ids, n, stop_ids=()):
-        return []
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = [ord(c) % 50 + 1 for c in messages[-1]["content"]]
+        return ids[:1] + [ids[1] + self.shift] + ids[2:] if self.shift else ids
+
+    def generate(self, ids: Sequence[int], n: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        for prompt, script in self.answers.items():
+            if list(ids[: len(prompt)]) == list(prompt):
+                pos = len(ids) - len(prompt)
+                out = []
+                for t in script[pos : pos + n]:
+                    out.append(t)
+                    self.generated += 1
+                    if t in stop_ids:
+                        break
+                return out
+        return [END]
+
+    @property
+    def end_ids(self) -> list[int]:
+        return [END]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(chr(96 + i) for i in ids if i)
 
     def close(self) -> None:
         pass
 
 
-def _evalset() -> verify.EvalSet:
-    seqs = [list(range(i, i + 40)) for i in range(3)]
-    return verify.EvalSet(seqs, [], [], [], None)
+def _example(prompt: str, answer: str) -> Example:
+    return Example(({"role": "user", "content": prompt}, {"role": "assistant", "content": answer}), "t:1")
 
 
-def test_identical_runtime_has_no_drift() -> None:
-    es = _evalset()
-    ref = verify.run_reference(FakeRuntime(0.0), es)
-    rep = verify.compare(ref, FakeRuntime(0.0), es)
-    assert rep.kld_mean < 1e-9 and rep.top1 == 1.0 and abs(rep.ppl_ratio - 1) < 1e-6
-    assert rep.n_positions == 120 and rep.task_accuracy is None
+def _evalset(examples: list[Example], rt: Scripted) -> verify.EvalSet:
+    prompts = [rt.chat_prompt_ids(ex.prompt_messages) for ex in examples]
+    return verify.EvalSet(examples, [list(range(20))], prompts, 16, True, "test")
 
 
-def test_drift_grows_with_noise() -> None:
-    es = _evalset()
-    ref = verify.run_reference(FakeRuntime(0.0), es)
-    small = verify.compare(ref, FakeRuntime(0.1), es)
-    large = verify.compare(ref, FakeRuntime(1.0), es)
-    assert 0 < small.kld_mean < large.kld_mean
-    assert small.kld_p99 >= small.kld_mean
-    assert large.top1 < 1.0
+def _script(text: str) -> list[int]:
+    return [ord(c) - 96 for c in text] + [END]
 
 
-class ScriptedRuntime:
-    """Emits a fixed token script (ignoring the prompt beyond its length) and counts generated tokens."""
-
-    def __init__(self, script: list[int], prompt_len: int) -> None:
-        self.script, self.prompt_len, self.generated = script, prompt_len, 0
-
-    def generate(self, ids, n, stop_ids=()):
-        pos = len(ids) - self.prompt_len
-        out = []
-        for tok in self.script[pos : pos + n]:
-            out.append(tok)
-            self.generated += 1
-            if tok in stop_ids:
-                break
-        return out
-
-
-class CharTokenizer:
-    """Token id = character code; 0 is the stop token."""
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids if i)
+def test_identical_runtime_matches_everywhere() -> None:
+    logits = np.random.default_rng(0).normal(size=(20, 30))
+    exs = [_example("turn on", "abc"), _example("lights", "de")]
+    answers = {}
+    for ex, ans in zip(exs, ("abc", "dx"), strict=True):
+        answers[tuple(Scripted(logits, {}).chat_prompt_ids(ex.prompt_messages))] = _script(ans)
+    ref_rt, rt = Scripted(logits, answers), Scripted(logits, answers)
+    es = _evalset(exs, ref_rt)
+    ref = verify.run_reference(ref_rt, es)
+    assert ref.task_accuracy == 0.5  # "abc" right, "dx" wrong
+    rep = verify.compare(ref, rt, es)
+    assert rep.kld_mean < 1e-12 and rep.top1 == 1.0 and rep.ppl_ratio == pytest.approx(1.0)
+    assert rep.prompt_ids_match == 1.0 and rep.answers_match == 1.0 and rep.task_accuracy == 0.5
+    assert rep.prompt_diff is None and rep.answer_diff is None
 
 
-def test_greedy_answer_stops_when_it_cannot_match() -> None:
-    from edgeft.data import Example
+def test_a_different_prompt_tokenization_is_caught_and_named() -> None:
+    logits = np.random.default_rng(0).normal(size=(20, 30))
+    ex = _example("turn on", "abc")
+    ref_rt = Scripted(
+        logits, {tuple(Scripted(logits, {}).chat_prompt_ids(ex.prompt_messages)): _script("abc")}
+    )
+    art = Scripted(logits, {}, prompt_shift=1)  # token 1 of every prompt differs; answers nothing useful
+    es = _evalset([ex], ref_rt)
+    rep = verify.compare(verify.run_reference(ref_rt, es), art, es)
+    assert rep.prompt_ids_match == 0.0 and rep.answers_match == 0.0
+    assert rep.prompt_diff is not None and "token 1" in rep.prompt_diff and "t:1" in rep.prompt_diff
+    assert rep.kld_mean < 1e-12  # the weights are identical: only the app path shows the problem
+    assert "prompt_ids_match" in rep.explain(
+        "prompt_ids_match = 0, budget >= 1"
+    ) and "token 1" in rep.explain("prompt_ids_match = 0, budget >= 1")
 
-    ex = Example(({"role": "user", "content": "q"}, {"role": "assistant", "content": "abcdefghij"}), "t:1")
-    es = verify.EvalSet([], [ex], [[1, 2]], [0], CharTokenizer(), max_new_tokens=40)
-    right = ScriptedRuntime([ord(c) for c in "abcdefghij"] + [0], prompt_len=2)
-    out = verify.greedy_answer(right, [1, 2], ex, es)
-    assert CharTokenizer().decode(out) == "abcdefghij" and out[-1] == 0
-    wrong = ScriptedRuntime([ord(c) for c in "xyz" * 13], prompt_len=2)
-    out = verify.greedy_answer(wrong, [1, 2], ex, es)
-    assert wrong.generated == 4  # one chunk: cut as soon as it diverged, not 40 tokens
+
+def test_an_answer_that_never_ends_is_not_a_match() -> None:
+    """Endless output (EOS lost in conversion) differs from the float model even when the text starts right."""
+    logits = np.zeros((20, 30))
+    ex = _example("turn on", "abc")
+    key = tuple(Scripted(logits, {}).chat_prompt_ids(ex.prompt_messages))
+    ref_rt = Scripted(logits, {key: _script("abc")})
+    art = Scripted(logits, {key: [1, 2, 3] + [4] * 40})  # "abc" then never stops
+    es = _evalset([ex], ref_rt)
+    rep = verify.compare(verify.run_reference(ref_rt, es), art, es)
+    assert rep.answers_match == 0.0 and rep.task_accuracy == 0.0
+    assert rep.answer_diff is not None and "token 3" in rep.answer_diff and "end of turn" in rep.answer_diff
+    assert art.generated < 16  # cut once it could no longer match either answer
+
+
+class ByteRuntime(Scripted):
+    """Decodes ids as UTF-8 bytes, so a partial multi-byte character shows as U+FFFD."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i).decode("utf-8", errors="replace")
+
+
+def test_early_cut_keeps_answers_with_multibyte_characters() -> None:
+    answer = "café"
+    ids = list(answer.encode("utf-8")) + [END]  # "é" is two bytes: after the first, decode shows "caf\ufffd"
+    logits = np.zeros((20, 300))
+    ex = _example("x", answer)
+    key = tuple(ByteRuntime(logits, {}).chat_prompt_ids(ex.prompt_messages))
+    rt = ByteRuntime(logits, {key: ids})
+    es = _evalset([ex], rt)
+    assert verify.task_accuracy(rt, es) == 1.0
+
+
+def test_base_model_answers_are_cut_short() -> None:
+    logits = np.zeros((20, 30))
+    ex = _example("q", "abcdefghij")
+    key = tuple(Scripted(logits, {}).chat_prompt_ids(ex.prompt_messages))
+    wrong = Scripted(logits, {key: [24, 25, 26] * 13})
+    es = _evalset([ex], wrong)
+    assert verify.task_accuracy(wrong, es) == 0.0
+    assert wrong.generated == 4  # one chunk: cut as soon as it diverged, not 16 tokens

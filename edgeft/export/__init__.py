@@ -1,36 +1,53 @@
 """Exporters, one module per format, behind one registry so the pipeline and CLI never branch on format.
 
-Each exporter is `fn(model_dir, out, quant, accuracy_level) -> result with .path`; adding a format is one
-module and one registry line (and its quants in edgeft.targets.QUANTS_BY_FORMAT).
+Each exporter is `fn(model_dir, out, quant, options) -> result with .path`; adding a format is one module
+and one registry line (and its quants in edgeft.targets.QUANTS_BY_FORMAT).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..constants import FORMAT_GGUF, FORMAT_ONNX
 from ..errors import EdgeftError
+from ..ui import Progress
 
-Progress = Callable[[int, int], None] | None
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Per-export settings besides model, output and quant."""
+
+    accuracy_level: int | None = None  # ONNX int8/int4 only
+    progress: Progress | None = None
+    # Conversations (e.g. the eval set's) the exporter proves its tokenizer on, besides the built-in probes.
+    conversations: Sequence[Sequence[dict[str, str]]] = ()
 
 
-def _gguf(model_dir: Path, out: Path, quant: str, accuracy_level: int | None, progress: Progress) -> Any:
+def _gguf(model_dir: Path, out: Path, quant: str, opts: ExportOptions) -> Any:
     from .gguf import export_gguf
 
-    if accuracy_level is not None:
+    if opts.accuracy_level is not None:
         raise EdgeftError("accuracy_level applies to onnx int8/int4 only, not gguf")
-    return export_gguf(model_dir, out, quant, progress=progress)
+    return export_gguf(model_dir, out, quant, progress=opts.progress, conversations=opts.conversations)
 
 
-def _onnx(model_dir: Path, out: Path, quant: str, accuracy_level: int | None, progress: Progress) -> Any:
+def _onnx(model_dir: Path, out: Path, quant: str, opts: ExportOptions) -> Any:
     from .onnx import export_onnx
 
-    return export_onnx(model_dir, out, quant, accuracy_level=accuracy_level, progress=progress)
+    return export_onnx(
+        model_dir,
+        out,
+        quant,
+        accuracy_level=opts.accuracy_level,
+        progress=opts.progress,
+        conversations=opts.conversations,
+    )
 
 
-Exporter = Callable[[Path, Path, str, int | None, Progress], Any]
+Exporter = Callable[[Path, Path, str, ExportOptions], Any]
 # format: (exporter, artifact name for a quant: a file for GGUF, a directory for onnxruntime-genai)
 EXPORTERS: dict[str, tuple[Exporter, Callable[[str], str]]] = {
     FORMAT_GGUF: (_gguf, lambda quant: f"model-{quant}.gguf"),
@@ -50,29 +67,19 @@ def artifact_name(fmt: str, quant: str) -> str:
 
 
 def export_file(
-    model_dir: Path,
-    fmt: str,
-    quant: str,
-    out: Path,
-    accuracy_level: int | None = None,
-    progress: Progress = None,
+    model_dir: Path, fmt: str, quant: str, out: Path, options: ExportOptions = ExportOptions()
 ) -> Any:
     """Export `model_dir` to `out` in `fmt`/`quant`; returns the exporter's typed result."""
-    return _entry(fmt)[0](Path(model_dir), Path(out), quant, accuracy_level, progress)
+    return _entry(fmt)[0](Path(model_dir), Path(out), quant, options)
 
 
 def export_artifact(
-    model_dir: Path,
-    fmt: str,
-    quant: str,
-    out_dir: Path,
-    accuracy_level: int | None = None,
-    progress: Progress = None,
+    model_dir: Path, fmt: str, quant: str, out_dir: Path, options: ExportOptions = ExportOptions()
 ) -> Path:
     """Export into `out_dir` under the conventional name (plus the accuracy level, if set); returns the path."""
     name = artifact_name(fmt, quant)
-    if accuracy_level is not None:
-        name = f"{name}-acc{accuracy_level}"
+    if options.accuracy_level is not None:
+        name = f"{name}-acc{options.accuracy_level}"
     out = Path(out_dir) / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(export_file(model_dir, fmt, quant, out, accuracy_level, progress).path)
+    return Path(export_file(model_dir, fmt, quant, out, options).path)

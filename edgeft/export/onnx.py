@@ -18,7 +18,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,9 @@ from ..errors import EdgeftError
 from ..files import tree_bytes
 from ..guard import check_external_data
 from ..loading import copy_tokenizer_files
+from ..ui import Progress, info
+from .onnx_tok import prove_tokenizer
 
-Progress = Callable[[int, int], None]
 _STEPS = 3  # build, check, publish
 
 
@@ -56,6 +57,7 @@ class OnnxExportResult:
     quant: str
     accuracy_level: int | None  # MatMulNBits accuracy_level in the graph; None for fp32
     bytes: int
+    tokenizer_mismatches: tuple[str, ...] = ()  # probes onnxruntime-genai tokenizes differently
 
 
 # --- input checks ----------------------------------------------------------------------------------------
@@ -370,6 +372,7 @@ def export_onnx(
     accuracy_level: int | None = None,
     work_dir: Path | None = None,
     progress: Progress | None = None,
+    conversations: Sequence[Sequence[dict[str, str]]] = (),
 ) -> OnnxExportResult:
     """Export an HF causal LM directory (see ONNX_ARCHS) to an onnxruntime-genai model directory `out_dir`.
 
@@ -405,6 +408,14 @@ def export_onnx(
         copy_tokenizer_files(model_dir, partial)
         check_output(partial)
         _check_tokenizer(partial)
+        tok_check = prove_tokenizer(model_dir, partial, conversations)
+        if tok_check.mismatches:
+            n = len(tok_check.mismatches)
+            more = f" (and {n - 1} more)" if n > 1 else ""
+            info(
+                f"warning: onnxruntime-genai cannot reproduce the tokenization of {model_dir}: "
+                f"{tok_check.mismatches[0]}{more}"
+            )
         level = _matmulnbits_accuracy(partial / ONNX_MODEL_FILE)
         if progress:
             progress(2, _STEPS)
@@ -413,7 +424,13 @@ def export_onnx(
         partial.rename(out_dir)
         if progress:
             progress(3, _STEPS)
-        return OnnxExportResult(path=out_dir, quant=quant, accuracy_level=level, bytes=tree_bytes(out_dir))
+        return OnnxExportResult(
+            path=out_dir,
+            quant=quant,
+            accuracy_level=level,
+            bytes=tree_bytes(out_dir),
+            tokenizer_mismatches=tok_check.mismatches,
+        )
     finally:
         shutil.rmtree(partial, ignore_errors=True)
         if own_work:

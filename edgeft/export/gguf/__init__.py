@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +21,13 @@ import numpy as np
 
 from ...constants import GGUF_FLOAT_QUANTS, GGUF_FTYPES, GGUF_QUANTS
 from ...errors import EdgeftError
+from ...ui import Progress
 from .arch import Prepared, prepare
 from .tokcheck import Mismatch, choose_vocab
 from .vocab import Vocab, pre_tokenizer_signature, read_vocab, write_vocab
 from .weights import fit_f16, intermediate_type, materialize, out_type
 
 __all__ = ["GGUFExportResult", "export_gguf", "pre_tokenizer_signature"]
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)

@@ -24,30 +24,8 @@ from typing import Any
 import gguf
 
 from ... import data as data_mod
+from ...probes import PROBE_CONVERSATIONS, PROBE_TEXTS
 from .vocab import Vocab, write_vocab
-
-# Plain texts every tokenizer must split like the original: whitespace runs, digits, non-ASCII, code.
-PROBE_TEXTS = (
-    "Hello world",
-    "  leading spaces and trailing   ",
-    "line\nbreaks\r\n\n\tand tabs",
-    "version 3.11, 2024-05-17 at 07:30 for 1234567 items",
-    "café naïve Ålesund 日本語 🙂",
-    "def f(x):\n    return x**2  # ok",
-    "It's they're we've I'm you'll he'd",
-)
-PROBE_CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
-    ({"role": "user", "content": "turn on the kitchen lights at 7.30"},),
-    (
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "  Set 3 timers:\n10 s, 2.5 min and 1 h"},
-    ),
-    (
-        {"role": "user", "content": "hello"},
-        {"role": "assistant", "content": "Hi! How can I help?"},
-        {"role": "user", "content": "Café au lait, 2 cups"},
-    ),
-)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,98 @@
+"""The tokenizer of an onnxruntime-genai model directory: the model's own files, proven on chat prompts.
+
+onnxruntime-genai tokenizes with onnxruntime-extensions, which reads tokenizer.json but not every
+pre-tokenizer in it: measured with onnxruntime-genai 0.18, a `Digits(individual)` step (SmolLM2's) is
+ignored, so " 2024" becomes one token where the model was trained on " ", "2", "0", "2", "4" (dropping the
+digit merges does not help: a pre-token found whole in the vocabulary is taken as is); SentencePiece runs of
+spaces in code also split differently. What differs is named in one line at export, and verify's
+prompt_ids_match fails the artifact on the eval conversations.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import data as data_mod
+from ..constants import ONNX_GENAI_CONFIG
+from ..files import read_json
+from ..probes import PROBE_CONVERSATIONS, PROBE_TEXTS
+
+
+@dataclass(frozen=True)
+class TokenizerCheck:
+    """What onnxruntime-genai tokenizes differently from the model's own tokenizer (empty: nothing)."""
+
+    mismatches: tuple[str, ...]
+
+
+def _first_diff(label: str, want: list[int], got: list[int], tok: Any) -> str | None:
+    if want == got:
+        return None
+    k = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), min(len(want), len(got)))
+
+    def show(ids: list[int]) -> str:
+        return f"{tok.convert_ids_to_tokens(int(ids[k]))!r} ({ids[k]})" if k < len(ids) else "(end)"
+
+    return f"{label}: token {k} is {show(got)} in onnxruntime-genai, {show(want)} in the fine-tune"
+
+
+def mismatches(out: Path, tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]]) -> list[str]:
+    """Probes (texts, chat prompts) whose onnxruntime-genai ids differ from the model's tokenizer."""
+    import onnxruntime_genai as og
+
+    og_tok = og.Tokenizer(og.Model(str(out)))
+    found = []
+    for n, text in enumerate(PROBE_TEXTS, 1):
+        want = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        got = [int(i) for i in og_tok.encode(text)]
+        # encode() may add the BOS the tokenizer config asks for; compare the text's own ids
+        if got[:1] == [tokenizer.bos_token_id] and want[:1] != got[:1]:
+            got = got[1:]
+        d = _first_diff(f"probe text {n} {text[:24]!r}", want, got, tokenizer)
+        if d:
+            found.append(d)
+    if getattr(tokenizer, "chat_template", None):
+        for n, messages in enumerate(conversations, 1):
+            msgs = [dict(m) for m in messages]
+            try:
+                want = data_mod.chat_prompt_ids(tokenizer, msgs)
+            except Exception:  # noqa: BLE001 - the template refuses this conversation shape
+                continue
+            prompt = og_tok.apply_chat_template(json.dumps(msgs), add_generation_prompt=True)
+            got = [int(i) for i in og_tok.encode(prompt)]
+            d = _first_diff(f"conversation {n}", want, got, tokenizer)
+            if d:
+                found.append(d)
+    return found
+
+
+def _end_of_turn_in_eos(out: Path, tokenizer: Any) -> None:
+    """genai_config.json's eos_token_id also lists the chat template's end-of-turn token, so the generator
+    stops where a chat answer ends (not only at the model's EOS)."""
+    eot = data_mod.template_end_of_turn(tokenizer)
+    if eot is None:
+        return
+    path = out / ONNX_GENAI_CONFIG
+    cfg = read_json(path)
+    eos = cfg["model"].get("eos_token_id", [])
+    eos = list(eos) if isinstance(eos, list) else [eos]
+    if eot not in eos:
+        cfg["model"]["eos_token_id"] = [*eos, eot]
+        path.write_text(json.dumps(cfg, indent=4) + "\n", encoding="utf-8")
+
+
+def prove_tokenizer(
+    model_dir: Path, out: Path, conversations: Sequence[Sequence[dict[str, str]]] = ()
+) -> TokenizerCheck:
+    """Make the ONNX folder stop at the end of a chat turn, check onnxruntime-genai's tokenization against
+    the model's own on probes plus `conversations`."""
+    from ..loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir, notify=False)
+    _end_of_turn_in_eos(out, tokenizer)
+    convs = list(PROBE_CONVERSATIONS) + [tuple(c) for c in conversations]
+    return TokenizerCheck(tuple(mismatches(out, tokenizer, convs)))
