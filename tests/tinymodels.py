@@ -46,7 +46,16 @@ QWEN2_REGEX = (
 
 # Tokenizer kinds: "bpe" (GPT-2 style ByteLevel regex), "bpe-llama3", "bpe-qwen2", "bpe-smollm" (byte-level
 # BPE variants differing only in pre-tokenizer), and "spm" (SentencePiece BPE with byte fallback).
-TOKENIZER_KINDS = ("bpe", "bpe-llama3", "bpe-qwen2", "bpe-smollm", "spm", "smollm2", "qwen2-file", "spm-llama")
+TOKENIZER_KINDS = (
+    "bpe",
+    "bpe-llama3",
+    "bpe-qwen2",
+    "bpe-smollm",
+    "spm",
+    "smollm2",
+    "qwen2-file",
+    "spm-llama",
+)
 # Real-checkpoint traits transformers 5 rebuilds on load (../shared/REFERENCE.md "Where users get hurt" 10):
 # kind → (trained like, tokenizer_class named in tokenizer_config.json, tokenizer.json pre_tokenizer or None).
 # "smollm2": SmolLM2's config names GPT2Tokenizer, whose rebuild drops the file's Digits(individual) step;
@@ -72,7 +81,12 @@ REBUILT_KINDS: dict[str, tuple[str, str, dict | None]] = {
         {
             "type": "Sequence",
             "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": LLAMA3_REGEX},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
             ],
         },
@@ -309,10 +323,12 @@ def _arch_config(arch: str, common: dict, hidden: int, heads: int):  # noqa: ANN
                     "sliding_attention": {"rope_type": "default", "rope_theta": theta / 10},
                 },
             }
+        # head_dim != hidden / heads as in the real models (1B: 1152 / 4 heads, head_dim 256), and
+        # query_pre_attn_scalar != head_dim, so the attention scale must come from the config.
         return Gemma3TextConfig(
             **{
-                "head_dim": 2 * hidden // heads,  # != hidden / heads, as in the real models (1B: 1152 / 4, 256)
-                "query_pre_attn_scalar": hidden // heads // 2,
+                "head_dim": 2 * hidden // heads,
+                "query_pre_attn_scalar": hidden // heads,
                 "sliding_window": 16,
                 "hidden_activation": "gelu_pytorch_tanh",
                 **common,

@@ -58,7 +58,7 @@ class Model:
     n_layer: int
     n_vocab: int
     rope: dict[str, Rope]  # FULL and SLIDING
-    rope_field: str  # the config field the rope settings came from, for error messages
+    rope_fields: dict[str, str]  # FULL/SLIDING → the config field their settings came from (for errors)
     layer_types: tuple[str, ...]
     tied: bool
 
@@ -87,6 +87,12 @@ class Model:
         # ref: transformers modeling_rope_utils (dim = int(head_dim * partial_rotary_factor))
         return int(self.head_dim * self.partial_rotary_factor)
 
+    def rope_key(self, key: str, layer_type: str = FULL) -> str:
+        """Where a rope setting is spelled in config.json, e.g. rope_parameters.sliding_attention.rope_type."""
+        if key in self.config and key not in ("rope_parameters", "rope_scaling"):
+            return key  # transformers 4 top-level field (partial_rotary_factor, original_max_position_...)
+        return f"{self.rope_fields[layer_type]}.{key}"
+
 
 def _rope_dict(raw: dict[str, Any], theta: float) -> Rope:
     params = dict(raw)
@@ -95,16 +101,18 @@ def _rope_dict(raw: dict[str, Any], theta: float) -> Rope:
     return Rope(rope_type, float(params.pop("rope_theta", theta)), params)
 
 
-def _parse_rope(config: dict[str, Any], spec: ArchSpec) -> tuple[dict[str, Rope], str]:
+def _parse_rope(config: dict[str, Any], spec: ArchSpec) -> tuple[dict[str, Rope], dict[str, str]]:
     """Rope settings per layer type from transformers 5 `rope_parameters` (flat, or one dict per layer type)
     or transformers 4 `rope_theta` + `rope_scaling` (+ Gemma 3's `rope_local_base_freq`).
 
     ref: transformers modeling_rope_utils.py standardize_rope_params, Gemma3TextConfig.convert_rope_params_to_dict
     """
     rp = config.get("rope_parameters")
-    field_name = "rope_parameters" if rp else "rope_scaling"
+    flat = "rope_parameters" if rp else "rope_scaling"
+    fields = {FULL: flat, SLIDING: flat}
     theta = float(config.get("rope_theta", spec.defaults.get("rope_theta", 10000.0)))
     if rp and (FULL in rp or SLIDING in rp):
+        fields = {t: f"rope_parameters.{t}" for t in (FULL, SLIDING)}
         full = _rope_dict(rp.get(FULL) or {}, theta)
         local = rp.get(SLIDING)
         sliding = _rope_dict(local, spec.defaults.get("rope_local_base_freq", theta)) if local else full
@@ -123,7 +131,7 @@ def _parse_rope(config: dict[str, Any], spec: ArchSpec) -> tuple[dict[str, Rope]
                 # Phi-3 keeps original_max_position_embeddings beside rope_scaling, and it wins.
                 # ref: transformers standardize_rope_params ("exception case where we give priority")
                 rope.params[key] = config[key]
-    return {FULL: full, SLIDING: sliding}, field_name
+    return {FULL: full, SLIDING: sliding}, fields
 
 
 def _layer_types(config: dict[str, Any], spec: ArchSpec, n_layer: int, where: Path) -> tuple[str, ...]:
@@ -137,11 +145,13 @@ def _layer_types(config: dict[str, Any], spec: ArchSpec, n_layer: int, where: Pa
         return tuple(SLIDING if (i + 1) % period else FULL for i in range(n_layer))
     types = tuple(types)
     unknown = sorted(set(types) - {FULL, SLIDING})
-    if len(types) != n_layer or unknown:
+    if unknown:
         raise EdgeftError(
-            f"{where}: layer_types {list(types)} is not one of {FULL!r}/{SLIDING!r} per layer "
-            f"(num_hidden_layers {n_layer}); fix layer_types"
+            f"{where}: layer_types {', '.join(map(repr, unknown))} is not supported for GGUF export; "
+            f"llama.cpp runs {spec.hf_arch} layers as {FULL!r} or {SLIDING!r}"
         )
+    if len(types) != n_layer:
+        raise EdgeftError(f"{where}: layer_types has {len(types)} entries for num_hidden_layers {n_layer}")
     return types
 
 
@@ -169,7 +179,7 @@ def parse_model(model_dir: Path) -> Model:
         config["num_attention_heads"],
         config["num_hidden_layers"],
     )
-    rope, rope_field = _parse_rope(config, spec)
+    rope, rope_fields = _parse_rope(config, spec)
     return Model(
         config=config,
         where=where,
@@ -181,7 +191,7 @@ def parse_model(model_dir: Path) -> Model:
         n_layer=n_layer,
         n_vocab=int(config["vocab_size"]),
         rope=rope,
-        rope_field=rope_field,
+        rope_fields=rope_fields,
         layer_types=_layer_types(config, spec, n_layer, where),
         tied=bool(config.get("tie_word_embeddings", spec.defaults.get("tie_word_embeddings", False))),
     )
@@ -440,11 +450,11 @@ def check_rope(m: Model) -> None:
     allowed = m.spec.rope_types
     if full.type not in allowed:
         raise m.refuse(
-            f"{m.rope_field} rope_type {full.type!r}", f"llama.cpp reproduces: {', '.join(allowed)}"
+            f"{m.rope_key('rope_type')} {full.type!r}", f"llama.cpp reproduces: {', '.join(allowed)}"
         )
     if m.partial_rotary_factor != 1.0 and not m.spec.partial_rotary:
         raise m.refuse(
-            f"{m.rope_field} partial_rotary_factor {m.partial_rotary_factor}",
+            f"{m.rope_key('partial_rotary_factor')} {m.partial_rotary_factor}",
             "llama.cpp ropes the whole head for this architecture",
         )
     if full.type == "yarn":
@@ -452,32 +462,32 @@ def check_rope(m: Model) -> None:
         for key, default in (("beta_fast", 32), ("beta_slow", 1)):
             if p.get(key) not in (None, default):
                 # ref: src/llama-hparams.h (yarn_beta_fast 32, yarn_beta_slow 1; not read for these archs)
-                raise m.refuse(f"{m.rope_field} {key} {p[key]}", f"llama.cpp uses {default}")
+                raise m.refuse(f"{m.rope_key(key)} {p[key]}", f"llama.cpp uses {default}")
         for key in ("mscale", "mscale_all_dim"):
             if p.get(key) not in (None, 1, 1.0):
-                raise m.refuse(f"{m.rope_field} {key} {p[key]}", "llama.cpp applies mscale only for DeepSeek")
+                raise m.refuse(f"{m.rope_key(key)} {p[key]}", "llama.cpp applies mscale only for DeepSeek")
         if p.get("truncate", True) is not True:
             # ref: ggml ggml_rope_yarn_corr_dims (floor/ceil of the correction range)
-            raise m.refuse(f"{m.rope_field} truncate {p['truncate']}", "llama.cpp always truncates")
+            raise m.refuse(f"{m.rope_key('truncate')} {p['truncate']}", "llama.cpp always truncates")
     if full.type in ("longrope", "su"):
         for key in ("long_factor", "short_factor"):
             n = len(full.params.get(key) or [])
             if n != m.n_rot // 2:
                 raise m.refuse(
-                    f"{m.rope_field} {key} of length {n}", f"llama.cpp needs n_rot/2 = {m.n_rot // 2}"
+                    f"{m.rope_key(key)} of length {n}", f"llama.cpp needs n_rot/2 = {m.n_rot // 2}"
                 )
     if any(t == SLIDING for t in m.layer_types) and sliding is not full:
         local = m.spec.sliding_rope_types
         if sliding.type not in local:
             raise m.refuse(
-                f"{m.rope_field} {SLIDING} rope_type {sliding.type!r}",
+                f"{m.rope_key('rope_type', SLIDING)} {sliding.type!r}",
                 f"llama.cpp's sliding layers support: {', '.join(local)}",
             )
         if sliding.params.get("partial_rotary_factor", 1.0) != m.partial_rotary_factor:
-            raise m.refuse(f"{m.rope_field} {SLIDING} partial_rotary_factor", "it must match full_attention")
+            raise m.refuse(m.rope_key("partial_rotary_factor", SLIDING), "it must match full_attention")
         if m.spec.sliding_rope_is_global and (sliding.type, sliding.params) != (full.type, full.params):
             # ref: src/models/gemma2.cpp (rope_freq_scale_train_swa = rope_freq_scale_train)
-            raise m.refuse(f"{m.rope_field} {SLIDING} scaling", "llama.cpp scales all layers alike")
+            raise m.refuse(f"{m.rope_fields[SLIDING]} scaling", "llama.cpp scales all layers alike")
 
 
 def check_no_sliding_window(m: Model) -> None:
