@@ -1,5 +1,6 @@
 """`edgeft build` end to end on a tiny model, and on the built-in demo as the README runs it."""
 
+import hashlib
 import json
 import math
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeft import bundle, config, pipeline
+from edgeft import config, pipeline
 from edgeft.config import LoraSettings
 
 TARGET = """name = "tiny-device"
@@ -35,6 +36,10 @@ quant = "int8"
 accuracy_level = 1
 ship = false
 """
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _data(path: Path, n: int = 40) -> Path:
@@ -76,7 +81,7 @@ def test_bundle_layout_and_checksums(built) -> None:
         "reference",
     ):
         assert key in manifest, key
-    assert manifest["dataset_sha256"] == bundle.sha256_file(tmp / "tasks.jsonl")
+    assert manifest["dataset_sha256"] == _sha256(tmp / "tasks.jsonl")
     assert [(a["format"], a["quant"]) for a in manifest["artifacts"]] == [
         ("gguf", "q8_0"),
         ("gguf", "q4_0"),
@@ -86,16 +91,30 @@ def test_bundle_layout_and_checksums(built) -> None:
         f = res.bundle_dir / a["path"]
         if a["format"] == "gguf":
             assert f.stat().st_size == a["bytes"]
-            assert bundle.sha256_file(f) == a["sha256"]
+            assert _sha256(f) == a["sha256"]
         else:
             assert (f / "genai_config.json").is_file() and (f / "tokenizer.json").is_file()
             assert a["accuracy_level"] == 4
             assert {p.relative_to(f).as_posix() for p in f.rglob("*") if p.is_file()} == set(a["files"])
             for rel, digest in a["files"].items():
-                assert bundle.sha256_file(f / rel) == digest, rel
-            assert bundle.sha256_tree(f)[0] == a["sha256"]
+                assert _sha256(f / rel) == digest, rel
+            # the directory digest: sha256 over "path\0digest\n" lines in path order (see bundle.sha256_tree)
+            lines = "".join(f"{rel}\0{a['files'][rel]}\n" for rel in sorted(a["files"]))
+            assert hashlib.sha256(lines.encode()).hexdigest() == a["sha256"]
             assert sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) == a["bytes"]
-        assert set(a["drift"]) == {"kld_mean", "kld_p99", "top1", "ppl_ratio", "task_accuracy"}
+        assert set(a["drift"]) == {
+            "kld_mean",
+            "kld_p99",
+            "top1",
+            "ppl_ratio",
+            "task_accuracy",
+            "prompt_ids_match",
+            "answers_match",
+            "prompt_diff",
+            "answer_diff",
+        }
+        # a tiny BPE llama: every runtime reproduces the fine-tune's prompts
+        assert a["drift"]["prompt_ids_match"] == 1.0 and a["drift"]["prompt_diff"] is None
         assert set(a["latency"]) == {"prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb"}
         assert all(math.isfinite(v) for v in a["latency"].values())
         assert a["latency"]["peak_rss_mb"] > 1
@@ -103,6 +122,8 @@ def test_bundle_layout_and_checksums(built) -> None:
     report = (res.bundle_dir / "report.md").read_text()
     assert "model-q4_0.gguf" in report and "model-q8_0.gguf" in report and "onnx-int8" in report
     assert "accuracy_level 1" in report and "not shipped" in report
+    assert "prompt ids match" in report and "answers match" in report
+    assert manifest["data"]["eval_source"].startswith("the fine-tune's held-out split")
     assert not list((tmp / "dist").glob("*.partial"))
 
 
