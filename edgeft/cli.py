@@ -171,9 +171,18 @@ def merge(
     _emit(res, as_json)
 
 
+def _list_architectures(value: bool) -> None:
+    if value:
+        from .support import markdown
+
+        typer.echo(markdown())
+        raise typer.Exit()
+
+
 @app.command(
     epilog="Example: edgeft export --model merged --format gguf --quant q4_0 --out model-q4_0.gguf\n\n"
-    "Example: edgeft export --model merged --format onnx --quant int8 --out onnx-int8"
+    "Example: edgeft export --model merged --format onnx --quant int8 --out onnx-int8\n\n"
+    "Example: edgeft export --list-architectures"
 )
 def export(
     model: Annotated[Path, typer.Option(help="HF model directory (safetensors).")],
@@ -181,6 +190,15 @@ def export(
         str, typer.Option(help="gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m; onnx: fp32, int8, int4.")
     ],
     out: Annotated[Path, typer.Option(help="Output: a .gguf file, or a directory for onnx.")],
+    list_architectures: Annotated[
+        bool,
+        typer.Option(
+            "--list-architectures",
+            is_eager=True,
+            callback=_list_architectures,
+            help="Print which architectures each format supports, and exit.",
+        ),
+    ] = False,
     format: Annotated[str, typer.Option(help="gguf (llama.cpp) or onnx (onnxruntime-genai).")] = "gguf",
     accuracy_level: Annotated[
         int | None, typer.Option(help="onnx int8/int4: 4 = int8 activations (fast), 1 = fp32 activations.")

@@ -86,7 +86,6 @@ class TargetProfile:
     name: str
     description: str
     arch: str
-    cpu: str
     threads: int
     ram_mb: int
     ram_budget_mb: int
@@ -180,7 +179,6 @@ def parse_profile(data: dict[str, Any], source: str) -> TargetProfile:
         name=_expect(data, "name", str, source),
         description=str(data.get("description", "")),
         arch=str(data.get("arch", "native")),
-        cpu=str(data.get("cpu", "native")),
         threads=_expect(data, "threads", int, source),
         ram_mb=_expect(data, "ram_mb", int, source),
         ram_budget_mb=_expect(data, "ram_budget_mb", int, source),
