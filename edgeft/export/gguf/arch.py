@@ -11,6 +11,7 @@ and what it hard-codes instead of reading).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -111,20 +112,20 @@ def _parse_rope(config: dict[str, Any], spec: ArchSpec) -> tuple[dict[str, Rope]
     flat = "rope_parameters" if rp else "rope_scaling"
     fields = {FULL: flat, SLIDING: flat}
     theta = float(config.get("rope_theta", spec.defaults.get("rope_theta", 10000.0)))
+    # Gemma 3: local layers rope unscaled on their own base unless told otherwise; transformers 4 configs
+    # put rope_scaling on global layers only. ref: Gemma3TextConfig.convert_rope_params_to_dict
+    local_theta = float(config.get("rope_local_base_freq", spec.defaults.get("rope_local_base_freq", theta)))
     if rp and (FULL in rp or SLIDING in rp):
         fields = {t: f"rope_parameters.{t}" for t in (FULL, SLIDING)}
         full = _rope_dict(rp.get(FULL) or {}, theta)
         local = rp.get(SLIDING)
-        sliding = _rope_dict(local, spec.defaults.get("rope_local_base_freq", theta)) if local else full
+        if local:
+            sliding = _rope_dict(local, local_theta)
+        else:
+            sliding = Rope("default", local_theta, {}) if spec.local_rope_default else full
     else:
         full = _rope_dict({**(config.get("rope_scaling") or {}), **(rp or {})}, theta)
-        if spec.local_rope_default:
-            # Gemma 3 (transformers 4): rope_scaling applies to global layers only; local ones use
-            # rope_local_base_freq unscaled. ref: Gemma3TextConfig.convert_rope_params_to_dict
-            local_theta = config.get("rope_local_base_freq", spec.defaults["rope_local_base_freq"])
-            sliding = Rope("default", float(local_theta), {})
-        else:
-            sliding = full
+        sliding = Rope("default", local_theta, {}) if spec.local_rope_default else full
     for key in ("partial_rotary_factor", "original_max_position_embeddings"):
         for rope in (full, sliding):
             if key in config and (key not in rope.params or key == "original_max_position_embeddings"):
@@ -579,7 +580,9 @@ class ArchSpec:
 
 _SILU = ("hidden_act", "silu")
 _GELU_TANH = ("hidden_activation", "gelu_pytorch_tanh")  # llama.cpp LLM_FFN_GELU is the tanh form
-_LLAMA = dict(
+# ref: conversion/llama.py LlamaModel (registered for Llama and Mistral)
+_LLAMA = ArchSpec(
+    "LlamaForCausalLM",
     activation=_SILU,
     rope_types=("default", "linear", "yarn", "llama3"),
     hparams=(write_rope_scaling,),
@@ -587,7 +590,9 @@ _LLAMA = dict(
     extra_tensors=(llama3_rope_freqs,),
     checks=(check_activation, check_rope, check_no_sliding_window),
 )
-_QWEN = dict(
+# ref: conversion/qwen.py Qwen2Model, Qwen3Model (q_norm/k_norm map by name; head_dim as key_length)
+_QWEN2 = ArchSpec(
+    "Qwen2ForCausalLM",
     activation=_SILU,
     rope_types=("default", "linear", "yarn"),
     hparams=(write_rope_scaling,),
@@ -598,14 +603,11 @@ _QWEN = dict(
 ARCHS: dict[str, ArchSpec] = {
     spec.hf_arch: spec
     for spec in (
-        # ref: conversion/llama.py LlamaModel (registered for both)
-        ArchSpec("LlamaForCausalLM", **_LLAMA),
-        ArchSpec("MistralForCausalLM", **_LLAMA),
-        # ref: conversion/qwen.py Qwen2Model, Qwen3Model (q_norm/k_norm map by name; head_dim as key_length)
-        ArchSpec("Qwen2ForCausalLM", **_QWEN),
-        ArchSpec(
-            "Qwen3ForCausalLM",
-            **{**_QWEN, "checks": (*_QWEN["checks"], check_no_attention_bias)},  # type: ignore[dict-item]
+        _LLAMA,
+        dataclasses.replace(_LLAMA, hf_arch="MistralForCausalLM"),
+        _QWEN2,
+        dataclasses.replace(
+            _QWEN2, hf_arch="Qwen3ForCausalLM", checks=(*_QWEN2.checks, check_no_attention_bias)
         ),
         # ref: conversion/gemma.py Gemma2Model; src/models/gemma2.cpp
         ArchSpec(
