@@ -75,6 +75,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
     "llama-linear": ("llama", _rope(rope_type="linear", factor=4.0)),
+    # Mistral-Nemo: head_dim 128 != 5120 / 32 heads (Q/K permuted per head of head_dim rows)
+    "mistral-head-dim": ("mistral", {"config_overrides": {"head_dim": 32}}),
     "llama-yarn": ("llama", _rope(rope_type="yarn", factor=4.0, original_max_position_embeddings=128)),
     "qwen3-yarn": ("qwen3", _rope(rope_type="yarn", factor=4.0, original_max_position_embeddings=128)),
     "qwen3-yarn-attn": (
@@ -220,9 +222,12 @@ def test_variants_match_torch(key: str, out_dir: Path) -> None:
     c = _case(key, arch, kw, out_dir)
     _assert_exact(c)
     fields = gguf.GGUFReader(c.gguf).fields
+    name = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GEMMA3]
+    pattern = gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=name)
+    window = gguf.Keys.Attention.SLIDING_WINDOW.format(arch=name)
     # the per-layer SWA array only when the layout is not llama.cpp's built-in one (src/models/gemma3.cpp)
-    assert ("gemma3.attention.sliding_window_pattern" in fields) == (key == "gemma3-layout")
-    assert ("gemma3.attention.sliding_window" in fields) == (arch == "gemma3" and key != "gemma3-all-global")
+    assert (pattern in fields) == (key == "gemma3-layout")
+    assert (window in fields) == (arch == "gemma3" and key != "gemma3-all-global")
 
 
 def test_gemma_attention_scale_follows_llama_cpp(tmp_path: Path) -> None:
