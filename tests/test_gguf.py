@@ -14,9 +14,7 @@ from tinymodels import cached_model, kld, load_tokenizer, quiet_transformers
 
 from edgeft.errors import EdgeftError
 from edgeft.export.gguf import export_gguf
-
-pytest.importorskip("llama_cpp")
-from edgeft.runtime.llamacpp import LlamaCppRuntime  # noqa: E402
+from edgeft.runtime.llamacpp import LlamaCppRuntime
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. In Python, a function is defined with def; "

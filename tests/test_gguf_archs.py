@@ -341,13 +341,6 @@ REFUSALS: dict[str, tuple[str, dict[str, Any], str]] = {
         "rope_parameters.partial_rotary_factor 0.5",
     ),
     "activation": ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    "mistral-window": ("mistral", {"sliding_window": 16}, "sliding_window 16"),
-    "qwen-window": (
-        "qwen3",
-        {"use_sliding_window": True, "sliding_window": 16},
-        "sliding_window 16 with use_sliding_window true",
-    ),
-    "phi3-window": ("phi3", {"sliding_window": 255}, "sliding_window 255"),  # Phi-3-mini-4k: 2047 of 4096
     "phi3-head-dim": ("phi3", {"head_dim": 32}, "head_dim 32"),
     "phi3-longrope-length": (
         "phi3",
@@ -374,6 +367,31 @@ REFUSALS: dict[str, tuple[str, dict[str, Any], str]] = {
         "layer_types 'chunked_attention'",
     ),
 }
+
+
+# Architectures llama.cpp runs with full attention although the config has a window (Mistral-7B-v0.1: 4096
+# of 32768; Phi-3-mini-4k: 2047 of 4096): exported with context_length = the window, exact up to it.
+WINDOWS = {
+    "mistral": {"sliding_window": 64},
+    "qwen3": {"use_sliding_window": True, "sliding_window": 64},
+    "phi3": {"sliding_window": 64},
+}
+
+
+@pytest.mark.parametrize("arch", list(WINDOWS))
+def test_ignored_window_caps_the_context(arch: str, out_dir: Path) -> None:
+    c = _case(f"{arch}-window", arch, {**BASE[arch], "config_overrides": WINDOWS[arch]}, out_dir)
+    assert N_IDS < 64
+    _assert_exact(c)  # within the window llama.cpp's full attention is transformers' windowed attention
+    reader = gguf.GGUFReader(c.gguf)
+    field = reader.fields[f"{gguf.MODEL_ARCH_NAMES[reader_arch(reader)]}.context_length"]
+    assert int(field.parts[field.data[0]][0]) == 64
+
+
+def reader_arch(reader: gguf.GGUFReader) -> gguf.MODEL_ARCH:
+    field = reader.fields["general.architecture"]
+    name = bytes(field.parts[field.data[0]]).decode()
+    return next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == name)
 
 
 @pytest.mark.parametrize("key", list(REFUSALS))

@@ -14,11 +14,9 @@ from tinymodels import cached_model, kld, load_tokenizer, quiet_transformers
 
 from edgeft.constants import ONNX_ARCHS, ONNX_DEFAULT_ACCURACY_LEVEL, ONNX_QUANTS, ONNX_REQUIRED_FILES
 from edgeft.errors import EdgeftError
-
-pytest.importorskip("onnxruntime_genai")
-from edgeft.export.onnx import OnnxExportResult, export_onnx  # noqa: E402
-from edgeft.guard import check_external_data  # noqa: E402
-from edgeft.runtime.ort import OrtRuntime  # noqa: E402
+from edgeft.export.onnx import OnnxExportResult, export_onnx
+from edgeft.guard import check_external_data
+from edgeft.runtime.ort import OrtRuntime
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. In Python, a function is defined with def; "

@@ -21,10 +21,8 @@ from tinymodels import corpus_lines, kld, load_tokenizer, make_model, quiet_tran
 
 from edgeft.constants import ONNX_ARCHS, ONNX_SUPPORTED_ARCHS
 from edgeft.errors import EdgeftError
-
-pytest.importorskip("onnxruntime_genai")
-from edgeft.export.onnx import export_onnx  # noqa: E402
-from edgeft.runtime.ort import OrtRuntime  # noqa: E402
+from edgeft.export.onnx import export_onnx
+from edgeft.runtime.ort import OrtRuntime
 
 N_IDS = 60  # scored ids: past every sliding window (16) and the long-RoPE switch (48)
 PROMPT_IDS = 24  # generation prompt: longer than the window, so genai's prefill fills a full window cache

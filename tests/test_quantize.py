@@ -12,9 +12,7 @@ from tinymodels import cached_model, load_tokenizer
 
 from edgeft.errors import EdgeftError
 from edgeft.export.gguf import export_gguf
-
-pytest.importorskip("llama_cpp")
-from edgeft.quantize import quantize_gguf  # noqa: E402
+from edgeft.quantize import quantize_gguf
 
 Q = gguf.GGMLQuantizationType
 

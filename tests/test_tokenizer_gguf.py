@@ -8,9 +8,7 @@ import pytest
 from tinymodels import cached_model, load_tokenizer
 
 from edgeft.export.gguf import export_gguf
-
-pytest.importorskip("llama_cpp")
-from edgeft.runtime.llamacpp import LlamaCppRuntime  # noqa: E402
+from edgeft.runtime.llamacpp import LlamaCppRuntime
 
 TRICKY = [
     "Hello world",

@@ -293,22 +293,26 @@ def _arch_config(arch: str, common: dict, hidden: int, heads: int):  # noqa: ANN
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "mistral":
-        return MistralConfig(**common, sliding_window=None)
+        return MistralConfig(**{"sliding_window": None, **common})
     if arch == "qwen2":
-        return Qwen2Config(**common, use_sliding_window=False)
+        return Qwen2Config(**{"use_sliding_window": False, **common})
     if arch == "qwen3":
         # head_dim != hidden / heads, as in the real Qwen3 models (q/k norms work per head)
-        return Qwen3Config(**common, head_dim=2 * hidden // heads, use_sliding_window=False)
+        return Qwen3Config(**{"head_dim": 2 * hidden // heads, "use_sliding_window": False, **common})
     if arch == "gemma2":
         # head_dim != hidden / heads, as in the real Gemma 2 models (2B: 2304 / 8 heads, head_dim 256)
         return Gemma2Config(
-            **common,
-            head_dim=2 * hidden // heads,
-            query_pre_attn_scalar=hidden // heads // 2,  # != head_dim: the scale must come from the config
-            sliding_window=16,
-            final_logit_softcapping=3.0,  # low caps so soft-capping really bends the logits
-            attn_logit_softcapping=5.0,
-            hidden_activation="gelu_pytorch_tanh",
+            **{
+                "head_dim": 2 * hidden // heads,
+                "query_pre_attn_scalar": hidden
+                // heads
+                // 2,  # != head_dim: the scale must come from the config
+                "sliding_window": 16,
+                "final_logit_softcapping": 3.0,  # low caps so soft-capping really bends the logits
+                "attn_logit_softcapping": 5.0,
+                "hidden_activation": "gelu_pytorch_tanh",
+                **common,
+            }
         )
     if arch == "gemma3":
         # Gemma 3 ropes local and global layers with different bases (transformers 5: one rope dict per

@@ -58,6 +58,7 @@ class OnnxExportResult:
     accuracy_level: int | None  # MatMulNBits accuracy_level in the graph; None for fp32
     bytes: int
     tokenizer_mismatches: tuple[str, ...] = ()  # probes onnxruntime-genai tokenizes differently
+    tokenizer_adapted: str | None = None  # what edgeft changed so onnxruntime-genai agrees (see onnx_tok)
 
 
 # --- input checks ----------------------------------------------------------------------------------------
@@ -430,6 +431,7 @@ def export_onnx(
             accuracy_level=level,
             bytes=tree_bytes(out_dir),
             tokenizer_mismatches=tok_check.mismatches,
+            tokenizer_adapted=tok_check.adapted,
         )
     finally:
         shutil.rmtree(partial, ignore_errors=True)

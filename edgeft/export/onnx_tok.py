@@ -4,8 +4,9 @@ onnxruntime-genai tokenizes with onnxruntime-extensions, which reads tokenizer.j
 pre-tokenizer in it: measured with onnxruntime-genai 0.18, a `Digits(individual)` step (SmolLM2's) is
 ignored, so " 2024" becomes one token where the model was trained on " ", "2", "0", "2", "4" (dropping the
 digit merges does not help: a pre-token found whole in the vocabulary is taken as is); SentencePiece runs of
-spaces in code also split differently. What differs is named in one line at export, and verify's
-prompt_ids_match fails the artifact on the eval conversations.
+spaces split differently unless tokenizer_config.json names GemmaTokenizer (the folder then says so; the
+bundle's tokenizer/ keeps the model's own files). What still differs is named in one line at export, and
+verify's prompt_ids_match fails the artifact on the eval conversations.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class TokenizerCheck:
     """What onnxruntime-genai tokenizes differently from the model's own tokenizer (empty: nothing)."""
 
     mismatches: tuple[str, ...]
+    adapted: str | None = None  # what edgeft changed in the folder's tokenizer files so the runtime agrees
 
 
 def _first_diff(label: str, want: list[int], got: list[int], tok: Any) -> str | None:
@@ -89,10 +91,46 @@ def prove_tokenizer(
     model_dir: Path, out: Path, conversations: Sequence[Sequence[dict[str, str]]] = ()
 ) -> TokenizerCheck:
     """Make the ONNX folder stop at the end of a chat turn, check onnxruntime-genai's tokenization against
-    the model's own on probes plus `conversations`."""
+    the model's own on probes plus `conversations`, and when it differs, try the tokenizer classes under
+    which onnxruntime-extensions reads the same tokenizer.json faithfully (_CLASS_CANDIDATES)."""
     from ..loading import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, notify=False)
     _end_of_turn_in_eos(out, tokenizer)
     convs = list(PROBE_CONVERSATIONS) + [tuple(c) for c in conversations]
-    return TokenizerCheck(tuple(mismatches(out, tokenizer, convs)))
+    found = mismatches(out, tokenizer, convs)
+    if not found:
+        return TokenizerCheck(())
+    cfg_path = out / "tokenizer_config.json"
+    original = cfg_path.read_bytes()
+    cfg = json.loads(original)
+    for cls in _CLASS_CANDIDATES.get(_kind(out), ()):
+        if cls == cfg.get("tokenizer_class"):
+            continue
+        cfg_path.write_text(json.dumps({**cfg, "tokenizer_class": cls}, indent=2) + "\n", encoding="utf-8")
+        if not mismatches(out, tokenizer, convs):
+            return TokenizerCheck(
+                (),
+                f"tokenizer_config.json names {cls} (onnxruntime-extensions' reading of it "
+                f"reproduces tokenizer.json; the class named was {cfg.get('tokenizer_class')})",
+            )
+    cfg_path.write_bytes(original)
+    return TokenizerCheck(tuple(found))
+
+
+# onnxruntime-extensions picks its tokenizer implementation by tokenizer_config.json's tokenizer_class and
+# does not run every tokenizer.json pipeline the same way under every name. Measured with onnxruntime-genai
+# 0.18: a SentencePiece-style BPE (Prepend/Replace normalizer, byte fallback) keeps runs of spaces ("▁▁") only
+# under GemmaTokenizer; under LlamaTokenizer or the generic classes "a  b" splits as "▁", "▁b".
+_CLASS_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "spm": ("GemmaTokenizer", "LlamaTokenizer"),
+    "bpe": ("GPT2Tokenizer", "Qwen2Tokenizer", "LlamaTokenizer"),
+}
+
+
+def _kind(out: Path) -> str:
+    """ "spm" for SentencePiece-style tokenizer.json files (byte-fallback BPE/Unigram with "▁"), else "bpe"."""
+    tj = read_json(out / "tokenizer.json") if (out / "tokenizer.json").is_file() else {}
+    model = tj.get("model", {})
+    spm = model.get("type") == "Unigram" or bool(model.get("byte_fallback"))
+    return "spm" if spm else "bpe"

@@ -24,7 +24,7 @@ from ...errors import EdgeftError
 from ...ui import Progress
 from .arch import Prepared, prepare
 from .tokcheck import Mismatch, choose_vocab
-from .vocab import Vocab, pre_tokenizer_signature, read_vocab, write_vocab
+from .vocab import Vocab, general_name, pre_tokenizer_signature, read_vocab, write_vocab
 from .weights import fit_f16, intermediate_type, materialize, out_type
 
 __all__ = ["GGUFExportResult", "export_gguf", "pre_tokenizer_signature"]
@@ -49,7 +49,7 @@ def _write_float_gguf(
     arch_name = gguf.MODEL_ARCH_NAMES[prep.gguf_arch]
     w = gguf.GGUFWriter(str(dst), arch_name)
     try:
-        w.add_name(model_dir.name)
+        w.add_name(general_name(model_dir, tok.vocab))
         prep.write_hparams(w, int(GGUF_FTYPES[quant]))
         write_vocab(w, model_dir, tok.vocab, prep.model.n_vocab, end_of_turn=tok.end_of_turn)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)

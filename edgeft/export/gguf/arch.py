@@ -80,6 +80,22 @@ class Model:
         return int(self.get("max_position_embeddings") or 2048)
 
     @property
+    def ignored_window(self) -> int | None:
+        """A sliding window shorter than the context that llama.cpp ignores for this architecture (it attends
+        over everything), or None. Up to the window both agree exactly; beyond it they differ."""
+        if check_no_sliding_window not in self.spec.checks:
+            return None
+        if self.spec.swa_flag is not None and not self.get(self.spec.swa_flag, False):
+            return None  # Qwen: sliding_window is inert unless use_sliding_window
+        window = self.get("sliding_window")
+        return int(window) if window is not None and int(window) < self.n_ctx else None
+
+    @property
+    def exact_context(self) -> int:
+        """The context length over which the GGUF computes what transformers does (written as context_length)."""
+        return self.ignored_window or self.n_ctx
+
+    @property
     def partial_rotary_factor(self) -> float:
         return float(self.rope[FULL].params.get("partial_rotary_factor", 1.0))
 
@@ -205,7 +221,7 @@ HparamWriter = Callable[[gguf.GGUFWriter, Model], None]
 
 def write_common(w: gguf.GGUFWriter, m: Model) -> None:
     """Keys every architecture here reads. ref: llama.cpp conversion/base.py TextModel.set_gguf_parameters"""
-    w.add_context_length(m.n_ctx)
+    w.add_context_length(m.exact_context)
     w.add_embedding_length(m.n_embd)
     w.add_block_count(m.n_layer)
     w.add_feed_forward_length(int(m.config["intermediate_size"]))
@@ -493,16 +509,17 @@ def check_rope(m: Model) -> None:
 
 def check_no_sliding_window(m: Model) -> None:
     """Architectures llama.cpp runs with full attention only (src/models/llama.cpp, qwen2.cpp, qwen3.cpp,
-    phi3.cpp: "Phi SWA is currently disabled"): a window shorter than the context changes the outputs."""
-    window = m.get("sliding_window")
-    if m.spec.swa_flag is not None and not m.get(m.spec.swa_flag, False):
-        return  # Qwen: sliding_window is inert unless use_sliding_window
-    if window is not None and int(window) < m.n_ctx:
-        what = f"sliding_window {window}" + (f" with {m.spec.swa_flag} true" if m.spec.swa_flag else "")
-        raise m.refuse(
-            what,
-            "llama.cpp attends over the whole context here; set sliding_window to null in config.json to "
-            "accept full attention",
+    phi3.cpp: "Phi SWA is currently disabled"). A window shorter than the context (Mistral-7B-v0.1: 4096 of
+    32768; Phi-3-mini-4k: 2047 of 4096) gives the same outputs up to the window, so the file is written with
+    context_length = the window and one line says so; refusing would turn away checkpoints llama.cpp's own
+    converter takes, and the edge contexts edgeft targets (2–4k) are within those windows."""
+    window = m.ignored_window
+    if window is not None:
+        from ...ui import info
+
+        info(
+            f"note: {m.where}: llama.cpp ignores sliding_window {window} for {m.spec.hf_arch}; the GGUF's "
+            f"context_length is {window} (of {m.n_ctx}), the length over which it computes what transformers does"
         )
 
 

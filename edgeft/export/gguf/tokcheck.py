@@ -15,6 +15,7 @@ with the first differing token (the artifact is still written, and verify's prom
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ import gguf
 
 from ... import data as data_mod
 from ...probes import PROBE_CONVERSATIONS, PROBE_TEXTS
-from .vocab import Vocab, write_vocab
+from .vocab import Vocab, general_name, write_vocab
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,13 @@ def _vocab_only_gguf(
     return Path(name)
 
 
+def _write_candidate(
+    w: gguf.GGUFWriter, *, model_dir: Path, vocab: Vocab, n_vocab: int, eot: int | None
+) -> None:
+    w.add_name(general_name(model_dir, vocab))  # llama.cpp keys some token attributes on the name
+    write_vocab(w, model_dir, vocab, n_vocab, end_of_turn=eot)
+
+
 def choose_vocab(
     model_dir: Path,
     vocab: Vocab,
@@ -134,7 +142,9 @@ def choose_vocab(
         path = _vocab_only_gguf(
             arch_name,
             write_header,
-            lambda w, c=cand: write_vocab(w, model_dir, c, n_vocab, end_of_turn=end_of_turn),
+            functools.partial(
+                _write_candidate, model_dir=model_dir, vocab=cand, n_vocab=n_vocab, eot=end_of_turn
+            ),
         )
         try:
             found = mismatches(path, tokenizer, convs)

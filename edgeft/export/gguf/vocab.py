@@ -321,3 +321,25 @@ def write_vocab(
         if value is not None:
             sv.add_special_token[role] = value
     sv.add_to_gguf(w, quiet=True)
+
+
+# llama.cpp changes token attributes by general.name: a name containing one of these sets RSTRIP on every
+# special token (Phi-3's added tokens strip the whitespace after them) and requires the tokens listed.
+# ref: llama.cpp src/llama-vocab.cpp load ("set attributes by model/tokenizer/architecture name")
+_NAME_HACKS = ("phi-3", "phi3", "modern-bert")
+_PHI3_NAME_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
+
+
+def general_name(model_dir: Path, vocab: Vocab) -> str:
+    """general.name for the GGUF: the folder's name, with llama.cpp's name-keyed tokenizer behaviour switched
+    on exactly when the tokenizer itself behaves that way (special tokens that strip whitespace to their
+    right, as Phi-3's do) and off otherwise — a folder called "phi3-ft" must not change how text splits."""
+    name = model_dir.name or "model"
+    for hack in _NAME_HACKS:
+        name = name.replace(hack, "").replace(hack.upper(), "").replace(hack.capitalize(), "")
+    name = name.strip("-_ .") or "model"
+    tj = optional_json(model_dir / "tokenizer.json")
+    rstrip = any(t.get("special") and t.get("rstrip") for t in tj.get("added_tokens", []))
+    if rstrip and all(t in vocab.ids for t in _PHI3_NAME_TOKENS):
+        return f"phi3 {name}"
+    return name
