@@ -279,6 +279,8 @@ def compare(
     ref_rt: Runtime | None = None,
 ) -> DriftReport:
     """Drift of a runtime's model against the reference run: shared ids, then the app path."""
+    if not es.examples or not es.sequences:
+        raise EdgeftError("nothing to verify: the eval set has no conversations or no sequences")
     klds, agree, nll = [], [], []
     for i, ids in enumerate(es.sequences):
         ref_logits = ref.logits(i, ids)

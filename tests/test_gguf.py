@@ -65,7 +65,7 @@ def test_f32_matches_torch(arch: str, kind: str, tmp_path: Path) -> None:
     ref = torch_logits(model_dir, ids)
     got = gguf_logits(res.path, ids)
     assert got.shape == ref.shape
-    assert kld(ref, got) < 1e-4
+    assert kld(ref, got) < 1e-6  # llama.cpp's f16 KV cache is the noise floor here (~1e-7)
     assert decisive_top1(ref, got) == 1.0
 
 
@@ -92,7 +92,7 @@ def test_untied_embeddings_and_progress(tmp_path: Path) -> None:
     tied = export_gguf(cached_model("qwen2", "bpe"), tmp_path / "t.gguf", "f32")
     assert "output.weight" not in {t.name for t in gguf.GGUFReader(tied.path).tensors}
     ids = load_tokenizer(model_dir).encode(TEXT)
-    assert kld(torch_logits(model_dir, ids), gguf_logits(res.path, ids)) < 1e-4
+    assert kld(torch_logits(model_dir, ids), gguf_logits(res.path, ids)) < 1e-6
 
 
 def _field(reader: gguf.GGUFReader, key: str):  # noqa: ANN202 - scalar, str or list
@@ -221,7 +221,7 @@ def test_long_sequence_and_open_runtime(tmp_path: Path) -> None:
         assert isinstance(rt, LlamaCppRuntime)
         got = rt.logits(ids)
         assert got.dtype == np.float32 and got.shape == (400, rt.n_vocab)
-        assert kld(torch_logits(model_dir, ids), got) < 1e-4
+        assert kld(torch_logits(model_dir, ids), got) < 1e-6
         with pytest.raises(EdgeftError, match="n_ctx"):
             rt.logits(ids * 2)
     finally:

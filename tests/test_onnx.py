@@ -86,7 +86,7 @@ def test_fp32_logits_match_torch(arch: str, root: Path) -> None:
     got = rt.logits(ids)
     assert rt._og_model is None  # scoring never loads the genai engine
     assert got.shape == ref.shape == (len(ids), rt.n_vocab) and got.dtype == np.float32
-    assert kld(ref, got) < 1e-4
+    assert kld(ref, got) < 1e-9  # fp32 graph: summation order only (~1e-13 measured)
     assert (ref.argmax(-1) == got.argmax(-1)).all()
     rt.close()
 

@@ -42,6 +42,19 @@ def test_next_token_nll_scores_the_following_token() -> None:
     assert len(stats.test_nll) == 2
 
 
+def test_ppl_ratio_is_exp_of_the_nll_difference() -> None:
+    """Two positions predict tokens 1 and 2: the reference gives them p = 0.5 and 0.25, the test 0.25 and 0.25;
+    PPL ratio = exp(mean NLL_test − mean NLL_ref) = exp((ln4 + ln4 − ln2 − ln4) / 2) = sqrt(2)."""
+    ref = np.log([[0.25, 0.5, 0.25], [0.25, 0.5, 0.25], [1 / 3, 1 / 3, 1 / 3]])
+    test = np.log([[0.5, 0.25, 0.25], [0.25, 0.5, 0.25], [1 / 3, 1 / 3, 1 / 3]])
+    ref_rt, rt = Scripted(ref, {}), Scripted(test, {})
+    ex = _example("x", "y")
+    es = verify.EvalSet([ex], [[0, 1, 2]], [ref_rt.chat_prompt_ids(ex.prompt_messages)], 4, False, "test")
+    rep = verify.compare(verify.run_reference(ref_rt, es), rt, es)
+    assert rep.ppl_ratio == pytest.approx(math.sqrt(2))
+    assert rep.n_positions == 3 and rep.top1 == pytest.approx(2 / 3)
+
+
 def test_blocks_give_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     ref, test = rng.normal(size=(37, 11)), rng.normal(size=(37, 11))
