@@ -65,21 +65,23 @@ def measure(
     from .runtime import open_runtime
 
     rt = open_runtime(path, threads=threads, n_ctx=prompt_tokens + decode_tokens + 8, all_logits=False)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(low=0, high=min(int(rt.n_vocab), 32000), size=prompt_tokens).tolist()
-    ttft, total = [], []
-    for i in range(runs + 1):  # the first run is the warm-up
-        t0 = time.perf_counter()
-        rt.generate(ids, 1)
-        t1 = time.perf_counter()
-        out = rt.generate(ids, decode_tokens + 1)
-        t2 = time.perf_counter()
-        if len(out) != decode_tokens + 1:
-            raise EdgeftError(f"{path}: generated {len(out)} tokens, expected {decode_tokens + 1}")
-        if i:
-            ttft.append(t1 - t0)
-            total.append(t2 - t1)
-    rt.close()
+    try:
+        rng = np.random.default_rng(0)
+        ids = rng.integers(low=0, high=min(int(rt.n_vocab), 32000), size=prompt_tokens).tolist()
+        ttft, total = [], []
+        for i in range(runs + 1):  # the first run is the warm-up
+            t0 = time.perf_counter()
+            rt.generate(ids, 1)
+            t1 = time.perf_counter()
+            out = rt.generate(ids, decode_tokens + 1)
+            t2 = time.perf_counter()
+            if len(out) != decode_tokens + 1:
+                raise EdgeftError(f"{path}: generated {len(out)} tokens, expected {decode_tokens + 1}")
+            if i:
+                ttft.append(t1 - t0)
+                total.append(t2 - t1)
+    finally:
+        rt.close()
     t_first = statistics.median(ttft)
     t_decode = max(statistics.median(total) - t_first, 1e-9)
     size = tree_bytes(path)

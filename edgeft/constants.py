@@ -57,16 +57,27 @@ BUDGET_KINDS = {
 
 # --- files -----------------------------------------------------------------------------------------------
 MANIFEST = "manifest.json"
+CHAT_TEMPLATE_FILE = (
+    "chat_template.jinja"  # transformers 5 saves the template here (ref: tokenization_utils_base)
+)
 REPORT = "report.md"
 CONFIG_FILE = "edgeft.toml"
+# Files that make up a tokenizer and its chat template; carried unchanged into every model edgeft writes.
 TOKENIZER_FILES = (
     "tokenizer.json",
+    "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
-    "tokenizer.model",
+    "added_tokens.json",
     "chat_template.jinja",
-    "generation_config.json",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
 )
+# What finetune records next to an adapter (settings, data digests, the held-out split); merge carries it.
+FINETUNE_RECORD = "edgeft_finetune.json"
+# Weight files that are pickles (can run code when loaded): never read.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # --- GGUF tokenizer / pre-tokenizers ---
 # tokenizer.ggml.model values. ref: llama.cpp src/llama-vocab.cpp llama_vocab::impl::load
@@ -84,7 +95,7 @@ PRE_REGEX_QWEN2 = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# A byte-level BPE pre-tokenizer's signature (the tuple edgeft.export.gguf.pre_tokenizer_signature builds
+# A byte-level BPE pre-tokenizer's signature (the tuple edgeft.export.gguf.vocab.pre_tokenizer_signature builds
 # from tokenizer.json) → tokenizer.ggml.pre name that llama.cpp maps to the same split rules.
 # ref: llama.cpp src/llama-vocab.cpp (`tokenizer_pre == "..."` and the regex_exprs per LLAMA_VOCAB_PRE_TYPE).
 GGUF_PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
@@ -138,7 +149,6 @@ ONNX_SUPPORTED_ARCHS = tuple(arch for arch, refused in ONNX_ARCHS.items() if ref
 # falls back to pickle (pytorch_model.bin) without them. ref: transformers utils SAFE_WEIGHTS_NAME /
 # SAFE_WEIGHTS_INDEX_NAME. Files with these suffixes never reach the builder (pickle can run code).
 ONNX_SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
-ONNX_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Files of an onnxruntime-genai model directory. ref: builders/base.py save_model / make_genai_config /
 # save_processing.
 ONNX_GENAI_CONFIG = "genai_config.json"

@@ -216,12 +216,45 @@ def load_recorded_split(record: dict[str, Any], where: str) -> list[Example]:
 # --- token ids ----------------------------------------------------------------------------------------
 
 
-def _has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether plain encoding puts the BOS token first (the tokenizer's own behaviour, not a config guess)."""
+    with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return len(with_special) > len(plain) and bos is not None and with_special[0] == bos
+
+
+def plain_chat_template(tokenizer: Any) -> str:
+    """The chat template edgeft gives a model that has none (a base model tuned on prompt/completion data):
+    the turns' text one per line, BOS first if the tokenizer adds one, a newline as the generation prompt.
+    Every runtime renders it the same way, and the exporters write it into the artifacts, so an app's chat
+    call feeds the model exactly what it was tuned on."""
+    bos = "{{ bos_token }}" if adds_bos(tokenizer) else ""
+    return (
+        bos
+        + "{% for message in messages %}{{ message['content'] }}{% if not loop.last %}{{ '\\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '\\n' }}{% endif %}"
+    )
+
+
+def chat_template(tokenizer: Any) -> str:
+    """The tokenizer's chat template, or plain_chat_template when it has none."""
+    tmpl = getattr(tokenizer, "chat_template", None)
+    return tmpl if isinstance(tmpl, str) and tmpl else plain_chat_template(tokenizer)
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            chat_template=chat_template(tokenizer),
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )
+    except Exception as e:  # noqa: BLE001 - jinja raises TemplateError, templates call raise_exception(...)
+        raise EdgeftError(
+            f"the chat template cannot render this conversation ({str(e).splitlines()[0]})"
+        ) from None
     if not isinstance(text, str):
         raise EdgeftError("the tokenizer's chat template did not render to text")
     return text
@@ -232,16 +265,19 @@ def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Ids a model answers from: chat template + generation prompt (or the turns' text, one per line)."""
-    if _has_chat_template(tokenizer):
-        # The rendered template carries its own BOS/markers, so no special tokens are added again.
-        return _encode(tokenizer, _render(tokenizer, messages, True), special=False)
-    return _encode(tokenizer, "\n".join(m["content"] for m in messages), special=True)
+    """Ids a model answers from: the conversation through the chat template, with the generation prompt.
+
+    The rendered template carries its own BOS/markers, so no special tokens are added again.
+    """
+    return _encode(tokenizer, _render(tokenizer, messages, True), special=False)
 
 
 def prompt_ids(tokenizer: Any, ex: Example) -> list[int]:
     """Ids a runtime generates the example's answer from (see chat_prompt_ids)."""
-    return chat_prompt_ids(tokenizer, ex.prompt_messages)
+    try:
+        return chat_prompt_ids(tokenizer, ex.prompt_messages)
+    except EdgeftError as e:
+        raise EdgeftError(f"{ex.source}: {e}") from None
 
 
 _SENTINEL = "\u2063edgeft-answer\u2063"
@@ -249,8 +285,6 @@ _SENTINEL = "\u2063edgeft-answer\u2063"
 
 def template_end_of_turn(tokenizer: Any) -> int | None:
     """The special token the chat template puts right after an assistant answer (e.g. <|im_end|>), if any."""
-    if not _has_chat_template(tokenizer):
-        return None
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
     try:
         text = _render(tokenizer, msgs, False)
@@ -288,18 +322,20 @@ def train_ids(tokenizer: Any, ex: Example, max_len: int) -> tuple[list[int], lis
     long examples lose prompt tokens from the left first, then answer tokens from the right.
     """
     prompt = prompt_ids(tokenizer, ex)
-    stops = set(stop_ids(tokenizer))
-    end = next(iter(stop_ids(tokenizer)), None)
+    stop_list = stop_ids(tokenizer)
+    stops, end = set(stop_list), next(iter(stop_list), None)
     rest: list[int] | None = None
-    if _has_chat_template(tokenizer):
-        full_msgs = ex.prompt_messages + [{"role": "assistant", "content": ex.answer}]
+    full_msgs = ex.prompt_messages + [{"role": "assistant", "content": ex.answer}]
+    try:
         full = _render(tokenizer, full_msgs, False)
-        head = _render(tokenizer, ex.prompt_messages, True)
-        if full.startswith(head):
-            rest = _encode(tokenizer, full[len(head) :], special=False)
-            cut = next((i for i, t in enumerate(rest) if t in stops), None)
-            # Learn the answer and its end-of-turn token; text after it (e.g. "\n") is not the answer's.
-            rest = rest[: cut + 1] if cut is not None else rest + ([end] if end is not None else [])
+    except EdgeftError as e:
+        raise EdgeftError(f"{ex.source}: {e}") from None
+    head = _render(tokenizer, ex.prompt_messages, True)
+    if full.startswith(head):
+        rest = _encode(tokenizer, full[len(head) :], special=False)
+        cut = next((i for i, t in enumerate(rest) if t in stops), None)
+        # Learn the answer and its end-of-turn token; text after it (e.g. "\n") is not the answer's.
+        rest = rest[: cut + 1] if cut is not None else rest + ([end] if end is not None else [])
     if rest is None:
         rest = _encode(tokenizer, ex.answer, special=False) + ([end] if end is not None else [])
     if max_len < 2:

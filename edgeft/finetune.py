@@ -19,12 +19,12 @@ import torch
 
 from . import data as _data
 from .config import LoraSettings
+from .constants import FINETUNE_RECORD
 from .errors import EdgeftError
 from .files import atomic_dir
 from .loading import copy_tokenizer_files, load_model, load_tokenizer
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-RECORD = "edgeft_finetune.json"
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ def _save_atomic(peft_model: Any, base: str | Path, out: Path, record: dict[str,
     with atomic_dir(out) as partial:
         peft_model.save_pretrained(partial, safe_serialization=True)
         copy_tokenizer_files(base, partial)
-        (partial / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        (partial / FINETUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         missing = [f for f in ADAPTER_FILES if not (partial / f).is_file()]
         if missing:
             raise EdgeftError(f"{out}: saving the adapter did not write {', '.join(missing)}")

@@ -16,22 +16,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .constants import PICKLE_SUFFIXES, TOKENIZER_FILES
 from .errors import EdgeftError
 from .files import read_json
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Files that make up a tokenizer and its chat template (copied unchanged into every model edgeft writes).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-)
 # Parts of tokenizer.json that decide which ids a text becomes.
 _PIPELINE_PARTS = ("normalizer", "pre_tokenizer", "model")
 # BPE/Unigram model fields where None, "" and False mean the same (transformers writes one, tokenizers another).

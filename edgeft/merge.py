@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from .constants import FINETUNE_RECORD
 from .errors import EdgeftError
 from .files import atomic_dir
-from .finetune import ADAPTER_FILES, RECORD
+from .finetune import ADAPTER_FILES
 from .loading import checkpoint_dtype, copy_tokenizer_files, load_model, load_tokenizer
 
 # Max |logit difference| allowed, relative to max(1, max |reference logit|): float32 only sees summation
@@ -113,8 +114,8 @@ def merge(
         merged.config.dtype = dtype
         merged.save_pretrained(partial, safe_serialization=True)
         copy_tokenizer_files(tok_src, partial)
-        if (adapter / RECORD).is_file():
-            shutil.copy2(adapter / RECORD, partial / RECORD)
+        if (adapter / FINETUNE_RECORD).is_file():
+            shutil.copy2(adapter / FINETUNE_RECORD, partial / FINETUNE_RECORD)
         del merged, peft_model, base
         saved = load_model(partial, dtype=dtype)
         got = _logits(saved, probes)

@@ -43,29 +43,39 @@ def build(cfg: BuildConfig) -> BuildResult:
     examples, source = verify.eval_examples(merged, None)  # the fine-tune's own held-out split
     evalset = verify.make_eval_set(load_tokenizer(merged, notify=False), examples, source=source)
     conversations = [ex.prompt_messages for ex in evalset.examples]
+
+    # Export everything first, then hold one float model while judging every artifact, then time each one
+    # alone: at most one model copy besides the float reference is in memory at any step.
+    paths: dict[str, Path] = {}
+    for spec in target.artifacts:
+        with timed(spec.label, seconds), task(f"export {spec.label}") as update:
+            opts = export.ExportOptions(spec.accuracy_level, update, conversations)
+            paths[spec.label] = export.export_artifact(
+                merged, spec.format, spec.quant, work / "artifacts", opts
+            )
+
     with timed("reference", seconds):
         base_acc = base_accuracy(model, evalset, threads)
         ref_rt = open_runtime(merged, threads=threads)
     try:
         with timed("reference", seconds):
             ref = score(ref_rt, evalset)
-            with task("bench PyTorch float"):
-                ref_latency = bench.bench(merged, threads=threads)
-        results = []
+        drifts = {}
         for spec in target.artifacts:
             with timed(spec.label, seconds):
-                with task(f"export {spec.label}") as update:
-                    opts = export.ExportOptions(spec.accuracy_level, update, conversations)
-                    path = export.export_artifact(merged, spec.format, spec.quant, work / "artifacts", opts)
-                drift = check(spec.label, ref, path, evalset, threads)
-                with task(f"bench {spec.label}"):
-                    latency = bench.bench(path, threads=threads)
-            violations = [
-                drift.explain(v) for v in spec.budget.violations(drift.metrics(), ref.task_accuracy)
-            ]
-            results.append(bundle.ArtifactResult(spec, path, drift, latency, tuple(violations)))
+                drifts[spec.label] = check(spec.label, ref, paths[spec.label], evalset, threads)
     finally:
         ref_rt.close()
+
+    with timed("reference", seconds), task("bench PyTorch float"):
+        ref_latency = bench.bench(merged, threads=threads)
+    results = []
+    for spec in target.artifacts:
+        with timed(spec.label, seconds), task(f"bench {spec.label}"):
+            latency = bench.bench(paths[spec.label], threads=threads)
+        drift = drifts[spec.label]
+        violations = [drift.explain(v) for v in spec.budget.violations(drift.metrics(), ref.task_accuracy)]
+        results.append(bundle.ArtifactResult(spec, paths[spec.label], drift, latency, tuple(violations)))
 
     facts = bundle.BuildFacts(
         base_model=str(model),

@@ -8,6 +8,8 @@ conversations when no task data is given.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 PROBE_TEXTS: tuple[str, ...] = (
     "Hello world",
     "  leading spaces and trailing   ",
@@ -30,3 +32,17 @@ PROBE_CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
         {"role": "user", "content": "list 3 colours\n\n- red"},
     ),
 )
+
+
+def first_difference(want: Sequence[int], got: Sequence[int]) -> int | None:
+    """Where two id sequences first differ (the shorter one's length when one extends the other), or None."""
+    if list(want) == list(got):
+        return None
+    return next(
+        (i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), min(len(want), len(got))
+    )
+
+
+def show_token(ids: Sequence[int], k: int, piece: Callable[[int], str]) -> str:
+    """Token k of `ids` as "'▁[' (518)", or "(end)" past the end — for one-line difference reports."""
+    return f"{piece(int(ids[k]))!r} ({ids[k]})" if k < len(ids) else "(end)"

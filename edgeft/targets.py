@@ -92,7 +92,6 @@ class TargetProfile:
     context_length: int
     bandwidth_gb_s: float
     artifacts: tuple[ArtifactSpec, ...]
-    source: str = ""
 
     def summary(self) -> str:
         """One line with the key facts, for `edgeft targets`."""
@@ -185,7 +184,6 @@ def parse_profile(data: dict[str, Any], source: str) -> TargetProfile:
         context_length=_expect(data, "context_length", int, source),
         bandwidth_gb_s=float(_expect(data, "bandwidth_gb_s", (int, float), source)),
         artifacts=tuple(arts),
-        source=source,
     )
     for key in ("threads", "ram_mb", "ram_budget_mb", "context_length"):
         if getattr(profile, key) <= 0:

@@ -15,7 +15,7 @@ Progress = Callable[[int, int], None]
 
 
 @contextmanager
-def task(description: str, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
+def task(description: str, total: int | None = None) -> Iterator[Progress]:
     """A progress bar for one long step; yields `update(done, total)`."""
     with Bar(
         TextColumn("[bold]{task.description}"),

@@ -27,14 +27,15 @@ from typing import Any
 import numpy as np
 
 from . import data as data_mod
-from . import metrics
+from . import metrics, probes
+from .constants import FINETUNE_RECORD
 from .errors import EdgeftError
 from .probes import PROBE_CONVERSATIONS
 from .runtime import Runtime, open_runtime
 from .ui import Progress
 
 REFERENCE_CACHE_BYTES = 512 << 20
-FINETUNE_RECORD = "edgeft_finetune.json"
+_END = -2  # marks "the answer ended here" in difference reports
 
 
 @dataclass
@@ -143,6 +144,14 @@ def probe_examples() -> list[data_mod.Example]:
     ]
 
 
+def _renders(tokenizer: Any, ex: data_mod.Example) -> bool:
+    try:
+        data_mod.prompt_ids(tokenizer, ex)
+    except EdgeftError:
+        return False
+    return True
+
+
 def make_eval_set(
     tokenizer: Any,
     examples: Sequence[data_mod.Example] | None,
@@ -158,7 +167,12 @@ def make_eval_set(
         longest = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
         max_new, scored = min(256, longest + 8), True
     else:
-        examples = probe_examples()
+        # the probes this template can render (some refuse a system turn: Gemma, Mistral-Instruct)
+        examples = [ex for ex in probe_examples() if _renders(tokenizer, ex)]
+        if not examples:
+            raise EdgeftError(
+                "the model's chat template cannot render any of the built-in probe conversations"
+            )
         seqs = [tokenizer(t)["input_ids"][:max_len] for t in _fallback_text()]
         max_new, scored, source = 24, False, "built-in probe conversations"
     prompts = [data_mod.prompt_ids(tokenizer, ex) for ex in examples]
@@ -178,9 +192,13 @@ def _could_match(rt: Runtime, out: list[int], ex: data_mod.Example) -> bool:
     return ex.answer.strip().startswith(_visible_prefix(rt.decode(out)))
 
 
-def greedy(rt: Runtime, prompt: list[int], limit: int, keep_going: Callable[[list[int]], bool]) -> list[int]:
-    """Greedy ids after `prompt` until an end id or `limit`, in doubling chunks, cut once `keep_going` is
-    false — a wrong answer (every answer of an untuned base model) costs a few tokens, not the budget."""
+def greedy(
+    rt: Runtime, prompt: list[int], limit: int, keep_going: Callable[[list[int]], bool] | None = None
+) -> list[int]:
+    """Greedy ids after `prompt` until an end id or `limit`. With `keep_going`, in doubling chunks cut once
+    it is false — a wrong answer (every answer of an untuned base model) costs a few tokens, not the budget."""
+    if keep_going is None:
+        return rt.generate(prompt, limit, rt.end_ids)
     out: list[int] = []
     chunk, ends = 4, set(rt.end_ids)
     while len(out) < limit:
@@ -204,7 +222,7 @@ def app_answer(
         return AppAnswer([], [], False, "", error=str(e))
     if len(prompt) + es.max_new_tokens > es.n_ctx:
         return AppAnswer(prompt, [], False, "", error=f"prompt of {len(prompt)} tokens exceeds the context")
-    out = greedy(rt, prompt, es.max_new_tokens, keep_going or (lambda _: True))
+    out = greedy(rt, prompt, es.max_new_tokens, keep_going)
     ends = set(rt.end_ids)
     cut = next((k for k, t in enumerate(out) if t in ends), len(out))
     return AppAnswer(prompt, out[:cut], cut < len(out), rt.decode(out[:cut]))
@@ -255,18 +273,12 @@ def run_reference(rt: Runtime, es: EvalSet, progress: Progress | None = None) ->
     return ReferenceRun(rt, float(np.concatenate(nll).mean()), acc, answers, cached)
 
 
-def _piece(decode: Callable[[list[int]], str], ids: list[int], k: int) -> str:
-    return f"{decode([ids[k]])!r} ({ids[k]})" if k < len(ids) else "(end)"
-
-
-def first_difference(
-    label: str, ref: list[int], got: list[int], ref_decode: Callable, got_decode: Callable
-) -> str:
-    """'LABEL: token K: float 'x' (id) vs artifact 'y' (id)' for the first position where two id lists differ."""
-    k = next((j for j, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b), min(len(ref), len(got)))
+def first_difference(label: str, ref: list[int], got: list[int], piece: Callable[[int], str]) -> str:
+    """'LABEL: first difference at token K: float '▁[' (518) vs artifact '[' (29961)'."""
+    k = probes.first_difference(ref, got) or 0
     return (
-        f"{label}: first difference at token {k}: float {_piece(ref_decode, ref, k)} "
-        f"vs artifact {_piece(got_decode, got, k)}"
+        f"{label}: first difference at token {k}: float {probes.show_token(ref, k, piece)} "
+        f"vs artifact {probes.show_token(got, k, piece)}"
     )
 
 
@@ -298,7 +310,12 @@ def compare(
             progress(i + 1, es.n_steps)
     kld = np.concatenate(klds)
 
-    ref_decode = (ref_rt or ref.runtime).decode
+    # Ids are compared in the shared vocabulary; show them as the float model's tokenizer spells them.
+    piece = getattr(ref.runtime, "piece", None) or (lambda i: ref.runtime.decode([i]))
+
+    def spelled(i: int) -> str:
+        return "<end of turn>" if i == _END else piece(i)
+
     prompt_hits = answer_hits = task_hits = 0
     prompt_diff = answer_diff = None
     for i, ex in enumerate(es.examples):
@@ -317,16 +334,12 @@ def compare(
             if got.prompt == want.prompt:
                 prompt_hits += 1
             elif prompt_diff is None:
-                prompt_diff = first_difference(
-                    f"{label} prompt", want.prompt, got.prompt, ref_decode, rt.decode
-                )
+                prompt_diff = first_difference(f"{label} prompt", want.prompt, got.prompt, piece)
             if got.same_answer(want):
                 answer_hits += 1
             elif answer_diff is None:
-                a, b = want.answer + ([-2] if want.ended else []), got.answer + ([-2] if got.ended else [])
-                answer_diff = first_difference(
-                    f"{label} answer", a, b, _end_aware(ref_decode), _end_aware(rt.decode)
-                )
+                a, b = want.answer + [_END] * want.ended, got.answer + [_END] * got.ended
+                answer_diff = first_difference(f"{label} answer", a, b, spelled)
             task_hits += got.ended and data_mod.answer_text_matches(got.text, ex)
         if progress:
             progress(len(es.sequences) + i + 1, es.n_steps)
@@ -346,11 +359,6 @@ def compare(
     )
 
 
-def _end_aware(decode: Callable[[list[int]], str]) -> Callable[[list[int]], str]:
-    """decode, with the marker -2 shown as the end of the answer."""
-    return lambda ids: "<end of turn>" if ids == [-2] else decode(ids)
-
-
 # --- the command ---------------------------------------------------------------------------------------
 
 
@@ -363,14 +371,16 @@ def eval_examples(reference: Path, data: Path | None) -> tuple[list[data_mod.Exa
     """
     record_path = Path(reference) / FINETUNE_RECORD
     record = None
+    data_sha = None
     if record_path.is_file():
         try:
-            record = json.loads(record_path.read_text(encoding="utf-8")).get("eval_split")
+            full = json.loads(record_path.read_text(encoding="utf-8"))
+            record, data_sha = full.get("eval_split"), full.get("data_sha256")
         except (OSError, json.JSONDecodeError, AttributeError):
             raise EdgeftError(f"{record_path}: not a readable fine-tune record") from None
     if record:
-        files = dict(record.get("files", {}))
-        same = data is None or data_mod.dataset_sha256(Path(data)) in files.values()
+        known = {*dict(record.get("files", {})).values(), data_sha}
+        same = data is None or data_mod.dataset_sha256(Path(data)) in known
         if same:
             examples = data_mod.load_recorded_split(record, str(record_path))
             return examples, f"the fine-tune's held-out split ({len(examples)} examples)"

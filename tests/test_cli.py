@@ -126,3 +126,31 @@ def test_export_json_is_the_only_stdout(tiny_llama: Path, tmp_path: Path) -> Non
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)  # the whole of stdout is one JSON object
     assert data["quant"] == "q8_0" and out.stat().st_size == data["bytes"]
+
+
+def test_verify_fails_a_gguf_whose_chat_template_was_edited_after_export(tmp_path: Path) -> None:
+    """The weights are untouched (KLD ~1e-8), yet an app would feed the model other prompt ids: verify must
+    report prompt_ids_match < 1 with the first differing token and exit non-zero."""
+    from tinymodels import cached_model
+
+    from edgeft.export.gguf import export_gguf
+
+    model = cached_model("llama", "bpe")
+    good = export_gguf(model, tmp_path / "good.gguf", "f32").path
+    res = edgeft("verify", "--reference", str(model), "--artifact", str(good), "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(res.stdout)
+    assert report["prompt_ids_match"] == 1.0 and report["answers_match"] == 1.0 and report["kld_mean"] < 1e-6
+
+    # Same-length edit of the template inside the file: the generation prompt loses its newline.
+    raw = good.read_bytes()
+    old = b"<|im_start|>assistant\n"
+    assert raw.count(old) == 1
+    bad = tmp_path / "edited.gguf"
+    bad.write_bytes(raw.replace(old, b"<|im_start|>assistant "))
+    res = edgeft("verify", "--reference", str(model), "--artifact", str(bad), "--json")
+    assert res.returncode == 1, res.stderr[-2000:]
+    report = json.loads(res.stdout)
+    assert report["kld_mean"] < 1e-6  # the weights are the same
+    assert report["prompt_ids_match"] < 1.0 and "first difference at token" in report["prompt_diff"]
+    assert "prompt_ids_match" in res.stderr and "first difference at token" in res.stderr

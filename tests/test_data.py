@@ -135,12 +135,29 @@ def test_chatml_prompt_and_stop_ids() -> None:
     assert tail == "yo<|im_end|>"  # the "\n" after <|im_end|> is not trained
 
 
+def test_template_that_refuses_a_conversation_is_one_line() -> None:
+    tok = load_tokenizer(cached_model("llama", "bpe"))
+    tok.chat_template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    ex = data.Example(
+        (
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"},
+        ),
+        "f.jsonl:7",
+    )
+    with pytest.raises(
+        EdgeftError, match=r"^f.jsonl:7: the chat template cannot render this conversation \(no system\)$"
+    ):
+        data.prompt_ids(tok, ex)
+
+
 def test_plain_prompt_without_chat_template() -> None:
     tok = load_tokenizer(cached_model("llama", "bpe"))
     tok.chat_template = None
     ex = data.Example(({"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}), "x:1")
     prompt = data.prompt_ids(tok, ex)
-    assert tok.decode(prompt) == "2+2="
+    assert tok.decode(prompt) == "2+2=\n"  # edgeft's plain template: turns one per line, then a newline
     ids, labels = data.train_ids(tok, ex, 64)
     assert ids[: len(prompt)] == prompt
     assert [lab for lab in labels if lab != data.IGNORE_INDEX] == ids[len(prompt) :]

@@ -32,12 +32,12 @@ from ..constants import (
     ONNX_MODEL_FILE,
     ONNX_OPT_ACCURACY_LEVEL,
     ONNX_OPT_HF_TOKEN,
-    ONNX_PICKLE_SUFFIXES,
     ONNX_PRECISIONS,
     ONNX_QUANTS,
     ONNX_REQUIRED_FILES,
     ONNX_SAFETENSORS_FILES,
     ONNX_SUPPORTED_ARCHS,
+    PICKLE_SUFFIXES,
 )
 from ..errors import EdgeftError
 from ..files import tree_bytes
@@ -236,7 +236,7 @@ def _stage_input(model_dir: Path, work: Path) -> Path:
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     for src in sorted(model_dir.iterdir()):
-        if not src.is_file() or src.name == "config.json" or src.suffix.lower() in ONNX_PICKLE_SUFFIXES:
+        if not src.is_file() or src.name == "config.json" or src.suffix.lower() in PICKLE_SUFFIXES:
             continue
         try:
             (stage / src.name).symlink_to(src.resolve())

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import data as data_mod
-from ..constants import ONNX_GENAI_CONFIG
+from ..constants import CHAT_TEMPLATE_FILE, ONNX_GENAI_CONFIG
+from ..errors import EdgeftError
 from ..files import read_json
-from ..probes import PROBE_CONVERSATIONS, PROBE_TEXTS
+from ..probes import PROBE_CONVERSATIONS, PROBE_TEXTS, first_difference, show_token
 
 
 @dataclass(frozen=True)
@@ -32,21 +33,27 @@ class TokenizerCheck:
 
 
 def _first_diff(label: str, want: list[int], got: list[int], tok: Any) -> str | None:
-    if want == got:
+    k = first_difference(want, got)
+    if k is None:
         return None
-    k = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), min(len(want), len(got)))
 
-    def show(ids: list[int]) -> str:
-        return f"{tok.convert_ids_to_tokens(int(ids[k]))!r} ({ids[k]})" if k < len(ids) else "(end)"
+    def piece(i: int) -> str:
+        return str(tok.convert_ids_to_tokens(i))
 
-    return f"{label}: token {k} is {show(got)} in onnxruntime-genai, {show(want)} in the fine-tune"
+    return (
+        f"{label}: token {k} is {show_token(got, k, piece)} in onnxruntime-genai, "
+        f"{show_token(want, k, piece)} in the fine-tune"
+    )
 
 
 def mismatches(out: Path, tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]]) -> list[str]:
     """Probes (texts, chat prompts) whose onnxruntime-genai ids differ from the model's tokenizer."""
     import onnxruntime_genai as og
 
-    og_tok = og.Tokenizer(og.Model(str(out)))
+    try:
+        og_tok = og.Tokenizer(og.Model(str(out)))
+    except Exception as e:  # noqa: BLE001 - og raises RuntimeError and others
+        return [f"onnxruntime-genai cannot load the folder's tokenizer ({str(e).splitlines()[0]})"]
     found = []
     for n, text in enumerate(PROBE_TEXTS, 1):
         want = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -57,18 +64,21 @@ def mismatches(out: Path, tokenizer: Any, conversations: Sequence[Sequence[dict[
         d = _first_diff(f"probe text {n} {text[:24]!r}", want, got, tokenizer)
         if d:
             found.append(d)
-    if getattr(tokenizer, "chat_template", None):
-        for n, messages in enumerate(conversations, 1):
-            msgs = [dict(m) for m in messages]
-            try:
-                want = data_mod.chat_prompt_ids(tokenizer, msgs)
-            except Exception:  # noqa: BLE001 - the template refuses this conversation shape
-                continue
+    for n, messages in enumerate(conversations, 1):
+        msgs = [dict(m) for m in messages]
+        try:
+            want = data_mod.chat_prompt_ids(tokenizer, msgs)
+        except EdgeftError:  # the template refuses this conversation shape (e.g. a system turn)
+            continue
+        try:
             prompt = og_tok.apply_chat_template(json.dumps(msgs), add_generation_prompt=True)
             got = [int(i) for i in og_tok.encode(prompt)]
-            d = _first_diff(f"conversation {n}", want, got, tokenizer)
-            if d:
-                found.append(d)
+        except Exception as e:  # noqa: BLE001 - the runtime's template engine may reject what HF renders
+            found.append(f"conversation {n}: onnxruntime-genai cannot render it ({str(e).splitlines()[0]})")
+            continue
+        d = _first_diff(f"conversation {n}", want, got, tokenizer)
+        if d:
+            found.append(d)
     return found
 
 
@@ -97,6 +107,9 @@ def prove_tokenizer(
 
     tokenizer = load_tokenizer(model_dir, notify=False)
     _end_of_turn_in_eos(out, tokenizer)
+    if not getattr(tokenizer, "chat_template", None) and not (out / CHAT_TEMPLATE_FILE).is_file():
+        # a model without a template is tuned on edgeft's plain one; the app's chat call must use it too
+        (out / CHAT_TEMPLATE_FILE).write_text(data_mod.plain_chat_template(tokenizer), encoding="utf-8")
     convs = list(PROBE_CONVERSATIONS) + [tuple(c) for c in conversations]
     found = mismatches(out, tokenizer, convs)
     if not found:

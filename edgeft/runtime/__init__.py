@@ -76,4 +76,4 @@ def open_runtime(
         return OrtRuntime(path, threads=threads, n_ctx=n_ctx, all_logits=all_logits)
     from .torch import TorchRuntime
 
-    return TorchRuntime(path, threads=threads)
+    return TorchRuntime(path, threads=threads)  # a local HF dir (artifact_format checked config.json)

@@ -1,6 +1,6 @@
 """llama.cpp runtime (llama-cpp-python): scores and extends token ids of a GGUF file.
 
-All llama_cpp imports stay in this module and edgeft/quantize.py, so the rest of edgeft imports without it.
+llama_cpp is imported lazily (here, in edgeft/quantize.py and the GGUF tokenizer check), so edgeft imports without it.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Scoring runs the decoder graph once in a plain onnxruntime.InferenceSession (empty KV cache, all positions'
 logits); generation runs onnxruntime-genai's own greedy loop, the path a deployed app uses. Each engine is
 created on first use, so a benchmark that only generates never holds two copies of the weights.
-All onnxruntime imports stay in this module and edgeft/export/onnx.py.
+onnxruntime is imported lazily (here and in edgeft/export/), so edgeft imports without it.
 """
 
 from __future__ import annotations
@@ -146,6 +146,10 @@ class OrtRuntime:
     def _get_og_model(self) -> Any:
         if self._og_model is None:
             import onnxruntime_genai as og
+
+            # Scoring and generation run one after the other (verify, bench): never hold both copies of the
+            # weights; the scoring session is recreated if logits() is called again.
+            self._session = None
 
             try:
                 config = og.Config(str(self.path))

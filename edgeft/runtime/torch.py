@@ -20,20 +20,23 @@ from ..loading import load_model, load_tokenizer
 class TorchRuntime:
     """A Hugging Face causal LM directory run eagerly in float32 on the CPU."""
 
-    def __init__(self, path: Path, *, threads: int | None = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, model: str | Path, *, threads: int | None = None, dtype: torch.dtype = torch.float32
+    ) -> None:
         if threads:
             torch.set_num_threads(threads)
-        self.path = Path(path)
-        self.model = load_model(path, dtype=dtype)
+        self.source = model  # a local dir or a hub id, exactly as given (a hub id is not a Path)
+        self.model = load_model(model, dtype=dtype)
         self.model.eval()
         self.n_vocab = int(self.model.config.vocab_size)
         self._tokenizer: Any = None
+        self._end_ids: list[int] | None = None
 
     @property
     def tokenizer(self) -> Any:
         """The checkpoint's own tokenizer (loaded on first use)."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.path, notify=False)
+            self._tokenizer = load_tokenizer(self.source, notify=False)
         return self._tokenizer
 
     @torch.inference_mode()
@@ -64,7 +67,13 @@ class TorchRuntime:
     @property
     def end_ids(self) -> list[int]:
         """Ids that end an answer: eos and the chat template's end-of-turn tokens."""
-        return data_mod.stop_ids(self.tokenizer)
+        if self._end_ids is None:
+            self._end_ids = data_mod.stop_ids(self.tokenizer)
+        return self._end_ids
+
+    def piece(self, token_id: int) -> str:
+        """One token as the vocabulary spells it (e.g. '▁['), for showing where two tokenizations differ."""
+        return str(self.tokenizer.convert_ids_to_tokens(int(token_id)))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -24,10 +24,10 @@ from ...errors import EdgeftError
 from ...ui import Progress
 from .arch import Prepared, prepare
 from .tokcheck import Mismatch, choose_vocab
-from .vocab import Vocab, general_name, pre_tokenizer_signature, read_vocab, write_vocab
+from .vocab import Vocab, general_name, read_vocab, write_vocab
 from .weights import fit_f16, intermediate_type, materialize, out_type
 
-__all__ = ["GGUFExportResult", "export_gguf", "pre_tokenizer_signature"]
+__all__ = ["GGUFExportResult", "export_gguf"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def choose_tokenizer(
 ) -> ChosenVocab:
     """Read the tokenizer files and settle the flags llama.cpp needs to reproduce the fine-tune's prompts
     (edgeft.export.gguf.tokcheck); one line on stderr names the first difference left, if any."""
-    from ...data import template_end_of_turn
+    from ...data import adds_bos, plain_chat_template, template_end_of_turn
     from ...loading import load_tokenizer
 
     n_vocab = prep.model.n_vocab
@@ -110,8 +110,10 @@ def choose_tokenizer(
     plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
     vocab = dataclasses.replace(
         read_vocab(model_dir, n_vocab),
-        add_bos=len(probe) > len(plain) and probe[0] == tokenizer.bos_token_id,
+        add_bos=adds_bos(tokenizer),
         add_eos=len(probe) > len(plain) and probe[-1] == tokenizer.eos_token_id,
+        # a model without a template was tuned on edgeft's plain one: the app's chat call must use it too
+        chat_template=None if getattr(tokenizer, "chat_template", None) else plain_chat_template(tokenizer),
     )
     arch_name = gguf.MODEL_ARCH_NAMES[prep.gguf_arch]
     header = functools.partial(_vocab_header, prep)

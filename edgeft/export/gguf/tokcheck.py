@@ -25,7 +25,8 @@ from typing import Any
 import gguf
 
 from ... import data as data_mod
-from ...probes import PROBE_CONVERSATIONS, PROBE_TEXTS
+from ...errors import EdgeftError
+from ...probes import PROBE_CONVERSATIONS, PROBE_TEXTS, first_difference, show_token
 from .vocab import Vocab, general_name, write_vocab
 
 
@@ -42,15 +43,11 @@ class Mismatch:
         return f"{self.probe}: token {self.position} is {self.got} in llama.cpp, {self.want} in the fine-tune"
 
 
-def _first_diff(probe: str, want: list[int], got: list[int], pieces: Callable[[int], str]) -> Mismatch | None:
-    if want == got:
+def _first_diff(probe: str, want: list[int], got: list[int], piece: Callable[[int], str]) -> Mismatch | None:
+    k = first_difference(want, got)
+    if k is None:
         return None
-    k = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), min(len(want), len(got)))
-
-    def show(ids: list[int]) -> str:
-        return f"{pieces(ids[k])!r} ({ids[k]})" if k < len(ids) else "(end)"
-
-    return Mismatch(probe, k, show(want), show(got))
+    return Mismatch(probe, k, show_token(want, k, piece), show_token(got, k, piece))
 
 
 def mismatches(
@@ -62,7 +59,10 @@ def mismatches(
     from ...runtime.llamacpp import chat_prompt_ids, silence_llama_logs
 
     silence_llama_logs()
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        return [Mismatch("vocabulary", 0, "a loadable vocabulary", f"llama.cpp refusing it ({e})")]
     try:
 
         def piece(i: int) -> str:
@@ -75,16 +75,17 @@ def mismatches(
             m = _first_diff(f"probe text {n} {text[:24]!r}", want, got, piece)
             if m:
                 found.append(m)
-        has_template = bool(getattr(tokenizer, "chat_template", None))
         for n, messages in enumerate(conversations, 1):
             msgs = [dict(m) for m in messages]
             try:
                 want = data_mod.chat_prompt_ids(tokenizer, msgs)
-            except Exception:  # noqa: BLE001 - the template refuses this conversation shape: not comparable
+            except EdgeftError:  # the template refuses this conversation shape (e.g. a system turn)
                 continue
-            if not has_template:
+            try:
+                got = chat_prompt_ids(llm, msgs)
+            except Exception as e:  # noqa: BLE001 - llama-cpp-python's jinja may reject what HF renders
+                found.append(Mismatch(f"conversation {n}", 0, "the rendered prompt", f"an error ({e})"))
                 continue
-            got = chat_prompt_ids(llm, msgs)
             m = _first_diff(f"conversation {n}", want, got, piece)
             if m:
                 found.append(m)

@@ -118,6 +118,7 @@ class Vocab:
     # Whether encoding adds BOS / EOS, as the tokenizer itself does it (None: leave it to SpecialVocab).
     add_bos: bool | None = None
     add_eos: bool | None = None
+    chat_template: str | None = None  # written when the model's files have none
 
 
 def _bpe_vocab(model_dir: Path, tj: dict[str, Any], n_vocab: int, template: str) -> Vocab:
@@ -317,6 +318,8 @@ def write_vocab(
     )
     if end_of_turn is not None and end_of_turn != sv.special_token_ids.get("eos"):
         sv.special_token_ids["eot"] = end_of_turn
+    if sv.chat_template is None and vocab.chat_template is not None:
+        sv.chat_template = vocab.chat_template
     for role, value in (("bos", vocab.add_bos), ("eos", vocab.add_eos)):
         if value is not None:
             sv.add_special_token[role] = value

@@ -10,6 +10,7 @@ import gguf
 import numpy as np
 import torch
 
+from ...constants import PICKLE_SUFFIXES
 from ...errors import EdgeftError
 from ...files import read_json
 
@@ -27,7 +28,7 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
         return files
-    pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise EdgeftError(
             f"{model_dir}: only pickle checkpoints ({', '.join(pickles)}) and no *.safetensors; "
