@@ -2,7 +2,7 @@
 
 edgeft.toml (every key optional):
 
-    model = "HuggingFaceTB/SmolLM2-135M-Instruct"   # HF dir or hub id; default: the built-in demo model
+    model = "Qwen/Qwen2.5-0.5B-Instruct"             # HF dir or hub id; default: the built-in demo model
     data = "data/commands.jsonl"                     # default: the built-in demo dataset
     target = "raspberrypi"                           # profile name or path to a TOML profile
     out = "dist"

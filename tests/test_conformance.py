@@ -171,3 +171,38 @@ def test_base_tokenizer_differs_from_transformers_rebuild() -> None:
     d = cached_model("llama", "spm-llama")
     text = "<s>[INST] hi [/INST]"
     assert AutoTokenizer.from_pretrained(d).encode(text) != load_tokenizer(d, notify=False).encode(text)
+
+
+def test_end_of_turn_ends_generation_when_eos_differs(tmp_path: Path) -> None:
+    """A ChatML model whose EOS is <|endoftext|> (Qwen2.5 base style): answers end at the template's
+    <|im_end|> in both runtimes, and the turn markers are CONTROL tokens in the GGUF."""
+    import shutil
+
+    import gguf
+
+    model = shutil.copytree(cached_model("qwen2", "bpe"), tmp_path / "m")
+    cfg_path = model / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["eos_token"] = "<|endoftext|>"
+    cfg_path.write_text(json.dumps(cfg))
+    tok = load_tokenizer(model, notify=False)
+    im_end, im_start = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|im_start|>")
+    assert tok.eos_token_id != im_end
+
+    path = export_gguf(model, tmp_path / "m.gguf", "f32").path
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["tokenizer.ggml.eot_token_id"].contents() == im_end
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[im_end] == types[im_start] == gguf.TokenType.CONTROL
+    gguf_rt = open_runtime(path)
+    assert im_end in gguf_rt.end_ids
+    gguf_rt.close()
+
+    onnx = export_onnx(model, tmp_path / "onnx", "fp32").path
+    genai = json.loads((onnx / "genai_config.json").read_text())["model"]["eos_token_id"]
+    assert im_end in (genai if isinstance(genai, list) else [genai])
+
+    es = verify.make_eval_set(tok, None)
+    for artifact in (path, onnx):
+        rep = _judge(model, artifact, es)
+        assert rep.prompt_ids_match == 1.0 and rep.answers_match == 1.0, rep
