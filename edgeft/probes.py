@@ -9,6 +9,7 @@ conversations when no task data is given.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 PROBE_TEXTS: tuple[str, ...] = (
     "Hello world",
@@ -46,3 +47,52 @@ def first_difference(want: Sequence[int], got: Sequence[int]) -> int | None:
 def show_token(ids: Sequence[int], k: int, piece: Callable[[int], str]) -> str:
     """Token k of `ids` as "'▁[' (518)", or "(end)" past the end — for one-line difference reports."""
     return f"{piece(int(ids[k]))!r} ({ids[k]})" if k < len(ids) else "(end)"
+
+
+def tokenization_mismatches(
+    tokenizer: Any,
+    runtime: str,
+    encode: Callable[[str], list[int]],
+    chat: Callable[[list[dict[str, str]]], list[int]],
+    conversations: Sequence[Sequence[dict[str, str]]],
+    *,
+    text_specials: bool,
+) -> list[str]:
+    """Probes a runtime tokenizes differently from the model's own tokenizer, one line each.
+
+    `encode(text)` is the runtime's plain-text encoding (compared with the tokenizer's, special tokens added
+    when `text_specials`); `chat(messages)` the prompt ids its chat path builds (compared with the
+    fine-tune's, edgeft.data.chat_prompt_ids). Conversations the model's own template refuses are skipped.
+    """
+    from . import data as data_mod
+    from .errors import EdgeftError
+
+    def piece(i: int) -> str:
+        return str(tokenizer.convert_ids_to_tokens(int(i)))
+
+    def line(label: str, want: list[int], got: list[int]) -> str | None:
+        k = first_difference(want, got)
+        if k is None:
+            return None
+        return (
+            f"{label}: token {k} is {show_token(got, k, piece)} in {runtime}, "
+            f"{show_token(want, k, piece)} in the fine-tune"
+        )
+
+    found: list[str | None] = []
+    for n, text in enumerate(PROBE_TEXTS, 1):
+        want = list(tokenizer(text, add_special_tokens=text_specials)["input_ids"])
+        found.append(line(f"probe text {n} {text[:24]!r}", want, encode(text)))
+    for n, messages in enumerate(conversations, 1):
+        msgs = [dict(m) for m in messages]
+        try:
+            want = data_mod.chat_prompt_ids(tokenizer, msgs)
+        except EdgeftError:  # the model's template refuses this shape (e.g. a system turn)
+            continue
+        try:
+            got = chat(msgs)
+        except Exception as e:  # noqa: BLE001 - the runtime's template engine may reject what HF renders
+            found.append(f"conversation {n}: {runtime} cannot render it ({str(e).splitlines()[0]})")
+            continue
+        found.append(line(f"conversation {n}", want, got))
+    return [f for f in found if f]

@@ -7,7 +7,7 @@ constants.GGUF_ARCHS (implemented in edgeft/export/gguf/arch.py), ONNX support i
 
 from __future__ import annotations
 
-from .constants import GGUF_ARCHS, ONNX_ARCHS
+from .constants import FORMAT_GGUF, FORMAT_ONNX, GGUF_ARCHS, ONNX_ARCHS
 
 # Model families people ship under each HF architecture name (what the matrix is read for).
 FAMILIES: dict[str, str] = {
@@ -24,14 +24,19 @@ FAMILIES: dict[str, str] = {
 # Tokenizer pipelines a runtime cannot reproduce (measured; verify's prompt_ids_match fails such artifacts).
 TOKENIZER_NOTES: tuple[tuple[str, str, str], ...] = (
     (
-        "onnx",
+        FORMAT_ONNX,
         "byte-level BPE with a Digits(individual) pre-tokenizer (SmolLM2)",
         "onnxruntime-genai 0.18 ignores the Digits step: numbers tokenize differently",
     ),
     (
-        "onnx",
-        "SentencePiece runs of spaces in plain text (code indentation)",
-        "split differently by onnxruntime-genai; chat prompts of ordinary text match",
+        FORMAT_ONNX,
+        'SentencePiece saved with Metaspace prepend_scheme="first" (as transformers 5 re-saves a Llama tokenizer)',
+        'onnxruntime-genai puts "▁" after special tokens, the file does not: every chat prompt differs',
+    ),
+    (
+        FORMAT_GGUF,
+        'SentencePiece saved with Metaspace prepend_scheme="first"',
+        'chat prompts match (the space-prefix flag is chosen by test); plain text lacks the leading "▁"',
     ),
 )
 

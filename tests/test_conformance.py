@@ -4,8 +4,9 @@ near-tie) and on the path an app takes (`prompt_ids_match` = `answers_match` = 1
 template, tokenizer and end ids give the float model's prompts and greedy answers).
 
 Where a runtime cannot reproduce a tokenizer, the exporter and verify must say so instead: onnxruntime-genai
-ignores the Digits(individual) pre-tokenizer SmolLM2 ships (see edgeft/export/onnx_tok.py), so that pair is
-expected to be flagged with its first differing token, not to pass silently.
+ignores the Digits(individual) pre-tokenizer SmolLM2 ships (see edgeft/export/onnx_tok.py) and puts "▁" after
+special tokens where a Metaspace prepend_scheme="first" file does not, so those pairs are expected to be
+flagged with their first differing token, not to pass silently.
 
 Then the real-checkpoint tokenizer traits through edgeft's own finetune + merge: the merged model carries
 the base's tokenizer files byte for byte, and the exported artifacts still match.
@@ -31,10 +32,11 @@ from edgeft.merge import merge
 from edgeft.runtime import open_runtime
 
 # Byte-level BPE (GPT-2 split, Llama-3 split, SmolLM2's digits, a Qwen2 checkpoint whose file differs from
-# Qwen2Tokenizer's rebuild) and SentencePiece (a Llama whose config names LlamaTokenizer).
-KINDS = ("bpe", "bpe-llama3", "smollm2", "qwen2-file", "spm-llama")
+# Qwen2Tokenizer's rebuild) and SentencePiece (a Llama whose config names LlamaTokenizer; a file saved with
+# Metaspace prepend_scheme "first").
+KINDS = ("bpe", "bpe-llama3", "smollm2", "qwen2-file", "spm-llama", "spm-first")
 # (runtime, tokenizer kind) pairs the runtime cannot reproduce; the mismatch must be reported.
-UNREPRODUCIBLE = {("onnx", "smollm2")}
+UNREPRODUCIBLE = {("onnx", "smollm2"), ("onnx", "spm-first")}
 KLD_MAX = 1e-6
 # llama.cpp keeps its KV cache in f16 (what apps run), so its logits sit ~1e-4 from PyTorch's: a pick within
 # this much of PyTorch's best logit is the same choice up to that noise.

@@ -55,6 +55,7 @@ TOKENIZER_KINDS = (
     "smollm2",
     "qwen2-file",
     "spm-llama",
+    "spm-first",
 )
 # Real-checkpoint traits transformers 5 rebuilds on load (../shared/REFERENCE.md "Where users get hurt" 10):
 # kind → (trained like, tokenizer_class named in tokenizer_config.json, tokenizer.json pre_tokenizer or None).
@@ -92,6 +93,13 @@ REBUILT_KINDS: dict[str, tuple[str, str, dict | None]] = {
         },
     ),
     "spm-llama": ("spm", "LlamaTokenizer", None),
+    # A SentencePiece file saved the transformers-5 way (Metaspace prepend_scheme "first", no normalizer):
+    # "▁" only at the very start of the input, never after a special token (REFERENCE.md item 11).
+    "spm-first": (
+        "spm",
+        "TokenizersBackend",
+        {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False},
+    ),
 }
 
 _CACHE: dict[str, Path] = {}
@@ -248,6 +256,8 @@ def make_tokenizer(kind: str, out_dir: Path) -> None:
             tj_path = Path(out_dir) / "tokenizer.json"
             tj = json.loads(tj_path.read_text(encoding="utf-8"))
             tj["pre_tokenizer"] = pre
+            if pre.get("type") == "Metaspace":
+                tj["normalizer"] = None  # Metaspace replaces spaces and prepends itself
             tj_path.write_text(json.dumps(tj, ensure_ascii=False, indent=2), encoding="utf-8")
         return
     if kind not in _CACHE:

@@ -19,9 +19,8 @@ from typing import Any
 
 from .. import data as data_mod
 from ..constants import CHAT_TEMPLATE_FILE, ONNX_GENAI_CONFIG
-from ..errors import EdgeftError
 from ..files import read_json
-from ..probes import PROBE_CONVERSATIONS, PROBE_TEXTS, first_difference, show_token
+from ..probes import PROBE_CONVERSATIONS, tokenization_mismatches
 
 
 @dataclass(frozen=True)
@@ -32,20 +31,6 @@ class TokenizerCheck:
     adapted: str | None = None  # what edgeft changed in the folder's tokenizer files so the runtime agrees
 
 
-def _first_diff(label: str, want: list[int], got: list[int], tok: Any) -> str | None:
-    k = first_difference(want, got)
-    if k is None:
-        return None
-
-    def piece(i: int) -> str:
-        return str(tok.convert_ids_to_tokens(i))
-
-    return (
-        f"{label}: token {k} is {show_token(got, k, piece)} in onnxruntime-genai, "
-        f"{show_token(want, k, piece)} in the fine-tune"
-    )
-
-
 def mismatches(out: Path, tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]]) -> list[str]:
     """Probes (texts, chat prompts) whose onnxruntime-genai ids differ from the model's tokenizer."""
     import onnxruntime_genai as og
@@ -54,32 +39,19 @@ def mismatches(out: Path, tokenizer: Any, conversations: Sequence[Sequence[dict[
         og_tok = og.Tokenizer(og.Model(str(out)))
     except Exception as e:  # noqa: BLE001 - og raises RuntimeError and others
         return [f"onnxruntime-genai cannot load the folder's tokenizer ({str(e).splitlines()[0]})"]
-    found = []
-    for n, text in enumerate(PROBE_TEXTS, 1):
-        want = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        got = [int(i) for i in og_tok.encode(text)]
+
+    def encode(text: str) -> list[int]:
+        ids = [int(i) for i in og_tok.encode(text)]
         # encode() may add the BOS the tokenizer config asks for; compare the text's own ids
-        if got[:1] == [tokenizer.bos_token_id] and want[:1] != got[:1]:
-            got = got[1:]
-        d = _first_diff(f"probe text {n} {text[:24]!r}", want, got, tokenizer)
-        if d:
-            found.append(d)
-    for n, messages in enumerate(conversations, 1):
-        msgs = [dict(m) for m in messages]
-        try:
-            want = data_mod.chat_prompt_ids(tokenizer, msgs)
-        except EdgeftError:  # the template refuses this conversation shape (e.g. a system turn)
-            continue
-        try:
-            prompt = og_tok.apply_chat_template(json.dumps(msgs), add_generation_prompt=True)
-            got = [int(i) for i in og_tok.encode(prompt)]
-        except Exception as e:  # noqa: BLE001 - the runtime's template engine may reject what HF renders
-            found.append(f"conversation {n}: onnxruntime-genai cannot render it ({str(e).splitlines()[0]})")
-            continue
-        d = _first_diff(f"conversation {n}", want, got, tokenizer)
-        if d:
-            found.append(d)
-    return found
+        return ids[1:] if ids[:1] == [tokenizer.bos_token_id] else ids
+
+    def chat(messages: list[dict[str, str]]) -> list[int]:
+        prompt = og_tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        return [int(i) for i in og_tok.encode(prompt)]
+
+    return tokenization_mismatches(
+        tokenizer, "onnxruntime-genai", encode, chat, conversations, text_specials=False
+    )
 
 
 def _end_of_turn_in_eos(out: Path, tokenizer: Any) -> None:

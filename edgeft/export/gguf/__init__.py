@@ -23,7 +23,7 @@ from ...constants import GGUF_FLOAT_QUANTS, GGUF_FTYPES, GGUF_QUANTS
 from ...errors import EdgeftError
 from ...ui import Progress
 from .arch import Prepared, prepare
-from .tokcheck import Mismatch, choose_vocab
+from .tokcheck import choose_vocab
 from .vocab import Vocab, general_name, read_vocab, write_vocab
 from .weights import fit_f16, intermediate_type, materialize, out_type
 
@@ -91,7 +91,7 @@ class ChosenVocab:
 
     vocab: Vocab
     end_of_turn: int | None
-    mismatches: list[Mismatch]
+    mismatches: list[str]
 
 
 def choose_tokenizer(
@@ -174,5 +174,5 @@ def export_gguf(
         arch=arch,
         n_tensors=n_tensors,
         bytes=out.stat().st_size,
-        tokenizer_mismatches=tuple(str(m) for m in tok.mismatches),
+        tokenizer_mismatches=tuple(tok.mismatches),
     )

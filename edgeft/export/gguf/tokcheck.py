@@ -24,36 +24,12 @@ from typing import Any
 
 import gguf
 
-from ... import data as data_mod
-from ...errors import EdgeftError
-from ...probes import PROBE_CONVERSATIONS, PROBE_TEXTS, first_difference, show_token
+from ...probes import PROBE_CONVERSATIONS, tokenization_mismatches
 from .vocab import Vocab, general_name, write_vocab
 
 
-@dataclasses.dataclass(frozen=True)
-class Mismatch:
-    """Where llama.cpp's ids first differ from the fine-tune's for one probe."""
-
-    probe: str
-    position: int
-    want: str
-    got: str
-
-    def __str__(self) -> str:
-        return f"{self.probe}: token {self.position} is {self.got} in llama.cpp, {self.want} in the fine-tune"
-
-
-def _first_diff(probe: str, want: list[int], got: list[int], piece: Callable[[int], str]) -> Mismatch | None:
-    k = first_difference(want, got)
-    if k is None:
-        return None
-    return Mismatch(probe, k, show_token(want, k, piece), show_token(got, k, piece))
-
-
-def mismatches(
-    path: Path, tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]]
-) -> list[Mismatch]:
-    """Every probe (text or conversation) whose llama.cpp ids differ from the tokenizer's."""
+def mismatches(path: Path, tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]]) -> list[str]:
+    """Every probe (text or conversation) whose llama.cpp ids differ from the tokenizer's, one line each."""
     import llama_cpp
 
     from ...runtime.llamacpp import chat_prompt_ids, silence_llama_logs
@@ -62,34 +38,20 @@ def mismatches(
     try:
         llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     except (ValueError, RuntimeError) as e:
-        return [Mismatch("vocabulary", 0, "a loadable vocabulary", f"llama.cpp refusing it ({e})")]
+        return [f"llama.cpp cannot load the vocabulary ({e})"]
     try:
 
-        def piece(i: int) -> str:
-            return tokenizer.convert_ids_to_tokens(int(i))
+        def encode(text: str) -> list[int]:
+            return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
-        found: list[Mismatch] = []
-        for n, text in enumerate(PROBE_TEXTS, 1):
-            want = list(tokenizer(text)["input_ids"])
-            got = list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
-            m = _first_diff(f"probe text {n} {text[:24]!r}", want, got, piece)
-            if m:
-                found.append(m)
-        for n, messages in enumerate(conversations, 1):
-            msgs = [dict(m) for m in messages]
-            try:
-                want = data_mod.chat_prompt_ids(tokenizer, msgs)
-            except EdgeftError:  # the template refuses this conversation shape (e.g. a system turn)
-                continue
-            try:
-                got = chat_prompt_ids(llm, msgs)
-            except Exception as e:  # noqa: BLE001 - llama-cpp-python's jinja may reject what HF renders
-                found.append(Mismatch(f"conversation {n}", 0, "the rendered prompt", f"an error ({e})"))
-                continue
-            m = _first_diff(f"conversation {n}", want, got, piece)
-            if m:
-                found.append(m)
-        return found
+        return tokenization_mismatches(
+            tokenizer,
+            "llama.cpp",
+            encode,
+            lambda m: chat_prompt_ids(llm, m),
+            conversations,
+            text_specials=True,
+        )
     finally:
         llm.close()
 
@@ -128,7 +90,7 @@ def choose_vocab(
     conversations: Sequence[Sequence[dict[str, str]]] = (),
     *,
     end_of_turn: int | None = None,
-) -> tuple[Vocab, list[Mismatch]]:
+) -> tuple[Vocab, list[str]]:
     """The vocabulary settings under which llama.cpp reproduces the fine-tune's prompts, and what still
     differs (empty when everything matches). `conversations` are checked besides the built-in probes."""
     from ...loading import load_tokenizer
@@ -138,7 +100,7 @@ def choose_vocab(
     candidates = [vocab]
     if vocab.add_space_prefix is not None:
         candidates.append(dataclasses.replace(vocab, add_space_prefix=not vocab.add_space_prefix))
-    first: list[Mismatch] | None = None
+    best: tuple[tuple[int, int], Vocab, list[str]] | None = None
     for cand in candidates:
         path = _vocab_only_gguf(
             arch_name,
@@ -151,7 +113,11 @@ def choose_vocab(
             found = mismatches(path, tokenizer, convs)
         finally:
             path.unlink(missing_ok=True)
+        # Chat prompts (the app path) first, then plain texts; the first candidate wins ties.
+        score = (sum(m.startswith("conversation") for m in found), len(found))
+        if best is None or score < best[0]:
+            best = (score, cand, found)
         if not found:
-            return cand, []
-        first = first if first is not None else found
-    return vocab, first or []
+            break
+    assert best is not None
+    return best[1], best[2]
