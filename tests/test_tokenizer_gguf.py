@@ -94,3 +94,20 @@ def test_spm_from_tokenizer_json_only(tmp_path: Path) -> None:
             assert rt.tokenize(text, add_special=True) == tok.encode(text), text
     finally:
         rt.close()
+
+
+def test_added_token_types() -> None:
+    """Flagged-special, special-looking and template-used markers are CONTROL; plain added words are not."""
+    import gguf
+
+    from edgeft.export.gguf.vocab import _added_type
+
+    template = "{{ '<tool>' + message['content'] + '[END]' }} hello"
+    control, user = gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED
+    assert _added_type("<pad2>", True, "") == control  # flagged special
+    assert _added_type("<|im_start|>", False, "") == control  # looks special (llama.cpp's rule)
+    assert _added_type("<start_of_turn>", False, "") == control
+    assert _added_type("<tool>", False, template) == control  # a marker the chat template uses
+    assert _added_type("[END]", False, template) == control
+    assert _added_type("<tool>", False, "no markers here") == user
+    assert _added_type("hello", False, template) == user  # a word, even if the template says it
