@@ -1,6 +1,6 @@
 """Peak RSS and wall time of export + verify for a Qwen2.5-0.5B-shaped model: does a real size fit a laptop?
 
-    python bench/real_size.py                      # 32 eval conversations, 2 threads
+    python bench/real_size.py                      # 16 eval conversations, 2 threads
     python bench/real_size.py --examples 64 --keep /tmp/q05
 
 The model has Qwen2.5-0.5B-Instruct's real config (hidden 896, 24 layers, 14/2 heads, intermediate 4864,
@@ -126,7 +126,7 @@ def run_step(args: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--examples", type=int, default=32, help="eval conversations from the demo task")
+    ap.add_argument("--examples", type=int, default=16, help="eval conversations from the demo task")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
     a = ap.parse_args()

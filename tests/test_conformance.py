@@ -208,3 +208,27 @@ def test_end_of_turn_ends_generation_when_eos_differs(tmp_path: Path) -> None:
     for artifact in (path, onnx):
         rep = _judge(model, artifact, es)
         assert rep.prompt_ids_match == 1.0 and rep.answers_match == 1.0, rep
+
+
+def test_tokens_added_past_the_base_vocabulary(tmp_path: Path) -> None:
+    """Phi-3 style: chat markers added after SentencePiece training (ids past tokenizer.model's pieces) and
+    used by the template; both runtimes must reproduce the prompts and answers."""
+    from tinymodels import make_model
+    from transformers import TokenizersBackend
+
+    model = make_model("phi3", "spm-llama", tmp_path / "m", vocab_pad=8)
+    tok = TokenizersBackend.from_pretrained(model)
+    base = len(tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    )
+    tok.save_pretrained(model)
+    assert tok.convert_tokens_to_ids("<|end|>") >= base  # past the trained pieces, within the padded rows
+    es = verify.make_eval_set(load_tokenizer(model, notify=False), None)
+    gguf_res = export_gguf(model, tmp_path / "m.gguf", "f32")
+    onnx_res = export_onnx(model, tmp_path / "onnx", "fp32")
+    for artifact in (gguf_res.path, onnx_res.path):
+        rep = _judge(model, artifact, es)
+        assert rep.kld_mean < KLD_MAX and rep.prompt_ids_match == 1.0 and rep.answers_match == 1.0, rep
