@@ -85,7 +85,7 @@ def merge(
     _check_adapter_dir(adapter)
     dtype = getattr(torch, checkpoint_dtype(model))
     tok_src = model  # the merged model carries the base's own tokenizer files, as the adapter does
-    tokenizer = load_tokenizer(tok_src, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tok_src, trust_remote_code=trust_remote_code, notify=False)  # finetune said it
     base = load_model(model, dtype=torch.float32, trust_remote_code=trust_remote_code)
     try:
         peft_model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
