@@ -15,6 +15,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,12 +60,21 @@ def peak_rss_mb() -> float:
 
 
 def measure(
-    path: Path, *, threads: int, prompt_tokens: int = 64, decode_tokens: int = 64, runs: int = 3
+    path: Path,
+    *,
+    threads: int,
+    prompt_tokens: int = 64,
+    decode_tokens: int = 64,
+    runs: int = 3,
+    allow_native_libs: bool = False,
 ) -> LatencyReport:
     """Time prefill and decode in this process (call through `bench` to isolate peak RSS)."""
     from .runtime import open_runtime
 
-    rt = open_runtime(path, threads=threads, n_ctx=prompt_tokens + decode_tokens + 8, all_logits=False)
+    n_ctx = prompt_tokens + decode_tokens + 8
+    rt = open_runtime(
+        path, threads=threads, n_ctx=n_ctx, all_logits=False, allow_native_libs=allow_native_libs
+    )
     try:
         rng = np.random.default_rng(0)
         ids = rng.integers(low=0, high=min(int(rt.n_vocab), 32000), size=prompt_tokens).tolist()
@@ -107,15 +117,22 @@ def bench(
     prompt_tokens: int = 64,
     decode_tokens: int = 64,
     runs: int = 3,
+    allow_native_libs: bool = False,
 ) -> LatencyReport:
-    """Measure an artifact in a child process; returns the medians."""
-    path = Path(path)
+    """Measure an artifact in a child process; returns the medians.
+
+    The child is isolated from the working folder (`python -I`, run in a fresh empty folder): a `numpy.py`
+    or `edgeft/` next to the user's files is never imported, and PYTHON* variables do not redirect it.
+    """
+    path = Path(path).resolve()
     if not path.exists():
         raise EdgeftError(f"artifact {path} does not exist")
     threads = threads or min(4, os.cpu_count() or 1)
-    cmd = [sys.executable, "-m", "edgeft.bench", str(path), "--threads", str(threads)]
+    cmd = [sys.executable, "-I", "-m", "edgeft.bench", str(path), "--threads", str(threads)]
     cmd += ["--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens), "--runs", str(runs)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd += ["--allow-native-libs"] if allow_native_libs else []
+    with tempfile.TemporaryDirectory(prefix="edgeft-bench-") as cwd:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise EdgeftError(f"bench of {path} failed: {last}")
@@ -130,6 +147,7 @@ def _child() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--allow-native-libs", action="store_true")
     a = ap.parse_args()
     try:
         rep = measure(
@@ -138,6 +156,7 @@ def _child() -> None:
             prompt_tokens=a.prompt_tokens,
             decode_tokens=a.decode_tokens,
             runs=a.runs,
+            allow_native_libs=a.allow_native_libs,
         )
     except EdgeftError as exc:
         print(exc, file=sys.stderr)

@@ -1,10 +1,14 @@
-"""File helpers shared by the stages: outputs that appear whole, content digests, sizes on disk."""
+"""File helpers shared by the stages: outputs that appear whole and never replace a user's files, content
+digests, sizes on disk, small JSON reads."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,25 +16,116 @@ from typing import Any
 
 from .errors import EdgeftError
 
+# Every folder edgeft writes carries this file; an existing folder without it is never replaced or deleted.
+MARKER = ".edgeft"
+# Written into every GGUF edgeft produces (right after general.architecture, so it sits in the first bytes):
+# an existing .gguf without it is somebody else's file and is not overwritten.
+GGUF_MARKER_KEY = "edgeft.version"
+_GGUF_MARKER_SCAN = 1 << 16
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def ensure_replaceable_dir(out: Path) -> None:
+    """Refuse to replace `out` unless it is absent, an empty folder, or a folder edgeft wrote (its marker)."""
+    out = Path(out)
+    if not out.exists() or _is_empty_dir(out) or (out / MARKER).is_file():
+        return
+    what = "a file" if not out.is_dir() else "a folder edgeft did not write (no .edgeft marker)"
+    raise EdgeftError(f"{out}: exists and is {what}; choose another output or move it away")
+
+
+def ensure_replaceable_file(out: Path) -> None:
+    """Refuse to overwrite `out` unless it is absent or a GGUF edgeft wrote (its marker key)."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if out.is_file():
+        with open(out, "rb") as f:
+            head = f.read(_GGUF_MARKER_SCAN)
+        if head[:4] == b"GGUF" and GGUF_MARKER_KEY.encode() in head:
+            return
+    raise EdgeftError(f"{out}: exists and was not written by edgeft; choose another output or move it away")
+
+
+def unique_sibling(out: Path, tag: str, *, directory: bool) -> Path:
+    """A fresh, unique, hidden name next to `out` (created empty), e.g. `.bundle.partial-3kq9x`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.{tag}-", dir=out.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def publish_file(tmp: Path, out: Path) -> None:
+    """Move a finished temp file to `out` with the permissions a new file gets (mkstemp makes them 0600)."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, out)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 @contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield `out`.partial to fill; on success it replaces `out`, on any failure it is removed."""
+def atomic_dir(out: Path, *, what: str = "output") -> Iterator[Path]:
+    """Yield a fresh folder to fill; on success it becomes `out`, on failure it is removed.
+
+    Only what edgeft wrote is ever replaced (see ensure_replaceable_dir): the temp name is unique per run, the
+    old `out` is renamed aside, the new one renamed in, and only then the old one removed — a crash at any
+    point leaves either the old output or the new one under `out` (and at worst a hidden `.NAME.old-*`).
+    """
     out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    ensure_replaceable_dir(out)
+    partial = unique_sibling(out, "partial", directory=True)
+    os.chmod(partial, 0o777 & ~_umask())
     try:
-        partial.mkdir(parents=True)
+        (partial / MARKER).write_text(
+            json.dumps({"written_by": "edgeft", "what": what}) + "\n", encoding="utf-8"
+        )
         yield partial
+        ensure_replaceable_dir(out)  # may have appeared while we worked
+        old = None
         if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = unique_sibling(out, "old", directory=True)
+            os.rmdir(old)
             out.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
         partial.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+@contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output folder `out` (a second build into it fails at once)."""
+    out = Path(out)
+    ensure_replaceable_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / MARKER
+    if not marker.exists():
+        marker.write_text(
+            json.dumps({"written_by": "edgeft", "what": "output folder"}) + "\n", encoding="utf-8"
+        )
+    fd = os.open(out / ".edgeft.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EdgeftError(
+                f"{out}: another edgeft build is writing here; wait for it or choose another --out"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:

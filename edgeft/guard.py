@@ -65,3 +65,105 @@ def check_external_data(model_path: Path, root: Path | None = None) -> list[Path
             )
         files.add(target)
     return sorted(files)
+
+
+# --- folders from strangers: nothing they name may lead outside them ------------------------------------------
+
+
+def inside(root: Path, name: str | Path, *, what: str) -> Path:
+    """`root / name` resolved (symlinks followed), refused unless it stays inside `root`.
+
+    A model folder whose chat_template.jinja links to ~/.ssh/id_rsa would otherwise have the secret embedded
+    in the GGUF; a shard index entry "../x.safetensors" would read weights from anywhere.
+    """
+    root = Path(root).resolve()
+    if Path(name).is_absolute():
+        raise EdgeftError(
+            f"{root}: {what} {str(name)!r} is an absolute path; files must stay inside the folder"
+        )
+    target = (root / name).resolve()
+    if not target.is_relative_to(root):
+        raise EdgeftError(f"{root}: {what} {str(name)!r} leads outside the folder (to {target}); refusing it")
+    return target
+
+
+def check_model_folder(model_dir: Path) -> None:
+    """Every file a Hugging Face model folder is read through stays inside it: config, tokenizer and chat
+    template files, safetensors weights and the shards an index names."""
+    from .constants import TOKENIZER_FILES
+    from .files import read_json
+
+    model_dir = Path(model_dir)
+    for f in ("config.json", "generation_config.json", *TOKENIZER_FILES):
+        if (model_dir / f).exists() or (model_dir / f).is_symlink():
+            inside(model_dir, f, what="file")
+    for f in model_dir.glob("*.safetensors"):
+        inside(model_dir, f.name, what="weights file")
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        inside(model_dir, index.name, what="file")
+        content = read_json(index)
+        weight_map = content.get("weight_map", {}) if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict):
+            raise EdgeftError(f"{index}: weight_map is not an object of tensor → shard file")
+        for shard in set(weight_map.values()):
+            if not isinstance(shard, str):
+                raise EdgeftError(f"{index}: shard name {shard!r} is not a string")
+            inside(model_dir, shard, what="shard")
+
+
+# onnxruntime-genai loads native code a genai_config.json names: a custom-ops library (its constructor runs) or
+# an execution provider's backend library. ref: onnxruntime-genai src/config.cpp (session_options
+# "custom_ops_library", provider_options); QNN's "backend_path".
+NATIVE_LIB_KEYS = ("custom_ops_library", "backend_path", "library_path", "custom_op_library")
+NATIVE_LIB_SUFFIXES = (".so", ".dll", ".dylib")
+
+
+def native_library_references(config: Any, where: str = "") -> list[str]:
+    """Places in a genai_config.json that name a native library, as dotted paths."""
+    found: list[str] = []
+    if isinstance(config, dict):
+        for key, value in config.items():
+            path = f"{where}.{key}" if where else str(key)
+            lib_key = str(key).lower() in NATIVE_LIB_KEYS or "library" in str(key).lower()
+            if lib_key and value not in (None, "", [], {}):
+                found.append(path)
+            else:
+                found += native_library_references(value, path)
+    elif isinstance(config, list):
+        for i, item in enumerate(config):
+            found += native_library_references(item, f"{where}[{i}]")
+    elif isinstance(config, str):
+        name = config.lower()
+        if name.endswith(NATIVE_LIB_SUFFIXES) or ".so." in name:
+            found.append(where)
+    return found
+
+
+def check_onnx_folder(folder: Path, *, allow_native_libs: bool = False) -> None:
+    """An onnxruntime-genai folder may only point inside itself, and names no native library unless allowed
+    (`--allow-native-libs`): every file its genai_config.json names, and every external-data location."""
+    from .constants import ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
+    from .files import read_json
+
+    folder = Path(folder)
+    cfg_path = inside(folder, ONNX_GENAI_CONFIG, what="file")
+    cfg = read_json(cfg_path)
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise EdgeftError(f'{cfg_path}: not an onnxruntime-genai config (no "model" object)')
+    libs = native_library_references(cfg)
+    if libs and not allow_native_libs:
+        raise EdgeftError(
+            f"{cfg_path}: names native code to load ({', '.join(libs)}); refusing it "
+            "(pass --allow-native-libs if you trust this folder)"
+        )
+    decoder = cfg["model"].get("decoder") if isinstance(cfg["model"].get("decoder"), dict) else {}
+    filename = decoder.get("filename", ONNX_MODEL_FILE)
+    if not isinstance(filename, str) or not filename:
+        raise EdgeftError(f"{cfg_path}: model.decoder.filename is {filename!r}, not a file name")
+    model_file = inside(folder, filename, what="model.decoder.filename")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (folder / name).exists() or (folder / name).is_symlink():
+            inside(folder, name, what="file")
+    if model_file.is_file():
+        check_external_data(model_file, folder)

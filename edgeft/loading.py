@@ -19,6 +19,7 @@ from typing import Any
 from .constants import PICKLE_SUFFIXES, TOKENIZER_FILES
 from .errors import EdgeftError
 from .files import read_json
+from .guard import check_model_folder
 
 # Parts of tokenizer.json that decide which ids a text becomes.
 _PIPELINE_PARTS = ("normalizer", "pre_tokenizer", "model")
@@ -50,6 +51,7 @@ def resolve_model(model: str | Path) -> str:
             )
         if not path.is_dir() or not (path / "config.json").is_file():
             raise EdgeftError(f"{path}: not a Hugging Face model directory (no config.json)")
+        check_model_folder(path)
         files = [f.name for f in path.iterdir()]
         if not any(f.endswith(".safetensors") for f in files):
             if any(f.endswith(PICKLE_SUFFIXES) for f in files):
@@ -155,6 +157,8 @@ def tokenizer_files(model: str | Path) -> list[Path]:
 
 def copy_tokenizer_files(model: str | Path, dst: Path) -> list[str]:
     """Copy the model's own tokenizer files into `dst` unchanged (never a re-save); returns their names."""
+    if Path(str(model)).is_dir():
+        check_model_folder(Path(str(model)))  # no file may lead outside the folder (e.g. a symlinked secret)
     files = tokenizer_files(model)
     if not files:
         raise EdgeftError(f"{model}: no tokenizer files (tokenizer.json or tokenizer.model) to carry along")

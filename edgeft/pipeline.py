@@ -11,6 +11,7 @@ from pathlib import Path
 from . import bench, bundle, data, export, targets, verify
 from .config import BuildConfig, apply_budgets
 from .errors import EdgeftError
+from .files import locked
 from .finetune import finetune
 from .loading import load_tokenizer
 from .merge import merge
@@ -27,9 +28,14 @@ class BuildResult:
 
 
 def build(cfg: BuildConfig) -> BuildResult:
-    """Fine-tune, merge, export, verify, bench and bundle for one target."""
+    """Fine-tune, merge, export, verify, bench and bundle for one target, holding `cfg.out` locked."""
     target = apply_budgets(targets.load(cfg.target), cfg.budgets)
     model, data_path = resolve_inputs(cfg)
+    with locked(Path(cfg.out)):  # refuses a folder edgeft did not write, and a second build into it
+        return _stages(cfg, target, model, data_path)
+
+
+def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_path: Path) -> BuildResult:
     work = Path(cfg.out) / ".work" / target.name
     threads = cfg.threads or min(target.threads, os.cpu_count() or 1)
     seconds: dict[str, float] = {}

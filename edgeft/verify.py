@@ -397,6 +397,7 @@ def verify(
     *,
     threads: int | None = None,
     progress: Progress | None = None,
+    allow_native_libs: bool = False,
 ) -> tuple[DriftReport, float | None, str]:
     """Drift of `artifact` against the float model in `reference`; also the reference's task accuracy and
     where the eval conversations came from."""
@@ -404,13 +405,14 @@ def verify(
 
     examples, source = eval_examples(Path(reference), data)
     es = make_eval_set(load_tokenizer(reference), examples, source=source)
-    rt = open_runtime(
-        artifact, threads=threads, n_ctx=es.n_ctx
-    )  # a broken artifact fails before the reference
-    ref_rt = open_runtime(reference, threads=threads)
+    # The artifact opens (and a hostile one is refused) before minutes go into the reference run.
+    rt = open_runtime(artifact, threads=threads, n_ctx=es.n_ctx, allow_native_libs=allow_native_libs)
     try:
-        ref = run_reference(ref_rt, es)
-        return compare(ref, rt, es, progress), ref.task_accuracy, es.source
+        ref_rt = open_runtime(reference, threads=threads)
+        try:
+            ref = run_reference(ref_rt, es)
+            return compare(ref, rt, es, progress), ref.task_accuracy, es.source
+        finally:
+            ref_rt.close()
     finally:
         rt.close()
-        ref_rt.close()

@@ -209,9 +209,15 @@ def test_refuses_to_replace_a_foreign_dir(root: Path) -> None:
     foreign = root / "not-onnx"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
-    with pytest.raises(EdgeftError, match="not an ONNX model directory"):
+    with pytest.raises(EdgeftError, match="edgeft did not write"):
         export_onnx(model_dir("qwen2"), foreign, "fp32")
     assert (foreign / "keep.txt").read_text() == "mine"
+    # an ONNX folder somebody else made is not edgeft's to replace either
+    (foreign / "keep.txt").unlink()
+    (foreign / "genai_config.json").write_text("{}")
+    with pytest.raises(EdgeftError, match="edgeft did not write"):
+        export_onnx(model_dir("qwen2"), foreign, "fp32")
+    assert (foreign / "genai_config.json").read_text() == "{}"
 
 
 # --- external data path traversal ------------------------------------------------------------------------

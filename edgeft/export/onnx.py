@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ from ..constants import (
     ONNX_ARCHS,
     ONNX_EXECUTION_PROVIDER,
     ONNX_FLOAT_QUANTS,
-    ONNX_GENAI_CONFIG,
     ONNX_MODEL_FILE,
     ONNX_OPT_ACCURACY_LEVEL,
     ONNX_OPT_HF_TOKEN,
@@ -40,8 +38,8 @@ from ..constants import (
     PICKLE_SUFFIXES,
 )
 from ..errors import EdgeftError
-from ..files import tree_bytes
-from ..guard import check_external_data
+from ..files import atomic_dir, ensure_replaceable_dir, tree_bytes, unique_sibling
+from ..guard import check_external_data, check_model_folder
 from ..loading import copy_tokenizer_files
 from ..ui import Progress, info
 from .onnx_tok import prove_tokenizer
@@ -380,49 +378,45 @@ def export_onnx(
     quant: fp32 | int8 | int4 (weight-only MatMulNBits, block 32, symmetric). accuracy_level (int quants
     only): None or 0 = the builder's default (4 on the CPU EP), 1 = fp32 activations (closer to float, far
     slower for int8 on CPU), 4 = int8 activations; the result records the level the graph got. The build
-    goes to `out_dir`.partial and is renamed on success; an existing `out_dir` is only replaced if it is an
-    onnxruntime-genai model directory. Every failure is one EdgeftError and leaves no partial output.
+    goes to a unique hidden folder and is renamed on success (edgeft.files.atomic_dir); an existing `out_dir`
+    is only replaced if edgeft wrote it. Every failure is one EdgeftError and leaves no partial output.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_inputs(model_dir, quant, accuracy_level)
-    if out_dir.exists() and not (out_dir / ONNX_GENAI_CONFIG).is_file():
-        raise EdgeftError(f"{out_dir}: exists and is not an ONNX model directory; choose another output")
+    ensure_replaceable_dir(out_dir)  # only a folder edgeft wrote is ever replaced
+    check_model_folder(model_dir)  # nothing the folder names may lead outside it
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_dir.with_name(out_dir.name + ".partial")
     own_work = work_dir is None
-    work = Path(tempfile.mkdtemp(prefix=".edgeft-onnx-", dir=out_dir.parent)) if own_work else Path(work_dir)
+    work = unique_sibling(out_dir, "work", directory=True) if own_work else Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(partial, ignore_errors=True)
     try:
-        if progress:
-            progress(0, _STEPS)
-        try:
-            _run_builder(model_dir, partial, quant, accuracy_level, work)
-        except EdgeftError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the builder raises anything from ValueError to torch errors
-            raise _builder_error(model_dir, e) from None
-        if progress:
-            progress(1, _STEPS)
-        # The builder re-saves the tokenizer through transformers, which may rebuild its pipeline; ship the
-        # model's own files instead (edgeft.loading: one tokenization truth).
-        copy_tokenizer_files(model_dir, partial)
-        check_output(partial)
-        _check_tokenizer(partial)
-        tok_check = prove_tokenizer(model_dir, partial, conversations)
-        if tok_check.mismatches:
-            n = len(tok_check.mismatches)
-            more = f" (and {n - 1} more)" if n > 1 else ""
-            info(
-                f"warning: onnxruntime-genai cannot reproduce the tokenization of {model_dir}: "
-                f"{tok_check.mismatches[0]}{more}"
-            )
-        level = _matmulnbits_accuracy(partial / ONNX_MODEL_FILE)
-        if progress:
-            progress(2, _STEPS)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        partial.rename(out_dir)
+        with atomic_dir(out_dir, what="onnxruntime-genai model") as partial:
+            if progress:
+                progress(0, _STEPS)
+            try:
+                _run_builder(model_dir, partial, quant, accuracy_level, work)
+            except EdgeftError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the builder raises anything from ValueError to torch errors
+                raise _builder_error(model_dir, e) from None
+            if progress:
+                progress(1, _STEPS)
+            # The builder re-saves the tokenizer through transformers, which may rebuild its pipeline; ship the
+            # model's own files instead (edgeft.loading: one tokenization truth).
+            copy_tokenizer_files(model_dir, partial)
+            check_output(partial)
+            _check_tokenizer(partial)
+            tok_check = prove_tokenizer(model_dir, partial, conversations)
+            if tok_check.mismatches:
+                n = len(tok_check.mismatches)
+                more = f" (and {n - 1} more)" if n > 1 else ""
+                info(
+                    f"warning: onnxruntime-genai cannot reproduce the tokenization of {model_dir}: "
+                    f"{tok_check.mismatches[0]}{more}"
+                )
+            level = _matmulnbits_accuracy(partial / ONNX_MODEL_FILE)
+            if progress:
+                progress(2, _STEPS)
         if progress:
             progress(3, _STEPS)
         return OnnxExportResult(
@@ -434,6 +428,5 @@ def export_onnx(
             tokenizer_adapted=tok_check.adapted,
         )
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
         if own_work:
             shutil.rmtree(work, ignore_errors=True)

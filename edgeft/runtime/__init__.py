@@ -62,9 +62,15 @@ def artifact_format(path: Path) -> str:
 
 
 def open_runtime(
-    path: Path, *, threads: int | None = None, n_ctx: int = 512, all_logits: bool = True
+    path: Path,
+    *,
+    threads: int | None = None,
+    n_ctx: int = 512,
+    all_logits: bool = True,
+    allow_native_libs: bool = False,
 ) -> Runtime:
-    """Open an artifact in the engine that its format needs."""
+    """Open an artifact in the engine that its format needs (ONNX folders naming native libraries only when
+    `allow_native_libs`)."""
     fmt = artifact_format(path)
     if fmt == FORMAT_GGUF:
         from .llamacpp import LlamaCppRuntime
@@ -73,7 +79,9 @@ def open_runtime(
     if fmt == FORMAT_ONNX:
         from .ort import OrtRuntime
 
-        return OrtRuntime(path, threads=threads, n_ctx=n_ctx, all_logits=all_logits)
+        return OrtRuntime(
+            path, threads=threads, n_ctx=n_ctx, all_logits=all_logits, allow_native_libs=allow_native_libs
+        )
     from .torch import TorchRuntime
 
     return TorchRuntime(path, threads=threads)  # a local HF dir (artifact_format checked config.json)

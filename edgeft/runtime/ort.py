@@ -18,7 +18,7 @@ import numpy as np
 
 from ..constants import ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
 from ..errors import EdgeftError
-from ..guard import check_external_data
+from ..guard import check_external_data, check_onnx_folder
 
 # onnxruntime's type strings for the float I/O dtypes a CPU decoder can have.
 _ORT_FLOATS: dict[str, Any] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -32,12 +32,20 @@ class OrtRuntime:
     """An onnxruntime-genai model directory, implementing edgeft.runtime.Runtime."""
 
     def __init__(
-        self, path: Path, *, threads: int | None = None, n_ctx: int = 512, all_logits: bool = True
+        self,
+        path: Path,
+        *,
+        threads: int | None = None,
+        n_ctx: int = 512,
+        all_logits: bool = True,
+        allow_native_libs: bool = False,
     ) -> None:
         path = Path(path)
         cfg_path = path / ONNX_GENAI_CONFIG
         if not cfg_path.is_file():
             raise EdgeftError(f"{path}: not an onnxruntime-genai model directory (no {ONNX_GENAI_CONFIG})")
+        # No native library named by the config, and no file it names outside the folder, before any load.
+        check_onnx_folder(path, allow_native_libs=allow_native_libs)
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
             model_cfg = cfg["model"]

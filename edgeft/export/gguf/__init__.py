@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +17,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from ... import __version__
 from ...constants import GGUF_FLOAT_QUANTS, GGUF_FTYPES, GGUF_QUANTS
 from ...errors import EdgeftError
+from ...files import GGUF_MARKER_KEY, ensure_replaceable_file, publish_file, unique_sibling
+from ...guard import check_model_folder
 from ...ui import Progress
 from .arch import Prepared, prepare
 from .tokcheck import choose_vocab
@@ -49,6 +50,7 @@ def _write_float_gguf(
     arch_name = gguf.MODEL_ARCH_NAMES[prep.gguf_arch]
     w = gguf.GGUFWriter(str(dst), arch_name)
     try:
+        w.add_string(GGUF_MARKER_KEY, __version__)  # early in the file: edgeft.files.ensure_replaceable_file
         w.add_name(general_name(model_dir, tok.vocab))
         prep.write_hparams(w, int(GGUF_FTYPES[quant]))
         write_vocab(w, model_dir, tok.vocab, prep.model.n_vocab, end_of_turn=tok.end_of_turn)
@@ -80,9 +82,7 @@ def _write_float_gguf(
 
 
 def _temp_path(out: Path, tag: str) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=f".{tag}.tmp", dir=out.parent)
-    os.close(fd)
-    return Path(name)
+    return unique_sibling(out, tag, directory=False)
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,8 @@ def export_gguf(
     if quant not in GGUF_QUANTS:
         raise EdgeftError(f"unknown GGUF quant {quant!r}; choose one of: {', '.join(GGUF_QUANTS)}")
     model_dir, out = Path(model_dir), Path(out)
+    ensure_replaceable_file(out)  # only a GGUF edgeft wrote is ever overwritten
+    check_model_folder(model_dir)  # nothing the folder names may lead outside it
     prep = prepare(model_dir)  # every config and tensor check happens before any file is created
     tok = choose_tokenizer(prep, model_dir, conversations)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -157,13 +159,13 @@ def export_gguf(
     try:
         arch, n_tensors = _write_float_gguf(prep, model_dir, tmp, float_quant, progress, tok)
         if quant in GGUF_FLOAT_QUANTS:
-            os.replace(tmp, out)
+            publish_file(tmp, out)
         else:
             from ...quantize import quantize_gguf
 
             tmp_q = _temp_path(out, quant)
             quantize_gguf(tmp, tmp_q, quant)
-            os.replace(tmp_q, out)
+            publish_file(tmp_q, out)
     finally:
         for t in (tmp, tmp_q):
             if t is not None and t.exists():

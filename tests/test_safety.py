@@ -1,0 +1,175 @@
+"""Failure injection: edgeft never deletes what it did not write, never runs code it was not asked to, and
+never follows a stranger's file out of its folder. Every case ends in one clear line and nothing lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tinymodels import cached_model
+
+from edgeft import config, files, pipeline
+from edgeft.errors import EdgeftError
+from edgeft.export.gguf import export_gguf
+from edgeft.export.onnx import export_onnx
+from edgeft.guard import check_model_folder, check_onnx_folder
+from edgeft.runtime.ort import OrtRuntime
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_gguf(cached_model("llama", "bpe"), tmp_path_factory.mktemp("g") / "m.gguf", "f32").path
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_onnx(cached_model("llama", "bpe"), tmp_path_factory.mktemp("o") / "onnx", "fp32").path
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+# --- never delete what edgeft did not write ----------------------------------------------------------------
+
+
+def test_build_refuses_a_users_folder_and_keeps_it(tmp_path: Path) -> None:
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    cfg = config.BuildConfig(target="raspberrypi", out=out)
+    with pytest.raises(EdgeftError) as e:
+        pipeline.build(cfg)
+    assert "edgeft did not write" in _one_line(e) and str(out) in str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    assert (out / "thesis.tex").read_text() == "years of work"
+
+
+def test_atomic_dir_leaves_siblings_and_old_output_alone(tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    for sibling in ("bundle.partial", "bundle.old"):  # the user's own folders with edgeft-like names
+        (tmp_path / sibling).mkdir()
+        (tmp_path / sibling / "mine.txt").write_text("keep")
+    with files.atomic_dir(out) as d:
+        (d / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError), files.atomic_dir(out) as d:  # a crash while writing the second version
+        (d / "a.txt").write_text("second")
+        raise RuntimeError("killed")
+    assert (out / "a.txt").read_text() == "first"  # the old output survives a failed replacement
+    with files.atomic_dir(out) as d:
+        (d / "a.txt").write_text("third")
+    assert (out / "a.txt").read_text() == "third" and (out / files.MARKER).is_file()
+    for sibling in ("bundle.partial", "bundle.old"):
+        assert (tmp_path / sibling / "mine.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "bundle.old", "bundle.partial"]
+
+
+def test_a_second_build_into_the_same_out_is_refused(tmp_path: Path) -> None:
+    with files.locked(tmp_path / "dist"):
+        with pytest.raises(EdgeftError) as e, files.locked(tmp_path / "dist"):
+            pass
+        assert "another edgeft build" in _one_line(e)
+    with files.locked(tmp_path / "dist"):  # released: free again
+        pass
+
+
+def test_gguf_export_overwrites_only_its_own_files(tmp_path: Path, gguf_file: Path) -> None:
+    mine = tmp_path / "notes.gguf"
+    mine.write_text("not a model")
+    with pytest.raises(EdgeftError) as e:
+        export_gguf(cached_model("llama", "bpe"), mine, "f32")
+    assert "not written by edgeft" in _one_line(e)
+    assert mine.read_text() == "not a model"
+    ours = tmp_path / "ours.gguf"
+    shutil.copy(gguf_file, ours)
+    export_gguf(cached_model("llama", "bpe"), ours, "q8_0")  # edgeft's own file: replaced
+    assert ours.stat().st_size < gguf_file.stat().st_size
+    assert oct(ours.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # normal permissions, not 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# --- no code runs unless asked ---------------------------------------------------------------------------------
+
+
+def test_bench_child_does_not_import_from_the_working_folder(tmp_path: Path, gguf_file: Path) -> None:
+    trap = tmp_path / "imported"
+    (tmp_path / "numpy.py").write_text(f"open({str(trap)!r}, 'w').write('yes')\nraise SystemExit(3)\n")
+    script = (
+        "from edgeft.bench import bench\n"
+        f"r = bench({str(gguf_file)!r}, threads=1, prompt_tokens=8, decode_tokens=4, runs=1)\n"
+        "print(r.decode_tok_s > 0)\n"
+    )
+    res = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "True" and not trap.exists()
+
+
+def _copy_onnx(src: Path, dst: Path, edit) -> Path:  # noqa: ANN001 - a callable on the config dict
+    shutil.copytree(src, dst)
+    cfg_path = dst / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    edit(cfg)
+    cfg_path.write_text(json.dumps(cfg))
+    return dst
+
+
+def test_onnx_folder_naming_a_native_library_is_refused(tmp_path: Path, onnx_dir: Path) -> None:
+    def add_custom_ops(cfg: dict) -> None:
+        cfg["model"]["decoder"]["session_options"]["custom_ops_library"] = "libevil.so"
+
+    bad = _copy_onnx(onnx_dir, tmp_path / "bad", add_custom_ops)
+    with pytest.raises(EdgeftError) as e:
+        OrtRuntime(bad)
+    msg = _one_line(e)
+    assert "custom_ops_library" in msg and "--allow-native-libs" in msg
+    check_onnx_folder(bad, allow_native_libs=True)  # asked for: the check lets it through
+
+
+def test_onnx_decoder_file_outside_the_folder_is_refused(tmp_path: Path, onnx_dir: Path) -> None:
+    def point_out(cfg: dict) -> None:
+        cfg["model"]["decoder"]["filename"] = "../elsewhere/model.onnx"
+
+    bad = _copy_onnx(onnx_dir, tmp_path / "bad", point_out)
+    with pytest.raises(EdgeftError) as e:
+        OrtRuntime(bad)
+    assert "leads outside the folder" in _one_line(e)
+
+
+# --- strangers' folders stay inside themselves -------------------------------------------------------------------
+
+
+def test_chat_template_symlink_to_a_secret_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN PRIVATE KEY-----")
+    model = shutil.copytree(cached_model("llama", "bpe"), tmp_path / "m")
+    (model / "chat_template.jinja").unlink()
+    (model / "chat_template.jinja").symlink_to(secret)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(EdgeftError) as e:
+        export_gguf(model, out / "m.gguf", "f32")
+    assert "chat_template.jinja" in _one_line(e) and "outside the folder" in str(e.value)
+    assert list(out.iterdir()) == []
+
+
+def test_shard_index_pointing_outside_is_refused(tmp_path: Path) -> None:
+    model = shutil.copytree(cached_model("llama", "bpe"), tmp_path / "m")
+    (tmp_path / "outside").mkdir()
+    shutil.move(model / "model.safetensors", tmp_path / "outside" / "model.safetensors")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "../outside/model.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(EdgeftError) as e:
+        check_model_folder(model)
+    assert "../outside/model.safetensors" in _one_line(e)
