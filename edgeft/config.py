@@ -7,25 +7,40 @@ edgeft.toml (every key optional):
     target = "raspberrypi"                           # profile name or path to a TOML profile
     out = "dist"
     fail_on_drift = true
-    trust_remote_code = false
+    threads = 4                                      # CPU threads for verify and bench
     [lora]                                           # any field of LoraSettings below
     r = 16
     epochs = 3
     [budgets.q4_0]                                   # tighten/loosen a target's drift budget per quant
     kld_mean = 0.05
+
+Every value is type- and range-checked here, before any stage runs, so a typo is one line naming the file
+and field. `trust_remote_code` is refused in the file: running a checkpoint's own Python code is asked for
+on the command line only (--trust-remote-code), never by a config file that came with a project.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .constants import CONFIG_FILE
+from .constants import CONFIG_FILE, FORMATS, GGUF_QUANTS, ONNX_QUANTS
 from .errors import EdgeftError
-from .targets import TargetProfile, parse_budget
+from .targets import (
+    MAX_THREADS,
+    TargetProfile,
+    expect_int,
+    expect_table,
+    parse_budget,
+    read_toml_file,
+    refuse_unknown,
+    show,
+)
 
 # Attention and MLP projections of Llama/Mistral/Qwen/Gemma-style models, and Phi-3's fused qkv/gate_up;
 # finetune keeps the ones a model has.
@@ -70,24 +85,79 @@ class LoraSettings:
     logging_steps: int = 10
 
     def __post_init__(self) -> None:
-        checks = {
-            "r": self.r >= 1,
-            "alpha": self.alpha > 0,
-            "dropout": 0.0 <= self.dropout < 1.0,
-            "lr": self.lr > 0,
-            "epochs": self.epochs > 0,
-            "batch_size": self.batch_size >= 1,
-            "grad_accum": self.grad_accum >= 1,
-            "max_len": self.max_len >= 8,
-            "eval_fraction": 0.0 <= self.eval_fraction < 1.0,
-            "warmup_ratio": 0.0 <= self.warmup_ratio < 1.0,
-            "target_modules": len(self.target_modules) > 0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
+        bad = [
+            f"lora.{name} = {show(getattr(self, name))} should be {want}"
+            for name, (ok, want) in LORA_RULES.items()
+            if not _holds(ok, getattr(self, name))
+        ]
         if bad:
-            raise EdgeftError(
-                f"LoRA settings out of range: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
-            )
+            raise EdgeftError("; ".join(bad))
+
+
+# Transformers schedulers that need no extra arguments (reduce_lr_on_plateau needs an eval metric,
+# *_min_lr and warmup_stable_decay need scheduler kwargs edgeft does not pass).
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
+MAX_INT = 2**31 - 1
+
+
+def _int(lo: int, hi: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _num(ok: Callable[[float], bool]) -> Callable[[Any], bool]:
+    return lambda v: (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(float(v))
+    )
+
+
+def _modules(v: Any) -> bool:
+    return (
+        isinstance(v, tuple)
+        and 0 < len(v) <= 256
+        and all(isinstance(m, str) and re.fullmatch(r"[A-Za-z0-9_.]{1,200}", m) for m in v)
+    )
+
+
+def _holds(ok: Callable[[Any], bool], value: Any) -> bool:
+    try:
+        return bool(ok(value))
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+# Field → (check, what it should be). Upper bounds are generous; they catch typos, not choices.
+LORA_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "r": (_int(1, 4096), "an integer from 1 to 4096"),
+    "alpha": (_int(1, 65536), "an integer from 1 to 65536"),
+    "dropout": (_num(lambda v: 0 <= v < 1), "a finite number >= 0 and < 1"),
+    "target_modules": (_modules, "a list of 1-256 module names (letters, digits, _ and .)"),
+    "lr": (_num(lambda v: 0 < v <= 10), "a finite number > 0 and <= 10"),
+    "epochs": (_num(lambda v: 0 < v <= 10000), "a finite number > 0 and <= 10000"),
+    "batch_size": (_int(1, 65536), "an integer from 1 to 65536"),
+    "grad_accum": (_int(1, 65536), "an integer from 1 to 65536"),
+    "max_len": (_int(8, 1 << 20), f"an integer from 8 to {1 << 20}"),
+    "eval_fraction": (_num(lambda v: 0 <= v < 1), "a finite number >= 0 and < 1"),
+    "max_eval": (lambda v: v is None or _int(0, MAX_INT)(v), f"an integer from 0 to {MAX_INT}"),
+    "seed": (_int(0, 2**32 - 1), f"an integer from 0 to {2**32 - 1}"),
+    "warmup_ratio": (_num(lambda v: 0 <= v < 1), "a finite number >= 0 and < 1"),
+    "weight_decay": (_num(lambda v: 0 <= v <= 10), "a finite number from 0 to 10"),
+    "scheduler": (lambda v: v in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}"),
+    "max_steps": (_int(-1, MAX_INT), f"an integer from -1 to {MAX_INT} (<= 0: train for epochs)"),
+    "logging_steps": (_int(1, MAX_INT), f"an integer from 1 to {MAX_INT}"),
+}
+
+MAX_PATH = 4096
+# A [budgets.X] key: a quant name (every artifact of it) or an artifact label (gguf-q4_0, onnx-int8-acc4).
+BUDGET_KEY = re.compile(rf"(?:(?:{'|'.join(FORMATS)})-)?[a-z0-9_]+(?:-acc\d)?")
+BUDGET_QUANTS = frozenset(GGUF_QUANTS) | frozenset(ONNX_QUANTS)
 
 
 KNOWN_KEYS = {
@@ -96,7 +166,6 @@ KNOWN_KEYS = {
     "target",
     "out",
     "fail_on_drift",
-    "trust_remote_code",
     "threads",
     "lora",
     "budgets",
@@ -114,45 +183,73 @@ class BuildConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     budgets: dict[str, dict[str, float]] = field(default_factory=dict)
     fail_on_drift: bool = True
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # only from --trust-remote-code, never from edgeft.toml
     threads: int | None = None
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Parse edgeft.toml; unknown keys are errors (a typo should not be silently ignored)."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise EdgeftError(f"{path}: not valid TOML ({exc})") from None
-    unknown = set(data) - KNOWN_KEYS
-    if unknown:
+    """Parse and type-check edgeft.toml; unknown keys are errors (a typo should not be silently ignored)."""
+    data = read_toml_file(path)
+    where = str(path)
+    if "trust_remote_code" in data:
         raise EdgeftError(
-            f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(KNOWN_KEYS))})"
+            f"{where}: trust_remote_code is not read from {CONFIG_FILE} (a config file must not turn on running "
+            "a checkpoint's code); remove it and pass --trust-remote-code if you trust the model"
         )
+    refuse_unknown(data, KNOWN_KEYS, where)
+    for key in ("model", "data", "target", "out"):
+        if key in data:
+            _path_text(data[key], f"{where}: {key}")
+    if "fail_on_drift" in data and not isinstance(data["fail_on_drift"], bool):
+        raise EdgeftError(f"{where}: fail_on_drift = {show(data['fail_on_drift'])} should be true or false")
+    if "threads" in data:
+        expect_int(data["threads"], f"{where}: threads", 1, MAX_THREADS)
+    if "lora" in data:
+        expect_table(data["lora"], f"{where}: lora", "[lora] with LoRA settings such as r = 16")
+    if "budgets" in data:
+        budgets = expect_table(data["budgets"], f"{where}: budgets", "[budgets.<quant>] tables")
+        for quant, table in budgets.items():
+            _budget_key(quant, f"{where}: budgets")
+            parse_budget(table, f"{where}: budgets.{quant}")
     return data
 
 
-def lora_settings(table: dict[str, Any], where: str) -> LoraSettings:
-    """Validate a [lora] table against LoraSettings' fields and types."""
+def _path_text(value: Any, where: str) -> str:
+    """A model id, file or folder name: a non-empty one-line string."""
+    if not isinstance(value, str) or not value or len(value) > MAX_PATH or not value.isprintable():
+        raise EdgeftError(f"{where} = {show(value)} should be a non-empty one-line string (a name or path)")
+    return value
+
+
+def _budget_key(key: str, where: str) -> None:
+    """[budgets.X]: X names a quant or an artifact label, so a typo cannot silently budget nothing."""
+    match = BUDGET_KEY.fullmatch(key)
+    quant = key.split("-")[1] if match and "-" in key else key
+    if not match or quant not in BUDGET_QUANTS:
+        raise EdgeftError(
+            f"{where}: unknown quant {show(key)} (known: {', '.join(sorted(BUDGET_QUANTS))}, "
+            "or an artifact label such as gguf-q4_0 or onnx-int8-acc4)"
+        )
+
+
+def lora_settings(table: Any, where: str) -> LoraSettings:
+    """Validate a [lora] table against LoraSettings' fields, types and ranges."""
     known = {f.name: f for f in dataclasses.fields(LoraSettings)}
+    table = expect_table(table, f"{where}: lora", "[lora] with LoRA settings such as r = 16")
+    refuse_unknown(table, known, where, "LoRA setting")
     defaults = LoraSettings()
     values = {}
     for key, value in table.items():
-        if key not in known:
-            raise EdgeftError(f"{where}: unknown LoRA setting '{key}' (known: {', '.join(sorted(known))})")
         default = getattr(defaults, key)
         if isinstance(default, tuple) and isinstance(value, list):
             value = tuple(value)
-        ok = (
-            value is None
-            or default is None
-            or isinstance(value, type(default))
-            or (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool))
-        )
-        if not ok:
-            raise EdgeftError(f"{where}: lora.{key} = {value!r} should be like {default!r}")
-        values[key] = float(value) if isinstance(default, float) else value
-    return dataclasses.replace(defaults, **values)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        values[key] = value
+    try:
+        return dataclasses.replace(defaults, **values)
+    except EdgeftError as exc:
+        raise EdgeftError(f"{where}: {exc}") from None
 
 
 def resolve(
@@ -169,15 +266,14 @@ def resolve(
     path = Path(cwd or Path.cwd()) / CONFIG_FILE
     raw = read_toml(path) if path.is_file() else {}
     where = str(path)
+    if threads is not None:
+        expect_int(threads, "--threads", 1, MAX_THREADS)
     target = target or raw.get("target")
     if not target:
         raise EdgeftError(f"no target: pass --target NAME_OR_TOML or set target in {CONFIG_FILE}")
     base = path.parent
     data_path = data or (base / raw["data"] if "data" in raw else None)
-    budgets = {}
-    for quant, table in raw.get("budgets", {}).items():
-        parse_budget(table, f"{where}: budgets.{quant}")
-        budgets[quant] = table
+    budgets = dict(raw.get("budgets", {}))
     return BuildConfig(
         target=str(target),
         model=model or raw.get("model"),
@@ -186,8 +282,7 @@ def resolve(
         lora=lora_settings(raw.get("lora", {}), where),
         budgets=budgets,
         fail_on_drift=raw.get("fail_on_drift", True) if fail_on_drift is None else fail_on_drift,
-        trust_remote_code=bool(raw.get("trust_remote_code", False)),
-        threads=threads or raw.get("threads"),
+        threads=threads if threads is not None else raw.get("threads"),
     )
 
 

@@ -6,6 +6,8 @@ how much drift each may show. `--target` takes a profile name or a path to a TOM
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -115,55 +117,167 @@ def available() -> list[str]:
     return sorted(p.stem for p in profiles_dir().glob("*.toml"))
 
 
-def _expect(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in table:
-        raise EdgeftError(f"{where}: missing field '{key}'")
-    value = table[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise EdgeftError(f"{where}: field '{key}' = {value!r} should be a {want}")
+# A profile's name becomes a directory (OUT/<name>/, OUT/.work/<name>/): one plain path component, not
+# hidden, not "." or "..", short enough for any filesystem.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+PROFILE_KEYS = (
+    "name",
+    "description",
+    "arch",
+    "threads",
+    "ram_mb",
+    "ram_budget_mb",
+    "context_length",
+    "bandwidth_gb_s",
+    "artifacts",
+)
+ARTIFACT_KEYS = ("format", "quant", "accuracy_level", "ship", "budget")
+# Generous upper bounds: far past any real device, there so a typo is refused here, not a crash later.
+MAX_THREADS = 1024
+INT_BOUNDS = {
+    "threads": (1, MAX_THREADS),
+    "ram_mb": (1, 1 << 24),
+    "ram_budget_mb": (1, 1 << 24),
+    "context_length": (1, 1 << 24),
+}
+MAX_BANDWIDTH_GB_S = 100_000.0
+MAX_TEXT = 200  # description/arch: one short line in `edgeft targets` and the report
+
+
+def show(value: Any) -> str:
+    """A value as a user wrote it, on one short line (TOML spelling for booleans), for error messages."""
+    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def expect_int(value: Any, where: str, lo: int, hi: int) -> int:
+    """`value` as an int in lo..hi (booleans refused); `where` names file and field."""
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise EdgeftError(f"{where} = {show(value)} should be an integer from {lo} to {hi}")
     return value
 
 
-def parse_budget(table: dict[str, Any], where: str) -> DriftBudget:
-    """Validate a [budget] table: known metric names, non-negative numbers."""
+def expect_number(
+    value: Any, where: str, lo: float, hi: float | None = None, *, above: bool = False
+) -> float:
+    """`value` as a finite float >= lo (> lo when `above`) and <= hi; NaN/inf and booleans refused.
+
+    NaN compares false with everything, so a NaN limit would silently switch a check off."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        number = float(value)
+        ok = (
+            math.isfinite(number)
+            and (number > lo if above else number >= lo)
+            and (hi is None or number <= hi)
+        )
+    if not ok:
+        bound = f"> {lo:g}" if above else f">= {lo:g}"
+        rng = f"from {lo:g} to {hi:g}" if hi is not None and not above else bound
+        if hi is not None and above:
+            rng += f" and <= {hi:g}"
+        raise EdgeftError(f"{where} = {show(value)} should be a finite number {rng}")
+    return number
+
+
+def expect_table(value: Any, where: str, what: str) -> dict[str, Any]:
+    """`value` as a TOML table; `what` says what the table should hold."""
+    if not isinstance(value, dict):
+        raise EdgeftError(f"{where} = {show(value)} should be a table ({what})")
+    return value
+
+
+def refuse_unknown(table: dict[str, Any], known: Any, where: str, what: str = "key") -> None:
+    """An unknown key is a typo until proven otherwise: refuse it, listing the known ones."""
+    unknown = [k for k in table if k not in known]
+    if unknown:
+        raise EdgeftError(
+            f"{where}: unknown {what}(s) {', '.join(show(k) for k in sorted(unknown))} "
+            f"(known: {', '.join(sorted(known))})"
+        )
+
+
+def _required(table: dict[str, Any], key: str, where: str) -> Any:
+    if key not in table:
+        raise EdgeftError(f"{where}: missing field '{key}'")
+    return table[key]
+
+
+def _expect(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = _required(table, key, where)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise EdgeftError(f"{where}: field '{key}' = {show(value)} should be a {want}")
+    return value
+
+
+def _text(table: dict[str, Any], key: str, default: str, where: str) -> str:
+    """An optional one-line string field."""
+    value = table.get(key, default)
+    if not isinstance(value, str) or len(value) > MAX_TEXT or not value.isprintable():
+        raise EdgeftError(
+            f"{where}: field '{key}' = {show(value)} should be a one-line string of at most {MAX_TEXT} characters"
+        )
+    return value
+
+
+def check_name(value: Any, where: str) -> str:
+    """A target name: it becomes a directory name, so one plain path component."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise EdgeftError(
+            f"{where}: name = {show(value)} should be 1-64 of A-Z a-z 0-9 . _ - not starting with '.' "
+            "(it becomes the bundle's directory name)"
+        )
+    return value
+
+
+def parse_budget(table: Any, where: str) -> DriftBudget:
+    """Validate a [budget] table: known metric names, finite numbers >= 0 (shares of 0..1 for the `min` kinds)."""
     known = {f.name for f in fields(DriftBudget)}
+    table = expect_table(table, where, f"metric = number, known metrics: {', '.join(sorted(known))}")
+    refuse_unknown(table, known, where, "budget")
+    values = {}
     for key, value in table.items():
-        if key not in known:
-            raise EdgeftError(f"{where}: unknown budget '{key}' (known: {', '.join(sorted(known))})")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise EdgeftError(f"{where}: budget '{key}' = {value!r} should be a number >= 0")
-    return DriftBudget(**{k: float(v) for k, v in table.items()})
+        hi = 1.0 if BUDGET_KINDS.get(key) == "min" else None
+        values[key] = expect_number(value, f"{where}: budget '{key}'", 0.0, hi)
+    return DriftBudget(**values)
 
 
-def parse_profile(data: dict[str, Any], source: str) -> TargetProfile:
+def _parse_artifact(art: Any, where: str) -> ArtifactSpec:
+    """One [[artifacts]] table."""
+    art = expect_table(art, where, "an [[artifacts]] table with format and quant")
+    refuse_unknown(art, ARTIFACT_KEYS, where)
+    fmt = _expect(art, "format", str, where)
+    if fmt not in QUANTS_BY_FORMAT:
+        raise EdgeftError(f"{where}: unknown format {show(fmt)} (known: {', '.join(FORMATS)})")
+    quant = _expect(art, "quant", str, where)
+    if quant not in QUANTS_BY_FORMAT[fmt]:
+        raise EdgeftError(
+            f"{where}: unknown {fmt} quant {show(quant)} (known: {', '.join(QUANTS_BY_FORMAT[fmt])})"
+        )
+    level = art.get("accuracy_level")
+    if level is not None and (fmt != FORMAT_ONNX or quant in ONNX_FLOAT_QUANTS):
+        raise EdgeftError(f"{where}: accuracy_level applies to onnx int8/int4 only, not {fmt} {quant}")
+    if level is not None and (isinstance(level, bool) or level not in ONNX_ACCURACY_LEVELS):
+        raise EdgeftError(
+            f"{where}: accuracy_level = {show(level)} (known: {', '.join(map(str, ONNX_ACCURACY_LEVELS))})"
+        )
+    ship = art.get("ship", True)
+    if not isinstance(ship, bool):
+        raise EdgeftError(f"{where}: ship = {show(ship)} should be true or false")
+    budget = parse_budget(art.get("budget", {}), f"{where}.budget")
+    return ArtifactSpec(fmt, quant, budget, level, ship)
+
+
+def parse_profile(data: Any, source: str) -> TargetProfile:
     """Validate one profile's TOML table into a TargetProfile; errors name the file and field."""
-    arts = []
+    data = expect_table(data, source, "a target profile")
+    refuse_unknown(data, PROFILE_KEYS, source)
+    name = check_name(_expect(data, "name", str, source), source)
     raw_arts = data.get("artifacts")
     if not isinstance(raw_arts, list) or not raw_arts:
         raise EdgeftError(f"{source}: needs at least one [[artifacts]] table with format and quant")
-    for i, art in enumerate(raw_arts):
-        where = f"{source}: artifacts[{i}]"
-        fmt = _expect(art, "format", str, where)
-        if fmt not in QUANTS_BY_FORMAT:
-            raise EdgeftError(f"{where}: unknown format '{fmt}' (known: {', '.join(FORMATS)})")
-        quant = _expect(art, "quant", str, where)
-        if quant not in QUANTS_BY_FORMAT[fmt]:
-            raise EdgeftError(
-                f"{where}: unknown {fmt} quant '{quant}' (known: {', '.join(QUANTS_BY_FORMAT[fmt])})"
-            )
-        level = art.get("accuracy_level")
-        if level is not None and (fmt != FORMAT_ONNX or quant in ONNX_FLOAT_QUANTS):
-            raise EdgeftError(f"{where}: accuracy_level applies to onnx int8/int4 only, not {fmt} {quant}")
-        if level is not None and level not in ONNX_ACCURACY_LEVELS:
-            raise EdgeftError(
-                f"{where}: accuracy_level = {level!r} (known: {', '.join(map(str, ONNX_ACCURACY_LEVELS))})"
-            )
-        ship = art.get("ship", True)
-        if not isinstance(ship, bool):
-            raise EdgeftError(f"{where}: ship = {ship!r} should be true or false")
-        budget = parse_budget(art.get("budget", {}), f"{where}.budget")
-        arts.append(ArtifactSpec(fmt, quant, budget, level, ship))
+    arts = [_parse_artifact(art, f"{source}: artifacts[{i}]") for i, art in enumerate(raw_arts)]
     labels = [a.label for a in arts]
     if len(set(labels)) != len(labels):
         raise EdgeftError(f"{source}: artifacts repeat a format/quant pair: {', '.join(labels)}")
@@ -174,25 +288,48 @@ def parse_profile(data: dict[str, Any], source: str) -> TargetProfile:
         raise EdgeftError(
             f"{source}: two shipped artifacts share a format and quant; set ship = false on one"
         )
+    ints = {
+        key: expect_int(_required(data, key, source), f"{source}: field '{key}'", lo, hi)
+        for key, (lo, hi) in INT_BOUNDS.items()
+    }
+    bandwidth = expect_number(
+        _required(data, "bandwidth_gb_s", source),
+        f"{source}: field 'bandwidth_gb_s'",
+        0.0,
+        MAX_BANDWIDTH_GB_S,
+        above=True,
+    )
     profile = TargetProfile(
-        name=_expect(data, "name", str, source),
-        description=str(data.get("description", "")),
-        arch=str(data.get("arch", "native")),
-        threads=_expect(data, "threads", int, source),
-        ram_mb=_expect(data, "ram_mb", int, source),
-        ram_budget_mb=_expect(data, "ram_budget_mb", int, source),
-        context_length=_expect(data, "context_length", int, source),
-        bandwidth_gb_s=float(_expect(data, "bandwidth_gb_s", (int, float), source)),
+        name=name,
+        description=_text(data, "description", "", source),
+        arch=_text(data, "arch", "native", source),
+        threads=ints["threads"],
+        ram_mb=ints["ram_mb"],
+        ram_budget_mb=ints["ram_budget_mb"],
+        context_length=ints["context_length"],
+        bandwidth_gb_s=bandwidth,
         artifacts=tuple(arts),
     )
-    for key in ("threads", "ram_mb", "ram_budget_mb", "context_length"):
-        if getattr(profile, key) <= 0:
-            raise EdgeftError(f"{source}: field '{key}' must be > 0")
     if profile.ram_budget_mb > profile.ram_mb:
         raise EdgeftError(
             f"{source}: ram_budget_mb ({profile.ram_budget_mb}) exceeds ram_mb ({profile.ram_mb})"
         )
     return profile
+
+
+def read_toml_file(path: Path) -> dict[str, Any]:
+    """A TOML file's tables; EdgeftError naming the file when it cannot be read or parsed (BOM tolerated)."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+        return tomllib.loads(text)
+    except UnicodeDecodeError as exc:
+        raise EdgeftError(f"{path}: not UTF-8 text (byte {exc.start}); expected a TOML file") from None
+    except OSError as exc:
+        raise EdgeftError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except RecursionError:
+        raise EdgeftError(f"{path}: not valid TOML (nested too deeply)") from None
+    except ValueError as exc:  # TOMLDecodeError, and integers past Python's digit limit
+        raise EdgeftError(f"{path}: not valid TOML ({' '.join(str(exc).split())[:200]})") from None
 
 
 def load(name_or_path: str | Path) -> TargetProfile:
@@ -207,11 +344,7 @@ def load(name_or_path: str | Path) -> TargetProfile:
             )
     if not path.is_file():
         raise EdgeftError(f"target file {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise EdgeftError(f"{path}: not valid TOML ({exc})") from None
-    return parse_profile(data, str(path))
+    return parse_profile(read_toml_file(path), str(path))
 
 
 def load_all() -> list[TargetProfile]:
