@@ -56,6 +56,19 @@ class Example:
 # --- loading ------------------------------------------------------------------------------------------
 
 
+def _encodable(msgs: tuple[dict[str, str], ...], where: str) -> tuple[dict[str, str], ...]:
+    """Refuse text a tokenizer cannot encode: JSON may spell lone UTF-16 surrogates ("\\ud800")."""
+    for i, m in enumerate(msgs):
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            char = ord(m["content"][e.start])
+            raise EdgeftError(
+                f"{where}: turn {i + 1} holds a lone surrogate \\u{char:04x}, which is not text; fix the escape"
+            ) from None
+    return msgs
+
+
 def _parse_line(obj: Any, where: str) -> Example:
     """Validate one decoded JSON line and build its Example; raises EdgeftError naming `where`."""
     expected = (
@@ -80,7 +93,7 @@ def _parse_line(obj: Any, where: str) -> Example:
             {"role": "user", "content": obj["prompt"]},
             {"role": "assistant", "content": obj["completion"]},
         )
-        return Example(messages=msgs, source=where)
+        return Example(messages=_encodable(msgs, where), source=where)
     if "messages" not in obj:
         raise EdgeftError(f"{where}: no prompt/completion or messages field; {expected}")
     raw = obj["messages"]
@@ -104,30 +117,66 @@ def _parse_line(obj: Any, where: str) -> Example:
         raise EdgeftError(f"{where}: the assistant's answer is empty; {expected}")
     if len(msgs_list) < 2:
         raise EdgeftError(f"{where}: needs at least one turn before the assistant's answer; {expected}")
-    return Example(messages=tuple(msgs_list), source=where)
+    return Example(messages=_encodable(tuple(msgs_list), where), source=where)
+
+
+MAX_LINE_BYTES = 16 << 20  # one example a line; a longer line is not a chat example but a broken file
+_BOM = b"\xef\xbb\xbf"
+
+
+def _decode_line(raw: bytes, where: str) -> Any:
+    """One line's bytes → decoded JSON; EdgeftError naming `where` for bad UTF-8, bad or too deep JSON."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgeftError(
+            f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
+        ) from None
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise EdgeftError(
+            f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected one object a line"
+        ) from None
+    except RecursionError:
+        raise EdgeftError(
+            f"{where}: JSON nested too deeply to be an example; expected one object a line"
+        ) from None
+    except ValueError:  # an integer past Python's digit limit (sys.get_int_max_str_digits)
+        raise EdgeftError(
+            f"{where}: invalid JSON (a number too long to read); expected one object a line"
+        ) from None
 
 
 def load_jsonl(path: Path) -> list[Example]:
-    """All examples of a JSONL file; any malformed line raises EdgeftError("FILE:LINE: ...")."""
+    """All examples of a JSONL file; any malformed line raises EdgeftError("FILE:LINE: ...").
+
+    The file is read a line at a time (lines end at LF only: U+2028 inside a JSON string is text, not a
+    line break), a UTF-8 BOM is skipped, and a line over MAX_LINE_BYTES is refused without reading it whole.
+    """
     path = Path(path)
     if not path.is_file():
         raise EdgeftError(f"{path}: data file not found (expected a JSONL file of prompt/completion lines)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise EdgeftError(f"{path}: not UTF-8 text ({e}); expected a JSONL file") from e
     examples: list[Example] = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EdgeftError(
-                f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected one object a line"
-            ) from e
-        examples.append(_parse_line(obj, where))
+    try:
+        with path.open("rb") as f:
+            n = 0
+            while raw := f.readline(MAX_LINE_BYTES + 1):
+                n += 1
+                where = f"{path}:{n}"
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    raise EdgeftError(
+                        f"{where}: line longer than {MAX_LINE_BYTES >> 20} MiB; expected one example a line"
+                    )
+                if n == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM) :]
+                obj = _decode_line(raw, where)
+                if obj is not None:
+                    examples.append(_parse_line(obj, where))
+    except OSError as e:
+        raise EdgeftError(f"{path}: cannot read ({e.strerror or e})") from None
     if not examples:
         raise EdgeftError(f"{path}: no examples (the file is empty); expected one JSON object a line")
     return examples
