@@ -149,10 +149,11 @@ def finetune(
 ) -> None:
     """Fine-tune with LoRA; writes a PEFT adapter directory."""
     from .finetune import finetune as run
+    from .ui import task
 
     settings = _lora_overrides(lora or [])
-    with _stdout_to_stderr():
-        res = run(model, data, out, settings)
+    with _stdout_to_stderr(), task("fine-tune (LoRA)") as update:
+        res = run(model, data, out, settings, progress=update)
     _emit(res, as_json)
 
 

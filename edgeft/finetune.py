@@ -23,6 +23,7 @@ from .constants import FINETUNE_RECORD
 from .errors import EdgeftError
 from .files import atomic_dir
 from .loading import copy_tokenizer_files, load_model, load_tokenizer
+from .ui import Progress
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -89,6 +90,30 @@ def _targets(model: Any, wanted: Sequence[str]) -> list[str]:
     return found
 
 
+def _progress_callback_class() -> Any:
+    from transformers import TrainerCallback
+
+    class _Callback(TrainerCallback):
+        """Feeds Trainer's steps and latest loss to an edgeft progress bar."""
+
+        def __init__(self, progress: Progress) -> None:
+            self.progress, self.note = progress, ""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.progress(state.global_step, state.max_steps, self.note)  # type: ignore[call-arg]
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                self.note = f"loss {float(logs['loss']):.3f}"
+                self.progress(state.global_step, state.max_steps, self.note)  # type: ignore[call-arg]
+
+    return _Callback
+
+
+def _ProgressCallback(progress: Progress) -> Any:  # noqa: N802 - builds the TrainerCallback lazily
+    return _progress_callback_class()(progress)
+
+
 def _last_loss(history: list[dict[str, Any]]) -> tuple[float, tuple[float, ...]]:
     losses = tuple(float(h["loss"]) for h in history if "loss" in h)
     return (losses[-1] if losses else float("nan")), losses
@@ -101,10 +126,15 @@ def finetune(
     settings: LoraSettings = LoraSettings(),  # noqa: B008 - frozen, so a shared default is safe
     *,
     trust_remote_code: bool = False,
+    progress: Progress | None = None,
 ) -> FinetuneResult:
-    """Train a LoRA adapter for `model` on `data`; write it (plus tokenizer) atomically to `out`."""
+    """Train a LoRA adapter for `model` on `data`; write it (plus tokenizer) atomically to `out`.
+
+    `progress(step, total, note)` follows training (the note carries the latest loss); transformers' own
+    progress bar and printed log dicts are turned off.
+    """
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
 
     out = Path(out)
     train_ex, eval_ex = _data.load_split(Path(data), settings.eval_fraction, settings.seed, settings.max_eval)
@@ -148,7 +178,7 @@ def finetune(
             bf16=cuda and torch.cuda.is_bf16_supported(),
             seed=settings.seed,
             data_seed=settings.seed,
-            disable_tqdm=False,
+            disable_tqdm=True,
             dataloader_pin_memory=cuda,
             remove_unused_columns=False,
             ddp_find_unused_parameters=False,
@@ -161,6 +191,10 @@ def finetune(
             eval_dataset=eval_ds,
             data_collator=PadCollator(int(tokenizer.pad_token_id)),
         )
+        for cb in (PrinterCallback, ProgressCallback):  # edgeft shows its own bar; no printed log dicts
+            trainer.remove_callback(cb)
+        if progress is not None and trainer.is_world_process_zero():
+            trainer.add_callback(_ProgressCallback(progress))
         base_eval = trainer.evaluate()["eval_loss"] if eval_ds is not None else float("nan")
         t0 = time.time()
         trainer.train()

@@ -41,8 +41,15 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
     seconds: dict[str, float] = {}
     info(f"[bold]edgeft build[/] target={target.name} model={model} data={data_path}")
 
-    with timed("finetune", seconds):
-        ft = finetune(model, data_path, work / "adapter", cfg.lora, trust_remote_code=cfg.trust_remote_code)
+    with timed("finetune", seconds), task("fine-tune (LoRA)") as update:
+        ft = finetune(
+            model,
+            data_path,
+            work / "adapter",
+            cfg.lora,
+            trust_remote_code=cfg.trust_remote_code,
+            progress=update,
+        )
     with timed("merge", seconds):
         merged = merge(model, ft.adapter_dir, work / "merged").out_dir
 
@@ -83,8 +90,14 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
         violations = [drift.explain(v) for v in spec.budget.violations(drift.metrics(), ref.task_accuracy)]
         results.append(bundle.ArtifactResult(spec, paths[spec.label], drift, latency, tuple(violations)))
 
+    base = bundle.describe_base(model)  # the name as given (never a home path), Hub revision, weights' sha256
+    lora_settings, eval_split_sha256 = bundle.finetune_facts(ft.adapter_dir)
     facts = bundle.BuildFacts(
-        base_model=str(model),
+        base_model=base.name,
+        base_revision=base.revision,
+        base_weights_sha256=base.weights_sha256,
+        lora_settings=lora_settings,
+        eval_split_sha256=eval_split_sha256,
         adapter_sha256=bundle.sha256_file(ft.adapter_dir / "adapter_model.safetensors"),
         dataset_sha256=data.dataset_sha256(data_path),
         reference_task_accuracy=ref.task_accuracy,

@@ -6,29 +6,31 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as Bar
 
 console = Console(stderr=True)
-# A long step's progress callback: update(done, total).
+# A long step's progress callback: update(done, total); task()'s also takes an optional note (e.g. the loss).
 Progress = Callable[[int, int], None]
 
 
 @contextmanager
 def task(description: str, total: int | None = None) -> Iterator[Progress]:
-    """A progress bar for one long step; yields `update(done, total)`."""
+    """A progress bar for one long step (elapsed time and ETA); yields `update(done, total, note=None)`."""
     with Bar(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[note]}"),
         console=console,
         transient=False,
     ) as bar:
-        tid = bar.add_task(description, total=total or 1)  # a step without a count shows 0/1 → 1/1
+        tid = bar.add_task(description, total=total or 1, note="")  # no count: shows 0/1 → 1/1
 
-        def update(done: int, tot: int) -> None:
-            bar.update(tid, completed=done, total=tot)
+        def update(done: int, tot: int, note: str | None = None) -> None:
+            bar.update(tid, completed=done, total=tot, **({"note": note} if note is not None else {}))
 
         yield update
         t = bar.tasks[0].total
