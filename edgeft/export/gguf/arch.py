@@ -172,8 +172,54 @@ def _layer_types(config: dict[str, Any], spec: ArchSpec, n_layer: int, where: Pa
     return types
 
 
+# Far past any released model: a value beyond them is a corrupt or hostile config.json, refused before it
+# sizes an allocation or divides anything. (field, required, upper bound)
+SHAPE_BOUNDS = (
+    ("hidden_size", True, 1 << 17),
+    ("num_attention_heads", True, 4096),
+    ("num_hidden_layers", True, 4096),
+    ("intermediate_size", True, 1 << 20),
+    ("vocab_size", True, 1 << 24),
+    ("num_key_value_heads", False, 4096),
+    ("head_dim", False, 1 << 14),
+    ("max_position_embeddings", False, 1 << 24),
+    ("sliding_window", False, 1 << 24),
+)
+
+
+def check_config_shape(config: dict[str, Any], where: Path) -> dict[str, Any]:
+    """Type- and range-check the shape fields of config.json; one-line EdgeftError naming file and field."""
+    for key, required, hi in SHAPE_BOUNDS:
+        value = config.get(key)
+        if value is None and not required:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
+            shown = f"= {repr(value)[:40]}" if key in config else "is missing and"
+            raise EdgeftError(f"{where}: {key} {shown} should be an integer from 1 to {hi}")
+    heads, kv_heads = (
+        config["num_attention_heads"],
+        config.get("num_key_value_heads") or config["num_attention_heads"],
+    )
+    if heads % kv_heads:
+        raise EdgeftError(
+            f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
+    if config.get("head_dim") is None and config["hidden_size"] % heads:
+        raise EdgeftError(
+            f"{where}: hidden_size {config['hidden_size']} is not a multiple of num_attention_heads {heads} "
+            "(and no head_dim is given)"
+        )
+    for key in ("rope_theta", "rms_norm_eps"):
+        value = config.get(key)
+        if value is not None and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+        ):
+            raise EdgeftError(f"{where}: {key} = {repr(value)[:40]} should be a finite number > 0")
+    return config
+
+
 def parse_model(model_dir: Path) -> Model:
-    """config.json → Model, refusing architectures not in ARCHS."""
+    """config.json → Model, refusing architectures not in ARCHS and shapes out of bounds."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise EdgeftError(f"{model_dir}: model directory does not exist")
@@ -181,22 +227,29 @@ def parse_model(model_dir: Path) -> Model:
     if not where.is_file():
         raise EdgeftError(f"{where}: missing; not a Hugging Face model directory")
     config = read_json(where)
+    if not isinstance(config, dict):
+        raise EdgeftError(f"{where}: not a JSON object; not a Hugging Face config.json")
     archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise EdgeftError(f"{where}: architectures = {repr(archs)[:60]} should be a list of class names")
     spec = next((ARCHS[a] for a in archs if a in ARCHS), None)
     if spec is None:
         raise EdgeftError(
             f"{where}: architecture {', '.join(archs) or '(none)'} is not supported for GGUF export; "
             f"supported: {', '.join(ARCHS)}"
         )
-    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
-        if not isinstance(config.get(key), int):
-            raise EdgeftError(f"{where}: {key} is missing or not an integer ({config.get(key)!r})")
+    check_config_shape(config, where)
     n_embd, n_head, n_layer = (
         config["hidden_size"],
         config["num_attention_heads"],
         config["num_hidden_layers"],
     )
     rope, rope_fields = _parse_rope(config, spec)
+    for layer_type, r in rope.items():
+        if not 0 < r.theta < math.inf:
+            raise EdgeftError(
+                f"{where}: rope theta {r.theta} ({rope_fields[layer_type]}) should be finite and > 0"
+            )
     return Model(
         config=config,
         where=where,
@@ -763,7 +816,13 @@ class Prepared:
 
 def prepare(model_dir: Path) -> Prepared:
     """Read and check config.json and plan every tensor; raises EdgeftError before any file is written."""
-    m = parse_model(model_dir)
-    for check in m.spec.checks:
-        check(m)
+    try:
+        m = parse_model(model_dir)
+        for check in m.spec.checks:
+            check(m)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+        # A field of the wrong type deeper in config.json (rope_parameters as a list, a factor as text, ...).
+        detail = " ".join(str(e).split())[:120]
+        where = Path(model_dir) / "config.json"
+        raise EdgeftError(f"{where}: malformed field ({type(e).__name__}: {detail})") from None
     return Prepared(m, _tensor_plans(Path(model_dir), m))
