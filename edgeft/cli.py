@@ -6,6 +6,7 @@ With `--json` a command prints exactly one JSON object on stdout; progress and m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -99,6 +100,20 @@ JsonFlag = Annotated[
     bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")
 ]
 Threads = Annotated[int | None, typer.Option(help="CPU threads (default: up to 4).")]
+TrustRemoteCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Run the checkpoint's own Python code (transformers trust_remote_code). Off unless given here.",
+    ),
+]
+AllowNativeLibs = Annotated[
+    bool,
+    typer.Option(
+        "--allow-native-libs",
+        help="Load an ONNX folder whose genai_config.json names native libraries (custom ops, providers).",
+    ),
+]
 
 
 @app.command(
@@ -117,6 +132,7 @@ def build(
     ] = None,
     fail_on_drift: Annotated[bool | None, typer.Option("--fail-on-drift/--no-fail-on-drift")] = None,
     threads: Threads = None,
+    trust_remote_code: TrustRemoteCode = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Run the whole pipeline: fine-tune, merge, export, quantize, verify, bench, bundle."""
@@ -127,6 +143,7 @@ def build(
     cfg = resolve(
         target=target, model=model, data=data, out=out, fail_on_drift=fail_on_drift, threads=threads
     )
+    cfg = dataclasses.replace(cfg, trust_remote_code=trust_remote_code)
     with _stdout_to_stderr():
         res = run_build(cfg)
     if as_json:
@@ -145,6 +162,7 @@ def finetune(
     lora: Annotated[
         list[str] | None, typer.Option(help="LoRA setting override KEY=VALUE (repeatable).")
     ] = None,
+    trust_remote_code: TrustRemoteCode = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Fine-tune with LoRA; writes a PEFT adapter directory."""
@@ -153,7 +171,7 @@ def finetune(
 
     settings = _lora_overrides(lora or [])
     with _stdout_to_stderr(), task("fine-tune (LoRA)") as update:
-        res = run(model, data, out, settings, progress=update)
+        res = run(model, data, out, settings, trust_remote_code=trust_remote_code, progress=update)
     _emit(res, as_json)
 
 
@@ -162,13 +180,14 @@ def merge(
     model: Annotated[str, typer.Option(help="Base HF model dir or hub id.")],
     adapter: Annotated[Path, typer.Option(help="PEFT adapter directory.")],
     out: Annotated[Path, typer.Option(help="Merged model directory to write.")],
+    trust_remote_code: TrustRemoteCode = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Fold a LoRA adapter into the base (in float32) and check the logits did not change."""
     from .merge import merge as run
 
     with _stdout_to_stderr():
-        res = run(model, adapter, out)
+        res = run(model, adapter, out, trust_remote_code=trust_remote_code)
     _emit(res, as_json)
 
 
@@ -242,6 +261,7 @@ def verify(
         typer.Option(help="Drift budget METRIC=VALUE (repeatable); prompt_ids_match=1 is always on."),
     ] = None,
     threads: Threads = None,
+    allow_native_libs: AllowNativeLibs = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Drift of an artifact against the float model: KLD, top-1, PPL ratio, task accuracy, and the app path
@@ -253,7 +273,9 @@ def verify(
 
     limits = parse_budget(_key_values(budget or [], "--budget"), "--budget")
     with _stdout_to_stderr(), task("verify") as update:
-        report, ref_acc, source = run(reference, artifact, data, threads=threads, progress=update)
+        report, ref_acc, source = run(
+            reference, artifact, data, threads=threads, progress=update, allow_native_libs=allow_native_libs
+        )
     _emit(asdict(report) | {"reference_task_accuracy": ref_acc, "eval_source": source}, as_json)
     failed = [report.explain(v) for v in limits.violations(report.metrics(), ref_acc)]
     if failed:
@@ -265,6 +287,7 @@ def verify(
 def bench(
     artifact: Annotated[Path, typer.Option(help="A .gguf file, an ONNX model dir or an HF model dir.")],
     threads: Threads = None,
+    allow_native_libs: AllowNativeLibs = False,
     runs: Annotated[int, typer.Option(help="Timed runs after one warm-up.")] = 3,
     as_json: JsonFlag = False,
 ) -> None:
@@ -272,8 +295,54 @@ def bench(
     from .bench import bench as run
 
     with _stdout_to_stderr():
-        res = run(artifact, threads=threads, runs=runs)
+        res = run(artifact, threads=threads, runs=runs, allow_native_libs=allow_native_libs)
     _emit(res, as_json)
+
+
+@app.command(
+    epilog="Example: edgeft check dist/raspberrypi\n\nExample: edgeft check dist/raspberrypi --no-load --json"
+)
+def check(
+    bundle: Annotated[
+        Path, typer.Argument(help="A bundle folder written by `edgeft build` (OUT/<target>/).")
+    ],
+    load: Annotated[
+        bool, typer.Option("--load/--no-load", help="Load each artifact and generate a few tokens.")
+    ] = True,
+    allow_native_libs: Annotated[
+        bool,
+        typer.Option(
+            "--allow-native-libs",
+            help="Load an ONNX folder whose genai_config.json names native libraries (custom ops, providers).",
+        ),
+    ] = False,
+    threads: Threads = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Prove a bundle is what the build wrote: every file's sha256 against manifest.json and SHA256SUMS, no
+    file missing or added, GGUF headers sound, each artifact loads and generates. Exits 1 on any finding."""
+    from .check import check_bundle
+
+    with _stdout_to_stderr():
+        report = check_bundle(bundle, load=load, threads=threads, allow_native_libs=allow_native_libs)
+    if as_json:
+        _emit(report.to_json(), True)
+    else:
+        for f in report.findings:
+            print(f"FAIL {f.line()}", file=sys.stderr)
+        loaded = sum(a.loaded for a in report.artifacts)
+        verdict = "ok" if report.passed else f"{len(report.findings)} finding(s)"
+        print(
+            f"{verdict}: {report.bundle}: {report.files_checked} files checked, "
+            f"{loaded}/{len(report.artifacts)} artifacts loaded and generated",
+            file=sys.stderr,
+        )
+        if report.build_passed is False:
+            print(
+                "note: the build marked this bundle as over its drift budget (passed: false)", file=sys.stderr
+            )
+    if not report.passed:
+        sys.exit(1)
 
 
 @app.command(epilog="Example: edgeft targets --json")

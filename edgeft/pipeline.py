@@ -51,7 +51,9 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
             progress=update,
         )
     with timed("merge", seconds):
-        merged = merge(model, ft.adapter_dir, work / "merged").out_dir
+        merged = merge(
+            model, ft.adapter_dir, work / "merged", trust_remote_code=cfg.trust_remote_code
+        ).out_dir
 
     examples, source = verify.eval_examples(merged, None)  # the fine-tune's own held-out split
     evalset = verify.make_eval_set(load_tokenizer(merged, notify=False), examples, source=source)
