@@ -235,9 +235,34 @@ def write_bundle(
 
 
 def kv_cache_mb(model_dir: Path, context_length: int) -> float:
-    """llama.cpp's default f16 KV cache at `context_length`: 2 (K,V) × layers × kv heads × head dim × 2 bytes."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    heads = cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * context_length * 2 / 1e6
+    """llama.cpp's default f16 KV cache at `context_length`: 2 (K,V) × layers × kv heads × head dim × 2 bytes.
+
+    config.json's fields are checked first, so a missing, zero or absurd value is one line naming it."""
+    from .files import read_json
+
+    where = Path(model_dir) / "config.json"
+    cfg = read_json(where)
+    if not isinstance(cfg, dict):
+        raise EdgeftError(f"{where}: not a JSON object; not a Hugging Face config.json")
+
+    def bounded(key: str, hi: int, default: int | None = None) -> int:
+        value = cfg.get(key)
+        value = default if value is None else value
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
+            shown = f"= {repr(value)[:40]}" if key in cfg else "is missing and"
+            raise EdgeftError(f"{where}: {key} {shown} should be an integer from 1 to {hi}")
+        return value
+
+    heads = bounded("num_attention_heads", 4096)
+    kv_heads = bounded("num_key_value_heads", 4096, heads)
+    layers = bounded("num_hidden_layers", 4096)
+    if cfg.get("head_dim") is not None:
+        head_dim = bounded("head_dim", 1 << 14)
+    else:
+        hidden = bounded("hidden_size", 1 << 17)
+        if hidden % heads:
+            raise EdgeftError(
+                f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+            )
+        head_dim = hidden // heads
+    return 2 * layers * kv_heads * head_dim * context_length * 2 / 1e6
