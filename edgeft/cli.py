@@ -283,17 +283,24 @@ def verify(
         sys.exit(1)
 
 
+MAX_RUNS = 1000
+
+
 @app.command(epilog="Example: edgeft bench --artifact model-q4_0.gguf --threads 4 --json")
 def bench(
     artifact: Annotated[Path, typer.Option(help="A .gguf file, an ONNX model dir or an HF model dir.")],
     threads: Threads = None,
     allow_native_libs: AllowNativeLibs = False,
-    runs: Annotated[int, typer.Option(help="Timed runs after one warm-up.")] = 3,
+    runs: Annotated[int, typer.Option(help=f"Timed runs after one warm-up (1-{MAX_RUNS}).")] = 3,
     as_json: JsonFlag = False,
 ) -> None:
     """Latency on this machine: prefill and decode tok/s, time to first token, peak RSS, size."""
     from .bench import bench as run
+    from .targets import MAX_THREADS, expect_int
 
+    expect_int(runs, "--runs", 1, MAX_RUNS)
+    if threads is not None:
+        expect_int(threads, "--threads", 1, MAX_THREADS)
     with _stdout_to_stderr():
         res = run(artifact, threads=threads, runs=runs, allow_native_libs=allow_native_libs)
     _emit(res, as_json)
@@ -359,16 +366,34 @@ def targets(as_json: JsonFlag = False) -> None:
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line and a non-zero exit."""
+    """Entry point: run the app, turning user errors into one line and a non-zero exit.
+
+    Anything unexpected is one line too (type and message, exit 1) with a hint: EDGEFT_DEBUG=1 shows the
+    traceback instead, for a bug report.
+    """
+
+    def one_line(text: str) -> str:
+        return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
     try:
         app()
     except EdgeftError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {one_line(where + str(exc.strerror or exc))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last resort: never a traceback unless asked for
+        if os.environ.get("EDGEFT_DEBUG", "") not in ("", "0"):
+            raise
+        message = one_line(str(exc))[:500]
+        print(
+            f"error: {type(exc).__name__}{': ' + message if message else ''} "
+            "(set EDGEFT_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
