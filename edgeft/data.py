@@ -132,8 +132,6 @@ def _decode_line(raw: bytes, where: str) -> Any:
         raise EdgeftError(
             f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
         ) from None
-    if not line.strip():
-        return None
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
@@ -172,9 +170,8 @@ def load_jsonl(path: Path) -> list[Example]:
                     )
                 if n == 1 and raw.startswith(_BOM):
                     raw = raw[len(_BOM) :]
-                obj = _decode_line(raw, where)
-                if obj is not None:
-                    examples.append(_parse_line(obj, where))
+                if raw.strip():
+                    examples.append(_parse_line(_decode_line(raw, where), where))
     except OSError as e:
         raise EdgeftError(f"{path}: cannot read ({e.strerror or e})") from None
     if not examples:
