@@ -133,9 +133,16 @@ def build(
     fail_on_drift: Annotated[bool | None, typer.Option("--fail-on-drift/--no-fail-on-drift")] = None,
     threads: Threads = None,
     trust_remote_code: TrustRemoteCode = False,
+    keep_work: Annotated[
+        bool,
+        typer.Option(
+            "--keep-work", help="Keep OUT/.work after success (re-runs then reuse finished stages)."
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Run the whole pipeline: fine-tune, merge, export, quantize, verify, bench, bundle."""
+    """Run the whole pipeline: fine-tune, merge, export, quantize, verify, bench, bundle. A failed or killed
+    build keeps its work: running it again resumes where it stopped."""
     from .config import resolve
     from .pipeline import build as run_build
     from .ui import info
@@ -143,7 +150,7 @@ def build(
     cfg = resolve(
         target=target, model=model, data=data, out=out, fail_on_drift=fail_on_drift, threads=threads
     )
-    cfg = dataclasses.replace(cfg, trust_remote_code=trust_remote_code)
+    cfg = dataclasses.replace(cfg, trust_remote_code=trust_remote_code, keep_work=keep_work)
     with _stdout_to_stderr():
         res = run_build(cfg)
     if as_json:

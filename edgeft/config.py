@@ -185,6 +185,7 @@ class BuildConfig:
     fail_on_drift: bool = True
     trust_remote_code: bool = False  # only from --trust-remote-code, never from edgeft.toml
     threads: int | None = None
+    keep_work: bool = False  # keep OUT/.work/<target> after a successful build (it is kept after a failure)
 
 
 def read_toml(path: Path) -> dict[str, Any]:

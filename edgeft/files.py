@@ -156,3 +156,82 @@ def read_json(path: Path) -> Any:
 def optional_json(path: Path) -> Any:
     """read_json, or {} when the file does not exist."""
     return read_json(path) if Path(path).is_file() else {}
+
+
+# --- resuming: a stage's output is reused when the key of its inputs matches ---------------------------------
+
+
+def digest(obj: Any) -> str:
+    """sha256 of a JSON-able value (keys sorted): the key of a stage's inputs and settings."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _key_file(output: Path) -> Path:
+    output = Path(output)
+    return output.with_name(f".{output.name}.key")
+
+
+def done_with(output: Path, key: str) -> bool:
+    """Whether `output` exists and was finished from inputs with this key (see mark_done)."""
+    kf = _key_file(output)
+    return Path(output).exists() and kf.is_file() and kf.read_text(encoding="utf-8").strip() == key
+
+
+def mark_done(output: Path, key: str) -> None:
+    """Record that `output` is complete for `key` (written after the output itself is in place)."""
+    kf = _key_file(output)
+    tmp = unique_sibling(kf, "tmp", directory=False)
+    tmp.write_text(key + "\n", encoding="utf-8")
+    os.replace(tmp, kf)
+
+
+def forget(output: Path) -> None:
+    """Drop a stage's record (before redoing it), so a half-redone output is never taken for done."""
+    _key_file(output).unlink(missing_ok=True)
+
+
+# --- resources ---------------------------------------------------------------------------------------------
+
+
+def available_ram() -> int | None:
+    """MemAvailable in bytes (Linux), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def require_resources(what: str, *, disk_at: Path | None = None, disk: int = 0, ram: int = 0) -> None:
+    """Refuse a heavy step up front when free disk at `disk_at` or available RAM is below what it needs."""
+    gb = 1e9
+    if disk_at is not None and disk:
+        at = Path(disk_at)
+        while not at.exists():
+            at = at.parent
+        free = shutil.disk_usage(at).free
+        if free < disk:
+            raise EdgeftError(
+                f"{what} needs ~{disk / gb:.1f} GB of free disk at {at}, {free / gb:.1f} GB are free; "
+                "free some space or choose another --out"
+            )
+    avail = available_ram()
+    if ram and avail is not None and avail < ram:
+        raise EdgeftError(
+            f"{what} needs ~{ram / gb:.1f} GB of RAM, {avail / gb:.1f} GB are available; close other programs "
+            "or use a machine with more memory"
+        )
+
+
+def sweep_temps(out: Path, tags: tuple[str, ...]) -> None:
+    """Remove temp files an earlier, killed run of edgeft left next to `out` (only names unique_sibling made
+    for it: `.NAME.TAG-xxxxxxxx`), so a crash leaves no clutter behind the next successful run."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    for tag in tags:
+        for stale in out.parent.glob(f".{out.name}.{tag}-*"):
+            if stale.is_file() and not stale.is_symlink():
+                stale.unlink(missing_ok=True)

@@ -7,7 +7,9 @@ held-out split is `_data.load_split` with the settings' seed, and the adapter di
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -127,11 +129,14 @@ def finetune(
     *,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> FinetuneResult:
     """Train a LoRA adapter for `model` on `data`; write it (plus tokenizer) atomically to `out`.
 
     `progress(step, total, note)` follows training (the note carries the latest loss); transformers' own
-    progress bar and printed log dicts are turned off.
+    progress bar and printed log dicts are turned off. With `checkpoint_dir`, Trainer checkpoints go there
+    (every tenth of the run, the latest kept) and a run killed midway resumes from the last one — same seed,
+    same data order and RNG states, so the adapter equals an uninterrupted run's.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
@@ -157,7 +162,12 @@ def finetune(
     eval_ds = _Examples(tokenizer, eval_ex, settings.max_len) if eval_ex else None
 
     cuda = torch.cuda.is_available()
-    with tempfile.TemporaryDirectory(prefix="edgeft-trainer-") as work:
+    with contextlib.ExitStack() as stack:
+        if checkpoint_dir is None:
+            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgeft-trainer-"))
+        else:
+            work = str(checkpoint_dir)
+            Path(work).mkdir(parents=True, exist_ok=True)
         args = TrainingArguments(
             output_dir=work,
             per_device_train_batch_size=settings.batch_size,
@@ -171,7 +181,9 @@ def finetune(
             weight_decay=settings.weight_decay,
             logging_steps=settings.logging_steps,
             logging_first_step=True,
-            save_strategy="no",
+            save_strategy="no" if checkpoint_dir is None else "steps",
+            save_steps=0.1,  # a ratio of the total steps (transformers): ten checkpoints a run
+            save_total_limit=1,
             eval_strategy="no",
             report_to=[],
             use_cpu=not cuda,
@@ -197,7 +209,8 @@ def finetune(
             trainer.add_callback(_ProgressCallback(progress))
         base_eval = trainer.evaluate()["eval_loss"] if eval_ds is not None else float("nan")
         t0 = time.time()
-        trainer.train()
+        last = _last_complete_checkpoint(Path(work)) if checkpoint_dir is not None else None
+        trainer.train(resume_from_checkpoint=last)
         seconds = time.time() - t0
         eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else float("nan")
         final_loss, history = _last_loss(trainer.state.log_history)
@@ -233,6 +246,39 @@ def finetune(
         seconds=seconds,
         base_eval_loss=float(base_eval),
         history=history,
+    )
+
+
+def _last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest Trainer checkpoint that was written to the end (trainer_state.json is saved last); the
+    partial ones a kill left behind are removed — they are edgeft's own, in its work folder."""
+    steps = []
+    for d in folder.glob("checkpoint-*"):
+        suffix = d.name.removeprefix("checkpoint-")
+        if d.is_dir() and suffix.isdigit():
+            steps.append((int(suffix), d))
+    complete = None
+    for _, d in sorted(steps, reverse=True):
+        if complete is None and (d / "trainer_state.json").is_file():
+            complete = d
+        elif complete is None:
+            shutil.rmtree(d, ignore_errors=True)
+    return str(complete) if complete is not None else None
+
+
+def load_result(adapter_dir: Path) -> FinetuneResult:
+    """The FinetuneResult of a finished adapter, from the record finetune wrote beside it (for resuming)."""
+    from .files import read_json
+
+    rec = read_json(Path(adapter_dir) / FINETUNE_RECORD)
+    return FinetuneResult(
+        adapter_dir=Path(adapter_dir),
+        train_examples=int(rec["train_examples"]),
+        eval_examples=int(rec["eval_examples"]),
+        final_loss=float(rec["final_loss"]),
+        eval_loss=float(rec["eval_loss"]),
+        seconds=float(rec["seconds"]),
+        base_eval_loss=float(rec["base_eval_loss"]),
     )
 
 

@@ -219,3 +219,15 @@ def checkpoint_dtype(model: str | Path) -> str:
     dt = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
     dt = str(dt).removeprefix("torch.") if dt is not None else "float32"
     return dt if dt in names.values() else "float32"
+
+
+def model_fingerprint(model: str | Path) -> dict[str, str]:
+    """What identifies a model's content: every file of a local folder with its sha256, or a Hub id with its
+    snapshot revision (what a stage's cache key and the manifest record)."""
+    from .files import sha256_file
+
+    name = str(model)
+    if isinstance(model, Path) or _looks_like_path(name):
+        path = Path(name).expanduser()
+        return {f.name: sha256_file(f) for f in sorted(path.iterdir()) if f.is_file()}
+    return {"hub_id": name, "revision": local_dir(name).name}

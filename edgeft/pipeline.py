@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import bench, bundle, data, export, targets, verify
+from . import bench, bundle, data, export, files, targets, verify
 from .config import BuildConfig, apply_budgets
 from .errors import EdgeftError
-from .files import locked
-from .finetune import finetune
-from .loading import load_tokenizer
+from .files import locked, tree_bytes
+from .finetune import finetune, load_result
+from .loading import load_tokenizer, model_fingerprint
 from .merge import merge
 from .runtime import open_runtime
 from .runtime.torch import TorchRuntime
@@ -25,6 +28,7 @@ class BuildResult:
     bundle_dir: Path
     artifacts: list[bundle.ArtifactResult]
     passed: bool
+    reused: tuple[str, ...] = ()  # stages taken from an earlier run with the same inputs
 
 
 def build(cfg: BuildConfig) -> BuildResult:
@@ -39,35 +43,78 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
     work = Path(cfg.out) / ".work" / target.name
     threads = cfg.threads or min(target.threads, os.cpu_count() or 1)
     seconds: dict[str, float] = {}
+    reused: list[str] = []
     info(f"[bold]edgeft build[/] target={target.name} model={model} data={data_path}")
 
-    with timed("finetune", seconds), task("fine-tune (LoRA)") as update:
-        ft = finetune(
-            model,
-            data_path,
-            work / "adapter",
-            cfg.lora,
-            trust_remote_code=cfg.trust_remote_code,
-            progress=update,
-        )
+    # Each stage is keyed by its inputs and settings: a re-run (after a failure, a kill, or with --keep-work)
+    # reuses what is finished and redoes only the rest; a killed fine-tune resumes from its last checkpoint.
+    key = files.digest(
+        [
+            "finetune",
+            model_fingerprint(model),
+            data.dataset_sha256(data_path),
+            _eval_file_digest(data_path),
+            dataclasses.asdict(cfg.lora),
+            bundle.tool_versions(),
+        ]
+    )
+    adapter = work / "adapter"
+    with timed("finetune", seconds):
+        if files.done_with(adapter, key):
+            reused.append("finetune")
+            ft = load_result(adapter)
+        else:
+            files.forget(adapter)
+            files.require_resources("fine-tuning", ram=_training_ram(model))
+            with task("fine-tune (LoRA)") as update:
+                ft = finetune(
+                    model,
+                    data_path,
+                    adapter,
+                    cfg.lora,
+                    trust_remote_code=cfg.trust_remote_code,
+                    progress=update,
+                    checkpoint_dir=work / f"checkpoints-{key[:16]}",
+                )
+            files.mark_done(adapter, key)
+    key = files.digest(["merge", key])
+    merged = work / "merged"
     with timed("merge", seconds):
-        merged = merge(
-            model, ft.adapter_dir, work / "merged", trust_remote_code=cfg.trust_remote_code
-        ).out_dir
+        if files.done_with(merged, key):
+            reused.append("merge")
+        else:
+            files.forget(merged)
+            merge(model, ft.adapter_dir, merged, trust_remote_code=cfg.trust_remote_code)
+            files.mark_done(merged, key)
 
     examples, source = verify.eval_examples(merged, None)  # the fine-tune's own held-out split
     evalset = verify.make_eval_set(load_tokenizer(merged, notify=False), examples, source=source)
     conversations = [ex.prompt_messages for ex in evalset.examples]
+    if reused:
+        info(f"reusing {', '.join(reused)} from an earlier run with the same inputs (.work kept)")
 
     # Export everything first, then hold one float model while judging every artifact, then time each one
     # alone: at most one model copy besides the float reference is in memory at any step.
     paths: dict[str, Path] = {}
     for spec in target.artifacts:
-        with timed(spec.label, seconds), task(f"export {spec.label}") as update:
-            opts = export.ExportOptions(spec.accuracy_level, update, conversations)
-            paths[spec.label] = export.export_artifact(
-                merged, spec.format, spec.quant, work / "artifacts", opts
-            )
+        art_key = files.digest(["export", key, spec.format, spec.quant, spec.accuracy_level, conversations])
+        name = export.artifact_name(spec.format, spec.quant)
+        path = (
+            work
+            / "artifacts"
+            / (f"{name}-acc{spec.accuracy_level}" if spec.accuracy_level is not None else name)
+        )
+        with timed(spec.label, seconds):
+            if files.done_with(path, art_key):
+                reused.append(spec.label)
+            else:
+                files.forget(path)
+                files.require_resources(f"export {spec.label}", disk_at=work, disk=3 * tree_bytes(merged))
+                with task(f"export {spec.label}") as update:
+                    opts = export.ExportOptions(spec.accuracy_level, update, conversations)
+                    path = export.export_artifact(merged, spec.format, spec.quant, work / "artifacts", opts)
+                files.mark_done(path, art_key)
+        paths[spec.label] = path
 
     with timed("reference", seconds):
         base_acc = base_accuracy(model, evalset, threads)
@@ -119,7 +166,28 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
             "(loosen [budgets] in edgeft.toml or pass --no-fail-on-drift)"
         )
     out = bundle.write_bundle(cfg.out, target, facts, results, merged)
-    return BuildResult(out, results, not failed)
+    if not cfg.keep_work:  # a failed build keeps its work, so the next run resumes instead of redoing it
+        shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            work.parent.rmdir()  # .work itself, once no other target's work is left in it
+    return BuildResult(out, results, not failed, tuple(reused))
+
+
+def _eval_file_digest(data_path: Path) -> str | None:
+    eval_file = data.eval_file_for(data_path)
+    return data.dataset_sha256(eval_file) if eval_file.is_file() else None
+
+
+def _training_ram(model: str) -> int:
+    """A floor for LoRA training's memory: the weights in float32 plus a third for activations and state."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return 0
+    from .loading import checkpoint_dtype
+
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    scale = 1 if checkpoint_dtype(folder) == "float32" else 2
+    return int(size * scale * 4 / 3)
 
 
 def resolve_inputs(cfg: BuildConfig) -> tuple[str, Path]:

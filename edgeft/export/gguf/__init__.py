@@ -20,7 +20,7 @@ import numpy as np
 from ... import __version__
 from ...constants import GGUF_FLOAT_QUANTS, GGUF_FTYPES, GGUF_QUANTS
 from ...errors import EdgeftError
-from ...files import GGUF_MARKER_KEY, ensure_replaceable_file, publish_file, unique_sibling
+from ...files import GGUF_MARKER_KEY, ensure_replaceable_file, publish_file, sweep_temps, unique_sibling
 from ...guard import check_model_folder
 from ...ui import Progress
 from .arch import Prepared, prepare
@@ -147,6 +147,7 @@ def export_gguf(
         raise EdgeftError(f"unknown GGUF quant {quant!r}; choose one of: {', '.join(GGUF_QUANTS)}")
     model_dir, out = Path(model_dir), Path(out)
     ensure_replaceable_file(out)  # only a GGUF edgeft wrote is ever overwritten
+    sweep_temps(out, GGUF_QUANTS)  # what a killed earlier export left behind
     check_model_folder(model_dir)  # nothing the folder names may lead outside it
     prep = prepare(model_dir)  # every config and tensor check happens before any file is created
     tok = choose_tokenizer(prep, model_dir, conversations)
