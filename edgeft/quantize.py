@@ -12,6 +12,8 @@ from pathlib import Path
 
 from .constants import GGUF_FTYPES, GGUF_QUANTS
 from .errors import EdgeftError
+from .files import publish_file
+from .guard import check_gguf
 
 
 def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int | None = None) -> Path:
@@ -21,6 +23,7 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int | None = Non
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise EdgeftError(f"{src}: GGUF file to quantize does not exist")
+    check_gguf(src)  # llama.cpp's quantizer only ever sees a header edgeft has checked
     import llama_cpp
 
     from .runtime.llamacpp import silence_llama_logs
@@ -37,7 +40,7 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int | None = Non
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
             raise EdgeftError(f"{src}: llama.cpp quantization to {quant} failed (return code {rc})")
-        os.replace(tmp, dst)
+        publish_file(tmp, dst)  # mkstemp made it 0600: publish with a new file's usual mode, atomically
     finally:
         if tmp.exists():
             tmp.unlink()

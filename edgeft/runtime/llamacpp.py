@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EdgeftError
+from ..guard import check_gguf
 
 
 def silence_llama_logs() -> None:
@@ -100,6 +101,7 @@ class LlamaCppRuntime:
             raise EdgeftError(f"llama-cpp-python is not installed ({e}); pip install llama-cpp-python") from e
         silence_llama_logs()
         threads = threads or max(1, os.cpu_count() or 1)
+        check_gguf(path)  # a damaged or hostile header is refused here, before llama.cpp parses it
         try:
             self._llm = llama_cpp.Llama(
                 model_path=str(path),
