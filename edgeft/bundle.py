@@ -1,23 +1,27 @@
 """Bundle: the directory a device or an app uses as it is — artifacts, tokenizer, manifest.json, report.md.
 
-Written under a temporary name and renamed at the end, so `OUT/<target>/` is always a whole bundle.
+Written under a temporary name and renamed at the end, so `OUT/<target>/` is always a whole bundle. It proves
+itself: manifest.json lists every other file with its sha256, and SHA256SUMS covers every file including the
+manifest, so `sha256sum -c SHA256SUMS` on a device (or `edgeft check`) finds any change.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .bench import LatencyReport
-from .constants import MANIFEST, REPORT, TOKENIZER_FILES
+from .constants import FINETUNE_RECORD, MANIFEST, REPORT, SHA256SUMS, TOKENIZER_FILES
 from .errors import EdgeftError
-from .files import atomic_dir, sha256_file, tree_bytes
+from .files import atomic_dir, read_json, sha256_file, tree_bytes
 from .targets import ArtifactSpec, TargetProfile
 from .verify import DriftReport
 
@@ -48,6 +52,66 @@ class BuildFacts:
     train_examples: int = 0
     eval_examples: int = 0
     eval_source: str = ""
+    base_revision: str | None = None  # the Hub commit the base came from; None for a local folder
+    base_weights_sha256: dict[str, str] = field(default_factory=dict)  # safetensors file → sha256
+    lora_settings: dict[str, Any] = field(default_factory=dict)  # as the fine-tune recorded them
+    eval_split_sha256: str | None = None  # canonical_sha256 of the fine-tune's recorded eval_split
+
+
+# manifest.json layout version: 2 added files, passed, base weights/revision, lora settings, eval split digest.
+MANIFEST_SCHEMA_VERSION = 2
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The base model as the manifest records it: the name given (never a local path), revision, weights."""
+
+    name: str
+    revision: str | None
+    weights_sha256: dict[str, str]
+
+
+def describe_base(model: str | Path) -> BaseModel:
+    """A Hub id as given with the cached snapshot's commit, or a local folder by its name only (a full path
+    would leak the builder's home directory into every bundle); plus each safetensors file's sha256."""
+    from .loading import _looks_like_path
+
+    name = str(model)
+    if isinstance(model, Path) or _looks_like_path(name):
+        folder = Path(name).expanduser().resolve()
+        return BaseModel(folder.name, None, _weights_sha256(folder))
+    try:
+        from huggingface_hub import snapshot_download
+
+        # the snapshot the fine-tune loaded; its folder name is the commit (ref: huggingface_hub cache layout
+        # models--ORG--NAME/snapshots/<commit>/)
+        snapshot = Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached / offline: the revision is simply unknown
+        return BaseModel(name, None, {})
+    return BaseModel(name, snapshot.name, _weights_sha256(snapshot))
+
+
+def _weights_sha256(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors")) if p.is_file()}
+
+
+def canonical_sha256(obj: Any) -> str:
+    """sha256 of a JSON value written canonically (sorted keys, no spaces, UTF-8), so anyone can recompute it."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def finetune_facts(adapter_dir: Path) -> tuple[dict[str, Any], str | None]:
+    """The LoRA settings and the eval split digest from the fine-tune's record (edgeft_finetune.json)."""
+    path = Path(adapter_dir) / FINETUNE_RECORD
+    record = read_json(path) if path.is_file() else {}
+    if not isinstance(record, dict):
+        raise EdgeftError(f"{path}: not a fine-tune record (expected a JSON object); re-run finetune")
+    settings = record.get("settings")
+    split = record.get("eval_split")
+    return (dict(settings) if isinstance(settings, dict) else {}), (
+        None if split is None else canonical_sha256(split)
+    )
 
 
 def tool_versions() -> dict[str, str]:
@@ -202,11 +266,19 @@ def write_bundle(
             for fname in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / fname).is_file():
                     shutil.copy2(Path(tokenizer_dir) / fname, tok_out / fname)
+            (tmp / REPORT).write_text(render_report(target, facts, arts), encoding="utf-8")
+            normalize_modes(tmp)
+            files = {rel: sha256_file(tmp / rel) for rel in bundle_files(tmp)}
             manifest = {
+                "schema_version": MANIFEST_SCHEMA_VERSION,
                 "target": target.name,
+                "passed": all(not a.violations for a in arts if a.spec.ship),
                 "base_model": facts.base_model,
+                "base_revision": facts.base_revision,
+                "base_weights_sha256": facts.base_weights_sha256,
                 "adapter_sha256": facts.adapter_sha256,
                 "dataset_sha256": facts.dataset_sha256,
+                "lora": facts.lora_settings,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "tools": tool_versions(),
                 "device": {
@@ -224,14 +296,72 @@ def write_bundle(
                     "train_examples": facts.train_examples,
                     "eval_examples": facts.eval_examples,
                     "eval_source": facts.eval_source,
+                    "eval_split_sha256": facts.eval_split_sha256,
                 },
                 "artifacts": entries,
+                "files": files,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-            (tmp / REPORT).write_text(render_report(target, facts, arts), encoding="utf-8")
+            sums = files | {MANIFEST: sha256_file(tmp / MANIFEST)}
+            (tmp / SHA256SUMS).write_text(
+                "".join(sha256sums_line(sums[rel], rel) for rel in sorted(sums)), encoding="utf-8"
+            )
     except OSError as exc:
         raise EdgeftError(f"cannot write bundle {final}: {exc.strerror or exc}") from None
     return final
+
+
+def bundle_files(root: Path) -> list[str]:
+    """Relative paths (POSIX, sorted) of every regular file in a bundle but manifest.json and SHA256SUMS.
+
+    Symlinks are not followed (os.walk's default); a bundle edgeft writes holds regular files only.
+    """
+    root = Path(root)
+    out = []
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            p = Path(dirpath) / n
+            rel = p.relative_to(root).as_posix()
+            if rel not in (MANIFEST, SHA256SUMS) and p.is_file() and not p.is_symlink():
+                out.append(rel)
+    return sorted(out)
+
+
+def sha256sums_line(digest: str, rel: str) -> str:
+    """One line of SHA256SUMS as GNU `sha256sum` writes it: "<hex>  <path>", text mode (two spaces).
+
+    A name holding a backslash, newline or CR is escaped and the line starts with a backslash.
+    ref: GNU coreutils src/digest.c (output_file / print_filename, the "\\" escape prefix).
+    """
+    if any(c in rel for c in "\\\n\r"):
+        esc = rel.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+        return f"\\{digest}  {esc}\n"
+    return f"{digest}  {rel}\n"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normalize_modes(root: Path) -> None:
+    """Give every file and folder under `root` the mode a new one gets (0644 / 0755 under umask 022).
+
+    Copies keep their source's mode (a 0600 temp file, a user's 0700 tokenizer folder); a device or a web
+    server reading the bundle as another user must not be locked out of it.
+    """
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirs, names in os.walk(root):
+        for d in dirs:
+            p = Path(dirpath) / d
+            if not p.is_symlink():
+                os.chmod(p, 0o777 & ~mask)
+        for n in names:
+            p = Path(dirpath) / n
+            if not p.is_symlink():
+                os.chmod(p, 0o666 & ~mask)
 
 
 def kv_cache_mb(model_dir: Path, context_length: int) -> float:

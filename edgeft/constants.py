@@ -155,3 +155,7 @@ ONNX_GENAI_CONFIG = "genai_config.json"
 ONNX_MODEL_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx.data"
 ONNX_REQUIRED_FILES = (ONNX_GENAI_CONFIG, ONNX_MODEL_FILE, "tokenizer.json", "tokenizer_config.json")
+
+# --- bundle integrity ---
+# Checksum list a device verifies with `sha256sum -c SHA256SUMS` (GNU coreutils: "<hex>  <path>" lines).
+SHA256SUMS = "SHA256SUMS"

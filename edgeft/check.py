@@ -1,0 +1,391 @@
+"""`edgeft check BUNDLE`: a bundle proves it is what the build wrote, and that its artifacts still run.
+
+Every file is re-hashed against manifest.json (missing, changed and added files are findings), SHA256SUMS is
+validated against the files (it covers manifest.json too, so an edited manifest is caught), every GGUF header
+goes through edgeft.guard.check_gguf, and each artifact is loaded in its runtime and generates a few tokens.
+manifest.json and SHA256SUMS are read as untrusted input: a damaged or hostile one is a finding, never a
+traceback, and no path they name is opened outside the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .bundle import MANIFEST_SCHEMA_VERSION, bundle_files
+from .constants import FORMAT_GGUF, FORMATS, MANIFEST, SHA256SUMS
+from .errors import EdgeftError
+from .files import sha256_file
+from .guard import check_gguf
+
+# Larger than any manifest or checksum list a build writes (a few KB; an ONNX folder adds a line per file).
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_SUMS_BYTES = 16 << 20
+# Tokens each artifact generates to show it runs (greedy, from a one-message chat through its own template).
+PROBE_TOKENS = 4
+PROBE_MESSAGES = [{"role": "user", "content": "Hello"}]
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+# A SHA256SUMS line: optional "\" (escaped name), digest, " " and " " (text) or "*" (binary), the name.
+# ref: GNU coreutils src/digest.c (split_3, the BSD/GNU line formats `sha256sum -c` accepts).
+_SUMS_LINE = re.compile(r"(\\?)([0-9a-fA-F]{64}) [ *](.+)")
+
+# Finding kinds, for --json readers.
+MISSING, MODIFIED, UNEXPECTED, NOT_REGULAR = "missing", "modified", "unexpected", "not_regular"
+BAD_MANIFEST, BAD_SUMS, BAD_GGUF, RUNTIME = "manifest", "sha256sums", "gguf_header", "runtime"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing wrong with a bundle, about one file (a path relative to the bundle)."""
+
+    kind: str
+    path: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.path}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class ArtifactCheck:
+    """One artifact listed in the manifest: whether it loaded in its runtime and what it generated."""
+
+    path: str
+    format: str
+    loaded: bool
+    generated: list[int] = field(default_factory=list)
+    skipped: str | None = None  # why it was not loaded (failed integrity checks, --no-load)
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """What `edgeft check` found; `passed` when there is no finding."""
+
+    bundle: str
+    schema_version: int | None
+    build_passed: bool | None  # the manifest's own `passed` (drift budgets at build time), not a finding
+    files_checked: int
+    artifacts: list[ArtifactCheck]
+    findings: list[Finding]
+
+    @property
+    def passed(self) -> bool:
+        return not self.findings
+
+    def to_json(self) -> dict[str, Any]:
+        return {"passed": self.passed} | asdict(self)
+
+
+@dataclass(frozen=True)
+class ManifestArtifact:
+    path: str
+    format: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parts of manifest.json that check relies on, validated."""
+
+    schema_version: int
+    passed: bool | None
+    files: dict[str, str]
+    artifacts: list[ManifestArtifact]
+
+
+def _safe_rel(rel: Any, where: str, what: str) -> str:
+    """A relative POSIX path that stays inside the bundle (no absolute path, "..", backslash or NUL)."""
+    if not isinstance(rel, str) or not rel:
+        raise EdgeftError(f"{where}: {what} {rel!r} is not a file name")
+    parts = PurePosixPath(rel).parts
+    if (
+        rel.startswith("/")
+        or "\\" in rel
+        or "\0" in rel
+        or any(p in ("", ".", "..") for p in rel.split("/"))
+        or not parts
+    ):
+        raise EdgeftError(f"{where}: {what} {rel[:200]!r} is not a plain path inside the bundle")
+    return rel
+
+
+def parse_manifest(raw: bytes, where: str = MANIFEST) -> Manifest:
+    """Validate manifest.json bytes; any problem is one EdgeftError line starting with `where`."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise EdgeftError(f"{where}: {len(raw)} bytes, more than a manifest holds ({MAX_MANIFEST_BYTES})")
+    try:
+        doc = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise EdgeftError(f"{where}: not UTF-8 text (byte {e.start}); the file is damaged") from None
+    except json.JSONDecodeError as e:
+        raise EdgeftError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise EdgeftError(f"{where}: not usable JSON ({type(e).__name__})") from None
+    if not isinstance(doc, dict):
+        raise EdgeftError(f"{where}: expected a JSON object, found {type(doc).__name__}")
+    version = doc.get("schema_version")
+    if version is None:
+        raise EdgeftError(
+            f"{where}: no schema_version: written by an older edgeft that did not checksum every file; "
+            "rebuild the bundle"
+        )
+    if type(version) is not int or version < 1:
+        raise EdgeftError(f"{where}: schema_version is {str(version)[:40]!r}, not a positive integer")
+    if version > MANIFEST_SCHEMA_VERSION:
+        raise EdgeftError(
+            f"{where}: schema_version {version} is newer than this edgeft reads ({MANIFEST_SCHEMA_VERSION}); "
+            "upgrade edgeft"
+        )
+    if version < MANIFEST_SCHEMA_VERSION:
+        raise EdgeftError(f"{where}: schema_version {version} has no file list to check; rebuild the bundle")
+    passed = doc.get("passed")
+    if passed is not None and not isinstance(passed, bool):
+        raise EdgeftError(f"{where}: passed is {str(passed)[:40]!r}, not true or false")
+    files = doc.get("files")
+    if not isinstance(files, dict):
+        raise EdgeftError(f"{where}: files is missing or not an object of path → sha256")
+    for rel, digest in files.items():
+        _safe_rel(rel, where, "files entry")
+        if rel in (MANIFEST, SHA256SUMS):
+            raise EdgeftError(f"{where}: files lists {rel}, which cannot hold its own digest")
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+            raise EdgeftError(
+                f"{where}: files[{rel[:200]!r}] is {str(digest)[:80]!r}, not a sha256 hex digest"
+            )
+    arts = doc.get("artifacts")
+    if not isinstance(arts, list):
+        raise EdgeftError(f"{where}: artifacts is missing or not a list")
+    artifacts = []
+    for i, a in enumerate(arts):
+        if not isinstance(a, dict):
+            raise EdgeftError(f"{where}: artifacts[{i}] is not an object")
+        path = _safe_rel(a.get("path"), where, f"artifacts[{i}].path")
+        fmt, digest = a.get("format"), a.get("sha256")
+        if fmt not in FORMATS:
+            raise EdgeftError(
+                f"{where}: artifacts[{i}].format is {str(fmt)[:40]!r}; expected one of {FORMATS}"
+            )
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+            raise EdgeftError(f"{where}: artifacts[{i}].sha256 is not a sha256 hex digest")
+        artifacts.append(ManifestArtifact(path, fmt, digest))
+    return Manifest(version, passed, dict(files), artifacts)
+
+
+def _read_capped(path: Path, cap: int) -> bytes:
+    """At most cap + 1 bytes of a regular file (more than `cap` means: too large)."""
+    with open(path, "rb") as f:
+        return f.read(cap + 1)
+
+
+def parse_sums(text: str, where: str = SHA256SUMS) -> dict[str, str]:
+    """SHA256SUMS lines → {path: sha256}; a malformed line or a duplicate is one EdgeftError."""
+    sums: dict[str, str] = {}
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        m = _SUMS_LINE.fullmatch(line)
+        if not m:
+            raise EdgeftError(f"{where}: line {n} is not '<sha256>  <path>' ({line[:80]!r})")
+        escaped, digest, rel = m.groups()
+        if escaped:  # ref: coreutils digest.c filename_unescape: \\ → \, \n → newline, \r → CR
+            rel = re.sub(r"\\(.)", lambda c: {"\\": "\\", "n": "\n", "r": "\r"}.get(c[1], "\0"), rel)
+        _safe_rel(rel, where, f"line {n} path")
+        if rel in sums:
+            raise EdgeftError(f"{where}: {rel[:200]!r} is listed twice")
+        sums[rel] = digest.lower()
+    return sums
+
+
+def _walk(root: Path) -> tuple[list[str], list[str]]:
+    """(regular files, anything else: symlinks, fifos, sockets) under root, relative; no symlink followed."""
+    regular, odd = [], []
+    for dirpath, dirs, names in os.walk(root):
+        for n in [*dirs, *names]:
+            p = Path(dirpath) / n
+            rel = p.relative_to(root).as_posix()
+            mode = os.lstat(p).st_mode
+            if stat.S_ISREG(mode):
+                regular.append(rel)
+            elif not stat.S_ISDIR(mode):
+                odd.append(rel)
+    return sorted(regular), sorted(odd)
+
+
+class _Checker:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.findings: list[Finding] = []
+        self.flagged: set[str] = set()  # paths with an integrity finding already (one such line per file)
+        self._digests: dict[str, str] = {}
+
+    def add(self, kind: str, path: str, detail: str) -> None:
+        if kind in (MISSING, MODIFIED, UNEXPECTED, NOT_REGULAR):
+            if path in self.flagged:
+                return
+            self.flagged.add(path)
+        self.findings.append(Finding(kind, path, detail))
+
+    def digest(self, rel: str) -> str:
+        if rel not in self._digests:
+            self._digests[rel] = sha256_file(self.root / rel)
+        return self._digests[rel]
+
+
+def check_bundle(
+    path: Path,
+    *,
+    load: bool = True,
+    threads: int | None = None,
+    allow_native_libs: bool = False,
+) -> CheckReport:
+    """Check a bundle folder (see the module doc); a missing folder is an EdgeftError, all else findings."""
+    root = Path(path)
+    if not root.is_dir():
+        raise EdgeftError(f"{root}: not a bundle folder (expected OUT/<target>/ holding {MANIFEST})")
+    c = _Checker(root)
+    regular, odd = _walk(root)
+    present = set(regular)
+    for rel in odd:
+        c.add(NOT_REGULAR, rel, "not a regular file (a symlink or device); bundles hold regular files only")
+
+    manifest: Manifest | None = None
+    if MANIFEST not in present:
+        c.add(MISSING, MANIFEST, "missing; this folder is not a whole bundle")
+    else:
+        try:
+            manifest = parse_manifest(_read_capped(root / MANIFEST, MAX_MANIFEST_BYTES))
+        except EdgeftError as e:
+            c.add(BAD_MANIFEST, MANIFEST, str(e).removeprefix(f"{MANIFEST}: "))
+        except OSError as e:
+            c.add(BAD_MANIFEST, MANIFEST, f"cannot read it ({e.strerror or e})")
+
+    listed = set(bundle_files(root)) if manifest is None else set(manifest.files)
+    if manifest is not None:
+        for rel, want in sorted(manifest.files.items()):
+            if rel not in present:
+                c.add(MISSING, rel, f"missing (listed in {MANIFEST})")
+            elif c.digest(rel) != want:
+                c.add(MODIFIED, rel, f"sha256 differs from {MANIFEST}: the file changed after the build")
+        for rel in sorted(present - listed - {MANIFEST, SHA256SUMS}):
+            c.add(UNEXPECTED, rel, f"not in {MANIFEST}: added after the build")
+        _check_artifact_entries(c, manifest)
+    _check_sums(c, present)
+
+    artifacts: list[ArtifactCheck] = []
+    gguf_files = {rel for rel in present if rel.endswith(".gguf")}
+    if manifest is not None:
+        gguf_files |= {a.path for a in manifest.artifacts if a.format == FORMAT_GGUF and a.path in present}
+    bad_header: set[str] = set()
+    for rel in sorted(gguf_files):
+        try:
+            check_gguf(root / rel)
+        except EdgeftError as e:
+            bad_header.add(rel)
+            c.add(BAD_GGUF, rel, str(e).removeprefix(f"{root / rel}: "))
+    for a in manifest.artifacts if manifest is not None else []:
+        artifacts.append(_run_artifact(c, a, load, threads, allow_native_libs, bad_header))
+    return CheckReport(
+        bundle=str(root),
+        schema_version=manifest.schema_version if manifest else None,
+        build_passed=manifest.passed if manifest else None,
+        files_checked=len(present),
+        artifacts=artifacts,
+        findings=c.findings,
+    )
+
+
+def _check_artifact_entries(c: _Checker, m: Manifest) -> None:
+    """Each artifact's own sha256 agrees with the files list (a file's digest, or a folder's tree digest)."""
+    import hashlib
+
+    for a in m.artifacts:
+        inner = {
+            rel.removeprefix(a.path + "/"): d for rel, d in m.files.items() if rel.startswith(a.path + "/")
+        }
+        if a.path in m.files:
+            digest = m.files[a.path]
+        elif inner:  # ref: edgeft.bundle.sha256_tree: sha256 over "relpath\0sha256\n" lines in path order
+            digest = hashlib.sha256("".join(f"{k}\0{inner[k]}\n" for k in sorted(inner)).encode()).hexdigest()
+        else:
+            c.add(BAD_MANIFEST, MANIFEST, f"artifact {a.path} has no files in the files list")
+            continue
+        if digest != a.sha256:
+            c.add(BAD_MANIFEST, MANIFEST, f"artifact {a.path}: its sha256 disagrees with the files list")
+
+
+def _check_sums(c: _Checker, present: set[str]) -> None:
+    """SHA256SUMS covers every file (manifest.json included) and every line matches its file."""
+    if SHA256SUMS not in present:
+        c.add(MISSING, SHA256SUMS, "missing; a device cannot run `sha256sum -c SHA256SUMS`")
+        return
+    try:
+        raw = _read_capped(c.root / SHA256SUMS, MAX_SUMS_BYTES)
+        if len(raw) > MAX_SUMS_BYTES:
+            raise EdgeftError(f"{SHA256SUMS}: more than {MAX_SUMS_BYTES} bytes")
+        sums = parse_sums(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        c.add(BAD_SUMS, SHA256SUMS, "not UTF-8 text; the file is damaged")
+        return
+    except EdgeftError as e:
+        c.add(BAD_SUMS, SHA256SUMS, str(e).removeprefix(f"{SHA256SUMS}: "))
+        return
+    except OSError as e:
+        c.add(BAD_SUMS, SHA256SUMS, f"cannot read it ({e.strerror or e})")
+        return
+    for rel, want in sorted(sums.items()):
+        if rel not in present:
+            c.add(MISSING, rel, f"missing (listed in {SHA256SUMS})")
+        elif c.digest(rel) != want:
+            c.add(MODIFIED, rel, f"sha256 differs from {SHA256SUMS}: the file changed after the build")
+    for rel in sorted(present - set(sums) - {SHA256SUMS}):
+        c.add(UNEXPECTED, rel, f"not covered by {SHA256SUMS}")
+
+
+def _run_artifact(
+    c: _Checker,
+    a: ManifestArtifact,
+    load: bool,
+    threads: int | None,
+    allow_native_libs: bool,
+    bad_header: set[str],
+) -> ArtifactCheck:
+    """Load one artifact in its runtime and generate PROBE_TOKENS tokens, unless it failed a check before."""
+    tainted = (
+        a.path in c.flagged or a.path in bad_header or any(p.startswith(a.path + "/") for p in c.flagged)
+    )
+    if not load or tainted:
+        why = "--no-load" if not load else "failed the integrity checks; not loaded"
+        return ArtifactCheck(a.path, a.format, False, skipped=why)
+    from .runtime import artifact_format, open_runtime
+
+    full = c.root / a.path
+    try:
+        if not full.resolve().is_relative_to(c.root.resolve()):
+            raise EdgeftError("leads outside the bundle")
+        fmt = artifact_format(full)
+        if fmt != a.format:
+            raise EdgeftError(f"is a {fmt} artifact, but {MANIFEST} says {a.format}")
+        rt = open_runtime(
+            full, threads=threads, n_ctx=512, all_logits=False, allow_native_libs=allow_native_libs
+        )
+        try:
+            ids = rt.chat_prompt_ids(PROBE_MESSAGES)
+            out = [int(t) for t in rt.generate(ids, PROBE_TOKENS)]
+        finally:
+            rt.close()
+        if not out or not all(0 <= t < rt.n_vocab for t in out):
+            raise EdgeftError(f"generated {out!r}, not {PROBE_TOKENS} token ids of its vocabulary")
+    except EdgeftError as e:
+        c.add(RUNTIME, a.path, f"does not run: {str(e).removeprefix(f'{full}: ')}")
+        return ArtifactCheck(a.path, a.format, False)
+    except Exception as e:  # noqa: BLE001 - a runtime can fail in its own ways; that is this finding
+        c.add(
+            RUNTIME, a.path, f"does not run: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        )
+        return ArtifactCheck(a.path, a.format, False)
+    return ArtifactCheck(a.path, a.format, True, out)
