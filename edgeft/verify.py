@@ -273,6 +273,12 @@ def run_reference(rt: Runtime, es: EvalSet, progress: Progress | None = None) ->
     return ReferenceRun(rt, float(np.concatenate(nll).mean()), acc, answers, cached)
 
 
+def _short_source(source: str) -> str:
+    """'file.jsonl:12' for '/home/me/data/file.jsonl:12': reports and manifests never carry home paths."""
+    file, sep, line = source.rpartition(":")
+    return f"{Path(file).name}:{line}" if sep and line.isdigit() else source
+
+
 def first_difference(label: str, ref: list[int], got: list[int], piece: Callable[[int], str]) -> str:
     """'LABEL: first difference at token K: float '▁[' (518) vs artifact '[' (29961)'."""
     k = probes.first_difference(ref, got) or 0
@@ -326,7 +332,7 @@ def compare(
             return out == full[: len(out)] or (es.scored and _could_match(rt, out, ex))
 
         got = app_answer(rt, es, i, keep_going)
-        label = f"conversation {i + 1} ({ex.source})"
+        label = f"conversation {i + 1} ({_short_source(ex.source)})"
         if got.error is not None:
             prompt_diff = prompt_diff or f"{label}: {got.error}"
             answer_diff = answer_diff or f"{label}: {got.error}"
