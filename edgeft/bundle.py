@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from . import data as _data
 from .bench import LatencyReport
 from .constants import FINETUNE_RECORD, MANIFEST, REPORT, SHA256SUMS, TOKENIZER_FILES
 from .errors import EdgeftError
@@ -55,7 +56,7 @@ class BuildFacts:
     base_revision: str | None = None  # the Hub commit the base came from; None for a local folder
     base_weights_sha256: dict[str, str] = field(default_factory=dict)  # safetensors file → sha256
     lora_settings: dict[str, Any] = field(default_factory=dict)  # as the fine-tune recorded them
-    eval_split_sha256: str | None = None  # canonical_sha256 of the fine-tune's recorded eval_split
+    eval_split_sha256: str | None = None  # data.split_digest of the fine-tune's recorded eval_split
 
 
 # manifest.json layout version: 2 added files, passed, base weights/revision, lora settings, eval split digest.
@@ -110,7 +111,7 @@ def finetune_facts(adapter_dir: Path) -> tuple[dict[str, Any], str | None]:
     settings = record.get("settings")
     split = record.get("eval_split")
     return (dict(settings) if isinstance(settings, dict) else {}), (
-        None if split is None else canonical_sha256(split)
+        None if split is None else _data.split_digest(split, str(path))
     )
 
 

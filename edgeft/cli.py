@@ -279,6 +279,7 @@ def verify(
     from .verify import verify as run
 
     limits = parse_budget(_key_values(budget or [], "--budget"), "--budget")
+    _check_threads(threads)
     with _stdout_to_stderr(), task("verify") as update:
         report, ref_acc, source = run(
             reference, artifact, data, threads=threads, progress=update, allow_native_libs=allow_native_libs
@@ -293,6 +294,14 @@ def verify(
 MAX_RUNS = 1000
 
 
+def _check_threads(threads: int | None) -> None:
+    """--threads within 1..MAX_THREADS (one line otherwise), before any runtime sees it."""
+    from .targets import MAX_THREADS, expect_int
+
+    if threads is not None:
+        expect_int(threads, "--threads", 1, MAX_THREADS)
+
+
 @app.command(epilog="Example: edgeft bench --artifact model-q4_0.gguf --threads 4 --json")
 def bench(
     artifact: Annotated[Path, typer.Option(help="A .gguf file, an ONNX model dir or an HF model dir.")],
@@ -303,11 +312,10 @@ def bench(
 ) -> None:
     """Latency on this machine: prefill and decode tok/s, time to first token, peak RSS, size."""
     from .bench import bench as run
-    from .targets import MAX_THREADS, expect_int
+    from .targets import expect_int
 
     expect_int(runs, "--runs", 1, MAX_RUNS)
-    if threads is not None:
-        expect_int(threads, "--threads", 1, MAX_THREADS)
+    _check_threads(threads)
     with _stdout_to_stderr():
         res = run(artifact, threads=threads, runs=runs, allow_native_libs=allow_native_libs)
     _emit(res, as_json)
@@ -337,6 +345,7 @@ def check(
     file missing or added, GGUF headers sound, each artifact loads and generates. Exits 1 on any finding."""
     from .check import check_bundle
 
+    _check_threads(threads)
     with _stdout_to_stderr():
         report = check_bundle(bundle, load=load, threads=threads, allow_native_libs=allow_native_libs)
     if as_json:

@@ -12,8 +12,10 @@ Blank lines are skipped. An explicit held-out split can be given as a sibling fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,12 +240,43 @@ def split_record(path: Path, evals: Sequence[Example]) -> dict[str, Any]:
     return {"files": {f: sha256_file(Path(f)) for f in files}, "examples": examples}
 
 
-def load_recorded_split(record: dict[str, Any], where: str) -> list[Example]:
-    """The held-out examples a fine-tune recorded (see split_record), refusing data that changed since."""
-    try:
-        files, sources = dict(record["files"]), list(record["examples"])
-    except (KeyError, TypeError, ValueError):
-        raise EdgeftError(f"{where}: eval_split record is malformed; re-run finetune") from None
+def _checked_split(record: Any, where: str) -> tuple[dict[str, str], list[str]]:
+    """A split record's files {path: sha256} and examples ["path:line"], type-checked."""
+    bad = EdgeftError(f"{where}: eval_split record is malformed; re-run finetune")
+    if not isinstance(record, dict):
+        raise bad
+    files, sources = record.get("files"), record.get("examples")
+    if not isinstance(files, dict) or not isinstance(sources, list):
+        raise bad
+    for digest in files.values():
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise bad
+    for s in sources:
+        if (
+            not isinstance(s, str)
+            or not re.fullmatch(r".+:[0-9]{1,9}", s)
+            or s.rsplit(":", 1)[0] not in files
+        ):
+            raise bad
+    return files, sources
+
+
+def split_digest(record: Any, where: str) -> str:
+    """A digest of a recorded split that names its content, not where it lay: the data files' sha256 and the
+    examples' line numbers in them (the same data in another folder gives the same digest)."""
+    files, sources = _checked_split(record, where)
+    content = [f"{files[s.rsplit(':', 1)[0]]}:{s.rsplit(':', 1)[1]}" for s in sources]
+    return hashlib.sha256("\n".join(content).encode()).hexdigest()
+
+
+def load_recorded_split(record: Any, where: str) -> list[Example]:
+    """The held-out examples a fine-tune recorded (see split_record), refusing data that changed since.
+
+    The record names the user's data files by absolute path (they lie outside any model folder); a file is
+    read only when its sha256 is the recorded one, so a record can point at nothing its writer did not
+    already have byte for byte.
+    """
+    files, sources = _checked_split(record, where)
     loaded: dict[str, Example] = {}
     for f, digest in files.items():
         if not Path(f).is_file():

@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,20 +22,53 @@ MARKER = ".edgeft"
 # Written into every GGUF edgeft produces (right after general.architecture, so it sits in the first bytes):
 # an existing .gguf without it is somebody else's file and is not overwritten.
 GGUF_MARKER_KEY = "edgeft.version"
-_GGUF_MARKER_SCAN = 1 << 16
+# The marker's "what" for a build's --out folder: it holds bundles (and maybe the user's own files), so it is
+# entered and locked, never replaced whole.
+CONTAINER = "output folder"
 
 
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def ensure_replaceable_dir(out: Path) -> None:
-    """Refuse to replace `out` unless it is absent, an empty folder, or a folder edgeft wrote (its marker)."""
+def _marker_what(folder: Path) -> str | None:
+    try:
+        data = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return data.get("what") if isinstance(data, dict) and isinstance(data.get("what"), str) else None
+
+
+def ensure_replaceable_dir(out: Path, *, enter: bool = False) -> None:
+    """Refuse to replace `out` unless it is absent, an empty folder, or a folder edgeft wrote (its marker).
+
+    A build's --out folder (marker CONTAINER) is only ever entered (`enter=True`), never replaced: it may hold
+    the user's own files next to the bundles.
+    """
     out = Path(out)
-    if not out.exists() or _is_empty_dir(out) or (out / MARKER).is_file():
+    if not out.exists() or _is_empty_dir(out):
         return
+    if out.is_dir() and (out / MARKER).is_file():
+        what = _marker_what(out)
+        if enter or (what is not None and what != CONTAINER):
+            return
+        if what == CONTAINER:
+            raise EdgeftError(
+                f"{out}: is a build's --out folder (it holds bundles, maybe your files); "
+                "write into a new subfolder of it instead"
+            )
     what = "a file" if not out.is_dir() else "a folder edgeft did not write (no .edgeft marker)"
     raise EdgeftError(f"{out}: exists and is {what}; choose another output or move it away")
+
+
+def is_edgeft_gguf(path: Path) -> bool:
+    """Whether `path` is a GGUF whose metadata holds edgeft's marker key (parsed, not searched for)."""
+    from .guard import gguf_keys
+
+    try:
+        return GGUF_MARKER_KEY in gguf_keys(path)
+    except EdgeftError:
+        return False
 
 
 def ensure_replaceable_file(out: Path) -> None:
@@ -42,11 +76,8 @@ def ensure_replaceable_file(out: Path) -> None:
     out = Path(out)
     if not out.exists():
         return
-    if out.is_file():
-        with open(out, "rb") as f:
-            head = f.read(_GGUF_MARKER_SCAN)
-        if head[:4] == b"GGUF" and GGUF_MARKER_KEY.encode() in head:
-            return
+    if out.is_file() and not out.is_symlink() and is_edgeft_gguf(out):
+        return
     raise EdgeftError(f"{out}: exists and was not written by edgeft; choose another output or move it away")
 
 
@@ -108,13 +139,11 @@ def atomic_dir(out: Path, *, what: str = "output") -> Iterator[Path]:
 def locked(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on the output folder `out` (a second build into it fails at once)."""
     out = Path(out)
-    ensure_replaceable_dir(out)
+    ensure_replaceable_dir(out, enter=True)
     out.mkdir(parents=True, exist_ok=True)
     marker = out / MARKER
     if not marker.exists():
-        marker.write_text(
-            json.dumps({"written_by": "edgeft", "what": "output folder"}) + "\n", encoding="utf-8"
-        )
+        marker.write_text(json.dumps({"written_by": "edgeft", "what": CONTAINER}) + "\n", encoding="utf-8")
     fd = os.open(out / ".edgeft.lock", os.O_CREAT | os.O_RDWR, 0o644)
     try:
         try:
@@ -225,6 +254,12 @@ def require_resources(what: str, *, disk_at: Path | None = None, disk: int = 0, 
         )
 
 
+# The temp tag of llama.cpp's quantizer output (`.NAME.quantizing-xxxxxxxx`).
+QUANTIZING_TAG = "quantizing"
+# tempfile.mkstemp's random part: 8 characters from its alphabet.
+_TEMP_SUFFIX = re.compile(r"[a-z0-9_]{8}")
+
+
 def sweep_temps(out: Path, tags: tuple[str, ...]) -> None:
     """Remove temp files an earlier, killed run of edgeft left next to `out` (only names unique_sibling made
     for it: `.NAME.TAG-xxxxxxxx`), so a crash leaves no clutter behind the next successful run."""
@@ -232,6 +267,14 @@ def sweep_temps(out: Path, tags: tuple[str, ...]) -> None:
     if not out.parent.is_dir():
         return
     for tag in tags:
-        for stale in out.parent.glob(f".{out.name}.{tag}-*"):
-            if stale.is_file() and not stale.is_symlink():
+        prefix = f".{out.name}.{tag}-"
+        for stale in out.parent.glob(f"{prefix}*"):
+            suffix = stale.name[len(prefix) :]
+            if not (_TEMP_SUFFIX.fullmatch(suffix) and stale.is_file() and not stale.is_symlink()):
+                continue
+            with open(stale, "rb") as f:
+                head = f.read(4)
+            # only what edgeft's writers and llama.cpp's quantizer start a file with: nothing yet, the magic, or
+            # the zeros llama.cpp reserves for the metadata it writes last (ref: llama.cpp src/llama-quant.cpp)
+            if head in (b"", b"GGUF", b"\0\0\0\0"):
                 stale.unlink(missing_ok=True)

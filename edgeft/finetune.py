@@ -259,11 +259,20 @@ def _last_complete_checkpoint(folder: Path) -> str | None:
             steps.append((int(suffix), d))
     complete = None
     for _, d in sorted(steps, reverse=True):
-        if complete is None and (d / "trainer_state.json").is_file():
+        if complete is None and _state_is_whole(d / "trainer_state.json"):
             complete = d
         elif complete is None:
             shutil.rmtree(d, ignore_errors=True)
     return str(complete) if complete is not None else None
+
+
+def _state_is_whole(path: Path) -> bool:
+    """Whether a checkpoint's trainer_state.json was written to the end (transformers writes it in place, so a
+    kill can leave it truncated): it must parse as a JSON object."""
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
 
 
 def load_result(adapter_dir: Path) -> FinetuneResult:

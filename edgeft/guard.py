@@ -164,15 +164,35 @@ def check_onnx_folder(folder: Path, *, allow_native_libs: bool = False) -> None:
             "(pass --allow-native-libs if you trust this folder)"
         )
     decoder = cfg["model"].get("decoder") if isinstance(cfg["model"].get("decoder"), dict) else {}
-    filename = decoder.get("filename", ONNX_MODEL_FILE)
-    if not isinstance(filename, str) or not filename:
-        raise EdgeftError(f"{cfg_path}: model.decoder.filename is {filename!r}, not a file name")
-    model_file = inside(folder, filename, what="model.decoder.filename")
+    named = _named_files(cfg)
+    if "model.decoder.filename" not in named:  # genai's default decoder file
+        named["model.decoder.filename"] = decoder.get("filename", ONNX_MODEL_FILE)
+    for where, filename in named.items():
+        if not isinstance(filename, str) or not filename:
+            raise EdgeftError(f"{cfg_path}: {where} is {filename!r}, not a file name")
+        model_file = inside(folder, filename, what=where)
+        if model_file.is_file() and model_file.suffix == ".onnx":
+            check_external_data(model_file, folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
         if (folder / name).exists() or (folder / name).is_symlink():
             inside(folder, name, what="file")
-    if model_file.is_file():
-        check_external_data(model_file, folder)
+
+
+def _named_files(config: Any, where: str = "") -> dict[str, Any]:
+    """Every value a genai_config.json gives under a "filename" key (decoder, embedding, vision, speech,
+    pipeline stages…), by dotted path: onnxruntime-genai opens each relative to the folder."""
+    found: dict[str, Any] = {}
+    if isinstance(config, dict):
+        for key, value in config.items():
+            path = f"{where}.{key}" if where else str(key)
+            if str(key).lower() == "filename":
+                found[path] = value
+            else:
+                found.update(_named_files(value, path))
+    elif isinstance(config, list):
+        for i, item in enumerate(config):
+            found.update(_named_files(item, f"{where}[{i}]"))
+    return found
 
 
 # --- GGUF header: checked by edgeft itself before llama.cpp (or gguf-py) parses a stranger's file -------------
@@ -231,6 +251,7 @@ class GGUFHeader:
     alignment: int
     data_offset: int
     data_bytes: int
+    keys: frozenset[str] = frozenset()
 
 
 def _pad(n: int, alignment: int) -> int:
@@ -440,4 +461,17 @@ def _read_header(r: _Bounded) -> GGUFHeader:
         r.fail(
             f"truncated: the tensor data ends at byte {data_offset + end} but the file ends at byte {r.size}"
         )
-    return GGUFHeader(version, n_tensors, n_kv, alignment, data_offset, end)
+    return GGUFHeader(
+        version,
+        n_tensors,
+        n_kv,
+        alignment,
+        data_offset,
+        end,
+        frozenset(k.decode("utf-8", "replace") for k in keys),
+    )
+
+
+def gguf_keys(path: Path) -> frozenset[str]:
+    """The metadata keys of a GGUF whose header passes check_gguf."""
+    return check_gguf(path).keys

@@ -65,7 +65,12 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
             ft = load_result(adapter)
         else:
             files.forget(adapter)
-            files.require_resources("fine-tuning", ram=_training_ram(model))
+            files.require_resources(
+                "fine-tuning",
+                ram=_training_ram(model),
+                disk_at=work,
+                disk=_weights_bytes(model) // 4 + (64 << 20),
+            )
             with task("fine-tune (LoRA)") as update:
                 ft = finetune(
                     model,
@@ -84,6 +89,8 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
             reused.append("merge")
         else:
             files.forget(merged)
+            # the merged model is written in the checkpoint's dtype or float32: at most twice a 16-bit base
+            files.require_resources("merge", disk_at=work, disk=2 * _weights_bytes(model))
             merge(model, ft.adapter_dir, merged, trust_remote_code=cfg.trust_remote_code)
             files.mark_done(merged, key)
 
@@ -178,6 +185,12 @@ def _eval_file_digest(data_path: Path) -> str | None:
     return data.dataset_sha256(eval_file) if eval_file.is_file() else None
 
 
+def _weights_bytes(model: str) -> int:
+    """Size of a local checkpoint's safetensors weights (0 for a Hub id: not known before download)."""
+    folder = Path(model)
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else 0
+
+
 def _training_ram(model: str) -> int:
     """A floor for LoRA training's memory: the weights in float32 plus a third for activations and state."""
     folder = Path(model)
@@ -185,7 +198,7 @@ def _training_ram(model: str) -> int:
         return 0
     from .loading import checkpoint_dtype
 
-    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    size = _weights_bytes(model)
     scale = 1 if checkpoint_dtype(folder) == "float32" else 2
     return int(size * scale * 4 / 3)
 

@@ -6,13 +6,11 @@ edgeft never reimplements that; it only calls `llama_model_quantize` and writes 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from .constants import GGUF_FTYPES, GGUF_QUANTS
 from .errors import EdgeftError
-from .files import publish_file
+from .files import QUANTIZING_TAG, ensure_replaceable_file, publish_file, unique_sibling
 from .guard import check_gguf
 
 
@@ -32,10 +30,8 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int | None = Non
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(GGUF_FTYPES[quant])
     params.nthread = int(threads or 0)  # 0 → llama.cpp uses hardware concurrency
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(name)
+    ensure_replaceable_file(dst)  # only a GGUF edgeft wrote is ever overwritten
+    tmp = unique_sibling(dst, QUANTIZING_TAG, directory=False)  # swept by the next export if we are killed
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:

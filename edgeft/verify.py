@@ -385,7 +385,9 @@ def eval_examples(reference: Path, data: Path | None) -> tuple[list[data_mod.Exa
         except (OSError, json.JSONDecodeError, AttributeError):
             raise EdgeftError(f"{record_path}: not a readable fine-tune record") from None
     if record:
-        known = {*dict(record.get("files", {})).values(), data_sha}
+        if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+            raise EdgeftError(f"{record_path}: eval_split record is malformed; re-run finetune")
+        known = {*record["files"].values(), data_sha if isinstance(data_sha, str) else None}
         same = data is None or data_mod.dataset_sha256(Path(data)) in known
         if same:
             examples = data_mod.load_recorded_split(record, str(record_path))

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeft import bundle
+from edgeft import bundle, data
 from edgeft.bench import LatencyReport
 from edgeft.check import check_bundle, parse_manifest, parse_sums
 from edgeft.constants import FINETUNE_RECORD, MANIFEST, SHA256SUMS
@@ -43,6 +43,8 @@ DRIFT = DriftReport(0.01, 0.1, 0.99, 1.01, None, 1.0, 1.0, 100, 4)
 LATENCY = LatencyReport(100.0, 50.0, 5.0, 200.0, 1000, 1.0, 16, 8, 3, 2)
 SETTINGS = {"r": 8, "alpha": 16, "epochs": 1, "target_modules": ["q_proj", "v_proj"]}
 SPLIT = {"files": {"/data/tasks.jsonl": "0" * 64}, "examples": ["/data/tasks.jsonl:3"]}
+# The same split recorded from another folder: the manifest's digest names content, not where it lay.
+SPLIT_ELSEWHERE = {"files": {"/home/me/t.jsonl": "0" * 64}, "examples": ["/home/me/t.jsonl:3"]}
 
 
 def _write(work: Path, tiny_llama: Path, arts: list[bundle.ArtifactResult], out: Path) -> Path:
@@ -133,7 +135,10 @@ def test_manifest_schema(made: Bundles, tiny_llama: Path) -> None:
         "model.safetensors": bundle.sha256_file(tiny_llama / "model.safetensors")
     }
     assert m["lora"] == SETTINGS
-    assert m["data"]["eval_split_sha256"] == bundle.canonical_sha256(SPLIT)
+    assert m["data"]["eval_split_sha256"] == data.split_digest(SPLIT_ELSEWHERE, "x")
+    assert m["data"]["eval_split_sha256"] != data.split_digest(
+        {**SPLIT, "examples": ["/data/tasks.jsonl:4"]}, "x"
+    )
     files = m["files"]
     on_disk = bundle.bundle_files(made.fresh)
     assert sorted(files) == on_disk

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tinymodels import cached_model
+from tinymodels import cached_model, leftovers
 
 from edgeft.config import LoraSettings
 from edgeft.demo import DEMO_DATA
@@ -45,7 +45,7 @@ def test_finetune_lowers_loss_and_saves_loadable_adapter(tmp_path: Path, task: P
     assert res.seconds > 0
     for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "edgeft_finetune.json"):
         assert (out / f).is_file(), f
-    assert not (tmp_path / "adapter.partial").exists()
+    assert leftovers(tmp_path, "adapter") == []
     cfg = json.loads((out / "adapter_config.json").read_text())
     llama_linears = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert set(cfg["target_modules"]) == llama_linears and cfg["r"] == 8
@@ -86,7 +86,7 @@ def test_model_errors(tmp_path: Path, task: Path) -> None:
         finetune(cached_model("llama", "bpe"), tmp_path / "none.jsonl", tmp_path / "a", FAST)
     with pytest.raises(EdgeftError, match="lr"):
         LoraSettings(lr=0)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
+    assert not (tmp_path / "a").exists() and leftovers(tmp_path, "a") == []
 
 
 def _free_port() -> int:

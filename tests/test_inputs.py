@@ -377,6 +377,18 @@ def test_bench_flags_are_one_line(tmp_path: Path, flags: tuple[str, ...], needle
     assert_one_line(res, 2, *needles)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("verify", "--reference", "ref", "--artifact", "m.gguf"),
+        ("check", "bundle"),
+    ],
+)
+def test_threads_is_bounded_before_any_runtime(tmp_path: Path, command: tuple[str, ...]) -> None:
+    res = run("-m", "edgeft", *command, "--threads", "-1", cwd=tmp_path)
+    assert_one_line(res, 2, "--threads = -1")
+
+
 def test_build_with_a_bad_config_or_profile_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "edgeft.toml").write_text('target = "host"\nlora = 3\n')
     assert_one_line(run("-m", "edgeft", "build", cwd=tmp_path), 2, "edgeft.toml", "lora = 3")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tinymodels import cached_model
+from tinymodels import cached_model, leftovers
 
 from edgeft.errors import EdgeftError
 from edgeft.merge import merge
@@ -54,7 +54,7 @@ def test_merged_logits_match_adapter_model(tmp_path: Path, dtype: torch.dtype) -
     assert res.dtype == name and res.out_dir == tmp_path / "merged"
     assert 0 <= res.max_abs_diff <= res.tolerance
     out = res.out_dir
-    assert not (tmp_path / "merged.partial").exists()
+    assert leftovers(tmp_path, "merged") == []
     for f in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"):
         assert (out / f).is_file(), f
     with safe_open(str(out / "model.safetensors"), "pt") as st:
@@ -85,7 +85,7 @@ def test_nan_adapter_is_refused(tmp_path: Path) -> None:
     save_file(tensors, f)
     with pytest.raises(EdgeftError, match="NaN"):
         merge(base, adapter, tmp_path / "merged", check_ids=PROBES)
-    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
+    assert not (tmp_path / "merged").exists() and leftovers(tmp_path, "merged") == []
 
 
 def test_wrong_merge_is_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tinymodels import cached_model, kld, load_tokenizer, quiet_transformers
+from tinymodels import cached_model, kld, leftovers, load_tokenizer, quiet_transformers
 
 from edgeft.constants import ONNX_ARCHS, ONNX_DEFAULT_ACCURACY_LEVEL, ONNX_QUANTS, ONNX_REQUIRED_FILES
 from edgeft.errors import EdgeftError
@@ -78,7 +78,7 @@ def test_fp32_logits_match_torch(arch: str, root: Path) -> None:
     assert res.path == out and res.quant == "fp32" and res.accuracy_level is None
     assert res.bytes == sum(p.stat().st_size for p in out.iterdir())
     assert all((out / f).is_file() for f in ONNX_REQUIRED_FILES)
-    assert not out.with_name(out.name + ".partial").exists()
+    assert leftovers(out.parent, out.name) == []
     ids = ids_of(arch)
     with torch.no_grad():
         ref = torch_model(model_dir(arch))(torch.tensor([ids])).logits[0].numpy()

@@ -124,7 +124,7 @@ def test_bundle_layout_and_checksums(built) -> None:
     assert "accuracy_level 1" in report and "not shipped" in report
     assert "prompt ids match" in report and "answers match" in report
     assert manifest["data"]["eval_source"].startswith("the fine-tune's held-out split")
-    assert not list((tmp / "dist").glob("*.partial"))
+    assert [p.name for p in (tmp / "dist").iterdir() if ".partial-" in p.name or ".old-" in p.name] == []
 
 
 def test_drift_is_finite_and_ordered(built) -> None:

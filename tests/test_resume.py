@@ -115,10 +115,14 @@ def test_killed_finetune_resumes_to_the_same_artifacts(
     assert _artifacts(res.bundle_dir) == uninterrupted[1]
 
 
-def test_killed_export_leaves_nothing_under_the_final_name(tmp_path: Path) -> None:
-    """SIGKILL while the GGUF is written or quantized: no file at the final name, and the next run cleans up."""
+@pytest.mark.parametrize("stage", ["f16", "quantizing"])
+def test_killed_export_leaves_nothing_under_the_final_name(tmp_path: Path, stage: str) -> None:
+    """SIGKILL while the float GGUF is written, or while llama.cpp quantizes it: no file at the final name, and
+    the next run sweeps the killed run's temp files (and nothing else)."""
     model = cached_model("llama", "bpe", hidden=256, intermediate=768, layers=4, seed=7)
     out = tmp_path / "m.gguf"
+    mine = tmp_path / ".m.gguf.quantizing-notes.txt"  # a user's file with an edgeft-like name: kept
+    mine.write_text("keep")
     script = (
         f"from edgeft.export.gguf import export_gguf\nexport_gguf({str(model)!r}, {str(out)!r}, 'q4_k_m')\n"
     )
@@ -126,12 +130,19 @@ def test_killed_export_leaves_nothing_under_the_final_name(tmp_path: Path) -> No
         [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 120
-    while not list(tmp_path.glob(".m.gguf.*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    while (
+        not list(tmp_path.glob(f".m.gguf.{stage}-????????"))
+        and time.time() < deadline
+        and proc.poll() is None
+    ):
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the export ended before its {stage} temp file appeared"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()
+    assert list(tmp_path.glob(f".m.gguf.{stage}-????????"))  # what the killed run left
     from edgeft.export.gguf import export_gguf
 
     export_gguf(model, out, "q4_k_m")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # the killed run's temp files are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "m.gguf"]  # temp files swept, not mine
+    assert mine.read_text() == "keep"

@@ -173,3 +173,122 @@ def test_shard_index_pointing_outside_is_refused(tmp_path: Path) -> None:
     with pytest.raises(EdgeftError) as e:
         check_model_folder(model)
     assert "../outside/model.safetensors" in _one_line(e)
+
+
+# --- review findings: the build's --out folder, ownership parsed not searched, every named file ----------------
+
+
+def test_a_builds_out_folder_is_entered_never_replaced(tmp_path: Path, onnx_dir: Path) -> None:
+    dist = tmp_path / "dist"
+    with files.locked(dist):  # what `edgeft build --out dist` leaves: a marked container folder
+        pass
+    (dist / "notes.txt").write_text("mine")
+    with pytest.raises(EdgeftError) as e, files.atomic_dir(dist):
+        pass
+    assert "build's --out folder" in _one_line(e)
+    with pytest.raises(EdgeftError) as e:
+        export_onnx(cached_model("llama", "bpe"), dist, "fp32")  # `edgeft export --out dist`
+    assert "subfolder" in _one_line(e)
+    with files.atomic_dir(dist / "raspberrypi", what="bundle") as d:  # a bundle inside it: fine
+        (d / "a.txt").write_text("x")
+    assert (dist / "notes.txt").read_text() == "mine" and (dist / "raspberrypi" / "a.txt").is_file()
+
+
+def test_build_holds_the_lock_on_out(tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    with files.locked(dist), pytest.raises(EdgeftError) as e:
+        pipeline.build(config.BuildConfig(target="raspberrypi", out=dist))
+    assert "another edgeft build" in _one_line(e)
+    assert sorted(p.name for p in dist.iterdir()) == [".edgeft", ".edgeft.lock"]  # no work started
+
+
+def _gguf_with(path: Path, kv: dict[str, str]) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for k, v in kv.items():
+        w.add_string(k, v)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_ownership_is_the_parsed_key_not_a_byte_search(tmp_path: Path, gguf_file: Path) -> None:
+    stranger = _gguf_with(tmp_path / "s.gguf", {"general.name": "edgeft.version mentioned in a string"})
+    with pytest.raises(EdgeftError) as e:
+        files.ensure_replaceable_file(stranger)
+    assert "not written by edgeft" in _one_line(e)
+    files.ensure_replaceable_file(_gguf_with(tmp_path / "o.gguf", {files.GGUF_MARKER_KEY: "0.1.0"}))
+    files.ensure_replaceable_file(gguf_file)  # a real export carries the key
+    link = tmp_path / "link.gguf"
+    link.symlink_to(gguf_file)
+    with pytest.raises(EdgeftError):  # a symlink to edgeft's file is not edgeft's to replace
+        files.ensure_replaceable_file(link)
+
+
+def test_sweep_removes_only_what_edgeft_leaves(tmp_path: Path) -> None:
+    out = tmp_path / "m.gguf"
+    ours = [tmp_path / ".m.gguf.q4_0-k2j8x_0a", tmp_path / ".m.gguf.quantizing-00aa11bb"]
+    ours[0].write_bytes(b"GGUF\x03\x00")
+    ours[1].write_bytes(b"\x00" * 64)  # llama.cpp's placeholder for the metadata it writes last
+    theirs = {
+        ".m.gguf.q4_0-notes.txt": b"GGUF",  # not a mkstemp name
+        ".m.gguf.q4_0-abcdefgh": b"my text",  # a mkstemp-like name, but not a GGUF temp's content
+        ".m.gguf.other-abcdefgh": b"",  # not one of the tags asked for
+    }
+    for name, content in theirs.items():
+        (tmp_path / name).write_bytes(content)
+    files.sweep_temps(out, ("q4_0", files.QUANTIZING_TAG))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda c: c["model"].setdefault("vision", {}).update(filename="/etc/hostname"),
+        lambda c: c["model"].setdefault("embedding", {}).update(filename="../x.onnx"),
+        lambda c: (
+            c["model"]["decoder"].setdefault("pipeline", []).append({"stage": {"filename": "../../y.onnx"}})
+        ),
+    ],
+    ids=["vision-absolute", "embedding-dotdot", "pipeline-stage"],
+)
+def test_every_file_a_genai_config_names_stays_inside(tmp_path: Path, onnx_dir: Path, edit) -> None:  # noqa: ANN001
+    bad = _copy_onnx(onnx_dir, tmp_path / "bad", edit)
+    with pytest.raises(EdgeftError) as e:
+        check_onnx_folder(bad)
+    msg = _one_line(e)
+    assert "filename" in msg and ("outside the folder" in msg or "absolute path" in msg)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"eval_split": "abc"},
+        {"eval_split": {"files": [1], "examples": []}},
+        {"eval_split": {"files": {"/x.jsonl": "zz"}, "examples": ["/x.jsonl:1"]}},
+        {"eval_split": {"files": {"/x.jsonl": "0" * 64}, "examples": ["/elsewhere.jsonl:1"]}},
+        {"eval_split": {"files": {"/x.jsonl": "0" * 64}, "examples": [7]}},
+        [1, 2],
+    ],
+)
+def test_a_malformed_finetune_record_is_one_line(tmp_path: Path, record: object) -> None:
+    from edgeft.constants import FINETUNE_RECORD
+    from edgeft.verify import eval_examples
+
+    (tmp_path / FINETUNE_RECORD).write_text(json.dumps(record))
+    with pytest.raises(EdgeftError) as e:
+        eval_examples(tmp_path, None)
+    assert FINETUNE_RECORD in _one_line(e)
+
+
+def test_a_torn_checkpoint_is_not_resumed_from(tmp_path: Path) -> None:
+    from edgeft.finetune import _last_complete_checkpoint
+
+    for step, state in ((10, '{"global_step": 10}'), (20, '{"global_step": 20, "log_hist')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert _last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    assert not (tmp_path / "checkpoint-20").exists()  # edgeft's own torn checkpoint, removed

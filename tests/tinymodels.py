@@ -467,3 +467,8 @@ def kld(ref_logits: np.ndarray, test_logits: np.ndarray) -> float:
     """Mean over positions of KL(ref || test) of the next-token distributions, in float64."""
     lp, lq = log_softmax(ref_logits), log_softmax(test_logits)
     return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def leftovers(folder: Path, name: str) -> list[str]:
+    """Temp names edgeft's writers make next to an output `name` (`.NAME.partial-*`, `.NAME.old-*`, ...)."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith(f".{name}."))

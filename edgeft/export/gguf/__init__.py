@@ -20,7 +20,14 @@ import numpy as np
 from ... import __version__
 from ...constants import GGUF_FLOAT_QUANTS, GGUF_FTYPES, GGUF_QUANTS
 from ...errors import EdgeftError
-from ...files import GGUF_MARKER_KEY, ensure_replaceable_file, publish_file, sweep_temps, unique_sibling
+from ...files import (
+    GGUF_MARKER_KEY,
+    QUANTIZING_TAG,
+    ensure_replaceable_file,
+    publish_file,
+    sweep_temps,
+    unique_sibling,
+)
 from ...guard import check_model_folder
 from ...ui import Progress
 from .arch import Prepared, prepare
@@ -147,7 +154,7 @@ def export_gguf(
         raise EdgeftError(f"unknown GGUF quant {quant!r}; choose one of: {', '.join(GGUF_QUANTS)}")
     model_dir, out = Path(model_dir), Path(out)
     ensure_replaceable_file(out)  # only a GGUF edgeft wrote is ever overwritten
-    sweep_temps(out, GGUF_QUANTS)  # what a killed earlier export left behind
+    sweep_temps(out, (*GGUF_QUANTS, QUANTIZING_TAG))  # what a killed earlier export left behind
     check_model_folder(model_dir)  # nothing the folder names may lead outside it
     prep = prepare(model_dir)  # every config and tensor check happens before any file is created
     tok = choose_tokenizer(prep, model_dir, conversations)
@@ -156,7 +163,6 @@ def export_gguf(
     # for bf16 checkpoints (lossless), f16 otherwise, as llama.cpp's own convert-then-quantize flow does.
     float_quant = quant if quant in GGUF_FLOAT_QUANTS else intermediate_type(model_dir)
     tmp = _temp_path(out, float_quant)
-    tmp_q: Path | None = None
     try:
         arch, n_tensors = _write_float_gguf(prep, model_dir, tmp, float_quant, progress, tok)
         if quant in GGUF_FLOAT_QUANTS:
@@ -164,13 +170,10 @@ def export_gguf(
         else:
             from ...quantize import quantize_gguf
 
-            tmp_q = _temp_path(out, quant)
-            quantize_gguf(tmp, tmp_q, quant)
-            publish_file(tmp_q, out)
+            quantize_gguf(tmp, out, quant)  # writes `.NAME.quantizing-*`, then renames it to `out`
     finally:
-        for t in (tmp, tmp_q):
-            if t is not None and t.exists():
-                t.unlink()
+        if tmp.exists():
+            tmp.unlink()
     return GGUFExportResult(
         path=out,
         quant=quant,
