@@ -107,6 +107,14 @@ TrustRemoteCode = Annotated[
         help="Run the checkpoint's own Python code (transformers trust_remote_code). Off unless given here.",
     ),
 ]
+AllowPickle = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="Accept a checkpoint with only pickle weights (pytorch_model.bin): converted once to safetensors "
+        "with torch's weights-only loader.",
+    ),
+]
 AllowNativeLibs = Annotated[
     bool,
     typer.Option(
@@ -133,6 +141,7 @@ def build(
     fail_on_drift: Annotated[bool | None, typer.Option("--fail-on-drift/--no-fail-on-drift")] = None,
     threads: Threads = None,
     trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
     keep_work: Annotated[
         bool,
         typer.Option(
@@ -150,7 +159,9 @@ def build(
     cfg = resolve(
         target=target, model=model, data=data, out=out, fail_on_drift=fail_on_drift, threads=threads
     )
-    cfg = dataclasses.replace(cfg, trust_remote_code=trust_remote_code, keep_work=keep_work)
+    cfg = dataclasses.replace(
+        cfg, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, keep_work=keep_work
+    )
     with _stdout_to_stderr():
         res = run_build(cfg)
     if as_json:
@@ -170,6 +181,7 @@ def finetune(
         list[str] | None, typer.Option(help="LoRA setting override KEY=VALUE (repeatable).")
     ] = None,
     trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Fine-tune with LoRA; writes a PEFT adapter directory."""
@@ -177,6 +189,7 @@ def finetune(
     from .ui import task
 
     settings = _lora_overrides(lora or [])
+    model = _unpickled(model, allow_pickle)
     with _stdout_to_stderr(), task("fine-tune (LoRA)") as update:
         res = run(model, data, out, settings, trust_remote_code=trust_remote_code, progress=update)
     _emit(res, as_json)
@@ -188,14 +201,26 @@ def merge(
     adapter: Annotated[Path, typer.Option(help="PEFT adapter directory.")],
     out: Annotated[Path, typer.Option(help="Merged model directory to write.")],
     trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Fold a LoRA adapter into the base (in float32) and check the logits did not change."""
     from .merge import merge as run
 
+    model = _unpickled(model, allow_pickle)
     with _stdout_to_stderr():
         res = run(model, adapter, out, trust_remote_code=trust_remote_code)
     _emit(res, as_json)
+
+
+def _unpickled(model: str, allow_pickle: bool) -> str:
+    """The model to read: with --allow-pickle, a safetensors copy of a pickle-only checkpoint."""
+    if not allow_pickle:
+        return model
+    from .loading import unpickled
+
+    with _stdout_to_stderr():
+        return unpickled(model)
 
 
 def _list_architectures(value: bool) -> None:
@@ -236,6 +261,7 @@ def export(
             help="Task JSONL whose conversations the tokenizer check covers (besides built-in probes)."
         ),
     ] = None,
+    allow_pickle: AllowPickle = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Export an HF model to a device format, quantized; the artifact's tokenizer is checked against the
@@ -244,6 +270,7 @@ def export(
     from .export import ExportOptions, export_file
     from .ui import task
 
+    model = Path(_unpickled(str(model), allow_pickle))
     convs = [ex.prompt_messages for ex in load_jsonl(data)] if data else []
     with _stdout_to_stderr(), task(f"export {format} {quant}") as update:
         res = export_file(model, format, quant, out, ExportOptions(accuracy_level, update, convs))

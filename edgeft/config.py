@@ -184,6 +184,7 @@ class BuildConfig:
     budgets: dict[str, dict[str, float]] = field(default_factory=dict)
     fail_on_drift: bool = True
     trust_remote_code: bool = False  # only from --trust-remote-code, never from edgeft.toml
+    allow_pickle: bool = False  # only from --allow-pickle: convert pickle-only weights (weights-only loader)
     threads: int | None = None
     keep_work: bool = False  # keep OUT/.work/<target> after a successful build (it is kept after a failure)
 

@@ -11,7 +11,9 @@ says so in one line; edgeft's own outputs carry the base's tokenizer files byte 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 from .constants import PICKLE_SUFFIXES, TOKENIZER_FILES
 from .errors import EdgeftError
 from .files import read_json
-from .guard import check_model_folder
+from .guard import check_model_folder, inside
 
 # Parts of tokenizer.json that decide which ids a text becomes.
 _PIPELINE_PARTS = ("normalizer", "pre_tokenizer", "model")
@@ -57,11 +59,89 @@ def resolve_model(model: str | Path) -> str:
             if any(f.endswith(PICKLE_SUFFIXES) for f in files):
                 raise EdgeftError(
                     f"{path}: only pickle weights (.bin/.pt), which can run code when loaded; refusing. "
-                    "Convert them to safetensors first"
+                    "Convert them to safetensors, or pass --allow-pickle to have edgeft convert them with "
+                    "torch's weights-only loader"
                 )
             raise EdgeftError(f"{path}: no .safetensors weights found")
         return str(path)
     return name
+
+
+# Where --allow-pickle puts safetensors copies of pickle-only checkpoints, keyed by the pickles' digest.
+def _unpickled_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "edgeft" / "safetensors"
+
+
+def unpickled(model: str) -> str:
+    """For `--allow-pickle`: a local checkpoint with only pickle weights becomes a safetensors copy (cached,
+    keyed by the pickles' sha256) that every later stage reads; anything else is returned unchanged.
+
+    The pickles are read with torch's weights-only unpickler (`torch.load(weights_only=True)`), which
+    reconstructs tensors and plain containers only and refuses any other global — never the full pickle
+    machinery. Only transformers' own weight names are read (pytorch_model.bin, or the shards its index
+    names inside the folder).
+    """
+    if not _looks_like_path(model):
+        return model
+    path = Path(model).expanduser()
+    if not path.is_dir() or any(path.glob("*.safetensors")) or not (path / "config.json").is_file():
+        return model
+    check_model_folder(path)
+    index = path / "pytorch_model.bin.index.json"
+    if index.is_file():
+        content = read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise EdgeftError(f"{index}: weight_map is not an object of tensor → shard file")
+        shards = [inside(path, s, what="shard") for s in sorted(set(weight_map.values()))]
+    else:
+        shards = [inside(path, "pytorch_model.bin", what="weights file")]
+    missing = [str(s) for s in shards if not s.is_file()]
+    if missing:
+        raise EdgeftError(
+            f"{path}: pickle weights {missing[0]} not found (expected pytorch_model.bin or an index)"
+        )
+    from .files import atomic_dir, sha256_file
+
+    key = hashlib.sha256(
+        "".join(sha256_file(s) for s in [path / "config.json", *shards]).encode()
+    ).hexdigest()
+    dest = _unpickled_cache() / key[:24]
+    if (dest / "model.safetensors").is_file():
+        return str(dest)
+    from .ui import info
+
+    info(f"converting {path}'s pickle weights to safetensors (torch weights-only loader) → {dest}")
+    with atomic_dir(dest, what="safetensors copy") as tmp:
+        for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
+            if (path / name).is_file():
+                shutil.copyfile(inside(path, name, what="file"), tmp / name)
+        _pickles_to_safetensors(shards, tmp / "model.safetensors")
+    return str(dest)
+
+
+def _pickles_to_safetensors(shards: list[Path], out: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        try:
+            state = torch.load(shard, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a stranger's file: unpickler, zip and tensor errors alike
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EdgeftError(f"{shard}: refused by torch's weights-only loader ({first})") from None
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise EdgeftError(f"{shard}: not a state dict of named tensors")
+        tensors.update(state)
+    seen: set[int] = set()
+    for name, t in tensors.items():  # safetensors refuses shared storage (tied weights): one copy each
+        ptr = t.untyped_storage().data_ptr()
+        tensors[name] = t.contiguous().clone() if ptr in seen else t.contiguous()
+        seen.add(ptr)
+    save_file(tensors, str(out), metadata={"format": "pt"})
 
 
 def local_dir(model: str | Path) -> Path:

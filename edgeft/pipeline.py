@@ -209,7 +209,12 @@ def resolve_inputs(cfg: BuildConfig) -> tuple[str, Path]:
 
     if cfg.model and not cfg.data:
         raise EdgeftError(f"--model {cfg.model} needs --data FILE.jsonl (or data = ... in edgeft.toml)")
-    return str(cfg.model or DEMO_MODEL), Path(cfg.data or DEMO_DATA)
+    model = str(cfg.model or DEMO_MODEL)
+    if cfg.allow_pickle:
+        from .loading import unpickled
+
+        model = unpickled(model)
+    return model, Path(cfg.data or DEMO_DATA)
 
 
 @contextmanager

@@ -292,3 +292,59 @@ def test_a_torn_checkpoint_is_not_resumed_from(tmp_path: Path) -> None:
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     assert _last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
     assert not (tmp_path / "checkpoint-20").exists()  # edgeft's own torn checkpoint, removed
+
+
+class _Boom:
+    """A pickle payload that would run a command when unpickled by the full pickle machinery."""
+
+    def __init__(self, trap: Path) -> None:
+        self.trap = trap
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {self.trap}",))
+
+
+def _pickle_only(src: Path, dst: Path, state: object) -> Path:
+    import torch
+
+    shutil.copytree(src, dst)
+    (dst / "model.safetensors").unlink()
+    torch.save(state, dst / "pytorch_model.bin")
+    return dst
+
+
+def test_pickle_weights_only_when_asked_and_only_tensors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    from edgeft.loading import resolve_model, unpickled
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src = cached_model("llama", "bpe")
+    state = load_file(src / "model.safetensors")
+    model = _pickle_only(src, tmp_path / "m", state)
+    with pytest.raises(EdgeftError) as e:
+        resolve_model(model)
+    assert "--allow-pickle" in _one_line(e)
+    copy = Path(unpickled(str(model)))
+    assert copy.is_relative_to(tmp_path / "cache") and resolve_model(copy) == str(copy)
+    back = load_file(copy / "model.safetensors")
+    assert back.keys() == state.keys() and all(back[k].equal(state[k]) for k in state)
+    assert (copy / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    assert unpickled(str(model)) == str(copy)  # converted once, then reused
+    trap = tmp_path / "ran"
+    evil = _pickle_only(src, tmp_path / "evil", {"w": _Boom(trap)})
+    with pytest.raises(EdgeftError) as e:
+        unpickled(str(evil))
+    assert "weights-only loader" in _one_line(e) and not trap.exists()
+    # the CLI wires the flag: export reads the converted copy
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "edgeft", "export", "--model", str(model), "--quant", "f32"]
+    res = subprocess.run([*cmd, "--out", str(tmp_path / "x.gguf")], capture_output=True, text=True, env=env)
+    assert res.returncode == 2 and "--allow-pickle" in res.stderr and not (tmp_path / "x.gguf").exists()
+    res = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "x.gguf"), "--allow-pickle"], capture_output=True, text=True, env=env
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "x.gguf").stat().st_size > 0

@@ -32,7 +32,7 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     if pickles:
         raise EdgeftError(
             f"{model_dir}: only pickle checkpoints ({', '.join(pickles)}) and no *.safetensors; "
-            "re-save the model with save_pretrained(..., safe_serialization=True)"
+            "re-save the model in safetensors, or pass --allow-pickle to have edgeft convert it"
         )
     raise EdgeftError(f"{model_dir}: no *.safetensors weights found")
 
