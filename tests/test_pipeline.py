@@ -180,3 +180,15 @@ def test_demo_build_as_in_readme(tmp_path: Path) -> None:
     }
     for a in manifest["artifacts"]:
         assert a["drift"]["task_accuracy"] >= ref["task_accuracy"] - 0.15
+    # the fresh demo bundle proves itself: `edgeft check` re-hashes, checks headers, loads and generates
+    chk = subprocess.run(
+        [sys.executable, "-m", "edgeft", "check", out["bundle"], "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert chk.returncode == 0, chk.stdout[-2000:] + chk.stderr[-2000:]
+    report = json.loads(chk.stdout)
+    assert report["passed"] and report["findings"] == [], report
+    assert len(report["artifacts"]) == 3 and all(a["loaded"] and a["generated"] for a in report["artifacts"])
