@@ -348,3 +348,24 @@ def test_pickle_weights_only_when_asked_and_only_tensors(
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "x.gguf").stat().st_size > 0
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_a_pickle_beside_a_decoy_safetensors_is_never_unpickled(tmp_path: Path, fmt: str) -> None:
+    """The real weights only in a pickle, an unrelated *.safetensors beside it: neither exporter (nor the ONNX
+    builder's from_pretrained fallback) unpickles anything; the export fails in one line."""
+    import torch
+    from safetensors.torch import save_file
+
+    trap = tmp_path / "ran"
+    model = _pickle_only(cached_model("llama", "bpe"), tmp_path / "m", {"w": _Boom(trap)})
+    save_file({"decoy": torch.zeros(2)}, str(model / "decoy.safetensors"))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(EdgeftError) as e:
+        if fmt == "gguf":
+            export_gguf(model, out / "m.gguf", "f32")
+        else:
+            export_onnx(model, out / "onnx", "fp32")
+    _one_line(e)
+    assert not trap.exists() and list(out.iterdir()) == []
