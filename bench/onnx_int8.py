@@ -6,8 +6,8 @@
 Exports a random-weight SmolLM2-135M-shaped Llama (bench/compare.py `smollm2_shaped`; speed depends only on
 shapes) with onnxruntime-genai's model builder as: the builder's int8 with no extra options (what a builder
 user gets), edgeft int8 at accuracy_level 4 (int8 activations) and 1 (fp32 activations), edgeft int4 and
-fp32. For each: size, prefill and decode tok/s through onnxruntime-genai (32-token prompt, 64 greedy
-tokens, warm-up + median of runs), drift against PyTorch fp32 (KLD mean, top-1 over an eval text), how
+fp32. For each: size, prefill and decode tok/s through onnxruntime-genai, timed by edgeft.bench as the
+on-device script times it (32-token seeded prompt, 64 decode tokens, warm-up + median of runs), drift against PyTorch fp32 (KLD mean, top-1 over an eval text), how
 many of the 64 greedy tokens match PyTorch's before the first difference, and PyTorch's top-1/top-2 logit
 gap at that first difference (a tiny gap means a near-tie flipped, not a broken model).
 """
@@ -15,11 +15,13 @@ gap at that first difference (a tiny gap means a near-tie flipped, not a broken 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import shutil
-import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import smollm2_shaped  # noqa: E402
 
+from edgeft.bench import bench  # noqa: E402
 from edgeft.constants import ONNX_EXECUTION_PROVIDER  # noqa: E402
-from edgeft.export.onnx import _import_builder, _quiet, export_onnx  # noqa: E402
+from edgeft.export.onnx import export_onnx  # noqa: E402
 from edgeft.runtime.ort import OrtRuntime  # noqa: E402
 from edgeft.runtime.torch import TorchRuntime  # noqa: E402
 
@@ -38,13 +41,34 @@ DECODE_TOKENS = 64
 EVAL_TOKENS = 256
 
 
+@contextlib.contextmanager
+def builder_quietly(log_path: Path) -> Iterator[object]:
+    """onnxruntime-genai's model builder module, its prints and logs sent to `log_path`.
+
+    onnxruntime.quantization.matmul_nbits_quantizer runs `logging.basicConfig(level=INFO)` on import; the
+    root logger is restored so the rest of this script's output stays as it was.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer  # noqa: F401
+    from onnxruntime_genai.models import builder
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    with (
+        open(log_path, "a", encoding="utf-8") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        yield builder
+
+
 def builder_default(model_dir: Path, out: Path, precision: str, work: Path) -> Path:
     """The builder exactly as its CLI runs with no --extra_options (same calls as builder.py __main__)."""
     if (out / "genai_config.json").is_file():
         return out
-    builder = _import_builder()
     work.mkdir(parents=True, exist_ok=True)
-    with _quiet(work / "builder-default.log"):
+    with builder_quietly(work / "builder-default.log") as builder:
         kv = builder.parse_extra_options(
             None, str(model_dir), str(out), precision, ONNX_EXECUTION_PROVIDER, str(work / "cache"), []
         )
@@ -77,36 +101,12 @@ def drift(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return float((np.exp(lp) * (lp - lq)).sum(-1).mean()), float((ref.argmax(-1) == got.argmax(-1)).mean())
 
 
-def time_decode(rt: OrtRuntime, prompt: list[int], runs: int) -> tuple[float, float, list[int]]:
-    """Median prefill tok/s and decode tok/s through onnxruntime-genai, and the greedy tokens.
-
-    append_tokens runs the prompt; the first generate_next_token only picks from those logits, each later
-    one runs one decode step, so decode tok/s = (DECODE_TOKENS - 1) / time of calls 2..DECODE_TOKENS.
-    """
-    import onnxruntime_genai as og
-
-    model = rt._get_og_model()
-    prefill, decode, tokens = [], [], []
-    for run in range(runs + 1):  # run 0 is the warm-up
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(prompt) + DECODE_TOKENS)
-        gen = og.Generator(model, params)
-        t0 = time.perf_counter()
-        gen.append_tokens(prompt)
-        t1 = time.perf_counter()
-        gen.generate_next_token()
-        out = [int(gen.get_next_tokens()[0])]
-        t2 = time.perf_counter()
-        while len(out) < DECODE_TOKENS and not gen.is_done():
-            gen.generate_next_token()
-            out.append(int(gen.get_next_tokens()[0]))
-        t3 = time.perf_counter()
-        del gen
-        if run:
-            prefill.append(len(prompt) / (t1 - t0))
-            decode.append((len(out) - 1) / (t3 - t2))
-        tokens = out
-    return statistics.median(prefill), statistics.median(decode), tokens
+def time_decode(path: Path, threads: int, runs: int) -> tuple[float, float]:
+    """Median prefill and decode tok/s through onnxruntime-genai, timed by edgeft.bench (the definition the
+    on-device script shares: a seeded PROMPT_TOKENS-id prompt, TTFT, then DECODE_TOKENS decode steps that
+    never stop at EOS), in a child process of its own."""
+    lat = bench(path, threads=threads, prompt_tokens=PROMPT_TOKENS, decode_tokens=DECODE_TOKENS, runs=runs)
+    return lat.prefill_tok_s, lat.decode_tok_s
 
 
 def matching_prefix(a: list[int], b: list[int]) -> int:
@@ -161,8 +161,8 @@ def main() -> None:
     for label, path in variants:
         with OrtRuntime(path, threads=a.threads, n_ctx=2048) as rt:
             kld, top1 = drift(ref_logits, rt.logits(ids))
-            rt._session = None  # drop the scoring session before timing genai
-            prefill, decode, toks = time_decode(rt, prompt, a.runs)
+            toks = rt.generate(prompt, DECODE_TOKENS)  # greedy through onnxruntime-genai's Generator
+        prefill, decode = time_decode(path, a.threads, a.runs)
         size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
         same = matching_prefix(toks, ref_greedy)
         gap = float(ref_gaps[same]) if same < DECODE_TOKENS else float("nan")

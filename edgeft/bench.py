@@ -1,9 +1,11 @@
-"""Bench: latency of an artifact on this machine, through the same runtime interface as verify.
+"""Bench: latency of an artifact on this machine, timed exactly as on the device.
 
-Each artifact runs in a fresh child process so its peak RSS is its own (the parent holds PyTorch and the
+The timing is edgeft/device/bench_on_device.py's `measure_engine` (the script every bundle carries), so
+`edgeft bench`, the bench/ scripts and the device share one definition of prefill and decode tok/s. Each
+artifact runs in a fresh child process so its peak RSS is its own (the parent holds PyTorch and the
 reference model). One warm-up, then repeated runs; medians are reported. Decode speed of a small model is
 bounded by memory bandwidth (../shared/REFERENCE.md: "decode tok/s ≈ effective bandwidth ÷ bytes of
-weights read per token"), so the report also gives size × tok/s, the bandwidth the decode actually used.
+weights read per token"), so the report also gives bytes read per token × tok/s, the bandwidth the decode actually used.
 """
 
 from __future__ import annotations
@@ -11,19 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
+from .constants import FORMAT_GGUF, FORMAT_TORCH
+from .device.bench_on_device import Engine, measure_engine, open_engine, peak_rss_mb
 from .errors import EdgeftError
 from .files import tree_bytes
+from .footprint import decode_bytes_per_token
 
 
 @dataclass(frozen=True)
@@ -45,18 +46,67 @@ class LatencyReport:
         return {k: getattr(self, k) for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size in MB.
+def _open_engine(path: Path, *, threads: int, n_ctx: int, allow_native_libs: bool) -> Engine:
+    """The measurement engine for an artifact, after the same safety checks every runtime makes."""
+    from .runtime import artifact_format
 
-    Linux keeps ru_maxrss across fork+exec, so a child would report its parent's peak; VmHWM in
-    /proc/self/status belongs to the current address space only (ref: proc(5)).
-    """
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    fmt = artifact_format(path)
+    if fmt == FORMAT_TORCH:
+        return _TorchEngine(path, threads=threads)
+    if fmt == FORMAT_GGUF:
+        from .guard import check_gguf
+        from .runtime.llamacpp import silence_llama_logs
+
+        check_gguf(path)  # a damaged or hostile header is refused before llama.cpp parses it
+        silence_llama_logs()
+    else:
+        from .runtime.ort import OrtRuntime
+
+        # validates genai_config.json, native libraries and external data; loads nothing
+        OrtRuntime(path, threads=threads, n_ctx=n_ctx, all_logits=False, allow_native_libs=allow_native_libs)
+    try:
+        return open_engine(path, fmt, threads=threads, n_ctx=n_ctx)
+    except Exception as e:  # noqa: BLE001 - llama.cpp and onnxruntime-genai raise their own types
+        raise EdgeftError(f"{path}: cannot load it for the benchmark ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+class _TorchEngine:
+    """The PyTorch float reference as a measurement engine: one forward over the prompt, then one per token
+    with the KV cache (the same loop as edgeft.runtime.torch.TorchRuntime.generate)."""
+
+    def __init__(self, path: Path, *, threads: int) -> None:
+        from .runtime.torch import TorchRuntime
+
+        self._rt = TorchRuntime(path, threads=threads)
+        self.n_vocab = self._rt.n_vocab
+        self._cache: Any = None
+        self._last = 0
+
+    def _forward(self, ids: list[int]) -> int:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.tensor([ids], dtype=torch.long)
+            # transformers 5 names the KV cache `cache` (ref: transformers 5.x LlamaForCausalLM.forward)
+            res = self._rt.model(input_ids=x, cache=self._cache, use_cache=True, logits_to_keep=1)
+            self._cache = res.cache
+            self._last = int(res.logits[0, -1].argmax())
+        return self._last
+
+    def start(self, ids: list[int]) -> int:
+        self._cache = None
+        return self._forward(ids)
+
+    def step(self) -> int:
+        return self._forward([self._last])
+
+    def close(self) -> None:
+        self._cache = None
+        self._rt.close()
 
 
 def measure(
@@ -68,41 +118,30 @@ def measure(
     runs: int = 3,
     allow_native_libs: bool = False,
 ) -> LatencyReport:
-    """Time prefill and decode in this process (call through `bench` to isolate peak RSS)."""
-    from .runtime import open_runtime
+    """Time prefill and decode in this process (call through `bench` to isolate peak RSS).
 
+    The timing is edgeft.device.bench_on_device's `measure_engine`, the one the on-device script runs.
+    """
+    path = Path(path)
     n_ctx = prompt_tokens + decode_tokens + 8
-    rt = open_runtime(
-        path, threads=threads, n_ctx=n_ctx, all_logits=False, allow_native_libs=allow_native_libs
-    )
+    engine = _open_engine(path, threads=threads, n_ctx=n_ctx, allow_native_libs=allow_native_libs)
     try:
-        rng = np.random.default_rng(0)
-        ids = rng.integers(low=0, high=min(int(rt.n_vocab), 32000), size=prompt_tokens).tolist()
-        ttft, total = [], []
-        for i in range(runs + 1):  # the first run is the warm-up
-            t0 = time.perf_counter()
-            rt.generate(ids, 1)
-            t1 = time.perf_counter()
-            out = rt.generate(ids, decode_tokens + 1)
-            t2 = time.perf_counter()
-            if len(out) != decode_tokens + 1:
-                raise EdgeftError(f"{path}: generated {len(out)} tokens, expected {decode_tokens + 1}")
-            if i:
-                ttft.append(t1 - t0)
-                total.append(t2 - t1)
+        t = measure_engine(engine, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, runs=runs)
+    except EdgeftError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a runtime error while generating, as one line
+        raise EdgeftError(f"{path}: the benchmark failed ({type(e).__name__}: {_first_line(e)})") from None
     finally:
-        rt.close()
-    t_first = statistics.median(ttft)
-    t_decode = max(statistics.median(total) - t_first, 1e-9)
+        engine.close()
     size = tree_bytes(path)
-    decode_tok_s = decode_tokens / t_decode
     return LatencyReport(
-        prefill_tok_s=prompt_tokens / t_first,
-        decode_tok_s=decode_tok_s,
-        ttft_ms=t_first * 1000,
-        peak_rss_mb=peak_rss_mb(),
+        prefill_tok_s=t.prefill_tok_s,
+        decode_tok_s=t.decode_tok_s,
+        ttft_ms=t.ttft_ms,
+        peak_rss_mb=peak_rss_mb() or 0.0,
         bytes=size,
-        effective_gb_s=size * decode_tok_s / 1e9,
+        # bandwidth the decode used: weight bytes streamed per token (edgeft.footprint) × tok/s
+        effective_gb_s=decode_bytes_per_token(path) * t.decode_tok_s / 1e9,
         prompt_tokens=prompt_tokens,
         decode_tokens=decode_tokens,
         runs=runs,

@@ -59,6 +59,9 @@ class BuildFacts:
     eval_split_sha256: str | None = None  # data.split_digest of the fine-tune's recorded eval_split
 
 
+# Scripts every bundle carries at its root (edgeft/device/): run on the device without edgeft.
+DEVICE_SCRIPTS = ("bench_on_device.py", "chat.py")
+
 # manifest.json layout version: 2 added files, passed, base weights/revision, lora settings, eval split digest.
 MANIFEST_SCHEMA_VERSION = 2
 
@@ -267,6 +270,9 @@ def write_bundle(
             for fname in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / fname).is_file():
                     shutil.copy2(Path(tokenizer_dir) / fname, tok_out / fname)
+            # The on-device scripts at the root (listed in "files" and SHA256SUMS like every file).
+            for script in DEVICE_SCRIPTS:
+                shutil.copy2(Path(__file__).parent / "device" / script, tmp / script)
             (tmp / REPORT).write_text(render_report(target, facts, arts), encoding="utf-8")
             normalize_modes(tmp)
             files = {rel: sha256_file(tmp / rel) for rel in bundle_files(tmp)}

@@ -1,12 +1,44 @@
-"""Shared fixtures: tiny random models built offline, once per session."""
+"""Shared fixtures: tiny random models built offline, once per session; a runtime-only virtual environment."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from tinymodels import make_model
+
+# What a device installs to run a bundle: the runtimes only (and what they depend on), never edgeft or torch.
+RUNTIME_PACKAGES = ("llama-cpp-python==0.3.36", "onnxruntime-genai==0.18.0")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with a byte-level BPE tokenizer trained on local text."""
     return make_model("llama", "bpe", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The python of a fresh virtual environment holding only the artifact runtimes, from the package
+    registry (pip's cache makes it quick), as a device has them; `import torch` and `import edgeft` fail."""
+    venv = tmp_path_factory.mktemp("runtime-venv") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+    python = venv / "bin" / "python"
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *RUNTIME_PACKAGES]
+    # llama-cpp-python is an sdist on the registry (~8 min to compile); the wheel pip built for this
+    # project's own install sits in pip's cache: point the venv's older pip at it.
+    cache = subprocess.run([sys.executable, "-m", "pip", "cache", "dir"], capture_output=True, text=True)
+    built = sorted(
+        Path(cache.stdout.strip() or "/nonexistent").glob("wheels/**/llama_cpp_python-0.3.36-*.whl")
+    )
+    for wheel in built[-1:]:
+        pip += ["--find-links", str(wheel.parent)]
+    res = subprocess.run(pip, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for absent in ("torch", "edgeft"):
+        probe = subprocess.run([str(python), "-I", "-c", f"import {absent}"], capture_output=True, cwd=venv)
+        assert probe.returncode != 0, f"{absent} is importable in the runtime-only venv"
+    for present in ("llama_cpp", "onnxruntime_genai"):
+        probe = subprocess.run([str(python), "-I", "-c", f"import {present}"], capture_output=True, text=True)
+        assert probe.returncode == 0, probe.stderr[-2000:]
+    return python

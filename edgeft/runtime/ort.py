@@ -171,40 +171,35 @@ class OrtRuntime:
                 raise EdgeftError(msg) from None
         return self._og_model
 
-    def _greedy(self, prefix: list[int], n: int, stops: set[int]) -> tuple[list[int], bool]:
-        """Up to `n` greedy ids after `prefix`; second value says onnxruntime-genai stopped on its own EOS."""
+    def generate(self, ids: Sequence[int], n: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        """Greedy continuation: up to `n` new ids, ending after (and including) the first of `stop_ids`.
+
+        onnxruntime-genai's Generator, the loop an app runs. It ends after the model's EOS (the id itself
+        is emitted); when that EOS is not one of `stop_ids`, the same generator goes on: `rewind_to` drops
+        the EOS it has not evaluated yet and `append_tokens` feeds it back, one decode step, never a second
+        prefill (issue 8: a restart inside a timed window understated decode speed).
+        """
         import onnxruntime_genai as og
 
+        ids = [int(i) for i in ids]
+        self._check_ids(ids, max(n, 0))
+        stops = {int(s) for s in stop_ids}
         model = self._get_og_model()
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(prefix) + n)
+        params.set_search_options(do_sample=False, max_length=len(ids) + max(n, 1))
         gen = og.Generator(model, params)
-        gen.append_tokens(prefix)
+        gen.append_tokens(ids)
         out: list[int] = []
         while len(out) < n:
-            if gen.is_done():  # genai ends after its configured eos_token_id (the id itself is emitted)
-                return out, True
+            if gen.is_done():
+                if not out:  # done before any token: the context is full
+                    break
+                gen.rewind_to(len(ids) + len(out) - 1)
+                gen.append_tokens([out[-1]])
             gen.generate_next_token()
             tok = int(gen.get_next_tokens()[0])
             out.append(tok)
             if tok in stops:
-                break
-        return out, False
-
-    def generate(self, ids: Sequence[int], n: int, stop_ids: Sequence[int] = ()) -> list[int]:
-        """Greedy continuation: up to `n` new ids, ending after (and including) the first of `stop_ids`.
-
-        onnxruntime-genai always stops after the model's EOS; when that EOS is not one of `stop_ids`, the
-        loop restarts from the ids so far (one extra prefill), so output matches the other runtimes.
-        """
-        ids = [int(i) for i in ids]
-        self._check_ids(ids, max(n, 0))
-        stops = {int(s) for s in stop_ids}
-        out: list[int] = []
-        while len(out) < n:
-            new, eos_stop = self._greedy(ids + out, n - len(out), stops)
-            out.extend(new)
-            if not eos_stop or not new or new[-1] in stops:
                 break
         return out
 

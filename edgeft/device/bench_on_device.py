@@ -1,0 +1,688 @@
+#!/usr/bin/env python3
+"""Benchmark an edgeft bundle on the device it is meant for; prints one JSON object on stdout.
+
+    python3 bench_on_device.py BUNDLE_DIR [--threads 1,2,4] [--runs N] [--prompt-tokens N]
+                               [--decode-tokens N] [--artifact RELPATH]...
+
+Needs only Python 3 and the runtime of each artifact (llama-cpp-python for GGUF, onnxruntime-genai for ONNX):
+no edgeft, torch or numpy. First it checks the bundle against SHA256SUMS and manifest.json's sha256 map and
+benchmarks nothing if any file differs. Then, per artifact, a thread sweep (default 1, 2, 4, … up to the
+core count): each point runs in a fresh child process of this interpreter, so its peak RSS is its own, and
+reports prefill and decode tok/s, time to first token and peak RSS; the best thread count for prefill and
+for decode is named (on a Raspberry Pi 5 decode is fastest at 2 threads while prefill scales to 4,
+../shared/REFERENCE.md "Edge devices"). Device facts (CPU, cores, RAM, OS, runtime versions, temperature
+and throttling before and after) are read where the system exposes them and null where it does not.
+Progress goes to stderr. Exit 0 when the bundle is whole and no artifact failed (a skipped one is fine).
+
+One definition of the figures, shared with `edgeft bench` (edgeft/bench.py imports this module): a prompt of
+P random token ids (seeded), prefill = evaluating the prompt and producing the first token (TTFT), decode
+tok/s = D / time of the next D tokens, timed after the first token, each one a forward pass of the model.
+Generation never stops at an end-of-sequence token inside a timed window (llama.cpp: the low-level
+eval/sample path; onnxruntime-genai: `min_length`), so nothing is re-run and every runtime decodes exactly
+D tokens. One warm-up run, then medians of the timed runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+SCHEMA = 1
+MANIFEST = "manifest.json"
+SHA256SUMS = "SHA256SUMS"
+# format → (module to import, distribution name, install line)
+RUNTIMES = {
+    "gguf": ("llama_cpp", "llama-cpp-python", "pip install llama-cpp-python"),
+    "onnx": ("onnxruntime_genai", "onnxruntime-genai", "pip install onnxruntime-genai"),
+}
+# Prompt ids are drawn below this: a vocabulary padded past its tokenizer (and very large ones) keeps its
+# rarely trained tail out of the prompt, and every runtime gets the same ids for the same vocabulary.
+MAX_PROMPT_ID = 32000
+PROMPT_SEED = 0
+CHILD_TIMEOUT_S = 3600  # one thread point of a large model on a slow board stays well below this
+ERROR_PREFIX = "bench_on_device: error: "
+
+
+# --- the measurement core (shared with edgeft.bench) ----------------------------------------------------------
+
+
+class Engine(Protocol):
+    """A loaded model that evaluates a prompt from an empty context and then extends it greedily."""
+
+    n_vocab: int
+
+    def start(self, ids: list[int]) -> int:
+        """Evaluate `ids` from an empty context; return the first generated (greedy) token."""
+        ...
+
+    def step(self) -> int:
+        """Run the model on the last generated token (one forward pass); return the next token."""
+        ...
+
+    def close(self) -> None:
+        """Free the model."""
+        ...
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Medians over the timed runs (after one warm-up) of one engine at one thread count."""
+
+    prefill_tok_s: float
+    decode_tok_s: float
+    ttft_ms: float
+    prompt_tokens: int
+    decode_tokens: int
+    runs: int
+
+
+def prompt_ids(n_vocab: int, n: int, seed: int = PROMPT_SEED) -> list[int]:
+    """`n` token ids drawn with a seeded generator from [0, min(n_vocab, MAX_PROMPT_ID))."""
+    rng = random.Random(seed)
+    hi = max(1, min(int(n_vocab), MAX_PROMPT_ID))
+    return [rng.randrange(hi) for _ in range(n)]
+
+
+def time_once(engine: Engine, ids: list[int], decode_tokens: int) -> tuple[float, float, list[int]]:
+    """One run: (seconds to the first token, seconds for the next `decode_tokens`, every generated token)."""
+    t0 = time.perf_counter()
+    out = [engine.start(ids)]
+    t1 = time.perf_counter()
+    for _ in range(decode_tokens):
+        out.append(engine.step())
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, out
+
+
+def measure_engine(engine: Engine, *, prompt_tokens: int, decode_tokens: int, runs: int) -> Timing:
+    """Prefill and decode speed of `engine`: one warm-up, then medians of `runs` timed runs."""
+    ids = prompt_ids(engine.n_vocab, prompt_tokens)
+    ttft: list[float] = []
+    decode: list[float] = []
+    for i in range(runs + 1):  # run 0 is the warm-up
+        first, rest, out = time_once(engine, ids, decode_tokens)
+        if len(out) != decode_tokens + 1:
+            raise RuntimeError(f"generated {len(out)} tokens, expected {decode_tokens + 1}")
+        if i:
+            ttft.append(first)
+            decode.append(rest)
+    t_first = max(statistics.median(ttft), 1e-9)
+    t_decode = max(statistics.median(decode), 1e-9)
+    return Timing(
+        prefill_tok_s=prompt_tokens / t_first,
+        decode_tok_s=decode_tokens / t_decode,
+        ttft_ms=t_first * 1000,
+        prompt_tokens=prompt_tokens,
+        decode_tokens=decode_tokens,
+        runs=runs,
+    )
+
+
+class LlamaCppEngine:
+    """A GGUF file in llama.cpp through llama-cpp-python's low-level `eval` / `sample` (greedy).
+
+    `create_completion` would stop at EOS; `eval` just runs the tokens it is given, so an EOS the model emits
+    is fed back like any other token and decoding goes on.
+    """
+
+    def __init__(self, path: Path, *, threads: int, n_ctx: int) -> None:
+        import llama_cpp
+
+        self._llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,  # the whole prompt in one decode call
+            n_ubatch=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=False,
+            verbose=False,
+        )
+        self.n_vocab = int(self._llm.n_vocab())
+        self._last = 0
+
+    def _sample(self) -> int:
+        # temp=0 builds llama.cpp's greedy sampler (ref: llama_cpp/llama.py Llama._init_sampler).
+        self._last = int(self._llm.sample(temp=0.0))
+        return self._last
+
+    def start(self, ids: list[int]) -> int:
+        self._llm.reset()  # n_tokens = 0; eval then drops the old KV entries
+        self._llm.eval(ids)
+        return self._sample()
+
+    def step(self) -> int:
+        self._llm.eval([self._last])
+        return self._sample()
+
+    def close(self) -> None:
+        self._llm.close()
+
+
+class OrtGenaiEngine:
+    """An onnxruntime-genai model folder through its `Generator` (greedy), the loop an app runs.
+
+    `min_length` = `max_length` = the context: the generator never ends at EOS before the context is full,
+    so a timed run is one prefill and then one decode step per token. `append_tokens` evaluates the
+    prompt; the first `generate_next_token` only picks from those logits, each later one runs one step.
+    """
+
+    def __init__(self, path: Path, *, threads: int, n_ctx: int) -> None:
+        import onnxruntime_genai as og
+
+        self._og = og
+        config = og.Config(str(path))
+        # ref: onnxruntime-genai src/config.h, Config::SessionOptions intra_op_num_threads.
+        overlay = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": overlay}}}))
+        self._model = og.Model(config)
+        cfg = json.loads((Path(path) / "genai_config.json").read_text(encoding="utf-8"))
+        # ref: onnxruntime-genai src/config.h (model.vocab_size, model.context_length)
+        self.n_vocab = int(cfg["model"]["vocab_size"])
+        self.n_ctx = min(n_ctx, int(cfg["model"].get("context_length", n_ctx)))
+        self._gen: Any = None
+
+    def start(self, ids: list[int]) -> int:
+        self._gen = None  # free the last run's KV cache before allocating the next
+        params = self._og.GeneratorParams(self._model)
+        params.set_search_options(do_sample=False, max_length=self.n_ctx, min_length=self.n_ctx)
+        self._gen = self._og.Generator(self._model, params)
+        self._gen.append_tokens(ids)
+        return self.step()
+
+    def step(self) -> int:
+        self._gen.generate_next_token()
+        return int(self._gen.get_next_tokens()[0])
+
+    def sequence_length(self) -> int:
+        """Tokens in the generator's sequence (prompt + generated): shows nothing was restarted."""
+        return len(self._gen.get_sequence(0))
+
+    def close(self) -> None:
+        self._gen = None
+        self._model = None
+
+
+def open_engine(path: Path, fmt: str, *, threads: int, n_ctx: int) -> Engine:
+    """The engine for an artifact of format `fmt` ("gguf" file or "onnx" folder)."""
+    if fmt == "gguf":
+        return LlamaCppEngine(path, threads=threads, n_ctx=n_ctx)
+    if fmt == "onnx":
+        return OrtGenaiEngine(path, threads=threads, n_ctx=n_ctx)
+    raise ValueError(f"unknown artifact format {fmt!r}")
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set size in MB.
+
+    Linux keeps ru_maxrss across fork+exec, so a child would report its parent's peak; VmHWM in
+    /proc/self/status belongs to the current address space only (ref: proc(5)). Elsewhere ru_maxrss is
+    KiB on Linux/BSD and bytes on macOS (ref: getrusage(2) on each).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+# --- integrity ---------------------------------------------------------------------------------------------
+
+
+def _inside(bundle: Path, rel: str) -> Path | None:
+    """`bundle/rel` when `rel` is a plain relative path that stays inside the bundle, else None."""
+    if (
+        not rel
+        or rel.startswith(("/", "\\"))
+        or "\\" in rel
+        or any(p in ("", ".", "..") for p in rel.split("/"))
+    ):
+        return None
+    path = bundle / rel
+    try:
+        path.resolve().relative_to(bundle.resolve())
+    except (ValueError, OSError):
+        return None
+    return path
+
+
+def parse_sums(text: str) -> tuple[dict[str, str], list[str]]:
+    """SHA256SUMS as GNU `sha256sum` writes it ("<hex>  <path>", "<hex> *<path>", a leading backslash for an
+    escaped name; ref: GNU coreutils src/digest.c) → ({path: hex}, problems)."""
+    sums: dict[str, str] = {}
+    problems: list[str] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        escaped = line.startswith("\\")
+        body = line[1:] if escaped else line
+        digest, sep, rest = body.partition(" ")
+        if not sep or len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest) or not rest:
+            problems.append(f"{SHA256SUMS} line {n} is not '<sha256>  <path>'")
+            continue
+        name = rest[1:] if rest[:1] in (" ", "*") else rest
+        if escaped:
+            name = name.replace("\\\\", "\0").replace("\\n", "\n").replace("\\r", "\r").replace("\0", "\\")
+        sums[name] = digest.lower()
+    return sums, problems
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_integrity(bundle: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Every file SHA256SUMS and manifest.json's "files" name, re-hashed → (integrity, manifest or None).
+
+    SHA256SUMS covers manifest.json, so an edited manifest shows. Files the lists do not name are not
+    looked at (a device may keep its own files beside the bundle).
+    """
+    problems: list[str] = []
+    digests: dict[str, str | None] = {}
+
+    def digest(rel: str) -> str | None:
+        if rel not in digests:
+            path = _inside(bundle, rel)
+            if path is None:
+                problems.append(f"{rel!r}: not a path inside the bundle")
+                digests[rel] = None
+            elif path.is_symlink() or not path.is_file():
+                problems.append(f"{rel}: missing" if not path.exists() else f"{rel}: not a regular file")
+                digests[rel] = None
+            else:
+                try:
+                    digests[rel] = sha256_file(path)
+                except OSError as e:
+                    problems.append(f"{rel}: cannot be read ({e.strerror or e})")
+                    digests[rel] = None
+        return digests[rel]
+
+    if not bundle.is_dir():
+        return {"ok": False, "files_checked": 0, "problems": [f"{bundle}: not a folder"]}, None
+    sums: dict[str, str] = {}
+    try:
+        sums, bad = parse_sums((bundle / SHA256SUMS).read_text(encoding="utf-8"))
+        problems += bad
+    except (OSError, UnicodeDecodeError) as e:
+        problems.append(f"{SHA256SUMS}: cannot be read ({getattr(e, 'strerror', None) or e})")
+    for rel, want in sums.items():
+        got = digest(rel)
+        if got is not None and got != want:
+            problems.append(f"{rel}: sha256 differs from {SHA256SUMS}")
+    if sums and MANIFEST not in sums:
+        problems.append(f"{MANIFEST}: not covered by {SHA256SUMS}")
+    manifest: dict[str, Any] | None = None
+    try:
+        loaded = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
+        manifest = loaded if isinstance(loaded, dict) else None
+        if manifest is None:
+            problems.append(f"{MANIFEST}: not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        problems.append(f"{MANIFEST}: cannot be read ({type(e).__name__})")
+    files = manifest.get("files") if manifest else None
+    if manifest is not None and not isinstance(files, dict):
+        problems.append(f'{MANIFEST}: "files" is not a map of path to sha256')
+    for rel, want in (files or {}).items():
+        if not isinstance(rel, str) or not isinstance(want, str):
+            problems.append(f'{MANIFEST}: "files" entry {str(rel)[:60]!r} is not a path and a sha256')
+            continue
+        if rel not in sums:
+            problems.append(f"{rel}: in {MANIFEST} but not in {SHA256SUMS}")
+        got = digest(rel)
+        if got is not None and got != want.lower():
+            problems.append(f"{rel}: sha256 differs from {MANIFEST}")
+    ok = not problems
+    return {"ok": ok, "files_checked": sum(d is not None for d in digests.values()), "problems": problems}, (
+        manifest if ok else None
+    )
+
+
+# --- device facts ------------------------------------------------------------------------------------------
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def _cpuinfo() -> tuple[str | None, list[str]]:
+    """CPU model and feature flags from /proc/cpuinfo (x86 "model name"/"flags"; Arm "Features", and the
+    board's "Model" line on a Raspberry Pi; ref: proc(5), arch/arm64/kernel/cpuinfo.c)."""
+    text = _read("/proc/cpuinfo")
+    if text is None:
+        model = platform.processor() or None
+        if sys.platform == "darwin" and shutil.which("sysctl"):
+            model = _run(["sysctl", "-n", "machdep.cpu.brand_string"]) or model
+        return model, []
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    model = (
+        fields.get("model name") or fields.get("Model") or fields.get("Hardware") or fields.get("cpu model")
+    )
+    if fields.get("model name") and fields.get("Model"):
+        model = f"{fields['Model']} ({fields['model name']})"
+    flags = fields.get("flags") or fields.get("Features") or ""
+    return model or platform.processor() or None, sorted(set(flags.split()))
+
+
+def _ram_mb() -> int | None:
+    text = _read("/proc/meminfo")
+    for line in (text or "").splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024  # kB
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else None
+
+
+def cpu_temperature_c() -> float | None:
+    """The CPU's thermal zone in °C (sysfs millidegrees; ref: Linux Documentation/ABI sysfs-class-thermal):
+    the zone whose type names the CPU or SoC ("cpu-thermal" on a Raspberry Pi, "x86_pkg_temp"), else the
+    first readable one; None when there is none."""
+    zones = sorted(Path("/sys/class/thermal").glob("thermal_zone*"))
+    preferred = [
+        z for z in zones if any(k in (_read(str(z / "type")) or "").lower() for k in ("cpu", "soc", "pkg"))
+    ]
+    for zone in preferred + zones:
+        raw = _read(str(zone / "temp"))
+        try:
+            return int(raw.strip()) / 1000 if raw is not None else None
+        except ValueError:
+            continue
+    return None
+
+
+def throttled() -> str | None:
+    """Raspberry Pi firmware's throttling bits (`vcgencmd get_throttled` → "throttled=0x0"), or None where
+    there is no vcgencmd. ref: raspberrypi.com documentation, os.adoc "get_throttled"."""
+    if shutil.which("vcgencmd") is None:
+        return None
+    out = _run(["vcgencmd", "get_throttled"])
+    return out.split("=", 1)[1].strip() if out and "=" in out else out
+
+
+def runtime_version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def device_facts() -> dict[str, Any]:
+    """What the device is; every value read from the system, None where it is not exposed."""
+    model, features = _cpuinfo()
+    return {
+        "hostname": platform.node() or None,
+        "machine": platform.machine() or None,
+        "os": platform.platform(),
+        "cpu_model": model,
+        "cpu_features": features,
+        "cores": os.cpu_count(),
+        "ram_mb": _ram_mb(),
+        "python": platform.python_version(),
+        "runtimes": {dist: runtime_version(dist) for _mod, dist, _line in RUNTIMES.values()},
+        "temperature_c": {"before": cpu_temperature_c(), "after": None},
+        "throttled": {"before": throttled(), "after": None},
+    }
+
+
+# --- the sweep ---------------------------------------------------------------------------------------------
+
+
+def default_threads(cores: int | None) -> list[int]:
+    """1, 2, 4, … up to the core count, and the core count itself (1, 2, 4 on a 4-core device)."""
+    cores = max(1, cores or 1)
+    out, n = [], 1
+    while n < cores:
+        out.append(n)
+        n *= 2
+    return [*out, cores]
+
+
+def _runtime_missing(fmt: str) -> str | None:
+    """Why the runtime of `fmt` cannot be imported here, or None when it can."""
+    module = RUNTIMES[fmt][0]
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - ImportError, or OSError from a missing shared library
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        return f"{module} is not importable here ({type(e).__name__}: {first})"
+    return None
+
+
+def run_point(path: Path, fmt: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
+    """One thread count, measured in a fresh child of this interpreter (`-I`: nothing from the working folder
+    or PYTHON* variables); raises RuntimeError with the child's error line."""
+    cmd = [sys.executable, "-I", str(Path(__file__).resolve()), "--child", str(path), "--format", fmt]
+    cmd += ["--threads", str(threads), "--runs", str(a.runs)]
+    cmd += ["--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"no result within {CHILD_TIMEOUT_S} s at {threads} threads") from None
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        ours = [ln[len(ERROR_PREFIX) :] for ln in lines if ln.startswith(ERROR_PREFIX)]
+        why = ours[-1] if ours else (lines[-1] if lines else f"exit status {proc.returncode}")
+        raise RuntimeError(f"at {threads} threads: {why}")
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise RuntimeError(f"at {threads} threads: no result from the child") from None
+
+
+def bench_artifact(bundle: Path, entry: Any, a: argparse.Namespace, threads: list[int]) -> dict[str, Any]:
+    """Sweep one manifest artifact entry over `threads`; a result entry of the JSON's "artifacts"."""
+    rel = entry.get("path") if isinstance(entry, dict) else None
+    fmt = entry.get("format") if isinstance(entry, dict) else None
+    res: dict[str, Any] = {
+        "path": rel if isinstance(rel, str) else str(rel),
+        "format": fmt,
+        "status": "failed",
+        "reason": None,
+        "install": None,
+        "sweep": [],
+        "best_threads": None,
+        "prefill_tok_s": None,
+        "decode_tok_s": None,
+        "ttft_ms": None,
+        "peak_rss_mb": None,
+        "decode_bytes_per_token": None,
+        "effective_gb_s": None,
+    }
+    path = _inside(bundle, rel) if isinstance(rel, str) else None
+    if path is None or fmt not in RUNTIMES:
+        res["reason"] = f'{MANIFEST}: artifact entry has no usable "path" and "format" ("gguf" or "onnx")'
+        return res
+    per_token = entry.get("decode_bytes_per_token")
+    if isinstance(per_token, int) and not isinstance(per_token, bool) and per_token > 0:
+        res["decode_bytes_per_token"] = per_token
+    missing = _runtime_missing(fmt)
+    if missing:
+        res.update(status="skipped", reason=missing, install=RUNTIMES[fmt][2])
+        return res
+    shape_ok = path.is_file() if fmt == "gguf" else (path / "genai_config.json").is_file()
+    if not shape_ok:
+        res["reason"] = f"{rel}: not a {'GGUF file' if fmt == 'gguf' else 'folder with genai_config.json'}"
+        return res
+    for n in threads:
+        try:
+            point = run_point(path, fmt, n, a)
+        except RuntimeError as e:
+            res["reason"] = str(e)
+            return res
+        res["sweep"].append({"threads": n, **point})
+        _say(
+            f"{rel} at {n} threads: prefill {point['prefill_tok_s']:.1f} tok/s, decode "
+            f"{point['decode_tok_s']:.1f} tok/s, TTFT {point['ttft_ms']:.1f} ms, peak RSS "
+            f"{point['peak_rss_mb'] or 0:.0f} MB"
+        )
+    best_prefill = max(res["sweep"], key=lambda p: p["prefill_tok_s"])
+    best_decode = max(res["sweep"], key=lambda p: p["decode_tok_s"])
+    rss = [p["peak_rss_mb"] for p in res["sweep"] if p["peak_rss_mb"] is not None]
+    res.update(
+        status="ok",
+        best_threads={"prefill": best_prefill["threads"], "decode": best_decode["threads"]},
+        prefill_tok_s=best_prefill["prefill_tok_s"],
+        ttft_ms=best_prefill["ttft_ms"],
+        decode_tok_s=best_decode["decode_tok_s"],
+        peak_rss_mb=max(rss) if rss else None,  # the highest of the sweep: what the device must hold
+    )
+    if res["decode_bytes_per_token"] is not None:
+        res["effective_gb_s"] = res["decode_bytes_per_token"] * res["decode_tok_s"] / 1e9
+    return res
+
+
+def _say(msg: str) -> None:
+    print(f"bench_on_device: {msg}", file=sys.stderr, flush=True)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def run(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    """The whole benchmark → (the JSON object, exit status)."""
+    bundle = Path(a.bundle)
+    started = _now()
+    device = device_facts()
+    integrity, manifest = check_integrity(bundle)
+    _say(f"integrity: {'ok' if integrity['ok'] else 'FAILED'} ({integrity['files_checked']} files checked)")
+    for p in integrity["problems"]:
+        _say(f"  {p}")
+    results: list[dict[str, Any]] = []
+    if manifest is not None:
+        entries = manifest.get("artifacts")
+        entries = entries if isinstance(entries, list) else []
+        if a.artifact:
+            by_path = {e.get("path"): e for e in entries if isinstance(e, dict)}
+            entries = [by_path.get(rel, {"path": rel, "format": None}) for rel in a.artifact]
+        threads = a.threads or default_threads(device["cores"])
+        for entry in entries:
+            results.append(bench_artifact(bundle, entry, a, threads))
+            if results[-1]["status"] != "ok":
+                _say(f"{results[-1]['path']}: {results[-1]['status']}: {results[-1]['reason']}")
+    device["temperature_c"]["after"] = cpu_temperature_c()
+    device["throttled"]["after"] = throttled()
+    out = {
+        "schema": SCHEMA,
+        "bundle": str(bundle.resolve()),
+        "started": started,
+        "finished": _now(),
+        "integrity": integrity,
+        "device": device,
+        "artifacts": results,
+    }
+    ok = integrity["ok"] and all(r["status"] != "failed" for r in results)
+    return out, 0 if ok else 1
+
+
+def _child(a: argparse.Namespace) -> None:
+    """`--child PATH --format F --threads N`: measure one thread count here, print one JSON line."""
+    try:
+        engine = open_engine(
+            Path(a.bundle), a.format, threads=a.threads[0], n_ctx=a.prompt_tokens + a.decode_tokens + 8
+        )
+        try:
+            t = measure_engine(
+                engine, prompt_tokens=a.prompt_tokens, decode_tokens=a.decode_tokens, runs=a.runs
+            )
+        finally:
+            engine.close()
+    except Exception as e:  # noqa: BLE001 - any runtime error becomes the artifact's reason, one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"{ERROR_PREFIX}{type(e).__name__}: {first}", file=sys.stderr)
+        sys.exit(1)
+    point = asdict(t)
+    print(
+        json.dumps(
+            {k: point[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms")}
+            | {"peak_rss_mb": peak_rss_mb()}
+        )
+    )
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not 1 or more")
+    return n
+
+
+def _thread_list(text: str) -> list[int]:
+    return sorted({_positive(t.strip()) for t in text.split(",") if t.strip()}) or [_positive("")]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="bench_on_device.py",
+        description="Benchmark an edgeft bundle on this device; prints one JSON object on stdout.",
+        epilog="Example: python3 bench_on_device.py . --threads 1,2,4",
+    )
+    ap.add_argument("bundle", help="the bundle folder (holds manifest.json and SHA256SUMS)")
+    ap.add_argument("--threads", type=_thread_list, default=None, help="thread counts to sweep, e.g. 1,2,4")
+    ap.add_argument("--runs", type=_positive, default=3, help="timed runs after one warm-up (medians)")
+    ap.add_argument("--prompt-tokens", type=_positive, default=64, help="prompt length P")
+    ap.add_argument("--decode-tokens", type=_positive, default=64, help="tokens decoded after the first, D")
+    ap.add_argument(
+        "--artifact", action="append", default=[], help="only this artifact (path in the bundle); repeatable"
+    )
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--format", choices=sorted(RUNTIMES), help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.child:
+        _child(a)
+        return 0
+    out, status = run(a)
+    print(json.dumps(out, indent=2))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""The scripts a bundle carries run on a device without edgeft: bench_on_device.py (integrity first, a thread
+sweep per artifact, device facts, one JSON object) and chat.py (the smallest app), in a virtual environment
+holding only the runtimes; and the one timing definition never re-runs a prefill after an early EOS."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeft import bench as edgeft_bench
+from edgeft import bundle
+from edgeft.bench import LatencyReport
+from edgeft.constants import MANIFEST, SHA256SUMS
+from edgeft.device import bench_on_device as bod
+from edgeft.export import ExportOptions, export_artifact
+from edgeft.targets import ArtifactSpec, TargetProfile
+from edgeft.verify import DriftReport
+
+TARGET = TargetProfile(
+    name="tiny-device",
+    description="test device",
+    arch="arm64",
+    threads=2,
+    ram_mb=1024,
+    ram_budget_mb=512,
+    context_length=256,
+    bandwidth_gb_s=4.0,
+    artifacts=(ArtifactSpec("gguf", "q8_0"), ArtifactSpec("onnx", "int8", accuracy_level=4)),
+)
+DRIFT = DriftReport(0.01, 0.1, 0.99, 1.01, None, 1.0, 1.0, 100, 4)
+LATENCY = LatencyReport(100.0, 50.0, 5.0, 200.0, 1000, 1.0, 16, 8, 3, 2)
+GGUF, ONNX = "model-q8_0.gguf", "onnx-int8"
+SMALL = ["--runs", "1", "--prompt-tokens", "16", "--decode-tokens", "8"]
+PROMPT = "turn off the kitchen lights"
+
+
+@pytest.fixture(scope="module")
+def made(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of a tiny Llama as GGUF q8_0 and ONNX int8, written once per module (no fine-tune)."""
+    work = tmp_path_factory.mktemp("device")
+    arts = []
+    for spec in TARGET.artifacts:
+        path = export_artifact(
+            tiny_llama, spec.format, spec.quant, work / "artifacts", ExportOptions(spec.accuracy_level)
+        )
+        arts.append(bundle.ArtifactResult(spec, path, DRIFT, LATENCY))
+    facts = bundle.BuildFacts(
+        base_model=tiny_llama.name,
+        adapter_sha256="a" * 64,
+        dataset_sha256="d" * 64,
+        reference_task_accuracy=None,
+        base_task_accuracy=None,
+        reference_latency=None,
+        kv_cache_mb=1.0,
+    )
+    return bundle.write_bundle(work / "dist", TARGET, facts, arts, tiny_llama)
+
+
+def _copy(made: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(made, dst)
+    return dst
+
+
+def _device(
+    python: Path | str, bundle_dir: Path, *args: str
+) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """Run the bundle's own copy of bench_on_device.py as a device would (isolated, from another folder)."""
+    res = subprocess.run(
+        [str(python), "-I", str(bundle_dir / "bench_on_device.py"), str(bundle_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=bundle_dir.parent,
+    )
+    try:
+        out = json.loads(res.stdout)  # exactly one JSON object: anything else on stdout fails here
+    except ValueError:
+        pytest.fail(f"stdout is not one JSON object: {res.stdout[:2000]!r} / {res.stderr[-2000:]}")
+    return res, out
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A virtual environment with nothing installed: no runtime at all."""
+    venv = tmp_path_factory.mktemp("bare-venv") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+    return venv / "bin" / "python"
+
+
+# --- what the bundle carries -------------------------------------------------------------------------------
+
+
+def test_bundle_carries_both_scripts_hashed(made: Path) -> None:
+    manifest = json.loads((made / MANIFEST).read_text())
+    sums = (made / SHA256SUMS).read_text()
+    for script in bundle.DEVICE_SCRIPTS:
+        src = Path(bod.__file__).parent / script
+        assert (made / script).read_bytes() == src.read_bytes()
+        assert manifest["files"][script] == bundle.sha256_file(made / script)
+        assert f"{manifest['files'][script]}  {script}\n" in sums
+
+
+@pytest.mark.parametrize("script", ["bench_on_device.py", "chat.py"])
+def test_scripts_import_only_the_standard_library_and_runtimes(script: str) -> None:
+    tree = ast.parse((Path(bod.__file__).parent / script).read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{script} has a relative import"
+            names.add((node.module or "").split(".")[0])
+    allowed = set(sys.stdlib_module_names) | {"llama_cpp", "onnxruntime_genai"}
+    assert names and names <= allowed, names - allowed
+    assert not names & {"edgeft", "torch", "numpy"}
+
+
+def test_edgeft_bench_times_with_the_device_scripts_core() -> None:
+    assert edgeft_bench.measure_engine is bod.measure_engine
+    assert edgeft_bench.open_engine is bod.open_engine
+
+
+def test_default_thread_sweep() -> None:
+    assert bod.default_threads(1) == [1]
+    assert bod.default_threads(2) == [1, 2]
+    assert bod.default_threads(4) == [1, 2, 4]
+    assert bod.default_threads(6) == [1, 2, 4, 6]
+    assert bod.default_threads(None) == [1]
+
+
+# --- on the "device": a venv with only the runtimes --------------------------------------------------------
+
+
+def test_bench_on_device_in_a_runtime_only_venv(made: Path, runtime_venv: Path) -> None:
+    res, out = _device(runtime_venv, made, "--threads", "1,2", *SMALL)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert out["schema"] == 1 and out["bundle"] == str(made.resolve())
+    assert out["started"] <= out["finished"] and out["finished"].endswith("Z")
+    manifest = json.loads((made / MANIFEST).read_text())
+    assert out["integrity"] == {"ok": True, "files_checked": len(manifest["files"]) + 1, "problems": []}
+    dev = out["device"]
+    assert dev["cores"] == os.cpu_count() and dev["ram_mb"] > 100 and dev["machine"]
+    assert dev["runtimes"] == {"llama-cpp-python": "0.3.36", "onnxruntime-genai": "0.18.0"}
+    if Path("/proc/cpuinfo").is_file():
+        assert dev["cpu_features"] and dev["cpu_model"]
+    for when in ("before", "after"):  # read from the system or null, never made up
+        assert dev["temperature_c"][when] is None or 0 < dev["temperature_c"][when] < 150
+        assert dev["throttled"][when] is None or dev["throttled"][when].startswith("0x")
+    arts = {a["path"]: a for a in out["artifacts"]}
+    assert list(arts) == [GGUF, ONNX]
+    by_path = {e["path"]: e for e in manifest["artifacts"]}
+    for path, a in arts.items():
+        assert a["status"] == "ok" and a["reason"] is None and a["install"] is None, a
+        assert a["format"] == by_path[path]["format"]
+        assert [p["threads"] for p in a["sweep"]] == [1, 2]
+        for p in a["sweep"]:
+            assert (
+                p["prefill_tok_s"] > 0 and p["decode_tok_s"] > 0 and p["ttft_ms"] > 0 and p["peak_rss_mb"] > 1
+            )
+        best = a["best_threads"]
+        pre = {p["threads"]: p for p in a["sweep"]}
+        assert (
+            a["prefill_tok_s"]
+            == max(p["prefill_tok_s"] for p in a["sweep"])
+            == pre[best["prefill"]]["prefill_tok_s"]
+        )
+        assert a["ttft_ms"] == pre[best["prefill"]]["ttft_ms"]
+        assert (
+            a["decode_tok_s"]
+            == max(p["decode_tok_s"] for p in a["sweep"])
+            == pre[best["decode"]]["decode_tok_s"]
+        )
+        assert a["peak_rss_mb"] == max(p["peak_rss_mb"] for p in a["sweep"])
+        per_token = by_path[path].get("decode_bytes_per_token")
+        assert a["decode_bytes_per_token"] == per_token
+        if per_token is None:
+            assert a["effective_gb_s"] is None
+        else:
+            assert a["effective_gb_s"] == pytest.approx(per_token * a["decode_tok_s"] / 1e9)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "needle"),
+    [
+        (lambda b: (b / "tokenizer" / "tokenizer.json").write_text("{}"), "tokenizer/tokenizer.json: sha256"),
+        (
+            lambda b: (b / MANIFEST).write_text(
+                (b / MANIFEST).read_text().replace('"passed": true', '"passed": 1')
+            ),
+            MANIFEST,
+        ),
+        (lambda b: (b / GGUF).unlink(), f"{GGUF}: missing"),
+        (lambda b: (b / SHA256SUMS).unlink(), SHA256SUMS),
+    ],
+    ids=["tokenizer", "manifest", "missing-artifact", "no-sums"],
+)
+def test_a_changed_bundle_is_refused_before_any_benchmark(
+    made: Path, tmp_path: Path, tamper, needle: str
+) -> None:  # noqa: ANN001
+    b = _copy(made, tmp_path)
+    tamper(b)
+    res, out = _device(sys.executable, b, "--threads", "1", *SMALL)
+    assert res.returncode == 1
+    assert out["integrity"]["ok"] is False and out["artifacts"] == []
+    assert any(needle in p for p in out["integrity"]["problems"]), out["integrity"]["problems"]
+
+
+def test_a_missing_runtime_is_skipped_with_its_install_line(made: Path, bare_python: Path) -> None:
+    res, out = _device(bare_python, made, "--threads", "1", *SMALL)
+    assert res.returncode == 0, res.stderr[-2000:]  # skipped is not failed
+    assert out["integrity"]["ok"] is True
+    assert out["device"]["runtimes"] == {"llama-cpp-python": None, "onnxruntime-genai": None}
+    got = {a["path"]: (a["status"], a["install"], a["sweep"]) for a in out["artifacts"]}
+    assert got == {
+        GGUF: ("skipped", "pip install llama-cpp-python", []),
+        ONNX: ("skipped", "pip install onnxruntime-genai", []),
+    }
+    assert all("not importable" in a["reason"] for a in out["artifacts"])
+
+
+def test_an_artifact_not_in_the_manifest_fails(made: Path, bare_python: Path) -> None:
+    res, out = _device(bare_python, made, "--artifact", "nope.gguf", *SMALL)
+    assert res.returncode == 1
+    assert [(a["path"], a["status"]) for a in out["artifacts"]] == [("nope.gguf", "failed")]
+
+
+# --- chat.py ------------------------------------------------------------------------------------------------
+
+
+def _chat(python: Path, bundle_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            str(python),
+            "-I",
+            str(bundle_dir / "chat.py"),
+            str(bundle_dir),
+            PROMPT,
+            "--max-tokens",
+            "12",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=bundle_dir.parent,
+    )
+
+
+def test_chat_gguf_answers_as_llama_cpp_python_does(made: Path, runtime_venv: Path) -> None:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(made / GGUF), n_ctx=2048, verbose=False)
+    want = llm.create_chat_completion(
+        messages=[{"role": "user", "content": PROMPT}], temperature=0.0, max_tokens=12
+    )["choices"][0]["message"]["content"]
+    llm.close()
+    for args in ((), ("--artifact", GGUF)):  # the default is the manifest's first usable artifact
+        res = _chat(runtime_venv, made, *args)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert res.stdout == want + "\n" and want
+
+
+def test_chat_onnx_answers_as_onnxruntime_genai_does(made: Path, runtime_venv: Path) -> None:
+    from edgeft.runtime.ort import OrtRuntime
+
+    with OrtRuntime(made / ONNX, n_ctx=2048, all_logits=False) as rt:
+        ids = rt.chat_prompt_ids([{"role": "user", "content": PROMPT}])
+        out = rt.generate(ids, 12, rt.end_ids)
+        want = rt.decode(out)
+    res = _chat(runtime_venv, made, "--artifact", ONNX)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == want + "\n" and want
+
+
+def test_chat_without_a_runtime_is_one_line(made: Path, bare_python: Path) -> None:
+    res = _chat(bare_python, made)
+    assert res.returncode == 1 and res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chat.py: error: ") and "pip install" in lines[0], lines
+
+
+# --- one timing definition: an early EOS never restarts anything ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eos_first_onnx(made: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
+    """A copy of the ONNX artifact whose genai_config eos_token_id is the first token it generates for the
+    benchmark prompt: onnxruntime-genai would stop right after it."""
+    import onnxruntime_genai as og
+
+    dst = tmp_path_factory.mktemp("eos") / ONNX
+    shutil.copytree(made / ONNX, dst)
+    engine = bod.OrtGenaiEngine(dst, threads=1, n_ctx=64)
+    ids = bod.prompt_ids(engine.n_vocab, 16)
+    first = engine.start(ids)
+    engine.close()
+    cfg_path = dst / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["eos_token_id"] = [first]
+    cfg["model"]["pad_token_id"] = first
+    cfg_path.write_text(json.dumps(cfg))
+    # Without min_length the generator is done after that first token: the case this file guards against.
+    model = og.Model(str(dst))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=64)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    gen.generate_next_token()
+    assert int(gen.get_next_tokens()[0]) == first and gen.is_done()
+    return dst, ids
+
+
+def test_timed_onnx_decode_runs_exactly_d_steps_after_an_early_eos(
+    eos_first_onnx: tuple[Path, list[int]],
+) -> None:
+    path, ids = eos_first_onnx
+    engine = bod.OrtGenaiEngine(path, threads=1, n_ctx=64)
+    try:
+        ttft, decode, out = bod.time_once(engine, ids, 8)
+        # one generator: the prompt, the first token and 8 decode steps, nothing appended twice
+        assert len(out) == 9 and engine.sequence_length() == len(ids) + 9
+        assert ttft > 0 and decode > 0
+    finally:
+        engine.close()
+    lat = edgeft_bench.bench(path, threads=1, prompt_tokens=16, decode_tokens=8, runs=1)
+    assert lat.decode_tok_s > 0 and lat.prefill_tok_s > 0 and lat.decode_tokens == 8
+
+
+def test_ort_runtime_continues_past_its_eos(made: Path, eos_first_onnx: tuple[Path, list[int]]) -> None:
+    """OrtRuntime.generate with no stop ids goes on after the model's EOS, giving the tokens the same weights
+    give when that token is not the EOS; a stop id still ends it."""
+    from edgeft.runtime.ort import OrtRuntime
+
+    path, ids = eos_first_onnx
+    with OrtRuntime(made / ONNX, threads=1, n_ctx=64) as rt:
+        want = rt.generate(ids, 6)
+    with OrtRuntime(path, threads=1, n_ctx=64) as rt:
+        assert want[0] in rt.end_ids
+        assert rt.generate(ids, 6) == want
+        assert rt.generate(ids, 6, rt.end_ids) == want[:1]
