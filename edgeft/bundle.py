@@ -403,3 +403,262 @@ def kv_cache_mb(model_dir: Path, context_length: int) -> float:
             )
         head_dim = hidden // heads
     return 2 * layers * kv_heads * head_dim * context_length * 2 / 1e6
+
+
+# --- device results: `edgeft bench BUNDLE [--remote user@host]` records what bench_on_device.py measured ----
+
+# report.md's device section sits between these lines; it is rewritten whole on every recorded run.
+DEVICE_SECTION_START = "<!-- edgeft:device-latency -->"
+DEVICE_SECTION_END = "<!-- /edgeft:device-latency -->"
+# A run is flagged as slower than the previous run of the same device when a metric is worse by more than
+# the noise: the larger of this share and the spread of that metric over the device's earlier runs
+# ((max - min) / median). 10%: ../shared/REFERENCE.md's thread-count effects (up to 21%) and runtime-update
+# regressions (26 → 2.6 tok/s) are far above it, run-to-run jitter on an idle device below it.
+REGRESSION_MIN_SHARE = 0.10
+# (key in the device JSON, label, whether higher is better)
+DEVICE_METRICS = (
+    ("prefill_tok_s", "prefill tok/s", True),
+    ("decode_tok_s", "decode tok/s", True),
+    ("ttft_ms", "TTFT ms", False),
+)
+
+
+def _real(x: Any) -> float | None:
+    """A finite positive number from untrusted JSON, else None."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return None
+    x = float(x)
+    return x if x == x and 0 < x < float("inf") else None
+
+
+def _ok_artifacts(result: Any) -> dict[str, dict[str, Any]]:
+    arts = result.get("artifacts") if isinstance(result, dict) else None
+    return {
+        a["path"]: a
+        for a in arts or []
+        if isinstance(a, dict) and isinstance(a.get("path"), str) and a.get("status") == "ok"
+    }
+
+
+def compare_device_runs(runs: list[dict[str, Any]], where: str) -> dict[str, Any]:
+    """The newest run of `where` against the one before it: every metric's change, and the regressions
+    (slower beyond noise, see REGRESSION_MIN_SHARE). `runs` is manifest["device_latency"], oldest first."""
+    import statistics
+
+    mine = [r for r in runs if isinstance(r, dict) and r.get("where") == where]
+    out: dict[str, Any] = {"where": where, "previous_recorded": None, "changes": [], "regressions": []}
+    if len(mine) < 2:
+        return out
+    *earlier, current = mine
+    out["previous_recorded"] = earlier[-1].get("recorded")
+    prev = _ok_artifacts(earlier[-1].get("result"))
+    history = [_ok_artifacts(r.get("result")) for r in earlier]
+    for path, art in _ok_artifacts(current.get("result")).items():
+        if path not in prev:
+            continue
+        for key, label, higher_better in DEVICE_METRICS:
+            new, old = _real(art.get(key)), _real(prev[path].get(key))
+            if new is None or old is None:
+                continue
+            seen = [v for h in history if path in h for v in [_real(h[path].get(key))] if v is not None]
+            spread = (max(seen) - min(seen)) / statistics.median(seen) if len(seen) >= 2 else 0.0
+            threshold = max(REGRESSION_MIN_SHARE, spread)
+            slowdown = 1 - new / old if higher_better else new / old - 1
+            change = {
+                "artifact": path,
+                "metric": key,
+                "label": label,
+                "previous": old,
+                "current": new,
+                "slowdown": round(slowdown, 4),
+                "threshold": round(threshold, 4),
+                "regression": slowdown > threshold,
+            }
+            out["changes"].append(change)
+            if change["regression"]:
+                out["regressions"].append(change)
+    return out
+
+
+def regression_line(r: dict[str, Any]) -> str:
+    """One regression in words, e.g. `model-q4_0.gguf decode tok/s 34.7 → 17.3 (50% slower; noise 10%)`."""
+    return (
+        f"{r['artifact']} {r['label']} {r['previous']:.4g} → {r['current']:.4g} "
+        f"({r['slowdown']:.0%} slower; noise {r['threshold']:.0%})"
+    )
+
+
+def _cell(x: Any, spec: str = "") -> str:
+    """A table cell from untrusted JSON: numbers formatted, text without pipes or line breaks."""
+    if x is None:
+        return "—"
+    if isinstance(x, int | float) and not isinstance(x, bool):
+        return format(x, spec) if spec else str(x)
+    return " ".join(str(x).replace("|", "/").split())[:200] or "—"
+
+
+def _device_facts(result: dict[str, Any]) -> str:
+    dev = result.get("device") if isinstance(result.get("device"), dict) else {}
+    rts = dev.get("runtimes") if isinstance(dev.get("runtimes"), dict) else {}
+    temp = dev.get("temperature_c") if isinstance(dev.get("temperature_c"), dict) else {}
+    thr = dev.get("throttled") if isinstance(dev.get("throttled"), dict) else {}
+    features = dev.get("cpu_features") if isinstance(dev.get("cpu_features"), list) else []
+    parts = [
+        f"{_cell(dev.get('hostname'))}: {_cell(dev.get('cpu_model'))} ({_cell(dev.get('machine'))}, "
+        f"{_cell(dev.get('cores'))} cores, {_cell(dev.get('ram_mb'), '.0f')} MB RAM)",
+        f"OS {_cell(dev.get('os'))}",
+        f"Python {_cell(dev.get('python'))}",
+        ", ".join(f"{_cell(k)} {_cell(v)}" for k, v in rts.items()) or "no runtime",
+    ]
+    if features:
+        parts.append("CPU features " + _cell(" ".join(str(f) for f in features[:40])))
+    if temp.get("before") is not None or temp.get("after") is not None:
+        parts.append(f"temperature {_cell(temp.get('before'), '.1f')} → {_cell(temp.get('after'), '.1f')} °C")
+    if thr.get("before") is not None or thr.get("after") is not None:
+        parts.append(f"throttled {_cell(thr.get('before'))} → {_cell(thr.get('after'))}")
+    return "; ".join(parts)
+
+
+def render_device_section(manifest: dict[str, Any]) -> str:
+    """report.md's device section: per device the newest run next to the build host's figures, the thread
+    sweep, and what got slower since that device's previous run."""
+    runs = [r for r in manifest.get("device_latency") or [] if isinstance(r, dict)]
+    host = {
+        a.get("path"): a.get("latency") if isinstance(a.get("latency"), dict) else {}
+        for a in manifest.get("artifacts") or []
+        if isinstance(a, dict)
+    }
+    lines = [
+        DEVICE_SECTION_START,
+        "## On the device",
+        "",
+        "Measured on the device itself by the bundle's `bench_on_device.py` (`edgeft bench BUNDLE --remote "
+        "user@host`, or `edgeft bench BUNDLE` on this machine), each figure at its best thread count; the host "
+        "figures are the build host's from the table above. The newest run per device is shown; manifest.json "
+        f"keeps every run under `device_latency`. A metric is flagged when it is worse than that device's "
+        f"previous run by more than {REGRESSION_MIN_SHARE:.0%} and more than its spread over the earlier runs.",
+        "",
+    ]
+    latest: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        latest[str(r.get("where"))] = r
+    for where, run in latest.items():
+        result = run.get("result") if isinstance(run.get("result"), dict) else {}
+        lines += [f"### {_cell(where)} — {_cell(run.get('recorded'))}", "", _device_facts(result), ""]
+        lines += [
+            "| artifact | status | prefill tok/s host / device | decode tok/s host / device | "
+            "TTFT ms host / device | peak RSS MB host / device | best threads prefill / decode | "
+            "decode GB/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        sweeps = []
+        for a in result.get("artifacts") or []:
+            if not isinstance(a, dict):
+                continue
+            path = a.get("path")
+            h = host.get(path) or {}
+            status = _cell(a.get("status"))
+            if a.get("status") != "ok":
+                status += f": {_cell(a.get('reason'))}" + (
+                    f" (install: `{_cell(a.get('install'))}`)" if a.get("install") else ""
+                )
+            best = a.get("best_threads") if isinstance(a.get("best_threads"), dict) else {}
+            lines.append(
+                f"| {_cell(path)} | {status} | {_cell(h.get('prefill_tok_s'), '.0f')} / "
+                f"{_cell(a.get('prefill_tok_s'), '.0f')} | {_cell(h.get('decode_tok_s'), '.0f')} / "
+                f"{_cell(a.get('decode_tok_s'), '.1f')} | {_cell(h.get('ttft_ms'), '.1f')} / "
+                f"{_cell(a.get('ttft_ms'), '.1f')} | {_cell(h.get('peak_rss_mb'), '.0f')} / "
+                f"{_cell(a.get('peak_rss_mb'), '.0f')} | {_cell(best.get('prefill'))} / "
+                f"{_cell(best.get('decode'))} | {_cell(a.get('effective_gb_s'), '.2f')} |"
+            )
+            points = [
+                f"{_cell(s.get('threads'))} → {_cell(s.get('prefill_tok_s'), '.0f')} / "
+                f"{_cell(s.get('decode_tok_s'), '.1f')}"
+                for s in a.get("sweep") or []
+                if isinstance(s, dict)
+            ]
+            if points:
+                sweeps.append(f"- {_cell(path)}: " + ", ".join(points))
+        if sweeps:
+            lines += ["", "Thread sweep (threads → prefill / decode tok/s):", "", *sweeps]
+        cmp = compare_device_runs(runs, where)
+        if cmp["regressions"]:
+            lines += ["", f"**Slower than the previous run ({_cell(cmp['previous_recorded'])}):**", ""]
+            lines += [f"- {_cell(regression_line(r))}" for r in cmp["regressions"]]
+        elif cmp["previous_recorded"]:
+            lines += [
+                "",
+                f"No slowdown beyond noise since the previous run ({_cell(cmp['previous_recorded'])}).",
+            ]
+        lines.append("")
+    lines.append(DEVICE_SECTION_END)
+    return "\n".join(lines) + "\n"
+
+
+def with_device_section(report: str, section: str) -> str:
+    """report.md with its device section replaced (or appended when it has none)."""
+    start, end = report.find(DEVICE_SECTION_START), report.find(DEVICE_SECTION_END)
+    if start != -1 and end > start:
+        tail = report[end + len(DEVICE_SECTION_END) :].lstrip("\n")
+        return report[:start] + section + tail
+    return report.rstrip("\n") + "\n\n" + section
+
+
+def _rewrite_files(root: Path, new: dict[str, str]) -> None:
+    """Replace some files of a bundle as one step: a sibling folder gets hard links to every other file (a
+    copy where links fail) and the new contents, then takes the bundle's name (files.atomic_dir)."""
+    from .files import MARKER
+
+    with atomic_dir(root) as tmp:
+        for dirpath, dirs, names in os.walk(root):
+            rel_dir = Path(dirpath).relative_to(root)
+            for d in dirs:
+                (tmp / rel_dir / d).mkdir(exist_ok=True)
+            for n in names:
+                rel = (rel_dir / n).as_posix()
+                if rel in new:
+                    continue
+                src, dst = root / rel, tmp / rel
+                if rel == MARKER:
+                    dst.unlink(missing_ok=True)
+                try:
+                    os.link(src, dst, follow_symlinks=False)
+                except OSError:
+                    shutil.copy2(src, dst, follow_symlinks=False)
+        for rel, text in new.items():
+            (tmp / rel).write_text(text, encoding="utf-8")
+            os.chmod(tmp / rel, 0o666 & ~_umask())
+
+
+def record_device_run(bundle_dir: Path, result: dict[str, Any], where: str) -> dict[str, Any]:
+    """Record a bench_on_device.py result in a bundle: appended to manifest.json's `device_latency` (newest
+    last: {where, recorded, result}), report.md's device section rewritten, the manifest's report.md digest
+    and SHA256SUMS updated, all in one atomic step (the bundle still passes `edgeft check`). Returns the
+    comparison with the previous run of the same `where` (compare_device_runs)."""
+    root = Path(bundle_dir)
+    manifest = read_json(root / MANIFEST)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise EdgeftError(f"{root / MANIFEST}: not a bundle manifest (no files list); rebuild the bundle")
+    if not isinstance(result, dict):
+        raise EdgeftError(f"device result for {where}: expected a JSON object, got {type(result).__name__}")
+    runs = manifest.get("device_latency", [])
+    if not isinstance(runs, list):
+        raise EdgeftError(f"{root / MANIFEST}: device_latency is not a list; rebuild the bundle")
+    runs.append(
+        {"where": where, "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "result": result}
+    )
+    manifest["device_latency"] = runs
+    try:
+        report = (root / REPORT).read_text(encoding="utf-8") if (root / REPORT).is_file() else ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeftError(f"{root / REPORT}: cannot read it ({e}); rebuild the bundle") from None
+    report = with_device_section(report, render_device_section(manifest))
+    manifest["files"][REPORT] = hashlib.sha256(report.encode("utf-8")).hexdigest()
+    manifest_text = json.dumps(manifest, indent=2) + "\n"
+    sums = dict(manifest["files"]) | {MANIFEST: hashlib.sha256(manifest_text.encode("utf-8")).hexdigest()}
+    sums_text = "".join(sha256sums_line(sums[rel], rel) for rel in sorted(sums))
+    try:
+        _rewrite_files(root, {REPORT: report, MANIFEST: manifest_text, SHA256SUMS: sums_text})
+    except OSError as exc:
+        raise EdgeftError(f"cannot update bundle {root}: {exc.strerror or exc}") from None
+    return compare_device_runs(runs, where)

@@ -329,23 +329,214 @@ def _check_threads(threads: int | None) -> None:
         expect_int(threads, "--threads", 1, MAX_THREADS)
 
 
-@app.command(epilog="Example: edgeft bench --artifact model-q4_0.gguf --threads 4 --json")
+@app.command(
+    epilog="Example: edgeft bench --artifact model-q4_0.gguf --threads 4 --json\n\n"
+    "Example: edgeft bench dist/raspberrypi --remote pi@raspberrypi.local\n\n"
+    "Example: edgeft bench dist/raspberrypi --remote pi@192.168.1.20:2222 --identity ~/.ssh/id_ed25519 "
+    "--accept-new-host-key --thread-sweep 1,2,4"
+)
 def bench(
-    artifact: Annotated[Path, typer.Option(help="A .gguf file, an ONNX model dir or an HF model dir.")],
+    bundle: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="BUNDLE",
+            help="A bundle folder (OUT/<target>/): run its bench_on_device.py on the device (--remote) or here, "
+            "and record the result in the bundle.",
+        ),
+    ] = None,
+    artifact: Annotated[
+        Path | None,
+        typer.Option(help="A .gguf file, an ONNX model dir or an HF model dir (instead of BUNDLE)."),
+    ] = None,
     threads: Threads = None,
     allow_native_libs: AllowNativeLibs = False,
     runs: Annotated[int, typer.Option(help=f"Timed runs after one warm-up (1-{MAX_RUNS}).")] = 3,
+    prompt_tokens: Annotated[int | None, typer.Option(help="Prompt length in tokens (default 64).")] = None,
+    decode_tokens: Annotated[
+        int | None, typer.Option(help="Tokens decoded after the first (default 64).")
+    ] = None,
+    thread_sweep: Annotated[
+        str | None,
+        typer.Option(
+            help="BUNDLE: thread counts to sweep, e.g. 1,2,4 (default: 1, 2, 4, … up to the cores)."
+        ),
+    ] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(help="BUNDLE: bench only this artifact (its path in the bundle; repeatable)."),
+    ] = None,
+    remote: Annotated[
+        str | None,
+        typer.Option(help="BUNDLE: the device, user@host[:port] (~/.ssh/config and known_hosts apply)."),
+    ] = None,
+    identity: Annotated[Path | None, typer.Option(help="--remote: the private key to log in with.")] = None,
+    accept_new_host_key: Annotated[
+        bool,
+        typer.Option(
+            "--accept-new-host-key",
+            help="--remote: trust a host key not yet in known_hosts and add it there (a changed key is always "
+            "refused).",
+        ),
+    ] = False,
+    python: Annotated[
+        str | None,
+        typer.Option(
+            help="BUNDLE: the Python that runs the script (default: python3 on the device, this one here)."
+        ),
+    ] = None,
+    remote_dir: Annotated[
+        str | None,
+        typer.Option(help="--remote: the bundle's folder on the device (default ~/edgeft/<bundle name>)."),
+    ] = None,
+    connect_timeout: Annotated[
+        float, typer.Option(help="--remote: seconds to wait for the connection and login.")
+    ] = 15.0,
+    timeout: Annotated[float, typer.Option(help="BUNDLE: seconds the benchmark may run.")] = 3600.0,
     as_json: JsonFlag = False,
 ) -> None:
-    """Latency on this machine: prefill and decode tok/s, time to first token, peak RSS, size."""
-    from .bench import bench as run
+    """Latency: of one artifact on this machine (--artifact), or of a bundle on its device (BUNDLE --remote
+    user@host; BUNDLE alone runs on this machine): prefill and decode tok/s, time to first token, peak RSS,
+    per thread count; a bundle's results are recorded in its manifest.json and report.md."""
     from .targets import expect_int
 
     expect_int(runs, "--runs", 1, MAX_RUNS)
     _check_threads(threads)
+    for flag, value in (("--prompt-tokens", prompt_tokens), ("--decode-tokens", decode_tokens)):
+        if value is not None:
+            expect_int(value, flag, 1, 1 << 16)
+    if (bundle is None) == (artifact is None):
+        raise EdgeftError(
+            "edgeft bench: give a BUNDLE folder (edgeft bench dist/raspberrypi --remote pi@host) or "
+            "--artifact FILE, not both and not neither"
+        )
+    if artifact is not None:
+        bundle_only = {
+            "--thread-sweep": thread_sweep,
+            "--only": only,
+            "--remote": remote,
+            "--python": python,
+            "--identity": identity,
+            "--remote-dir": remote_dir,
+            "--accept-new-host-key": accept_new_host_key or None,
+        }
+        given = [flag for flag, value in bundle_only.items() if value]
+        if given:
+            raise EdgeftError(f"{', '.join(given)}: for a BUNDLE, not --artifact")
+        from .bench import bench as run
+
+        with _stdout_to_stderr():
+            res = run(
+                artifact,
+                threads=threads,
+                runs=runs,
+                allow_native_libs=allow_native_libs,
+                prompt_tokens=prompt_tokens or 64,
+                decode_tokens=decode_tokens or 64,
+            )
+        _emit(res, as_json)
+        return
+    _bench_bundle(
+        bundle,
+        threads=_sweep(thread_sweep, threads),
+        runs=runs,
+        prompt_tokens=prompt_tokens,
+        decode_tokens=decode_tokens,
+        only=only or [],
+        remote=remote,
+        identity=identity,
+        accept_new_host_key=accept_new_host_key,
+        python=python,
+        remote_dir=remote_dir,
+        connect_timeout=connect_timeout,
+        timeout=timeout,
+        allow_native_libs=allow_native_libs,
+        as_json=as_json,
+    )
+
+
+def _sweep(text: str | None, threads: int | None) -> list[int] | None:
+    """--thread-sweep 1,2,4 → [1, 2, 4]; --threads N alone → [N]; neither → None (the script's default)."""
+    from .targets import MAX_THREADS
+
+    if text is None:
+        return None if threads is None else [threads]
+    if threads is not None:
+        raise EdgeftError("--threads and --thread-sweep: give one (--thread-sweep 1,2,4 or --threads 2)")
+    counts = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or not 1 <= int(part) <= MAX_THREADS:
+            raise EdgeftError(
+                f"--thread-sweep {text!r}: expected thread counts from 1 to {MAX_THREADS}, e.g. 1,2,4"
+            )
+        counts.append(int(part))
+    return sorted(set(counts))
+
+
+def _num(x: Any, spec: str) -> str:
+    """A figure from the device's JSON, formatted; "?" when it is not a number."""
+    return format(x, spec) if isinstance(x, int | float) and not isinstance(x, bool) else "?"
+
+
+def _bench_bundle(bundle: Path, *, as_json: bool, allow_native_libs: bool, **kw: Any) -> None:
+    """edgeft bench BUNDLE [--remote ...]: run, record, and say what happened (see edgeft/remote.py)."""
+    from .remote import bench_bundle, script_args
+    from .ui import info
+
+    if allow_native_libs:
+        raise EdgeftError(
+            "--allow-native-libs: for --artifact; a bundle's script loads what its manifest lists"
+        )
+    for flag, value in (("--connect-timeout", kw["connect_timeout"]), ("--timeout", kw["timeout"])):
+        if not 0 < value <= 7 * 86400:
+            raise EdgeftError(f"{flag} = {value:g}: expected seconds above 0 (at most a week)")
+    args = script_args(
+        threads=kw.pop("threads"),
+        runs=kw.pop("runs"),
+        prompt_tokens=kw.pop("prompt_tokens"),
+        decode_tokens=kw.pop("decode_tokens"),
+        only=kw.pop("only"),
+    )
     with _stdout_to_stderr():
-        res = run(artifact, threads=threads, runs=runs, allow_native_libs=allow_native_libs)
-    _emit(res, as_json)
+        run = bench_bundle(bundle, args, **kw)
+    if run.sync is not None:
+        s = run.sync
+        info(
+            f"copied {s.copied_files} files ({s.copied_bytes / 1e6:.1f} MB) to {run.where}:{s.remote_dir}; "
+            f"skipped {s.skipped_files} files ({s.skipped_bytes / 1e6:.1f} MB) already there"
+        )
+    for a in run.result["artifacts"]:
+        if a.get("status") == "ok":
+            best = a.get("best_threads") if isinstance(a.get("best_threads"), dict) else {}
+            info(
+                f"{a['path']}: prefill {_num(a.get('prefill_tok_s'), '.0f')} tok/s ({best.get('prefill')} threads), "
+                f"decode {_num(a.get('decode_tok_s'), '.1f')} tok/s ({best.get('decode')} threads), "
+                f"TTFT {_num(a.get('ttft_ms'), '.1f')} ms, peak RSS {_num(a.get('peak_rss_mb'), '.0f')} MB"
+            )
+        else:
+            install = f" (install: {a['install']})" if a.get("install") else ""
+            info(f"{a['path']}: {a.get('status')}: {a.get('reason')}{install}")
+    from .bundle import regression_line
+
+    for r in run.comparison["regressions"]:
+        print(
+            f"warning: {run.where}: slower than the run of {run.comparison['previous_recorded']}: "
+            f"{regression_line(r)}",
+            file=sys.stderr,
+        )
+    if run.note:
+        print(f"warning: {run.note}", file=sys.stderr)
+    if as_json:
+        _emit({"bundle": str(Path(bundle).resolve())} | run.to_json(), True)
+    else:
+        info(
+            f"recorded in {Path(bundle) / 'manifest.json'} (device_latency) and {Path(bundle) / 'report.md'}"
+        )
+    if run.failed:
+        raise EdgeftError(
+            f"{run.where}: {len(run.failed)} artifact(s) failed to run on the device ({', '.join(run.failed)}); "
+            "the result is recorded, see report.md"
+        )
 
 
 @app.command(

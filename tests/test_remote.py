@@ -1,0 +1,499 @@
+"""`edgeft bench BUNDLE --remote user@host:port` against a real OpenSSH server on 127.0.0.1: the bundle is
+copied over SFTP (a second run copies nothing), its bench_on_device.py runs in a runtime-only virtual
+environment, the result lands in manifest.json (`device_latency`) and report.md, and the bundle still passes
+`edgeft check`. Host keys, unreachable hosts and regressions each have their own test; the user's real
+~/.ssh is never read or written (HOME points into the test's folder)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import getpass
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from edgeft import bundle, remote
+from edgeft.bench import LatencyReport
+from edgeft.check import check_bundle
+from edgeft.constants import MANIFEST, REPORT, SHA256SUMS
+from edgeft.errors import EdgeftError
+from edgeft.export import ExportOptions, export_artifact
+from edgeft.targets import ArtifactSpec, TargetProfile
+from edgeft.verify import DriftReport
+
+SSHD = Path("/usr/sbin/sshd")
+TARGET = TargetProfile(
+    name="tiny-device",
+    description="test device",
+    arch="arm64",
+    threads=2,
+    ram_mb=1024,
+    ram_budget_mb=512,
+    context_length=256,
+    bandwidth_gb_s=4.0,
+    artifacts=(ArtifactSpec("gguf", "q8_0"),),
+)
+DRIFT = DriftReport(0.01, 0.1, 0.99, 1.01, None, 1.0, 1.0, 100, 4)
+LATENCY = LatencyReport(100.0, 50.0, 5.0, 200.0, 1000, 1.0, 16, 8, 3, 2)
+# Small and quick: two thread counts, one timed run of an 8-token prompt and 4 decoded tokens.
+QUICK = ("--thread-sweep", "1,2", "--runs", "1", "--prompt-tokens", "8", "--decode-tokens", "4")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _keygen(path: Path) -> None:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgeft-test", "-f", str(path)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+@dataclass(frozen=True)
+class Sshd:
+    """A throwaway OpenSSH server on 127.0.0.1 that lets `user` in with `key`."""
+
+    port: int
+    user: str
+    key: Path
+    host_pub: Path
+    root: Path
+
+    @property
+    def spec(self) -> str:
+        return f"{self.user}@127.0.0.1:{self.port}"
+
+    def home(self, name: str) -> Path:
+        """A fresh HOME for the client (its own ~/.ssh/known_hosts), so the real one is never touched."""
+        home = self.root / "homes" / name
+        (home / ".ssh").mkdir(parents=True)
+        return home
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    assert SSHD.is_file(), (
+        f"{SSHD} is missing: install Debian's openssh-server (apt-get install -y openssh-server; .ci/run does)"
+    )
+    root = tmp_path_factory.mktemp("sshd")
+    _keygen(root / "host_ed25519")
+    _keygen(root / "client_ed25519")
+    shutil.copy(root / "client_ed25519.pub", root / "authorized_keys")
+    port = _free_port()
+    cfg = root / "sshd_config"
+    cfg.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_ed25519'}\nPidFile {root / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {root / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+        "StrictModes no\nUsePAM no\nSubsystem sftp internal-sftp\nLogLevel ERROR\n"
+    )
+    with contextlib.suppress(PermissionError):  # sshd insists on its privilege-separation folder
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    log = open(root / "sshd.log", "wb")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(cfg)], stdout=log, stderr=log)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            assert proc.poll() is None, (root / "sshd.log").read_text()
+            assert time.monotonic() < deadline, "sshd did not start listening within 20 s"
+            time.sleep(0.1)
+    try:
+        yield Sshd(port, getpass.getuser(), root / "client_ed25519", root / "host_ed25519.pub", root)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@dataclass(frozen=True)
+class Bundles:
+    """A bundle written once per module (never changed) and copies for tests that record into one."""
+
+    fresh: Path
+    work: Path
+
+    def __call__(self, name: str) -> Path:
+        dst = self.work / "copies" / name / "tiny-device"
+        shutil.copytree(self.fresh, dst, symlinks=True)
+        return dst
+
+
+@pytest.fixture(scope="module")
+def made(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Bundles:
+    """A small bundle (one GGUF q8_0 of the tiny Llama, no fine-tune) as `edgeft build` writes it."""
+    work = tmp_path_factory.mktemp("remote")
+    spec = TARGET.artifacts[0]
+    path = export_artifact(tiny_llama, spec.format, spec.quant, work / "artifacts", ExportOptions())
+    facts = bundle.BuildFacts(
+        base_model=tiny_llama.name,
+        adapter_sha256="a" * 64,
+        dataset_sha256="d" * 64,
+        reference_task_accuracy=None,
+        base_task_accuracy=None,
+        reference_latency=None,
+        kv_cache_mb=1.0,
+    )
+    old = os.umask(0o022)
+    try:
+        fresh = bundle.write_bundle(
+            work / "dist", TARGET, facts, [bundle.ArtifactResult(spec, path, DRIFT, LATENCY)], tiny_llama
+        )
+    finally:
+        os.umask(old)
+    assert (fresh / remote.DEVICE_SCRIPT).is_file(), (
+        "write_bundle should put bench_on_device.py in the bundle"
+    )
+    return Bundles(fresh, work)
+
+
+def _edgeft(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, HOME=str(home), COLUMNS="200")
+    return subprocess.run(
+        [sys.executable, "-m", "edgeft", *args], capture_output=True, text=True, timeout=600, env=env
+    )
+
+
+def _one_error_line(res: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    err = res.stderr.strip()
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): bundle.sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+# --- over SSH -------------------------------------------------------------------------------------------------
+
+
+def test_remote_bench_records_and_a_second_run_copies_nothing(
+    sshd: Sshd, made: Bundles, runtime_venv: Path
+) -> None:
+    b = made("remote")
+    home = sshd.home("first")
+    device_dir = sshd.root / "device" / "tiny-device"
+    args = (
+        "bench",
+        str(b),
+        "--remote",
+        sshd.spec,
+        "--identity",
+        str(sshd.key),
+        "--python",
+        str(runtime_venv),
+    )
+    args += ("--remote-dir", str(device_dir), *QUICK, "--json")
+    n_files = len(remote.local_files(b))
+    n_bytes = sum(p.stat().st_size for p in remote.local_files(b).values())
+    first = _edgeft(*args, "--accept-new-host-key", home=home)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = json.loads(first.stdout)
+    assert out["where"] == f"{sshd.user}@127.0.0.1:{sshd.port}"
+    assert out["sync"]["copied_files"] == n_files and out["sync"]["skipped_files"] == 0
+    assert out["sync"]["copied_bytes"] == n_bytes  # the bundle as it was before the result was recorded
+    # the new host key went into the test's known_hosts, as OpenSSH writes a non-22 port
+    host_key = sshd.host_pub.read_text().split()[1]
+    assert f"[127.0.0.1]:{sshd.port} ssh-ed25519 {host_key}" in (home / ".ssh" / "known_hosts").read_text()
+
+    m = json.loads((b / MANIFEST).read_text())
+    [run] = m["device_latency"]
+    assert run["where"] == out["where"] and run["recorded"].endswith("Z")
+    [art] = run["result"]["artifacts"]
+    assert art["path"] == "model-q8_0.gguf" and art["status"] == "ok", art
+    assert [s["threads"] for s in art["sweep"]] == [1, 2]
+    assert all(s["decode_tok_s"] > 0 and s["prefill_tok_s"] > 0 for s in art["sweep"])
+    assert art["best_threads"]["decode"] in (1, 2)
+    assert run["result"]["integrity"]["ok"] and run["result"]["device"]["runtimes"]["llama-cpp-python"]
+    report = (b / REPORT).read_text()
+    assert bundle.DEVICE_SECTION_START in report and out["where"] in report and "1 → " in report
+    check = check_bundle(b)
+    assert check.passed, [f.line() for f in check.findings]
+    # the device holds the recorded bundle under its final name, nothing half-copied beside it
+    assert _files(device_dir) == _files(b)
+    assert sorted(p.name for p in device_dir.parent.iterdir()) == ["tiny-device"]
+
+    second = _edgeft(*args, home=home)  # the key is known now: no --accept-new-host-key needed
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads(second.stdout)
+    assert again["sync"]["copied_files"] == 0 and again["sync"]["copied_bytes"] == 0
+    assert again["sync"]["skipped_files"] == n_files
+    assert again["comparison"]["previous_recorded"] == run["recorded"]
+    assert {c["metric"] for c in again["comparison"]["changes"]} == {
+        "prefill_tok_s",
+        "decode_tok_s",
+        "ttft_ms",
+    }
+    assert len(json.loads((b / MANIFEST).read_text())["device_latency"]) == 2
+    assert check_bundle(b, load=False).passed
+    assert _files(device_dir) == _files(b)
+
+
+def test_a_killed_copy_is_picked_up_by_the_next(
+    sshd: Sshd, made: Bundles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy killed midway leaves `<dir>.partial` with `.part` files: the next copy keeps what is whole,
+    removes the rest, and only then takes the final name."""
+    b = made("killed")
+    monkeypatch.setenv("HOME", str(sshd.home("killed")))
+    device_dir = sshd.root / "device-killed" / "tiny-device"
+    partial = Path(str(device_dir) + remote.PARTIAL_SUFFIX)
+    (partial / "tokenizer").mkdir(parents=True)
+    shutil.copy(b / MANIFEST, partial / MANIFEST)  # whole: kept
+    (partial / "model-q8_0.gguf.part").write_bytes(b"GGUF half")  # an unfinished upload
+    (partial / "tokenizer" / "stale.json").write_text("{}")  # not in the bundle
+    (partial / REPORT).write_text("older report")  # changed: copied again
+    ep = remote.resolve_endpoint(remote.parse_remote(sshd.spec), sshd.key)
+    client = remote.connect(ep, accept_new_host_key=True)
+    try:
+        rep = remote.sync_bundle(client, b, str(device_dir), where=ep.where, python=sys.executable)
+    finally:
+        client.close()
+    n = len(remote.local_files(b))
+    assert rep.skipped_files == 1 and rep.copied_files == n - 1 and MANIFEST not in rep.copied
+    assert rep.remote_dir == str(device_dir) and not partial.exists()
+    assert _files(device_dir) == _files(b)
+
+
+def test_a_changed_host_key_is_refused(sshd: Sshd, made: Bundles, tmp_path: Path) -> None:
+    home = sshd.home("changed")
+    _keygen(tmp_path / "other")
+    other = (tmp_path / "other.pub").read_text().split()
+    (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{sshd.port} {other[0]} {other[1]}\n")
+    before = _files(made.fresh)
+    args = ("bench", str(made.fresh), "--remote", sshd.spec, "--identity", str(sshd.key))
+    res = _edgeft(*args, "--accept-new-host-key", "--remote-dir", str(tmp_path / "dev"), home=home)
+    _one_error_line(res, sshd.spec, "host key changed", f"ssh-keygen -R '[127.0.0.1]:{sshd.port}'")
+    assert _files(made.fresh) == before and not (tmp_path / "dev").exists()
+    assert (home / ".ssh" / "known_hosts").read_text().count("\n") == 1  # never overwritten
+
+
+def test_an_unknown_host_key_needs_accept_new(sshd: Sshd, made: Bundles, tmp_path: Path) -> None:
+    home = sshd.home("unknown")
+    args = ("bench", str(made.fresh), "--remote", sshd.spec, "--identity", str(sshd.key))
+    res = _edgeft(*args, "--remote-dir", str(tmp_path / "dev"), home=home)
+    _one_error_line(res, sshd.spec, "is not in", "--accept-new-host-key", "SHA256:")
+    assert not (home / ".ssh" / "known_hosts").exists() and not (tmp_path / "dev").exists()
+
+
+def test_a_wrong_key_fails_authentication(sshd: Sshd, made: Bundles, tmp_path: Path) -> None:
+    _keygen(tmp_path / "stranger")
+    home = sshd.home("stranger")
+    args = ("bench", str(made.fresh), "--remote", sshd.spec, "--identity", str(tmp_path / "stranger"))
+    res = _edgeft(*args, "--accept-new-host-key", home=home)
+    _one_error_line(res, sshd.spec, "authentication failed", "--identity")
+
+
+def test_an_unreachable_host_is_one_line(made: Bundles, tmp_path: Path) -> None:
+    port = _free_port()  # nothing listens there
+    home = tmp_path / "home"
+    home.mkdir()
+    res = _edgeft(
+        "bench", str(made.fresh), "--remote", f"pi@127.0.0.1:{port}", "--connect-timeout", "5", home=home
+    )
+    _one_error_line(res, f"pi@127.0.0.1:{port}", "connection refused", "ssh")
+
+
+def test_a_missing_remote_python_is_one_line(sshd: Sshd, made: Bundles, tmp_path: Path) -> None:
+    home = sshd.home("nopython")
+    args = (
+        "bench",
+        str(made.fresh),
+        "--remote",
+        sshd.spec,
+        "--identity",
+        str(sshd.key),
+        "--accept-new-host-key",
+    )
+    res = _edgeft(*args, "--python", "python3-nowhere", "--remote-dir", str(tmp_path / "dev"), home=home)
+    _one_error_line(res, sshd.spec, "python3-nowhere was not found", "--python")
+
+
+# --- on this machine -----------------------------------------------------------------------------------------
+
+
+def test_local_bench_records_localhost(made: Bundles, runtime_venv: Path, tmp_path: Path) -> None:
+    b = made("local")
+    res = _edgeft("bench", str(b), "--python", str(runtime_venv), *QUICK, home=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "recorded in" in res.stderr and "model-q8_0.gguf: prefill" in res.stderr
+    [run] = json.loads((b / MANIFEST).read_text())["device_latency"]
+    assert run["where"] == "localhost" and len(run["result"]["artifacts"][0]["sweep"]) == 2
+    assert check_bundle(b, load=False).passed
+
+
+# --- command line and parsing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        ((), ("BUNDLE", "--artifact")),
+        (("BUNDLE", "--artifact", "m.gguf"), ("not both",)),
+        (("--artifact", "m.gguf", "--remote", "pi@h"), ("--remote", "not --artifact")),
+        (("BUNDLE", "--thread-sweep", "1,x"), ("--thread-sweep '1,x'",)),
+        (("BUNDLE", "--remote", "pi@host:99999"), ("port 1-65535",)),
+        (("BUNDLE", "--identity", "k"), ("need --remote",)),
+    ],
+)
+def test_bench_arguments_are_one_line(
+    made: Bundles, tmp_path: Path, args: tuple[str, ...], needles: tuple[str, ...]
+) -> None:
+    args = tuple(str(made.fresh) if a == "BUNDLE" else a for a in args)
+    _one_error_line(_edgeft("bench", *args, home=tmp_path), *needles)
+
+
+@pytest.mark.parametrize(
+    ("spec", "want"),
+    [
+        ("pi@raspberrypi.local", remote.RemoteSpec("pi", "raspberrypi.local", None)),
+        ("root@127.0.0.1:2222", remote.RemoteSpec("root", "127.0.0.1", 2222)),
+        ("myboard", remote.RemoteSpec(None, "myboard", None)),
+        ("me@[::1]:22", remote.RemoteSpec("me", "::1", 22)),
+    ],
+)
+def test_parse_remote(spec: str, want: remote.RemoteSpec) -> None:
+    assert remote.parse_remote(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["", "a@b@c", "pi@host:0", "pi@host:port", "pi@", "pi@ho st"])
+def test_parse_remote_refuses(spec: str) -> None:
+    with pytest.raises(EdgeftError, match="expected user@host"):
+        remote.parse_remote(spec)
+
+
+def test_ssh_config_supplies_hostname_user_port_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "id_board").write_text("not used here")
+    (tmp_path / ".ssh" / "config").write_text(
+        "Host board\n  HostName 10.1.2.3\n  User pi\n  Port 2200\n  IdentityFile ~/.ssh/id_board\n"
+    )
+    ep = remote.resolve_endpoint(remote.parse_remote("board"))
+    assert (ep.hostname, ep.user, ep.port) == ("10.1.2.3", "pi", 2200)
+    assert ep.identities == (str(tmp_path / ".ssh" / "id_board"),)
+    assert ep.known_hosts == tmp_path / ".ssh" / "known_hosts" and ep.where == "pi@board:2200"
+    ep = remote.resolve_endpoint(remote.parse_remote("root@board:22"))  # what is typed wins
+    assert (ep.user, ep.port, ep.where) == ("root", 22, "root@board")
+
+
+# --- regressions ---------------------------------------------------------------------------------------------
+
+
+def _result(decode: float, prefill: float = 400.0, ttft: float = 20.0) -> dict:
+    art = {
+        "path": "model-q8_0.gguf",
+        "format": "gguf",
+        "status": "ok",
+        "reason": None,
+        "install": None,
+        "sweep": [
+            {
+                "threads": 2,
+                "prefill_tok_s": prefill,
+                "decode_tok_s": decode,
+                "ttft_ms": ttft,
+                "peak_rss_mb": 50,
+            }
+        ],
+        "best_threads": {"prefill": 2, "decode": 2},
+        "prefill_tok_s": prefill,
+        "decode_tok_s": decode,
+        "ttft_ms": ttft,
+        "peak_rss_mb": 50.0,
+        "decode_bytes_per_token": None,
+        "effective_gb_s": None,
+    }
+    return {
+        "schema": 1,
+        "bundle": "x",
+        "started": "2026-01-01T00:00:00Z",
+        "finished": "2026-01-01T00:00:09Z",
+        "integrity": {"ok": True, "files_checked": 9, "problems": []},
+        "device": {"hostname": "pi5", "machine": "aarch64", "cpu_model": "Cortex-A76", "cores": 4},
+        "artifacts": [art],
+    }
+
+
+def test_a_slowdown_beyond_noise_is_flagged(made: Bundles) -> None:
+    b = made("regress")
+    assert bundle.record_device_run(b, _result(30.0), "pi@board")["previous_recorded"] is None
+    same = bundle.record_device_run(b, _result(28.0), "pi@board")  # 7% slower: within the 10% noise
+    assert same["previous_recorded"] and same["regressions"] == []
+    other = bundle.record_device_run(
+        b, _result(5.0), "pi@other"
+    )  # another device: not compared with pi@board
+    assert other["previous_recorded"] is None and other["regressions"] == []
+    slow = bundle.record_device_run(b, _result(15.0, prefill=410.0, ttft=30.0), "pi@board")
+    assert [(r["metric"], r["previous"], r["current"]) for r in slow["regressions"]] == [
+        ("decode_tok_s", 28.0, 15.0),
+        ("ttft_ms", 20.0, 30.0),
+    ]
+    assert [r["threshold"] for r in slow["regressions"]] == [0.10, 0.10]  # 30 → 28 spread 7%: the floor
+    report = (b / REPORT).read_text()
+    assert "Slower than the previous run" in report and "decode tok/s 28 → 15" in report
+    assert report.count(bundle.DEVICE_SECTION_START) == 1 and "### pi@other" in report
+    assert check_bundle(b, load=False).passed
+    m = json.loads((b / MANIFEST).read_text())
+    assert [r["where"] for r in m["device_latency"]] == ["pi@board", "pi@board", "pi@other", "pi@board"]
+    assert (b / SHA256SUMS).read_text().count("\n") == len(m["files"]) + 1
+
+
+def test_noisy_history_raises_the_threshold(made: Bundles) -> None:
+    """Earlier runs spread 40% apart: a 25% slowdown is within that device's own noise."""
+    b = made("noisy")
+    for decode in (30.0, 20.0, 28.0):
+        bundle.record_device_run(b, _result(decode), "pi@board")
+    cmp = bundle.record_device_run(b, _result(21.0), "pi@board")
+    [decode] = [c for c in cmp["changes"] if c["metric"] == "decode_tok_s"]
+    assert decode["slowdown"] == pytest.approx(0.25)
+    assert decode["threshold"] == pytest.approx(10 / 28, abs=1e-4)
+    assert not decode["regression"]
+
+
+def test_record_is_atomic_and_keeps_hostile_text_out_of_the_table(made: Bundles) -> None:
+    b = made("hostile")
+    before = copy.deepcopy(json.loads((b / MANIFEST).read_text()))
+    evil = _result(30.0)
+    evil["device"]["hostname"] = "pi|5\n# injected"
+    evil["artifacts"][0]["decode_tok_s"] = "fast"
+    bundle.record_device_run(b, evil, "pi@board")
+    report = (b / REPORT).read_text()
+    assert "\n# injected" not in report and "pi/5 # injected" in report
+    assert check_bundle(b, load=False).passed
+    after = json.loads((b / MANIFEST).read_text())
+    assert {k: v for k, v in after.items() if k not in ("device_latency", "files")} == {
+        k: v for k, v in before.items() if k != "files"
+    }
+    assert not [p for p in b.parent.iterdir() if p.name != b.name]  # no temp folder left beside it
