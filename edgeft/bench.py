@@ -24,6 +24,7 @@ from .constants import FORMAT_GGUF, FORMAT_TORCH
 from .device.bench_on_device import Engine, measure_engine, open_engine, peak_rss_mb
 from .errors import EdgeftError
 from .files import tree_bytes
+from .footprint import decode_bytes_per_token
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,8 @@ def measure(
         ttft_ms=t.ttft_ms,
         peak_rss_mb=peak_rss_mb() or 0.0,
         bytes=size,
-        # bandwidth the decode used: bytes streamed per token × tok/s (file size until a per-token count exists)
-        effective_gb_s=size * t.decode_tok_s / 1e9,
+        # bandwidth the decode used: weight bytes streamed per token (edgeft.footprint) × tok/s
+        effective_gb_s=decode_bytes_per_token(path) * t.decode_tok_s / 1e9,
         prompt_tokens=prompt_tokens,
         decode_tokens=decode_tokens,
         runs=runs,

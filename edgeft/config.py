@@ -7,6 +7,7 @@ edgeft.toml (every key optional):
     target = "raspberrypi"                           # profile name or path to a TOML profile
     out = "dist"
     fail_on_drift = true
+    strict = false                                   # true: an artifact over the RAM budget stops the build
     threads = 4                                      # CPU threads for verify and bench
     [lora]                                           # any field of LoraSettings below
     r = 16
@@ -166,6 +167,7 @@ KNOWN_KEYS = {
     "target",
     "out",
     "fail_on_drift",
+    "strict",
     "threads",
     "lora",
     "budgets",
@@ -187,6 +189,8 @@ class BuildConfig:
     allow_pickle: bool = False  # only from --allow-pickle: convert pickle-only weights (weights-only loader)
     threads: int | None = None
     keep_work: bool = False  # keep OUT/.work/<target> after a successful build (it is kept after a failure)
+    # an artifact that cannot fit the profile's RAM budget stops the build (default: skipped with its reason)
+    strict: bool = False
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -202,8 +206,9 @@ def read_toml(path: Path) -> dict[str, Any]:
     for key in ("model", "data", "target", "out"):
         if key in data:
             _path_text(data[key], f"{where}: {key}")
-    if "fail_on_drift" in data and not isinstance(data["fail_on_drift"], bool):
-        raise EdgeftError(f"{where}: fail_on_drift = {show(data['fail_on_drift'])} should be true or false")
+    for key in ("fail_on_drift", "strict"):
+        if key in data and not isinstance(data[key], bool):
+            raise EdgeftError(f"{where}: {key} = {show(data[key])} should be true or false")
     if "threads" in data:
         expect_int(data["threads"], f"{where}: threads", 1, MAX_THREADS)
     if "lora" in data:
@@ -263,6 +268,7 @@ def resolve(
     fail_on_drift: bool | None = None,
     threads: int | None = None,
     cwd: Path | None = None,
+    strict: bool | None = None,
 ) -> BuildConfig:
     """Merge edgeft.toml (if present in `cwd`) with flags; flags win."""
     path = Path(cwd or Path.cwd()) / CONFIG_FILE
@@ -285,6 +291,7 @@ def resolve(
         budgets=budgets,
         fail_on_drift=raw.get("fail_on_drift", True) if fail_on_drift is None else fail_on_drift,
         threads=threads if threads is not None else raw.get("threads"),
+        strict=raw.get("strict", False) if strict is None else strict,
     )
 
 

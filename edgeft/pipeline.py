@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import bench, bundle, data, export, files, targets, verify
+from . import bench, bundle, data, export, files, footprint, targets, verify
 from .config import BuildConfig, apply_budgets
 from .errors import EdgeftError
 from .files import locked, tree_bytes
@@ -45,6 +45,12 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
     seconds: dict[str, float] = {}
     reused: list[str] = []
     info(f"[bold]edgeft build[/] target={target.name} model={model} data={data_path}")
+    # RAM preflight before any heavy work: a local checkpoint's shapes are the merged model's (LoRA merges
+    # in place), so an artifact that cannot fit is known before fine-tuning; a Hub id waits for the merge.
+    specs: list[targets.ArtifactSpec] | None = None
+    skipped: list[bundle.SkippedArtifact] = []
+    if _local_weights(model):
+        specs, skipped = ram_preflight(Path(model), target, strict=cfg.strict)
 
     # Each stage is keyed by its inputs and settings: a re-run (after a failure, a kill, or with --keep-work)
     # reuses what is finished and redoes only the rest; a killed fine-tune resumes from its last checkpoint.
@@ -94,6 +100,8 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
             merge(model, ft.adapter_dir, merged, trust_remote_code=cfg.trust_remote_code)
             files.mark_done(merged, key)
 
+    if specs is None:
+        specs, skipped = ram_preflight(merged, target, strict=cfg.strict)
     examples, source = verify.eval_examples(merged, None)  # the fine-tune's own held-out split
     evalset = verify.make_eval_set(load_tokenizer(merged, notify=False), examples, source=source)
     conversations = [ex.prompt_messages for ex in evalset.examples]
@@ -103,7 +111,8 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
     # Export everything first, then hold one float model while judging every artifact, then time each one
     # alone: at most one model copy besides the float reference is in memory at any step.
     paths: dict[str, Path] = {}
-    for spec in target.artifacts:
+    prints: dict[str, footprint.Footprint] = {}
+    for spec in list(specs):
         art_key = files.digest(["export", key, spec.format, spec.quant, spec.accuracy_level, conversations])
         name = export.artifact_name(spec.format, spec.quant)
         path = (
@@ -121,7 +130,19 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
                     opts = export.ExportOptions(spec.accuracy_level, update, conversations)
                     path = export.export_artifact(merged, spec.format, spec.quant, work / "artifacts", opts)
                 files.mark_done(path, art_key)
+        # confirm the estimate on the artifact itself: its tensors and its runtime's KV cache
+        measured = footprint.measure(path, target.context_length)
+        reason = over_budget(measured, target, "measured on the exported artifact")
+        if reason:
+            if cfg.strict:
+                raise EdgeftError(strict_line(spec, reason))
+            info(f"[yellow]skipping {spec.label}[/]: {reason}")
+            skipped.append(bundle.SkippedArtifact(spec, reason, measured))
+            specs.remove(spec)
+            continue
         paths[spec.label] = path
+        prints[spec.label] = measured
+    _require_shipped(target, specs, skipped)
 
     with timed("reference", seconds):
         base_acc = base_accuracy(model, evalset, threads)
@@ -130,7 +151,7 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
         with timed("reference", seconds):
             ref = score(ref_rt, evalset)
         drifts = {}
-        for spec in target.artifacts:
+        for spec in specs:
             with timed(spec.label, seconds):
                 drifts[spec.label] = check(spec.label, ref, paths[spec.label], evalset, threads)
     finally:
@@ -139,12 +160,16 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
     with timed("reference", seconds), task("bench PyTorch float"):
         ref_latency = bench.bench(merged, threads=threads)
     results = []
-    for spec in target.artifacts:
+    for spec in specs:
         with timed(spec.label, seconds), task(f"bench {spec.label}"):
             latency = bench.bench(paths[spec.label], threads=threads)
         drift = drifts[spec.label]
         violations = [drift.explain(v) for v in spec.budget.violations(drift.metrics(), ref.task_accuracy)]
-        results.append(bundle.ArtifactResult(spec, paths[spec.label], drift, latency, tuple(violations)))
+        results.append(
+            bundle.ArtifactResult(
+                spec, paths[spec.label], drift, latency, tuple(violations), prints[spec.label]
+            )
+        )
 
     base = bundle.describe_base(model)  # the name as given (never a home path), Hub revision, weights' sha256
     lora_settings, eval_split_sha256 = bundle.finetune_facts(ft.adapter_dir)
@@ -159,7 +184,7 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
         reference_task_accuracy=ref.task_accuracy,
         base_task_accuracy=base_acc,
         reference_latency=ref_latency,
-        kv_cache_mb=bundle.kv_cache_mb(merged, target.context_length),
+        skipped=tuple(skipped),
         seconds=seconds,
         train_examples=ft.train_examples,
         eval_examples=len(evalset.examples),
@@ -178,6 +203,59 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
         with contextlib.suppress(OSError):
             work.parent.rmdir()  # .work itself, once no other target's work is left in it
     return BuildResult(out, results, not failed, tuple(reused))
+
+
+def _local_weights(model: str) -> bool:
+    folder = Path(model)
+    return folder.is_dir() and any(folder.glob("*.safetensors"))
+
+
+def over_budget(fp: footprint.Footprint, target: targets.TargetProfile, when: str) -> str | None:
+    """Why an artifact with footprint `fp` cannot fit the profile's RAM budget, or None when it fits."""
+    if fp.need_bytes <= target.ram_budget_mb * 1e6:
+        return None
+    return (
+        f"needs {fp.need_bytes / 1e6:.0f} MB ({fp.weights_bytes / 1e6:.0f} MB weights + "
+        f"{fp.kv_cache_bytes / 1e6:.0f} MB {fp.kv_dtype} KV cache at {fp.context_length} tokens), over "
+        f"{target.name}'s RAM budget of {target.ram_budget_mb} MB ({when})"
+    )
+
+
+def strict_line(spec: targets.ArtifactSpec, reason: str) -> str:
+    return (
+        f"{spec.label} {reason}; --strict stops the build (without it the artifact is skipped; or pick a "
+        "smaller quant, a shorter context_length or a profile with more RAM)"
+    )
+
+
+def ram_preflight(
+    model_dir: Path, target: targets.TargetProfile, *, strict: bool = False
+) -> tuple[list[targets.ArtifactSpec], list[bundle.SkippedArtifact]]:
+    """Split the target's artifacts into those whose estimated need (weights resident + KV cache at the
+    profile's context_length, from `model_dir`'s shapes) fits the RAM budget and those skipped, with the
+    reason; with `strict` the first that does not fit is one EdgeftError instead."""
+    keep, skipped = [], []
+    for spec in target.artifacts:
+        est = footprint.estimate_need(model_dir, spec.format, spec.quant, target.context_length)
+        reason = over_budget(est, target, "estimated before export")
+        if reason is None:
+            keep.append(spec)
+            continue
+        if strict:
+            raise EdgeftError(strict_line(spec, reason))
+        info(f"[yellow]skipping {spec.label}[/]: {reason}")
+        skipped.append(bundle.SkippedArtifact(spec, reason, est))
+    _require_shipped(target, keep, skipped)
+    return keep, skipped
+
+
+def _require_shipped(
+    target: targets.TargetProfile, keep: list[targets.ArtifactSpec], skipped: list[bundle.SkippedArtifact]
+) -> None:
+    """A bundle needs at least one shipped artifact: when none fits, say why for each, in one line."""
+    if not any(spec.ship for spec in keep):
+        reasons = "; ".join(f"{s.spec.label} {s.reason}" for s in skipped)
+        raise EdgeftError(f"no shipped artifact of {target.name} fits its RAM budget: {reasons}")
 
 
 def _eval_file_digest(data_path: Path) -> str | None:

@@ -94,13 +94,18 @@ class TargetProfile:
     context_length: int
     bandwidth_gb_s: float
     artifacts: tuple[ArtifactSpec, ...]
+    # CPU features the runtimes' fast kernels need (llama.cpp ggml-cpu, onnxruntime MLAS), and how to get
+    # builds that use them; empty for `host` (whatever this machine has).
+    isa: tuple[str, ...] = ()
+    notes: str = ""
 
     def summary(self) -> str:
         """One line with the key facts, for `edgeft targets`."""
         arts = ", ".join(a.label + ("" if a.ship else " (compare)") for a in self.artifacts)
+        isa = f" | {'+'.join(self.isa)}" if self.isa else ""
         return (
-            f"{self.name:<14} {self.description} | {self.threads} threads, RAM budget {self.ram_budget_mb} MB "
-            f"at ctx {self.context_length}, ~{self.bandwidth_gb_s:g} GB/s | {arts}"
+            f"{self.name:<16} {self.description} | {self.threads} threads, RAM budget {self.ram_budget_mb} MB "
+            f"at ctx {self.context_length}, ~{self.bandwidth_gb_s:g} GB/s{isa} | {arts}"
         )
 
 
@@ -130,7 +135,33 @@ PROFILE_KEYS = (
     "context_length",
     "bandwidth_gb_s",
     "artifacts",
+    "isa",
+    "notes",
 )
+# CPU features that select kernels in llama.cpp (ggml-cpu: GGML_CPU_ARM_ARCH / GGML_AVX2, GGML_AVX512, ...)
+# and onnxruntime's MLAS; an unknown name is a typo, refused with this list.
+ISA_FEATURES = (
+    "neon",
+    "fp16",
+    "dotprod",
+    "i8mm",
+    "sve",
+    "sve2",
+    "sme",
+    "sse4.2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx",
+)
+MAX_NOTES = 600  # a few sentences: which llama.cpp build flags / wheels reach the ISA
 ARTIFACT_KEYS = ("format", "quant", "accuracy_level", "ship", "budget")
 # Generous upper bounds: far past any real device, there so a typo is refused here, not a crash later.
 MAX_THREADS = 1024
@@ -221,6 +252,29 @@ def _text(table: dict[str, Any], key: str, default: str, where: str) -> str:
     return value
 
 
+def parse_isa(value: Any, where: str) -> tuple[str, ...]:
+    """`isa = ["neon", "dotprod"]`: known feature names, each once."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise EdgeftError(f"{where}: isa = {show(value)} should be a list of CPU feature names")
+    unknown = [v for v in value if v not in ISA_FEATURES]
+    if unknown:
+        raise EdgeftError(
+            f"{where}: unknown isa feature(s) {', '.join(show(v) for v in unknown)} "
+            f"(known: {', '.join(ISA_FEATURES)})"
+        )
+    if len(set(value)) != len(value):
+        raise EdgeftError(f"{where}: isa = {show(value)} names a feature twice")
+    return tuple(value)
+
+
+def _notes(value: Any, where: str) -> str:
+    if not isinstance(value, str) or len(value) > MAX_NOTES or not value.replace("\n", " ").isprintable():
+        raise EdgeftError(
+            f"{where}: notes = {show(value)} should be a string of at most {MAX_NOTES} characters"
+        )
+    return " ".join(value.split())
+
+
 def check_name(value: Any, where: str) -> str:
     """A target name: it becomes a directory name, so one plain path component."""
     if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
@@ -309,6 +363,8 @@ def parse_profile(data: Any, source: str) -> TargetProfile:
         context_length=ints["context_length"],
         bandwidth_gb_s=bandwidth,
         artifacts=tuple(arts),
+        isa=parse_isa(data.get("isa", []), source),
+        notes=_notes(data.get("notes", ""), source),
     )
     if profile.ram_budget_mb > profile.ram_mb:
         raise EdgeftError(

@@ -90,3 +90,42 @@ def test_budget_violations_name_metric_value_budget() -> None:
     assert len(bad) == 3
     assert any("kld_mean = 0.02" in v and "0.01" in v for v in bad)
     assert b.violations({"kld_mean": float("nan"), "top1": 1.0}, None)
+
+
+def test_device_profiles_name_their_isa_and_how_to_reach_it() -> None:
+    profiles = {p.name: p for p in targets.load_all()}
+    assert {"raspberrypi-4", "jetson-orin-nano", "apple-silicon", "linux-x64-avx2"} <= set(profiles)
+    for p in profiles.values():
+        assert p.notes, p.name
+        assert set(p.isa) <= set(targets.ISA_FEATURES)
+        if p.arch != "native":
+            assert p.isa, f"{p.name} names no ISA features"
+        if p.arch == "aarch64":
+            assert "neon" in p.isa, p.name
+    pi4, pi5 = profiles["raspberrypi-4"], profiles["raspberrypi"]
+    assert pi4.ram_mb == 4096 and "dotprod" not in pi4.isa and pi4.bandwidth_gb_s < pi5.bandwidth_gb_s
+    assert "dotprod" in pi5.isa and "i8mm" not in pi5.isa  # Cortex-A76: ARMv8.2 dotprod, no i8mm
+    assert "dotprod" in profiles["jetson-orin-nano"].isa and "i8mm" not in profiles["jetson-orin-nano"].isa
+    assert {"avx2", "fma"} <= set(profiles["linux-x64-avx2"].isa)
+    assert "| neon |" in pi4.summary()  # the ISA column: NEON only
+
+
+def test_isa_and_notes_are_checked(tmp_path: Path) -> None:
+    f = tmp_path / "t.toml"
+    base = 'name = "t"\nthreads = 1\nram_mb = 10\nram_budget_mb = 5\ncontext_length = 8\nbandwidth_gb_s = 1\n'
+    art = '[[artifacts]]\nformat = "gguf"\nquant = "q4_0"\n'
+    f.write_text(base + 'isa = ["neon", "dotprod"]\nnotes = "build with GGML_NATIVE"\n' + art)
+    p = targets.load(f)
+    assert p.isa == ("neon", "dotprod") and p.notes == "build with GGML_NATIVE"
+    f.write_text(base + 'isa = ["neon", "dotprd"]\n' + art)
+    with pytest.raises(EdgeftError, match=r"t\.toml: unknown isa feature\(s\) 'dotprd'.*dotprod"):
+        targets.load(f)
+    f.write_text(base + 'isa = "avx2"\n' + art)
+    with pytest.raises(EdgeftError, match="isa = 'avx2' should be a list"):
+        targets.load(f)
+    f.write_text(base + 'isa = ["avx2", "avx2"]\n' + art)
+    with pytest.raises(EdgeftError, match="twice"):
+        targets.load(f)
+    f.write_text(base + "notes = 3\n" + art)
+    with pytest.raises(EdgeftError, match="notes = 3"):
+        targets.load(f)
