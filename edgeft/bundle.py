@@ -23,6 +23,7 @@ from .bench import LatencyReport
 from .constants import FINETUNE_RECORD, MANIFEST, REPORT, SHA256SUMS, TOKENIZER_FILES
 from .errors import EdgeftError
 from .files import atomic_dir, read_json, sha256_file, tree_bytes
+from .footprint import Footprint
 from .targets import ArtifactSpec, TargetProfile
 from .verify import DriftReport
 
@@ -36,6 +37,30 @@ class ArtifactResult:
     drift: DriftReport
     latency: LatencyReport
     violations: tuple[str, ...] = ()
+    footprint: Footprint | None = None  # measured from the artifact when not given
+
+    def figures(self, context_length: int) -> Footprint:
+        """Bytes per decode token, resident weights and KV cache of this artifact at `context_length`."""
+        from . import footprint
+
+        if self.footprint is not None and self.footprint.context_length == context_length:
+            return self.footprint
+        return footprint.measure(self.path, context_length)
+
+
+@dataclass(frozen=True)
+class SkippedArtifact:
+    """An artifact of the profile not built (or not shipped) because it cannot fit the device's RAM."""
+
+    spec: ArtifactSpec
+    reason: str
+    footprint: Footprint  # the estimate before export, or the exported artifact's figures
+
+    def manifest_entry(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"artifact": self.spec.label, "format": self.spec.format}
+        out |= {"quant": self.spec.quant, "ship": self.spec.ship, "reason": self.reason}
+        out["ram_need_mb"] = round(self.footprint.need_bytes / 1e6, 6)
+        return out
 
 
 @dataclass(frozen=True)
@@ -48,7 +73,7 @@ class BuildFacts:
     reference_task_accuracy: float | None
     base_task_accuracy: float | None
     reference_latency: LatencyReport | None
-    kv_cache_mb: float
+    kv_cache_mb: float | None = None  # unused: each artifact's own KV cache is in its footprint
     seconds: dict[str, float] = field(default_factory=dict)
     train_examples: int = 0
     eval_examples: int = 0
@@ -57,6 +82,7 @@ class BuildFacts:
     base_weights_sha256: dict[str, str] = field(default_factory=dict)  # safetensors file → sha256
     lora_settings: dict[str, Any] = field(default_factory=dict)  # as the fine-tune recorded them
     eval_split_sha256: str | None = None  # data.split_digest of the fine-tune's recorded eval_split
+    skipped: tuple[SkippedArtifact, ...] = ()  # artifacts of the profile that cannot fit its RAM budget
 
 
 # Scripts every bundle carries at its root (edgeft/device/): run on the device without edgeft.
@@ -174,28 +200,32 @@ def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactR
         ]
     lines += ["- stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in facts.seconds.items()), ""]
     lines += [
-        "| artifact | size MB | KLD mean | KLD p99 | top-1 | PPL ratio | task acc | prompt ids match | "
-        "answers match | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB | decode bound on device | "
-        "fits RAM | budget |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| artifact | size MB | MB read per token | KLD mean | KLD p99 | top-1 | PPL ratio | task acc | "
+        "prompt ids match | answers match | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB | "
+        "decode bound on device | fits RAM | budget |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ref = facts.reference_latency
     if ref is not None:
         lines.append(
-            f"| PyTorch float (reference) | {ref.bytes / 1e6:.1f} | 0 | 0 | 100% | 1.000 | "
+            f"| PyTorch float (reference) | {ref.bytes / 1e6:.1f} | — | 0 | 0 | 100% | 1.000 | "
             f"{_fmt(facts.reference_task_accuracy, '.1%')} | 100% | 100% | {ref.prefill_tok_s:.0f} | "
             f"{ref.decode_tok_s:.0f} | {ref.ttft_ms:.1f} | {ref.peak_rss_mb:.0f} | — | — | — |"
         )
     for a in arts:
-        d, lat = a.drift, a.latency
-        need_mb = lat.bytes / 1e6 + facts.kv_cache_mb
-        est = target.bandwidth_gb_s * 1e9 / lat.bytes
+        d, lat, fp = a.drift, a.latency, a.figures(target.context_length)
+        need_mb = fp.need_bytes / 1e6
+        fits = (
+            f"{'yes' if fp.need_bytes <= target.ram_budget_mb * 1e6 else 'NO'} ({need_mb:.0f} MB: "
+            f"{fp.weights_bytes / 1e6:.0f} weights + {fp.kv_cache_mb:.0f} {fp.kv_dtype} KV)"
+        )
         lines.append(
-            f"| {artifact_name(a.spec) + _variant(a.spec)} | {lat.bytes / 1e6:.1f} | {d.kld_mean:.5f} | {d.kld_p99:.4f} | "
+            f"| {artifact_name(a.spec) + _variant(a.spec)} | {lat.bytes / 1e6:.1f} | "
+            f"{fp.decode_bytes_per_token / 1e6:.1f} | {d.kld_mean:.5f} | {d.kld_p99:.4f} | "
             f"{d.top1:.1%} | {d.ppl_ratio:.4f} | {_fmt(d.task_accuracy, '.1%')} | {d.prompt_ids_match:.1%} | "
             f"{d.answers_match:.1%} | {lat.prefill_tok_s:.0f} | "
-            f"{lat.decode_tok_s:.0f} | {lat.ttft_ms:.1f} | {lat.peak_rss_mb:.0f} | ~{est:.0f} tok/s | "
-            f"{'yes' if need_mb <= target.ram_budget_mb else 'NO'} ({need_mb:.0f} MB) | "
+            f"{lat.decode_tok_s:.0f} | {lat.ttft_ms:.1f} | {lat.peak_rss_mb:.0f} | "
+            f"~{fp.decode_bound_tok_s(target.bandwidth_gb_s):.0f} tok/s | {fits} | "
             f"{'FAIL: ' + '; '.join(a.violations) if a.violations else 'pass'} |"
         )
     lines += [
@@ -203,10 +233,15 @@ def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactR
         f"Latency measured on the build host ({arts[0].latency.threads if arts else '?'} threads, "
         f"{arts[0].latency.prompt_tokens if arts else '?'}-token prompt, medians of "
         f"{arts[0].latency.runs if arts else '?'} runs after a warm-up). "
-        f'"decode bound on device" = {target.bandwidth_gb_s:g} GB/s ÷ file size, the memory-bandwidth ceiling '
-        "that decode of 100M+ parameter models runs at (tiny models are compute-bound below it). "
-        f'"fits RAM" = file + KV cache at {target.context_length} tokens ({facts.kv_cache_mb:.0f} MB) within '
-        f"the profile's {target.ram_budget_mb} MB budget.",
+        '"MB read per token" = the weights decode streams for each token, from the artifact\'s tensors: all '
+        "of them but the token embedding table, of which only one row is gathered (unless the output head is "
+        "tied to it); an ONNX int8/int4 folder keeps a float32 embedding for that gather, so its file is "
+        f'bigger than what decode reads. "decode bound on device" = the profile\'s {target.bandwidth_gb_s:g} '
+        "GB/s ÷ MB read per token, the memory-bandwidth ceiling that decode of 100M+ parameter models runs "
+        "at (tiny models are compute-bound far below it). "
+        f'"fits RAM" = resident weights + the artifact\'s own KV cache at {target.context_length} tokens (f16 '
+        "in llama.cpp, fp32 in onnxruntime-genai on CPU) within the profile's "
+        f"{target.ram_budget_mb} MB budget.",
         "",
         f"App path ({facts.eval_examples} conversations: {facts.eval_source}): each artifact renders the "
         "conversation with its own chat template and tokenizer and answers greedily in its own runtime "
@@ -223,6 +258,9 @@ def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactR
     ]
     if diffs:
         lines += ["First differences:", "", *diffs, ""]
+    if facts.skipped:
+        lines += ["Skipped (they cannot fit the device's RAM; `edgeft build --strict` stops instead):", ""]
+        lines += [f"- {s.spec.label}: {s.reason}" for s in facts.skipped] + [""]
     return "\n".join(lines)
 
 
@@ -248,6 +286,7 @@ def write_bundle(
                 else:
                     shutil.copy2(a.path, tmp / name)
                 digest, files = sha256_tree(tmp / name)
+                fp = a.figures(target.context_length)
                 entry = {
                     "path": name,
                     "format": a.spec.format,
@@ -257,6 +296,11 @@ def write_bundle(
                     "drift": a.drift.metrics()
                     | {"prompt_diff": a.drift.prompt_diff, "answer_diff": a.drift.answer_diff},
                     "latency": a.latency.metrics(),
+                    "decode_bytes_per_token": fp.decode_bytes_per_token,
+                    "weights_bytes": fp.weights_bytes,
+                    "kv_cache_mb": round(fp.kv_cache_mb, 6),
+                    "kv_cache_dtype": fp.kv_dtype,
+                    "ram_need_mb": round(fp.need_bytes / 1e6, 6),
                     "budget": {k: v for k, v in asdict(a.spec.budget).items() if v is not None},
                     "within_budget": not a.violations,
                 }
@@ -306,6 +350,7 @@ def write_bundle(
                     "eval_split_sha256": facts.eval_split_sha256,
                 },
                 "artifacts": entries,
+                "skipped": [s.manifest_entry() for s in facts.skipped],
                 "files": files,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -372,37 +417,12 @@ def normalize_modes(root: Path) -> None:
 
 
 def kv_cache_mb(model_dir: Path, context_length: int) -> float:
-    """llama.cpp's default f16 KV cache at `context_length`: 2 (K,V) × layers × kv heads × head dim × 2 bytes.
+    """llama.cpp's default f16 KV cache at `context_length` from a Hugging Face config.json, in MB.
 
-    config.json's fields are checked first, so a missing, zero or absurd value is one line naming it."""
-    from .files import read_json
+    Kept for callers with only a checkpoint; a built artifact's own figure is edgeft.footprint.measure's."""
+    from .footprint import config_kv
 
-    where = Path(model_dir) / "config.json"
-    cfg = read_json(where)
-    if not isinstance(cfg, dict):
-        raise EdgeftError(f"{where}: not a JSON object; not a Hugging Face config.json")
-
-    def bounded(key: str, hi: int, default: int | None = None) -> int:
-        value = cfg.get(key)
-        value = default if value is None else value
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
-            shown = f"= {repr(value)[:40]}" if key in cfg else "is missing and"
-            raise EdgeftError(f"{where}: {key} {shown} should be an integer from 1 to {hi}")
-        return value
-
-    heads = bounded("num_attention_heads", 4096)
-    kv_heads = bounded("num_key_value_heads", 4096, heads)
-    layers = bounded("num_hidden_layers", 4096)
-    if cfg.get("head_dim") is not None:
-        head_dim = bounded("head_dim", 1 << 14)
-    else:
-        hidden = bounded("hidden_size", 1 << 17)
-        if hidden % heads:
-            raise EdgeftError(
-                f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
-            )
-        head_dim = hidden // heads
-    return 2 * layers * kv_heads * head_dim * context_length * 2 / 1e6
+    return config_kv(model_dir).bytes(context_length) / 1e6
 
 
 # --- device results: `edgeft bench BUNDLE [--remote user@host]` records what bench_on_device.py measured ----

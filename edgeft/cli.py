@@ -148,6 +148,14 @@ def build(
             "--keep-work", help="Keep OUT/.work after success (re-runs then reuse finished stages)."
         ),
     ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Stop the build when an artifact cannot fit the profile's RAM budget (weights + KV cache) "
+            "instead of skipping it with its reason.",
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Run the whole pipeline: fine-tune, merge, export, quantize, verify, bench, bundle. A failed or killed
@@ -157,7 +165,13 @@ def build(
     from .ui import info
 
     cfg = resolve(
-        target=target, model=model, data=data, out=out, fail_on_drift=fail_on_drift, threads=threads
+        target=target,
+        model=model,
+        data=data,
+        out=out,
+        fail_on_drift=fail_on_drift,
+        threads=threads,
+        strict=True if strict else None,  # absent: edgeft.toml's `strict`, else false
     )
     cfg = dataclasses.replace(
         cfg, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, keep_work=keep_work
