@@ -110,8 +110,11 @@ def test_genai_tokenizer_matches_hf(arch: str, root: Path) -> None:
     assert [int(i) for i in tok.encode(TEXT)] == ids_of(arch)
 
 
-def test_generate_stops_and_survives_genai_eos(root: Path) -> None:
-    """stop_ids end generation (stop id included); genai's own EOS does not end it early."""
+def test_generate_stops_and_survives_genai_eos(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stop_ids end generation (stop id included); genai's own EOS does not end it early, and the same
+    generator carries on (no second generator, so the prompt is never evaluated twice)."""
+    import onnxruntime_genai as og
+
     ids = ids_of("llama", PROMPT)
     ref = torch_greedy(model_dir("llama"), ids, 12)
     eos_dir = root / "llama-eos"
@@ -119,12 +122,28 @@ def test_generate_stops_and_survives_genai_eos(root: Path) -> None:
     cfg = json.loads((eos_dir / "genai_config.json").read_text())
     cfg["model"]["eos_token_id"] = ref[3]  # genai stops after this id unless we carry on
     (eos_dir / "genai_config.json").write_text(json.dumps(cfg))
+    real = og.Generator
+
+    class Spy:
+        """An og.Generator that counts rewinds (how the runtime feeds genai's EOS back)."""
+
+        def __init__(self, *a: object) -> None:
+            self.gen, self.rewinds = real(*a), 0
+            made.append(self)
+
+        def rewind_to(self, n: int) -> None:
+            self.rewinds += 1
+            self.gen.rewind_to(n)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.gen, name)
+
+    made: list[Spy] = []
+    monkeypatch.setattr(og, "Generator", Spy)
     with OrtRuntime(eos_dir, threads=1) as rt:
-        calls = []
-        greedy = rt._greedy
-        rt._greedy = lambda *a: calls.append(a) or greedy(*a)  # type: ignore[method-assign]
         assert rt.generate(ids, 12) == ref
-        assert len(calls) >= 2  # genai did stop at its EOS and the loop carried on
+        # genai did stop at its EOS, and the same generator carried on
+        assert len(made) == 1 and made[0].rewinds == ref[:-1].count(ref[3])
         assert rt.generate(ids, 12, stop_ids=[ref[5]]) == ref[: ref.index(ref[5]) + 1]
         with pytest.raises(EdgeftError, match="context"):
             rt.generate(ids, 600)
