@@ -517,6 +517,33 @@ def _cell(x: Any, spec: str = "") -> str:
     return " ".join(str(x).replace("|", "/").split())[:200] or "—"
 
 
+# /proc/cpuinfo flags → the ISA names of target profiles (the features llama.cpp's and onnxruntime's fast
+# kernels use). ref: Linux arch/arm64/kernel/cpuinfo.c (hwcap_str: asimd, asimdhp, asimddp, i8mm, sve, sve2,
+# sme, bf16) and arch/x86/include/asm/cpufeatures.h (avx2, avx512f, avx512_vnni, avx_vnni, amx_int8, ...).
+CPU_FLAG_ISA = {
+    "asimd": "neon",
+    "neon": "neon",
+    "asimdhp": "fp16",
+    "asimddp": "dotprod",
+    "i8mm": "i8mm",
+    "sve": "sve",
+    "sve2": "sve2",
+    "sme": "sme",
+    "sse4_2": "sse4.2",
+    "avx": "avx",
+    "avx2": "avx2",
+    "fma": "fma",
+    "f16c": "f16c",
+    "avx_vnni": "avx_vnni",
+    "avx512f": "avx512f",
+    "avx512bw": "avx512bw",
+    "avx512vl": "avx512vl",
+    "avx512_vnni": "avx512_vnni",
+    "avx512_bf16": "avx512_bf16",
+    "amx_int8": "amx",
+}
+
+
 def _device_facts(result: dict[str, Any]) -> str:
     dev = result.get("device") if isinstance(result.get("device"), dict) else {}
     rts = dev.get("runtimes") if isinstance(dev.get("runtimes"), dict) else {}
@@ -531,7 +558,11 @@ def _device_facts(result: dict[str, Any]) -> str:
         ", ".join(f"{_cell(k)} {_cell(v)}" for k, v in rts.items()) or "no runtime",
     ]
     if features:
-        parts.append("CPU features " + _cell(" ".join(str(f) for f in features[:40])))
+        flags = {str(f).lower() for f in features}
+        isa = [name for flag, name in CPU_FLAG_ISA.items() if flag in flags]
+        parts.append(
+            f"ISA {' '.join(dict.fromkeys(isa)) or 'none the runtimes use'} (of {len(flags)} CPU flags)"
+        )
     if temp.get("before") is not None or temp.get("after") is not None:
         parts.append(f"temperature {_cell(temp.get('before'), '.1f')} → {_cell(temp.get('after'), '.1f')} °C")
     if thr.get("before") is not None or thr.get("after") is not None:

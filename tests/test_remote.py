@@ -441,7 +441,13 @@ def _result(decode: float, prefill: float = 400.0, ttft: float = 20.0) -> dict:
         "started": "2026-01-01T00:00:00Z",
         "finished": "2026-01-01T00:00:09Z",
         "integrity": {"ok": True, "files_checked": 9, "problems": []},
-        "device": {"hostname": "pi5", "machine": "aarch64", "cpu_model": "Cortex-A76", "cores": 4},
+        "device": {
+            "hostname": "pi5",
+            "machine": "aarch64",
+            "cpu_model": "Cortex-A76",
+            "cores": 4,
+            "cpu_features": ["fp", "asimd", "asimddp", "cpuid"],
+        },
         "artifacts": [art],
     }
 
@@ -464,6 +470,7 @@ def test_a_slowdown_beyond_noise_is_flagged(made: Bundles) -> None:
     report = (b / REPORT).read_text()
     assert "Slower than the previous run" in report and "decode tok/s 28 → 15" in report
     assert report.count(bundle.DEVICE_SECTION_START) == 1 and "### pi@other" in report
+    assert "pi5: Cortex-A76 (aarch64, 4 cores" in report and "ISA neon dotprod (of 4 CPU flags)" in report
     assert check_bundle(b, load=False).passed
     m = json.loads((b / MANIFEST).read_text())
     assert [r["where"] for r in m["device_latency"]] == ["pi@board", "pi@board", "pi@other", "pi@board"]
