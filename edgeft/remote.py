@@ -253,6 +253,12 @@ class Completed:
     stderr: str
 
 
+# Printed first on stderr by every command edgeft runs on the device: the shell's pid, which is also its
+# process group (sshd starts each session's command with setsid; ref: OpenSSH session.c do_exec_no_pty), so a
+# command past its timeout or interrupted is ended with everything it started.
+_PID_TAG = "edgeft-pid "
+
+
 def run_command(
     client: paramiko.SSHClient,
     command: str,
@@ -261,18 +267,20 @@ def run_command(
     timeout: float,
     stdin: bytes = b"",
 ) -> Completed:
-    """Run `command` on the device and collect its output; a run past `timeout` seconds is one line."""
+    """Run `command` on the device and collect its output; a run past `timeout` seconds (or interrupted)
+    is ended on the device too, and the timeout is one line."""
     transport = client.get_transport()
     if transport is None or not transport.is_active():
         raise EdgeftError(f"{where}: the SSH connection dropped; check the network and retry")
     chan = transport.open_session(timeout=DEFAULT_CONNECT_TIMEOUT)
+    out, err = bytearray(), bytearray()
+    finished = False
     try:
         chan.settimeout(DEFAULT_CONNECT_TIMEOUT)  # for sending stdin; reads below only take what is there
-        chan.exec_command(command)
+        chan.exec_command(f'echo "{_PID_TAG}$$" >&2; {command}')
         if stdin:
             chan.sendall(stdin)
         chan.shutdown_write()
-        out, err = bytearray(), bytearray()
         deadline = time.monotonic() + timeout
 
         def drain() -> bool:
@@ -294,15 +302,35 @@ def run_command(
                 raise EdgeftError(f"{where}: the SSH connection dropped during the run; retry")
             if time.monotonic() > deadline:
                 raise EdgeftError(
-                    f"{where}: the command on the device ran past {timeout:.0f} s; raise --timeout or bench "
-                    "fewer artifacts (--only)"
+                    f"{where}: the command on the device ran past {timeout:.0f} s and was stopped; raise "
+                    "--timeout or bench fewer artifacts (--only)"
                 )
             time.sleep(0.02)
         drain()
+        finished = True
+        text = err.decode("utf-8", "replace")
+        first, _, rest = text.partition("\n")
         return Completed(
-            chan.recv_exit_status(), out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+            chan.recv_exit_status(),
+            out.decode("utf-8", "replace"),
+            rest if first.startswith(_PID_TAG) else text,
         )
     finally:
+        chan.close()
+        if not finished:
+            _end_on_device(transport, err)
+
+
+def _end_on_device(transport: paramiko.Transport, err: bytearray) -> None:
+    """End a command left running on the device (its whole process group), best effort."""
+    first = err.decode("utf-8", "replace").partition("\n")[0]
+    pid = first.removeprefix(_PID_TAG).strip()
+    if not first.startswith(_PID_TAG) or not pid.isdigit() or not transport.is_active():
+        return
+    with contextlib.suppress(Exception):  # the connection may be going down; nothing more to do then
+        chan = transport.open_session(timeout=5)
+        chan.exec_command(f"kill -TERM -- -{pid} 2>/dev/null || kill -TERM {pid}")
+        chan.status_event.wait(5)
         chan.close()
 
 

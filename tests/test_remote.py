@@ -284,6 +284,35 @@ def test_a_killed_copy_is_picked_up_by_the_next(
     assert _files(device_dir) == _files(b)
 
 
+def _running(needle: str) -> bool:
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if needle in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                return True
+    return False
+
+
+def test_commands_report_output_and_a_timeout_stops_them_on_the_device(
+    sshd: Sshd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(sshd.home("commands")))
+    ep = remote.resolve_endpoint(remote.parse_remote(sshd.spec), sshd.key)
+    client = remote.connect(ep, accept_new_host_key=True)
+    try:
+        done = remote.run_command(client, "echo out; echo err >&2; exit 3", where=ep.where, timeout=30)
+        assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
+        t0 = time.monotonic()
+        with pytest.raises(EdgeftError, match="ran past 1 s and was stopped; raise --timeout"):
+            remote.run_command(client, "sleep 41.25 & sleep 41.5; echo never", where=ep.where, timeout=1)
+        assert time.monotonic() - t0 < 10
+    finally:
+        client.close()
+    deadline = time.monotonic() + 5
+    while (_running("sleep 41.25") or _running("sleep 41.5")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running("sleep 41.25") and not _running("sleep 41.5")  # the whole process group ended
+
+
 def test_a_changed_host_key_is_refused(sshd: Sshd, made: Bundles, tmp_path: Path) -> None:
     home = sshd.home("changed")
     _keygen(tmp_path / "other")
