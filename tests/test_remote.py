@@ -370,13 +370,27 @@ def test_a_missing_remote_python_is_one_line(sshd: Sshd, made: Bundles, tmp_path
 # --- on this machine -----------------------------------------------------------------------------------------
 
 
-def test_local_bench_records_localhost(made: Bundles, runtime_venv: Path, tmp_path: Path) -> None:
+def test_local_bench_records_localhost_and_warns_of_a_slowdown(
+    made: Bundles, runtime_venv: Path, tmp_path: Path
+) -> None:
     b = made("local")
+    # an earlier run of this machine far faster than any real one: the new run must be flagged
+    bundle.record_device_run(b, _result(1e9, prefill=1e9, ttft=1e-6), "localhost")
     res = _edgeft("bench", str(b), "--python", str(runtime_venv), *QUICK, home=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "recorded in" in res.stderr and "model-q8_0.gguf: prefill" in res.stderr
-    [run] = json.loads((b / MANIFEST).read_text())["device_latency"]
-    assert run["where"] == "localhost" and len(run["result"]["artifacts"][0]["sweep"]) == 2
+    warnings = [
+        ln for ln in res.stderr.splitlines() if ln.startswith("warning: localhost: slower than the run")
+    ]
+    assert [w.split(": ")[-1].split(" ")[1:3] for w in warnings] == [
+        ["prefill", "tok/s"],
+        ["decode", "tok/s"],
+        ["TTFT", "ms"],
+    ]
+    runs = json.loads((b / MANIFEST).read_text())["device_latency"]
+    assert [r["where"] for r in runs] == ["localhost", "localhost"]
+    assert len(runs[1]["result"]["artifacts"][0]["sweep"]) == 2
+    assert "Slower than the previous run" in (b / REPORT).read_text()
     assert check_bundle(b, load=False).passed
 
 
