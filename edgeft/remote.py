@@ -194,8 +194,8 @@ def connect(
             banner_timeout=timeout,
             auth_timeout=timeout,
             channel_timeout=timeout,
-            allow_agent=not own_keys,
-            look_for_keys=not own_keys,
+            allow_agent=True,  # as OpenSSH: the agent's keys after the given ones (an encrypted key loaded there)
+            look_for_keys=not own_keys,  # ~/.ssh/id_* only when no key was named
         )
     except EdgeftError:
         client.close()

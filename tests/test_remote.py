@@ -49,6 +49,12 @@ LATENCY = LatencyReport(100.0, 50.0, 5.0, 200.0, 1000, 1.0, 16, 8, 3, 2)
 QUICK = ("--thread-sweep", "1,2", "--runs", "1", "--prompt-tokens", "8", "--decode-tokens", "4")
 
 
+@pytest.fixture(autouse=True)
+def _no_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ssh-agent for in-process connections either: only the keys a test names log in."""
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,6 +175,7 @@ def made(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Bundles:
 
 def _edgeft(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, HOME=str(home), COLUMNS="200")
+    env.pop("SSH_AUTH_SOCK", None)  # no agent: only the keys a test names log in
     return subprocess.run(
         [sys.executable, "-m", "edgeft", *args], capture_output=True, text=True, timeout=600, env=env
     )
