@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from .constants import MANIFEST, SHA256SUMS
+from .constants import MANIFEST, REPORT, SHA256SUMS
 from .errors import EdgeftError
 
 if TYPE_CHECKING:
@@ -336,14 +336,16 @@ def _end_on_device(transport: paramiko.Transport, err: bytearray) -> None:
 
 # --- copying a bundle ------------------------------------------------------------------------------------
 
-# Runs on the device with its Python (standard library only): argv = final dir, partial dir; stdin = the
-# bundle's file list (JSON). Moves an existing final copy to the partial name (unless a killed run left a
-# partial one), removes what the bundle does not hold (and unfinished `.part` uploads), makes the folders,
-# and prints {"dir": partial, "files": {relpath: sha256}} of what is already there.
+# Runs on the device with its Python (standard library only): argv = final dir, partial dir; stdin =
+# {"want": the bundle's file list, "hash": the files to hash, or null for all} (JSON). Moves an existing final
+# copy to the partial name (unless a killed run left a partial one), removes what the bundle does not hold
+# (and unfinished `.part` uploads), makes the folders, and prints {"dir": partial, "files": {relpath: sha256,
+# or "size:N" for a file not to hash}} of what is already there.
 _PREPARE = r"""
 import hashlib, json, os, sys
 final, partial = (os.path.abspath(os.path.expanduser(p)) for p in sys.argv[1:3])
-want = set(json.load(sys.stdin))
+job = json.load(sys.stdin)
+want, to_hash = set(job["want"]), job["hash"]
 if not os.path.isdir(partial):
     os.makedirs(os.path.dirname(partial), exist_ok=True)
     if os.path.isdir(final):
@@ -357,6 +359,9 @@ for d, dirs, names in os.walk(partial, topdown=False):
         rel = os.path.relpath(p, partial).replace(os.sep, "/")
         if rel not in want or os.path.islink(p) or not os.path.isfile(p):
             os.remove(p)
+            continue
+        if to_hash is not None and rel not in to_hash:
+            have[rel] = "size:%d" % os.path.getsize(p)
             continue
         h = hashlib.sha256()
         with open(p, "rb") as f:
@@ -440,18 +445,19 @@ def sync_bundle(
     where: str,
     python: str = "python3",
     progress: Any = None,
+    changed: list[str] | None = None,
 ) -> SyncReport:
     """Copy `bundle` to `remote_dir` on the device over SFTP, skipping files it has with the same sha256.
 
     Files go to `<remote_dir>.partial/<rel>.part`, are renamed to `<rel>` when complete, and the folder is
     renamed to `remote_dir` only when every file is there; `progress(done_bytes, total_bytes)` is called as
-    bytes go out.
+    bytes go out. `changed`: only these files may differ from the device's copy (it was just synced), so the
+    rest are compared by size instead of re-hashed there.
     """
     files = local_files(bundle)
     partial = remote_dir + PARTIAL_SUFFIX
-    out = _helper(
-        client, where, python, _PREPARE, remote_dir, partial, stdin=json.dumps(list(files)).encode()
-    )
+    job = {"want": list(files), "hash": changed}
+    out = _helper(client, where, python, _PREPARE, remote_dir, partial, stdin=json.dumps(job).encode())
     try:
         state = json.loads(out.strip().splitlines()[-1])
         rdir, have = str(state["dir"]), dict(state["files"])
@@ -463,7 +469,8 @@ def sync_bundle(
     report = SyncReport()
     for rel, path in files.items():
         size = path.stat().st_size
-        if have.get(rel) == sha256_file(path):
+        same = f"size:{size}" if changed is not None and rel not in changed else sha256_file(path)
+        if have.get(rel) == same:
             report.skipped_files += 1
             report.skipped_bytes += size
         else:
@@ -690,8 +697,10 @@ def bench_remote(
         doc = _checked(_parse_or_fail(res.stdout, res.stderr, res.returncode, ep.where), ep.where)
         comparison = record_device_run(bundle, doc, ep.where)
         note = None
-        try:
-            sync_bundle(client, bundle, rdir, where=ep.where, python=python)
+        try:  # what recording rewrote; the rest was verified on the device by this run
+            sync_bundle(
+                client, bundle, rdir, where=ep.where, python=python, changed=[MANIFEST, REPORT, SHA256SUMS]
+            )
         except EdgeftError as e:
             note = f"the results are recorded here, but the device's copy was not updated: {e}"
     finally:

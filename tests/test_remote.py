@@ -283,12 +283,20 @@ def test_a_killed_copy_is_picked_up_by_the_next(
     client = remote.connect(ep, accept_new_host_key=True)
     try:
         rep = remote.sync_bundle(client, b, str(device_dir), where=ep.where, python=sys.executable)
+        n = len(remote.local_files(b))
+        assert rep.skipped_files == 1 and rep.copied_files == n - 1 and MANIFEST not in rep.copied
+        assert rep.remote_dir == str(device_dir) and not partial.exists()
+        assert _files(device_dir) == _files(b)
+        # after recording only the named files are re-hashed; the rest are compared by size
+        (device_dir / REPORT).write_text("x" * (b / REPORT).stat().st_size)  # same size, other bytes
+        (device_dir / "tokenizer" / "tokenizer.json").write_text("{}")  # another size
+        rep = remote.sync_bundle(
+            client, b, str(device_dir), where=ep.where, python=sys.executable, changed=[REPORT]
+        )
+        assert sorted(rep.copied) == [REPORT, "tokenizer/tokenizer.json"]
+        assert _files(device_dir) == _files(b)
     finally:
         client.close()
-    n = len(remote.local_files(b))
-    assert rep.skipped_files == 1 and rep.copied_files == n - 1 and MANIFEST not in rep.copied
-    assert rep.remote_dir == str(device_dir) and not partial.exists()
-    assert _files(device_dir) == _files(b)
 
 
 def _running(needle: str) -> bool:
