@@ -3,8 +3,10 @@
 The bundle is copied over SFTP into `<dir>.partial` on the device (files the device already has with the same
 sha256 are skipped), then renamed to its final name, so a half-copied bundle never sits under the final name
 and a killed copy is picked up by the next run. The bundle's own `bench_on_device.py` runs there with the
-device's Python and prints one JSON object (its layout: edgeft/device/bench_on_device.py); the caller
-records it with edgeft.bundle.record_device_run.
+device's Python and prints one JSON object (its layout: edgeft/device/bench_on_device.py), which is recorded
+in the local bundle (edgeft.bundle.record_device_run); the rewritten manifest.json, report.md and SHA256SUMS
+are copied back the same way, so the device holds the same bundle. Every command on the device is ended,
+with what it started, when it runs past its timeout.
 
 Host keys are checked against known_hosts as OpenSSH does: an unknown key is refused unless
 `accept_new_host_key` (then it is appended, like StrictHostKeyChecking=accept-new), a changed key always.
