@@ -86,6 +86,7 @@ class Endpoint:
     user: str
     identities: tuple[str, ...]
     known_hosts: Path
+    proxy_command: str | None = None  # ProxyCommand, or ProxyJump as `ssh -W host:port jump`
 
     @property
     def where(self) -> str:
@@ -135,7 +136,24 @@ def resolve_endpoint(spec: RemoteSpec, identity: Path | None = None) -> Endpoint
         user=spec.user or found.get("user") or getpass.getuser(),
         identities=identities,
         known_hosts=known_hosts,
+        proxy_command=_proxy_command(found, port),
     )
+
+
+def _proxy_command(found: dict[str, Any], port: int) -> str | None:
+    """~/.ssh/config's ProxyCommand (paramiko has expanded %h, %p), or ProxyJump handed to OpenSSH's own
+    client as `ssh -W host:port` (ref: ssh_config(5) ProxyJump; ssh(1) -J, -W and ssh:// destinations)."""
+    command = found.get("proxycommand")
+    if command and command.strip().lower() != "none":
+        return command
+    jump = found.get("proxyjump")
+    if not jump or jump.strip().lower() == "none":
+        return None
+    *rest, last = [j.strip() for j in jump.split(",") if j.strip()]
+    host = found.get("hostname", "")
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    args = ["ssh", *(["-J", ",".join(rest)] if rest else []), "-W", target, f"ssh://{last}"]
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -196,6 +214,7 @@ def connect(
             banner_timeout=timeout,
             auth_timeout=timeout,
             channel_timeout=timeout,
+            sock=paramiko.ProxyCommand(ep.proxy_command) if ep.proxy_command else None,
             allow_agent=True,  # as OpenSSH: the agent's keys after the given ones (an encrypted key loaded there)
             look_for_keys=not own_keys,  # ~/.ssh/id_* only when no key was named
         )
@@ -238,6 +257,13 @@ def _connect_failure(ep: Endpoint, e: Exception) -> str:
         return (
             f"{at}: connection refused on port {ep.port}; is the SSH server running there "
             "(sudo systemctl enable --now ssh) and is the port right?"
+        )
+    if isinstance(e, paramiko.ProxyCommandFailure) or (
+        ep.proxy_command and isinstance(e, paramiko.SSHException)
+    ):
+        return (
+            f"{at}: the proxy command from ~/.ssh/config failed ({e}); run it by hand to see why: "
+            f"{ep.proxy_command}"
         )
     if isinstance(e, paramiko.SSHException):
         return f"{at}: SSH handshake failed ({e}); check the device runs an SSH server on port {ep.port}"

@@ -466,6 +466,32 @@ def test_ssh_config_supplies_hostname_user_port_and_key(
     assert (ep.user, ep.port, ep.where) == ("root", 22, "root@board")
 
 
+def test_ssh_config_proxy_command_and_proxy_jump(sshd: Sshd, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ProxyCommand from ~/.ssh/config carries the connection (here OpenSSH's own `ssh -W` through the
+    same server, with its own throwaway known_hosts); ProxyJump becomes `ssh -W host:port ssh://jump`."""
+    home = sshd.home("proxy")
+    monkeypatch.setenv("HOME", str(home))
+    relay = (
+        f"ssh -F /dev/null -i {sshd.key} -p {sshd.port} -o UserKnownHostsFile={home / 'relay_known_hosts'} "
+        f"-o StrictHostKeyChecking=accept-new -o BatchMode=yes {sshd.user}@127.0.0.1 -W %h:%p"
+    )
+    (home / ".ssh" / "config").write_text(
+        f"Host viarelay\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
+        f"  IdentityFile {sshd.key}\n  ProxyCommand {relay}\n"
+        "Host behind\n  HostName 10.0.0.7\n  ProxyJump pi@gate:2222\n"
+    )
+    ep = remote.resolve_endpoint(remote.parse_remote("viarelay"))
+    assert ep.proxy_command and f"127.0.0.1:{sshd.port}" in ep.proxy_command  # %h:%p expanded
+    client = remote.connect(ep, accept_new_host_key=True)
+    try:
+        assert remote.run_command(client, "echo through", where=ep.where, timeout=30).stdout == "through\n"
+    finally:
+        client.close()
+    assert (home / "relay_known_hosts").is_file()  # the relay's ssh really ran
+    jump = remote.resolve_endpoint(remote.parse_remote("behind"))
+    assert jump.proxy_command == "ssh -W 10.0.0.7:22 ssh://pi@gate:2222"
+
+
 # --- regressions ---------------------------------------------------------------------------------------------
 
 
