@@ -685,8 +685,25 @@ def record_device_run(bundle_dir: Path, result: dict[str, Any], where: str) -> d
     """Record a bench_on_device.py result in a bundle: appended to manifest.json's `device_latency` (newest
     last: {where, recorded, result}), report.md's device section rewritten, the manifest's report.md digest
     and SHA256SUMS updated, all in one atomic step (the bundle still passes `edgeft check`). Returns the
-    comparison with the previous run of the same `where` (compare_device_runs)."""
+    comparison with the previous run of the same `where` (compare_device_runs).
+
+    Runs recorded at the same time into one bundle wait for each other (a lock on the bundle's parent folder,
+    whose inode stays while the bundle folder is replaced), so none is lost."""
+    import fcntl
+
     root = Path(bundle_dir)
+    try:
+        fd = os.open(root.resolve().parent, os.O_RDONLY)
+    except OSError as exc:
+        raise EdgeftError(f"cannot open the folder of bundle {root}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _record(root, result, where)
+    finally:
+        os.close(fd)
+
+
+def _record(root: Path, result: dict[str, Any], where: str) -> dict[str, Any]:
     manifest = read_json(root / MANIFEST)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise EdgeftError(f"{root / MANIFEST}: not a bundle manifest (no files list); rebuild the bundle")

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -571,6 +572,23 @@ def test_noisy_history_raises_the_threshold(made: Bundles) -> None:
     assert decode["slowdown"] == pytest.approx(0.25)
     assert decode["threshold"] == pytest.approx(10 / 28, abs=1e-4)
     assert not decode["regression"]
+
+
+def test_runs_recorded_at_once_are_all_kept(made: Bundles) -> None:
+    b = made("concurrent")
+
+    def record(where: str) -> None:
+        for i in range(6):
+            bundle.record_device_run(b, _result(30.0 + i), where)
+
+    threads = [threading.Thread(target=record, args=(f"pi@board{n}",)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    runs = json.loads((b / MANIFEST).read_text())["device_latency"]
+    assert sorted(r["where"] for r in runs) == sorted(f"pi@board{n}" for n in range(3) for _ in range(6))
+    assert check_bundle(b, load=False).passed
 
 
 def test_record_is_atomic_and_keeps_hostile_text_out_of_the_table(made: Bundles) -> None:
