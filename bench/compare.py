@@ -6,7 +6,7 @@ SmolLM2-135M-shaped model (random weights; speed only depends on shapes).
     python bench/compare.py --threads 2 --runs 3
 
 Prints one table per model: file size, prefill/decode tok/s, TTFT, peak RSS, drift against the float model
-(KLD mean, top-1 agreement) and size × decode tok/s, the memory bandwidth decode actually used. Decode of
+(KLD mean, top-1 agreement) and bytes read per token (edgeft.footprint) × decode tok/s, the memory bandwidth decode used. Decode of
 small models is bandwidth-bound (../shared/REFERENCE.md), so that last column says how close to the
 machine's roofline each engine runs.
 """
