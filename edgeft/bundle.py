@@ -466,6 +466,9 @@ def compare_device_runs(runs: list[dict[str, Any]], where: str) -> dict[str, Any
     import statistics
 
     mine = [r for r in runs if isinstance(r, dict) and r.get("where") == where]
+    if mine:  # only runs with the same prompt/decode lengths, runs and thread sweep are comparable
+        settings = _settings(mine[-1])
+        mine = [r for r in mine if _settings(r) == settings]
     out: dict[str, Any] = {"where": where, "previous_recorded": None, "changes": [], "regressions": []}
     if len(mine) < 2:
         return out
@@ -498,6 +501,11 @@ def compare_device_runs(runs: list[dict[str, Any]], where: str) -> dict[str, Any
             if change["regression"]:
                 out["regressions"].append(change)
     return out
+
+
+def _settings(run: dict[str, Any]) -> Any:
+    result = run.get("result")
+    return result.get("settings") if isinstance(result, dict) else None
 
 
 def regression_line(r: dict[str, Any]) -> str:
@@ -596,6 +604,14 @@ def render_device_section(manifest: dict[str, Any]) -> str:
     for where, run in latest.items():
         result = run.get("result") if isinstance(run.get("result"), dict) else {}
         lines += [f"### {_cell(where)} — {_cell(run.get('recorded'))}", "", _device_facts(result), ""]
+        settings = result.get("settings") if isinstance(result.get("settings"), dict) else {}
+        if settings:  # TTFT grows with the prompt: say which prompt the device figures used
+            lines += [
+                f"Device runs: {_cell(settings.get('prompt_tokens'))}-token prompt, "
+                f"{_cell(settings.get('decode_tokens'))} decoded tokens, medians of {_cell(settings.get('runs'))} "
+                f"runs, threads {_cell(', '.join(map(str, settings.get('threads') or [])))}.",
+                "",
+            ]
         lines += [
             "| artifact | status | prefill tok/s host / device | decode tok/s host / device | "
             "TTFT ms host / device | peak RSS MB host / device | best threads prefill / decode | "

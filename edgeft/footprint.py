@@ -49,11 +49,6 @@ ONNX_DTYPE_BITS: dict[int, int] = {
     15: 128, 16: 16, 17: 8, 18: 8, 19: 8, 20: 8, 21: 4, 22: 4, 23: 4,
 }  # fmt: skip
 
-# Bytes per element of each safetensors dtype (ref: safetensors docs "Format": the header's dtype strings).
-SAFETENSORS_DTYPE_BYTES: dict[str, float] = {
-    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-    "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
-}  # fmt: skip
 HF_EMBED_SUFFIX = "embed_tokens.weight"
 HF_LM_HEAD = "lm_head.weight"
 
@@ -193,9 +188,14 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+# The float reference (runtime/torch.py TorchRuntime) runs in float32 whatever dtype the checkpoint is stored
+# in: a bf16 folder streams 4 bytes a weight per token there, not 2.
+REFERENCE_WEIGHT_BYTES = 4
+
+
 def _hf_tensors(folder: Path) -> _TensorSums:
     shapes = safetensors_shapes(folder)
-    sizes = {k: int(_numel(s) * SAFETENSORS_DTYPE_BYTES.get(dt, 4)) for k, (dt, s) in shapes.items()}
+    sizes = {k: _numel(s) * REFERENCE_WEIGHT_BYTES for k, (_dt, s) in shapes.items()}
     total = sum(sizes.values())
     tied = not any(k.endswith(HF_LM_HEAD) for k in sizes)
     gathered = 0 if tied else sum(v for k, v in sizes.items() if k.endswith(HF_EMBED_SUFFIX))

@@ -52,6 +52,9 @@ UPLOAD_SUFFIX = ".part"
 # Seconds a small helper command on the device (hashing, renaming) may take; hashing runs at ≥100 MB/s on a
 # Pi 5, so this covers bundles of many GB.
 HELPER_TIMEOUT = 600.0
+# SFTP: a copy with no progress for this long has lost the device; SSH keepalive interval during commands.
+SFTP_STALL_TIMEOUT = 120.0
+KEEPALIVE_SECONDS = 15
 
 _SPEC = re.compile(r"(?:(?P<user>[^@\s:/]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^@\s:/\[\]]+)(?::(?P<port>\d+))?")
 
@@ -200,7 +203,8 @@ def connect(
     if ep.known_hosts.is_file():
         try:
             client.load_host_keys(str(ep.known_hosts))
-        except (OSError, paramiko.SSHException, UnicodeDecodeError) as e:
+        except (OSError, paramiko.SSHException, paramiko.hostkeys.InvalidHostKey, UnicodeDecodeError) as e:
+            # paramiko reads plain host lines only: @cert-authority / @revoked lines end up here
             raise EdgeftError(f"{ep.known_hosts}: cannot read it ({e}); fix or move that file") from None
     client.set_missing_host_key_policy(_host_key_policy(ep, accept_new_host_key))
     own_keys = bool(ep.identities)
@@ -224,6 +228,9 @@ def connect(
     except Exception as e:  # noqa: BLE001 - paramiko and sockets fail in many ways; each becomes one line
         client.close()
         raise EdgeftError(_connect_failure(ep, e)) from None
+    transport = client.get_transport()
+    if transport is not None:  # keepalives notice a board that went away while a long command runs
+        transport.set_keepalive(KEEPALIVE_SECONDS)
     return client
 
 
@@ -264,6 +271,11 @@ def _connect_failure(ep: Endpoint, e: Exception) -> str:
         return (
             f"{at}: the proxy command from ~/.ssh/config failed ({e}); run it by hand to see why: "
             f"{ep.proxy_command}"
+        )
+    if isinstance(e, paramiko.SSHException) and "banner" in str(e).lower():
+        return (
+            f"{at}: the port answered but no SSH server spoke within the connect timeout; check the device "
+            f"is not hung and port {ep.port} is its SSH server, or raise --connect-timeout"
         )
     if isinstance(e, paramiko.SSHException):
         return f"{at}: SSH handshake failed ({e}); check the device runs an SSH server on port {ep.port}"
@@ -374,12 +386,20 @@ import hashlib, json, os, sys
 final, partial = (os.path.abspath(os.path.expanduser(p)) for p in sys.argv[1:3])
 job = json.load(sys.stdin)
 want, to_hash = set(job["want"]), job["hash"]
+def ours(d):  # a folder edgeft copied (its .edgeft marker) or an empty one; anything else is the user's
+    if os.path.islink(d) or not os.path.isdir(d):
+        return False
+    return os.path.isfile(os.path.join(d, ".edgeft")) or not os.listdir(d)
+for d in (final, partial):
+    if os.path.lexists(d) and not ours(d):
+        sys.exit("%s exists and is not a bundle edgeft copied (no .edgeft marker); choose another --remote-dir" % d)
 if not os.path.isdir(partial):
     os.makedirs(os.path.dirname(partial), exist_ok=True)
     if os.path.isdir(final):
         os.rename(final, partial)
     else:
         os.mkdir(partial)
+open(os.path.join(partial, ".edgeft"), "a").close()  # ours from the first moment (the bundle's own replaces it)
 have = {}
 for d, dirs, names in os.walk(partial, topdown=False):
     for n in names + [x for x in dirs if os.path.islink(os.path.join(d, x))]:
@@ -410,6 +430,8 @@ import os, shutil, sys
 final, partial = (os.path.abspath(os.path.expanduser(p)) for p in sys.argv[1:3])
 old = final + ".old"
 if os.path.lexists(old):
+    if os.path.islink(old) or not os.path.isfile(os.path.join(old, ".edgeft")):
+        sys.exit("%s exists and is not a bundle edgeft copied (no .edgeft marker); move it away" % old)
     shutil.rmtree(old)
 if os.path.lexists(final):
     os.rename(final, old)
@@ -462,6 +484,8 @@ def _helper_failure(where: str, python: str, res: Completed) -> str:
             f"{where}: {python} was not found on the device; install Python 3 there "
             "(sudo apt install python3) or pass --python /path/to/python3"
         )
+    if "no .edgeft marker" in last:
+        return f"{where}: {last}"
     return f"{where}: a file operation on the device failed (exit {res.returncode}: {last})"
 
 
@@ -511,6 +535,8 @@ def sync_bundle(
             raise EdgeftError(
                 f"{where}: cannot open SFTP ({e}); enable the sftp subsystem in the device's sshd_config"
             ) from None
+        # a board that drops off mid-copy ends the copy after this long without progress, not at TCP's leisure
+        sftp.get_channel().settimeout(SFTP_STALL_TIMEOUT)
         try:
             done = 0
             for rel, path, size in todo:
@@ -533,6 +559,11 @@ def sync_bundle(
                     raise EdgeftError(
                         f"{where}: copying {rel} to {dst} failed ({e.strerror or e}); check free space on "
                         "the device (df -h) and retry: what was copied is kept"
+                    ) from None
+                except Exception as e:  # noqa: BLE001 - paramiko's SSHException, a stalled channel's timeout
+                    raise EdgeftError(
+                        f"{where}: the connection failed while copying {rel} ({type(e).__name__}: {e}); "
+                        "check the device is reachable and retry: what was copied is kept"
                     ) from None
                 done += size
                 report.copied_files += 1

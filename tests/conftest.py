@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random models built offline, once per session; a runtime-only virtual environment."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +44,21 @@ def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         probe = subprocess.run([str(python), "-I", "-c", f"import {present}"], capture_output=True, text=True)
         assert probe.returncode == 0, probe.stderr[-2000:]
     return python
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's first command (`edgeft build --target raspberrypi` on the built-in demo) run once per
+    session in a fresh folder; its bundle. Tests that change a bundle work on a copy."""
+    cwd = tmp_path_factory.mktemp("demo")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    res = subprocess.run(
+        [sys.executable, "-m", "edgeft", "build", "--target", "raspberrypi", "--json"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return Path(json.loads(res.stdout)["bundle"])

@@ -11,36 +11,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from bundles import DRIFT, LATENCY, TARGET, Bundles, exported, write
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgeft import bundle, data
-from edgeft.bench import LatencyReport
 from edgeft.check import check_bundle, parse_manifest, parse_sums
 from edgeft.constants import FINETUNE_RECORD, MANIFEST, SHA256SUMS
 from edgeft.errors import EdgeftError
-from edgeft.export import ExportOptions, export_artifact
 from edgeft.guard import check_gguf
-from edgeft.targets import ArtifactSpec, TargetProfile
-from edgeft.verify import DriftReport
+from edgeft.targets import ArtifactSpec
 
-TARGET = TargetProfile(
-    name="tiny-device",
-    description="test device",
-    arch="arm64",
-    threads=2,
-    ram_mb=1024,
-    ram_budget_mb=512,
-    context_length=256,
-    bandwidth_gb_s=4.0,
-    artifacts=(ArtifactSpec("gguf", "q8_0"), ArtifactSpec("onnx", "int8", accuracy_level=4)),
-)
-DRIFT = DriftReport(0.01, 0.1, 0.99, 1.01, None, 1.0, 1.0, 100, 4)
-LATENCY = LatencyReport(100.0, 50.0, 5.0, 200.0, 1000, 1.0, 16, 8, 3, 2)
 SETTINGS = {"r": 8, "alpha": 16, "epochs": 1, "target_modules": ["q_proj", "v_proj"]}
 SPLIT = {"files": {"/data/tasks.jsonl": "0" * 64}, "examples": ["/data/tasks.jsonl:3"]}
 # The same split recorded from another folder: the manifest's digest names content, not where it lay.
@@ -66,38 +50,16 @@ def _write(work: Path, tiny_llama: Path, arts: list[bundle.ArtifactResult], out:
         lora_settings=lora,
         eval_split_sha256=split_sha,
     )
-    return bundle.write_bundle(out, TARGET, facts, arts, tiny_llama)
-
-
-@dataclass(frozen=True)
-class Bundles:
-    """One bundle written once per module (`fresh`, never changed) and copies for tests to tamper with."""
-
-    fresh: Path
-    work: Path
-
-    def __call__(self, name: str) -> Path:
-        dst = self.work / "copies" / name / "tiny-device"
-        shutil.copytree(self.fresh, dst, symlinks=True)
-        return dst
+    return write(tiny_llama, arts, out, facts=facts)
 
 
 @pytest.fixture(scope="module")
 def made(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Bundles:
     """The bundle, written with umask 022 from artifacts exported once (no fine-tune: faster)."""
     work = tmp_path_factory.mktemp("check")
-    arts = []
-    for spec in TARGET.artifacts:
-        path = export_artifact(
-            tiny_llama, spec.format, spec.quant, work / "artifacts", ExportOptions(spec.accuracy_level)
-        )
-        arts.append(bundle.ArtifactResult(spec, path, DRIFT, LATENCY))
-    old = os.umask(0o022)
-    try:
-        fresh = _write(work, tiny_llama, arts, work / "dist")
-    finally:
-        os.umask(old)
-    return Bundles(fresh, work)
+    return Bundles(
+        _write(work, tiny_llama, exported(tiny_llama, work, TARGET.artifacts), work / "dist"), work
+    )
 
 
 def _edgeft(*args: str) -> subprocess.CompletedProcess[str]:

@@ -13,29 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from bundles import TARGET, exported, write
 
 from edgeft import bench as edgeft_bench
 from edgeft import bundle
-from edgeft.bench import LatencyReport
 from edgeft.constants import MANIFEST, SHA256SUMS
 from edgeft.device import bench_on_device as bod
-from edgeft.export import ExportOptions, export_artifact
-from edgeft.targets import ArtifactSpec, TargetProfile
-from edgeft.verify import DriftReport
 
-TARGET = TargetProfile(
-    name="tiny-device",
-    description="test device",
-    arch="arm64",
-    threads=2,
-    ram_mb=1024,
-    ram_budget_mb=512,
-    context_length=256,
-    bandwidth_gb_s=4.0,
-    artifacts=(ArtifactSpec("gguf", "q8_0"), ArtifactSpec("onnx", "int8", accuracy_level=4)),
-)
-DRIFT = DriftReport(0.01, 0.1, 0.99, 1.01, None, 1.0, 1.0, 100, 4)
-LATENCY = LatencyReport(100.0, 50.0, 5.0, 200.0, 1000, 1.0, 16, 8, 3, 2)
 GGUF, ONNX = "model-q8_0.gguf", "onnx-int8"
 SMALL = ["--runs", "1", "--prompt-tokens", "16", "--decode-tokens", "8"]
 PROMPT = "turn off the kitchen lights"
@@ -45,22 +29,7 @@ PROMPT = "turn off the kitchen lights"
 def made(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bundle of a tiny Llama as GGUF q8_0 and ONNX int8, written once per module (no fine-tune)."""
     work = tmp_path_factory.mktemp("device")
-    arts = []
-    for spec in TARGET.artifacts:
-        path = export_artifact(
-            tiny_llama, spec.format, spec.quant, work / "artifacts", ExportOptions(spec.accuracy_level)
-        )
-        arts.append(bundle.ArtifactResult(spec, path, DRIFT, LATENCY))
-    facts = bundle.BuildFacts(
-        base_model=tiny_llama.name,
-        adapter_sha256="a" * 64,
-        dataset_sha256="d" * 64,
-        reference_task_accuracy=None,
-        base_task_accuracy=None,
-        reference_latency=None,
-        kv_cache_mb=1.0,
-    )
-    return bundle.write_bundle(work / "dist", TARGET, facts, arts, tiny_llama)
+    return write(tiny_llama, exported(tiny_llama, work, TARGET.artifacts), work / "dist")
 
 
 def _copy(made: Path, tmp_path: Path) -> Path:
@@ -121,6 +90,21 @@ def test_scripts_import_only_the_standard_library_and_runtimes(script: str) -> N
     allowed = set(sys.stdlib_module_names) | {"llama_cpp", "onnxruntime_genai"}
     assert names and names <= allowed, names - allowed
     assert not names & {"edgeft", "torch", "numpy"}
+
+
+VERMIN = "import sys; from vermin.main import main; sys.argv[0] = 'vermin'; sys.exit(main())"
+
+
+def test_scripts_run_on_python_3_8() -> None:
+    """Devices run the Python their OS ships (Ubuntu 20.04 and JetPack 5: 3.8): vermin finds no newer feature
+    (dict `|`, Path.is_relative_to, str.removeprefix, ...) in either script."""
+    scripts = [str(Path(bod.__file__).parent / s) for s in bundle.DEVICE_SCRIPTS]
+    res = subprocess.run(
+        [sys.executable, "-c", VERMIN, "-t=3.8-", "--violations", "--no-tips", *scripts],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_edgeft_bench_times_with_the_device_scripts_core() -> None:

@@ -156,19 +156,10 @@ def test_drift_budget_fails_the_build(tiny_llama: Path, tmp_path: Path) -> None:
     assert (tmp_path / "dist" / "tiny-device.rejected" / "report.md").is_file()
 
 
-def test_demo_build_as_in_readme(tmp_path: Path) -> None:
+def test_demo_build_as_in_readme(demo_bundle: Path) -> None:
     """The README's first command: the demo lifts held-out task accuracy to >= 80% and ships both quants."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    res = subprocess.run(
-        [sys.executable, "-m", "edgeft", "build", "--target", "raspberrypi", "--json"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout)
+    out = {"bundle": str(demo_bundle)}
     manifest = json.loads((Path(out["bundle"]) / "manifest.json").read_text())
     ref = manifest["reference"]
     assert ref["task_accuracy"] >= 0.8

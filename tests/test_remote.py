@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import getpass
 import json
 import os
@@ -21,31 +22,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import bundles
 import pytest
+from bundles import Bundles
 
 from edgeft import bundle, remote
-from edgeft.bench import LatencyReport
 from edgeft.check import check_bundle
 from edgeft.constants import MANIFEST, REPORT, SHA256SUMS
 from edgeft.errors import EdgeftError
-from edgeft.export import ExportOptions, export_artifact
-from edgeft.targets import ArtifactSpec, TargetProfile
-from edgeft.verify import DriftReport
+from edgeft.targets import ArtifactSpec
 
 SSHD = Path("/usr/sbin/sshd")
-TARGET = TargetProfile(
-    name="tiny-device",
-    description="test device",
-    arch="arm64",
-    threads=2,
-    ram_mb=1024,
-    ram_budget_mb=512,
-    context_length=256,
-    bandwidth_gb_s=4.0,
-    artifacts=(ArtifactSpec("gguf", "q8_0"),),
-)
-DRIFT = DriftReport(0.01, 0.1, 0.99, 1.01, None, 1.0, 1.0, 100, 4)
-LATENCY = LatencyReport(100.0, 50.0, 5.0, 200.0, 1000, 1.0, 16, 8, 3, 2)
+TARGET = dataclasses.replace(bundles.TARGET, artifacts=(ArtifactSpec("gguf", "q8_0"),))
 # Small and quick: two thread counts, one timed run of an 8-token prompt and 4 decoded tokens.
 QUICK = ("--thread-sweep", "1,2", "--runs", "1", "--prompt-tokens", "8", "--decode-tokens", "4")
 
@@ -133,41 +121,13 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
         log.close()
 
 
-@dataclass(frozen=True)
-class Bundles:
-    """A bundle written once per module (never changed) and copies for tests that record into one."""
-
-    fresh: Path
-    work: Path
-
-    def __call__(self, name: str) -> Path:
-        dst = self.work / "copies" / name / "tiny-device"
-        shutil.copytree(self.fresh, dst, symlinks=True)
-        return dst
-
-
 @pytest.fixture(scope="module")
 def made(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Bundles:
     """A small bundle (one GGUF q8_0 of the tiny Llama, no fine-tune) as `edgeft build` writes it."""
     work = tmp_path_factory.mktemp("remote")
-    spec = TARGET.artifacts[0]
-    path = export_artifact(tiny_llama, spec.format, spec.quant, work / "artifacts", ExportOptions())
-    facts = bundle.BuildFacts(
-        base_model=tiny_llama.name,
-        adapter_sha256="a" * 64,
-        dataset_sha256="d" * 64,
-        reference_task_accuracy=None,
-        base_task_accuracy=None,
-        reference_latency=None,
-        kv_cache_mb=1.0,
+    fresh = bundles.write(
+        tiny_llama, bundles.exported(tiny_llama, work, TARGET.artifacts), work / "dist", target=TARGET
     )
-    old = os.umask(0o022)
-    try:
-        fresh = bundle.write_bundle(
-            work / "dist", TARGET, facts, [bundle.ArtifactResult(spec, path, DRIFT, LATENCY)], tiny_llama
-        )
-    finally:
-        os.umask(old)
     assert (fresh / remote.DEVICE_SCRIPT).is_file(), (
         "write_bundle should put bench_on_device.py in the bundle"
     )
@@ -266,6 +226,69 @@ def test_remote_bench_records_and_a_second_run_copies_nothing(
     assert _files(device_dir) == _files(b)
 
 
+@pytest.mark.parametrize("which", ["final", "partial", "old"])
+def test_a_device_folder_edgeft_did_not_copy_is_left_alone(
+    sshd: Sshd, made: Bundles, monkeypatch: pytest.MonkeyPatch, which: str
+) -> None:
+    """--remote-dir pointing at the user's own folder (or its .partial/.old names holding the user's files) is
+    refused in one line, and nothing in it is moved or removed."""
+    b = made(f"users-{which}")
+    monkeypatch.setenv("HOME", str(sshd.home(f"users-{which}")))
+    device_dir = sshd.root / f"device-users-{which}" / "home-pi"
+    suffix = {"final": "", "partial": remote.PARTIAL_SUFFIX, "old": ".old"}[which]
+    users = Path(str(device_dir) + suffix)
+    (users / ".ssh").mkdir(parents=True)
+    (users / ".ssh" / "authorized_keys").write_text("ssh-ed25519 AAAA me")
+    if which == "old":  # .old only matters when a copy finishes: give it an edgeft bundle to replace
+        (device_dir).mkdir()
+        (device_dir / ".edgeft").write_text("")
+    ep = remote.resolve_endpoint(remote.parse_remote(sshd.spec), sshd.key)
+    client = remote.connect(ep, accept_new_host_key=True)
+    try:
+        with pytest.raises(EdgeftError) as e:
+            remote.sync_bundle(client, b, str(device_dir), where=ep.where, python=sys.executable)
+    finally:
+        client.close()
+    msg = str(e.value)
+    assert "\n" not in msg and "not a bundle edgeft copied" in msg and str(users) in msg, msg
+    assert (users / ".ssh" / "authorized_keys").read_text() == "ssh-ed25519 AAAA me"
+
+
+def test_the_demo_bundle_benched_over_ssh(
+    sshd: Sshd, demo_bundle: Path, runtime_venv: Path, tmp_path: Path
+) -> None:
+    """The README demo's bundle (GGUF q4_0, q8_0 and ONNX int8) benched on the "device" over SSH in a
+    runtime-only venv: every artifact measured with a thread sweep and recorded; the bundle still checks."""
+    b = tmp_path / "raspberrypi"
+    shutil.copytree(demo_bundle, b)
+    device_dir = sshd.root / "device-demo" / "raspberrypi"
+    res = _edgeft(
+        "bench",
+        str(b),
+        "--remote",
+        sshd.spec,
+        "--identity",
+        str(sshd.key),
+        "--accept-new-host-key",
+        "--python",
+        str(runtime_venv),
+        "--remote-dir",
+        str(device_dir),
+        *QUICK,
+        "--json",
+        home=sshd.home("demo"),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    [run] = json.loads((b / MANIFEST).read_text())["device_latency"]
+    arts = {a["path"]: a for a in run["result"]["artifacts"]}
+    assert set(arts) == {"model-q4_0.gguf", "model-q8_0.gguf", "onnx-int8"}
+    for a in arts.values():
+        assert a["status"] == "ok" and [s["threads"] for s in a["sweep"]] == [1, 2], a
+        assert a["decode_tok_s"] > 0 and a["decode_bytes_per_token"] > 0 and a["effective_gb_s"] > 0
+    assert check_bundle(b, load=False).passed
+    assert _files(device_dir) == _files(b)
+
+
 def test_a_killed_copy_is_picked_up_by_the_next(
     sshd: Sshd, made: Bundles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -276,6 +299,7 @@ def test_a_killed_copy_is_picked_up_by_the_next(
     device_dir = sshd.root / "device-killed" / "tiny-device"
     partial = Path(str(device_dir) + remote.PARTIAL_SUFFIX)
     (partial / "tokenizer").mkdir(parents=True)
+    (partial / ".edgeft").write_text("")  # written first by every copy: the partial folder is edgeft's
     shutil.copy(b / MANIFEST, partial / MANIFEST)  # whole: kept
     (partial / "model-q8_0.gguf.part").write_bytes(b"GGUF half")  # an unfinished upload
     (partial / "tokenizer" / "stale.json").write_text("{}")  # not in the bundle
@@ -366,6 +390,24 @@ def test_an_unreachable_host_is_one_line(made: Bundles, tmp_path: Path) -> None:
         "bench", str(made.fresh), "--remote", f"pi@127.0.0.1:{port}", "--connect-timeout", "5", home=home
     )
     _one_error_line(res, f"pi@127.0.0.1:{port}", "connection refused", "ssh")
+
+
+def test_a_host_that_never_answers_times_out_in_one_line(made: Bundles, tmp_path: Path) -> None:
+    """A port that accepts TCP but never speaks SSH (a hung board, a blackholing firewall): the connect
+    timeout ends it in one line, not a hang."""
+    home = tmp_path / "home"
+    home.mkdir()
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)  # the kernel completes the handshake; nobody ever sends a banner
+        port = silent.getsockname()[1]
+        t0 = time.monotonic()
+        res = _edgeft(
+            "bench", str(made.fresh), "--remote", f"pi@127.0.0.1:{port}", "--connect-timeout", "2", home=home
+        )
+        took = time.monotonic() - t0
+    _one_error_line(res, f"pi@127.0.0.1:{port}", "timeout")
+    assert took < 60, took
 
 
 def test_a_missing_remote_python_is_one_line(sshd: Sshd, made: Bundles, tmp_path: Path) -> None:
@@ -496,7 +538,7 @@ def test_ssh_config_proxy_command_and_proxy_jump(sshd: Sshd, monkeypatch: pytest
 # --- regressions ---------------------------------------------------------------------------------------------
 
 
-def _result(decode: float, prefill: float = 400.0, ttft: float = 20.0) -> dict:
+def _result(decode: float, prefill: float = 400.0, ttft: float = 20.0, prompt_tokens: int = 64) -> dict:
     art = {
         "path": "model-q8_0.gguf",
         "format": "gguf",
@@ -533,6 +575,7 @@ def _result(decode: float, prefill: float = 400.0, ttft: float = 20.0) -> dict:
             "cores": 4,
             "cpu_features": ["fp", "asimd", "asimddp", "cpuid"],
         },
+        "settings": {"prompt_tokens": prompt_tokens, "decode_tokens": 64, "runs": 3, "threads": [1, 2, 4]},
         "artifacts": [art],
     }
 
@@ -560,6 +603,17 @@ def test_a_slowdown_beyond_noise_is_flagged(made: Bundles) -> None:
     m = json.loads((b / MANIFEST).read_text())
     assert [r["where"] for r in m["device_latency"]] == ["pi@board", "pi@board", "pi@other", "pi@board"]
     assert (b / SHA256SUMS).read_text().count("\n") == len(m["files"]) + 1
+
+
+def test_runs_with_other_settings_are_not_compared(made: Bundles) -> None:
+    """A run with a longer prompt is not a regression of one with a short prompt: not compared at all."""
+    b = made("settings")
+    bundle.record_device_run(b, _result(30.0, ttft=20.0, prompt_tokens=8), "pi@board")
+    longer = bundle.record_device_run(b, _result(30.0, ttft=160.0, prompt_tokens=64), "pi@board")
+    assert longer["previous_recorded"] is None and longer["regressions"] == []
+    again = bundle.record_device_run(b, _result(30.0, ttft=200.0, prompt_tokens=64), "pi@board")
+    assert again["previous_recorded"] and [r["metric"] for r in again["regressions"]] == ["ttft_ms"]
+    assert "64-token prompt, 64 decoded tokens" in (b / REPORT).read_text()
 
 
 def test_noisy_history_raises_the_threshold(made: Bundles) -> None:

@@ -4,7 +4,7 @@
     python3 bench_on_device.py BUNDLE_DIR [--threads 1,2,4] [--runs N] [--prompt-tokens N]
                                [--decode-tokens N] [--artifact RELPATH]...
 
-Needs only Python 3 and the runtime of each artifact (llama-cpp-python for GGUF, onnxruntime-genai for ONNX):
+Needs only Python 3.8+ and the runtime of each artifact (llama-cpp-python for GGUF, onnxruntime-genai for ONNX):
 no edgeft, torch or numpy. First it checks the bundle against SHA256SUMS and manifest.json's sha256 map and
 benchmarks nothing if any file differs. Then, per artifact, a thread sweep (default 1, 2, 4, … up to the
 core count): each point runs in a fresh child process of this interpreter, so its peak RSS is its own, and
@@ -590,13 +590,13 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     for p in integrity["problems"]:
         _say(f"  {p}")
     results: list[dict[str, Any]] = []
+    threads = a.threads or default_threads(device["cores"])
     if manifest is not None:
         entries = manifest.get("artifacts")
         entries = entries if isinstance(entries, list) else []
         if a.artifact:
             by_path = {e.get("path"): e for e in entries if isinstance(e, dict)}
             entries = [by_path.get(rel, {"path": rel, "format": None}) for rel in a.artifact]
-        threads = a.threads or default_threads(device["cores"])
         for entry in entries:
             results.append(bench_artifact(bundle, entry, a, threads))
             if results[-1]["status"] != "ok":
@@ -610,6 +610,13 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         "finished": _now(),
         "integrity": integrity,
         "device": device,
+        # what was asked for: runs are compared only with runs of the same settings
+        "settings": {
+            "prompt_tokens": a.prompt_tokens,
+            "decode_tokens": a.decode_tokens,
+            "runs": a.runs,
+            "threads": list(threads),
+        },
         "artifacts": results,
     }
     ok = integrity["ok"] and all(r["status"] != "failed" for r in results)
@@ -635,8 +642,10 @@ def _child(a: argparse.Namespace) -> None:
     point = asdict(t)
     print(
         json.dumps(
-            {k: point[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms")}
-            | {"peak_rss_mb": peak_rss_mb()}
+            dict(
+                {k: point[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms")},
+                peak_rss_mb=peak_rss_mb(),
+            )
         )
     )
 

@@ -59,7 +59,8 @@ def pick_artifact(bundle: Path, rel: str | None) -> tuple[Path, str]:
             raise ChatError(f"no artifact's runtime is installed here: {lines or 'the bundle lists none'}")
         choice = usable[0]
     path = (bundle / str(choice)).resolve()
-    if not path.is_relative_to(bundle.resolve()) or not path.exists():
+    root = bundle.resolve()
+    if (path != root and root not in path.parents) or not path.exists():  # Path.is_relative_to is 3.9+
         raise ChatError(f"{choice}: missing from the bundle")
     return path, known[choice]
 
