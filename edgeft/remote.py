@@ -272,7 +272,11 @@ def _connect_failure(ep: Endpoint, e: Exception) -> str:
             f"{at}: the proxy command from ~/.ssh/config failed ({e}); run it by hand to see why: "
             f"{ep.proxy_command}"
         )
-    if isinstance(e, paramiko.SSHException) and "banner" in str(e).lower():
+    # a banner that never came shows as paramiko's banner error, or (when the transport died before
+    # authentication started) as "No existing session"
+    if isinstance(e, paramiko.SSHException) and any(
+        m in str(e).lower() for m in ("banner", "no existing session")
+    ):
         return (
             f"{at}: the port answered but no SSH server spoke within the connect timeout; check the device "
             f"is not hung and port {ep.port} is its SSH server, or raise --connect-timeout"

@@ -433,7 +433,9 @@ def test_local_bench_records_localhost_and_warns_of_a_slowdown(
 ) -> None:
     b = made("local")
     # an earlier run of this machine far faster than any real one: the new run must be flagged
-    bundle.record_device_run(b, _result(1e9, prefill=1e9, ttft=1e-6), "localhost")
+    fast = _result(1e9, prefill=1e9, ttft=1e-6)
+    fast["settings"] = {"prompt_tokens": 8, "decode_tokens": 4, "runs": 1, "threads": [1, 2]}  # as QUICK
+    bundle.record_device_run(b, fast, "localhost")
     res = _edgeft("bench", str(b), "--python", str(runtime_venv), *QUICK, home=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "recorded in" in res.stderr and "model-q8_0.gguf: prefill" in res.stderr
