@@ -258,6 +258,10 @@ def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactR
     ]
     if diffs:
         lines += ["First differences:", "", *diffs, ""]
+    written = [_types_line(a) for a in arts if Path(a.path).exists()]
+    if written:
+        lines += ["Tensor types actually written (share of the weight bytes; the output head's type):", ""]
+        lines += [*written, ""]
     if facts.skipped:
         lines += ["Skipped (they cannot fit the device's RAM; `edgeft build --strict` stops instead):", ""]
         lines += [f"- {s.spec.label}: {s.reason}" for s in facts.skipped] + [""]
@@ -298,6 +302,7 @@ def write_bundle(
                     "latency": a.latency.metrics(),
                     "decode_bytes_per_token": fp.decode_bytes_per_token,
                     "weights_bytes": fp.weights_bytes,
+                    **_written_types(tmp / name),
                     "kv_cache_mb": round(fp.kv_cache_mb, 6),
                     "kv_cache_dtype": fp.kv_dtype,
                     "ram_need_mb": round(fp.need_bytes / 1e6, 6),
@@ -361,6 +366,26 @@ def write_bundle(
     except OSError as exc:
         raise EdgeftError(f"cannot write bundle {final}: {exc.strerror or exc}") from None
     return final
+
+
+def _types_line(a: ArtifactResult) -> str:
+    from .footprint import tensor_types
+
+    tt = tensor_types(Path(a.path))
+    shares = ", ".join(f"{k} {v:.1%}" for k, v in tt.shares.items() if v >= 0.001)
+    head = f"; head {tt.head_type} ({tt.head_share:.1%})" if tt.head_type else ""
+    return f"- {artifact_name(a.spec)}{_variant(a.spec)}: {shares}{head}"
+
+
+def _written_types(path: Path) -> dict[str, Any]:
+    """Manifest fields for the tensor types an artifact really holds (footprint.tensor_types)."""
+    from .footprint import tensor_types
+
+    tt = tensor_types(path)
+    return {
+        "tensor_types": {k: round(v, 6) for k, v in tt.shares.items()},
+        "output_head": {"type": tt.head_type, "share": round(tt.head_share, 6)},
+    }
 
 
 def bundle_files(root: Path) -> list[str]:

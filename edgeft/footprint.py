@@ -437,3 +437,57 @@ def estimate_need(model_dir: Path, fmt: str, quant: str, context_length: int) ->
     else:
         raise EdgeftError(f"unknown artifact format {fmt!r}")
     return Footprint(int(weights), int(decode), kv.bytes(context_length), kv.dtype, context_length)
+
+
+# --- what was actually written ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorTypes:
+    """The tensor types an artifact really holds, as shares of its weight bytes: a "q4_k_m" file is not all
+    Q4_K (rows that are not a multiple of 256 fall back to other types; ../shared/REFERENCE.md)."""
+
+    shares: dict[str, float]  # type → fraction of the weight bytes, largest first
+    head_type: str | None  # the output head's type (a tied head: the token embedding's)
+    head_share: float  # the head's fraction of the weight bytes
+
+
+def tensor_types(path: Path) -> TensorTypes:
+    """Tensor types of a GGUF file (ggml types) or an onnxruntime-genai folder (initializer data types, with
+    MatMulNBits weights named by their bit width)."""
+    from .runtime import artifact_format
+
+    path = Path(path)
+    if artifact_format(path) == FORMAT_GGUF:
+        reader = _gguf_reader(path)
+        items = [(t.name, t.tensor_type.name.lower(), int(t.n_bytes)) for t in reader.tensors]
+        names = {n for n, _, _ in items}
+        head = GGUF_OUTPUT if GGUF_OUTPUT in names else GGUF_TOKEN_EMBD
+    else:
+        import onnx
+
+        graph = _onnx_graph(path)
+        nbits = {
+            node.input[1]: next((a.i for a in node.attribute if a.name == "bits"), 4)
+            for node in graph.node
+            if node.op_type == "MatMulNBits" and len(node.input) > 1
+        }
+        items = [
+            (
+                t.name,
+                f"int{nbits[t.name]} (MatMulNBits)"
+                if t.name in nbits
+                else onnx.TensorProto.DataType.Name(t.data_type).lower(),
+                onnx_initializer_bytes(t),
+            )
+            for t in graph.initializer
+        ]
+        head = next((n for n, _, _ in items if n.startswith("lm_head")), None)
+    total = sum(b for _, _, b in items) or 1
+    by_type: dict[str, int] = {}
+    for _, kind, nbytes in items:
+        by_type[kind] = by_type.get(kind, 0) + nbytes
+    shares = {k: v / total for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])}
+    head_items = [(kind, b) for n, kind, b in items if head is not None and n.startswith(head)]
+    head_type = max(head_items, key=lambda kb: kb[1])[0] if head_items else None
+    return TensorTypes(shares, head_type, sum(b for _, b in head_items) / total)

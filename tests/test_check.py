@@ -98,6 +98,12 @@ def test_manifest_schema(made: Bundles, tiny_llama: Path) -> None:
     }
     assert m["lora"] == SETTINGS
     assert m["data"]["eval_split_sha256"] == data.split_digest(SPLIT_ELSEWHERE, "x")
+    # what was actually written: tensor types as shares of the weight bytes, and the head's type
+    types = {a["path"]: a["tensor_types"] for a in m["artifacts"]}
+    assert all(abs(sum(t.values()) - 1) < 1e-4 for t in types.values()), types
+    assert types["model-q8_0.gguf"].get("q8_0", 0) > 0.5 and "int8 (MatMulNBits)" in types["onnx-int8"]
+    assert all(a["output_head"]["type"] for a in m["artifacts"] if a["format"] == "gguf")
+    assert "Tensor types actually written" in (made.fresh / "report.md").read_text()
     assert m["data"]["eval_split_sha256"] != data.split_digest(
         {**SPLIT, "examples": ["/data/tasks.jsonl:4"]}, "x"
     )

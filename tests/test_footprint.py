@@ -245,3 +245,20 @@ def test_estimate_against_measured_peak_rss(tmp_path_factory: pytest.TempPathFac
     assert expected > 30
     print(f"estimate grew {expected:.1f} MB, peak RSS grew {grew:.1f} MB ({rss[0]:.0f} → {rss[1]:.0f} MB)")
     assert abs(grew - expected) <= 0.2 * expected + 4, (rss, est)
+
+
+def test_tensor_types_say_what_a_q4_k_m_file_really_holds(tmp_path: Path) -> None:
+    """Rows that are not a multiple of 256 cannot be Q4_K: the tiny model's "q4_k_m" holds no q4_k at all,
+    a 256-wide one mostly does; shares sum to 1 and an f32 export is all f32."""
+    from edgeft.export.gguf import export_gguf
+    from edgeft.footprint import tensor_types
+
+    narrow = tensor_types(export_gguf(cached_model("llama", "bpe"), tmp_path / "n.gguf", "q4_k_m").path)
+    wide_model = cached_model("llama", "bpe", hidden=256, intermediate=768, layers=4, seed=7)
+    wide = tensor_types(export_gguf(wide_model, tmp_path / "w.gguf", "q4_k_m").path)
+    for tt in (narrow, wide):
+        assert abs(sum(tt.shares.values()) - 1) < 1e-9 and tt.head_type is not None and 0 < tt.head_share < 1
+    assert "q4_k" not in narrow.shares and set(narrow.shares) - {"f32"}  # fell back to other quant types
+    assert wide.shares.get("q4_k", 0) > 0.3
+    f32 = tensor_types(export_gguf(cached_model("llama", "bpe"), tmp_path / "f.gguf", "f32").path)
+    assert f32.shares == {"f32": 1.0} and f32.head_type == "f32"
