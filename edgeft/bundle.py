@@ -23,7 +23,7 @@ from .bench import LatencyReport
 from .constants import FINETUNE_RECORD, MANIFEST, REPORT, SHA256SUMS, TOKENIZER_FILES
 from .errors import EdgeftError
 from .files import atomic_dir, read_json, sha256_file, tree_bytes
-from .footprint import Footprint
+from .footprint import Footprint, TensorTypes, tensor_types
 from .targets import ArtifactSpec, TargetProfile
 from .verify import DriftReport
 
@@ -189,7 +189,12 @@ def _variant(spec: ArtifactSpec) -> str:
     return level + ("" if spec.ship else " — compared, not shipped")
 
 
-def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactResult]) -> str:
+def render_report(
+    target: TargetProfile,
+    facts: BuildFacts,
+    arts: list[ArtifactResult],
+    types: dict[str, TensorTypes] | None = None,
+) -> str:
     """report.md: what was built, how far it drifts, how fast it runs, and whether it fits the device."""
     lines = [f"# edgeft bundle for `{target.name}`", "", f"{target.description}", ""]
     lines += [f"- base model: `{facts.base_model}`"]
@@ -258,7 +263,8 @@ def render_report(target: TargetProfile, facts: BuildFacts, arts: list[ArtifactR
     ]
     if diffs:
         lines += ["First differences:", "", *diffs, ""]
-    written = [_types_line(a) for a in arts if Path(a.path).exists()]
+    types = _tensor_types(arts) if types is None else types
+    written = [_types_line(a, types[a.spec.label]) for a in arts if a.spec.label in types]
     if written:
         lines += ["Tensor types actually written (share of the weight bytes; the output head's type):", ""]
         lines += [*written, ""]
@@ -278,6 +284,7 @@ def write_bundle(
 ) -> Path:
     """Write OUT/<name or target>/ atomically and return its path."""
     final = Path(out_dir) / (name or target.name)
+    types = _tensor_types(arts)  # read once: for the manifest entries and for the report
     try:
         with atomic_dir(final) as tmp:
             entries = []
@@ -302,7 +309,7 @@ def write_bundle(
                     "latency": a.latency.metrics(),
                     "decode_bytes_per_token": fp.decode_bytes_per_token,
                     "weights_bytes": fp.weights_bytes,
-                    **_written_types(tmp / name),
+                    **_manifest_types(types[a.spec.label]),
                     "kv_cache_mb": round(fp.kv_cache_mb, 6),
                     "kv_cache_dtype": fp.kv_dtype,
                     "ram_need_mb": round(fp.need_bytes / 1e6, 6),
@@ -322,7 +329,7 @@ def write_bundle(
             # The on-device scripts at the root (listed in "files" and SHA256SUMS like every file).
             for script in DEVICE_SCRIPTS:
                 shutil.copy2(Path(__file__).parent / "device" / script, tmp / script)
-            (tmp / REPORT).write_text(render_report(target, facts, arts), encoding="utf-8")
+            (tmp / REPORT).write_text(render_report(target, facts, arts, types), encoding="utf-8")
             normalize_modes(tmp)
             files = {rel: sha256_file(tmp / rel) for rel in bundle_files(tmp)}
             manifest = {
@@ -368,20 +375,19 @@ def write_bundle(
     return final
 
 
-def _types_line(a: ArtifactResult) -> str:
-    from .footprint import tensor_types
+def _tensor_types(arts: list[ArtifactResult]) -> dict[str, TensorTypes]:
+    """The tensor types each artifact really holds, by label (footprint.tensor_types)."""
+    return {a.spec.label: tensor_types(Path(a.path)) for a in arts if Path(a.path).exists()}
 
-    tt = tensor_types(Path(a.path))
+
+def _types_line(a: ArtifactResult, tt: TensorTypes) -> str:
     shares = ", ".join(f"{k} {v:.1%}" for k, v in tt.shares.items() if v >= 0.001)
     head = f"; head {tt.head_type} ({tt.head_share:.1%})" if tt.head_type else ""
     return f"- {artifact_name(a.spec)}{_variant(a.spec)}: {shares}{head}"
 
 
-def _written_types(path: Path) -> dict[str, Any]:
-    """Manifest fields for the tensor types an artifact really holds (footprint.tensor_types)."""
-    from .footprint import tensor_types
-
-    tt = tensor_types(path)
+def _manifest_types(tt: TensorTypes) -> dict[str, Any]:
+    """Manifest fields for the tensor types an artifact really holds."""
     return {
         "tensor_types": {k: round(v, 6) for k, v in tt.shares.items()},
         "output_head": {"type": tt.head_type, "share": round(tt.head_share, 6)},

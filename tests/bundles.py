@@ -3,11 +3,13 @@ what test_check, test_device and test_remote start from."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgeft import bundle
 from edgeft.bench import LatencyReport
@@ -41,6 +43,20 @@ def exported(model: Path, work: Path, specs: Iterable[ArtifactSpec]) -> list[bun
     return arts
 
 
+def plain_facts(model: Path, **more: Any) -> bundle.BuildFacts:
+    """Build facts with made-up digests and no reference run; `more` sets any other field."""
+    facts = bundle.BuildFacts(
+        base_model=model.name,
+        adapter_sha256="a" * 64,
+        dataset_sha256="d" * 64,
+        reference_task_accuracy=None,
+        base_task_accuracy=None,
+        reference_latency=None,
+        kv_cache_mb=1.0,
+    )
+    return dataclasses.replace(facts, **more)
+
+
 def write(
     model: Path,
     arts: list[bundle.ArtifactResult],
@@ -50,15 +66,7 @@ def write(
     target: TargetProfile = TARGET,
 ) -> Path:
     """bundle.write_bundle under umask 022 (so modes are predictable), with plain facts unless given."""
-    facts = facts or bundle.BuildFacts(
-        base_model=model.name,
-        adapter_sha256="a" * 64,
-        dataset_sha256="d" * 64,
-        reference_task_accuracy=None,
-        base_task_accuracy=None,
-        reference_latency=None,
-        kv_cache_mb=1.0,
-    )
+    facts = facts or plain_facts(model)
     old = os.umask(0o022)
     try:
         return bundle.write_bundle(out, target, facts, arts, model)

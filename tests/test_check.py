@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from bundles import DRIFT, LATENCY, TARGET, Bundles, exported, write
+from bundles import DRIFT, LATENCY, TARGET, Bundles, exported, plain_facts, write
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,14 +37,9 @@ def _write(work: Path, tiny_llama: Path, arts: list[bundle.ArtifactResult], out:
     (work / "adapter" / FINETUNE_RECORD).write_text(json.dumps({"settings": SETTINGS, "eval_split": SPLIT}))
     base = bundle.describe_base(tiny_llama)
     lora, split_sha = bundle.finetune_facts(work / "adapter")
-    facts = bundle.BuildFacts(
+    facts = plain_facts(
+        tiny_llama,
         base_model=base.name,
-        adapter_sha256="a" * 64,
-        dataset_sha256="d" * 64,
-        reference_task_accuracy=None,
-        base_task_accuracy=None,
-        reference_latency=None,
-        kv_cache_mb=1.0,
         base_revision=base.revision,
         base_weights_sha256=base.weights_sha256,
         lora_settings=lora,
