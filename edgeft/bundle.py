@@ -20,10 +20,11 @@ from typing import Any
 from . import __version__
 from . import data as _data
 from .bench import LatencyReport
-from .constants import FINETUNE_RECORD, MANIFEST, REPORT, SHA256SUMS, TOKENIZER_FILES
+from .constants import FINETUNE_RECORD, MANIFEST, REPORT, REPORT_HTML, SHA256SUMS, TOKENIZER_FILES
 from .errors import EdgeftError
 from .files import atomic_dir, read_json, sha256_file, tree_bytes
 from .footprint import Footprint, TensorTypes, tensor_types
+from .report_html import render_html
 from .targets import ArtifactSpec, TargetProfile
 from .verify import DriftReport
 
@@ -365,6 +366,11 @@ def write_bundle(
                 "skipped": [s.manifest_entry() for s in facts.skipped],
                 "files": files,
             }
+            # report.html is rendered from the finished manifest; it shows no file digests, so listing its own
+            # digest afterwards leaves it as a later re-render from manifest.json would write it.
+            (tmp / REPORT_HTML).write_text(render_html(manifest), encoding="utf-8")
+            files[REPORT_HTML] = sha256_file(tmp / REPORT_HTML)
+            manifest["files"] = files = dict(sorted(files.items()))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             sums = files | {MANIFEST: sha256_file(tmp / MANIFEST)}
             (tmp / SHA256SUMS).write_text(

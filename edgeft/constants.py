@@ -61,6 +61,7 @@ CHAT_TEMPLATE_FILE = (
     "chat_template.jinja"  # transformers 5 saves the template here (ref: tokenization_utils_base)
 )
 REPORT = "report.md"
+REPORT_HTML = "report.html"  # the same build as one self-contained page (edgeft.report_html)
 CONFIG_FILE = "edgeft.toml"
 # Files that make up a tokenizer and its chat template; carried unchanged into every model edgeft writes.
 TOKENIZER_FILES = (
@@ -159,3 +160,16 @@ ONNX_REQUIRED_FILES = (ONNX_GENAI_CONFIG, ONNX_MODEL_FILE, "tokenizer.json", "to
 # --- bundle integrity ---
 # Checksum list a device verifies with `sha256sum -c SHA256SUMS` (GNU coreutils: "<hex>  <path>" lines).
 SHA256SUMS = "SHA256SUMS"
+
+# --- quant precision and the importance matrix ------------------------------------------------------------
+# Bits per weight of each GGUF quant's main type. ref: ggml/src/ggml-common.h block layouts: block_q8_0
+# 34 B / 32, block_q6_K 210 B / 256, block_q5_K 176 / 256, block_q4_K 144 / 256, block_iq4_nl 18 / 32,
+# block_q4_0 18 / 32, block_iq4_xs 136 / 256, block_q3_K 110 / 256, block_q2_K 84 / 256. Orders quants by
+# precision (a head kept "higher" than the body) and sorts candidates before anything is exported.
+GGUF_BITS_PER_WEIGHT: dict[str, float] = {
+    "f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q6_k": 6.5625, "q5_k_m": 5.5, "q4_k_m": 4.5,
+    "iq4_nl": 4.5, "q4_0": 4.5, "iq4_xs": 4.25, "q3_k_m": 3.4375, "q2_k": 2.625,
+}  # fmt: skip
+# GGUF quants whose block quantizers weigh the rounding error by an importance matrix (ref: ggml-quants.c
+# quantize_q4_0 / quantize_q4_K / quantize_iq4_nl ... take `quant_weights`; quantize_q8_0 ignores it).
+GGUF_IMATRIX_QUANTS = ("q6_k", "q5_k_m", "q4_k_m", "iq4_nl", "q4_0", "iq4_xs", "q3_k_m", "q2_k")
