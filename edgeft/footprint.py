@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .constants import FORMAT_GGUF, FORMAT_ONNX, ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
+from .constants import FORMAT_GGUF, FORMAT_ONNX, GGUF_LLAMA_QUANTS, ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
 from .errors import EdgeftError
 
 # --- bytes per decode token ------------------------------------------------------------------------------
@@ -392,10 +392,16 @@ def measure(path: Path, context_length: int) -> Footprint:
 # these only have to be close and err high). ggml blocks (ref: ggml/src/ggml-common.h): block_q8_0 = f16
 # scale + 32 int8 = 34 bytes / 32 weights; block_q4_0 = f16 scale + 16 bytes = 18 / 32; Q4_K 144 / 256 with
 # some Q6_K (210 / 256) tensors, and Q5_0 (22 / 32) or Q8_0 where a row is not a multiple of 256
-# (REFERENCE.md "Labels lie") — 0.75 covers the mix. MatMulNBits (onnxruntime docs/ContribOperators.md,
-# builder block_size 32, fp32 scales): bits/8 + 4/32 scale bytes + a zero point per block.
+# (REFERENCE.md "Labels lie") — 0.75 covers the mix. The other mixes likewise take the larger of their main
+# type and its fallback for rows not a multiple of 256 (ref: src/llama-quant.cpp tensor_type_fallback):
+# q6_k Q6_K 210/256 → Q8_0 34/32; q5_k_m Q5_K 176/256 with Q6_K tensors → Q5_1 24/32; iq4_nl 18/32 with
+# Q5_K attn_v on GQA models; iq4_xs 136/256 → IQ4_NL 18/32; q3_k_m Q3_K 110/256 and q2_k Q2_K 84/256 with
+# Q4_K/Q5_K tensors → Q4_0 18/32 (so 0.6 for all four). MatMulNBits (onnxruntime
+# docs/ContribOperators.md, builder block_size 32, fp32 scales): bits/8 + 4/32 scale bytes + a zero point
+# per block.
 GGUF_RATE: dict[str, float] = {
-    "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_k_m": 0.75,
+    "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q6_k": 34 / 32, "q5_k_m": 0.78,
+    "q4_k_m": 0.75, "q4_0": 18 / 32, "iq4_nl": 0.6, "iq4_xs": 0.6, "q3_k_m": 0.6, "q2_k": 0.6,
 }  # fmt: skip
 ONNX_RATE: dict[str, float] = {"fp32": 4.0, "int8": 1 + 5 / 32, "int4": 0.5 + 5 / 32}
 # llama.cpp's quantizer gives the output head (or a tied token_embd) Q6_K, or Q8_0 where rows do not fit
@@ -415,7 +421,7 @@ def estimate_need(model_dir: Path, fmt: str, quant: str, context_length: int) ->
     tied = head == 0
     if fmt == FORMAT_GGUF:
         rate = GGUF_RATE[quant]
-        head_rate = max(rate, GGUF_HEAD_RATE) if quant in ("q8_0", "q4_0", "q4_k_m") else rate
+        head_rate = max(rate, GGUF_HEAD_RATE) if quant in GGUF_LLAMA_QUANTS else rate
         if tied:  # one token_embd serves as both: quantized like the head, streamed whole
             weights = matrices * rate + embed * head_rate + vectors * 4
             decode = weights

@@ -59,7 +59,7 @@ def test_q4_k_m_hidden_256(tmp_path: Path) -> None:
 
 def test_quantize_errors(tmp_path: Path) -> None:
     with pytest.raises(EdgeftError, match="q4_0"):
-        quantize_gguf(tmp_path / "a.gguf", tmp_path / "b.gguf", "q2_k")
+        quantize_gguf(tmp_path / "a.gguf", tmp_path / "b.gguf", "q1_x")
     with pytest.raises(EdgeftError, match="does not exist"):
         quantize_gguf(tmp_path / "a.gguf", tmp_path / "b.gguf", "q8_0")
     bad = tmp_path / "bad.gguf"

@@ -9,11 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..constants import FORMAT_GGUF, FORMAT_ONNX
 from ..errors import EdgeftError
 from ..ui import Progress
+
+if TYPE_CHECKING:
+    from ..imatrix import Imatrix
+    from .gguf import GGUFExportResult
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,13 @@ class ExportOptions:
     progress: Progress | None = None
     # Conversations (e.g. the eval set's) the exporter proves its tokenizer on, besides the built-in probes.
     conversations: Sequence[Sequence[dict[str, str]]] = ()
+    # GGUF quants only: an importance matrix (edgeft.imatrix) for llama.cpp's quantizer, and a type the
+    # output head / token embedding are kept at (edgeft.constants.GGUF_HEAD_TYPES, e.g. "q8_0").
+    imatrix: Imatrix | None = None
+    head_type: str | None = None
+    # GGUF quants only: a float GGUF of the same model already written (export.gguf.export_float_gguf),
+    # quantized directly instead of converting again — several quants of one model cost one conversion.
+    float_gguf: GGUFExportResult | Path | None = None
 
 
 def _gguf(model_dir: Path, out: Path, quant: str, opts: ExportOptions) -> Any:
@@ -31,12 +42,25 @@ def _gguf(model_dir: Path, out: Path, quant: str, opts: ExportOptions) -> Any:
 
     if opts.accuracy_level is not None:
         raise EdgeftError("accuracy_level applies to onnx int8/int4 only, not gguf")
-    return export_gguf(model_dir, out, quant, progress=opts.progress, conversations=opts.conversations)
+    return export_gguf(
+        model_dir,
+        out,
+        quant,
+        progress=opts.progress,
+        conversations=opts.conversations,
+        imatrix=opts.imatrix,
+        head_type=opts.head_type,
+        float_gguf=opts.float_gguf,
+    )
 
 
 def _onnx(model_dir: Path, out: Path, quant: str, opts: ExportOptions) -> Any:
     from .onnx import export_onnx
 
+    given = [n for n in ("imatrix", "head_type", "float_gguf") if getattr(opts, n) is not None]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise EdgeftError(f"{out}: {' and '.join(given)} {verb} to gguf quants only, not onnx {quant}")
     return export_onnx(
         model_dir,
         out,

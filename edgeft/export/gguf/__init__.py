@@ -13,6 +13,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
@@ -35,7 +36,10 @@ from .tokcheck import choose_vocab
 from .vocab import Vocab, general_name, read_vocab, write_vocab
 from .weights import fit_f16, intermediate_type, materialize, out_type
 
-__all__ = ["GGUFExportResult", "export_gguf"]
+if TYPE_CHECKING:
+    from ...imatrix import Imatrix
+
+__all__ = ["GGUFExportResult", "export_float_gguf", "export_gguf"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class GGUFExportResult:
     n_tensors: int
     bytes: int
     tokenizer_mismatches: tuple[str, ...] = ()  # probes llama.cpp tokenizes differently (see tokcheck)
+    imatrix: dict[str, Any] | None = None  # Imatrix.record() of the importance matrix quantized with
+    head_type: str | None = None  # the type output/token_embd were kept at, if one was asked for
 
 
 def _write_float_gguf(
@@ -144,19 +150,35 @@ def export_gguf(
     *,
     progress: Progress | None = None,
     conversations: Sequence[Sequence[dict[str, str]]] = (),
+    imatrix: Imatrix | None = None,
+    head_type: str | None = None,
+    threads: int | None = None,
+    float_gguf: GGUFExportResult | Path | None = None,
 ) -> GGUFExportResult:
     """Convert an HF model directory (safetensors + tokenizer) into one GGUF file at `out`, atomically.
 
     The tokenizer settings are proven first on built-in probes plus `conversations` (e.g. the eval set's):
-    llama-cpp-python's chat path must give the fine-tune's prompt ids (see tokcheck).
+    llama-cpp-python's chat path must give the fine-tune's prompt ids (see tokcheck). Integer quants may
+    take an importance matrix and a head type (edgeft.quantize.quantize_gguf). `float_gguf`, a float GGUF
+    of this same model written by export_float_gguf (its result, or its path), is quantized directly: no
+    conversion and no tokenizer check again (a result carries that check's findings; a bare path does not).
     """
-    if quant not in GGUF_QUANTS:
-        raise EdgeftError(f"unknown GGUF quant {quant!r}; choose one of: {', '.join(GGUF_QUANTS)}")
+    from ...quantize import check_columns, check_quant_options, quantize_gguf
+
     model_dir, out = Path(model_dir), Path(out)
+    check_quant_options(quant, imatrix, head_type, str(out))
     ensure_replaceable_file(out)  # only a GGUF edgeft wrote is ever overwritten
     sweep_temps(out, (*GGUF_QUANTS, QUANTIZING_TAG))  # what a killed earlier export left behind
+    if float_gguf is not None and quant not in GGUF_FLOAT_QUANTS:
+        base = _reuse_float(float_gguf)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        quantize_gguf(base.path, out, quant, threads=threads, imatrix=imatrix, head_type=head_type)
+        return _result(out, quant, base.arch, base.n_tensors, base.tokenizer_mismatches, imatrix, head_type)
     check_model_folder(model_dir)  # nothing the folder names may lead outside it
     prep = prepare(model_dir)  # every config and tensor check happens before any file is created
+    if imatrix is not None or head_type is not None:
+        cols = {p.gguf_name: p.shape[-1] for p in prep.plans if len(p.shape) == 2}  # ne[0] = HF's last dim
+        check_columns(cols, imatrix, head_type, str(model_dir))
     tok = choose_tokenizer(prep, model_dir, conversations)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Integer quants go through a 16-bit intermediate (2 bytes a parameter of temporary disk, not 4): bf16
@@ -168,17 +190,72 @@ def export_gguf(
         if quant in GGUF_FLOAT_QUANTS:
             publish_file(tmp, out)
         else:
-            from ...quantize import quantize_gguf
-
-            quantize_gguf(tmp, out, quant)  # writes `.NAME.quantizing-*`, then renames it to `out`
+            # writes `.NAME.quantizing-*`, then renames it to `out`
+            quantize_gguf(tmp, out, quant, threads=threads, imatrix=imatrix, head_type=head_type)
     finally:
         if tmp.exists():
             tmp.unlink()
+    return _result(out, quant, arch, n_tensors, tuple(tok.mismatches), imatrix, head_type)
+
+
+def _result(
+    out: Path,
+    quant: str,
+    arch: str,
+    n_tensors: int,
+    mismatches: tuple[str, ...],
+    imatrix: Imatrix | None,
+    head_type: str | None,
+) -> GGUFExportResult:
     return GGUFExportResult(
         path=out,
         quant=quant,
         arch=arch,
         n_tensors=n_tensors,
         bytes=out.stat().st_size,
-        tokenizer_mismatches=tuple(tok.mismatches),
+        tokenizer_mismatches=mismatches,
+        imatrix=imatrix.record() if imatrix is not None else None,
+        head_type=head_type,
     )
+
+
+def export_float_gguf(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    progress: Progress | None = None,
+    conversations: Sequence[Sequence[dict[str, str]]] = (),
+) -> GGUFExportResult:
+    """The 16-bit GGUF integer quants are made from (bf16 for a bf16 checkpoint, else f16), written once as
+    `out_dir/model-<type>.gguf` for export_gguf(..., float_gguf=...) to quantize many times. The caller
+    caches it (and keys the cache on the model); it is an ordinary edgeft GGUF, written atomically."""
+    quant = intermediate_type(Path(model_dir))
+    out = Path(out_dir) / f"model-{quant}.gguf"
+    return export_gguf(model_dir, out, quant, progress=progress, conversations=conversations)
+
+
+def _reuse_float(base: GGUFExportResult | Path) -> GGUFExportResult:
+    """A float GGUF to quantize from: edgeft-written and of a float file type, else one line."""
+    from ...files import is_edgeft_gguf
+    from ...guard import check_gguf
+
+    path = base.path if isinstance(base, GGUFExportResult) else Path(base)
+    if not path.is_file():
+        raise EdgeftError(f"{path}: float GGUF to quantize from does not exist; export it again")
+    check_gguf(path)
+    if not is_edgeft_gguf(path):
+        raise EdgeftError(f"{path}: not a GGUF edgeft wrote; quantize only from export_float_gguf's output")
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get(gguf.Keys.General.FILE_TYPE)
+    ftype = int(field.contents()) if field is not None else -1
+    floats = {int(GGUF_FTYPES[q]): q for q in GGUF_FLOAT_QUANTS}
+    if ftype not in floats:
+        raise EdgeftError(
+            f"{path}: general.file_type {ftype} is not a float GGUF (f32/f16/bf16); quantizing a quantized "
+            "file loses precision twice"
+        )
+    if isinstance(base, GGUFExportResult):
+        return base
+    arch_field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
+    arch = str(arch_field.contents()) if arch_field is not None else ""
+    return GGUFExportResult(path, floats[ftype], arch, len(reader.tensors), path.stat().st_size)
