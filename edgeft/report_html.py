@@ -34,7 +34,7 @@ code{background:#edf2f7;padding:0 3px;border-radius:3px}
 .pass{background:#2f855a}.fail{background:#c53030}
 table{border-collapse:collapse;margin:6px 0 10px;font-size:13px}
 th,td{border:1px solid #cbd5e0;padding:3px 6px;text-align:right;vertical-align:top}
-th{background:#edf2f7}td.t,th.t{text-align:left}
+th{background:#edf2f7}td.t,th.t{text-align:left}.v{min-width:240px}
 tr.chosen td{background:#fefcbf;font-weight:600}tr.ref td{color:#4a5568;font-style:italic}
 td.bad{background:#fed7d7;color:#9b2c2c;font-weight:700}
 .legend{display:flex;flex-wrap:wrap;gap:14px;font-size:13px;margin:2px 0 8px}
@@ -566,7 +566,7 @@ def tensor_type_bars(manifest: dict[str, Any]) -> str:
     for a in arts:
         for t in _obj(a.get("tensor_types")):
             colours.setdefault(str(t), TYPE_COLOURS[len(colours) % len(TYPE_COLOURS)])
-    label_w, bar_w, row_h, width = 190, 560, 30, 1000
+    label_w, bar_w, row_h, width = 190, 560, 30, 1140
     out = [
         f'<svg class="types" width="{width}" height="{row_h * len(arts) + 8}" '
         f'viewBox="0 0 {width} {row_h * len(arts) + 8}" role="img" aria-label="tensor types per artifact">'
@@ -621,22 +621,22 @@ def candidates_table(pts: list[Point], from_candidates: bool) -> str:
     ]
     out = [
         "<p>Chosen:</p><ul>" + "".join(why) + "</ul>" if why else "<p><b>No candidate was chosen.</b></p>",
-        '<div class="wide"><table><tr><th>#</th><th class="t">candidate</th><th class="t">slot</th><th class="t">format / quant'
-        '</th><th class="t">options</th><th>size MB</th><th>MB read per token</th><th>decode tok/s device '
-        "estimate</th><th>decode tok/s host</th><th>KLD mean</th><th>KLD p99</th><th>top-1</th>"
+        '<div class="wide"><table><tr><th>#</th><th class="t">candidate</th><th class="t v">verdict</th>'
+        '<th class="t">format / quant, options</th><th>size MB</th><th>MB read per token</th><th>decode tok/s '
+        "device estimate</th><th>decode tok/s host</th><th>KLD mean</th><th>KLD p99</th><th>top-1</th>"
         '<th>task accuracy</th><th>answers match</th><th>fits RAM</th><th class="t">budget violations</th>'
-        '<th class="t">verdict</th></tr>',
+        "</tr>",
     ]
     for p in pts:
         e, d = p.entry, _obj(p.entry.get("drift"))
         fits = e.get("fits_ram")
         viol = [str(v) for v in _list(e.get("violations"))]
+        opts = _options(e.get("options"))
         out.append(
             f'<tr class="{"chosen" if p.chosen else ""}"><td>{p.index}</td>'
             + _cell(_text(p.label), left=True)
-            + _cell(_text(e.get("slot")), left=True)
-            + _cell(f"{_text(p.format)} {_text(p.quant)}", left=True)
-            + _cell(_text(_options(e.get("options")) or "—"), left=True)
+            + f'<td class="t v">{_text(e.get("verdict"))}</td>'
+            + _cell(f"{_text(p.format)} {_text(p.quant)}" + (f"<br>{_text(opts)}" if opts else ""), left=True)
             + _cell(_fmt(p.size_mb, ".2f"))
             + _cell(_fmt(_mb(e.get("decode_bytes_per_token")), ".2f"))
             + _cell(_fmt(p.est_tok_s, ".0f"))
@@ -648,7 +648,6 @@ def candidates_table(pts: list[Point], from_candidates: bool) -> str:
             + _cell(_fmt(d.get("answers_match"), ".1%"))
             + _cell("yes" if fits is True else "NO" if fits is False else "—", fits is False)
             + _cell("; ".join(_text(v) for v in viol) or "—", bool(viol), left=True)
-            + _cell(_text(e.get("verdict")), left=True)
             + "</tr>"
         )
     out.append("</table></div>")
