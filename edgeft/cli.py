@@ -247,13 +247,19 @@ def _list_architectures(value: bool) -> None:
 
 @app.command(
     epilog="Example: edgeft export --model merged --format gguf --quant q4_0 --out model-q4_0.gguf\n\n"
+    "Example: edgeft export --model merged --format gguf --quant iq4_nl --calibration tasks.jsonl "
+    "--head-type q8_0 --out model-iq4_nl.gguf\n\n"
     "Example: edgeft export --model merged --format onnx --quant int8 --out onnx-int8\n\n"
     "Example: edgeft export --list-architectures"
 )
 def export(
     model: Annotated[Path, typer.Option(help="HF model directory (safetensors).")],
     quant: Annotated[
-        str, typer.Option(help="gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m; onnx: fp32, int8, int4.")
+        str,
+        typer.Option(
+            help="gguf: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, iq4_nl, iq4_xs, q3_k_m, q2_k; "
+            "onnx: fp32, int8, int4."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Output: a .gguf file, or a directory for onnx.")],
     list_architectures: Annotated[
@@ -275,6 +281,18 @@ def export(
             help="Task JSONL whose conversations the tokenizer check covers (besides built-in probes)."
         ),
     ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="Chat JSONL (as --data) to compute llama.cpp's importance matrix from, in this model, for "
+            "gguf quants that use one (not q8_0 or float types).",
+        ),
+    ] = None,
+    head_type: Annotated[
+        str | None,
+        typer.Option(help="gguf quants: keep the output head and token embedding at this type (e.g. q8_0)."),
+    ] = None,
+    threads: Threads = None,
     allow_pickle: AllowPickle = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -282,13 +300,37 @@ def export(
     model's own on chat prompts before it is shipped."""
     from .data import load_jsonl
     from .export import ExportOptions, export_file
-    from .ui import task
+    from .ui import info, task
 
+    _check_threads(threads)
+    _check_gguf_only(format, quant, calibration, head_type)
     model = Path(_unpickled(str(model), allow_pickle))
     convs = [ex.prompt_messages for ex in load_jsonl(data)] if data else []
+    imatrix = None
+    if calibration is not None:
+        from .imatrix import imatrix_from_jsonl
+
+        with _stdout_to_stderr():
+            imatrix = imatrix_from_jsonl(model, calibration, threads=threads)
+        info(imatrix.summary())
+    opts = ExportOptions(accuracy_level, None, convs, imatrix=imatrix, head_type=head_type)
     with _stdout_to_stderr(), task(f"export {format} {quant}") as update:
-        res = export_file(model, format, quant, out, ExportOptions(accuracy_level, update, convs))
+        res = export_file(model, format, quant, out, dataclasses.replace(opts, progress=update))
     _emit(res, as_json)
+
+
+def _check_gguf_only(fmt: str, quant: str, calibration: Path | None, head_type: str | None) -> None:
+    """--calibration / --head-type with a format or quant that cannot use them: one line, before any work."""
+    from .constants import FORMAT_GGUF
+    from .quantize import check_quant_options
+
+    given = [f for f, v in (("--calibration", calibration), ("--head-type", head_type)) if v is not None]
+    if not given:
+        return
+    if fmt != FORMAT_GGUF:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise EdgeftError(f"{' and '.join(given)} {verb} to gguf quants only, not {fmt} {quant}")
+    check_quant_options(quant, calibration is not None, head_type, given[0])
 
 
 @app.command(

@@ -37,11 +37,12 @@ if TYPE_CHECKING:
 HEAD_TENSORS = ("output.weight", "token_embd.weight")
 
 
-def check_quant_options(quant: str, imatrix: Imatrix | None, head_type: str | None, where: str) -> None:
-    """Refuse, in one line naming `where`, an importance matrix or head type the quant cannot use."""
+def check_quant_options(quant: str, with_imatrix: bool, head_type: str | None, where: str) -> None:
+    """Refuse, in one line naming `where`, an importance matrix or head type the quant cannot use (before
+    one is computed: `with_imatrix` says whether there will be one)."""
     if quant not in GGUF_QUANTS:
         raise EdgeftError(f"{where}: unknown GGUF quant {quant!r}; choose one of: {', '.join(GGUF_QUANTS)}")
-    if imatrix is not None and quant not in GGUF_IMATRIX_QUANTS:
+    if with_imatrix and quant not in GGUF_IMATRIX_QUANTS:
         why = "is written without llama.cpp's quantizer" if quant in GGUF_FLOAT_QUANTS else "ignores it"
         raise EdgeftError(
             f"{where}: an importance matrix does not change {quant} files ({quant} {why}); "
@@ -157,7 +158,7 @@ def quantize_gguf(
     output.weight and token_embd.weight at that type whatever the mix would pick.
     """
     src, dst = Path(src), Path(dst)
-    check_quant_options(quant, imatrix, head_type, str(dst))
+    check_quant_options(quant, imatrix is not None, head_type, str(dst))
     if not src.is_file():
         raise EdgeftError(f"{src}: GGUF file to quantize does not exist")
     check_gguf(src)  # llama.cpp's quantizer only ever sees a header edgeft has checked

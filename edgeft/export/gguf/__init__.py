@@ -166,7 +166,7 @@ def export_gguf(
     from ...quantize import check_columns, check_quant_options, quantize_gguf
 
     model_dir, out = Path(model_dir), Path(out)
-    check_quant_options(quant, imatrix, head_type, str(out))
+    check_quant_options(quant, imatrix is not None, head_type, str(out))
     ensure_replaceable_file(out)  # only a GGUF edgeft wrote is ever overwritten
     sweep_temps(out, (*GGUF_QUANTS, QUANTIZING_TAG))  # what a killed earlier export left behind
     if float_gguf is not None and quant not in GGUF_FLOAT_QUANTS:
