@@ -1,0 +1,315 @@
+"""Does an importance matrix from the fine-tuning data beat none, and one from generic text?
+
+    python bench/imatrix_study.py                       # one calibration sample; cached under --work
+    python bench/imatrix_study.py --seeds 0 1 2         # three calibration samples (noise)
+
+Steps, each cached under --work (default /tmp/edgeft-imatrix-study) so a rerun only measures again:
+1. a base bigger than the demo's — hidden 512, 4 layers, intermediate 1536 (every row a multiple of 256, so
+   k-quants are real Q4_K), 8/4 heads, vocab 4096, tied, 14.7M parameters vs the demo's 4.2M — pretrained
+   from scratch by scripts/train_demo_model.py on the demo's offline corpus (no smart-home data) in float32;
+2. LoRA fine-tune on the demo task (edgeft/demo/data/smarthome.jsonl) and merge with edgeft's own stages
+   (edgeft.finetune.finetune, edgeft.merge.merge), as `edgeft build` runs them;
+3. per calibration seed, two importance matrices from the merged float model (edgeft.imatrix.compute_imatrix,
+   the same token budget for both, default 32768 tokens):
+   - "ft-data": the fine-tune's TRAINING split only (never the held-out one), whole conversations (answer
+     included, as `edgeft build` calibrates), shuffled by the seed and cut at the budget;
+   - "generic": Python documentation text (pydoc_data.topics, the base's own pretraining text), packed into
+     ~1500-character chunks; compute_imatrix takes conversations only, so each chunk is one user message
+     rendered through the chat template; shuffled by the seed and cut at the same budget;
+4. q4_k_m, iq4_nl and q4_0 GGUFs from one float GGUF (edgeft.export.gguf), without and with each imatrix;
+5. edgeft's verify on the fine-tune's held-out split: one float reference run (TorchRuntime of the merged
+   model) compared with every GGUF (llama.cpp): mean and p99 KLD, top-1 agreement, held-out task accuracy
+   (exact match of the greedy app-path answer) and answers_match (same answer as the float model).
+
+Results (2 shared CPU cores, AVX2 only; see README "Importance matrix from your data"): RESULTS
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUANTS = ("q4_k_m", "iq4_nl", "q4_0")
+SOURCES = ("none", "generic", "ft-data")
+CHUNK_CHARS = 1500
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The base model's shape and pretraining settings (scripts/train_demo_model.py options)."""
+
+    hidden: int = 512
+    layers: int = 4
+    intermediate: int = 1536
+    heads: int = 8
+    kv_heads: int = 4
+    steps: int = 240
+    batch: int = 16
+    seq: int = 128
+    lr: float = 3e-3
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"base-h{self.hidden}-l{self.layers}-i{self.intermediate}-s{self.steps}-b{self.batch}-seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One quantized artifact's measurement."""
+
+    quant: str
+    source: str
+    seed: int | None
+    size_mb: float
+    kld_mean: float
+    kld_p99: float
+    top1: float
+    task_accuracy: float
+    answers_match: float
+    imatrix_tokens: int | None
+
+
+def train_base(work: Path, shape: Shape, threads: int) -> Path:
+    """The pretrained base, trained by scripts/train_demo_model.py once and reused while its folder exists."""
+    out = work / shape.name
+    if (out / "TRAINING.json").is_file():
+        return out
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_demo_model
+
+    argv = [
+        "--out", str(out), "--steps", str(shape.steps), "--batch", str(shape.batch), "--seq", str(shape.seq),
+        "--lr", str(shape.lr), "--seed", str(shape.seed), "--threads", str(threads), "--no-bf16",
+        "--hidden", str(shape.hidden), "--layers", str(shape.layers), "--intermediate", str(shape.intermediate),
+        "--heads", str(shape.heads), "--kv-heads", str(shape.kv_heads),
+    ]  # fmt: skip
+    train_demo_model.main(argv)
+    return out
+
+
+def finetune_merge(work: Path, base: Path, data_path: Path, lora: object) -> Path:
+    """LoRA fine-tune + merge with edgeft's own stages; cached by a digest of the inputs (as build does)."""
+    from edgeft import files
+    from edgeft.finetune import finetune
+    from edgeft.loading import model_fingerprint
+    from edgeft.merge import merge
+
+    key = files.digest(["study", model_fingerprint(str(base)), files.sha256_file(data_path), repr(lora)])
+    merged = work / f"merged-{key[:12]}"
+    if files.done_with(merged, key):
+        return merged
+    files.forget(merged)
+    adapter = work / f"adapter-{key[:12]}"
+    ft = finetune(str(base), data_path, adapter, lora, checkpoint_dir=work / f"checkpoints-{key[:12]}")
+    print(
+        f"fine-tune: {ft.train_examples} train / {ft.eval_examples} held-out examples, {ft.seconds:.0f}s, "
+        f"held-out loss {ft.base_eval_loss:.3f} -> {ft.eval_loss:.3f}",
+        flush=True,
+    )
+    merge(str(base), adapter, merged)
+    files.mark_done(merged, key)
+    return merged
+
+
+def ft_conversations(data_path: Path, lora: object, seed: int) -> list[list[dict[str, str]]]:
+    """The fine-tune's training split (never the held-out one), whole conversations, shuffled by `seed`."""
+    from edgeft import data
+
+    train, _ = data.load_split(data_path, lora.eval_fraction, lora.seed, lora.max_eval)  # type: ignore[attr-defined]
+    convs = [[dict(m) for m in ex.messages] for ex in train]
+    random.Random(seed).shuffle(convs)
+    return convs
+
+
+def generic_conversations(seed: int) -> list[list[dict[str, str]]]:
+    """Python documentation (pydoc_data.topics) in ~CHUNK_CHARS chunks, each one user message, shuffled."""
+    from pydoc_data.topics import topics
+
+    chunks: list[str] = []
+    for key in sorted(topics):
+        cur = ""
+        for para in (p.strip() for p in topics[key].split("\n\n")):
+            if cur and len(cur) + len(para) > CHUNK_CHARS:
+                chunks.append(cur)
+                cur = ""
+            cur = f"{cur}\n\n{para}" if cur else para[: 2 * CHUNK_CHARS]
+        if cur:
+            chunks.append(cur)
+    random.Random(seed).shuffle(chunks)
+    return [[{"role": "user", "content": c}] for c in chunks]
+
+
+def measure(
+    ref: object,
+    path: Path,
+    evalset: object,
+    threads: int,
+    quant: str,
+    source: str,
+    seed: int | None,
+    tokens: int | None,
+) -> Row:
+    """verify.compare of one GGUF against the shared reference run."""
+    from edgeft import verify
+    from edgeft.runtime import open_runtime
+
+    rt = open_runtime(path, threads=threads, n_ctx=evalset.n_ctx)  # type: ignore[attr-defined]
+    try:
+        d = verify.compare(ref, rt, evalset)  # type: ignore[arg-type]
+    finally:
+        rt.close()
+    return Row(
+        quant,
+        source,
+        seed,
+        path.stat().st_size / 1e6,
+        d.kld_mean,
+        d.kld_p99,
+        d.top1,
+        float(d.task_accuracy or 0.0),
+        d.answers_match,
+        tokens,
+    )
+
+
+def table(rows: list[Row], float_acc: float) -> str:
+    """Markdown table: per quant and imatrix source (mean ± spread over seeds when several)."""
+    lines = [
+        f"float model (PyTorch fp32) held-out task accuracy: {float_acc:.1%}",
+        "",
+        "| quant | imatrix | size MB | mean KLD | KLD p99 | top-1 | task acc | answers_match | KLD vs none |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for quant in QUANTS:
+        none = [r for r in rows if r.quant == quant and r.source == "none"]
+        base_kld = none[0].kld_mean
+        for source in SOURCES:
+            group = [r for r in rows if r.quant == quant and r.source == source]
+            if not group:
+                continue
+
+            def cell(attr: str, fmt: str, group: list[Row] = group) -> str:
+                vals = [getattr(r, attr) for r in group]
+                mean = sum(vals) / len(vals)
+                if len(vals) == 1:
+                    return format(mean, fmt)
+                return f"{format(mean, fmt)} ({format(min(vals), fmt)}–{format(max(vals), fmt)})"
+
+            ratios = [r.kld_mean / base_kld for r in group]
+            ratio = f"{sum(ratios) / len(ratios):.2f}"
+            if len(ratios) > 1:
+                ratio += f" ({min(ratios):.2f}–{max(ratios):.2f})"
+            label = source if len(group) == 1 or source == "none" else f"{source} ×{len(group)} seeds"
+            lines.append(
+                f"| {quant} | {label} | {group[0].size_mb:.2f} | {cell('kld_mean', '.4f')} | "
+                f"{cell('kld_p99', '.3f')} | {cell('top1', '.3f')} | {cell('task_accuracy', '.1%')} | "
+                f"{cell('answers_match', '.1%')} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[Row], float_acc: float) -> list[str]:
+    """The goal per quant: ft-data KLD ≤ 0.8× none (mean over seeds) and task accuracy no lower than none."""
+    out = []
+    for quant in QUANTS:
+        none = next(r for r in rows if r.quant == quant and r.source == "none")
+        ft = [r for r in rows if r.quant == quant and r.source == "ft-data"]
+        ratio = sum(r.kld_mean for r in ft) / len(ft) / none.kld_mean
+        acc = sum(r.task_accuracy for r in ft) / len(ft)
+        ok = ratio <= 0.8 and acc >= none.task_accuracy
+        out.append(
+            f"{quant}: ft-data KLD {ratio:.2f}x none (goal <= 0.80), task accuracy {acc:.1%} vs none "
+            f"{none.task_accuracy:.1%} (float {float_acc:.1%}) -> {'MET' if ok else 'NOT MET'}"
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edgeft-imatrix-study"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration sampling seeds")
+    ap.add_argument("--imatrix-tokens", type=int, default=32768, help="token budget of every imatrix")
+    ap.add_argument("--threads", type=int, default=1, help="torch and llama.cpp threads")
+    ap.add_argument("--steps", type=int, default=Shape.steps, help="base pretraining steps")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from edgeft import verify
+    from edgeft.config import LoraSettings
+    from edgeft.demo import DEMO_DATA
+    from edgeft.export.gguf import export_float_gguf, export_gguf
+    from edgeft.imatrix import compute_imatrix
+    from edgeft.loading import load_tokenizer
+    from edgeft.runtime.torch import TorchRuntime
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    shape = Shape(steps=args.steps)
+    base = train_base(work, shape, args.threads)
+    lora = LoraSettings(lr=3e-3, epochs=3.0)
+    merged = finetune_merge(work, base, Path(DEMO_DATA), lora)
+    print(f"base + fine-tune ready ({time.time() - t0:.0f}s): {merged}", flush=True)
+
+    examples, source = verify.eval_examples(merged, None)
+    evalset = verify.make_eval_set(load_tokenizer(merged, notify=False), examples, source=source)
+    prompts = [ex.prompt_messages for ex in evalset.examples]
+    gguf_dir = work / f"gguf-{merged.name}"
+    float_gguf = gguf_dir / "model-f16.gguf"
+    base_gguf = (
+        float_gguf if float_gguf.is_file() else export_float_gguf(merged, gguf_dir, conversations=prompts)
+    )
+
+    def artifact(quant: str, src: str, seed: int | None, imatrix: object | None) -> Path:
+        name = f"model-{quant}.gguf" if imatrix is None else f"model-{quant}-{src}-seed{seed}.gguf"
+        out = gguf_dir / name
+        export_gguf(merged, out, quant, imatrix=imatrix, threads=args.threads, float_gguf=base_gguf)  # type: ignore[arg-type]
+        return out
+
+    ref_rt = TorchRuntime(merged, threads=args.threads)
+    rows: list[Row] = []
+    try:
+        ref = verify.run_reference(ref_rt, evalset)
+        float_acc = float(ref.task_accuracy or 0.0)
+        print(f"float reference: task accuracy {float_acc:.1%} on {source}", flush=True)
+        for quant in QUANTS:
+            rows.append(
+                measure(
+                    ref, artifact(quant, "none", None, None), evalset, args.threads, quant, "none", None, None
+                )
+            )
+        for seed in args.seeds:
+            for src, convs in (
+                ("generic", generic_conversations(seed)),
+                ("ft-data", ft_conversations(Path(DEMO_DATA), lora, seed)),
+            ):
+                imx = compute_imatrix(merged, convs, threads=args.threads, max_tokens=args.imatrix_tokens)
+                print(f"seed {seed} {src}: {imx.summary()}", flush=True)
+                for quant in QUANTS:
+                    path = artifact(quant, src, seed, imx)
+                    rows.append(measure(ref, path, evalset, args.threads, quant, src, seed, imx.tokens))
+    finally:
+        ref_rt.close()
+
+    print()
+    print(table(rows, float_acc))
+    print()
+    print("\n".join(verdicts(rows, float_acc)))
+    print(f"\ntotal {time.time() - t0:.0f}s ({len(evalset.examples)} held-out examples)")
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
