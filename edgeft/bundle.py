@@ -20,7 +20,15 @@ from typing import Any
 from . import __version__
 from . import data as _data
 from .bench import LatencyReport
-from .constants import FINETUNE_RECORD, MANIFEST, REPORT, REPORT_HTML, SHA256SUMS, TOKENIZER_FILES
+from .constants import (
+    FINETUNE_RECORD,
+    FORMAT_GGUF,
+    MANIFEST,
+    REPORT,
+    REPORT_HTML,
+    SHA256SUMS,
+    TOKENIZER_FILES,
+)
 from .errors import EdgeftError
 from .files import atomic_dir, read_json, sha256_file, tree_bytes
 from .footprint import Footprint, TensorTypes, tensor_types
@@ -84,6 +92,10 @@ class BuildFacts:
     lora_settings: dict[str, Any] = field(default_factory=dict)  # as the fine-tune recorded them
     eval_split_sha256: str | None = None  # data.split_digest of the fine-tune's recorded eval_split
     skipped: tuple[SkippedArtifact, ...] = ()  # artifacts of the profile that cannot fit its RAM budget
+    # every artifact the search built and judged (search.Candidate.record)
+    candidates: tuple[dict[str, Any], ...] = ()
+    # the fine-tuning data's importance matrix: dataset sha256, examples, tokens
+    imatrix: dict[str, Any] | None = None
 
 
 # Scripts every bundle carries at its root (edgeft/device/): run on the device without edgeft.
@@ -168,7 +180,7 @@ def artifact_name(spec: ArtifactSpec) -> str:
     """Name of an artifact inside the bundle (a file for GGUF, a directory for ONNX)."""
     from .export import artifact_name as name
 
-    return name(spec.format, spec.quant)
+    return name(spec.format, spec.quant, spec.variant)
 
 
 def sha256_tree(path: Path) -> tuple[str, dict[str, str]]:
@@ -241,8 +253,9 @@ def render_report(
         f"{arts[0].latency.runs if arts else '?'} runs after a warm-up). "
         '"MB read per token" = the weights decode streams for each token, from the artifact\'s tensors: all '
         "of them but the token embedding table, of which only one row is gathered (unless the output head is "
-        "tied to it); an ONNX int8/int4 folder keeps a float32 embedding for that gather, so its file is "
-        f'bigger than what decode reads. "decode bound on device" = the profile\'s {target.bandwidth_gb_s:g} '
+        "tied to it: then that one matrix is the head, streamed whole, and the embedding rows are gathered "
+        "from it); an untied model's ONNX folder keeps a float32 embedding for the gather, so its file "
+        f'is bigger than what decode reads. "decode bound on device" = the profile\'s {target.bandwidth_gb_s:g} '
         "GB/s ÷ MB read per token, the memory-bandwidth ceiling that decode of 100M+ parameter models runs "
         "at (tiny models are compute-bound far below it). "
         f'"fits RAM" = resident weights + the artifact\'s own KV cache at {target.context_length} tokens (f16 '
@@ -269,10 +282,58 @@ def render_report(
     if written:
         lines += ["Tensor types actually written (share of the weight bytes; the output head's type):", ""]
         lines += [*written, ""]
+    if any(len(group) > 1 for group in _slots(facts.candidates).values()):
+        lines += _candidates_section(facts)
     if facts.skipped:
         lines += ["Skipped (they cannot fit the device's RAM; `edgeft build --strict` stops instead):", ""]
         lines += [f"- {s.spec.label}: {s.reason}" for s in facts.skipped] + [""]
     return "\n".join(lines)
+
+
+def _slots(candidates: tuple[dict[str, Any], ...]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for c in candidates:
+        out.setdefault(c["slot"], []).append(c)
+    return out
+
+
+def _candidates_section(facts: BuildFacts) -> list[str]:
+    """The search: every candidate per slot, what it measured and why it won or lost (edgeft.search)."""
+    lines = [
+        "## Candidates",
+        "",
+        "Per slot, every candidate was judged on shared token ids against the float model; those within "
+        "budget went down the app path fewest-bytes-per-token first, and the first to meet every budget "
+        "ships (decode on the device is memory-bound, so fewer bytes read per token is faster there). "
+        "`—` = not measured.",
+    ]
+    if facts.imatrix:
+        im = facts.imatrix
+        lines += [
+            "",
+            f"Importance matrix: {im.get('examples')} examples of the fine-tuning data's training split "
+            f"({im.get('tokens')} tokens, dataset sha256 {str(im.get('dataset_sha256'))[:12]}…), rendered "
+            "through the chat template; never the held-out split.",
+        ]
+    for slot, group in _slots(facts.candidates).items():
+        lines += [
+            "",
+            f"### {slot}",
+            "",
+            "| candidate | size MB | MB read per token | decode bound on device | KLD mean | top-1 | task acc | "
+            "answers match | verdict |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in sorted(group, key=lambda c: c["decode_bytes_per_token"]):
+            d = c["drift"]
+            mark = "**" if c["chosen"] else ""
+            lines.append(
+                f"| {mark}{c['label']}{mark} | {c['bytes'] / 1e6:.1f} | {c['decode_bytes_per_token'] / 1e6:.2f} | "
+                f"{_fmt(c['est_decode_tok_s'], '.0f')} tok/s | {_fmt(d['kld_mean'], '.5f')} | "
+                f"{_fmt(d['top1'], '.1%')} | {_fmt(d['task_accuracy'], '.1%')} | "
+                f"{_fmt(d['answers_match'], '.1%')} | {c['verdict']} |"
+            )
+    return [*lines, ""]
 
 
 def write_bundle(
@@ -319,6 +380,9 @@ def write_bundle(
                 }
                 if a.spec.accuracy_level is not None:
                     entry["accuracy_level"] = a.spec.accuracy_level
+                if a.spec.format == FORMAT_GGUF:
+                    entry["imatrix"] = facts.imatrix if a.spec.imatrix else None
+                    entry["head_type"] = a.spec.head_type
                 if files:
                     entry["files"] = files
                 entries.append(entry)
@@ -350,6 +414,7 @@ def write_bundle(
                     "threads": target.threads,
                     "ram_budget_mb": target.ram_budget_mb,
                     "context_length": target.context_length,
+                    "bandwidth_gb_s": target.bandwidth_gb_s,
                 },
                 "reference": {
                     "task_accuracy": facts.reference_task_accuracy,
@@ -364,6 +429,7 @@ def write_bundle(
                 },
                 "artifacts": entries,
                 "skipped": [s.manifest_entry() for s in facts.skipped],
+                "candidates": list(facts.candidates),
                 "files": files,
             }
             # report.html is rendered from the finished manifest; it shows no file digests, so listing its own
@@ -775,11 +841,15 @@ def _record(root: Path, result: dict[str, Any], where: str) -> dict[str, Any]:
         raise EdgeftError(f"{root / REPORT}: cannot read it ({e}); rebuild the bundle") from None
     report = with_device_section(report, render_device_section(manifest))
     manifest["files"][REPORT] = hashlib.sha256(report.encode("utf-8")).hexdigest()
+    new = {REPORT: report}
+    if REPORT_HTML in manifest["files"]:  # the page shows the device runs too (it shows no file hashes)
+        new[REPORT_HTML] = render_html(manifest)
+        manifest["files"][REPORT_HTML] = hashlib.sha256(new[REPORT_HTML].encode("utf-8")).hexdigest()
     manifest_text = json.dumps(manifest, indent=2) + "\n"
     sums = dict(manifest["files"]) | {MANIFEST: hashlib.sha256(manifest_text.encode("utf-8")).hexdigest()}
     sums_text = "".join(sha256sums_line(sums[rel], rel) for rel in sorted(sums))
     try:
-        _rewrite_files(root, {REPORT: report, MANIFEST: manifest_text, SHA256SUMS: sums_text})
+        _rewrite_files(root, new | {MANIFEST: manifest_text, SHA256SUMS: sums_text})
     except OSError as exc:
         raise EdgeftError(f"cannot update bundle {root}: {exc.strerror or exc}") from None
     return compare_device_runs(runs, where)

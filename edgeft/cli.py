@@ -125,7 +125,8 @@ AllowNativeLibs = Annotated[
 
 
 @app.command(
-    epilog="Example: edgeft build --target raspberrypi --model ./my-model --data tasks.jsonl --out dist"
+    epilog="Example: edgeft build --target raspberrypi --model ./my-model --data tasks.jsonl --out dist\n\n"
+    "Example: edgeft build --target raspberrypi --max-kld 0.02 --min-task-accuracy 0.9 --max-size 400"
 )
 def build(
     target: Annotated[
@@ -156,6 +157,22 @@ def build(
             "instead of skipping it with its reason.",
         ),
     ] = False,
+    search: Annotated[
+        bool | None,
+        typer.Option(
+            "--search/--no-search",
+            help="Choose each artifact among the profile's candidates (quants, importance matrix on/off) "
+            "as the one reading the fewest bytes per token within every budget (default); --no-search "
+            "builds each slot's own quant.",
+        ),
+    ] = None,
+    max_kld: Annotated[
+        float | None, typer.Option(help="Budget: mean KL divergence against the float model, at most.")
+    ] = None,
+    min_task_accuracy: Annotated[
+        float | None, typer.Option(help="Budget: held-out task accuracy (0..1) of each artifact, at least.")
+    ] = None,
+    max_size: Annotated[float | None, typer.Option(help="Budget: artifact size in MB, at most.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Run the whole pipeline: fine-tune, merge, export, quantize, verify, bench, bundle. A failed or killed
@@ -172,6 +189,8 @@ def build(
         fail_on_drift=fail_on_drift,
         threads=threads,
         strict=True if strict else None,  # absent: edgeft.toml's `strict`, else false
+        search=search,
+        limits={"kld_mean": max_kld, "min_task_accuracy": min_task_accuracy, "max_size_mb": max_size},
     )
     cfg = dataclasses.replace(
         cfg, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, keep_work=keep_work

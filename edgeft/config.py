@@ -34,8 +34,10 @@ from .constants import CONFIG_FILE, FORMATS, GGUF_QUANTS, ONNX_QUANTS
 from .errors import EdgeftError
 from .targets import (
     MAX_THREADS,
+    ArtifactSpec,
     TargetProfile,
     expect_int,
+    expect_number,
     expect_table,
     parse_budget,
     read_toml_file,
@@ -171,6 +173,7 @@ KNOWN_KEYS = {
     "threads",
     "lora",
     "budgets",
+    "search",
 }
 
 
@@ -191,6 +194,10 @@ class BuildConfig:
     keep_work: bool = False  # keep OUT/.work/<target> after a successful build (it is kept after a failure)
     # an artifact that cannot fit the profile's RAM budget stops the build (default: skipped with its reason)
     strict: bool = False
+    # choose each slot's artifact among the profile's candidates (edgeft.search); false: the slot's own quant
+    search: bool = True
+    # --max-kld / --min-task-accuracy / --max-size: limits on every shipped artifact, over the profile's
+    limits: dict[str, float] = field(default_factory=dict)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -206,7 +213,7 @@ def read_toml(path: Path) -> dict[str, Any]:
     for key in ("model", "data", "target", "out"):
         if key in data:
             _path_text(data[key], f"{where}: {key}")
-    for key in ("fail_on_drift", "strict"):
+    for key in ("fail_on_drift", "strict", "search"):
         if key in data and not isinstance(data[key], bool):
             raise EdgeftError(f"{where}: {key} = {show(data[key])} should be true or false")
     if "threads" in data:
@@ -269,6 +276,8 @@ def resolve(
     threads: int | None = None,
     cwd: Path | None = None,
     strict: bool | None = None,
+    search: bool | None = None,
+    limits: dict[str, float] | None = None,
 ) -> BuildConfig:
     """Merge edgeft.toml (if present in `cwd`) with flags; flags win."""
     path = Path(cwd or Path.cwd()) / CONFIG_FILE
@@ -292,16 +301,45 @@ def resolve(
         fail_on_drift=raw.get("fail_on_drift", True) if fail_on_drift is None else fail_on_drift,
         threads=threads if threads is not None else raw.get("threads"),
         strict=raw.get("strict", False) if strict is None else strict,
+        search=raw.get("search", True) if search is None else search,
+        limits=_limits(limits or {}),
     )
 
 
-def apply_budgets(target: TargetProfile, budgets: dict[str, dict[str, float]]) -> TargetProfile:
-    """A target with its artifacts' budgets overridden by edgeft.toml's [budgets.<quant>] tables."""
+# --max-kld, --min-task-accuracy, --max-size: the budget field each sets, and its bounds.
+LIMIT_FIELDS = {
+    "kld_mean": ("--max-kld", 0.0, None),
+    "min_task_accuracy": ("--min-task-accuracy", 0.0, 1.0),
+    "max_size_mb": ("--max-size", 0.0, None),
+}
+
+
+def _limits(limits: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for key, value in limits.items():
+        if value is None:
+            continue
+        flag, lo, hi = LIMIT_FIELDS[key]
+        out[key] = expect_number(value, flag, lo, hi)
+    return out
+
+
+def apply_budgets(
+    target: TargetProfile, budgets: dict[str, dict[str, float]], limits: dict[str, float] | None = None
+) -> TargetProfile:
+    """A target with its artifacts' budgets overridden by edgeft.toml's [budgets.<quant>] tables (a search
+    slot's label, or each candidate's quant), then by the command line's limits on every shipped artifact."""
+
+    def budgeted(spec: ArtifactSpec, slot: ArtifactSpec) -> ArtifactSpec:
+        table = budgets.get(spec.quant) or budgets.get(spec.label) or budgets.get(slot.slot) or {}
+        extra = limits if limits and slot.ship else {}
+        if not table and not extra:
+            return spec
+        merged = {k: v for k, v in dataclasses.asdict(spec.budget).items() if v is not None} | table | extra
+        return dataclasses.replace(spec, budget=parse_budget(merged, f"budgets.{spec.quant}"))
+
     arts = []
-    for spec in target.artifacts:
-        table = budgets.get(spec.quant) or budgets.get(spec.label)
-        if table:
-            merged = {k: v for k, v in dataclasses.asdict(spec.budget).items() if v is not None} | table
-            spec = dataclasses.replace(spec, budget=parse_budget(merged, f"budgets.{spec.quant}"))
-        arts.append(spec)
+    for slot in target.artifacts:
+        found = tuple(budgeted(c, slot) for c in slot.search)
+        arts.append(dataclasses.replace(budgeted(slot, slot), search=found))
     return dataclasses.replace(target, artifacts=tuple(arts))

@@ -92,6 +92,8 @@ BUDGET_KINDS = {
     "task_accuracy_drop": "max",
     "prompt_ids_match": "min",
     "answers_match": "min",
+    "min_task_accuracy": "min",  # the artifact's own held-out task accuracy
+    "max_size_mb": "max",  # the artifact's size on disk
 }
 
 # --- files -----------------------------------------------------------------------------------------------
@@ -208,4 +210,5 @@ SHA256SUMS = "SHA256SUMS"
 GGUF_BITS_PER_WEIGHT: dict[str, float] = {
     "f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q6_k": 6.5625, "q5_k_m": 5.5, "q4_k_m": 4.5,
     "iq4_nl": 4.5, "q4_0": 4.5, "iq4_xs": 4.25, "q3_k_m": 3.4375, "q2_k": 2.625,
+    "q5_k": 5.5, "q5_0": 5.5, "q4_k": 4.5,  # ggml types a head may be kept at (GGUF_HEAD_TYPES)
 }  # fmt: skip

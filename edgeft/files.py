@@ -182,6 +182,13 @@ def read_json(path: Path) -> Any:
         raise EdgeftError(f"{path}: cannot read JSON ({e})") from None
 
 
+def write_json(path: Path, obj: Any) -> None:
+    """Write a small JSON file whole (a unique temp name, then renamed in)."""
+    tmp = unique_sibling(Path(path), "tmp", directory=False)
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def optional_json(path: Path) -> Any:
     """read_json, or {} when the file does not exist."""
     return read_json(path) if Path(path).is_file() else {}

@@ -10,9 +10,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from . import bench, bundle, data, export, files, footprint, targets, verify
+from . import bench, bundle, data, export, files, footprint, search, targets, verify
 from .config import BuildConfig, apply_budgets
+from .constants import FORMAT_GGUF, GGUF_FLOAT_QUANTS
 from .errors import EdgeftError
 from .files import locked, tree_bytes
 from .finetune import finetune, load_result
@@ -33,7 +35,7 @@ class BuildResult:
 
 def build(cfg: BuildConfig) -> BuildResult:
     """Fine-tune, merge, export, verify, bench and bundle for one target, holding `cfg.out` locked."""
-    target = apply_budgets(targets.load(cfg.target), cfg.budgets)
+    target = apply_budgets(targets.load(cfg.target), cfg.budgets, cfg.limits)
     model, data_path = resolve_inputs(cfg)
     with locked(Path(cfg.out)):  # refuses a folder edgeft did not write, and a second build into it
         return _stages(cfg, target, model, data_path)
@@ -108,68 +110,66 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
     if reused:
         info(f"reusing {', '.join(reused)} from an earlier run with the same inputs (.work kept)")
 
-    # Export everything first, then hold one float model while judging every artifact, then time each one
-    # alone: at most one model copy besides the float reference is in memory at any step.
-    paths: dict[str, Path] = {}
-    prints: dict[str, footprint.Footprint] = {}
-    for spec in list(specs):
-        art_key = files.digest(["export", key, spec.format, spec.quant, spec.accuracy_level, conversations])
-        name = export.artifact_name(spec.format, spec.quant)
-        path = (
-            work
-            / "artifacts"
-            / (f"{name}-acc{spec.accuracy_level}" if spec.accuracy_level is not None else name)
-        )
-        with timed(spec.label, seconds):
-            if files.done_with(path, art_key):
-                reused.append(spec.label)
-            else:
-                files.forget(path)
-                files.require_resources(f"export {spec.label}", disk_at=work, disk=3 * tree_bytes(merged))
-                with task(f"export {spec.label}") as update:
-                    opts = export.ExportOptions(spec.accuracy_level, update, conversations)
-                    path = export.export_artifact(merged, spec.format, spec.quant, work / "artifacts", opts)
-                files.mark_done(path, art_key)
-        # confirm the estimate on the artifact itself: its tensors and its runtime's KV cache
-        measured = footprint.measure(path, target.context_length)
-        reason = over_budget(measured, target, "measured on the exported artifact")
-        if reason:
+    # Export every candidate first, then hold one float model while judging them, then time the chosen
+    # ones alone: at most one model copy besides the float reference is in memory at any step.
+    plan = [(slot, search.expand(slot, search=cfg.search)) for slot in specs]
+    sources = QuantSources(merged, data_path, cfg, work)
+    cands: list[list[search.Candidate]] = []
+    for slot, concrete in plan:
+        group = []
+        for spec in concrete:
+            try:
+                path = export_candidate(spec, merged, work, key, conversations, sources, seconds, reused)
+            except EdgeftError as exc:
+                if len(concrete) == 1:
+                    raise
+                # e.g. a head type whose blocks do not divide this model's rows: the others still compete
+                info(f"[yellow]leaving out candidate {spec.label}[/]: {exc}")
+                continue
+            # confirm the estimate on the artifact itself: its tensors and its runtime's KV cache
+            measured = footprint.measure(path, target.context_length)
+            cand = search.Candidate(spec, slot, path, measured, tree_bytes(path))
+            reason = over_budget(measured, target, "measured on the exported artifact")
+            if reason:
+                if cfg.strict and len(concrete) == 1:
+                    raise EdgeftError(strict_line(spec, reason))
+                cand.violations, cand.verdict = (reason,), f"does not fit: {reason}"
+            group.append(cand)
+        if all(c.verdict for c in group):  # nothing of this slot fits the device
+            worst = min(group, key=lambda c: c.footprint.need_bytes)
             if cfg.strict:
-                raise EdgeftError(strict_line(spec, reason))
-            info(f"[yellow]skipping {spec.label}[/]: {reason}")
-            skipped.append(bundle.SkippedArtifact(spec, reason, measured))
-            specs.remove(spec)
+                raise EdgeftError(strict_line(worst.spec, worst.violations[0]))
+            info(f"[yellow]skipping {slot.slot}[/]: {worst.violations[0]}")
+            skipped.append(bundle.SkippedArtifact(slot, worst.violations[0], worst.footprint))
+            specs.remove(slot)
             continue
-        paths[spec.label] = path
-        prints[spec.label] = measured
+        cands.append(group)
     _require_shipped(target, specs, skipped)
+    if sources.value is not None:
+        info(f"importance matrix: {sources.value.summary()}")
 
     with timed("reference", seconds):
         base_acc = base_accuracy(model, evalset, threads)
         ref_rt = open_runtime(merged, threads=threads)
+    chosen: list[search.Candidate] = []
     try:
         with timed("reference", seconds):
             ref = score(ref_rt, evalset)
-        drifts = {}
-        for spec in specs:
-            with timed(spec.label, seconds):
-                drifts[spec.label] = check(spec.label, ref, paths[spec.label], evalset, threads)
+        for group in cands:
+            with timed(f"choose {group[0].slot.slot}", seconds):
+                chosen.append(choose(group, ref, evalset, threads, cfg.fail_on_drift, target))
     finally:
         ref_rt.close()
 
     with timed("reference", seconds), task("bench PyTorch float"):
         ref_latency = bench.bench(merged, threads=threads)
     results = []
-    for spec in specs:
-        with timed(spec.label, seconds), task(f"bench {spec.label}"):
-            latency = bench.bench(paths[spec.label], threads=threads)
-        drift = drifts[spec.label]
-        violations = [drift.explain(v) for v in spec.budget.violations(drift.metrics(), ref.task_accuracy)]
-        results.append(
-            bundle.ArtifactResult(
-                spec, paths[spec.label], drift, latency, tuple(violations), prints[spec.label]
-            )
-        )
+    for c in chosen:
+        with timed(c.spec.label, seconds), task(f"bench {c.spec.label}"):
+            latency = bench.bench(c.path, threads=threads)
+        results.append(bundle.ArtifactResult(c.spec, c.path, c.drift, latency, c.violations, c.footprint))
+    latencies = {r.spec.label: r.latency.metrics() for r in results}
+    candidates = [c.record(target, latencies.get(c.spec.label)) for group in cands for c in group]
 
     base = bundle.describe_base(model)  # the name as given (never a home path), Hub revision, weights' sha256
     lora_settings, eval_split_sha256 = bundle.finetune_facts(ft.adapter_dir)
@@ -186,6 +186,8 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
         reference_latency=ref_latency,
         skipped=tuple(skipped),
         seconds=seconds,
+        candidates=tuple(candidates),
+        imatrix=sources.record(),
         train_examples=ft.train_examples,
         eval_examples=len(evalset.examples),
         eval_source=evalset.source,
@@ -320,11 +322,135 @@ def score(rt, evalset: verify.EvalSet) -> verify.ReferenceRun:
         return verify.run_reference(rt, evalset, update)
 
 
-def check(label: str, ref: verify.ReferenceRun, path: Path, evalset: verify.EvalSet, threads: int):
-    """Drift of one artifact against the reference run (shared ids and the app path)."""
-    rt = open_runtime(path, threads=threads, n_ctx=evalset.n_ctx)
+def choose(
+    group: list[search.Candidate],
+    ref: verify.ReferenceRun,
+    evalset: verify.EvalSet,
+    threads: int,
+    fail_on_drift: bool,
+    target: targets.TargetProfile,
+) -> search.Candidate:
+    """The artifact a slot ships: the search's winner; when no candidate meets every budget, an error naming
+    the closest one (or, with --no-fail-on-drift, the closest one, measured in full and marked as failing)."""
+
+    def opener(path: Path):
+        return open_runtime(path, threads=threads, n_ctx=evalset.n_ctx)
+
+    winner = search.choose(group, ref, evalset, opener, task=task)
+    if winner is not None:
+        return winner
+    fits = [c for c in group if not c.verdict.startswith("does not fit")]
+    near = search.closest(fits, ref.task_accuracy)
+    if fail_on_drift:
+        raise EdgeftError(
+            f"no {group[0].slot.slot} candidate for {target.name} meets every budget; the closest is "
+            f"{near.spec.label} ({'; '.join(near.violations)}); loosen --max-kld / --min-task-accuracy / "
+            "--max-size or the profile's budget, or pass --no-fail-on-drift to ship the closest"
+        )
+    rt = opener(near.path)
     try:
-        with task(f"verify {label}", evalset.n_steps) as update:
-            return verify.compare(ref, rt, evalset, update)
+        with task(f"verify {near.spec.label}", evalset.n_steps) as update:
+            near.drift = verify.compare(ref, rt, evalset, update, weights=near.weights)
     finally:
         rt.close()
+    viol = near.spec.budget.violations(near.drift.metrics(), ref.task_accuracy, near.size_mb)
+    near.violations = tuple(near.drift.explain(v) for v in viol)
+    near.chosen, near.verdict = True, "shipped with --no-fail-on-drift: the closest to its budget"
+    return near
+
+
+class QuantSources:
+    """What quantized candidates are made from, each made the first time an export needs it: the importance
+    matrix of the fine-tuning data's training split (never the held-out split) and the 16-bit GGUF."""
+
+    def __init__(self, merged: Path, data_path: Path, cfg: BuildConfig, work: Path) -> None:
+        self.merged, self.data_path, self.cfg, self.work = merged, data_path, cfg, work
+        self.value: Any = None
+        self._record = work / "imatrix.json"  # what a reused imatrix artifact was made with
+
+    def get(self) -> Any:
+        if self.value is None:
+            from .imatrix import compute_imatrix
+
+            lora = self.cfg.lora
+            train, _ = data.load_split(self.data_path, lora.eval_fraction, lora.seed, lora.max_eval)
+            convs = [list(ex.messages) for ex in train]
+            self.value = compute_imatrix(
+                self.merged,
+                convs,
+                threads=self.cfg.threads,
+                dataset_sha256=data.dataset_sha256(self.data_path),
+            )
+            files.write_json(self._record, {"key": self.digest(), "imatrix": self.value.record()})
+        return self.value
+
+    def record(self) -> dict[str, Any] | None:
+        """The manifest's imatrix record: this run's, or the one a reused artifact was made with."""
+        if self.value is not None:
+            return self.value.record()
+        saved = files.read_json(self._record) if self._record.is_file() else None
+        return saved["imatrix"] if isinstance(saved, dict) and saved.get("key") == self.digest() else None
+
+    def float_gguf(self, work: Path, key: str, conversations: list[Any]) -> Path:
+        """The 16-bit GGUF every quantized GGUF candidate is made from: converted once per model."""
+        from .export.gguf import export_float_gguf
+
+        folder = work / "float-gguf"
+        fkey = files.digest(["float-gguf", key, conversations])
+        if not files.done_with(folder, fkey):
+            files.forget(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            with task("export 16-bit GGUF (quantized from, once)") as update:
+                export_float_gguf(self.merged, folder, progress=update, conversations=conversations)
+            files.mark_done(folder, fkey)
+        return next(folder.glob("model-*.gguf"))
+
+    def digest(self) -> str:
+        """What an imatrix export depends on besides the model: the data and how it is split."""
+        lora = self.cfg.lora
+        return files.digest(
+            ["imatrix", data.dataset_sha256(self.data_path), lora.eval_fraction, lora.seed, lora.max_eval]
+        )
+
+
+def export_candidate(
+    spec: targets.ArtifactSpec,
+    merged: Path,
+    work: Path,
+    key: str,
+    conversations: list[Any],
+    sources: QuantSources,
+    seconds: dict[str, float],
+    reused: list[str],
+) -> Path:
+    """Export one artifact into work/artifacts, or reuse it when an earlier run made it from the same inputs."""
+    parts = ["export", key, spec.format, spec.quant, spec.accuracy_level, conversations, spec.head_type]
+    if spec.imatrix:
+        parts.append(sources.digest())
+    art_key = files.digest(parts)
+    name = export.artifact_name(spec.format, spec.quant, spec.variant)
+    level = f"-acc{spec.accuracy_level}" if spec.accuracy_level is not None else ""
+    path = work / "artifacts" / f"{name}{level}"
+    with timed(spec.label, seconds):
+        if files.done_with(path, art_key):
+            reused.append(spec.label)
+            return path
+        files.forget(path)
+        files.require_resources(f"export {spec.label}", disk_at=work, disk=3 * tree_bytes(merged))
+        imat = sources.get() if spec.imatrix else None
+        base = None
+        if spec.format == FORMAT_GGUF and spec.quant not in GGUF_FLOAT_QUANTS:
+            base = sources.float_gguf(work, key, conversations)
+        with task(f"export {spec.label}") as update:
+            opts = export.ExportOptions(
+                spec.accuracy_level,
+                update,
+                conversations,
+                imatrix=imat,
+                head_type=spec.head_type,
+                float_gguf=base,
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            export.export_file(merged, spec.format, spec.quant, path, opts)
+        files.mark_done(path, art_key)
+    return path

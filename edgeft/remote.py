@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from .constants import MANIFEST, REPORT, SHA256SUMS
+from .constants import MANIFEST, REPORT, REPORT_HTML, SHA256SUMS
 from .errors import EdgeftError
 
 if TYPE_CHECKING:
@@ -762,7 +762,7 @@ def bench_remote(
         note = None
         try:  # what recording rewrote; the rest was verified on the device by this run
             sync_bundle(
-                client, bundle, rdir, where=ep.where, python=python, changed=[MANIFEST, REPORT, SHA256SUMS]
+                client, bundle, rdir, where=ep.where, python=python, changed=[MANIFEST, REPORT, REPORT_HTML, SHA256SUMS]
             )
         except EdgeftError as e:
             note = f"the results are recorded here, but the device's copy was not updated: {e}"

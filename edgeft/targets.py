@@ -6,6 +6,7 @@ how much drift each may show. `--target` takes a profile name or a path to a TOM
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import tomllib
@@ -19,6 +20,9 @@ from .constants import (
     FORMAT_GGUF,
     FORMAT_ONNX,
     FORMATS,
+    GGUF_BITS_PER_WEIGHT,
+    GGUF_HEAD_TYPES,
+    GGUF_IMATRIX_QUANTS,
     GGUF_QUANTS,
     ONNX_ACCURACY_LEVELS,
     ONNX_FLOAT_QUANTS,
@@ -41,14 +45,23 @@ class DriftBudget:
     # The app path: a tokenization or template difference fails the build unless a profile loosens it.
     prompt_ids_match: float | None = 1.0
     answers_match: float | None = None
+    min_task_accuracy: float | None = None  # held-out exact-match accuracy of the artifact itself
+    max_size_mb: float | None = None  # the artifact's size on disk (file, or folder for ONNX), in MB
 
-    def violations(self, drift: dict[str, float | None], reference_accuracy: float | None) -> list[str]:
-        """One line per exceeded limit, naming metric, value and budget."""
+    def violations(
+        self,
+        drift: dict[str, float | None],
+        reference_accuracy: float | None,
+        size_mb: float | None = None,
+    ) -> list[str]:
+        """One line per exceeded limit, naming metric, value and budget (unmeasured metrics unchecked)."""
         values = dict(drift)
         acc = drift.get("task_accuracy")
         values["task_accuracy_drop"] = (
             None if acc is None or reference_accuracy is None else reference_accuracy - acc
         )
+        values["min_task_accuracy"] = acc
+        values["max_size_mb"] = size_mb
         out = []
         for name, kind in BUDGET_KINDS.items():
             limit, value = getattr(self, name), values.get(name)
@@ -67,6 +80,11 @@ class ArtifactSpec:
 
     `accuracy_level` (ONNX int quants) is MatMulNBits' activation precision: 4 = int8 (fast), 1 = fp32.
     `ship = false` builds, verifies and benches it for the report only, so a user sees the trade-off.
+    `imatrix`: quantize with the importance matrix of the fine-tuning data (GGUF quants that use one).
+    `head_type`: keep the output head and token embedding at this GGUF type (llama.cpp's
+    output_tensor_type / token_embedding_type).
+    `search`: the candidates this slot chooses from (edgeft.search); empty for a fixed artifact. Without
+    the search (`--no-search`) a slot builds its own quant.
     """
 
     format: str
@@ -74,9 +92,23 @@ class ArtifactSpec:
     budget: DriftBudget = DriftBudget()
     accuracy_level: int | None = None
     ship: bool = True
+    imatrix: bool = False
+    head_type: str | None = None
+    search: tuple[ArtifactSpec, ...] = ()
+
+    @property
+    def variant(self) -> str:
+        """What sets this artifact apart from the plain quant, as a name suffix ("-imatrix-head_q8_0")."""
+        return ("-imatrix" if self.imatrix else "") + (f"-head_{self.head_type}" if self.head_type else "")
 
     @property
     def label(self) -> str:
+        level = f"-acc{self.accuracy_level}" if self.accuracy_level is not None else ""
+        return f"{self.format}-{self.quant}{self.variant}{level}"
+
+    @property
+    def slot(self) -> str:
+        """The slot's own label: the plain format-quant it builds without the search."""
         level = f"-acc{self.accuracy_level}" if self.accuracy_level is not None else ""
         return f"{self.format}-{self.quant}{level}"
 
@@ -162,7 +194,9 @@ ISA_FEATURES = (
     "amx",
 )
 MAX_NOTES = 600  # a few sentences: which llama.cpp build flags / wheels reach the ISA
-ARTIFACT_KEYS = ("format", "quant", "accuracy_level", "ship", "budget")
+ARTIFACT_KEYS = ("format", "quant", "accuracy_level", "ship", "budget", "imatrix", "head_type", "search")
+# `imatrix` values: with it, without it, or (in a search) both as separate candidates.
+IMATRIX_CHOICES = (True, False, "both")
 # Generous upper bounds: far past any real device, there so a typo is refused here, not a crash later.
 MAX_THREADS = 1024
 INT_BOUNDS = {
@@ -320,7 +354,63 @@ def _parse_artifact(art: Any, where: str) -> ArtifactSpec:
     if not isinstance(ship, bool):
         raise EdgeftError(f"{where}: ship = {show(ship)} should be true or false")
     budget = parse_budget(art.get("budget", {}), f"{where}.budget")
-    return ArtifactSpec(fmt, quant, budget, level, ship)
+    search = _quant_list(art.get("search", []), fmt, f"{where}: search")
+    imatrix = art.get("imatrix", "both" if search else True)
+    if imatrix not in IMATRIX_CHOICES or (imatrix == "both" and not search):
+        both = ', or "both" (with a search list)' if not search else ', or "both"'
+        raise EdgeftError(f"{where}: imatrix = {show(imatrix)} should be true or false{both}")
+    heads = art.get("head_type", [])
+    heads = [heads] if isinstance(heads, str) else heads
+    if not isinstance(heads, list) or not all(h in GGUF_HEAD_TYPES for h in heads):
+        raise EdgeftError(
+            f"{where}: head_type = {show(art['head_type'])} should be one or a list of the ggml types "
+            f"{', '.join(GGUF_HEAD_TYPES)}"
+        )
+    if heads and fmt != FORMAT_GGUF:
+        raise EdgeftError(f"{where}: head_type applies to gguf only, not {fmt}")
+    if len(heads) > 1 and not search:
+        raise EdgeftError(f"{where}: head_type lists several types; only a search slot tries several")
+    base = ArtifactSpec(fmt, quant, budget, level, ship)
+    fixed = _variants(base, [quant], imatrix, heads or [None])
+    return dataclasses.replace(fixed[0], search=tuple(_variants(base, search, imatrix, [None, *heads])))
+
+
+def _quant_list(value: Any, fmt: str, where: str) -> list[str]:
+    """A list of known quant names of `fmt`, each once."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise EdgeftError(f"{where} = {show(value)} should be a list of {fmt} quant names")
+    unknown = [v for v in value if v not in QUANTS_BY_FORMAT[fmt]]
+    if unknown:
+        raise EdgeftError(
+            f"{where}: unknown {fmt} quant(s) {', '.join(show(v) for v in unknown)} "
+            f"(known: {', '.join(QUANTS_BY_FORMAT[fmt])})"
+        )
+    if len(set(value)) != len(value):
+        raise EdgeftError(f"{where} = {show(value)} names a quant twice")
+    return list(value)
+
+
+def _variants(
+    base: ArtifactSpec, quants: list[str], imatrix: bool | str, heads: list[str | None]
+) -> list[ArtifactSpec]:
+    """Concrete artifacts: each quant with/without the importance matrix where the quant uses one, and with
+    the head kept at each higher type; a variant that would change nothing is not repeated."""
+    out: list[ArtifactSpec] = []
+    for quant in quants:
+        gguf = base.format == FORMAT_GGUF
+        uses = gguf and quant in GGUF_IMATRIX_QUANTS
+        flags = [True, False] if imatrix == "both" else [bool(imatrix)]
+        for flag in dict.fromkeys(f and uses for f in flags):
+            for head in heads:
+                if head is not None and (not gguf or not _higher(head, quant)):
+                    continue
+                out.append(dataclasses.replace(base, quant=quant, imatrix=flag, head_type=head))
+    return out
+
+
+def _higher(head: str, quant: str) -> bool:
+    """Whether keeping the head at `head` is more precise than `quant` would make it (by bits per weight)."""
+    return GGUF_BITS_PER_WEIGHT.get(head, 0) > GGUF_BITS_PER_WEIGHT.get(quant, 0)
 
 
 def parse_profile(data: Any, source: str) -> TargetProfile:
@@ -332,7 +422,7 @@ def parse_profile(data: Any, source: str) -> TargetProfile:
     if not isinstance(raw_arts, list) or not raw_arts:
         raise EdgeftError(f"{source}: needs at least one [[artifacts]] table with format and quant")
     arts = [_parse_artifact(art, f"{source}: artifacts[{i}]") for i, art in enumerate(raw_arts)]
-    labels = [a.label for a in arts]
+    labels = [a.slot for a in arts]
     if len(set(labels)) != len(labels):
         raise EdgeftError(f"{source}: artifacts repeat a format/quant pair: {', '.join(labels)}")
     shipped = [(a.format, a.quant) for a in arts if a.ship]

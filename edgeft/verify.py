@@ -288,15 +288,29 @@ def first_difference(label: str, ref: list[int], got: list[int], piece: Callable
     )
 
 
-def compare(
-    ref: ReferenceRun,
-    rt: Runtime,
-    es: EvalSet,
-    progress: Progress | None = None,
-    *,
-    ref_rt: Runtime | None = None,
-) -> DriftReport:
-    """Drift of a runtime's model against the reference run: shared ids, then the app path."""
+@dataclass(frozen=True)
+class WeightsDrift:
+    """Drift on shared token ids only (the weights): cheap, one forward pass per sequence."""
+
+    kld_mean: float
+    kld_p99: float
+    top1: float
+    ppl_ratio: float
+    n_positions: int
+
+    def metrics(self) -> dict[str, float | None]:
+        return {
+            "kld_mean": self.kld_mean,
+            "kld_p99": self.kld_p99,
+            "top1": self.top1,
+            "ppl_ratio": self.ppl_ratio,
+        }
+
+
+def weights_drift(
+    ref: ReferenceRun, rt: Runtime, es: EvalSet, progress: Progress | None = None
+) -> WeightsDrift:
+    """KL divergence, top-1 agreement and perplexity ratio against the float model on the same ids."""
     if not es.examples or not es.sequences:
         raise EdgeftError("nothing to verify: the eval set has no conversations or no sequences")
     klds, agree, nll = [], [], []
@@ -315,6 +329,35 @@ def compare(
         if progress:
             progress(i + 1, es.n_steps)
     kld = np.concatenate(klds)
+    return WeightsDrift(
+        kld_mean=float(kld.mean()),
+        kld_p99=float(np.percentile(kld, 99)),
+        top1=float(np.concatenate(agree).mean()),
+        ppl_ratio=float(np.exp(np.concatenate(nll).mean() - ref.nll)),
+        n_positions=int(kld.size),
+    )
+
+
+# stop(conversations done, prompt misses, answer misses, task misses) -> True once the artifact has failed
+StopRule = Callable[[int, int, int, int], bool]
+
+
+def compare(
+    ref: ReferenceRun,
+    rt: Runtime,
+    es: EvalSet,
+    progress: Progress | None = None,
+    *,
+    weights: WeightsDrift | None = None,
+    stop: StopRule | None = None,
+) -> DriftReport:
+    """Drift of a runtime's model against the reference run: shared ids (unless `weights` already has
+    them), then the app path. With `stop`, the app path ends as soon as the rule says the artifact failed;
+    the report then covers the conversations done (`n_examples`)."""
+    if weights is None:
+        weights = weights_drift(ref, rt, es, progress)
+    elif not es.examples:
+        raise EdgeftError("nothing to verify: the eval set has no conversations or no sequences")
 
     # Ids are compared in the shared vocabulary; show them as the float model's tokenizer spells them.
     piece = getattr(ref.runtime, "piece", None) or (lambda i: ref.runtime.decode([i]))
@@ -324,6 +367,7 @@ def compare(
 
     prompt_hits = answer_hits = task_hits = 0
     prompt_diff = answer_diff = None
+    done = 0
     for i, ex in enumerate(es.examples):
         want = ref.answers[i]
         full = want.answer + ([-1] if want.ended else [])
@@ -347,19 +391,21 @@ def compare(
                 a, b = want.answer + [_END] * want.ended, got.answer + [_END] * got.ended
                 answer_diff = first_difference(f"{label} answer", a, b, spelled)
             task_hits += got.ended and data_mod.answer_text_matches(got.text, ex)
+        done = i + 1
         if progress:
-            progress(len(es.sequences) + i + 1, es.n_steps)
-    n = len(es.examples)
+            progress(len(es.sequences) + done, es.n_steps)
+        if stop is not None and stop(done, done - prompt_hits, done - answer_hits, done - task_hits):
+            break
     return DriftReport(
-        kld_mean=float(kld.mean()),
-        kld_p99=float(np.percentile(kld, 99)),
-        top1=float(np.concatenate(agree).mean()),
-        ppl_ratio=float(np.exp(np.concatenate(nll).mean() - ref.nll)),
-        task_accuracy=task_hits / n if es.scored else None,
-        prompt_ids_match=prompt_hits / n,
-        answers_match=answer_hits / n,
-        n_positions=int(kld.size),
-        n_examples=n,
+        kld_mean=weights.kld_mean,
+        kld_p99=weights.kld_p99,
+        top1=weights.top1,
+        ppl_ratio=weights.ppl_ratio,
+        task_accuracy=task_hits / done if es.scored else None,
+        prompt_ids_match=prompt_hits / done,
+        answers_match=answer_hits / done,
+        n_positions=weights.n_positions,
+        n_examples=done,
         prompt_diff=prompt_diff,
         answer_diff=answer_diff,
     )

@@ -1,5 +1,6 @@
 """Target profiles: every shipped profile validates; bad profiles fail with one clear line."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -26,13 +27,41 @@ def test_every_shipped_profile_loads() -> None:
 def test_raspberrypi_profile_facts() -> None:
     pi = targets.load("raspberrypi")
     assert pi.threads == 4 and pi.arch == "aarch64"
-    quants = [a.quant for a in pi.artifacts]
-    assert quants[:2] == ["q4_0", "q8_0"]
-    onnx = [a for a in pi.artifacts if a.format == "onnx"]
-    assert {a.accuracy_level for a in onnx} == {4, 1}  # both int8 figures, one shipped
-    assert [a.ship for a in onnx].count(True) == 1
-    q4, q8 = pi.artifacts[0].budget, pi.artifacts[1].budget
-    assert q8.kld_mean < q4.kld_mean  # the 8-bit file must be held to a tighter budget
+    # one searched slot per format; without the search, q4_0 (with the importance matrix) and ONNX int8
+    gguf, onnx = pi.artifacts
+    assert (gguf.label, onnx.label) == ("gguf-q4_0-imatrix", "onnx-int8-acc4")
+    assert {c.quant for c in gguf.search} == {"q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_nl", "q4_0"}
+    assert {c.quant for c in onnx.search} == {"int8", "int4"}
+    assert all(c.budget == gguf.budget for c in gguf.search)  # candidates compete under the slot's budget
+
+
+def test_search_slots_in_a_profile(tmp_path: Path) -> None:
+    base = (
+        'name = "d"\nthreads = 2\nram_mb = 100\nram_budget_mb = 90\ncontext_length = 64\n'
+        'bandwidth_gb_s = 1.0\n[[artifacts]]\nformat = "gguf"\nquant = "q4_0"\n'
+    )
+    path = tmp_path / "d.toml"
+    path.write_text(base + 'search = ["q8_0", "q4_k_m"]\nhead_type = "q8_0"\n')
+    slot = targets.load(path).artifacts[0]
+    labels = [c.label for c in slot.search]
+    assert labels == [
+        "gguf-q8_0",
+        "gguf-q4_k_m-imatrix",
+        "gguf-q4_k_m-imatrix-head_q8_0",
+        "gguf-q4_k_m",
+        "gguf-q4_k_m-head_q8_0",
+    ]
+    path.write_text(base + "imatrix = false\n")
+    assert targets.load(path).artifacts[0].label == "gguf-q4_0" and not targets.load(path).artifacts[0].search
+    for bad, said in (
+        ('search = ["q4_0", "q9"]', "unknown gguf quant(s) 'q9'"),
+        ('imatrix = "both"', 'or "both" (with a search list)'),
+        ('search = ["q4_0", "q4_0"]', "names a quant twice"),
+        ('head_type = ["q8_0", "q6_k"]', "only a search slot tries several"),
+    ):
+        path.write_text(base + bad + "\n")
+        with pytest.raises(EdgeftError, match=re.escape(said)):
+            targets.load(path)
 
 
 def test_unknown_target_lists_available() -> None:

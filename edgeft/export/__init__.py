@@ -74,8 +74,8 @@ def _onnx(model_dir: Path, out: Path, quant: str, opts: ExportOptions) -> Any:
 Exporter = Callable[[Path, Path, str, ExportOptions], Any]
 # format: (exporter, artifact name for a quant: a file for GGUF, a directory for onnxruntime-genai)
 EXPORTERS: dict[str, tuple[Exporter, Callable[[str], str]]] = {
-    FORMAT_GGUF: (_gguf, lambda quant: f"model-{quant}.gguf"),
-    FORMAT_ONNX: (_onnx, lambda quant: f"onnx-{quant}"),
+    FORMAT_GGUF: (_gguf, lambda stem: f"model-{stem}.gguf"),
+    FORMAT_ONNX: (_onnx, lambda stem: f"onnx-{stem}"),
 }
 
 
@@ -85,9 +85,10 @@ def _entry(fmt: str) -> tuple[Exporter, Callable[[str], str]]:
     return EXPORTERS[fmt]
 
 
-def artifact_name(fmt: str, quant: str) -> str:
-    """The conventional name of an artifact inside a bundle: model-q4_0.gguf, onnx-int8/."""
-    return _entry(fmt)[1](quant)
+def artifact_name(fmt: str, quant: str, variant: str = "") -> str:
+    """The conventional name of an artifact inside a bundle: model-q4_0.gguf, model-q4_0-imatrix.gguf,
+    onnx-int8/ (`variant` is ArtifactSpec.variant)."""
+    return _entry(fmt)[1](quant + variant)
 
 
 def export_file(

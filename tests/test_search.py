@@ -1,0 +1,182 @@
+"""The automatic choice (edgeft.search): which candidate a budget picks, when the search stops, and the
+error naming the closest candidate when none fits. Runtimes are scripted (test_verify.Scripted): each
+candidate's logits are the reference's plus noise of a chosen size, so its KL divergence is known in order."""
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_verify import Scripted, _evalset, _example, _script
+
+from edgeft import pipeline, search, targets, verify
+from edgeft.errors import EdgeftError
+from edgeft.footprint import Footprint
+
+RNG = np.random.default_rng(0)
+LOGITS = RNG.normal(size=(20, 30)) * 3
+NOISE = RNG.normal(size=(20, 30))
+EXAMPLES = [_example(p, a) for p, a in (("turn on", "abc"), ("lights", "de"), ("dim it", "fg"), ("off", "h"))]
+PROFILE = targets.TargetProfile("t", "test", "native", 2, 1000, 1000, 64, 10.0, ())
+
+
+@contextmanager
+def quiet(description: str, total: int | None = None):
+    yield lambda *a: None
+
+
+def answers_for(texts: list[str]) -> dict[tuple[int, ...], list[int]]:
+    probe = Scripted(LOGITS, {})
+    return {
+        tuple(probe.chat_prompt_ids(ex.prompt_messages)): _script(t)
+        for ex, t in zip(EXAMPLES, texts, strict=True)
+    }
+
+
+RIGHT = answers_for(["abc", "de", "fg", "h"])
+
+
+def candidate(
+    quant: str, noise: float, mb_per_token: float, budget: targets.DriftBudget, answers=RIGHT
+) -> tuple[search.Candidate, Scripted]:
+    spec = targets.ArtifactSpec("gguf", quant, budget)
+    fp = Footprint(int(mb_per_token * 1e6), int(mb_per_token * 1e6), 0, "f16", 64)
+    cand = search.Candidate(spec, spec, Path(quant), fp, int(mb_per_token * 1e6))
+    return cand, Scripted(LOGITS + noise * NOISE, answers)
+
+
+def run(
+    cands: list[tuple[search.Candidate, Scripted]],
+) -> tuple[search.Candidate | None, verify.ReferenceRun]:
+    ref_rt = Scripted(LOGITS, RIGHT)
+    es = _evalset(EXAMPLES, ref_rt)
+    ref = verify.run_reference(ref_rt, es)
+    by_path = {c.path: rt for c, rt in cands}
+    winner = search.choose([c for c, _ in cands], ref, es, lambda p: by_path[p], task=quiet)
+    return winner, ref
+
+
+def three(kld_budget: float) -> list[tuple[search.Candidate, Scripted]]:
+    """q8_0 (little noise, big), q4_k_m (more noise), q4_0 (most noise, smallest)."""
+    budget = targets.DriftBudget(kld_mean=kld_budget)
+    return [
+        candidate("q8_0", 0.05, 8.5, budget),
+        candidate("q4_k_m", 0.3, 4.8, budget),
+        candidate("q4_0", 0.6, 4.5, budget),
+    ]
+
+
+def kld(noise: float) -> float:
+    c, rt = candidate("x", noise, 1, targets.DriftBudget())
+    return run([(c, rt)])[0].drift.kld_mean
+
+
+def test_a_loose_budget_picks_the_smallest_a_tight_one_a_larger() -> None:
+    k8, k4km, k40 = kld(0.05), kld(0.3), kld(0.6)
+    assert k8 < k4km < k40
+    loose, _ = run(three(k40 * 2))
+    assert loose is not None and loose.spec.quant == "q4_0"
+    middle, _ = run(three((k4km + k40) / 2))
+    assert middle is not None and middle.spec.quant == "q4_k_m"
+    tight = three((k8 + k4km) / 2)
+    winner, _ = run(tight)
+    assert winner is not None and winner.spec.quant == "q8_0" and winner.chosen
+    # every candidate has its shared-id drift (a point on the report's plot); the losers say why
+    assert all(c.weights is not None for c, _ in tight)
+    assert all("fails on shared ids" in c.verdict for c, _ in tight if not c.chosen)
+
+
+def test_bigger_candidates_after_the_winner_are_not_verified_on_the_app_path() -> None:
+    cands = three(10.0)
+    winner, _ = run(cands)
+    assert winner is not None and winner.spec.quant == "q4_0"
+    by_quant = {c.spec.quant: (c, rt) for c, rt in cands}
+    for quant in ("q8_0", "q4_k_m"):
+        c, rt = by_quant[quant]
+        assert c.drift is None and rt.generated == 0 and "not verified on the app path" in c.verdict
+    assert by_quant["q4_0"][1].generated > 0
+
+
+def test_the_app_path_stops_as_soon_as_the_budget_is_lost() -> None:
+    budget = targets.DriftBudget(answers_match=0.75)  # one miss of four allowed
+    wrong = answers_for(["xbc", "xe", "fg", "h"])  # the first two differ: failed after two conversations
+    bad, bad_rt = candidate("q4_0", 0.0, 4.5, budget, wrong)
+    good, good_rt = candidate("q8_0", 0.0, 8.5, budget)
+    winner, _ = run([(bad, bad_rt), (good, good_rt)])
+    assert winner is good
+    assert bad.drift is not None and bad.drift.n_examples == 2
+    # the shares of a stopped candidate are the most it could still have reached: here 2 of 4
+    assert bad.drift.answers_match == pytest.approx(0.5)
+    assert any("stopped after 2 of 4" in v for v in bad.violations)
+
+
+def test_an_impossible_budget_names_the_closest_candidate() -> None:
+    cands = three(1e-9)
+    winner, ref = run(cands)
+    assert winner is None
+    near = search.closest([c for c, _ in cands], ref.task_accuracy)
+    assert near.spec.quant == "q8_0"  # the least drift of the three
+
+
+def test_the_build_fails_naming_the_closest_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    cands = three(1e-9)
+    ref_rt = Scripted(LOGITS, RIGHT)
+    es = _evalset(EXAMPLES, ref_rt)
+    ref = verify.run_reference(ref_rt, es)
+    by_path = {c.path: rt for c, rt in cands}
+    monkeypatch.setattr(pipeline, "open_runtime", lambda p, **kw: by_path[p])
+    monkeypatch.setattr(pipeline, "task", quiet)
+    with pytest.raises(
+        EdgeftError, match=r"no gguf-q8_0 candidate for t meets every budget; the closest is gguf-q8_0"
+    ):
+        pipeline.choose([c for c, _ in cands], ref, es, 1, True, PROFILE)
+    # --no-fail-on-drift ships the closest, measured in full and marked as failing
+    shipped = pipeline.choose([c for c, _ in three(1e-9)], ref, es, 1, False, PROFILE)
+    assert shipped.spec.quant == "q8_0" and shipped.drift is not None and shipped.violations
+
+
+def test_a_size_budget_is_a_budget() -> None:
+    budget = targets.DriftBudget(max_size_mb=5.0)
+    big, big_rt = candidate("q8_0", 0.0, 8.5, budget)
+    assert run([(big, big_rt)])[0] is None or big.violations
+    assert any("max_size_mb" in v for v in big.violations)
+
+
+def test_profiles_expand_their_search() -> None:
+    rpi = targets.load("raspberrypi")
+    gguf = next(a for a in rpi.artifacts if a.format == "gguf")
+    labels = [c.label for c in search.expand(gguf, search=True)]
+    assert "gguf-q4_k_m-imatrix" in labels and "gguf-q4_k_m" in labels
+    assert "gguf-q8_0-imatrix" not in labels  # q8_0 ignores an importance matrix: one candidate
+    assert [c.label for c in search.expand(gguf, search=False)] == [gguf.label]
+
+
+def test_the_importance_matrix_sees_only_the_training_split(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """QuantSources hands compute_imatrix the training split: no held-out conversation, every training one."""
+    from edgeft import data, imatrix
+    from edgeft.config import BuildConfig
+    from edgeft.demo import DEMO_DATA
+
+    seen: list[list[dict[str, str]]] = []
+
+    def fake(model_dir, conversations, **kw):
+        seen.extend(conversations)
+        return imatrix.Imatrix({}, len(conversations), 1, kw["dataset_sha256"])
+
+    monkeypatch.setattr(imatrix, "compute_imatrix", fake)
+    cfg = BuildConfig(target="raspberrypi")
+    sources = pipeline.QuantSources(tmp_path, Path(DEMO_DATA), cfg, tmp_path)
+    sources.get()
+    train, held = data.load_split(Path(DEMO_DATA), cfg.lora.eval_fraction, cfg.lora.seed, cfg.lora.max_eval)
+    as_key = [tuple(tuple(sorted(m.items())) for m in conv) for conv in seen]
+    assert len(seen) == len(train) and held
+    assert not {tuple(tuple(sorted(m.items())) for m in ex.messages) for ex in held} & set(as_key)
+    # a later run that reuses the imatrix artifacts still records what they were made with
+    again = pipeline.QuantSources(tmp_path, Path(DEMO_DATA), cfg, tmp_path)
+    assert again.record() == {
+        "dataset_sha256": data.dataset_sha256(Path(DEMO_DATA)),
+        "examples": len(train),
+        "tokens": 1,
+    }
