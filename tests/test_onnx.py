@@ -8,12 +8,21 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from tinymodels import cached_model, kld, leftovers, load_tokenizer, quiet_transformers
 
-from edgeft.constants import ONNX_ARCHS, ONNX_DEFAULT_ACCURACY_LEVEL, ONNX_QUANTS, ONNX_REQUIRED_FILES
+from edgeft.constants import (
+    ONNX_ARCHS,
+    ONNX_DATA_FILE,
+    ONNX_DEFAULT_ACCURACY_LEVEL,
+    ONNX_MODEL_FILE,
+    ONNX_QUANTS,
+    ONNX_REQUIRED_FILES,
+)
 from edgeft.errors import EdgeftError
+from edgeft.export.gguf import export_gguf
 from edgeft.export.onnx import OnnxExportResult, export_onnx
 from edgeft.guard import check_external_data
 from edgeft.runtime.ort import OrtRuntime
@@ -173,6 +182,90 @@ def test_quant_drift_ordered(root: Path) -> None:
     assert drift[("int8", 1)] < drift[("int4", None)]
     sizes = {q: _EXPORTS[("llama", q, None)][1].bytes for q in ("fp32", "int8", "int4")}
     assert sizes["fp32"] > sizes["int8"] > sizes["int4"]
+
+
+# SmolLM2-135M's proportions, tiny: vocab far larger than hidden (49152 vs 576 there), a tied head, so the
+# embedding matrix is a large share of the weights and a second, float32 copy of it would show.
+SMOL_VOCAB = 8192
+
+
+def smol_model() -> Path:
+    """The tiny llama with its vocabulary padded to SMOL_VOCAB rows (tied, hidden 128, 2 layers)."""
+    pad = SMOL_VOCAB - len(load_tokenizer(model_dir("llama")))
+    return cached_model("llama", "bpe", **LLAMA, vocab_pad=pad)
+
+
+def lm_head(graph: onnx.GraphProto) -> onnx.NodeProto:
+    """The builder's output head: the MatMulNBits named /lm_head/..."""
+    return next(n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/"))
+
+
+def test_tied_int8_gathers_from_the_int8_head(root: Path) -> None:
+    """A tied int8 model keeps one int8 matrix for the head and the embedding: its weight files are no bigger
+    than 1.1x the q8_0 GGUF (with the builder's float32 table they were 3.6x), and drift stays int8-small."""
+    model = smol_model()
+    folder = export_onnx(model, root / "smol-int8", "int8").path
+    gguf = export_gguf(model, root / "smol-q8_0.gguf", "q8_0").path
+    weight_bytes = sum((folder / f).stat().st_size for f in (ONNX_MODEL_FILE, ONNX_DATA_FILE))
+    assert weight_bytes <= 1.1 * gguf.stat().st_size, (weight_bytes, gguf.stat().st_size)
+    graph = onnx.load(str(folder / ONNX_MODEL_FILE), load_external_data=False).graph
+    inits, head = {t.name for t in graph.initializer}, lm_head(graph)
+    assert not [n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits]  # no float table
+    # the lookup reads the head's own blocks and scales (the scales reshaped to [vocab, blocks, 1])
+    (lookup,) = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    producer = {out: n for n in graph.node for out in n.output}
+    assert lookup.input[0] == head.input[1] and producer[lookup.input[2]].input[0] == head.input[2]
+    assert {a.name: a.i for a in lookup.attribute}["bits"] == 8
+    ids = load_tokenizer(model).encode(TEXT)
+    with torch.no_grad():
+        ref = torch_model(model)(torch.tensor([ids])).logits[0].numpy()
+    with OrtRuntime(folder, threads=1) as rt:
+        got = rt.logits(ids)
+        assert len(rt.generate(ids[:8], 4)) == 4
+    drift, top1 = kld(ref, got), float((ref.argmax(-1) == got.argmax(-1)).mean())
+    # measured: KLD 3.5e-4, top-1 0.91 (with the builder's float32 table: 3.2e-4, 0.97)
+    assert drift < 1e-3 and top1 >= 0.85, (drift, top1)
+
+
+def test_tied_int8_rows_padded_to_whole_blocks(root: Path) -> None:
+    """hidden 80 is not a multiple of the 32-weight blocks: the gathered rows are padded to 96 and sliced back
+    to 80, and the model still matches PyTorch."""
+    model = cached_model("llama", "bpe", hidden=80, heads=5, kv_heads=1, intermediate=160)
+    folder = export_onnx(model, root / "h80-int8", "int8").path
+    graph = onnx.load(str(folder / ONNX_MODEL_FILE), load_external_data=False).graph
+    assert {a.name: a.i for a in lm_head(graph).attribute}["K"] == 80
+    assert [n.op_type for n in graph.node if n.name.startswith("/model/embed_tokens/")].count("Slice") == 1
+    ids = load_tokenizer(model).encode(TEXT)
+    with torch.no_grad():
+        ref = torch_model(model)(torch.tensor([ids])).logits[0].numpy()
+    with OrtRuntime(folder, threads=1) as rt:
+        assert kld(ref, rt.logits(ids)) < 1e-3  # measured 3.7e-4
+
+
+def test_embedding_dropped_only_when_it_is_the_head(root: Path) -> None:
+    """The check that lets the float table go: the model's embedding is within one quantization step of the
+    int8 head's blocks; the same matrix with one element three steps off is not."""
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    from edgeft.export.onnx import _same_table
+
+    model = smol_model()
+    folder = root / "smol-int8"
+    if not folder.is_dir():
+        export_onnx(model, folder, "int8")
+    graph = onnx.load(str(folder / ONNX_MODEL_FILE)).graph  # with its external data: real arrays
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    head = lm_head(graph)
+    qweight, scales = arrays[head.input[1]], arrays[head.input[2]]
+    table = load_file(str(model / "model.safetensors"))["model.embed_tokens.weight"]
+    k = table.shape[1]
+    assert _same_table(table, qweight, scales, k)
+    row = int(np.argmax(np.abs(scales[:, 0])))
+    off = table.copy()
+    off[row, 3] += 3 * abs(scales[row, 0])
+    assert not _same_table(off, qweight, scales, k)
+    assert not _same_table(table[::-1], qweight, scales, k)  # another matrix of the same shape
 
 
 # --- failures --------------------------------------------------------------------------------------------

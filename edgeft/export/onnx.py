@@ -3,7 +3,9 @@
 The builder (`onnxruntime_genai.models.builder`) is called as a library: it writes model.onnx (+ external
 weights in model.onnx.data), genai_config.json and the tokenizer files. int8/int4 are weight-only
 MatMulNBits quants; `accuracy_level` picks the precision the CPU kernel computes activations in (4 = int8,
-fast; 1 = fp32, closer to the float model). The builder is chatty (print, tqdm, root-logger INFO), so all
+fast; 1 = fp32, closer to the float model). A tied model keeps one quantized matrix for the lm_head and the
+token embedding, whose rows GatherBlockQuantized reads: the builder does this for int4, edgeft for int8
+(`_share_int8_embedding`; the builder would keep a float32 copy of the table). The builder is chatty (print, tqdm, root-logger INFO), so all
 of its output goes to a log file in the work dir and a `--json` CLI stays clean.
 
 Architectures are the ONNX_ARCHS table; traits the builder or onnxruntime cannot handle are refused before
@@ -25,6 +27,7 @@ from typing import Any
 from ..constants import (
     ONNX_ACCURACY_LEVELS,
     ONNX_ARCHS,
+    ONNX_DATA_FILE,
     ONNX_EXECUTION_PROVIDER,
     ONNX_FLOAT_QUANTS,
     ONNX_MODEL_FILE,
@@ -45,6 +48,8 @@ from ..ui import Progress, info
 from .onnx_tok import prove_tokenizer
 
 _STEPS = 3  # build, check, publish
+# The quant whose tied embedding edgeft gathers from the quantized head itself (int4: the builder does).
+_SHARED_INT8_QUANT = "int8"
 
 
 @dataclass(frozen=True)
@@ -281,7 +286,9 @@ def _fix_builder_config(config: Any) -> None:
         config.layer_types = ["sliding_attention"] * config.num_hidden_layers
 
 
-def _run_builder(model_dir: Path, out: Path, quant: str, accuracy_level: int | None, work: Path) -> None:
+def _run_builder(model_dir: Path, out: Path, quant: str, accuracy_level: int | None, work: Path) -> bool:
+    """Build `out` with the model builder; True when the builder treats the model as tied (one matrix for
+    the token embedding and the lm_head)."""
     builder = _import_builder()
     precision = ONNX_PRECISIONS[quant]
     cache = work / "cache"
@@ -300,7 +307,11 @@ def _run_builder(model_dir: Path, out: Path, quant: str, accuracy_level: int | N
         # ref: builder.py create_model pops extra_options["hf_details"]["hf_config"] and builds from it.
         _fix_builder_config(kv["hf_details"]["hf_config"])
         ep = ONNX_EXECUTION_PROVIDER
+        # ref: builder.py check_extra_options: shared_embeddings defaults to config.tie_word_embeddings (and
+        # is refused for an untied model).
+        tied = bool(kv.get("shared_embeddings", False))
         builder.create_model(None, str(stage), str(out), precision, ep, str(cache), **kv)
+    return tied
 
 
 def _builder_error(model_dir: Path, exc: BaseException) -> EdgeftError:
@@ -313,6 +324,139 @@ def _builder_error(model_dir: Path, exc: BaseException) -> EdgeftError:
         # e.g. "The llama3 RoPE style is not currently supported.": a trait of a supported architecture
         return EdgeftError(f"{model_dir}: the onnx builder cannot export this {arch} ({first})")
     return EdgeftError(f"onnx builder failed for {model_dir}: {first}")
+
+
+# --- a tied int8 head shared with the embedding gather -----------------------------------------------------
+
+# What the builder names the token embedding lookup and the output head, and the graph input of token ids.
+# ref: builders/base.py make_embedding (basename "/model/embed_tokens"), make_lm_head ("/lm_head/MatMul";
+# to_nbits renames it "/lm_head/MatMul_Q8"), self.input_names["input_ids"].
+_EMBED_BASENAME = "/model/embed_tokens"
+_LM_HEAD_PREFIX = "/lm_head/"
+_INPUT_IDS = "input_ids"
+# Both ops default an absent zero point to 2^(bits-1) = 128 for 8-bit uint8 data (ref: onnxruntime
+# docs/ContribOperators.md MatMulNBits input zero_points, GatherBlockQuantized point 2), so the head's blocks
+# dequantize the same way in either op.
+_INT8_ZERO_POINT = 128
+_ROWS_PER_CHECK = 4096  # rows of the table compared at a time (bounded memory on a large vocabulary)
+
+
+def _same_table(table: Any, qweight: Any, scales: Any, k: int) -> bool:
+    """Whether the float `table` [N, K] is the matrix the int8 MatMulNBits blocks `qweight` [N, blocks,
+    block] with `scales` [N, blocks] hold: every element within one quantization step of its block."""
+    import numpy as np
+
+    n, blocks, block = qweight.shape
+    if table.shape != (n, k) or scales.shape != (n, blocks) or blocks * block < k:
+        return False
+    for lo in range(0, n, _ROWS_PER_CHECK):
+        q = qweight[lo : lo + _ROWS_PER_CHECK].astype(np.float32) - _INT8_ZERO_POINT
+        s = scales[lo : lo + _ROWS_PER_CHECK].astype(np.float32)[:, :, None]
+        deq = (q * s).reshape(len(q), blocks * block)[:, :k]
+        step = np.broadcast_to(np.abs(s), q.shape).reshape(len(q), blocks * block)[:, :k]
+        if not np.all(np.abs(deq - table[lo : lo + _ROWS_PER_CHECK]) <= step * 1.001 + 1e-12):
+            return False
+    return True
+
+
+def _share_int8_embedding(folder: Path) -> None:
+    """Gather a tied model's token embeddings from its int8 lm_head instead of a float32 copy of the table.
+
+    The builder quantizes a tied model's lm_head to int8 but keeps the embedding as a float32 table for Gather
+    (ref: builders/base.py make_tied_embeddings_init: a quantized embedding only for INT4/UINT4;
+    make_tied_quantized_embedding_input_names names int8 initializers that the default quantizer does not
+    write) — 113 of 266 MB on SmolLM2-135M. GatherBlockQuantized reads uint8 data with bits=8 (ref:
+    onnxruntime docs/ContribOperators.md), so the embedding gathers rows of the head's blocks [N, blocks,
+    block] themselves, quantized along axis 2 with the head's scales as [N, blocks, 1], and reshapes them to
+    [batch, sequence, K padded] (slicing off any padding, as builders/base.py make_embedding_lookup does for
+    int4). The builder's int4 graph reshapes the blocks to [N, K padded] instead, which onnxruntime
+    constant-folds into a second copy of the head in anonymous memory (+27 MB over the float-table graph on
+    SmolLM2-135M int8, measured); reading the head's own initializer adds 3 MB (the reshaped scales), its
+    pages staying file-backed and reclaimable. The table is dropped only once it is checked to be the head's
+    matrix, within one quantization step.
+    """
+    import numpy as np
+    import onnx_ir as ir
+
+    model_file = folder / ONNX_MODEL_FILE
+    model = ir.load(str(model_file))
+    graph = model.graph
+    ids = next((v for v in graph.inputs if v.name == _INPUT_IDS), None)
+    gather = next(
+        (n for n in graph if n.op_type == "Gather" and ids is not None and n.inputs[1] is ids), None
+    )
+    head = next(
+        (n for n in graph if n.op_type == "MatMulNBits" and (n.name or "").startswith(_LM_HEAD_PREFIX)), None
+    )
+    if gather is None or head is None or gather.inputs[0] is None or gather.inputs[0].const_value is None:
+        raise EdgeftError(f"{model_file}: no embedding Gather and int8 lm_head MatMulNBits to share")
+    attrs = {name: a.value for name, a in head.attributes.items()}
+    if attrs.get("bits") != 8 or len([v for v in head.inputs if v is not None]) != 3:
+        # zero points, g_idx or bias would need more than the head's blocks and scales
+        raise EdgeftError(f"{model_file}: the lm_head is not a symmetric int8 MatMulNBits ({attrs})")
+    table_value, weight, scales = gather.inputs[0], head.inputs[1], head.inputs[2]
+    k, block = int(attrs["K"]), int(attrs["block_size"])
+    qweight = weight.const_value.numpy() if weight.const_value is not None else None
+    scale_array = scales.const_value.numpy() if scales.const_value is not None else None
+    if (
+        qweight is None
+        or scale_array is None
+        or not _same_table(table_value.const_value.numpy(), qweight, scale_array, k)
+    ):
+        raise EdgeftError(f"{model_file}: the embedding table is not the int8 lm_head's matrix; not shared")
+    n, blocks, _ = qweight.shape
+    padded = blocks * block
+
+    def const(name: str, values: list[int]) -> ir.Node:
+        node = ir.node(
+            "Constant", [], attributes={"value": ir.tensor(np.array(values, dtype=np.int64))}, name=name
+        )
+        node.outputs[0].name = f"{name}/output_0"
+        return node
+
+    # Shapes as Constant nodes, not initializers: the builder writes every initializer as external data, and
+    # onnxruntime's shape inference cannot read a Reshape's shape from external data.
+    scale_shape = const(f"{_EMBED_BASENAME}/scales_shape", [n, blocks, 1])
+    scales_3d = ir.node("Reshape", [scales, scale_shape.outputs[0]], name=f"{_EMBED_BASENAME}/ReshapeScales")
+    scales_3d.outputs[0].name = f"{scales_3d.name}/output_0"
+    lookup = ir.node(
+        "GatherBlockQuantized",
+        [weight, ids, scales_3d.outputs[0]],
+        attributes={"bits": 8, "block_size": block, "gather_axis": 0, "quantize_axis": 2},
+        domain="com.microsoft",
+        name=f"{_EMBED_BASENAME}/GatherBlockQuantized",
+    )
+    lookup.outputs[0].name = f"{lookup.name}/output_0"
+    row_shape = const(f"{_EMBED_BASENAME}/rows_shape", [0, 0, padded])  # 0: keep batch and sequence
+    rows = ir.node("Reshape", [lookup.outputs[0], row_shape.outputs[0]], name=f"{_EMBED_BASENAME}/Reshape")
+    new_nodes = [scale_shape, scales_3d, lookup, row_shape, rows]
+    out = rows.outputs[0]
+    if padded != k:  # rows are padded to whole blocks: cut the padding off the gathered rows
+        starts, ends, axes = (
+            const(f"{_EMBED_BASENAME}/Slice/{a}", [v]) for a, v in (("starts", 0), ("ends", k), ("axes", -1))
+        )
+        cut = ir.node(
+            "Slice",
+            [out, starts.outputs[0], ends.outputs[0], axes.outputs[0]],
+            name=f"{_EMBED_BASENAME}/Slice",
+        )
+        new_nodes += [starts, ends, axes, cut]
+        out = cut.outputs[0]
+    old = gather.outputs[0]
+    out.name, out.type, out.shape = f"{new_nodes[-1].name}/output_0", old.type, old.shape
+    graph.insert_before(gather, new_nodes)
+    ir.convenience.replace_all_uses_with(old, out)
+    graph.remove(gather, safe=True)
+    del graph.initializers[table_value.name]
+    # Saved beside the files it reads from (external data is read lazily), then moved over them.
+    staged = unique_sibling(model_file, "shared", directory=True)
+    try:
+        ir.save(model, str(staged / ONNX_MODEL_FILE), external_data=ONNX_DATA_FILE, size_threshold_bytes=0)
+        del model, graph
+        for name in (ONNX_MODEL_FILE, ONNX_DATA_FILE):
+            (staged / name).replace(folder / name)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 # --- output checks ---------------------------------------------------------------------------------------
@@ -377,9 +521,10 @@ def export_onnx(
 
     quant: fp32 | int8 | int4 (weight-only MatMulNBits, block 32, symmetric). accuracy_level (int quants
     only): None or 0 = the builder's default (4 on the CPU EP), 1 = fp32 activations (closer to float, far
-    slower for int8 on CPU), 4 = int8 activations; the result records the level the graph got. The build
-    goes to a unique hidden folder and is renamed on success (edgeft.files.atomic_dir); an existing `out_dir`
-    is only replaced if edgeft wrote it. Every failure is one EdgeftError and leaves no partial output.
+    slower for int8 on CPU), 4 = int8 activations; the result records the level the graph got. A tied
+    model's int8 embedding is gathered from the int8 head (no float32 table; see _share_int8_embedding).
+    The build goes to a unique hidden folder and is renamed on success (edgeft.files.atomic_dir); an existing
+    `out_dir` is only replaced if edgeft wrote it. Every failure is one EdgeftError and leaves no partial output.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_inputs(model_dir, quant, accuracy_level)
@@ -394,11 +539,21 @@ def export_onnx(
             if progress:
                 progress(0, _STEPS)
             try:
-                _run_builder(model_dir, partial, quant, accuracy_level, work)
+                tied = _run_builder(model_dir, partial, quant, accuracy_level, work)
             except EdgeftError:
                 raise
             except Exception as e:  # noqa: BLE001 - the builder raises anything from ValueError to torch errors
                 raise _builder_error(model_dir, e) from None
+            if tied and quant == _SHARED_INT8_QUANT:
+                try:
+                    _share_int8_embedding(partial)
+                except EdgeftError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - onnx_ir/numpy raise assorted types on a graph
+                    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise EdgeftError(
+                        f"{model_dir}: cannot share the int8 lm_head with the embedding ({msg})"
+                    ) from None
             if progress:
                 progress(1, _STEPS)
             # The builder re-saves the tokenizer through transformers, which may rebuild its pipeline; ship the
