@@ -431,15 +431,20 @@ def estimate_need(model_dir: Path, fmt: str, quant: str, context_length: int) ->
         kv = config_kv(model_dir, GGUF_KV_BYTES, GGUF_KV_DTYPE)
     elif fmt == FORMAT_ONNX:
         rate = ONNX_RATE[quant]
-        # The builder keeps the embedding table in the io dtype (fp32 on CPU) for Gather, and quantizes the
-        # lm_head — for a tied model a second copy of the same weights (issue 8: 113 of 266 MB on SmolLM2).
-        head_params = embed if tied else head
         # GroupQueryAttention's cos/sin tables: max positions × rotary dim / 2, fp32 each, gathered per
         # position (ref: builder.py make_rotary_embedding_caches).
         kv = config_kv(model_dir, ONNX_KV_BYTES, ONNX_KV_DTYPE)
         tables = 2 * _max_positions(model_dir) * (kv.head_dim // 2) * 4
-        weights = matrices * rate + head_params * rate + embed * 4 + vectors * 4 + tables
-        decode = weights - embed * 4 - tables
+        if tied:
+            # One matrix for both: the lm_head at `rate`, which the embedding gathers rows of
+            # (GatherBlockQuantized for int4 (builder) and int8 (edgeft.export.onnx), Transpose + Gather
+            # for fp32; ref: builders/base.py make_embedding_lookup); the head streams it whole.
+            weights = matrices * rate + embed * rate + vectors * 4 + tables
+            decode = weights - tables
+        else:
+            # The embedding stays a table in the io dtype (fp32 on CPU) for Gather, one row read per token.
+            weights = matrices * rate + head * rate + embed * 4 + vectors * 4 + tables
+            decode = weights - embed * 4 - tables
     else:
         raise EdgeftError(f"unknown artifact format {fmt!r}")
     return Footprint(int(weights), int(decode), kv.bytes(context_length), kv.dtype, context_length)

@@ -54,12 +54,14 @@ def models() -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def exported(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """f32 GGUFs of the tied and untied model and an ONNX int8 folder of the tied one, exported once."""
+    """f32 GGUFs and ONNX int8 folders of the tied and untied model, exported once."""
     out = tmp_path_factory.mktemp("footprint")
     arts = {}
     for trait, model in models.items():
         arts[f"gguf-{trait}"] = export_artifact(model, "gguf", "f32", out / trait)
-    arts["onnx-tied"] = export_artifact(models["tied"], "onnx", "int8", out / "onnx", ExportOptions(4))
+        arts[f"onnx-{trait}"] = export_artifact(
+            model, "onnx", "int8", out / f"onnx-{trait}", ExportOptions(4)
+        )
     return arts
 
 
@@ -81,27 +83,37 @@ def test_gguf_bytes_per_token_from_the_tensors(
     assert footprint.decode_bytes_per_token(models[trait]) == expected
 
 
-def test_onnx_excludes_the_gather_only_embedding(models: dict[str, Path], exported: dict[str, Path]) -> None:
-    folder = exported["onnx-tied"]
+@pytest.mark.parametrize("trait", ["tied", "untied"])
+def test_onnx_excludes_the_gather_only_embedding(
+    trait: str, models: dict[str, Path], exported: dict[str, Path]
+) -> None:
+    folder = exported[f"onnx-{trait}"]
     model = onnx.load(str(folder / "model.onnx"))  # with its external data: real arrays
     arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"} & set(arrays)
-    hidden, vocab = _config(models["tied"])["hidden_size"], _config(models["tied"])["vocab_size"]
-    # the builder keeps a float32 embedding table for Gather and quantizes a separate lm_head (tied model)
-    assert [arrays[n].shape for n in gathered] == [(vocab, hidden)]
-    assert all(arrays[n].dtype == np.float32 for n in gathered)
-    assert any(n.op_type == "MatMulNBits" for n in model.graph.node)
+    hidden, vocab = _config(models[trait])["hidden_size"], _config(models[trait])["vocab_size"]
     total = sum(a.nbytes for a in arrays.values())
-    embed = sum(arrays[n].nbytes for n in gathered)
     # GroupQueryAttention's cos_cache/sin_cache (inputs 7, 8) are read one row per position as well
     rotary = {
         n.input[i] for n in model.graph.node if n.op_type == "GroupQueryAttention" for i in (7, 8)
     } & set(arrays)
     assert {n.split("_")[0] for n in rotary} == {"cos", "sin"}, rotary
     tables = sum(arrays[n].nbytes for n in rotary)
+    assert any(n.op_type == "MatMulNBits" for n in model.graph.node)
     assert footprint.weights_bytes(folder) == total
-    assert footprint.decode_bytes_per_token(folder) == total - embed - tables
-    assert embed > 0.3 * total  # the share issue 8 found missing from the device bound
+    if trait == "untied":
+        # the builder keeps a float32 embedding table for Gather; the lm_head is a matrix of its own
+        assert [arrays[n].shape for n in gathered] == [(vocab, hidden)]
+        assert all(arrays[n].dtype == np.float32 for n in gathered)
+        embed = sum(arrays[n].nbytes for n in gathered)
+        assert footprint.decode_bytes_per_token(folder) == total - embed - tables
+        assert embed > 0.3 * total  # the share issue 8 found missing from the device bound
+    else:
+        # tied: no float table; the embedding rows are gathered from the int8 head's blocks, which the head
+        # streams whole every token
+        assert not gathered
+        assert any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
+        assert footprint.decode_bytes_per_token(folder) == total - tables
 
 
 def test_kv_cache_per_runtime(models: dict[str, Path], exported: dict[str, Path]) -> None:
@@ -125,6 +137,7 @@ def test_estimate_before_export_is_close_to_the_artifact(
         ("gguf-tied", "gguf", "f32", models["tied"]),
         ("gguf-untied", "gguf", "f32", models["untied"]),
         ("onnx-tied", "onnx", "int8", models["tied"]),
+        ("onnx-untied", "onnx", "int8", models["untied"]),
     ):
         est = footprint.estimate_need(model, fmt, quant, CTX)
         real = footprint.measure(exported[key], CTX)
@@ -151,7 +164,7 @@ def test_ram_preflight_skips_what_does_not_fit(models: dict[str, Path], tmp_path
     context = 2_000_000 // (per_token * 2)  # f16 KV: 2 MB, fp32 KV: 4 MB
     target = targets.load(_profile(tmp_path, 3, context))
     keep, skipped = pipeline.ram_preflight(model, target)
-    assert [s.label for s in keep] == ["gguf-q4_0"]
+    assert [s.slot for s in keep] == ["gguf-q4_0"]
     assert [s.spec.label for s in skipped] == ["onnx-int8-acc4"]
     reason = skipped[0].reason
     assert (
