@@ -41,23 +41,19 @@ CHUNK_CHARS = 1500
 
 
 @dataclass(frozen=True)
-class Shape:
-    """The base model's shape and pretraining settings (scripts/train_demo_model.py options)."""
+class Growth:
+    """How the bigger base is grown from the demo's and how long it is pretrained further."""
 
-    hidden: int = 512
-    layers: int = 4
-    intermediate: int = 1536
-    heads: int = 8
-    kv_heads: int = 4
-    steps: int = 240
+    layers: int = 8  # the demo's 4 layers, each followed by a new one
+    steps: int = 150
     batch: int = 16
     seq: int = 128
-    lr: float = 3e-3
+    lr: float = 1e-3
     seed: int = 0
 
     @property
     def name(self) -> str:
-        return f"base-h{self.hidden}-l{self.layers}-i{self.intermediate}-s{self.steps}-b{self.batch}-seed{self.seed}"
+        return f"base-demo-x{self.layers}l-s{self.steps}-b{self.batch}-seed{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -76,21 +72,90 @@ class Row:
     imatrix_tokens: int | None
 
 
-def train_base(work: Path, shape: Shape, threads: int) -> Path:
-    """The pretrained base, trained by scripts/train_demo_model.py once and reused while its folder exists."""
-    out = work / shape.name
+def grow(demo: Path, layers: int, seed: int) -> object:
+    """The demo model deepened to `layers`: demo layer i becomes layer i·k, the layers between are fresh
+    (transformers' init) with o_proj and down_proj zeroed, so the grown model computes the demo's logits."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    small = LlamaForCausalLM.from_pretrained(demo, dtype=torch.float32)
+    n = small.config.num_hidden_layers
+    if layers % n:
+        raise SystemExit(f"--layers {layers} should be a multiple of the demo's {n}")
+    config = small.config.__class__.from_dict({**small.config.to_dict(), "num_hidden_layers": layers})
+    torch.manual_seed(seed)
+    big = LlamaForCausalLM(config)
+    state = big.state_dict()
+    k = layers // n
+    for name, tensor in small.state_dict().items():
+        if ".layers." in name:
+            head, rest = name.split(".layers.", 1)
+            i, tail = rest.split(".", 1)
+            name = f"{head}.layers.{int(i) * k}.{tail}"
+        state[name] = tensor.clone()
+    for j in range(layers):
+        if j % k:
+            state[f"model.layers.{j}.self_attn.o_proj.weight"].zero_()
+            state[f"model.layers.{j}.mlp.down_proj.weight"].zero_()
+    big.load_state_dict(state)
+    return big
+
+
+def train_base(work: Path, growth: Growth, threads: int) -> Path:
+    """The bigger base: the demo grown in depth (`grow`) and pretrained further on the demo's own offline
+    corpus (scripts/train_demo_model.py: corpus, stream), float32; reused while its folder exists."""
+    import math
+    import shutil
+
+    import torch
+
+    from edgeft.demo import DEMO_MODEL
+    from edgeft.loading import copy_tokenizer_files, load_tokenizer
+
+    out = work / growth.name
     if (out / "TRAINING.json").is_file():
         return out
     sys.path.insert(0, str(ROOT / "scripts"))
-    import train_demo_model
+    import train_demo_model as tdm
 
-    argv = [
-        "--out", str(out), "--steps", str(shape.steps), "--batch", str(shape.batch), "--seq", str(shape.seq),
-        "--lr", str(shape.lr), "--seed", str(shape.seed), "--threads", str(threads), "--no-bf16",
-        "--hidden", str(shape.hidden), "--layers", str(shape.layers), "--intermediate", str(shape.intermediate),
-        "--heads", str(shape.heads), "--kv-heads", str(shape.kv_heads),
-    ]  # fmt: skip
-    train_demo_model.main(argv)
+    t0 = time.time()
+    torch.set_num_threads(threads)
+    model = grow(Path(DEMO_MODEL), growth.layers, growth.seed)
+    hf = load_tokenizer(Path(DEMO_MODEL), notify=False)
+    docs, chats = tdm.corpus(growth.seed)  # the demo's corpus and tokenizer: no smart-home data
+    data = tdm.stream(hf, docs, chats, growth.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=growth.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warm = max(1, growth.steps // 10)
+    gen = torch.Generator().manual_seed(growth.seed)
+    model.train()
+    for step in range(growth.steps):
+        frac = max(0.0, (step - warm) / max(1, growth.steps - warm))
+        lr = growth.lr * min((step + 1) / warm, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        starts = torch.randint(0, len(data) - growth.seq - 1, (growth.batch,), generator=gen)
+        batch = torch.stack([data[s : s + growth.seq] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == growth.steps - 1:
+            print(
+                f"base step {step}/{growth.steps} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True
+            )
+    model.eval()
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.generation_config = model.generation_config.__class__.from_pretrained(DEMO_MODEL)
+    model.save_pretrained(tmp)
+    copy_tokenizer_files(Path(DEMO_MODEL), tmp)
+    params = sum(p.numel() for p in model.parameters())
+    record = {"grown_from": "edgeft/demo/model", **growth.__dict__, "params": params}
+    record |= {"final_loss": round(loss.item(), 4), "seconds": round(time.time() - t0)}
+    (tmp / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
+    tmp.rename(out)
+    print(f"base: {params / 1e6:.2f}M params, {record['seconds']}s", flush=True)
     return out
 
 
@@ -165,7 +230,7 @@ def measure(
         d = verify.compare(ref, rt, evalset)  # type: ignore[arg-type]
     finally:
         rt.close()
-    return Row(
+    row = Row(
         quant,
         source,
         seed,
@@ -177,6 +242,8 @@ def measure(
         d.answers_match,
         tokens,
     )
+    print(f"  {quant} {source} seed={seed}: KLD {row.kld_mean:.4f}, task {row.task_accuracy:.1%}", flush=True)
+    return row
 
 
 def table(rows: list[Row], float_acc: float) -> str:
@@ -237,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration sampling seeds")
     ap.add_argument("--imatrix-tokens", type=int, default=32768, help="token budget of every imatrix")
     ap.add_argument("--threads", type=int, default=1, help="torch and llama.cpp threads")
-    ap.add_argument("--steps", type=int, default=Shape.steps, help="base pretraining steps")
+    ap.add_argument("--layers", type=int, default=Growth.layers, help="layers of the grown base")
+    ap.add_argument("--steps", type=int, default=Growth.steps, help="further pretraining steps of the base")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
 
@@ -255,9 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    shape = Shape(steps=args.steps)
-    base = train_base(work, shape, args.threads)
-    lora = LoraSettings(lr=3e-3, epochs=3.0)
+    base = train_base(work, Growth(layers=args.layers, steps=args.steps), args.threads)
+    lora = LoraSettings()  # edgeft's defaults (lr 4e-3, 5 epochs, r 16)
     merged = finetune_merge(work, base, Path(DEMO_DATA), lora)
     print(f"base + fine-tune ready ({time.time() - t0:.0f}s): {merged}", flush=True)
 

@@ -8,9 +8,6 @@ records, "repeat: ..." copying) so the chat tokens are trained and the base can 
 The smart-home task data is deliberately NOT in the corpus: the base model must score ~0% on it.
 
 Usage: python scripts/train_demo_model.py [--out edgeft/demo/model] [--steps N] [--seed 0]
-The shape options (--hidden, --layers, --intermediate, --heads, --kv-heads) default to the demo's; bench/
-imatrix_study.py uses them for a bigger base. --no-bf16 trains in float32 (bf16 autocast is slower on CPUs
-without native bf16, e.g. AVX2-only).
 """
 
 from __future__ import annotations
@@ -205,12 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--intermediate", type=int, default=768)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,11 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     eos, pad = hf.convert_tokens_to_ids(IM_END), hf.convert_tokens_to_ids(EOT)
     config = LlamaConfig(
         vocab_size=len(hf),
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
@@ -265,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         # bf16 autocast: ~20% faster on CPUs with avx512_bf16/AMX; the weights stay float32.
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
