@@ -180,7 +180,7 @@ def artifact_name(spec: ArtifactSpec) -> str:
     """Name of an artifact inside the bundle (a file for GGUF, a directory for ONNX)."""
     from .export import artifact_name as name
 
-    return name(spec.format, spec.quant, spec.variant)
+    return name(spec.format, spec.quant, spec.file_variant)
 
 
 def sha256_tree(path: Path) -> tuple[str, dict[str, str]]:

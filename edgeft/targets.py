@@ -102,6 +102,12 @@ class ArtifactSpec:
         return ("-imatrix" if self.imatrix else "") + (f"-head_{self.head_type}" if self.head_type else "")
 
     @property
+    def file_variant(self) -> str:
+        """The suffix of the artifact's name in a bundle: the head type only (whether an importance matrix was
+        used is in the manifest; the default build uses one wherever it helps)."""
+        return f"-head_{self.head_type}" if self.head_type else ""
+
+    @property
     def label(self) -> str:
         level = f"-acc{self.accuracy_level}" if self.accuracy_level is not None else ""
         return f"{self.format}-{self.quant}{self.variant}{level}"

@@ -121,6 +121,11 @@ def test_bundle_layout_and_checksums(built) -> None:
     assert (res.bundle_dir / "tokenizer" / "tokenizer.json").is_file()
     report = (res.bundle_dir / "report.md").read_text()
     assert "model-q4_0.gguf" in report and "model-q8_0.gguf" in report and "onnx-int8" in report
+    # the build's default: q4_0 quantized with the training split's importance matrix, q8_0 (unaffected) without
+    by_quant = {(a["format"], a["quant"]): a for a in manifest["artifacts"]}
+    im = by_quant[("gguf", "q4_0")]["imatrix"]
+    assert im["examples"] > 0 and im["tokens"] > 0 and len(im["dataset_sha256"]) == 64
+    assert by_quant[("gguf", "q8_0")]["imatrix"] is None
     assert "accuracy_level 1" in report and "not shipped" in report
     assert "prompt ids match" in report and "answers match" in report
     assert manifest["data"]["eval_source"].startswith("the fine-tune's held-out split")
@@ -129,7 +134,7 @@ def test_bundle_layout_and_checksums(built) -> None:
 
 def test_drift_is_finite_and_ordered(built) -> None:
     res, _ = built
-    drift = {a.spec.label: a.drift for a in res.artifacts}
+    drift = {a.spec.slot: a.drift for a in res.artifacts}
     q8, q4 = drift["gguf-q8_0"], drift["gguf-q4_0"]
     assert math.isfinite(q8.kld_mean) and math.isfinite(q4.kld_mean)
     assert 0 <= q8.kld_mean < q4.kld_mean
@@ -150,27 +155,43 @@ def test_drift_budget_fails_the_build(tiny_llama: Path, tmp_path: Path) -> None:
     )
     from edgeft.errors import EdgeftError
 
-    with pytest.raises(EdgeftError, match=r"gguf-q4_0: kld_mean = .*budget <= 0"):
+    with pytest.raises(EdgeftError, match=r"gguf-q4_0-imatrix: kld_mean = .*budget <= 0"):
         pipeline.build(cfg)
     assert not (tmp_path / "dist" / "tiny-device").exists()
     assert (tmp_path / "dist" / "tiny-device.rejected" / "report.md").is_file()
 
 
 def test_demo_build_as_in_readme(demo_bundle: Path) -> None:
-    """The README's first command: the demo lifts held-out task accuracy to >= 80% and ships both quants."""
+    """The README's first command: the demo lifts held-out task accuracy to >= 80% and ships the artifact the
+    search chose per format."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     out = {"bundle": str(demo_bundle)}
     manifest = json.loads((Path(out["bundle"]) / "manifest.json").read_text())
     ref = manifest["reference"]
     assert ref["task_accuracy"] >= 0.8
     assert ref["base_task_accuracy"] < ref["task_accuracy"]
-    assert {(a["format"], a["quant"]) for a in manifest["artifacts"]} == {
-        ("gguf", "q4_0"),
-        ("gguf", "q8_0"),
-        ("onnx", "int8"),
-    }
+    # the search chose one GGUF and one ONNX artifact; every candidate is listed with why it won or lost
+    assert sorted(a["format"] for a in manifest["artifacts"]) == ["gguf", "onnx"]
+    cands = manifest["candidates"]
+    gguf = [c for c in cands if c["format"] == "gguf"]
+    assert {c["quant"] for c in gguf} == {"q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_nl", "q4_0"}
+    assert {c["options"]["imatrix"] for c in gguf} == {True, False}
+    for fmt in ("gguf", "onnx"):
+        chosen = [c for c in cands if c["format"] == fmt and c["chosen"]]
+        assert len(chosen) == 1 and chosen[0]["verdict"].startswith("chosen"), chosen
+        shipped = next(a for a in manifest["artifacts"] if a["format"] == fmt)
+        assert (shipped["quant"], shipped["bytes"]) == (chosen[0]["quant"], chosen[0]["bytes"])
+        # nothing that passed every budget reads fewer bytes per token than the winner
+        assert all(
+            c["decode_bytes_per_token"] >= chosen[0]["decode_bytes_per_token"] or c["violations"]
+            for c in cands
+            if c["format"] == fmt
+        )
+    assert all(c["drift"]["kld_mean"] is not None for c in cands)  # every candidate has its plot point
     for a in manifest["artifacts"]:
         assert a["drift"]["task_accuracy"] >= ref["task_accuracy"] - 0.15
+        if a["format"] == "gguf" and a["quant"] != "q8_0":
+            assert (a["imatrix"] is not None) == any(c["chosen"] and c["options"]["imatrix"] for c in gguf)
     # the fresh demo bundle proves itself: `edgeft check` re-hashes, checks headers, loads and generates
     chk = subprocess.run(
         [sys.executable, "-m", "edgeft", "check", out["bundle"], "--json"],
@@ -182,4 +203,4 @@ def test_demo_build_as_in_readme(demo_bundle: Path) -> None:
     assert chk.returncode == 0, chk.stdout[-2000:] + chk.stderr[-2000:]
     report = json.loads(chk.stdout)
     assert report["passed"] and report["findings"] == [], report
-    assert len(report["artifacts"]) == 3 and all(a["loaded"] and a["generated"] for a in report["artifacts"])
+    assert len(report["artifacts"]) == 2 and all(a["loaded"] and a["generated"] for a in report["artifacts"])
