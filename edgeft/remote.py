@@ -762,7 +762,12 @@ def bench_remote(
         note = None
         try:  # what recording rewrote; the rest was verified on the device by this run
             sync_bundle(
-                client, bundle, rdir, where=ep.where, python=python, changed=[MANIFEST, REPORT, REPORT_HTML, SHA256SUMS]
+                client,
+                bundle,
+                rdir,
+                where=ep.where,
+                python=python,
+                changed=[MANIFEST, REPORT, REPORT_HTML, SHA256SUMS],
             )
         except EdgeftError as e:
             note = f"the results are recorded here, but the device's copy was not updated: {e}"
