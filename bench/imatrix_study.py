@@ -4,9 +4,12 @@
     python bench/imatrix_study.py --seeds 0 1 2         # three calibration samples (noise)
 
 Steps, each cached under --work (default /tmp/edgeft-imatrix-study) so a rerun only measures again:
-1. a base bigger than the demo's — hidden 512, 4 layers, intermediate 1536 (every row a multiple of 256, so
-   k-quants are real Q4_K), 8/4 heads, vocab 4096, tied, 14.7M parameters vs the demo's 4.2M — pretrained
-   from scratch by scripts/train_demo_model.py on the demo's offline corpus (no smart-home data) in float32;
+1. a base bigger than the demo's, grown from it: the demo's 4 trained layers interleaved with 4 fresh ones
+   whose o_proj and down_proj start at zero (so it starts out computing the demo's logits exactly), then
+   pretrained further on the demo's own offline corpus and tokenizer (scripts/train_demo_model.py corpus,
+   stream; no smart-home data) in float32: Llama, hidden 256, 8 layers, intermediate 768 (every row a
+   multiple of 256, so q4_k_m is real Q4_K), 7.3M parameters vs 4.2M. Pretraining a 14.7M 512x4 base from
+   scratch instead took 24 minutes on this machine and could not learn the task (0% held-out after LoRA);
 2. LoRA fine-tune on the demo task (edgeft/demo/data/smarthome.jsonl) and merge with edgeft's own stages
    (edgeft.finetune.finetune, edgeft.merge.merge), as `edgeft build` runs them;
 3. per calibration seed, two importance matrices from the merged float model (edgeft.imatrix.compute_imatrix,
@@ -16,6 +19,10 @@ Steps, each cached under --work (default /tmp/edgeft-imatrix-study) so a rerun o
    - "generic": Python documentation text (pydoc_data.topics, the base's own pretraining text), packed into
      ~1500-character chunks; compute_imatrix takes conversations only, so each chunk is one user message
      rendered through the chat template; shuffled by the seed and cut at the same budget;
+   - "uniform" (a control, once): every entry 1.0. Giving llama.cpp any imatrix changes more than weights:
+     its weighted rounding search runs, and for iq4_nl and q4_0 the first eighth of the layers' ffn_down get
+     another type (llama.cpp src/llama-quant.cpp llama_tensor_get_type: iq4_nl keeps Q5_K there only
+     WITHOUT an imatrix, q4_0 uses Q4_1 there only WITH one). "KLD vs uniform" is what the data itself buys;
 4. q4_k_m, iq4_nl and q4_0 GGUFs from one float GGUF (edgeft.export.gguf), without and with each imatrix;
 5. edgeft's verify on the fine-tune's held-out split: one float reference run (TorchRuntime of the merged
    model) compared with every GGUF (llama.cpp): mean and p99 KLD, top-1 agreement, held-out task accuracy
@@ -27,6 +34,7 @@ Results (2 shared CPU cores, AVX2 only; see README "Importance matrix from your 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sys
@@ -36,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANTS = ("q4_k_m", "iq4_nl", "q4_0")
-SOURCES = ("none", "generic", "ft-data")
+SOURCES = ("none", "uniform", "generic", "ft-data")
 CHUNK_CHARS = 1500
 
 
@@ -251,12 +259,13 @@ def table(rows: list[Row], float_acc: float) -> str:
     lines = [
         f"float model (PyTorch fp32) held-out task accuracy: {float_acc:.1%}",
         "",
-        "| quant | imatrix | size MB | mean KLD | KLD p99 | top-1 | task acc | answers_match | KLD vs none |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| quant | imatrix | size MB | mean KLD | KLD p99 | top-1 | task acc | answers_match | KLD vs none "
+        "| KLD vs uniform |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for quant in QUANTS:
-        none = [r for r in rows if r.quant == quant and r.source == "none"]
-        base_kld = none[0].kld_mean
+        none = next(r.kld_mean for r in rows if r.quant == quant and r.source == "none")
+        uniform = next((r.kld_mean for r in rows if r.quant == quant and r.source == "uniform"), None)
         for source in SOURCES:
             group = [r for r in rows if r.quant == quant and r.source == source]
             if not group:
@@ -269,15 +278,18 @@ def table(rows: list[Row], float_acc: float) -> str:
                     return format(mean, fmt)
                 return f"{format(mean, fmt)} ({format(min(vals), fmt)}–{format(max(vals), fmt)})"
 
-            ratios = [r.kld_mean / base_kld for r in group]
-            ratio = f"{sum(ratios) / len(ratios):.2f}"
-            if len(ratios) > 1:
-                ratio += f" ({min(ratios):.2f}–{max(ratios):.2f})"
+            def ratio(base: float | None, group: list[Row] = group) -> str:
+                if base is None:
+                    return "–"
+                ratios = [r.kld_mean / base for r in group]
+                out = f"{sum(ratios) / len(ratios):.2f}"
+                return out + (f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else "")
+
             label = source if len(group) == 1 or source == "none" else f"{source} ×{len(group)} seeds"
             lines.append(
                 f"| {quant} | {label} | {group[0].size_mb:.2f} | {cell('kld_mean', '.4f')} | "
                 f"{cell('kld_p99', '.3f')} | {cell('top1', '.3f')} | {cell('task_accuracy', '.1%')} | "
-                f"{cell('answers_match', '.1%')} | {ratio} |"
+                f"{cell('answers_match', '.1%')} | {ratio(none)} | {ratio(uniform)} |"
             )
     return "\n".join(lines)
 
@@ -309,13 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
 
+    import numpy as np
     import torch
 
     from edgeft import verify
     from edgeft.config import LoraSettings
     from edgeft.demo import DEMO_DATA
     from edgeft.export.gguf import export_float_gguf, export_gguf
-    from edgeft.imatrix import compute_imatrix
+    from edgeft.imatrix import Imatrix, compute_imatrix
     from edgeft.loading import load_tokenizer
     from edgeft.runtime.torch import TorchRuntime
 
@@ -353,6 +366,23 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 measure(
                     ref, artifact(quant, "none", None, None), evalset, args.threads, quant, "none", None, None
+                )
+            )
+        # "uniform": every entry 1.0 — llama.cpp's imatrix code path and tensor-type choices with no data
+        keys = compute_imatrix(merged, generic_conversations(0)[:1], threads=args.threads, max_tokens=64)
+        ones = {name: np.ones_like(v) for name, v in keys.values.items()}
+        uniform = Imatrix(ones, examples=1, tokens=0, dataset_sha256=hashlib.sha256(b"uniform").hexdigest())
+        for quant in QUANTS:
+            rows.append(
+                measure(
+                    ref,
+                    artifact(quant, "uniform", 0, uniform),
+                    evalset,
+                    args.threads,
+                    quant,
+                    "uniform",
+                    None,
+                    0,
                 )
             )
         for seed in args.seeds:
