@@ -28,7 +28,17 @@ Steps, each cached under --work (default /tmp/edgeft-imatrix-study) so a rerun o
    model) compared with every GGUF (llama.cpp): mean and p99 KLD, top-1 agreement, held-out task accuracy
    (exact match of the greedy app-path answer) and answers_match (same answer as the float model).
 
-Results (2 shared CPU cores, AVX2 only; see README "Importance matrix from your data"): RESULTS
+Results of `--seeds 0 1 2` (README "Importance matrix from your data" has the full table). On the 2-core
+build machine, shared with other jobs and running 1 thread: base 7.4 min, fine-tune 5.7 min, 24 GGUFs measured
+in 9.5 min. The float model scores 96.7% (116/120). KLD is relative to the same quant without an imatrix,
+averaged over the 3 seeds:
+
+    quant    none KLD  uniform  generic  ft-data  task acc none -> ft-data
+    q4_k_m   0.00263   0.96     0.84     0.90     96.7% -> 96.1%
+    iq4_nl   0.00389   1.01     1.00     0.95     95.8% -> 95.0%
+    q4_0     0.00414   1.03     1.04     1.07     96.7% -> 95.8%
+
+The goal (ft-data KLD <= 0.8x none, task accuracy no lower) is not met for any of the three quants.
 """
 
 from __future__ import annotations
