@@ -51,6 +51,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
+
+    from edgeft.config import LoraSettings
+    from edgeft.imatrix import Imatrix
+    from edgeft.verify import EvalSet, ReferenceRun
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANTS = ("q4_k_m", "iq4_nl", "q4_0")
@@ -90,7 +98,7 @@ class Row:
     imatrix_tokens: int | None
 
 
-def grow(demo: Path, layers: int, seed: int) -> object:
+def grow(demo: Path, layers: int, seed: int) -> LlamaForCausalLM:
     """The demo model deepened to `layers`: demo layer i becomes layer i·k, the layers between are fresh
     (transformers' init) with o_proj and down_proj zeroed, so the grown model computes the demo's logits."""
     import torch
@@ -177,7 +185,7 @@ def train_base(work: Path, growth: Growth, threads: int) -> Path:
     return out
 
 
-def finetune_merge(work: Path, base: Path, data_path: Path, lora: object) -> Path:
+def finetune_merge(work: Path, base: Path, data_path: Path, lora: LoraSettings) -> Path:
     """LoRA fine-tune + merge with edgeft's own stages; cached by a digest of the inputs (as build does)."""
     from edgeft import files
     from edgeft.finetune import finetune
@@ -201,11 +209,11 @@ def finetune_merge(work: Path, base: Path, data_path: Path, lora: object) -> Pat
     return merged
 
 
-def ft_conversations(data_path: Path, lora: object, seed: int) -> list[list[dict[str, str]]]:
+def ft_conversations(data_path: Path, lora: LoraSettings, seed: int) -> list[list[dict[str, str]]]:
     """The fine-tune's training split (never the held-out one), whole conversations, shuffled by `seed`."""
     from edgeft import data
 
-    train, _ = data.load_split(data_path, lora.eval_fraction, lora.seed, lora.max_eval)  # type: ignore[attr-defined]
+    train, _ = data.load_split(data_path, lora.eval_fraction, lora.seed, lora.max_eval)
     convs = [[dict(m) for m in ex.messages] for ex in train]
     random.Random(seed).shuffle(convs)
     return convs
@@ -230,9 +238,9 @@ def generic_conversations(seed: int) -> list[list[dict[str, str]]]:
 
 
 def measure(
-    ref: object,
+    ref: ReferenceRun,
+    evalset: EvalSet,
     path: Path,
-    evalset: object,
     threads: int,
     quant: str,
     source: str,
@@ -243,9 +251,9 @@ def measure(
     from edgeft import verify
     from edgeft.runtime import open_runtime
 
-    rt = open_runtime(path, threads=threads, n_ctx=evalset.n_ctx)  # type: ignore[attr-defined]
+    rt = open_runtime(path, threads=threads, n_ctx=evalset.n_ctx)
     try:
-        d = verify.compare(ref, rt, evalset)  # type: ignore[arg-type]
+        d = verify.compare(ref, rt, evalset)
     finally:
         rt.close()
     row = Row(
@@ -360,41 +368,29 @@ def main(argv: list[str] | None = None) -> int:
         float_gguf if float_gguf.is_file() else export_float_gguf(merged, gguf_dir, conversations=prompts)
     )
 
-    def artifact(quant: str, src: str, seed: int | None, imatrix: object | None) -> Path:
-        name = f"model-{quant}.gguf" if imatrix is None else f"model-{quant}-{src}-seed{seed}.gguf"
-        out = gguf_dir / name
-        export_gguf(merged, out, quant, imatrix=imatrix, threads=args.threads, float_gguf=base_gguf)  # type: ignore[arg-type]
-        return out
-
     ref_rt = TorchRuntime(merged, threads=args.threads)
+    ref = verify.run_reference(ref_rt, evalset)
+    float_acc = float(ref.task_accuracy or 0.0)
+    print(f"float reference: task accuracy {float_acc:.1%} on {source}", flush=True)
     rows: list[Row] = []
+
+    def run(quant: str, src: str, seed: int | None, imatrix: Imatrix | None) -> None:
+        """Quantize from the float GGUF (with `imatrix`, if any) and measure it against the reference."""
+        stem = quant if imatrix is None else f"{quant}-{src}" + (f"-seed{seed}" if seed is not None else "")
+        out = gguf_dir / f"model-{stem}.gguf"
+        export_gguf(merged, out, quant, imatrix=imatrix, threads=args.threads, float_gguf=base_gguf)
+        tokens = imatrix.tokens if imatrix is not None else None
+        rows.append(measure(ref, evalset, out, args.threads, quant, src, seed, tokens))
+
     try:
-        ref = verify.run_reference(ref_rt, evalset)
-        float_acc = float(ref.task_accuracy or 0.0)
-        print(f"float reference: task accuracy {float_acc:.1%} on {source}", flush=True)
         for quant in QUANTS:
-            rows.append(
-                measure(
-                    ref, artifact(quant, "none", None, None), evalset, args.threads, quant, "none", None, None
-                )
-            )
+            run(quant, "none", None, None)
         # "uniform": every entry 1.0 — llama.cpp's imatrix code path and tensor-type choices with no data
         keys = compute_imatrix(merged, generic_conversations(0)[:1], threads=args.threads, max_tokens=64)
         ones = {name: np.ones_like(v) for name, v in keys.values.items()}
         uniform = Imatrix(ones, examples=1, tokens=0, dataset_sha256=hashlib.sha256(b"uniform").hexdigest())
         for quant in QUANTS:
-            rows.append(
-                measure(
-                    ref,
-                    artifact(quant, "uniform", 0, uniform),
-                    evalset,
-                    args.threads,
-                    quant,
-                    "uniform",
-                    None,
-                    0,
-                )
-            )
+            run(quant, "uniform", None, uniform)
         for seed in args.seeds:
             for src, convs in (
                 ("generic", generic_conversations(seed)),
@@ -403,8 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 imx = compute_imatrix(merged, convs, threads=args.threads, max_tokens=args.imatrix_tokens)
                 print(f"seed {seed} {src}: {imx.summary()}", flush=True)
                 for quant in QUANTS:
-                    path = artifact(quant, src, seed, imx)
-                    rows.append(measure(ref, path, evalset, args.threads, quant, src, seed, imx.tokens))
+                    run(quant, src, seed, imx)
     finally:
         ref_rt.close()
 
