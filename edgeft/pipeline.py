@@ -113,10 +113,11 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
     # Export every candidate first, then hold one float model while judging them, then time the chosen
     # ones alone: at most one model copy besides the float reference is in memory at any step.
     plan = [(slot, search.expand(slot, search=cfg.search)) for slot in specs]
-    sources = QuantSources(merged, data_path, cfg, work)
+    sources = QuantSources(merged, data_path, cfg, work, key)
     cands: list[list[search.Candidate]] = []
     for slot, concrete in plan:
-        group = []
+        group: list[search.Candidate] = []
+        left_out: list[str] = []
         for spec in concrete:
             try:
                 path = export_candidate(spec, merged, work, key, conversations, sources, seconds, reused)
@@ -125,6 +126,7 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
                     raise
                 # e.g. a head type whose blocks do not divide this model's rows: the others still compete
                 info(f"[yellow]leaving out candidate {spec.label}[/]: {exc}")
+                left_out.append(str(exc))
                 continue
             # confirm the estimate on the artifact itself: its tensors and its runtime's KV cache
             measured = footprint.measure(path, target.context_length)
@@ -135,6 +137,8 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
                     raise EdgeftError(strict_line(spec, reason))
                 cand.violations, cand.verdict = (reason,), f"does not fit: {reason}"
             group.append(cand)
+        if not group:
+            raise EdgeftError(f"no {slot.slot} candidate could be exported: {left_out[0]}")
         if all(c.verdict for c in group):  # nothing of this slot fits the device
             worst = min(group, key=lambda c: c.footprint.need_bytes)
             if cfg.strict:
@@ -157,7 +161,7 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
             ref = score(ref_rt, evalset)
         for group in cands:
             with timed(f"choose {group[0].slot.slot}", seconds):
-                chosen.append(choose(group, ref, evalset, threads, cfg.fail_on_drift, target))
+                chosen.append(choose(group, ref, evalset, threads))
     finally:
         ref_rt.close()
 
@@ -187,12 +191,12 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
         skipped=tuple(skipped),
         seconds=seconds,
         candidates=tuple(candidates),
-        imatrix=sources.record(),
+        imatrix=sources.record() if any(c.spec.imatrix for c in chosen) else None,
         train_examples=ft.train_examples,
         eval_examples=len(evalset.examples),
         eval_source=evalset.source,
     )
-    failed = [f"{r.spec.label}: {v}" for r in results if r.spec.ship for v in r.violations]
+    failed = [f"{_named(c)}: {v}" for c in chosen if c.slot.ship for v in c.violations]
     if failed and cfg.fail_on_drift:
         where = bundle.write_bundle(cfg.out, target, facts, results, merged, name=f"{target.name}.rejected")
         raise EdgeftError(
@@ -205,6 +209,12 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
         with contextlib.suppress(OSError):
             work.parent.rmdir()  # .work itself, once no other target's work is left in it
     return BuildResult(out, results, not failed, tuple(reused))
+
+
+def _named(c: search.Candidate) -> str:
+    """A shipped artifact in an error line: its label, and when the search found nothing within budget, that
+    it is the closest candidate."""
+    return f"{c.spec.label} ({c.verdict})" if c.verdict.startswith(CLOSEST) else c.spec.label
 
 
 def _local_weights(model: str) -> bool:
@@ -327,11 +337,9 @@ def choose(
     ref: verify.ReferenceRun,
     evalset: verify.EvalSet,
     threads: int,
-    fail_on_drift: bool,
-    target: targets.TargetProfile,
 ) -> search.Candidate:
-    """The artifact a slot ships: the search's winner; when no candidate meets every budget, an error naming
-    the closest one (or, with --no-fail-on-drift, the closest one, measured in full and marked as failing)."""
+    """The artifact a slot ships: the search's winner; when no candidate meets every budget, the closest one,
+    measured in full and marked as failing (the build then fails naming it, unless --no-fail-on-drift)."""
 
     def opener(path: Path):
         return open_runtime(path, threads=threads, n_ctx=evalset.n_ctx)
@@ -341,12 +349,6 @@ def choose(
         return winner
     fits = [c for c in group if not c.verdict.startswith("does not fit")]
     near = search.closest(fits, ref.task_accuracy)
-    if fail_on_drift:
-        raise EdgeftError(
-            f"no {group[0].slot.slot} candidate for {target.name} meets every budget; the closest is "
-            f"{near.spec.label} ({'; '.join(near.violations)}); loosen --max-kld / --min-task-accuracy / "
-            "--max-size or the profile's budget, or pass --no-fail-on-drift to ship the closest"
-        )
     rt = opener(near.path)
     try:
         with task(f"verify {near.spec.label}", evalset.n_steps) as update:
@@ -355,16 +357,21 @@ def choose(
         rt.close()
     viol = near.spec.budget.violations(near.drift.metrics(), ref.task_accuracy, near.size_mb)
     near.violations = tuple(near.drift.explain(v) for v in viol)
-    near.chosen, near.verdict = True, "shipped with --no-fail-on-drift: the closest to its budget"
+    near.chosen = True
+    near.verdict = f"{CLOSEST} of {len(group)} candidates; none meets every budget"
     return near
+
+
+CLOSEST = "the closest"
 
 
 class QuantSources:
     """What quantized candidates are made from, each made the first time an export needs it: the importance
     matrix of the fine-tuning data's training split (never the held-out split) and the 16-bit GGUF."""
 
-    def __init__(self, merged: Path, data_path: Path, cfg: BuildConfig, work: Path) -> None:
+    def __init__(self, merged: Path, data_path: Path, cfg: BuildConfig, work: Path, key: str = "") -> None:
         self.merged, self.data_path, self.cfg, self.work = merged, data_path, cfg, work
+        self.key = key  # the merged model's stage key: an imatrix belongs to one model
         self.value: Any = None
         self._record = work / "imatrix.json"  # what a reused imatrix artifact was made with
 
@@ -409,7 +416,8 @@ class QuantSources:
         """What an imatrix export depends on besides the model: the data and how it is split."""
         lora = self.cfg.lora
         return files.digest(
-            ["imatrix", data.dataset_sha256(self.data_path), lora.eval_fraction, lora.seed, lora.max_eval]
+            ["imatrix", self.key, data.dataset_sha256(self.data_path), lora.eval_fraction, lora.seed]
+            + [lora.max_eval]
         )
 
 

@@ -97,14 +97,17 @@ def min_accuracy(budget: DriftBudget, reference_accuracy: float | None) -> float
     return max(known) if known else None
 
 
-def stop_rule(budget: DriftBudget, n: int, reference_accuracy: float | None) -> verify.StopRule:
-    """A rule that says "failed" once more of the `n` conversations missed than a budget allows."""
+def stop_rule(
+    budget: DriftBudget, n: int, reference_accuracy: float | None, *, scored: bool = True
+) -> verify.StopRule:
+    """A rule that says "failed" once more of the `n` conversations missed than a budget allows (task
+    accuracy counts only when the conversations are task data: `scored`)."""
 
     def allowed(share: float | None) -> float:
         return math.inf if share is None else n - math.ceil(share * n - 1e-9)
 
     prompt, answers = allowed(budget.prompt_ids_match), allowed(budget.answers_match)
-    task = allowed(min_accuracy(budget, reference_accuracy))
+    task = allowed(min_accuracy(budget, reference_accuracy)) if scored else math.inf
 
     def stop(done: int, prompt_misses: int, answer_misses: int, task_misses: int) -> bool:
         return prompt_misses > prompt or answer_misses > answers or task_misses > task
@@ -152,8 +155,8 @@ def _excess(c: Candidate, reference_accuracy: float | None) -> float:
 
 
 def closest(cands: list[Candidate], reference_accuracy: float | None) -> Candidate:
-    """The candidate nearest to meeting its budget (fewest violations, then smallest excess)."""
-    return min(cands, key=lambda c: (len(c.violations), _excess(c, reference_accuracy)))
+    """The candidate nearest to meeting its budget: the smallest worst excess over a limit."""
+    return min(cands, key=lambda c: _excess(c, reference_accuracy))
 
 
 Opener = Callable[[Path], Runtime]
@@ -211,20 +214,17 @@ def choose(
         rt = open_rt(c.path)
         try:
             with task(f"verify {c.spec.label}", es.n_steps) as update:
-                d = verify.compare(
-                    ref, rt, es, update, weights=c.weights, stop=stop_rule(c.spec.budget, n, ref_acc)
-                )
+                rule = stop_rule(c.spec.budget, n, ref_acc, scored=es.scored)
+                d = verify.compare(ref, rt, es, update, weights=c.weights, stop=rule)
         finally:
             rt.close()
         stopped = d.n_examples < n
         c.drift = _upper_bounds(d, n) if stopped else d
         c.violations = tuple(c.drift.explain(v) for v in _violations(c, ref_acc))
-        if stopped:
-            c.violations += (
-                f"stopped after {d.n_examples} of {n} conversations (shares shown are upper bounds)",
-            )
         if c.violations:
             c.verdict = "fails on the app path: " + "; ".join(c.violations)
+            if stopped:
+                c.verdict += f" (stopped after {d.n_examples} of {n} conversations; shares are upper bounds)"
             continue
         winner = c
         c.chosen = True

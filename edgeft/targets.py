@@ -378,6 +378,8 @@ def _parse_artifact(art: Any, where: str) -> ArtifactSpec:
         raise EdgeftError(f"{where}: head_type lists several types; only a search slot tries several")
     base = ArtifactSpec(fmt, quant, budget, level, ship)
     fixed = _variants(base, [quant], imatrix, heads or [None])
+    if not fixed:
+        raise EdgeftError(f"{where}: head_type {show(heads[0])} is not more precise than {quant}; drop it")
     return dataclasses.replace(fixed[0], search=tuple(_variants(base, search, imatrix, [None, *heads])))
 
 
@@ -431,6 +433,13 @@ def parse_profile(data: Any, source: str) -> TargetProfile:
     labels = [a.slot for a in arts]
     if len(set(labels)) != len(labels):
         raise EdgeftError(f"{source}: artifacts repeat a format/quant pair: {', '.join(labels)}")
+    # two shipped slots could choose files of one name in the bundle: their candidates must differ
+    per_slot = [{(c.format, c.quant, c.head_type) for c in (*a.search, a)} for a in arts if a.ship]
+    names = [name for slot in per_slot for name in slot]
+    if len(set(names)) != len(names):
+        raise EdgeftError(
+            f"{source}: two shipped artifacts could be the same {names[0][0]} file; set ship = false on one or split their search lists"
+        )
     shipped = [(a.format, a.quant) for a in arts if a.ship]
     if not shipped:
         raise EdgeftError(f"{source}: every artifact has ship = false; ship at least one")

@@ -58,6 +58,11 @@ def test_search_slots_in_a_profile(tmp_path: Path) -> None:
         ('imatrix = "both"', 'or "both" (with a search list)'),
         ('search = ["q4_0", "q4_0"]', "names a quant twice"),
         ('head_type = ["q8_0", "q6_k"]', "only a search slot tries several"),
+        ('head_type = "q4_0"', "head_type 'q4_0' is not more precise than q4_0"),
+        (
+            '[[artifacts]]\nformat = "gguf"\nquant = "q8_0"\nsearch = ["q8_0", "q4_0"]',
+            "two shipped artifacts could be the same gguf file",
+        ),
     ):
         path.write_text(base + bad + "\n")
         with pytest.raises(EdgeftError, match=re.escape(said)):
