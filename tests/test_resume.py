@@ -79,7 +79,7 @@ def test_rerun_reuses_finished_stages_and_cleans_up(
     out, first = uninterrupted
     work = out / ".work" / "tiny-device"
     # an export killed mid-way: its record is written only after the file is complete
-    (work / "artifacts" / ".model-q4_0.gguf.key").unlink()
+    (work / "artifacts" / ".model-q4_0-imatrix.gguf.key").unlink()  # q4_0 with the imatrix (the default)
     res = pipeline.build(_cfg(inputs, out, keep_work=False))
     assert res.reused == ("finetune", "merge", "gguf-q8_0")  # only the interrupted artifact is redone
     assert _artifacts(res.bundle_dir) == first
