@@ -349,12 +349,8 @@ def choose(
         return winner
     fits = [c for c in group if not c.verdict.startswith("does not fit")]
     near = search.closest(fits, ref.task_accuracy)
-    rt = opener(near.path)
-    try:
-        with task(f"verify {near.spec.label}", evalset.n_steps) as update:
-            near.drift = verify.compare(ref, rt, evalset, update, weights=near.weights)
-    finally:
-        rt.close()
+    with search.opened(opener, near.path) as rt, task(f"verify {near.spec.label}", evalset.n_steps) as update:
+        near.drift = verify.compare(ref, rt, evalset, update, weights=near.weights)
     viol = near.spec.budget.violations(near.drift.metrics(), ref.task_accuracy, near.size_mb)
     near.violations = tuple(near.drift.explain(v) for v in viol)
     near.chosen = True
@@ -416,8 +412,14 @@ class QuantSources:
         """What an imatrix export depends on besides the model: the data and how it is split."""
         lora = self.cfg.lora
         return files.digest(
-            ["imatrix", self.key, data.dataset_sha256(self.data_path), lora.eval_fraction, lora.seed]
-            + [lora.max_eval]
+            [
+                "imatrix",
+                self.key,
+                data.dataset_sha256(self.data_path),
+                lora.eval_fraction,
+                lora.seed,
+                lora.max_eval,
+            ]
         )
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,16 @@ def closest(cands: list[Candidate], reference_accuracy: float | None) -> Candida
 Opener = Callable[[Path], Runtime]
 
 
+@contextmanager
+def opened(open_rt: Opener, path: Path) -> Iterator[Runtime]:
+    """An artifact's runtime, closed when the block ends: one model besides the reference at a time."""
+    rt = open_rt(path)
+    try:
+        yield rt
+    finally:
+        rt.close()
+
+
 def choose(
     cands: list[Candidate],
     ref: verify.ReferenceRun,
@@ -177,12 +188,8 @@ def choose(
     n = len(es.examples)
     if len(cands) == 1:
         c = cands[0]
-        rt = open_rt(c.path)
-        try:
-            with task(f"verify {c.spec.label}", es.n_steps) as update:
-                c.drift = verify.compare(ref, rt, es, update)
-        finally:
-            rt.close()
+        with opened(open_rt, c.path) as rt, task(f"verify {c.spec.label}", es.n_steps) as update:
+            c.drift = verify.compare(ref, rt, es, update)
         c.violations = tuple(c.drift.explain(v) for v in _violations(c, ref_acc))
         c.chosen, c.verdict = True, "the slot's only artifact (no search)"
         return c
@@ -191,12 +198,8 @@ def choose(
     for c in cands:
         if c.verdict:  # decided before verify (it cannot fit the device's RAM)
             continue
-        rt = open_rt(c.path)
-        try:
-            with task(f"drift {c.spec.label}", len(es.sequences)) as update:
-                c.weights = verify.weights_drift(ref, rt, es, update)
-        finally:
-            rt.close()
+        with opened(open_rt, c.path) as rt, task(f"drift {c.spec.label}", len(es.sequences)) as update:
+            c.weights = verify.weights_drift(ref, rt, es, update)
         c.violations = tuple(_violations(c, ref_acc))
         if c.violations:
             c.verdict = "fails on shared ids: " + "; ".join(c.violations)
@@ -216,13 +219,9 @@ def choose(
                 else f"reads as many bytes per token as {winner.spec.label} with more drift on shared ids"
             )
             continue
-        rt = open_rt(c.path)
-        try:
-            with task(f"verify {c.spec.label}", es.n_steps) as update:
-                rule = stop_rule(c.spec.budget, n, ref_acc, scored=es.scored)
-                d = verify.compare(ref, rt, es, update, weights=c.weights, stop=rule)
-        finally:
-            rt.close()
+        rule = stop_rule(c.spec.budget, n, ref_acc, scored=es.scored)
+        with opened(open_rt, c.path) as rt, task(f"verify {c.spec.label}", es.n_steps) as update:
+            d = verify.compare(ref, rt, es, update, weights=c.weights, stop=rule)
         stopped = d.n_examples < n
         c.drift = _upper_bounds(d, n) if stopped else d
         c.violations = tuple(c.drift.explain(v) for v in _violations(c, ref_acc))
