@@ -32,6 +32,9 @@ import numpy as np
 from .errors import EdgeftError
 
 Progress = Callable[[int, int], None]
+TIED_HEAD = (
+    "token_embd.weight"  # a tied model's head in GGUF (ref: llama.cpp src/llama-model.cpp output fallback)
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,6 +100,7 @@ def _compute(
     max_tokens: int,
     progress: Progress | None,
     dataset_sha256: str | None,
+    tied_head: bool = False,
 ) -> Imatrix:
     import torch
 
@@ -145,6 +149,15 @@ def _compute(
         sums[mod_name] = torch.zeros(module.in_features, dtype=torch.float64)
         counts[mod_name] = 0
         handles.append(module.register_forward_pre_hook(collector(mod_name, module.in_features)))
+    head = model.get_output_embeddings()
+    embd = next((p for p in plans.values() if p.gguf_name == TIED_HEAD), None)
+    if tied_head and prep.model.tied and isinstance(head, torch.nn.Linear) and embd is not None:
+        # the head's inputs (final hidden states) weigh token_embd.weight's columns; llama-quant.cpp takes
+        # any tensor's entry whose size is ne[0] (ref: src/llama-quant.cpp llama_model_quantize_impl)
+        names["<tied head>"] = embd.gguf_name
+        sums["<tied head>"] = torch.zeros(head.in_features, dtype=torch.float64)
+        counts["<tied head>"] = 0
+        handles.append(head.register_forward_pre_hook(collector("<tied head>", head.in_features)))
     saved_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -176,6 +189,7 @@ def compute_imatrix(
     max_tokens: int = 32768,
     progress: Progress | None = None,
     dataset_sha256: str | None = None,
+    tied_head: bool = False,
 ) -> Imatrix:
     """The importance matrix of a (merged, float) HF model over `conversations`, each rendered whole
     through its chat template and run forward in float32, up to `max_tokens` tokens in all.
@@ -192,6 +206,7 @@ def compute_imatrix(
         max_tokens=max_tokens,
         progress=progress,
         dataset_sha256=dataset_sha256,
+        tied_head=tied_head,
     )
 
 

@@ -93,6 +93,48 @@ def test_untied_head_gets_output_weight(tmp_path: Path) -> None:
     assert im.values["blk.0.attn_qkv.weight"].size == im.values["blk.0.ffn_up.weight"].size == 64
 
 
+def test_tied_head_option_weighs_token_embd_by_the_final_hidden_states(tmp_path: Path) -> None:
+    """tied_head=True (bench/imatrix_study.py "+head"): token_embd.weight gets the mean square of lm_head's
+    inputs, sized ne[0], and llama.cpp's quantizer uses it for that tensor (Q6_K: 256-wide rows)."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = cached_model("llama", "bpe", hidden=256, intermediate=512, seed=3)
+    im = _imatrix(model_dir, tied_head=True)
+    plain = _imatrix(model_dir)
+    assert set(im.values) - set(plain.values) == {"token_embd.weight"}
+    quiet_transformers()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = load_tokenizer(model_dir)
+    seen: list[torch.Tensor] = []
+    hook = model.lm_head.register_forward_pre_hook(
+        lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).double())
+    )
+    with torch.no_grad():
+        for conv in CONVS:
+            model(
+                torch.tensor(
+                    [
+                        tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)[
+                            "input_ids"
+                        ]
+                    ]
+                )
+            )
+    hook.remove()
+    x = torch.cat(seen)
+    np.testing.assert_allclose(im.values["token_embd.weight"], (x * x).mean(0).float().numpy(), rtol=1e-5)
+    f16 = export_gguf(model_dir, tmp_path / "f16.gguf", "f16").path
+    assert im.values["token_embd.weight"].size == int(_tensors(f16)["token_embd.weight"].shape[0])
+    with_head = quantize_gguf(f16, tmp_path / "head.gguf", "q4_k_m", imatrix=im)
+    without = quantize_gguf(f16, tmp_path / "plain.gguf", "q4_k_m", imatrix=plain)
+    assert _fields(with_head)[GGUF_KEY_IMATRIX_ENTRIES] == len(plain.values) + 1
+    emb = {p: _tensors(p)["token_embd.weight"] for p in (with_head, without)}
+    assert {t.tensor_type.name for t in emb.values()} == {"Q6_K"}
+    assert (
+        emb[with_head].data.tobytes() != emb[without].data.tobytes()
+    )  # the weights steered that tensor's rounding
+
+
 # --- values ------------------------------------------------------------------------------------------------
 
 
