@@ -17,13 +17,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, runspec
 from . import data as _data
 from .bench import LatencyReport
 from .constants import (
+    BUNDLE_USER_DIRS,
     FINETUNE_RECORD,
     FORMAT_GGUF,
     MANIFEST,
+    MODEL_JSON,
     REPORT,
     REPORT_HTML,
     SHA256SUMS,
@@ -96,10 +98,12 @@ class BuildFacts:
     candidates: tuple[dict[str, Any], ...] = ()
     # the fine-tuning data's importance matrix: dataset sha256, examples, tokens
     imatrix: dict[str, Any] | None = None
+    max_new_tokens: int = 256  # the longest answer verify generated (model.json's generation settings)
+    system_prompt: str | None = None  # runspec.common_system_prompt of the verified conversations
 
 
 # Scripts every bundle carries at its root (edgeft/device/): run on the device without edgeft.
-DEVICE_SCRIPTS = ("bench_on_device.py", "chat.py")
+DEVICE_SCRIPTS = ("bench_on_device.py",)
 
 # manifest.json layout version: 2 added files, passed, base weights/revision, lora settings, eval split digest.
 MANIFEST_SCHEMA_VERSION = 2
@@ -394,6 +398,18 @@ def write_bundle(
             # The on-device scripts at the root (listed in "files" and SHA256SUMS like every file).
             for script in DEVICE_SCRIPTS:
                 shutil.copy2(Path(__file__).parent / "device" / script, tmp / script)
+            # How an app runs the model (model.json) and the example apps that read it.
+            description = runspec.describe(
+                tokenizer_dir,
+                artifacts=entries,
+                versions=tool_versions(),
+                context_length=target.context_length,
+                threads=target.threads,
+                max_new_tokens=facts.max_new_tokens,
+                system_prompt=facts.system_prompt,
+            )
+            (tmp / MODEL_JSON).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+            runspec.copy_examples(tmp / "examples", {e["format"] for e in entries})
             (tmp / REPORT).write_text(render_report(target, facts, arts, types), encoding="utf-8")
             normalize_modes(tmp)
             files = {rel: sha256_file(tmp / rel) for rel in bundle_files(tmp)}
@@ -469,11 +485,15 @@ def _manifest_types(tt: TensorTypes) -> dict[str, Any]:
 def bundle_files(root: Path) -> list[str]:
     """Relative paths (POSIX, sorted) of every regular file in a bundle but manifest.json and SHA256SUMS.
 
-    Symlinks are not followed (os.walk's default); a bundle edgeft writes holds regular files only.
+    Symlinks are not followed (os.walk's default); a bundle edgeft writes holds regular files only. The
+    user's own installs (BUNDLE_USER_DIRS: an example's node_modules) are not the bundle's.
     """
     root = Path(root)
     out = []
-    for dirpath, _dirs, names in os.walk(root):
+    for dirpath, dirs, names in os.walk(root):
+        dirs[:] = [
+            d for d in dirs if (Path(dirpath) / d).relative_to(root).as_posix() not in BUNDLE_USER_DIRS
+        ]
         for n in names:
             p = Path(dirpath) / n
             rel = p.relative_to(root).as_posix()
@@ -845,6 +865,14 @@ def _record(root: Path, result: dict[str, Any], where: str) -> dict[str, Any]:
     if REPORT_HTML in manifest["files"]:  # the page shows the device runs too (it shows no file hashes)
         new[REPORT_HTML] = render_html(manifest)
         manifest["files"][REPORT_HTML] = hashlib.sha256(new[REPORT_HTML].encode("utf-8")).hexdigest()
+    if MODEL_JSON in manifest["files"]:  # the threads an app should use: what this device ran fastest at
+        try:
+            described = runspec.with_device_threads(read_json(root / MODEL_JSON), result, where)
+        except EdgeftError:
+            described = None  # a damaged model.json stays as it is: `edgeft check` names it
+        if described is not None:
+            new[MODEL_JSON] = json.dumps(described, indent=2) + "\n"
+            manifest["files"][MODEL_JSON] = hashlib.sha256(new[MODEL_JSON].encode("utf-8")).hexdigest()
     manifest_text = json.dumps(manifest, indent=2) + "\n"
     sums = dict(manifest["files"]) | {MANIFEST: hashlib.sha256(manifest_text.encode("utf-8")).hexdigest()}
     sums_text = "".join(sha256sums_line(sums[rel], rel) for rel in sorted(sums))

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .bundle import MANIFEST_SCHEMA_VERSION, bundle_files
-from .constants import FORMAT_GGUF, FORMATS, MANIFEST, SHA256SUMS
+from .constants import BUNDLE_USER_DIRS, FORMAT_GGUF, FORMATS, MANIFEST, SHA256SUMS
 from .errors import EdgeftError
 from .files import sha256_file
 from .guard import check_gguf
@@ -205,6 +205,10 @@ def _walk(root: Path) -> tuple[list[str], list[str]]:
     """(regular files, anything else: symlinks, fifos, sockets) under root, relative; no symlink followed."""
     regular, odd = [], []
     for dirpath, dirs, names in os.walk(root):
+        # an example's dependencies the user installed (npm ci in examples/node) are not the bundle's
+        dirs[:] = [
+            d for d in dirs if (Path(dirpath) / d).relative_to(root).as_posix() not in BUNDLE_USER_DIRS
+        ]
         for n in [*dirs, *names]:
             p = Path(dirpath) / n
             rel = p.relative_to(root).as_posix()

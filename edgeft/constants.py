@@ -98,6 +98,10 @@ BUDGET_KINDS = {
 
 # --- files -----------------------------------------------------------------------------------------------
 MANIFEST = "manifest.json"
+MODEL_JSON = "model.json"  # how an app runs the model (edgeft.runspec)
+# Where a user installs an example's dependencies inside a bundle (`npm ci` in examples/node): edgeft never
+# hashes, checks, copies to a device or removes what is there.
+BUNDLE_USER_DIRS = ("examples/node/node_modules",)
 CHAT_TEMPLATE_FILE = (
     "chat_template.jinja"  # transformers 5 saves the template here (ref: tokenization_utils_base)
 )

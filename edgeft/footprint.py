@@ -347,7 +347,8 @@ def config_kv(model_dir: Path, elem_bytes: int = GGUF_KV_BYTES, dtype: str = GGU
     return KvShape(layers, kv_heads * head_dim, kv_heads * head_dim, elem_bytes, dtype, head_dim)
 
 
-def _max_positions(model_dir: Path) -> int:
+def max_positions(model_dir: Path) -> int:
+    """The longest sequence the model was built for (config max_position_embeddings; 2048 when absent)."""
     from .files import read_json
 
     value = read_json(Path(model_dir) / "config.json").get("max_position_embeddings")
@@ -434,7 +435,7 @@ def estimate_need(model_dir: Path, fmt: str, quant: str, context_length: int) ->
         # GroupQueryAttention's cos/sin tables: max positions × rotary dim / 2, fp32 each, gathered per
         # position (ref: builder.py make_rotary_embedding_caches).
         kv = config_kv(model_dir, ONNX_KV_BYTES, ONNX_KV_DTYPE)
-        tables = 2 * _max_positions(model_dir) * (kv.head_dim // 2) * 4
+        tables = 2 * max_positions(model_dir) * (kv.head_dim // 2) * 4
         if tied:
             # One matrix for both: the lm_head at `rate`, which the embedding gathers rows of
             # (GatherBlockQuantized for int4 (builder) and int8 (edgeft.export.onnx), Transpose + Gather

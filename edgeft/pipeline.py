@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import bench, bundle, data, export, files, footprint, search, targets, verify
+from . import bench, bundle, data, export, files, footprint, runspec, search, targets, verify
 from .config import BuildConfig, apply_budgets
 from .constants import FORMAT_GGUF, GGUF_FLOAT_QUANTS
 from .errors import EdgeftError
@@ -195,6 +195,8 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
         train_examples=ft.train_examples,
         eval_examples=len(evalset.examples),
         eval_source=evalset.source,
+        max_new_tokens=evalset.max_new_tokens,
+        system_prompt=runspec.common_system_prompt([ex.prompt_messages for ex in evalset.examples]),
     )
     failed = [f"{_named(c)}: {v}" for c in chosen if c.slot.ship for v in c.violations]
     if failed and cfg.fail_on_drift:

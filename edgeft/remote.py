@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from .constants import MANIFEST, REPORT, REPORT_HTML, SHA256SUMS
+from .constants import BUNDLE_USER_DIRS, MANIFEST, REPORT, REPORT_HTML, SHA256SUMS
 from .errors import EdgeftError
 
 if TYPE_CHECKING:
@@ -381,15 +381,15 @@ def _end_on_device(transport: paramiko.Transport, err: bytearray) -> None:
 # --- copying a bundle ------------------------------------------------------------------------------------
 
 # Runs on the device with its Python (standard library only): argv = final dir, partial dir; stdin =
-# {"want": the bundle's file list, "hash": the files to hash, or null for all} (JSON). Moves an existing final
-# copy to the partial name (unless a killed run left a partial one), removes what the bundle does not hold
-# (and unfinished `.part` uploads), makes the folders, and prints {"dir": partial, "files": {relpath: sha256,
+# {"want": the bundle's file list, "hash": the files to hash, or null for all, "keep": folders that are the
+# user's (BUNDLE_USER_DIRS)} (JSON). Moves an existing final copy to the partial name (unless a killed run left a
+# partial one), removes what the bundle does not hold (and unfinished `.part` uploads) outside "keep", makes the folders, and prints {"dir": partial, "files": {relpath: sha256,
 # or "size:N" for a file not to hash}} of what is already there.
 _PREPARE = r"""
 import hashlib, json, os, sys
 final, partial = (os.path.abspath(os.path.expanduser(p)) for p in sys.argv[1:3])
 job = json.load(sys.stdin)
-want, to_hash = set(job["want"]), job["hash"]
+want, to_hash, keep = set(job["want"]), job["hash"], job.get("keep", [])
 def ours(d):  # a folder edgeft copied (its .edgeft marker) or an empty one; anything else is the user's
     if os.path.islink(d) or not os.path.isdir(d):
         return False
@@ -409,6 +409,8 @@ for d, dirs, names in os.walk(partial, topdown=False):
     for n in names + [x for x in dirs if os.path.islink(os.path.join(d, x))]:
         p = os.path.join(d, n)
         rel = os.path.relpath(p, partial).replace(os.sep, "/")
+        if any(rel == k or rel.startswith(k + "/") for k in keep):
+            continue  # the user's install (npm ci in examples/node): not ours to remove
         if rel not in want or os.path.islink(p) or not os.path.isfile(p):
             os.remove(p)
             continue
@@ -420,7 +422,8 @@ for d, dirs, names in os.walk(partial, topdown=False):
             for b in iter(lambda: f.read(1 << 20), b""):
                 h.update(b)
         have[rel] = h.hexdigest()
-    if d != partial and not os.listdir(d):
+    drel = os.path.relpath(d, partial).replace(os.sep, "/")
+    if d != partial and not os.listdir(d) and not any(drel == k or drel.startswith(k + "/") for k in keep):
         os.rmdir(d)
 for rel in want:
     os.makedirs(os.path.dirname(os.path.join(partial, rel)), exist_ok=True)
@@ -512,7 +515,7 @@ def sync_bundle(
     """
     files = local_files(bundle)
     partial = remote_dir + PARTIAL_SUFFIX
-    job = {"want": list(files), "hash": changed}
+    job = {"want": list(files), "hash": changed, "keep": list(BUNDLE_USER_DIRS)}
     out = _helper(client, where, python, _PREPARE, remote_dir, partial, stdin=json.dumps(job).encode())
     try:
         state = json.loads(out.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
-"""The scripts a bundle carries run on a device without edgeft: bench_on_device.py (integrity first, a thread
-sweep per artifact, device facts, one JSON object) and chat.py (the smallest app), in a virtual environment
-holding only the runtimes; and the one timing definition never re-runs a prefill after an early EOS."""
+"""The script a bundle carries runs on a device without edgeft: bench_on_device.py (integrity first, a thread
+sweep per artifact, device facts, one JSON object), in a virtual environment holding only the runtimes; and
+the one timing definition never re-runs a prefill after an early EOS. The example apps: tests/test_examples.py."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from edgeft.device import bench_on_device as bod
 
 GGUF, ONNX = "model-q8_0.gguf", "onnx-int8"
 SMALL = ["--runs", "1", "--prompt-tokens", "16", "--decode-tokens", "8"]
-PROMPT = "turn off the kitchen lights"
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +76,7 @@ def test_bundle_carries_both_scripts_hashed(made: Path) -> None:
         assert f"{manifest['files'][script]}  {script}\n" in sums
 
 
-@pytest.mark.parametrize("script", ["bench_on_device.py", "chat.py"])
+@pytest.mark.parametrize("script", bundle.DEVICE_SCRIPTS)
 def test_scripts_import_only_the_standard_library_and_runtimes(script: str) -> None:
     tree = ast.parse((Path(bod.__file__).parent / script).read_text())
     names = set()
@@ -214,61 +213,6 @@ def test_an_artifact_not_in_the_manifest_fails(made: Path, bare_python: Path) ->
     res, out = _device(bare_python, made, "--artifact", "nope.gguf", *SMALL)
     assert res.returncode == 1
     assert [(a["path"], a["status"]) for a in out["artifacts"]] == [("nope.gguf", "failed")]
-
-
-# --- chat.py ------------------------------------------------------------------------------------------------
-
-
-def _chat(python: Path, bundle_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            str(python),
-            "-I",
-            str(bundle_dir / "chat.py"),
-            str(bundle_dir),
-            PROMPT,
-            "--max-tokens",
-            "12",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=bundle_dir.parent,
-    )
-
-
-def test_chat_gguf_answers_as_llama_cpp_python_does(made: Path, runtime_venv: Path) -> None:
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(made / GGUF), n_ctx=2048, verbose=False)
-    want = llm.create_chat_completion(
-        messages=[{"role": "user", "content": PROMPT}], temperature=0.0, max_tokens=12
-    )["choices"][0]["message"]["content"]
-    llm.close()
-    for args in ((), ("--artifact", GGUF)):  # the default is the manifest's first usable artifact
-        res = _chat(runtime_venv, made, *args)
-        assert res.returncode == 0, res.stderr[-2000:]
-        assert res.stdout == want + "\n" and want
-
-
-def test_chat_onnx_answers_as_onnxruntime_genai_does(made: Path, runtime_venv: Path) -> None:
-    from edgeft.runtime.ort import OrtRuntime
-
-    with OrtRuntime(made / ONNX, n_ctx=2048, all_logits=False) as rt:
-        ids = rt.chat_prompt_ids([{"role": "user", "content": PROMPT}])
-        out = rt.generate(ids, 12, rt.end_ids)
-        want = rt.decode(out)
-    res = _chat(runtime_venv, made, "--artifact", ONNX)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout == want + "\n" and want
-
-
-def test_chat_without_a_runtime_is_one_line(made: Path, bare_python: Path) -> None:
-    res = _chat(bare_python, made)
-    assert res.returncode == 1 and res.stdout == ""
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("chat.py: error: ") and "pip install" in lines[0], lines
 
 
 # --- one timing definition: an early EOS never restarts anything ------------------------------------------

@@ -28,7 +28,7 @@ from bundles import Bundles
 
 from edgeft import bundle, remote
 from edgeft.check import check_bundle
-from edgeft.constants import MANIFEST, REPORT, SHA256SUMS
+from edgeft.constants import MANIFEST, MODEL_JSON, REPORT, SHA256SUMS
 from edgeft.errors import EdgeftError
 from edgeft.targets import ArtifactSpec
 
@@ -210,6 +210,17 @@ def test_remote_bench_records_and_a_second_run_copies_nothing(
     assert _files(device_dir) == _files(b)
     assert sorted(p.name for p in device_dir.parent.iterdir()) == ["tiny-device"]
 
+    # model.json tells an app the threads this device ran the artifact fastest at
+    described = json.loads((b / MODEL_JSON).read_text())
+    entry = next(a for a in described["artifacts"] if a["path"] == "model-q8_0.gguf")
+    assert entry["threads"] == {**art["best_threads"], "measured_on": out["where"]}
+
+    # the user's own install of the Node example's dependencies, here and on the device, is not the bundle's:
+    # never uploaded, never removed from the device, not a finding of `edgeft check`
+    for root in (b, device_dir):
+        dep = root / "examples" / "node" / "node_modules" / "dep" / "index.js"
+        dep.parent.mkdir(parents=True)
+        dep.write_text("export default 1;\n")
     second = _edgeft(*args, home=home)  # the key is known now: no --accept-new-host-key needed
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads(second.stdout)

@@ -1,0 +1,175 @@
+"""model.json: how an app runs the bundle's model the way edgeft verified it.
+
+One small file beside the artifacts, separate from manifest.json on purpose: manifest.json is the build's
+record (provenance, drift, digests, device runs) and grows with every benchmark; model.json is the run-time
+contract an app ships with — chat template, special tokens, when to stop, the settings verify answered with —
+and changes only when the model does. The examples in the bundle (examples/ in the repo) read it and hard-code
+none of it: the same model answered differently in llama.cpp, Ollama and onnxruntime-genai because each
+carried its own template and stop list (../shared/REFERENCE.md "Where users get hurt").
+
+The prompt recipe is the fine-tune's (edgeft.data.chat_prompt_ids): render `chat_template` with
+`messages`, `add_generation_prompt` and `template_variables` (Jinja2 with trim_blocks and lstrip_blocks, as
+transformers and llama-cpp-python render), then tokenize the text with special tokens parsed and nothing
+added (the rendered text carries its own BOS and markers). Generation is greedy until any `end_of_turn` id.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .constants import FORMAT_GGUF, FORMAT_ONNX
+
+# model.json layout version; bumped whenever a key changes meaning.
+SCHEMA_VERSION = 1
+
+# What runs each format in an app, and which examples/ program drives it. The Node example's package is
+# pinned in examples/node/package.json (its lock installs cleanly from the npm registry); edgeft's tests
+# run every example against the demo bundle.
+NODE_LLAMA_CPP = "3.21.1"
+RUNTIMES: dict[str, list[dict[str, str]]] = {
+    FORMAT_GGUF: [
+        {
+            "name": "llama-cpp-python",
+            "package": "pypi:llama-cpp-python",
+            "example": "python/chat_llama_cpp.py",
+        },
+        {"name": "node-llama-cpp", "package": "npm:node-llama-cpp", "example": "node/chat.mjs"},
+    ],
+    FORMAT_ONNX: [
+        {
+            "name": "onnxruntime-genai",
+            "package": "pypi:onnxruntime-genai",
+            "example": "python/chat_onnxruntime_genai.py",
+        }
+    ],
+}
+
+
+# The example files a bundle carries (examples/ in the repo), by the artifact format they run; "" = always.
+EXAMPLE_FILES: dict[str, tuple[str, ...]] = {
+    "": ("README.md", "python/bundle_model.py"),
+    FORMAT_GGUF: ("python/chat_llama_cpp.py", "node/chat.mjs", "node/package.json", "node/package-lock.json"),
+    FORMAT_ONNX: ("python/chat_onnxruntime_genai.py",),
+}
+
+
+def examples_dir() -> Path:
+    """Where the examples live: inside the installed package, or `examples/` in a source checkout."""
+    installed = resources.files("edgeft") / "examples"
+    if installed.is_dir():
+        return Path(str(installed))
+    return Path(__file__).resolve().parent.parent / "examples"
+
+
+def copy_examples(dst: Path, formats: Iterable[str]) -> None:
+    """Copy into `dst` the examples that run the shipped `formats` (never node_modules or caches)."""
+    src = examples_dir()
+    for fmt in ("", *sorted(set(formats))):
+        for rel in EXAMPLE_FILES.get(fmt, ()):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, dst / rel)
+
+
+def common_system_prompt(conversations: Sequence[Sequence[dict[str, str]]]) -> str | None:
+    """The system message every verified conversation starts with, or None when they have none or differ
+    (then an app sends none, as verify did for each conversation without one)."""
+    firsts = {c[0]["content"] if c and c[0].get("role") == "system" else None for c in conversations}
+    return firsts.pop() if len(firsts) == 1 else None
+
+
+def _token(tokenizer: Any, i: int | None) -> dict[str, Any] | None:
+    if i is None:
+        return None
+    return {"id": int(i), "text": str(tokenizer.convert_ids_to_tokens(int(i)))}
+
+
+def describe(
+    tokenizer_dir: Path,
+    *,
+    artifacts: Sequence[dict[str, Any]],
+    versions: dict[str, str],
+    context_length: int,
+    threads: int,
+    max_new_tokens: int,
+    system_prompt: str | None,
+) -> dict[str, Any]:
+    """model.json's content for the model in `tokenizer_dir` and the bundle's shipped `artifacts` (manifest
+    entries: path, format). `versions` are the tool versions the build verified with."""
+    from . import data
+    from .footprint import max_positions
+    from .loading import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir, notify=False)
+    ends = data.stop_ids(tok)
+    variables = {
+        k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str) and k.endswith("_token")
+    }
+    runs = []
+    for a in artifacts:
+        fmt = a["format"]
+        runtimes = []
+        for r in RUNTIMES.get(fmt, []):
+            version = NODE_LLAMA_CPP if r["name"] == "node-llama-cpp" else versions.get(r["name"])
+            # the build verified this artifact with the installed Python runtime; the Node package with the
+            # version edgeft's tests run (older versions are untested, so they are not claimed)
+            verified = "edgeft's example tests" if r["name"] == "node-llama-cpp" else "this build's verify"
+            runtimes.append({**r, "min_version": version, "verified_by": verified})
+        # threads measured on a device (with_device_threads) replace the profile's `threads` for it
+        runs.append(
+            {"path": a["path"], "format": fmt, "quant": a.get("quant"), "runtimes": runtimes, "threads": None}
+        )
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "chat_template": data.chat_template(tok),
+        "template_variables": dict(sorted(variables.items())),
+        "prompt": {
+            "add_generation_prompt": True,
+            "add_special_tokens": False,  # the rendered template carries BOS and turn markers itself
+            "parse_special": True,  # "<|im_start|>" in the text is one special token, not characters
+            "system_prompt": system_prompt,  # null: send no system message (a runtime's default changes answers)
+        },
+        "tokens": {
+            "bos": _token(tok, tok.bos_token_id),
+            "eos": _token(tok, tok.eos_token_id),
+            "end_of_turn": [_token(tok, i) for i in ends],  # generation ends at any of these
+        },
+        "stop_strings": [str(tok.convert_ids_to_tokens(i)) for i in ends],  # for runtimes that stop on text
+        "generation": {
+            "do_sample": False,  # greedy, as verify answered
+            "temperature": 0.0,
+            "top_k": 1,
+            "repeat_penalty": 1.0,
+            "max_new_tokens": int(max_new_tokens),
+        },
+        # the profile's, but never past what the model was trained for (llama.cpp warns of overflow there)
+        "context_length": min(int(context_length), max_positions(tokenizer_dir)),
+        "threads": int(threads),
+        "artifacts": runs,
+    }
+
+
+def with_device_threads(described: Any, result: Any, where: str) -> dict[str, Any] | None:
+    """model.json with each artifact's `threads` set from a bench_on_device.py result: the thread counts that
+    decoded and prefilled fastest there ({"decode", "prefill", "measured_on"}); None when model.json is not
+    one edgeft wrote or the run measured nothing."""
+    if not isinstance(described, dict) or not isinstance(described.get("artifacts"), list):
+        return None
+    arts = result.get("artifacts") if isinstance(result, dict) else None
+    best = {
+        a.get("path"): a["best_threads"]
+        for a in (arts if isinstance(arts, list) else [])
+        if isinstance(a, dict) and a.get("status") == "ok" and isinstance(a.get("best_threads"), dict)
+    }
+    changed = False
+    for entry in described["artifacts"]:
+        b = best.get(entry.get("path")) if isinstance(entry, dict) else None
+        if b and all(
+            isinstance(b.get(k), int) and not isinstance(b.get(k), bool) for k in ("decode", "prefill")
+        ):
+            entry["threads"] = {"decode": b["decode"], "prefill": b["prefill"], "measured_on": where}
+            changed = True
+    return described if changed else None

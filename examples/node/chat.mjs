@@ -1,0 +1,148 @@
+#!/usr/bin/env node
+// Answer prompts with the bundle's GGUF in node-llama-cpp (what Electron desktop apps embed), exactly as
+// edgeft verified it.
+//
+//   cd examples/node && npm ci
+//   node chat.mjs "turn off the kitchen lights"                              # inside a bundle
+//   node chat.mjs --bundle ../../dist/raspberrypi "turn off the kitchen lights"
+//
+// Everything about how to run the model comes from the bundle's model.json: the chat template (rendered
+// with @huggingface/jinja, the renderer node-llama-cpp's own JinjaTemplateChatWrapper uses), its variables,
+// the system prompt (none unless model.json names one: LlamaChatSession's default system prompt changes the
+// answers), the end-of-turn ids and the greedy settings. Options: --artifact PATH, --max-tokens N,
+// --threads N, --json (one line per prompt: prompt, prompt_ids, answer). Exit 1 with one line on failure.
+import {readFileSync, existsSync, realpathSync} from "node:fs";
+import {dirname, join, resolve, sep} from "node:path";
+import {availableParallelism} from "node:os";
+import {fileURLToPath} from "node:url";
+import {parseArgs} from "node:util";
+import {Template} from "@huggingface/jinja";
+import {getLlama, LlamaLogLevel} from "node-llama-cpp";
+
+const PROG = "chat.mjs";
+
+class ExampleError extends Error {}
+
+function loadDescription(bundle) {
+    const path = join(bundle, "model.json");
+    let desc;
+    try {
+        desc = JSON.parse(readFileSync(path, "utf8"));
+    } catch (e) {
+        throw new ExampleError(`${path}: cannot read it (${e.name}); is ${bundle} an edgeft bundle?`);
+    }
+    if (desc === null || typeof desc !== "object" || desc.schema_version !== 1)
+        throw new ExampleError(`${path}: not a model.json this example knows (schema_version 1)`);
+    return desc;
+}
+
+function pickArtifact(bundle, desc, rel) {
+    const entries = (desc.artifacts ?? []).filter((a) => a.format === "gguf");
+    const paths = entries.map((a) => a.path);
+    if (rel == null) {
+        if (paths.length === 0) throw new ExampleError(`${bundle}: model.json lists no gguf artifact`);
+        rel = paths[0];
+    } else if (!paths.includes(rel)) {
+        throw new ExampleError(`${rel}: not a gguf artifact of this bundle (have: ${paths.join(", ") || "none"})`);
+    }
+    const root = realpathSync(bundle);
+    const path = resolve(root, rel);
+    if (!path.startsWith(root + sep) || !existsSync(path)) throw new ExampleError(`${rel}: missing from the bundle`);
+    return [realpathSync(path), entries.find((a) => a.path === rel)];
+}
+
+function conversation(desc, prompt) {
+    const system = desc.prompt.system_prompt;
+    return [...(system ? [{role: "system", content: system}] : []), {role: "user", content: prompt}];
+}
+
+function render(desc, messages) {
+    return new Template(desc.chat_template).render({
+        messages,
+        add_generation_prompt: desc.prompt.add_generation_prompt,
+        ...(desc.template_variables ?? {}),
+    });
+}
+
+async function answer(path, desc, prompts, maxNew, threads) {
+    const llama = await getLlama({gpu: false, logLevel: LlamaLogLevel.error});
+    const model = await llama.loadModel({modelPath: path});
+    const context = await model.createContext({contextSize: desc.context_length, threads});
+    const sequence = context.getSequence();
+    const ends = new Set(desc.tokens.end_of_turn.map((t) => t.id));
+    const gen = desc.generation;
+    const out = [];
+    try {
+        for (const prompt of prompts) {
+            const text = render(desc, conversation(desc, prompt));
+            // parse special tokens ("<|im_start|>" is one token); add BOS only if model.json says so
+            const ids = model.tokenize(text, desc.prompt.parse_special);
+            if (desc.prompt.add_special_tokens && model.tokens.bos != null) ids.unshift(model.tokens.bos);
+            await sequence.clearHistory();
+            const answerIds = [];
+            for await (const token of sequence.evaluate(ids, {temperature: gen.temperature, topK: gen.top_k})) {
+                if (ends.has(token) || model.isEogToken(token)) break;
+                answerIds.push(token);
+                if (answerIds.length >= maxNew) break;
+            }
+            let answerText = model.detokenize(answerIds);
+            for (const stop of desc.stop_strings ?? []) {
+                const at = answerText.indexOf(stop);
+                if (at >= 0) answerText = answerText.slice(0, at);
+            }
+            out.push([Array.from(ids), answerText]);
+        }
+    } finally {
+        await context.dispose();
+        await model.dispose();
+        await llama.dispose();
+    }
+    return out;
+}
+
+async function main(argv) {
+    const here = dirname(fileURLToPath(import.meta.url));
+    const inBundle = resolve(here, "..", "..");
+    const {values: a, positionals: prompts} = parseArgs({
+        args: argv,
+        allowPositionals: true,
+        options: {
+            bundle: {type: "string"},
+            artifact: {type: "string"},
+            "max-tokens": {type: "string"},
+            threads: {type: "string"},
+            json: {type: "boolean", default: false},
+            help: {type: "boolean", short: "h", default: false},
+        },
+    });
+    if (a.help) {
+        console.log(`usage: node ${PROG} [--bundle DIR] [--artifact PATH] [--max-tokens N] [--threads N] [--json] PROMPT...`);
+        return 0;
+    }
+    if (prompts.length === 0) throw new ExampleError("give at least one PROMPT");
+    const bundle = a.bundle ?? (existsSync(join(inBundle, "model.json")) ? inBundle : null);
+    if (bundle == null) throw new ExampleError("no bundle: pass --bundle DIR (the folder holding model.json)");
+    const desc = loadDescription(bundle);
+    const [path, entry] = pickArtifact(bundle, desc, a.artifact);
+    const maxNew = a["max-tokens"] != null ? Number(a["max-tokens"]) : desc.generation.max_new_tokens;
+    if (!Number.isInteger(maxNew) || maxNew < 1) throw new ExampleError(`--max-tokens = ${a["max-tokens"]} should be 1 or more`);
+    // decode threads: what the artifact ran fastest at on the device (after `edgeft bench`), else the profile's;
+    // never more than this machine's cores (more threads than cores stall llama.cpp)
+    const wanted = entry.threads?.decode ?? desc.threads ?? 1;
+    const threads = a.threads != null ? Number(a.threads) : Math.max(1, Math.min(wanted, availableParallelism()));
+    if (!Number.isInteger(threads) || threads < 1) throw new ExampleError(`--threads = ${a.threads} should be 1 or more`);
+    const results = await answer(path, desc, prompts, maxNew, threads);
+    results.forEach(([ids, text], i) => {
+        console.log(a.json ? JSON.stringify({prompt: prompts[i], prompt_ids: ids, answer: text}) : text);
+    });
+    return 0;
+}
+
+main(process.argv.slice(2)).then(
+    (code) => process.exit(code),
+    (e) => {
+        const first = (String(e?.message ?? e).trim().split("\n")[0]) || e?.name || "error";
+        console.error(`${PROG}: error: ${e instanceof ExampleError ? first : `${e?.name ?? "Error"}: ${first}`}`);
+        process.exit(1);
+    },
+);

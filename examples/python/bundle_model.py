@@ -1,0 +1,147 @@
+"""What the Python examples share: read a bundle's model.json, pick an artifact, build the conversation,
+answer each prompt from the command line, and fail in one line.
+
+model.json (written by edgeft into every bundle) says how the model was verified: chat template and its
+variables, whether to add special tokens, the system prompt (null: none), the end-of-turn ids, greedy
+settings, context length and threads. Nothing here hard-codes any of it. Python 3.8+, no edgeft needed.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+MODEL_JSON = "model.json"
+Messages = List[Dict[str, str]]
+
+
+class ExampleError(Exception):
+    """A one-line failure, printed as `<program>: error: ...` with exit status 1."""
+
+
+def load_description(bundle: Path) -> Dict[str, Any]:
+    """The bundle's model.json."""
+    path = bundle / MODEL_JSON
+    try:
+        desc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ExampleError(
+            f"{path}: cannot read it ({type(e).__name__}); is {bundle} an edgeft bundle?"
+        ) from None
+    if not isinstance(desc, dict) or desc.get("schema_version") != 1:
+        raise ExampleError(f"{path}: not a model.json this example knows (schema_version 1)")
+    return desc
+
+
+def pick_artifact(
+    bundle: Path, desc: Dict[str, Any], fmt: str, rel: Optional[str]
+) -> Tuple[Path, Dict[str, Any]]:
+    """The artifact `rel`, or the bundle's first of format `fmt`, and its model.json entry; never a path
+    outside the bundle."""
+    entries = {a["path"]: a for a in desc.get("artifacts", []) if a.get("format") == fmt}
+    if rel is None:
+        if not entries:
+            raise ExampleError(f"{bundle}: model.json lists no {fmt} artifact")
+        rel = next(iter(entries))
+    elif rel not in entries:
+        raise ExampleError(
+            f"{rel}: not a {fmt} artifact of this bundle (have: {', '.join(entries) or 'none'})"
+        )
+    root = bundle.resolve()
+    path = (root / rel).resolve()
+    if root not in path.parents or not path.exists():  # Path.is_relative_to is 3.9+
+        raise ExampleError(f"{rel}: missing from the bundle")
+    return path, entries[rel]
+
+
+def threads(desc: Dict[str, Any], entry: Dict[str, Any]) -> int:
+    """Decode threads: those the artifact ran fastest at on the device (after `edgeft bench`), else the
+    target profile's; never more than this machine's cores (more threads than cores stall llama.cpp)."""
+    measured = entry.get("threads") or {}
+    wanted = int(measured.get("decode") or desc.get("threads") or 1)
+    return max(1, min(wanted, os.cpu_count() or 1))
+
+
+def conversation(desc: Dict[str, Any], prompt: str) -> Messages:
+    """The messages verify sent: model.json's system prompt (if any), then the user's prompt."""
+    system = desc["prompt"].get("system_prompt")
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def render(desc: Dict[str, Any], messages: Messages) -> str:
+    """model.json's chat template rendered as transformers and llama-cpp-python render it (Jinja2, sandboxed,
+    trim_blocks and lstrip_blocks), with its template variables and the generation prompt."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.globals["raise_exception"] = raise_exception
+    template = env.from_string(desc["chat_template"])
+    return template.render(
+        messages=messages,
+        add_generation_prompt=desc["prompt"]["add_generation_prompt"],
+        **desc.get("template_variables", {}),
+    )
+
+
+# An answer function: (artifact, description, prompts, max_new_tokens, threads) -> [(prompt ids, answer)]
+Answerer = Callable[[Path, Dict[str, Any], List[str], int, int], List[Any]]
+
+
+def main(prog: str, fmt: str, answer: Answerer, argv: Optional[List[str]] = None) -> int:
+    """Parse the command line, answer every prompt (each a fresh conversation) and print the answers."""
+    here = Path(__file__).resolve().parent
+    default_bundle = here.parent.parent if (here.parent.parent / MODEL_JSON).is_file() else None
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description=f"Answer prompts with a bundle's {fmt} artifact, run as model.json describes.",
+        epilog=f'Example: python3 {prog} "turn off the kitchen lights" --bundle dist/raspberrypi',
+    )
+    ap.add_argument("prompts", nargs="+", metavar="PROMPT", help="a user message (each one its own chat)")
+    ap.add_argument(
+        "--bundle",
+        type=Path,
+        default=default_bundle,
+        help="the bundle folder (default: the one holding this example)",
+    )
+    ap.add_argument(
+        "--artifact", default=None, help=f"{fmt} artifact path in the bundle (default: the first)"
+    )
+    ap.add_argument("--max-tokens", type=int, default=None, help="longest answer (default: model.json's)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: model.json's for the artifact)"
+    )
+    ap.add_argument(
+        "--json", action="store_true", help="one JSON line per prompt: prompt, prompt_ids, answer"
+    )
+    a = ap.parse_args(argv)
+    try:
+        if a.bundle is None:
+            raise ExampleError("no bundle: pass --bundle DIR (the folder holding model.json)")
+        desc = load_description(a.bundle)
+        path, entry = pick_artifact(a.bundle, desc, fmt, a.artifact)
+        max_new = a.max_tokens if a.max_tokens is not None else int(desc["generation"]["max_new_tokens"])
+        if max_new < 1:
+            raise ExampleError(f"--max-tokens = {max_new} should be 1 or more")
+        if a.threads is not None and a.threads < 1:
+            raise ExampleError(f"--threads = {a.threads} should be 1 or more")
+        results = answer(path, desc, a.prompts, max_new, a.threads or threads(desc, entry))
+    except ExampleError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a runtime's load, template or generate error, shown as one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"{prog}: error: {type(e).__name__}: {first}", file=sys.stderr)
+        return 1
+    for prompt, (ids, text) in zip(a.prompts, results):
+        line = json.dumps({"prompt": prompt, "prompt_ids": ids, "answer": text}) if a.json else text
+        sys.stdout.buffer.write(line.encode("utf-8", errors="replace") + b"\n")
+    sys.stdout.flush()
+    return 0

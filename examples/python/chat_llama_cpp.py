@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Answer prompts with the bundle's GGUF in llama-cpp-python, exactly as edgeft verified it.
+
+    pip install llama-cpp-python
+    python3 examples/python/chat_llama_cpp.py "turn off the kitchen lights"            # inside a bundle
+    python3 examples/python/chat_llama_cpp.py --bundle dist/raspberrypi "turn off the kitchen lights"
+
+The chat template, its variables, the system prompt (none unless model.json names one), the end-of-turn
+tokens and the greedy settings all come from the bundle's model.json (bundle_model.py). The prompt ids are
+llama.cpp's own tokenization of the rendered template; the answer ends at any end-of-generation token.
+"""
+
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+sys.dont_write_bytecode = True  # no __pycache__ inside the bundle: its files stay exactly what was shipped
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bundle_model  # noqa: E402 - the examples' shared helper, beside this file
+
+
+def answer(
+    path: Path, desc: Dict[str, Any], prompts: List[str], max_new: int, threads: int
+) -> List[Tuple[List[int], str]]:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise bundle_model.ExampleError(
+            "llama-cpp-python is not installed: pip install llama-cpp-python"
+        ) from None
+    gen = desc["generation"]
+    llm = Llama(model_path=str(path), n_ctx=int(desc["context_length"]), n_threads=threads, verbose=False)
+    out = []
+    try:
+        for prompt in prompts:
+            text = bundle_model.render(desc, bundle_model.conversation(desc, prompt))
+            ids = llm.tokenize(
+                text.encode("utf-8"),
+                add_bos=desc["prompt"]["add_special_tokens"],
+                special=desc["prompt"]["parse_special"],
+            )
+            res = llm.create_completion(  # a list of ids is fed as is; it stops at end-of-generation tokens
+                prompt=ids,
+                max_tokens=max_new,
+                temperature=gen["temperature"],
+                top_k=gen["top_k"],
+                repeat_penalty=gen["repeat_penalty"],
+                stop=desc["stop_strings"] or None,
+            )
+            out.append(([int(i) for i in ids], res["choices"][0]["text"]))
+    finally:
+        llm.close()
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(bundle_model.main("chat_llama_cpp.py", "gguf", answer))

@@ -1,0 +1,292 @@
+"""The example apps (examples/, copied into every bundle) answer the demo's held-out prompts exactly as the
+fine-tuned float model does, reading everything about how to run the model from the bundle's model.json:
+Python with llama-cpp-python and onnxruntime-genai (in a virtual environment holding only the runtimes, as a
+device has), Node.js with node-llama-cpp 3.21.1 (installed with `npm ci` from the npm registry)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from edgeft import bundle, runspec
+from edgeft.constants import MANIFEST, MODEL_JSON
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+PY_GGUF, PY_ONNX, NODE = "python/chat_llama_cpp.py", "python/chat_onnxruntime_genai.py", "node/chat.mjs"
+N_PROMPTS = 4
+
+
+@pytest.fixture(scope="module")
+def float_answers(demo_bundle: Path) -> list[tuple[str, list[int], str]]:
+    """(user prompt, prompt ids, greedy answer) of the fine-tuned float model in PyTorch for the first
+    held-out prompts of the demo's fine-tune (its recorded eval split; the demo build keeps its work)."""
+    from edgeft import verify
+    from edgeft.runtime.torch import TorchRuntime
+
+    merged = demo_bundle.parent / ".work" / demo_bundle.name / "merged"
+    examples, source = verify.eval_examples(merged, None)
+    assert examples and "held-out" in source, source
+    rt = TorchRuntime(merged, threads=2)
+    out = []
+    try:
+        for messages in [ex.prompt_messages for ex in examples[:N_PROMPTS]]:
+            assert [m["role"] for m in messages] == ["user"]  # the demo's data has no system turn
+            ids = rt.chat_prompt_ids(messages)
+            gen = rt.generate(ids, 64, rt.end_ids)
+            assert gen and gen[-1] in rt.end_ids, "the float model's answer did not end"
+            out.append((messages[0]["content"], ids, rt.decode(gen[:-1])))
+    finally:
+        rt.close()
+    return out
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def _answers(res: subprocess.CompletedProcess[str]) -> list[dict]:
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def node_bundle(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the demo bundle whose examples/node has node-llama-cpp installed by `npm ci` (its lock)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.fail("Node.js 20+ and npm are needed for the Node example (apt-get install nodejs npm)")
+    dst = tmp_path_factory.mktemp("node") / demo_bundle.name
+    shutil.copytree(demo_bundle, dst)
+    res = _run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=dst / "examples" / "node")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return dst
+
+
+def _python(runtime_venv: Path, bundle_dir: Path, example: str, *args: str) -> list[str]:
+    return [str(runtime_venv), "-I", str(bundle_dir / "examples" / example), *args]
+
+
+def _node(bundle_dir: Path, *args: str) -> list[str]:
+    return ["node", str(bundle_dir / "examples" / NODE), *args]
+
+
+# --- what the bundle carries -------------------------------------------------------------------------------
+
+
+def test_bundle_describes_how_to_run_the_model(demo_bundle: Path) -> None:
+    from edgeft.loading import load_tokenizer
+
+    desc = json.loads((demo_bundle / MODEL_JSON).read_text())
+    manifest = json.loads((demo_bundle / MANIFEST).read_text())
+    tok = load_tokenizer(demo_bundle / "tokenizer", notify=False)
+    assert desc["schema_version"] == runspec.SCHEMA_VERSION
+    assert desc["chat_template"] == tok.chat_template
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert {"id": im_end, "text": "<|im_end|>"} in desc["tokens"]["end_of_turn"]
+    assert desc["tokens"]["eos"] == {"id": tok.eos_token_id, "text": tok.eos_token}
+    assert desc["prompt"]["system_prompt"] is None  # the demo's data has none: send none
+    assert desc["generation"]["do_sample"] is False
+    from edgeft.demo import DEMO_MODEL
+
+    trained = json.loads((Path(DEMO_MODEL) / "config.json").read_text())["max_position_embeddings"]
+    assert trained < manifest["device"]["context_length"]  # the demo's 512: the description says 512
+    assert desc["context_length"] == min(manifest["device"]["context_length"], trained)
+    assert desc["threads"] == manifest["device"]["threads"]
+    assert [(a["path"], a["format"]) for a in desc["artifacts"]] == [
+        (a["path"], a["format"]) for a in manifest["artifacts"]
+    ]
+    runtimes = {a["format"]: [r["name"] for r in a["runtimes"]] for a in desc["artifacts"]}
+    assert runtimes == {"gguf": ["llama-cpp-python", "node-llama-cpp"], "onnx": ["onnxruntime-genai"]}
+    pinned = json.loads((EXAMPLES / "node" / "package.json").read_text())["dependencies"]["node-llama-cpp"]
+    node = next(r for a in desc["artifacts"] for r in a["runtimes"] if r["name"] == "node-llama-cpp")
+    assert node["min_version"] == pinned == runspec.NODE_LLAMA_CPP
+    # the examples travel with the bundle, byte for byte, hashed like every file
+    for rel in sorted({f for files in runspec.EXAMPLE_FILES.values() for f in files}):
+        assert (demo_bundle / "examples" / rel).read_bytes() == (EXAMPLES / rel).read_bytes(), rel
+        assert manifest["files"][f"examples/{rel}"] == bundle.sha256_file(demo_bundle / "examples" / rel)
+    assert manifest["files"][MODEL_JSON] == bundle.sha256_file(demo_bundle / MODEL_JSON)
+
+
+def test_the_wheel_carries_every_example_file() -> None:
+    """pyproject's force-include lists exactly the files a bundle copies (never a node_modules folder)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    included = project["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
+    want = {
+        f"examples/{f}": f"edgeft/examples/{f}" for files in runspec.EXAMPLE_FILES.values() for f in files
+    }
+    assert {k: v for k, v in included.items() if k.startswith("examples/")} == want
+    assert all((ROOT / k).is_file() for k in want)
+
+
+def test_python_examples_run_on_python_3_8_with_the_standard_library_and_runtimes() -> None:
+    scripts = sorted((EXAMPLES / "python").glob("*.py"))
+    for script in scripts:
+        names = set()
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names.add((node.module or "").split(".")[0])
+        allowed = set(sys.stdlib_module_names) | {"llama_cpp", "onnxruntime_genai", "jinja2", "bundle_model"}
+        assert names <= allowed, (script.name, names - allowed)
+    vermin = "import sys; from vermin.main import main; sys.argv[0] = 'vermin'; sys.exit(main())"
+    res = _run([sys.executable, "-c", vermin, "-t=3.8-", "--violations", "--no-tips", *map(str, scripts)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# --- each example answers as the fine-tuned float model -----------------------------------------------------
+
+
+@pytest.mark.parametrize("example", [PY_GGUF, PY_ONNX])
+def test_python_example_answers_as_the_float_model(
+    example: str, demo_bundle: Path, runtime_venv: Path, float_answers: list[tuple[str, list[int], str]]
+) -> None:
+    prompts = [p for p, _, _ in float_answers]
+    got = _answers(_run(_python(runtime_venv, demo_bundle, example, "--json", *prompts), cwd=demo_bundle))
+    assert [(g["prompt"], g["prompt_ids"], g["answer"]) for g in got] == float_answers
+
+
+def test_node_example_answers_as_the_float_model(
+    node_bundle: Path, float_answers: list[tuple[str, list[int], str]]
+) -> None:
+    prompts = [p for p, _, _ in float_answers]
+    got = _answers(_run(_node(node_bundle, "--json", *prompts)))  # the bundle it sits in, by default
+    assert [(g["prompt"], g["prompt_ids"], g["answer"]) for g in got] == float_answers
+    plain = _run(_node(node_bundle, prompts[0]))  # without --json: the answer alone, one line
+    assert plain.returncode == 0 and plain.stdout == float_answers[0][2] + "\n", plain.stderr[-2000:]
+
+
+def test_an_installed_node_example_leaves_the_bundle_whole(node_bundle: Path) -> None:
+    """`npm ci` inside a bundle's examples/node (as its README says) is the user's install: `edgeft check`
+    does not count it, and `edgeft bench --remote` would not upload it (remote.local_files)."""
+    from edgeft import remote
+    from edgeft.check import check_bundle
+
+    assert any((node_bundle / "examples" / "node" / "node_modules").rglob("package.json"))
+    report = check_bundle(node_bundle, load=False)
+    assert report.findings == [], [f.line() for f in report.findings]
+    assert not [rel for rel in remote.local_files(node_bundle) if "node_modules" in rel]
+
+
+# --- nothing is hard-coded: a changed description changes what they feed the model --------------------------
+
+CHANGED_SYSTEM = "Answer with one JSON object."
+CHANGED_PREFIX = "{{ 'Home assistant.' + '\\n' }}"  # Jinja: a line before the conversation
+
+
+@pytest.fixture(scope="module")
+def changed(
+    node_bundle: Path,
+    float_answers: list[tuple[str, list[int], str]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, list[str], list[list[int]]]:
+    """A copy of the demo bundle (Node example installed) whose model.json has another template and a system
+    prompt; two held-out prompts; and the ids the changed description means for them, rendered and tokenized
+    by the fine-tune's own tokenizer (the reference recipe)."""
+    from edgeft.loading import load_tokenizer
+
+    dst = tmp_path_factory.mktemp("changed") / node_bundle.name
+    shutil.copytree(node_bundle, dst, ignore=shutil.ignore_patterns("node_modules"))
+    (dst / "examples" / "node" / "node_modules").symlink_to(
+        node_bundle / "examples" / "node" / "node_modules"
+    )
+    desc = json.loads((dst / MODEL_JSON).read_text())
+    desc["chat_template"] = CHANGED_PREFIX + desc["chat_template"]
+    desc["prompt"]["system_prompt"] = CHANGED_SYSTEM
+    (dst / MODEL_JSON).write_text(json.dumps(desc))
+    tok = load_tokenizer(dst / "tokenizer", notify=False)
+    prompts = [p for p, _, _ in float_answers[:2]]
+    want = []
+    for prompt in prompts:
+        msgs = [{"role": "system", "content": CHANGED_SYSTEM}, {"role": "user", "content": prompt}]
+        text = tok.apply_chat_template(
+            msgs, chat_template=desc["chat_template"], add_generation_prompt=True, tokenize=False
+        )
+        assert text.startswith("Home assistant.\n<|im_start|>system\n" + CHANGED_SYSTEM), text
+        want.append(list(tok(text, add_special_tokens=False)["input_ids"]))
+    return dst, prompts, want
+
+
+def test_examples_follow_a_changed_description(
+    changed: tuple[Path, list[str], list[list[int]]],
+    runtime_venv: Path,
+    float_answers: list[tuple[str, list[int], str]],
+) -> None:
+    dst, prompts, want = changed
+    short = ("--json", "--max-tokens", "4", *prompts)
+    runs = {
+        PY_GGUF: _python(runtime_venv, dst, PY_GGUF, *short),
+        PY_ONNX: _python(runtime_venv, dst, PY_ONNX, *short),
+        NODE: _node(dst, *short),
+    }
+    originals = {p: ids for p, ids, _ in float_answers}
+    for name, cmd in runs.items():
+        got = [g["prompt_ids"] for g in _answers(_run(cmd))]
+        assert got == want, name
+        assert all(ids != originals[p] for p, ids in zip(prompts, got, strict=True)), name
+
+
+# --- failures are one line -----------------------------------------------------------------------------------
+
+
+def test_examples_fail_in_one_line(
+    demo_bundle: Path, node_bundle: Path, runtime_venv: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "not-a-bundle"
+    empty.mkdir()
+    cases = [
+        (_python(runtime_venv, demo_bundle, PY_GGUF, "--bundle", str(empty), "hi"), "model.json"),
+        (
+            _python(runtime_venv, demo_bundle, PY_ONNX, "--artifact", "nope", "hi"),
+            "nope: not a onnx artifact",
+        ),
+        (_python(runtime_venv, demo_bundle, PY_GGUF, "--max-tokens", "0", "hi"), "--max-tokens = 0"),
+        (_node(node_bundle, "--bundle", str(empty), "hi"), "model.json"),
+        (_node(node_bundle, "--artifact", "../../etc/passwd", "hi"), "not a gguf artifact"),
+    ]
+    for cmd, needle in cases:
+        res = _run(cmd)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 1 and res.stdout == "", (cmd, res.stdout, res.stderr)
+        assert len(lines) == 1 and ": error: " in lines[0] and needle in lines[0], (cmd, lines)
+
+
+def test_a_missing_runtime_is_named_with_its_install_line(demo_bundle: Path, tmp_path: Path) -> None:
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+    for example, package in ((PY_GGUF, "llama-cpp-python"), (PY_ONNX, "onnxruntime-genai")):
+        res = _run([str(venv / "bin" / "python"), "-I", str(demo_bundle / "examples" / example), "hi"])
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 1 and len(lines) == 1 and f"pip install {package}" in lines[0], lines
+
+
+# --- a device run tells the app how many threads to use ------------------------------------------------------
+
+
+def test_device_threads_reach_model_json(demo_bundle: Path, tmp_path: Path) -> None:
+    dst = tmp_path / demo_bundle.name
+    shutil.copytree(demo_bundle, dst)
+    gguf = next(
+        a["path"] for a in json.loads((dst / MANIFEST).read_text())["artifacts"] if a["format"] == "gguf"
+    )
+    result = {
+        "artifacts": [
+            {"path": gguf, "status": "ok", "best_threads": {"decode": 2, "prefill": 4}},
+            {"path": "onnx-x", "status": "failed", "best_threads": None},
+        ]
+    }
+    bundle.record_device_run(dst, result, "pi@raspberrypi.local")
+    desc = json.loads((dst / MODEL_JSON).read_text())
+    threads = {a["path"]: a["threads"] for a in desc["artifacts"]}
+    assert threads[gguf] == {"decode": 2, "prefill": 4, "measured_on": "pi@raspberrypi.local"}
+    assert all(t is None for p, t in threads.items() if p != gguf)
+    from edgeft.check import check_bundle
+
+    assert check_bundle(dst, load=False).findings == []  # model.json's new digest is recorded
