@@ -329,6 +329,8 @@ def verdicts(rows: list[Row], float_acc: float) -> list[str]:
     for quant in QUANTS:
         none = next(r for r in rows if r.quant == quant and r.source == "none")
         ft = [r for r in rows if r.quant == quant and r.source == "ft-data"]
+        if not ft:
+            continue  # --sources without ft-data: no verdict to give
         ratio = sum(r.kld_mean for r in ft) / len(ft) / none.kld_mean
         acc = sum(r.task_accuracy for r in ft) / len(ft)
         ok = ratio <= 0.8 and acc >= none.task_accuracy

@@ -352,7 +352,7 @@ def write_bundle(
     final = Path(out_dir) / (name or target.name)
     types = _tensor_types(arts)  # read once: for the manifest entries and for the report
     try:
-        with atomic_dir(final) as tmp:
+        with atomic_dir(final, keep=BUNDLE_USER_DIRS) as tmp:  # an app's npm install stays
             entries = []
             for a in arts:
                 if not a.spec.ship:
@@ -799,9 +799,11 @@ def _rewrite_files(root: Path, new: dict[str, str]) -> None:
     copy where links fail) and the new contents, then takes the bundle's name (files.atomic_dir)."""
     from .files import MARKER
 
-    with atomic_dir(root) as tmp:
+    # the user's installs (BUNDLE_USER_DIRS) move over whole, never linked file by file
+    with atomic_dir(root, keep=BUNDLE_USER_DIRS) as tmp:
         for dirpath, dirs, names in os.walk(root):
             rel_dir = Path(dirpath).relative_to(root)
+            dirs[:] = [d for d in dirs if (rel_dir / d).as_posix() not in BUNDLE_USER_DIRS]
             for d in dirs:
                 (tmp / rel_dir / d).mkdir(exist_ok=True)
             for n in names:
@@ -865,7 +867,7 @@ def _record(root: Path, result: dict[str, Any], where: str) -> dict[str, Any]:
     if REPORT_HTML in manifest["files"]:  # the page shows the device runs too (it shows no file hashes)
         new[REPORT_HTML] = render_html(manifest)
         manifest["files"][REPORT_HTML] = hashlib.sha256(new[REPORT_HTML].encode("utf-8")).hexdigest()
-    if MODEL_JSON in manifest["files"]:  # the threads an app should use: what this device ran fastest at
+    if MODEL_JSON in manifest["files"] and where != "localhost":  # threads an app should use on the device
         try:
             described = runspec.with_device_threads(read_json(root / MODEL_JSON), result, where)
         except EdgeftError:

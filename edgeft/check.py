@@ -72,6 +72,7 @@ class CheckReport:
     files_checked: int
     artifacts: list[ArtifactCheck]
     findings: list[Finding]
+    unverified: list[str] = field(default_factory=list)  # the user's installs inside it (not verified)
 
     @property
     def passed(self) -> bool:
@@ -201,14 +202,23 @@ def parse_sums(text: str, where: str = SHA256SUMS) -> dict[str, str]:
     return sums
 
 
+def _user_dir(root: Path, path: Path) -> bool:
+    """A real folder where the user installs an example's dependencies (BUNDLE_USER_DIRS)."""
+    return path.relative_to(root).as_posix() in BUNDLE_USER_DIRS and path.is_dir() and not path.is_symlink()
+
+
+def unverified_user_dirs(root: Path) -> list[str]:
+    """The user's install folders present in a bundle: not part of it, so nothing in them is verified."""
+    return [rel for rel in BUNDLE_USER_DIRS if _user_dir(root, root / rel)]
+
+
 def _walk(root: Path) -> tuple[list[str], list[str]]:
     """(regular files, anything else: symlinks, fifos, sockets) under root, relative; no symlink followed."""
     regular, odd = [], []
     for dirpath, dirs, names in os.walk(root):
-        # an example's dependencies the user installed (npm ci in examples/node) are not the bundle's
-        dirs[:] = [
-            d for d in dirs if (Path(dirpath) / d).relative_to(root).as_posix() not in BUNDLE_USER_DIRS
-        ]
+        # an example's dependencies the user installed (npm ci in examples/node) are not the bundle's; a link
+        # by that name is still reported
+        dirs[:] = [d for d in dirs if not _user_dir(root, Path(dirpath) / d)]
         for n in [*dirs, *names]:
             p = Path(dirpath) / n
             rel = p.relative_to(root).as_posix()
@@ -300,6 +310,7 @@ def check_bundle(
         files_checked=len(present),
         artifacts=artifacts,
         findings=c.findings,
+        unverified=unverified_user_dirs(root),
     )
 
 

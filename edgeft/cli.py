@@ -657,6 +657,11 @@ def check(
             print(
                 "note: the build marked this bundle as over its drift budget (passed: false)", file=sys.stderr
             )
+        for rel in report.unverified:
+            print(
+                f"note: {rel}: installed after the build, not part of the bundle: not verified",
+                file=sys.stderr,
+            )
     if not report.passed:
         sys.exit(1)
 

@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -105,12 +105,14 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_dir(out: Path, *, what: str = "output") -> Iterator[Path]:
+def atomic_dir(out: Path, *, what: str = "output", keep: Sequence[str] = ()) -> Iterator[Path]:
     """Yield a fresh folder to fill; on success it becomes `out`, on failure it is removed.
 
     Only what edgeft wrote is ever replaced (see ensure_replaceable_dir): the temp name is unique per run, the
     old `out` is renamed aside, the new one renamed in, and only then the old one removed — a crash at any
     point leaves either the old output or the new one under `out` (and at worst a hidden `.NAME.old-*`).
+    `keep` names folders inside `out` that are the user's (a bundle's examples/node/node_modules): they move
+    into the new `out`, and an old output whose folder could not be moved stays beside it, never removed.
     """
     out = Path(out)
     ensure_replaceable_dir(out)
@@ -128,11 +130,26 @@ def atomic_dir(out: Path, *, what: str = "output") -> Iterator[Path]:
             os.rmdir(old)
             out.rename(old)
         partial.rename(out)
-        if old is not None:
+        if old is not None and _carry(old, out, keep):
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def _carry(old: Path, new: Path, keep: Sequence[str]) -> bool:
+    """Move each `keep` folder (a real folder, not a link) from `old` into `new`; False if any could not be."""
+    ok = True
+    for rel in keep:
+        src, dst = old / rel, new / rel
+        if src.is_symlink() or not src.is_dir() or dst.exists():
+            continue
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            src.rename(dst)
+        except OSError:
+            ok = False
+    return ok
 
 
 @contextmanager

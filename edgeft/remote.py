@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from .constants import BUNDLE_USER_DIRS, MANIFEST, REPORT, REPORT_HTML, SHA256SUMS
+from .constants import BUNDLE_USER_DIRS, MANIFEST, MODEL_JSON, REPORT, REPORT_HTML, SHA256SUMS
 from .errors import EdgeftError
 
 if TYPE_CHECKING:
@@ -770,7 +770,7 @@ def bench_remote(
                 rdir,
                 where=ep.where,
                 python=python,
-                changed=[MANIFEST, REPORT, REPORT_HTML, SHA256SUMS],
+                changed=[MANIFEST, MODEL_JSON, REPORT, REPORT_HTML, SHA256SUMS],
             )
         except EdgeftError as e:
             note = f"the results are recorded here, but the device's copy was not updated: {e}"

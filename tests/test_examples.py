@@ -178,7 +178,9 @@ def test_an_installed_node_example_leaves_the_bundle_whole(node_bundle: Path) ->
 # --- nothing is hard-coded: a changed description changes what they feed the model --------------------------
 
 CHANGED_SYSTEM = "Answer with one JSON object."
-CHANGED_PREFIX = "{{ 'Home assistant.' + '\\n' }}"  # Jinja: a line before the conversation
+CHANGED_BOS = "<|endoftext|>"  # a template variable model.json gives (the demo's tokenizer has no BOS)
+# a block tag on its own line (trim_blocks drops its newline, lstrip_blocks its indent) and the variable
+CHANGED_PREFIX = "  {% if true %}\n{{ bos_token }}Home assistant.{{ '\\n' }}{% endif %}\n"
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +201,7 @@ def changed(
     )
     desc = json.loads((dst / MODEL_JSON).read_text())
     desc["chat_template"] = CHANGED_PREFIX + desc["chat_template"]
+    desc["template_variables"]["bos_token"] = CHANGED_BOS
     desc["prompt"]["system_prompt"] = CHANGED_SYSTEM
     (dst / MODEL_JSON).write_text(json.dumps(desc))
     tok = load_tokenizer(dst / "tokenizer", notify=False)
@@ -207,9 +210,13 @@ def changed(
     for prompt in prompts:
         msgs = [{"role": "system", "content": CHANGED_SYSTEM}, {"role": "user", "content": prompt}]
         text = tok.apply_chat_template(
-            msgs, chat_template=desc["chat_template"], add_generation_prompt=True, tokenize=False
+            msgs,
+            chat_template=desc["chat_template"],
+            add_generation_prompt=True,
+            tokenize=False,
+            bos_token=CHANGED_BOS,  # transformers passes keyword arguments to the template as variables
         )
-        assert text.startswith("Home assistant.\n<|im_start|>system\n" + CHANGED_SYSTEM), text
+        assert text.startswith(CHANGED_BOS + "Home assistant.\n<|im_start|>system\n" + CHANGED_SYSTEM), text
         want.append(list(tok(text, add_special_tokens=False)["input_ids"]))
     return dst, prompts, want
 
@@ -248,6 +255,8 @@ def test_examples_fail_in_one_line(
             "nope: not a onnx artifact",
         ),
         (_python(runtime_venv, demo_bundle, PY_GGUF, "--max-tokens", "0", "hi"), "--max-tokens = 0"),
+        (_python(runtime_venv, demo_bundle, PY_GGUF, "--max-tokens", "abc", "hi"), "--max-tokens"),
+        (_python(runtime_venv, demo_bundle, PY_ONNX), "PROMPT"),
         (_node(node_bundle, "--bundle", str(empty), "hi"), "model.json"),
         (_node(node_bundle, "--artifact", "../../etc/passwd", "hi"), "not a gguf artifact"),
     ]
@@ -271,22 +280,32 @@ def test_a_missing_runtime_is_named_with_its_install_line(demo_bundle: Path, tmp
 
 
 def test_device_threads_reach_model_json(demo_bundle: Path, tmp_path: Path) -> None:
+    """A device run sets each measured artifact's threads in model.json (a local run does not), rewriting
+    the bundle in one step that keeps the user's npm install and still passes `edgeft check`."""
+    from edgeft.check import check_bundle
+
     dst = tmp_path / demo_bundle.name
     shutil.copytree(demo_bundle, dst)
-    gguf = next(
-        a["path"] for a in json.loads((dst / MANIFEST).read_text())["artifacts"] if a["format"] == "gguf"
-    )
+    dep = dst / "examples" / "node" / "node_modules" / "dep" / "index.js"
+    dep.parent.mkdir(parents=True)
+    dep.write_text("export default 1;\n")
+    arts = {a["format"]: a["path"] for a in json.loads((dst / MANIFEST).read_text())["artifacts"]}
     result = {
         "artifacts": [
-            {"path": gguf, "status": "ok", "best_threads": {"decode": 2, "prefill": 4}},
-            {"path": "onnx-x", "status": "failed", "best_threads": None},
+            {"path": arts["gguf"], "status": "ok", "best_threads": {"decode": 2, "prefill": 4}},
+            {"path": arts["onnx"], "status": "failed", "best_threads": {"decode": 1, "prefill": 1}},
         ]
     }
+    before = (dst / MODEL_JSON).read_text()
+    bundle.record_device_run(dst, result, "localhost")  # the build machine is not the device
+    assert (dst / MODEL_JSON).read_text() == before
     bundle.record_device_run(dst, result, "pi@raspberrypi.local")
     desc = json.loads((dst / MODEL_JSON).read_text())
     threads = {a["path"]: a["threads"] for a in desc["artifacts"]}
-    assert threads[gguf] == {"decode": 2, "prefill": 4, "measured_on": "pi@raspberrypi.local"}
-    assert all(t is None for p, t in threads.items() if p != gguf)
-    from edgeft.check import check_bundle
-
-    assert check_bundle(dst, load=False).findings == []  # model.json's new digest is recorded
+    assert threads == {
+        arts["gguf"]: {"decode": 2, "prefill": 4, "measured_on": "pi@raspberrypi.local"},
+        arts["onnx"]: None,  # a failed run measured nothing
+    }
+    assert dep.read_text() == "export default 1;\n"  # the user's install survived the rewrite
+    report = check_bundle(dst, load=False)
+    assert report.findings == [] and report.unverified == ["examples/node/node_modules"]

@@ -71,6 +71,29 @@ def test_atomic_dir_leaves_siblings_and_old_output_alone(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "bundle.old", "bundle.partial"]
 
 
+def test_a_replaced_output_keeps_the_users_install_inside_it(tmp_path: Path) -> None:
+    """A rebuilt bundle keeps what the user installed in it (examples/node/node_modules after `npm ci`); a
+    link by that name is not followed, and nothing is left beside the output."""
+    out = tmp_path / "bundle"
+    keep = ("examples/node/node_modules",)
+    with files.atomic_dir(out, keep=keep) as d:
+        (d / "model.gguf").write_text("v1")
+    dep = out / keep[0] / "dep" / "index.js"
+    dep.parent.mkdir(parents=True)
+    dep.write_text("the user's")
+    with files.atomic_dir(out, keep=keep) as d:
+        (d / "model.gguf").write_text("v2")
+    assert (out / "model.gguf").read_text() == "v2" and dep.read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(out / keep[0])
+    (out / keep[0]).symlink_to(elsewhere)
+    with files.atomic_dir(out, keep=keep) as d:
+        (d / "model.gguf").write_text("v3")
+    assert not (out / keep[0]).exists() and elsewhere.is_dir()  # the link went with the old output
+
+
 def test_a_second_build_into_the_same_out_is_refused(tmp_path: Path) -> None:
     with files.locked(tmp_path / "dist"):
         with pytest.raises(EdgeftError) as e, files.locked(tmp_path / "dist"):

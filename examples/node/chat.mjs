@@ -47,15 +47,19 @@ function pickArtifact(bundle, desc, rel) {
     }
     const root = realpathSync(bundle);
     const path = resolve(root, rel);
-    if (!path.startsWith(root + sep) || !existsSync(path)) throw new ExampleError(`${rel}: missing from the bundle`);
-    return [realpathSync(path), entries.find((a) => a.path === rel)];
+    // resolve symlinks first, then require the real file inside the bundle's real folder
+    const real = existsSync(path) ? realpathSync(path) : null;
+    if (real === null || !real.startsWith(root + sep)) throw new ExampleError(`${rel}: missing from the bundle`);
+    return [real, entries.find((a) => a.path === rel)];
 }
 
 function conversation(desc, prompt) {
-    const system = desc.prompt.system_prompt;
-    return [...(system ? [{role: "system", content: system}] : []), {role: "user", content: prompt}];
+    const system = desc.prompt.system_prompt;  // null: send none (an empty string is still a system turn)
+    return [...(system != null ? [{role: "system", content: system}] : []), {role: "user", content: prompt}];
 }
 
+// @huggingface/jinja gives a template what transformers does: raise_exception, strftime_now, tojson
+// (non-ASCII kept), trim_blocks and lstrip_blocks; then model.json's variables and the generation prompt
 function render(desc, messages) {
     return new Template(desc.chat_template).render({
         messages,
@@ -115,10 +119,8 @@ async function main(argv) {
             help: {type: "boolean", short: "h", default: false},
         },
     });
-    if (a.help) {
-        console.log(`usage: node ${PROG} [--bundle DIR] [--artifact PATH] [--max-tokens N] [--threads N] [--json] PROMPT...`);
-        return 0;
-    }
+    if (a.help)
+        return `usage: node ${PROG} [--bundle DIR] [--artifact PATH] [--max-tokens N] [--threads N] [--json] PROMPT...\n`;
     if (prompts.length === 0) throw new ExampleError("give at least one PROMPT");
     const bundle = a.bundle ?? (existsSync(join(inBundle, "model.json")) ? inBundle : null);
     if (bundle == null) throw new ExampleError("no bundle: pass --bundle DIR (the folder holding model.json)");
@@ -132,14 +134,13 @@ async function main(argv) {
     const threads = a.threads != null ? Number(a.threads) : Math.max(1, Math.min(wanted, availableParallelism()));
     if (!Number.isInteger(threads) || threads < 1) throw new ExampleError(`--threads = ${a.threads} should be 1 or more`);
     const results = await answer(path, desc, prompts, maxNew, threads);
-    results.forEach(([ids, text], i) => {
-        console.log(a.json ? JSON.stringify({prompt: prompts[i], prompt_ids: ids, answer: text}) : text);
-    });
-    return 0;
+    return results
+        .map(([ids, text], i) => (a.json ? JSON.stringify({prompt: prompts[i], prompt_ids: ids, answer: text}) : text) + "\n")
+        .join("");
 }
 
 main(process.argv.slice(2)).then(
-    (code) => process.exit(code),
+    (text) => process.stdout.write(text, () => process.exit(0)),  // exit once the answers are written out
     (e) => {
         const first = (String(e?.message ?? e).trim().split("\n")[0]) || e?.name || "error";
         console.error(`${PROG}: error: ${e instanceof ExampleError ? first : `${e?.name ?? "Error"}: ${first}`}`);

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 MODEL_JSON = "model.json"
 Messages = List[Dict[str, str]]
@@ -56,33 +56,55 @@ def pick_artifact(
     return path, entries[rel]
 
 
-def threads(desc: Dict[str, Any], entry: Dict[str, Any]) -> int:
-    """Decode threads: those the artifact ran fastest at on the device (after `edgeft bench`), else the
-    target profile's; never more than this machine's cores (more threads than cores stall llama.cpp)."""
+def threads(desc: Dict[str, Any], entry: Dict[str, Any], phase: str = "decode") -> int:
+    """Threads for `phase` ("decode" or "prefill"): what the artifact ran fastest at on the device (after
+    `edgeft bench --remote`), else the target profile's; never more than this machine's cores (more threads
+    than cores stall llama.cpp)."""
     measured = entry.get("threads") or {}
-    wanted = int(measured.get("decode") or desc.get("threads") or 1)
+    wanted = int(measured.get(phase) or desc.get("threads") or 1)
     return max(1, min(wanted, os.cpu_count() or 1))
 
 
 def conversation(desc: Dict[str, Any], prompt: str) -> Messages:
-    """The messages verify sent: model.json's system prompt (if any), then the user's prompt."""
+    """The messages verify sent: model.json's system prompt (unless null), then the user's prompt."""
     system = desc["prompt"].get("system_prompt")
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    head = [] if system is None else [{"role": "system", "content": system}]
+    return head + [{"role": "user", "content": prompt}]
 
 
 def render(desc: Dict[str, Any], messages: Messages) -> str:
-    """model.json's chat template rendered as transformers and llama-cpp-python render it (Jinja2, sandboxed,
-    trim_blocks and lstrip_blocks), with its template variables and the generation prompt."""
+    """model.json's chat template rendered as transformers renders it: Jinja2, sandboxed, trim_blocks and
+    lstrip_blocks, loop controls, its `tojson` (non-ASCII kept) and its `raise_exception` and `strftime_now`
+    globals (ref: transformers utils/chat_template_utils.py _compile_jinja_template), with model.json's
+    template variables and the generation prompt."""
+    import datetime
+
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 
+    def tojson(
+        x: Any,
+        ensure_ascii: bool = False,
+        indent: Any = None,
+        separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.datetime.now().strftime(fmt)
+
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
     template = env.from_string(desc["chat_template"])
     return template.render(
         messages=messages,
@@ -91,15 +113,29 @@ def render(desc: Dict[str, Any], messages: Messages) -> str:
     )
 
 
-# An answer function: (artifact, description, prompts, max_new_tokens, threads) -> [(prompt ids, answer)]
-Answerer = Callable[[Path, Dict[str, Any], List[str], int, int], List[Any]]
+def end_ids(desc: Dict[str, Any]) -> List[int]:
+    """The ids an answer ends at (model.json tokens.end_of_turn)."""
+    return [int(t["id"]) for t in desc["tokens"]["end_of_turn"]]
+
+
+# An answer function: (artifact, description, prompts, max_new_tokens, (decode, prefill) threads)
+# -> [(prompt ids, answer)]
+Answerer = Callable[[Path, Dict[str, Any], List[str], int, Tuple[int, int]], List[Any]]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 1 like every other failure."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main(prog: str, fmt: str, answer: Answerer, argv: Optional[List[str]] = None) -> int:
     """Parse the command line, answer every prompt (each a fresh conversation) and print the answers."""
     here = Path(__file__).resolve().parent
     default_bundle = here.parent.parent if (here.parent.parent / MODEL_JSON).is_file() else None
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog=prog,
         description=f"Answer prompts with a bundle's {fmt} artifact, run as model.json describes.",
         epilog=f'Example: python3 {prog} "turn off the kitchen lights" --bundle dist/raspberrypi',
@@ -132,7 +168,8 @@ def main(prog: str, fmt: str, answer: Answerer, argv: Optional[List[str]] = None
             raise ExampleError(f"--max-tokens = {max_new} should be 1 or more")
         if a.threads is not None and a.threads < 1:
             raise ExampleError(f"--threads = {a.threads} should be 1 or more")
-        results = answer(path, desc, a.prompts, max_new, a.threads or threads(desc, entry))
+        n = (a.threads or threads(desc, entry), a.threads or threads(desc, entry, "prefill"))
+        results = answer(path, desc, a.prompts, max_new, n)
     except ExampleError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1

@@ -7,7 +7,8 @@
 
 The chat template, its variables, the system prompt (none unless model.json names one), the end-of-turn
 tokens and the greedy settings all come from the bundle's model.json (bundle_model.py). The prompt ids are
-llama.cpp's own tokenization of the rendered template; the answer ends at any end-of-generation token.
+llama.cpp's own tokenization of the rendered template; the answer ends at llama.cpp's end-of-generation
+tokens and at model.json's end-of-turn ids.
 """
 
 import sys
@@ -20,16 +21,25 @@ import bundle_model  # noqa: E402 - the examples' shared helper, beside this fil
 
 
 def answer(
-    path: Path, desc: Dict[str, Any], prompts: List[str], max_new: int, threads: int
+    path: Path, desc: Dict[str, Any], prompts: List[str], max_new: int, threads: Tuple[int, int]
 ) -> List[Tuple[List[int], str]]:
     try:
-        from llama_cpp import Llama
+        from llama_cpp import Llama, StoppingCriteriaList
     except ImportError:
         raise bundle_model.ExampleError(
             "llama-cpp-python is not installed: pip install llama-cpp-python"
         ) from None
     gen = desc["generation"]
-    llm = Llama(model_path=str(path), n_ctx=int(desc["context_length"]), n_threads=threads, verbose=False)
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=int(desc["context_length"]),
+        n_threads=threads[0],
+        n_threads_batch=threads[1],
+        verbose=False,
+    )
+    ends = set(bundle_model.end_ids(desc))
+    # llama.cpp ends at its own end-of-generation tokens; model.json's end-of-turn ids end the answer too
+    at_end = StoppingCriteriaList([lambda ids, _logits: int(ids[-1]) in ends])
     out = []
     try:
         for prompt in prompts:
@@ -46,6 +56,7 @@ def answer(
                 top_k=gen["top_k"],
                 repeat_penalty=gen["repeat_penalty"],
                 stop=desc["stop_strings"] or None,
+                stopping_criteria=at_end,
             )
             out.append(([int(i) for i in ids], res["choices"][0]["text"]))
     finally:

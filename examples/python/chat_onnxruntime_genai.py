@@ -5,9 +5,11 @@
     python3 examples/python/chat_onnxruntime_genai.py "turn off the kitchen lights"    # inside a bundle
     python3 examples/python/chat_onnxruntime_genai.py --bundle dist/raspberrypi "turn off the kitchen lights"
 
-onnxruntime-genai renders model.json's chat template itself (`apply_chat_template(template_str=...)`, the
-call C#, Java and Kotlin apps make too) and encodes it with the tokenizer files in the ONNX folder; the
-greedy Generator stops at genai_config.json's end ids and at model.json's end-of-turn ids.
+model.json's chat template is rendered with its template variables as the fine-tune rendered it
+(bundle_model.render, Jinja2) and encoded by onnxruntime-genai's tokenizer (the ONNX folder's tokenizer files)
+with model.json's add_special_tokens; the greedy Generator stops at genai_config.json's end ids and at
+model.json's end-of-turn ids. Apps in C#, Java or Kotlin render with `Tokenizer.ApplyChatTemplate(template,
+messages, ...)` instead, passing model.json's `chat_template`.
 """
 
 import json
@@ -21,7 +23,7 @@ import bundle_model  # noqa: E402 - the examples' shared helper, beside this fil
 
 
 def answer(
-    path: Path, desc: Dict[str, Any], prompts: List[str], max_new: int, threads: int
+    path: Path, desc: Dict[str, Any], prompts: List[str], max_new: int, threads: Tuple[int, int]
 ) -> List[Tuple[List[int], str]]:
     try:
         import onnxruntime_genai as og
@@ -31,18 +33,18 @@ def answer(
         ) from None
     config = og.Config(str(path))
     # ref: onnxruntime-genai src/config.h, Config::SessionOptions intra_op_num_threads
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    config.overlay(
+        json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads[0]}}}})
+    )
     model = og.Model(config)
     tokenizer = og.Tokenizer(model)
-    ends = {int(t["id"]) for t in desc["tokens"]["end_of_turn"]}
+    # the rendered text carries its own BOS and markers: encode adds no special tokens unless model.json says
+    # so (ref: onnxruntime-genai Tokenizer.update_options, ort-extensions "add_special_tokens")
+    tokenizer.update_options(add_special_tokens=str(bool(desc["prompt"]["add_special_tokens"])).lower())
+    ends = set(bundle_model.end_ids(desc))
     out = []
     for prompt in prompts:
-        messages = json.dumps(bundle_model.conversation(desc, prompt))
-        text = tokenizer.apply_chat_template(
-            messages,
-            template_str=desc["chat_template"],
-            add_generation_prompt=desc["prompt"]["add_generation_prompt"],
-        )
+        text = bundle_model.render(desc, bundle_model.conversation(desc, prompt))
         ids = [int(i) for i in tokenizer.encode(text)]
         params = og.GeneratorParams(model)
         params.set_search_options(do_sample=desc["generation"]["do_sample"], max_length=len(ids) + max_new)
