@@ -701,6 +701,31 @@ def _device_facts(result: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _energy_lines(result: dict[str, Any]) -> str:
+    """Energy per token on the device, or why there is none (bench_on_device.py's energy readers)."""
+    dev = result.get("device") if isinstance(result.get("device"), dict) else {}
+    energy = dev.get("energy") if isinstance(dev.get("energy"), dict) else None
+    if energy is None:
+        return "Energy: not measured."
+    if not energy.get("available"):
+        return f"Energy: not available ({_cell(energy.get('reason'))})."
+    idle = energy.get("idle_w")
+    parts = []
+    for a in result.get("artifacts") or []:
+        e = a.get("energy") if isinstance(a, dict) and isinstance(a.get("energy"), dict) else None
+        if e is None:
+            continue
+        watts, idle_w = _real(e.get("decode_w")), _real(idle)
+        above = watts - idle_w if watts is not None and idle_w is not None else None
+        parts.append(
+            f"- {_cell(a.get('path'))}: {_cell(e.get('decode_j_per_token'), '.4f')} J per decoded token, "
+            f"{_cell(e.get('prefill_j_per_token'), '.5f')} J per prompt token, {_cell(e.get('decode_w'), '.2f')} W "
+            f"while decoding ({_cell(above, '+.2f')} W over idle)"
+        )
+    head = f"Energy ({_cell(energy.get('detail'))}; idle {_cell(idle, '.2f')} W, measured first):"
+    return "\n".join([head, "", *parts]) if parts else head + " no artifact measured."
+
+
 def render_device_section(manifest: dict[str, Any]) -> str:
     """report.md's device section: per device the newest run next to the build host's figures, the thread
     sweep, and what got slower since that device's previous run."""
@@ -771,6 +796,7 @@ def render_device_section(manifest: dict[str, Any]) -> str:
                 sweeps.append(f"- {_cell(path)}: " + ", ".join(points))
         if sweeps:
             lines += ["", "Thread sweep (threads → prefill / decode tok/s):", "", *sweeps]
+        lines += ["", _energy_lines(result)]
         cmp = compare_device_runs(runs, where)
         if cmp["regressions"]:
             lines += ["", f"**Slower than the previous run ({_cell(cmp['previous_recorded'])}):**", ""]

@@ -134,6 +134,14 @@ def test_bench_on_device_in_a_runtime_only_venv(made: Path, runtime_venv: Path) 
     assert dev["runtimes"] == {"llama-cpp-python": "0.3.36", "onnxruntime-genai": "0.18.0"}
     if Path("/proc/cpuinfo").is_file():
         assert dev["cpu_features"] and dev["cpu_model"]
+    # energy: read where a counter is readable; this VM has none, so "not available" and no figure anywhere
+    if dev["energy"]["available"]:
+        assert dev["energy"]["idle_w"] is None or dev["energy"]["idle_w"] > 0
+    else:
+        assert dev["energy"]["reason"] == bod.find_energy_source()[1]
+        assert all(
+            a["energy"] is None and all(p["energy"] is None for p in a["sweep"]) for a in out["artifacts"]
+        )
     for when in ("before", "after"):  # read from the system or null, never made up
         assert dev["temperature_c"][when] is None or 0 < dev["temperature_c"][when] < 150
         assert dev["throttled"][when] is None or dev["throttled"][when].startswith("0x")

@@ -108,13 +108,19 @@ def time_once(engine: Engine, ids: list[int], decode_tokens: int) -> tuple[float
     return t1 - t0, t2 - t1, out
 
 
-def measure_engine(engine: Engine, *, prompt_tokens: int, decode_tokens: int, runs: int) -> Timing:
-    """Prefill and decode speed of `engine`: one warm-up, then medians of `runs` timed runs."""
+def measure_engine(
+    engine: Engine, *, prompt_tokens: int, decode_tokens: int, runs: int, marks: list[Any] | None = None
+) -> Timing:
+    """Prefill and decode speed of `engine`: one warm-up, then medians of `runs` timed runs. `marks` gets
+    (start, first token, last token) perf_counter instants of each timed run (for energy per phase)."""
     ids = prompt_ids(engine.n_vocab, prompt_tokens)
     ttft: list[float] = []
     decode: list[float] = []
     for i in range(runs + 1):  # run 0 is the warm-up
+        start = time.perf_counter()
         first, rest, out = time_once(engine, ids, decode_tokens)
+        if i and marks is not None:
+            marks.append((start, start + first, start + first + rest))
         if len(out) != decode_tokens + 1:
             raise RuntimeError(f"generated {len(out)} tokens, expected {decode_tokens + 1}")
         if i:
@@ -465,6 +471,296 @@ def device_facts() -> dict[str, Any]:
     }
 
 
+# --- energy per token ---------------------------------------------------------------------------------------
+# Joules per token where the device exposes a counter, never a made-up number: where none is readable the
+# result says why. Sources, in the order they are looked for:
+# - Linux powercap/RAPL (x86 laptops and desktops): cumulative energy_uj per zone, wrapping at
+#   max_energy_range_uj (ref: Linux Documentation/power/powercap/powercap.rst). Top-level zones only (their
+#   subzones, core/uncore/dram, are inside the package's count); "psys" (the whole platform) when present.
+#   energy_uj is readable by root only since Linux 5.10 (CVE-2020-8694, "Platypus").
+# - NVIDIA Jetson's INA3221 power monitor: hwmon in[123]_input (bus mV), curr[123]_input (mA), in[123]_label
+#   (ref: Linux Documentation/hwmon/ina3221.rst; JetPack 5/6), the rail labelled VDD_IN (the module's input)
+#   when there is one; JetPack 4's iio driver: in_power[012]_input (mW) with rail_name_[012].
+# - Raspberry Pi 5's PMIC: `vcgencmd pmic_read_adc` prints each rail's current ("NAME_A current(i)=...A") and
+#   voltage ("NAME_V volt(j)=...V"); power is the sum over rails of current × voltage (ref: raspberrypi.com
+#   documentation, computers/os.adoc "vcgencmd" pmic_read_adc; Raspberry Pi 5 only).
+# The power monitors give watts at an instant, so a sampler thread integrates them (trapezoids); RAPL counts
+# joules itself. Idle power is measured first, before any model is loaded.
+
+ENERGY_SAMPLE_S = {"counter": 0.02, "power": 0.05, "vcgencmd": 0.1}
+IDLE_SECONDS = 2.0
+JETSON_INPUT_RAILS = ("VDD_IN", "POM_5V_IN")
+
+
+def _read_text(path: str) -> str:
+    """One small sysfs file (tests replace this to play permissions)."""
+    with open(path, encoding="ascii", errors="replace") as f:
+        return f.read()
+
+
+class EnergySource:
+    """A readable energy counter or power monitor: `read()` is joules so far (kind "counter") or watts now
+    (kind "power")."""
+
+    def __init__(self, name: str, kind: str, read: Any, detail: str, interval: float) -> None:
+        self.name, self.kind, self.read, self.detail, self.interval = name, kind, read, detail, interval
+
+
+def _rapl(sys_root: Path) -> tuple[EnergySource | None, str | None]:
+    base = sys_root / "class" / "powercap"
+    zones = [z for z in sorted(base.glob("intel-rapl:*")) if z.name.count(":") == 1]
+    if not zones:
+        return None, None
+    named = {z: (_read(str(z / "name")) or "").strip() for z in zones}
+    psys = [z for z in zones if named[z] == "psys"]
+    chosen = psys or [z for z in zones if named[z].startswith("package")] or zones
+    ranges: list[int] = []
+    for z in chosen:
+        try:
+            int(_read_text(str(z / "energy_uj")).strip())
+            ranges.append(int(_read_text(str(z / "max_energy_range_uj")).strip()))
+        except PermissionError:
+            return None, (
+                f"{z / 'energy_uj'} is readable by root only (Linux 5.10+, CVE-2020-8694): run as root, or "
+                "grant read access to it"
+            )
+        except (OSError, ValueError) as e:
+            return None, f"{z / 'energy_uj'}: not readable ({type(e).__name__})"
+    last: list[int | None] = [None] * len(chosen)
+    total = [0]
+
+    def read() -> float:
+        for i, z in enumerate(chosen):
+            raw = int(_read_text(str(z / "energy_uj")).strip())
+            prev = last[i]
+            if prev is not None:
+                delta = raw - prev
+                if delta < 0:  # the counter wrapped at max_energy_range_uj
+                    delta += ranges[i]
+                total[0] += delta
+            last[i] = raw
+        return total[0] / 1e6
+
+    names = "+".join(named[z] or z.name for z in chosen)
+    return EnergySource("rapl", "counter", read, f"powercap {names}", ENERGY_SAMPLE_S["counter"]), None
+
+
+def _jetson(sys_root: Path) -> tuple[EnergySource | None, str | None]:
+    drivers = sys_root / "bus" / "i2c" / "drivers"
+    channels: list[tuple[str, Any]] = []  # (label, watts reader)
+    for hw in sorted(drivers.glob("ina3221/*/hwmon/hwmon*")):
+        for volt in sorted(hw.glob("in[0-9]_input")):
+            n = volt.name[2]
+            curr = hw / f"curr{n}_input"
+            if not curr.is_file():
+                continue
+            label = (_read(str(hw / f"in{n}_label")) or f"{hw.name} in{n}").strip()
+
+            def watts(v: Path = volt, c: Path = curr) -> float:  # mV × mA
+                return int(_read_text(str(v)).strip()) * int(_read_text(str(c)).strip()) / 1e6
+
+            channels.append((label, watts))
+    for dev in sorted(drivers.glob("ina3221x/*/iio:device*")):
+        for power in sorted(dev.glob("in_power[0-9]_input")):
+            n = power.name[len("in_power")]
+            label = (_read(str(dev / f"rail_name_{n}")) or f"{dev.name} power{n}").strip()
+
+            def watts_iio(p: Path = power) -> float:  # mW
+                return int(_read_text(str(p)).strip()) / 1e3
+
+            channels.append((label, watts_iio))
+    if not channels:
+        return None, None
+    inputs = [c for c in channels if c[0] in JETSON_INPUT_RAILS]
+    chosen = inputs[:1] or channels
+    try:
+        for _label, f in chosen:
+            f()
+    except PermissionError as e:
+        return None, f"{e.filename}: not readable by this user: run as root, or grant read access to it"
+    except (OSError, ValueError) as e:
+        return None, f"INA3221 power monitor not readable ({type(e).__name__}: {e})"
+
+    def read() -> float:
+        return sum(f() for _label, f in chosen)
+
+    detail = "INA3221 " + "+".join(label for label, _f in chosen)
+    return EnergySource("jetson-ina3221", "power", read, detail, ENERGY_SAMPLE_S["power"]), None
+
+
+def parse_pmic_adc(text: str) -> float | None:
+    """Watts from `vcgencmd pmic_read_adc` output: Σ over rails of NAME_A current × NAME_V voltage."""
+    amps: dict[str, float] = {}
+    volts: dict[str, float] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 2 or "=" not in parts[1]:
+            continue
+        name, value = parts[0], parts[1].split("=", 1)[1]
+        try:
+            if name.endswith("_A") and value.endswith("A"):
+                amps[name[:-2]] = float(value[:-1])
+            elif name.endswith("_V") and value.endswith("V"):
+                volts[name[:-2]] = float(value[:-1])
+        except ValueError:
+            continue
+    rails = [r for r in amps if r in volts]
+    return sum(amps[r] * volts[r] for r in rails) if rails else None
+
+
+def _pi5_pmic(run: Any, which: Any) -> tuple[EnergySource | None, str | None]:
+    if which("vcgencmd") is None:
+        return None, None
+    out = run(["vcgencmd", "pmic_read_adc"])
+    if out is None or parse_pmic_adc(out) is None:
+        return None, None  # not a Raspberry Pi 5 (older boards' firmware has no PMIC ADC)
+
+    def read() -> float:
+        text = run(["vcgencmd", "pmic_read_adc"])
+        watts = parse_pmic_adc(text or "")
+        if watts is None:
+            raise OSError("vcgencmd pmic_read_adc gave no rail readings")
+        return watts
+
+    return EnergySource(
+        "pi5-pmic", "power", read, "PMIC rails (vcgencmd pmic_read_adc)", ENERGY_SAMPLE_S["vcgencmd"]
+    ), None
+
+
+def find_energy_source(
+    sys_root: Path = Path("/sys"), run: Any = None, which: Any = None
+) -> tuple[EnergySource | None, str]:
+    """The first readable source (RAPL, Jetson INA3221, Raspberry Pi 5 PMIC) → (source, ""), or (None, why)."""
+    run = run or _run
+    which = which or shutil.which
+    reasons: list[str] = []
+    for find in (lambda: _rapl(sys_root), lambda: _jetson(sys_root), lambda: _pi5_pmic(run, which)):
+        source, why = find()
+        if source is not None:
+            return source, ""
+        if why:
+            reasons.append(why)
+    if reasons:
+        return None, reasons[0]
+    return None, (
+        "no energy or power counter here (looked for powercap RAPL energy_uj, a Jetson INA3221 monitor, the "
+        "Raspberry Pi 5 PMIC through vcgencmd pmic_read_adc)"
+    )
+
+
+class EnergySampler:
+    """Samples a source in a background thread into a cumulative-joules curve; `joules(t0, t1)` is the
+    energy between two time.perf_counter() instants (linear between samples)."""
+
+    def __init__(self, source: EnergySource) -> None:
+        import threading
+
+        self.source = source
+        self.times: list[float] = []
+        self.joules: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.error: str | None = None
+
+    def _sample(self) -> None:
+        t = time.perf_counter()
+        value = self.source.read()
+        if self.source.kind == "counter":
+            total = value
+        elif not self.times:
+            total, self._watts = 0.0, value
+        else:  # trapezoid between the last sample and this one
+            total = self.joules[-1] + (self._watts + value) / 2 * (t - self.times[-1])
+            self._watts = value
+        self.times.append(t)
+        self.joules.append(total)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._sample()
+            except (OSError, ValueError) as e:
+                self.error = f"{type(e).__name__}: {e}"
+                return
+            self._stop.wait(self.source.interval)
+
+    def __enter__(self) -> EnergySampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.error is None:
+            self._sample()
+
+    def at(self, t: float) -> float:
+        """Cumulative joules at instant t (clamped to the sampled span)."""
+        import bisect
+
+        i = bisect.bisect_left(self.times, t)
+        if i <= 0:
+            return self.joules[0]
+        if i >= len(self.times):
+            return self.joules[-1]
+        t0, t1 = self.times[i - 1], self.times[i]
+        j0, j1 = self.joules[i - 1], self.joules[i]
+        return j0 + (j1 - j0) * (t - t0) / (t1 - t0) if t1 > t0 else j1
+
+    def between(self, t0: float, t1: float) -> float:
+        return self.at(t1) - self.at(t0)
+
+
+def energy_facts(a: argparse.Namespace) -> dict[str, Any]:
+    """Which energy source this run reads and the idle power measured first; or why there is none. Turns
+    `a.energy` off when there is nothing to read, so the thread points skip the sampler."""
+    if not a.energy:
+        return {"available": False, "reason": "not measured (--no-energy)"}
+    source, why = find_energy_source()
+    if source is None:
+        a.energy = False
+        _say(f"energy: not available: {why}")
+        return {"available": False, "reason": why}
+    idle = idle_watts(source)
+    _say(f"energy: {source.detail}, idle {idle if idle is None else round(idle, 2)} W")
+    return {
+        "available": True,
+        "source": source.name,
+        "detail": source.detail,
+        "sample_interval_ms": None if source.kind == "counter" else round(source.interval * 1000),
+        "idle_w": idle,
+        "idle_seconds": IDLE_SECONDS,
+    }
+
+
+def phase_energy(
+    sampler: EnergySampler, marks: list[Any], prompt_tokens: int, decode_tokens: int
+) -> dict[str, Any]:
+    """Medians over the timed runs: joules per prompt token (prefill, to the first token), joules per decoded
+    token and average watts while decoding; an error line instead when the source stopped answering."""
+    if sampler.error is not None or not marks:
+        return {"error": sampler.error or "no timed run"}
+    prefill = [sampler.between(t0, t1) / prompt_tokens for t0, t1, _t2 in marks]
+    decode = [sampler.between(t1, t2) / decode_tokens for _t0, t1, t2 in marks]
+    watts = [sampler.between(t1, t2) / (t2 - t1) for _t0, t1, t2 in marks if t2 > t1]
+    return {
+        "prefill_j_per_token": statistics.median(prefill),
+        "decode_j_per_token": statistics.median(decode),
+        "decode_w": statistics.median(watts) if watts else None,
+        "samples": len(sampler.times),
+    }
+
+
+def idle_watts(source: EnergySource, seconds: float = IDLE_SECONDS) -> float | None:
+    """Average power over `seconds` with nothing of the benchmark running."""
+    with EnergySampler(source) as s:
+        time.sleep(seconds)
+    if s.error is not None or s.times[-1] <= s.times[0]:
+        return None
+    return s.between(s.times[0], s.times[-1]) / (s.times[-1] - s.times[0])
+
+
 # --- the sweep ---------------------------------------------------------------------------------------------
 
 
@@ -495,6 +791,8 @@ def run_point(path: Path, fmt: str, threads: int, a: argparse.Namespace) -> dict
     cmd = [sys.executable, "-I", str(Path(__file__).resolve()), "--child", str(path), "--format", fmt]
     cmd += ["--threads", str(threads), "--runs", str(a.runs)]
     cmd += ["--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens)]
+    if not a.energy:  # no readable counter here, or not asked for
+        cmd.append("--no-energy")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -528,6 +826,7 @@ def bench_artifact(bundle: Path, entry: Any, a: argparse.Namespace, threads: lis
         "peak_rss_mb": None,
         "decode_bytes_per_token": None,
         "effective_gb_s": None,
+        "energy": None,
     }
     path = _inside(bundle, rel) if isinstance(rel, str) else None
     if path is None or fmt not in RUNTIMES:
@@ -569,6 +868,16 @@ def bench_artifact(bundle: Path, entry: Any, a: argparse.Namespace, threads: lis
     )
     if res["decode_bytes_per_token"] is not None:
         res["effective_gb_s"] = res["decode_bytes_per_token"] * res["decode_tok_s"] / 1e9
+    # energy at the fastest settings: decode at the best decode threads, prefill at the best prefill threads
+    e_decode, e_prefill = best_decode.get("energy"), best_prefill.get("energy")
+    if e_decode and "error" not in e_decode and e_prefill and "error" not in e_prefill:
+        res["energy"] = {
+            "decode_j_per_token": e_decode["decode_j_per_token"],
+            "prefill_j_per_token": e_prefill["prefill_j_per_token"],
+            "decode_w": e_decode["decode_w"],
+        }
+    else:
+        res["energy"] = None
     return res
 
 
@@ -591,6 +900,7 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         _say(f"  {p}")
     results: list[dict[str, Any]] = []
     threads = a.threads or default_threads(device["cores"])
+    device["energy"] = energy_facts(a) if manifest is not None and integrity["ok"] else None
     if manifest is not None:
         entries = manifest.get("artifacts")
         entries = entries if isinstance(entries, list) else []
@@ -629,12 +939,25 @@ def _child(a: argparse.Namespace) -> None:
         engine = open_engine(
             Path(a.bundle), a.format, threads=a.threads[0], n_ctx=a.prompt_tokens + a.decode_tokens + 8
         )
+        source = find_energy_source()[0] if a.energy else None
+        marks: list[Any] = []
         try:
-            t = measure_engine(
-                engine, prompt_tokens=a.prompt_tokens, decode_tokens=a.decode_tokens, runs=a.runs
-            )
+            if source is None:
+                t = measure_engine(
+                    engine, prompt_tokens=a.prompt_tokens, decode_tokens=a.decode_tokens, runs=a.runs
+                )
+            else:
+                with EnergySampler(source) as sampler:
+                    t = measure_engine(
+                        engine,
+                        prompt_tokens=a.prompt_tokens,
+                        decode_tokens=a.decode_tokens,
+                        runs=a.runs,
+                        marks=marks,
+                    )
         finally:
             engine.close()
+        energy = None if source is None else phase_energy(sampler, marks, a.prompt_tokens, a.decode_tokens)
     except Exception as e:  # noqa: BLE001 - any runtime error becomes the artifact's reason, one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(f"{ERROR_PREFIX}{type(e).__name__}: {first}", file=sys.stderr)
@@ -645,6 +968,7 @@ def _child(a: argparse.Namespace) -> None:
             dict(
                 {k: point[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms")},
                 peak_rss_mb=peak_rss_mb(),
+                energy=energy,
             )
         )
     )
@@ -677,6 +1001,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--decode-tokens", type=_positive, default=64, help="tokens decoded after the first, D")
     ap.add_argument(
         "--artifact", action="append", default=[], help="only this artifact (path in the bundle); repeatable"
+    )
+    ap.add_argument(
+        "--no-energy",
+        dest="energy",
+        action="store_false",
+        help="skip the idle-power wait and energy readings (they run where a counter is readable)",
     )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--format", choices=sorted(RUNTIMES), help=argparse.SUPPRESS)
