@@ -79,7 +79,7 @@ class BuildFacts:
     """What the manifest records about the build besides the artifacts."""
 
     base_model: str
-    adapter_sha256: str
+    adapter_sha256: str | None  # None after full fine-tuning (no adapter)
     dataset_sha256: str
     reference_task_accuracy: float | None
     base_task_accuracy: float | None
@@ -98,6 +98,8 @@ class BuildFacts:
     candidates: tuple[dict[str, Any], ...] = ()
     # the fine-tuning data's importance matrix: dataset sha256, examples, tokens
     imatrix: dict[str, Any] | None = None
+    finetune_method: str = "lora"  # "full": every weight was updated (no adapter, no merge)
+    finetuned_weights_sha256: dict[str, str] = field(default_factory=dict)  # full: the tuned model's files
     max_new_tokens: int = 256  # the longest answer verify generated (model.json's generation settings)
     system_prompt: str | None = None  # runspec.common_system_prompt of the verified conversations
 
@@ -126,7 +128,7 @@ def describe_base(model: str | Path) -> BaseModel:
     name = str(model)
     if isinstance(model, Path) or _looks_like_path(name):
         folder = Path(name).expanduser().resolve()
-        return BaseModel(folder.name, None, _weights_sha256(folder))
+        return BaseModel(folder.name, None, weights_sha256(folder))
     try:
         from huggingface_hub import snapshot_download
 
@@ -135,10 +137,10 @@ def describe_base(model: str | Path) -> BaseModel:
         snapshot = Path(snapshot_download(name, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached / offline: the revision is simply unknown
         return BaseModel(name, None, {})
-    return BaseModel(name, snapshot.name, _weights_sha256(snapshot))
+    return BaseModel(name, snapshot.name, weights_sha256(snapshot))
 
 
-def _weights_sha256(folder: Path) -> dict[str, str]:
+def weights_sha256(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors")) if p.is_file()}
 
 
@@ -215,6 +217,8 @@ def render_report(
     """report.md: what was built, how far it drifts, how fast it runs, and whether it fits the device."""
     lines = [f"# edgeft bundle for `{target.name}`", "", f"{target.description}", ""]
     lines += [f"- base model: `{facts.base_model}`"]
+    how = "full fine-tuning (every weight)" if facts.finetune_method == "full" else "LoRA, merged"
+    lines += [f"- fine-tuned with {how} on {facts.train_examples} examples"]
     if facts.reference_task_accuracy is not None:
         lines += [
             f"- held-out task accuracy (exact match, {facts.eval_examples} examples): base "
@@ -422,6 +426,8 @@ def write_bundle(
                 "base_weights_sha256": facts.base_weights_sha256,
                 "adapter_sha256": facts.adapter_sha256,
                 "dataset_sha256": facts.dataset_sha256,
+                "finetune_method": facts.finetune_method,
+                "finetuned_weights_sha256": facts.finetuned_weights_sha256 or None,
                 "lora": facts.lora_settings,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "tools": tool_versions(),

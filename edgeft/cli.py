@@ -124,9 +124,19 @@ AllowNativeLibs = Annotated[
 ]
 
 
+Method = Annotated[
+    str | None,
+    typer.Option(
+        help='How to fine-tune: "lora" (adapters, merged; default) or "full" (every weight, no merge; '
+        "[finetune] method in edgeft.toml)."
+    ),
+]
+
+
 @app.command(
     epilog="Example: edgeft build --target raspberrypi --model ./my-model --data tasks.jsonl --out dist\n\n"
-    "Example: edgeft build --target raspberrypi --max-kld 0.02 --min-task-accuracy 0.9 --max-size 400"
+    "Example: edgeft build --target raspberrypi --max-kld 0.02 --min-task-accuracy 0.9 --max-size 400\n\n"
+    "Example: edgeft build --target raspberrypi --method full"
 )
 def build(
     target: Annotated[
@@ -173,6 +183,7 @@ def build(
         float | None, typer.Option(help="Budget: held-out task accuracy (0..1) of each artifact, at least.")
     ] = None,
     max_size: Annotated[float | None, typer.Option(help="Budget: artifact size in MB, at most.")] = None,
+    method: Method = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Run the whole pipeline: fine-tune, merge, export, quantize, verify, bench, bundle. A failed or killed
@@ -191,6 +202,7 @@ def build(
         strict=True if strict else None,  # absent: edgeft.toml's `strict`, else false
         search=search,
         limits={"kld_mean": max_kld, "min_task_accuracy": min_task_accuracy, "max_size_mb": max_size},
+        method=method,
     )
     cfg = dataclasses.replace(
         cfg, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, keep_work=keep_work
@@ -205,26 +217,46 @@ def build(
 
 @app.command(
     epilog="Example: edgeft finetune --model ./base --data tasks.jsonl --out adapter --lora r=8 --lora epochs=2"
+    "\n\nExample: edgeft finetune --model ./base --data tasks.jsonl --out tuned --method full --lr 1e-4"
 )
 def finetune(
     model: Annotated[str, typer.Option(help="HF model dir or hub id.")],
     data: Annotated[Path, typer.Option(help="JSONL: {prompt, completion} or {messages} per line.")],
-    out: Annotated[Path, typer.Option(help="Adapter directory to write.")],
+    out: Annotated[Path, typer.Option(help="Adapter (or, with --method full, model) directory to write.")],
     lora: Annotated[
-        list[str] | None, typer.Option(help="LoRA setting override KEY=VALUE (repeatable).")
+        list[str] | None, typer.Option(help="Training setting override KEY=VALUE (repeatable).")
+    ] = None,
+    method: Method = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Learning rate of --method full (default 3e-4; LoRA's is --lora lr=)."),
     ] = None,
     trust_remote_code: TrustRemoteCode = False,
     allow_pickle: AllowPickle = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Fine-tune with LoRA; writes a PEFT adapter directory."""
+    """Fine-tune with LoRA (a PEFT adapter directory), or every weight with --method full (a model directory
+    in safetensors with the base's tokenizer files, checked against the available RAM first)."""
+    from .config import FULL_LR, check_method, finetune_settings
     from .finetune import finetune as run
     from .ui import task
 
     settings = _lora_overrides(lora or [])
+    how = check_method(method or "lora", "--method")
+    full_lr = finetune_settings({"method": how, "lr": FULL_LR if lr is None else lr}, "--lr")[1]
     model = _unpickled(model, allow_pickle)
-    with _stdout_to_stderr(), task("fine-tune (LoRA)") as update:
-        res = run(model, data, out, settings, trust_remote_code=trust_remote_code, progress=update)
+    label = "fine-tune (every weight)" if how == "full" else "fine-tune (LoRA)"
+    with _stdout_to_stderr(), task(label) as update:
+        res = run(
+            model,
+            data,
+            out,
+            settings,
+            trust_remote_code=trust_remote_code,
+            progress=update,
+            method=how,
+            full_lr=full_lr,
+        )
     _emit(res, as_json)
 
 

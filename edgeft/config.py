@@ -97,6 +97,13 @@ class LoraSettings:
             raise EdgeftError("; ".join(bad))
 
 
+# How the model is fine-tuned: LoRA adapters merged afterwards (the default), or every weight updated.
+FINETUNE_METHODS = ("lora", "full")
+# Full fine-tuning's learning rate unless [finetune] lr says otherwise: updating every weight wants a far
+# smaller step than LoRA's low-rank updates (LoraSettings.lr).
+FULL_LR = 3e-4
+
+
 # Transformers schedulers that need no extra arguments (reduce_lr_on_plateau needs an eval metric,
 # *_min_lr and warmup_stable_decay need scheduler kwargs edgeft does not pass).
 SCHEDULERS = (
@@ -174,6 +181,7 @@ KNOWN_KEYS = {
     "lora",
     "budgets",
     "search",
+    "finetune",
 }
 
 
@@ -198,6 +206,9 @@ class BuildConfig:
     search: bool = True
     # --max-kld / --min-task-accuracy / --max-size: limits on every shipped artifact, over the profile's
     limits: dict[str, float] = field(default_factory=dict)
+    # [finetune] method / --method: "lora" (adapters, merged) or "full" (every weight; no merge stage)
+    method: str = "lora"
+    full_lr: float = FULL_LR  # [finetune] lr: the learning rate of full fine-tuning
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -220,6 +231,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         expect_int(data["threads"], f"{where}: threads", 1, MAX_THREADS)
     if "lora" in data:
         expect_table(data["lora"], f"{where}: lora", "[lora] with LoRA settings such as r = 16")
+    if "finetune" in data:
+        finetune_settings(data["finetune"], where)
     if "budgets" in data:
         budgets = expect_table(data["budgets"], f"{where}: budgets", "[budgets.<quant>] tables")
         for quant, table in budgets.items():
@@ -266,6 +279,25 @@ def lora_settings(table: Any, where: str) -> LoraSettings:
         raise EdgeftError(f"{where}: {exc}") from None
 
 
+def finetune_settings(table: Any, where: str) -> tuple[str, float]:
+    """The [finetune] table → (method, full fine-tuning's lr); one line per bad key or value."""
+    table = expect_table(table, f"{where}: finetune", '[finetune] with method = "lora" or "full"')
+    refuse_unknown(table, {"method", "lr"}, where, "finetune setting")
+    method = table.get("method", "lora")
+    check_method(method, f"{where}: finetune.method")
+    lr = table.get("lr", FULL_LR)
+    if not _num(lambda v: 0 < v <= 10)(lr):
+        raise EdgeftError(f"{where}: finetune.lr = {show(lr)} should be a finite number > 0 and <= 10")
+    return method, float(lr)
+
+
+def check_method(method: Any, where: str) -> str:
+    """`method` if it is one of FINETUNE_METHODS, else one line naming the choices."""
+    if method not in FINETUNE_METHODS:
+        raise EdgeftError(f"{where} = {show(method)} should be one of {', '.join(FINETUNE_METHODS)}")
+    return str(method)
+
+
 def resolve(
     *,
     target: str | None,
@@ -278,6 +310,7 @@ def resolve(
     strict: bool | None = None,
     search: bool | None = None,
     limits: dict[str, float] | None = None,
+    method: str | None = None,
 ) -> BuildConfig:
     """Merge edgeft.toml (if present in `cwd`) with flags; flags win."""
     path = Path(cwd or Path.cwd()) / CONFIG_FILE
@@ -291,6 +324,7 @@ def resolve(
     base = path.parent
     data_path = data or (base / raw["data"] if "data" in raw else None)
     budgets = dict(raw.get("budgets", {}))
+    toml_method, full_lr = finetune_settings(raw.get("finetune", {}), where)
     return BuildConfig(
         target=str(target),
         model=model or raw.get("model"),
@@ -303,6 +337,8 @@ def resolve(
         strict=raw.get("strict", False) if strict is None else strict,
         search=raw.get("search", True) if search is None else search,
         limits=_limits(limits or {}),
+        method=check_method(method, "--method") if method is not None else toml_method,
+        full_lr=full_lr,
     )
 
 

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from . import data as _data
-from .config import LoraSettings
+from .config import FULL_LR, LoraSettings, check_method
 from .constants import FINETUNE_RECORD
 from .errors import EdgeftError
-from .files import atomic_dir
+from .files import atomic_dir, available_ram
 from .loading import copy_tokenizer_files, load_model, load_tokenizer
 from .ui import Progress
 
@@ -42,6 +42,7 @@ class FinetuneResult:
     seconds: float  # wall time of the training loop
     base_eval_loss: float = float("nan")  # held-out loss of the base model, before training
     history: tuple[float, ...] = field(default=(), repr=False)  # logged training losses
+    method: str = "lora"  # "full": adapter_dir holds the whole fine-tuned model (no merge needed)
 
 
 # --- training ------------------------------------------------------------------------------------------
@@ -130,8 +131,15 @@ def finetune(
     trust_remote_code: bool = False,
     progress: Progress | None = None,
     checkpoint_dir: Path | None = None,
+    method: str = "lora",
+    full_lr: float = FULL_LR,
 ) -> FinetuneResult:
     """Train a LoRA adapter for `model` on `data`; write it (plus tokenizer) atomically to `out`.
+
+    `method="full"` updates every weight instead (at `full_lr`; the other settings as for LoRA) on the same
+    Trainer path, and `out` gets the whole fine-tuned model in safetensors with the base's tokenizer files:
+    nothing to merge. Its memory (float32 weights, gradients and AdamW state, plus activations) is checked
+    against the available RAM before the model is even loaded.
 
     `progress(step, total, note)` follows training (the note carries the latest loss); transformers' own
     progress bar and printed log dicts are turned off. With `checkpoint_dir`, Trainer checkpoints go there
@@ -145,19 +153,27 @@ def finetune(
     train_ex, eval_ex = _data.load_split(Path(data), settings.eval_fraction, settings.seed, settings.max_eval)
     if not train_ex:
         raise EdgeftError(f"{data}: no training examples left after holding out the eval split")
+    full = check_method(method, "method") == "full"
+    if full:
+        check_full_memory(model, settings)
     set_seed(settings.seed)
     base = load_model(model, dtype=torch.float32, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     base.config.use_cache = False
-    lora = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=_targets(base, settings.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(base, lora)
+    if full:
+        peft_model = base  # every weight trains; the "adapter" is the model itself
+        base.train()
+    else:
+        lora = LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=_targets(base, settings.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(base, lora)
+    lr = full_lr if full else settings.lr
     train_ds = _Examples(tokenizer, train_ex, settings.max_len)
     eval_ds = _Examples(tokenizer, eval_ex, settings.max_len) if eval_ex else None
 
@@ -173,7 +189,7 @@ def finetune(
             per_device_train_batch_size=settings.batch_size,
             per_device_eval_batch_size=max(settings.batch_size, 32),
             gradient_accumulation_steps=settings.grad_accum,
-            learning_rate=settings.lr,
+            learning_rate=lr,
             num_train_epochs=settings.epochs,
             max_steps=settings.max_steps,
             warmup_steps=settings.warmup_ratio,  # < 1: a ratio of the total steps (transformers 5)
@@ -215,17 +231,15 @@ def finetune(
         eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else float("nan")
         final_loss, history = _last_loss(trainer.state.log_history)
         if not all(map(_finite, history)):
-            raise EdgeftError(
-                f"training diverged (loss {final_loss}); lower the learning rate (lr={settings.lr})"
-            )
+            raise EdgeftError(f"training diverged (loss {final_loss}); lower the learning rate (lr={lr})")
         if trainer.is_world_process_zero():
             record = {
                 "base_model": str(model),
                 "data": str(data),
                 "data_sha256": _data.dataset_sha256(Path(data)),
-                "settings": {
-                    k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()
-                },
+                "method": method,
+                "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
+                | ({"lr": lr} if full else {}),
                 "eval_split": _data.split_record(Path(data), eval_ex),
                 "train_examples": len(train_ex),
                 "eval_examples": len(eval_ex),
@@ -235,7 +249,7 @@ def finetune(
                 "seconds": round(seconds, 1),
                 "world_size": args.world_size,
             }
-            _save_atomic(peft_model, model, out, record)
+            _save_atomic(peft_model, model, out, record, full=full)
         trainer.accelerator.wait_for_everyone()
     return FinetuneResult(
         adapter_dir=out,
@@ -246,6 +260,7 @@ def finetune(
         seconds=seconds,
         base_eval_loss=float(base_eval),
         history=history,
+        method=method,
     )
 
 
@@ -288,6 +303,7 @@ def load_result(adapter_dir: Path) -> FinetuneResult:
         eval_loss=float(rec["eval_loss"]),
         seconds=float(rec["seconds"]),
         base_eval_loss=float(rec["base_eval_loss"]),
+        method=str(rec.get("method", "lora")),
     )
 
 
@@ -295,12 +311,69 @@ def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
 
 
-def _save_atomic(peft_model: Any, base: str | Path, out: Path, record: dict[str, Any]) -> None:
-    """Write adapter + the base's own tokenizer files + record into a partial dir, then swap it into place."""
+def _save_atomic(
+    peft_model: Any, base: str | Path, out: Path, record: dict[str, Any], *, full: bool = False
+) -> None:
+    """Write the adapter (or, `full`, the whole model) + the base's own tokenizer files + record into a
+    partial dir, then swap it into place."""
     with atomic_dir(out) as partial:
+        if full:
+            peft_model.config.use_cache = True  # as an app loads it
         peft_model.save_pretrained(partial, safe_serialization=True)
         copy_tokenizer_files(base, partial)
         (partial / FINETUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        missing = [f for f in ADAPTER_FILES if not (partial / f).is_file()]
+        if full:
+            wrote = (partial / "model.safetensors").is_file() or (
+                partial / "model.safetensors.index.json"
+            ).is_file()
+            missing = (
+                [] if wrote and (partial / "config.json").is_file() else ["config.json, model.safetensors"]
+            )
+        else:
+            missing = [f for f in ADAPTER_FILES if not (partial / f).is_file()]
         if missing:
-            raise EdgeftError(f"{out}: saving the adapter did not write {', '.join(missing)}")
+            raise EdgeftError(f"{out}: saving the fine-tuned model did not write {', '.join(missing)}")
+
+
+# Bytes per parameter of full fine-tuning in float32: the weight, its gradient, AdamW's two moments.
+FULL_BYTES_PER_PARAM = 4 + 4 + 8
+
+
+def full_training_bytes(model: str | Path, settings: LoraSettings) -> tuple[int, int, int]:
+    """(total, parameters, activation bytes) full fine-tuning needs, from the checkpoint's config alone:
+    16 bytes per parameter (FULL_BYTES_PER_PARAM) plus the activations one batch keeps for backward (about
+    34 values per hidden unit per layer and token, and the logits three times over; ref: Korthikanti et al.
+    2022, "Reducing Activation Recomputation in Large Transformer Models", §4.1, in float32)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(model))  # config.json only: no checkpoint code runs here
+    text = getattr(cfg, "text_config", None) or cfg
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+    vocab = int(getattr(text, "vocab_size", 0) or 0)
+    inter = int(getattr(text, "intermediate_size", 0) or 4 * hidden)
+    heads = int(getattr(text, "num_attention_heads", 1) or 1)
+    kv = int(getattr(text, "num_key_value_heads", heads) or heads)
+    head_dim = hidden // max(heads, 1)
+    # attention (q, k, v, o), the gated MLP (gate, up, down), two norms per layer; one final norm
+    per_layer = hidden * (hidden + 2 * kv * head_dim) + hidden * hidden + 3 * hidden * inter + 2 * hidden
+    tied = bool(getattr(text, "tie_word_embeddings", False))
+    params = layers * per_layer + hidden + vocab * hidden * (1 if tied else 2)
+    tokens = settings.batch_size * settings.max_len
+    activations = tokens * (34 * hidden * layers + 3 * vocab) * 4
+    return params * FULL_BYTES_PER_PARAM + activations, params, activations
+
+
+def check_full_memory(model: str | Path, settings: LoraSettings) -> None:
+    """Refuse full fine-tuning up front when it cannot fit the available RAM, naming the numbers."""
+    need, params, activations = full_training_bytes(model, settings)
+    avail = available_ram()
+    if avail is not None and need > avail:
+        gb = 1e9
+        raise EdgeftError(
+            f"full fine-tuning of {model} needs ~{need / gb:.1f} GB of RAM ({params / 1e6:.0f}M parameters × "
+            f"{FULL_BYTES_PER_PARAM} bytes for float32 weights, gradients and AdamW state, plus "
+            f"~{activations / gb:.1f} GB of activations at batch_size {settings.batch_size} × max_len "
+            f"{settings.max_len}); {avail / gb:.1f} GB are available: use --method lora, or lower batch_size "
+            "or max_len in [lora]"
+        )

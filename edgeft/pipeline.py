@@ -64,6 +64,7 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
             _eval_file_digest(data_path),
             dataclasses.asdict(cfg.lora),
             bundle.tool_versions(),
+            *([cfg.method, cfg.full_lr] if cfg.method != "lora" else []),  # LoRA keys stay as they were
         ]
     )
     adapter = work / "adapter"
@@ -73,13 +74,17 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
             ft = load_result(adapter)
         else:
             files.forget(adapter)
+            full = cfg.method == "full"
             files.require_resources(
                 "fine-tuning",
-                ram=_training_ram(model),
+                ram=0 if full else _training_ram(model),  # full: finetune checks its own, with the numbers
                 disk_at=work,
-                disk=_weights_bytes(model) // 4 + (64 << 20),
+                # full: a float32 copy of the model and a checkpoint of it with AdamW state beside it
+                disk=4 * _weights_bytes(model) + (64 << 20)
+                if full
+                else _weights_bytes(model) // 4 + (64 << 20),
             )
-            with task("fine-tune (LoRA)") as update:
+            with task("fine-tune (every weight)" if full else "fine-tune (LoRA)") as update:
                 ft = finetune(
                     model,
                     data_path,
@@ -88,12 +93,16 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
                     trust_remote_code=cfg.trust_remote_code,
                     progress=update,
                     checkpoint_dir=work / f"checkpoints-{key[:16]}",
+                    method=cfg.method,
+                    full_lr=cfg.full_lr,
                 )
             files.mark_done(adapter, key)
     key = files.digest(["merge", key])
-    merged = work / "merged"
+    merged = adapter if ft.method == "full" else work / "merged"  # full fine-tuning has nothing to merge
     with timed("merge", seconds):
-        if files.done_with(merged, key):
+        if ft.method == "full":
+            pass
+        elif files.done_with(merged, key):
             reused.append("merge")
         else:
             files.forget(merged)
@@ -175,6 +184,7 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
     latencies = {r.spec.label: r.latency.metrics() for r in results}
     candidates = [c.record(target, latencies.get(c.spec.label)) for group in cands for c in group]
 
+    full = ft.method == "full"
     base = bundle.describe_base(model)  # the name as given (never a home path), Hub revision, weights' sha256
     lora_settings, eval_split_sha256 = bundle.finetune_facts(ft.adapter_dir)
     facts = bundle.BuildFacts(
@@ -183,7 +193,8 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
         base_weights_sha256=base.weights_sha256,
         lora_settings=lora_settings,
         eval_split_sha256=eval_split_sha256,
-        adapter_sha256=bundle.sha256_file(ft.adapter_dir / "adapter_model.safetensors"),
+        adapter_sha256=None if full else bundle.sha256_file(ft.adapter_dir / "adapter_model.safetensors"),
+        finetuned_weights_sha256=bundle.weights_sha256(ft.adapter_dir) if full else {},
         dataset_sha256=data.dataset_sha256(data_path),
         reference_task_accuracy=ref.task_accuracy,
         base_task_accuracy=base_acc,
@@ -195,6 +206,7 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
         train_examples=ft.train_examples,
         eval_examples=len(evalset.examples),
         eval_source=evalset.source,
+        finetune_method=ft.method,
         max_new_tokens=evalset.max_new_tokens,
         system_prompt=runspec.common_system_prompt([ex.prompt_messages for ex in evalset.examples]),
     )

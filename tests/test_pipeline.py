@@ -1,5 +1,6 @@
 """`edgeft build` end to end on a tiny model, and on the built-in demo as the README runs it."""
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -204,3 +205,90 @@ def test_demo_build_as_in_readme(demo_bundle: Path) -> None:
     report = json.loads(chk.stdout)
     assert report["passed"] and report["findings"] == [], report
     assert len(report["artifacts"]) == 2 and all(a["loaded"] and a["generated"] for a in report["artifacts"])
+
+
+FULL_TARGET = """name = "tiny-full"
+description = "test device"
+threads = 2
+ram_mb = 1024
+ram_budget_mb = 512
+context_length = 256
+bandwidth_gb_s = 4.0
+[[artifacts]]
+format = "gguf"
+quant = "q8_0"
+"""
+
+
+def test_full_finetuning_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
+    """--method full: every weight trains (no adapter, no merge stage), held-out accuracy rises from the
+    base's, and export, verify against this float model, bench and bundle run unchanged."""
+    (tmp_path / "tiny.toml").write_text(FULL_TARGET)
+    (tmp_path / "edgeft.toml").write_text('[finetune]\nmethod = "full"\nlr = 3e-3\n')
+    cfg = config.resolve(
+        target=str(tmp_path / "tiny.toml"),
+        model=str(tiny_llama),
+        data=_data(tmp_path / "tasks.jsonl"),
+        out=tmp_path / "dist",
+        threads=2,
+        cwd=tmp_path,
+    )
+    assert (cfg.method, cfg.full_lr) == ("full", 3e-3)
+    lora = LoraSettings(epochs=10, eval_fraction=0.2, batch_size=8)
+    res = pipeline.build(dataclasses.replace(cfg, lora=lora, keep_work=True))
+    manifest = json.loads((res.bundle_dir / "manifest.json").read_text())
+    ref = manifest["reference"]
+    assert manifest["finetune_method"] == "full" and manifest["adapter_sha256"] is None
+    assert ref["base_task_accuracy"] == 0.0 and ref["task_accuracy"] >= 0.75, ref
+    assert manifest["artifacts"][0]["drift"]["task_accuracy"] >= ref["task_accuracy"] - 0.15
+    assert manifest["lora"]["lr"] == 3e-3  # the record keeps the learning rate full fine-tuning used
+    work = tmp_path / "dist" / ".work" / "tiny-full"
+    tuned = work / "adapter"
+    assert not (work / "merged").exists() and not (tuned / "adapter_config.json").exists()
+    assert manifest["finetuned_weights_sha256"] == {"model.safetensors": _sha256(tuned / "model.safetensors")}
+    # every weight moved, not a low-rank part of some
+    from safetensors.torch import load_file
+
+    before = load_file(str(Path(tiny_llama) / "model.safetensors"))
+    after = load_file(str(tuned / "model.safetensors"))
+    assert all(
+        not (after[k] == before[k]).all()
+        for k in before
+        if k.endswith(("proj.weight", "embed_tokens.weight"))
+    )
+    report = (res.bundle_dir / "report.md").read_text()
+    assert "fine-tuned with full fine-tuning (every weight)" in report
+
+
+def test_full_finetuning_that_cannot_fit_is_refused_with_the_numbers(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgeft import finetune as ft_mod
+    from edgeft.errors import EdgeftError
+
+    need, params, _ = ft_mod.full_training_bytes(tiny_llama, LoraSettings())
+    from safetensors.torch import load_file
+
+    assert params == sum(t.numel() for t in load_file(str(Path(tiny_llama) / "model.safetensors")).values())
+    monkeypatch.setattr(ft_mod, "available_ram", lambda: need // 2)
+    with pytest.raises(EdgeftError) as e:
+        ft_mod.finetune(
+            tiny_llama, _data(tmp_path / "t.jsonl"), tmp_path / "out", LoraSettings(), method="full"
+        )
+    line = str(e.value)
+    assert "\n" not in line and f"needs ~{need / 1e9:.1f} GB" in line and "use --method lora" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_method_is_checked_in_one_line(tmp_path: Path) -> None:
+    from edgeft.errors import EdgeftError
+
+    (tmp_path / "edgeft.toml").write_text('[finetune]\nmethod = "qlora"\n')
+    with pytest.raises(EdgeftError, match=r"finetune.method = 'qlora' should be one of lora, full"):
+        config.resolve(target="raspberrypi", model=None, data=None, out=None, cwd=tmp_path)
+    (tmp_path / "edgeft.toml").write_text('[finetune]\nmethod = "full"\nrank = 4\n')
+    with pytest.raises(EdgeftError, match="rank"):
+        config.resolve(target="raspberrypi", model=None, data=None, out=None, cwd=tmp_path)
+    (tmp_path / "edgeft.toml").write_text("")
+    with pytest.raises(EdgeftError, match=r"--method = 'both' should be one of lora, full"):
+        config.resolve(target="raspberrypi", model=None, data=None, out=None, cwd=tmp_path, method="both")
