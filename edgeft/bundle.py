@@ -723,10 +723,11 @@ def _energy_lines(result: dict[str, Any]) -> str:
             continue
         watts, idle_w = _real(e.get("decode_w")), _real(idle)
         above = watts - idle_w if watts is not None and idle_w is not None else None
+        note = f" ({_cell(e.get('note'))})" if e.get("note") else ""
         parts.append(
             f"- {_cell(a.get('path'))}: {_cell(e.get('decode_j_per_token'), '.4f')} J per decoded token, "
             f"{_cell(e.get('prefill_j_per_token'), '.5f')} J per prompt token, {_cell(e.get('decode_w'), '.2f')} W "
-            f"while decoding ({_cell(above, '+.2f')} W over idle)"
+            f"while decoding ({_cell(above, '+.2f')} W over idle){note}"
         )
     head = f"Energy ({_cell(energy.get('detail'))}; idle {_cell(idle, '.2f')} W, measured first):"
     return "\n".join([head, "", *parts]) if parts else head + " no artifact measured."

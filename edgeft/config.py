@@ -286,6 +286,11 @@ def finetune_settings(table: Any, where: str) -> tuple[str, float]:
     method = table.get("method", "lora")
     check_method(method, f"{where}: finetune.method")
     lr = table.get("lr", FULL_LR)
+    if "lr" in table and method != "full":
+        raise EdgeftError(
+            f"{where}: finetune.lr is full fine-tuning's learning rate, but method is {method!r}; LoRA's is "
+            "[lora] lr"
+        )
     if not _num(lambda v: 0 < v <= 10)(lr):
         raise EdgeftError(f"{where}: finetune.lr = {show(lr)} should be a finite number > 0 and <= 10")
     return method, float(lr)

@@ -28,6 +28,7 @@ from .loading import copy_tokenizer_files, load_model, load_tokenizer
 from .ui import Progress
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+LORA_ONLY = ("r", "alpha", "dropout", "target_modules")  # LoraSettings fields full fine-tuning has no use for
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def finetune(
         raise EdgeftError(f"{data}: no training examples left after holding out the eval split")
     full = check_method(method, "method") == "full"
     if full:
-        check_full_memory(model, settings)
+        check_full_memory(model, settings, trust_remote_code=trust_remote_code)
     set_seed(settings.seed)
     base = load_model(model, dtype=torch.float32, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
@@ -238,7 +239,11 @@ def finetune(
                 "data": str(data),
                 "data_sha256": _data.dataset_sha256(Path(data)),
                 "method": method,
-                "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
+                "settings": {
+                    k: (list(v) if isinstance(v, tuple) else v)
+                    for k, v in asdict(settings).items()
+                    if not (full and k in LORA_ONLY)  # full fine-tuning used no r, alpha, dropout, modules
+                }
                 | ({"lr": lr} if full else {}),
                 "eval_split": _data.split_record(Path(data), eval_ex),
                 "train_examples": len(train_ex),
@@ -339,34 +344,63 @@ def _save_atomic(
 FULL_BYTES_PER_PARAM = 4 + 4 + 8
 
 
-def full_training_bytes(model: str | Path, settings: LoraSettings) -> tuple[int, int, int]:
-    """(total, parameters, activation bytes) full fine-tuning needs, from the checkpoint's config alone:
-    16 bytes per parameter (FULL_BYTES_PER_PARAM) plus the activations one batch keeps for backward (about
-    34 values per hidden unit per layer and token, and the logits three times over; ref: Korthikanti et al.
-    2022, "Reducing Activation Recomputation in Large Transformer Models", §4.1, in float32)."""
+def checkpoint_params(model: str | Path) -> int | None:
+    """Parameters in a local checkpoint, counted from its safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model).glob("*.safetensors")) if Path(model).is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with safe_open(str(f), "np") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                n = 1
+                for d in st.get_slice(name).get_shape():
+                    n *= int(d)
+                total += n
+    return total
+
+
+def full_training_bytes(
+    model: str | Path, settings: LoraSettings, *, trust_remote_code: bool = False
+) -> tuple[int, int, int]:
+    """(total, parameters, activation bytes) full fine-tuning needs: 16 bytes per parameter
+    (FULL_BYTES_PER_PARAM; parameters counted from the checkpoint's safetensors headers, else from its
+    config) plus what one batch keeps for backward at max_len (an upper bound: batches are padded to their
+    longest example): 34 bytes per hidden unit, layer and token at 16 bits, so 68 in float32 (ref: Korthikanti
+    et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", section 4.1, with fused
+    attention), and the float32 logits three times over (logits, softmax, gradient)."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(str(model))  # config.json only: no checkpoint code runs here
+    try:  # config.json only; a checkpoint's own code runs only with --trust-remote-code
+        cfg = AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError, OSError, KeyError, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EdgeftError(f"{model}: cannot read its config to size full fine-tuning ({first})") from None
     text = getattr(cfg, "text_config", None) or cfg
     hidden = int(getattr(text, "hidden_size", 0) or 0)
     layers = int(getattr(text, "num_hidden_layers", 0) or 0)
     vocab = int(getattr(text, "vocab_size", 0) or 0)
-    inter = int(getattr(text, "intermediate_size", 0) or 4 * hidden)
-    heads = int(getattr(text, "num_attention_heads", 1) or 1)
-    kv = int(getattr(text, "num_key_value_heads", heads) or heads)
-    head_dim = hidden // max(heads, 1)
-    # attention (q, k, v, o), the gated MLP (gate, up, down), two norms per layer; one final norm
-    per_layer = hidden * (hidden + 2 * kv * head_dim) + hidden * hidden + 3 * hidden * inter + 2 * hidden
-    tied = bool(getattr(text, "tie_word_embeddings", False))
-    params = layers * per_layer + hidden + vocab * hidden * (1 if tied else 2)
+    params = checkpoint_params(model)
+    if params is None:  # a Hub id not downloaded yet: from the config (a dense decoder)
+        inter = int(getattr(text, "intermediate_size", 0) or 4 * hidden)
+        heads = int(getattr(text, "num_attention_heads", 1) or 1)
+        kv = int(getattr(text, "num_key_value_heads", heads) or heads)
+        head_dim = int(getattr(text, "head_dim", 0) or hidden // max(heads, 1))
+        # attention (q, k, v, o), the gated MLP (gate, up, down), two norms per layer; one final norm
+        attn = hidden * (heads + 2 * kv) * head_dim + heads * head_dim * hidden
+        per_layer = attn + 3 * hidden * inter + 2 * hidden
+        tied = bool(getattr(text, "tie_word_embeddings", False))
+        params = layers * per_layer + hidden + vocab * hidden * (1 if tied else 2)
     tokens = settings.batch_size * settings.max_len
-    activations = tokens * (34 * hidden * layers + 3 * vocab) * 4
+    activations = tokens * (68 * hidden * layers + 3 * 4 * vocab)
     return params * FULL_BYTES_PER_PARAM + activations, params, activations
 
 
-def check_full_memory(model: str | Path, settings: LoraSettings) -> None:
+def check_full_memory(model: str | Path, settings: LoraSettings, *, trust_remote_code: bool = False) -> None:
     """Refuse full fine-tuning up front when it cannot fit the available RAM, naming the numbers."""
-    need, params, activations = full_training_bytes(model, settings)
+    need, params, activations = full_training_bytes(model, settings, trust_remote_code=trust_remote_code)
     avail = available_ram()
     if avail is not None and need > avail:
         gb = 1e9

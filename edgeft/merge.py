@@ -66,6 +66,11 @@ def _check_adapter_dir(adapter: Path) -> None:
     if not adapter.is_dir():
         raise EdgeftError(f"{adapter}: adapter directory not found")
     missing = [f for f in ADAPTER_FILES if not (adapter / f).is_file()]
+    if missing and (adapter / "config.json").is_file() and any(adapter.glob("*.safetensors")):
+        raise EdgeftError(
+            f"{adapter}: a whole fine-tuned model (--method full), not an adapter: nothing to merge; export "
+            "or verify it directly"
+        )
     if missing:
         raise EdgeftError(f"{adapter}: not a PEFT adapter directory (missing {', '.join(missing)})")
 

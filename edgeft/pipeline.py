@@ -79,10 +79,7 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
                 "fine-tuning",
                 ram=0 if full else _training_ram(model),  # full: finetune checks its own, with the numbers
                 disk_at=work,
-                # full: a float32 copy of the model and a checkpoint of it with AdamW state beside it
-                disk=4 * _weights_bytes(model) + (64 << 20)
-                if full
-                else _weights_bytes(model) // 4 + (64 << 20),
+                disk=_finetune_disk(model, full),
             )
             with task("fine-tune (every weight)" if full else "fine-tune (LoRA)") as update:
                 ft = finetune(
@@ -293,6 +290,18 @@ def _weights_bytes(model: str) -> int:
     """Size of a local checkpoint's safetensors weights (0 for a Hub id: not known before download)."""
     folder = Path(model)
     return sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else 0
+
+
+def _finetune_disk(model: str, full: bool) -> int:
+    """Disk a fine-tune writes: a LoRA adapter and its checkpoints are small; full fine-tuning writes the
+    float32 model (4 bytes a parameter) and, while it saves a checkpoint, up to two Trainer checkpoints of
+    weights and AdamW state (12 bytes a parameter each): 28 bytes a parameter."""
+    if not full:
+        return _weights_bytes(model) // 4 + (64 << 20)
+    from .finetune import checkpoint_params
+
+    params = checkpoint_params(model) if Path(model).is_dir() else None
+    return (params or 0) * 28 + (64 << 20)
 
 
 def _training_ram(model: str) -> int:

@@ -94,13 +94,21 @@ def test_jetson_hwmon_reads_the_module_input_rail(tmp_path: Path) -> None:
         _write(hw / f"in{n}_label", label + "\n")
         _write(hw / f"in{n}_input", f"{mv}\n")
         _write(hw / f"curr{n}_input", f"{ma}\n")
+    # in4-in7 are shunt voltages in µV and curr4 the summed current (mainline ina3221): never power rails;
+    # a channel labelled NC is unconnected, a disabled one reads nothing
+    _write(hw / "in4_input", "123456\n")
+    _write(hw / "curr4_input", "1900\n")
     source, _ = bod.find_energy_source(tmp_path, run=lambda cmd: None, which=lambda name: None)
     assert source is not None and (source.name, source.kind) == ("jetson-ina3221", "power")
     assert source.detail == "INA3221 VDD_IN" and source.read() == pytest.approx(6.0)  # 5 V × 1.2 A
-    # without a VDD_IN label every rail counts
+    # without a VDD_IN label every connected, enabled rail of channels 1-3 counts
     (hw / "in1_label").write_text("VDD_GPU\n")
+    (hw / "in3_label").write_text("NC\n")
     source, _ = bod.find_energy_source(tmp_path, run=lambda cmd: None, which=lambda name: None)
-    assert source is not None and source.read() == pytest.approx(5 * (1.2 + 0.4 + 0.3))
+    assert source is not None and source.read() == pytest.approx(5 * (1.2 + 0.4))
+    _write(hw / "in2_enable", "0\n")
+    source, _ = bod.find_energy_source(tmp_path, run=lambda cmd: None, which=lambda name: None)
+    assert source is not None and source.read() == pytest.approx(5 * 1.2)
 
 
 def test_jetson_iio_power_in_milliwatts(tmp_path: Path) -> None:
@@ -192,6 +200,34 @@ def test_sampler_integrates_power_and_reads_counters() -> None:
     assert e["decode_j_per_token"] == pytest.approx(3.0 * (b - a - 0.05) / 30, rel=0.2)
     assert e["decode_w"] == pytest.approx(3.0, rel=0.2)
     assert bod.idle_watts(power, seconds=0.1) == pytest.approx(2.0)
+
+
+def test_a_phase_shorter_than_the_samples_gets_no_number() -> None:
+    """A burst between two power readings is invisible to them: a window under MIN_SAMPLES_PER_WINDOW
+    readings gets no figure and says which setting to raise."""
+    source = bod.EnergySource("fake", "power", lambda: 2.0, "2 W", 0.05)
+    with bod.EnergySampler(source) as s:
+        a = time.perf_counter()
+        time.sleep(0.02)
+        b = time.perf_counter()
+        time.sleep(0.4)
+        c = time.perf_counter()
+    e = bod.phase_energy(s, [(a, b, c)], prompt_tokens=8, decode_tokens=40)
+    assert (
+        e["prefill_j_per_token"] is None and "prefill lasted" in e["note"] and "--prompt-tokens" in e["note"]
+    )
+    assert e["decode_j_per_token"] == pytest.approx(2.0 * (c - b) / 40, rel=0.15)
+
+
+def test_a_counter_that_never_moves_is_not_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    stuck = bod.EnergySource("rapl", "counter", lambda: 0.0, "powercap psys", 0.02)
+    monkeypatch.setattr(bod, "find_energy_source", lambda *a, **k: (stuck, ""))
+    monkeypatch.setattr(bod, "IDLE_SECONDS", 0.1)
+    a = argparse.Namespace(energy=True)
+    facts = bod.energy_facts(a)
+    assert facts["available"] is False and "did not advance" in facts["reason"] and a.energy is False
 
 
 def test_a_source_that_stops_answering_gives_an_error_not_a_number() -> None:

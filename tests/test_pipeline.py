@@ -242,6 +242,7 @@ def test_full_finetuning_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
     assert ref["base_task_accuracy"] == 0.0 and ref["task_accuracy"] >= 0.75, ref
     assert manifest["artifacts"][0]["drift"]["task_accuracy"] >= ref["task_accuracy"] - 0.15
     assert manifest["lora"]["lr"] == 3e-3  # the record keeps the learning rate full fine-tuning used
+    assert not {"r", "alpha", "dropout", "target_modules"} & set(manifest["lora"])  # LoRA's, unused here
     work = tmp_path / "dist" / ".work" / "tiny-full"
     tuned = work / "adapter"
     assert not (work / "merged").exists() and not (tuned / "adapter_config.json").exists()
@@ -258,6 +259,11 @@ def test_full_finetuning_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
     )
     report = (res.bundle_dir / "report.md").read_text()
     assert "fine-tuned with full fine-tuning (every weight)" in report
+    from edgeft.errors import EdgeftError
+    from edgeft.merge import merge
+
+    with pytest.raises(EdgeftError, match="a whole fine-tuned model .*nothing to merge"):
+        merge(tiny_llama, tuned, tmp_path / "merged")
 
 
 def test_full_finetuning_that_cannot_fit_is_refused_with_the_numbers(
@@ -270,7 +276,9 @@ def test_full_finetuning_that_cannot_fit_is_refused_with_the_numbers(
     from safetensors.torch import load_file
 
     assert params == sum(t.numel() for t in load_file(str(Path(tiny_llama) / "model.safetensors")).values())
-    monkeypatch.setattr(ft_mod, "available_ram", lambda: need // 2)
+    monkeypatch.setattr(ft_mod, "available_ram", lambda: need + 1)
+    ft_mod.check_full_memory(tiny_llama, LoraSettings())  # fits: no refusal
+    monkeypatch.setattr(ft_mod, "available_ram", lambda: need - 1)
     with pytest.raises(EdgeftError) as e:
         ft_mod.finetune(
             tiny_llama, _data(tmp_path / "t.jsonl"), tmp_path / "out", LoraSettings(), method="full"

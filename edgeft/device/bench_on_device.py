@@ -489,6 +489,8 @@ def device_facts() -> dict[str, Any]:
 
 ENERGY_SAMPLE_S = {"counter": 0.02, "power": 0.05, "vcgencmd": 0.1}
 IDLE_SECONDS = 2.0
+# A phase is measured only when a sampled power monitor read it at least this many times (RAPL counts itself).
+MIN_SAMPLES_PER_WINDOW = 3
 JETSON_INPUT_RAILS = ("VDD_IN", "POM_5V_IN")
 
 
@@ -549,12 +551,16 @@ def _jetson(sys_root: Path) -> tuple[EnergySource | None, str | None]:
     drivers = sys_root / "bus" / "i2c" / "drivers"
     channels: list[tuple[str, Any]] = []  # (label, watts reader)
     for hw in sorted(drivers.glob("ina3221/*/hwmon/hwmon*")):
-        for volt in sorted(hw.glob("in[0-9]_input")):
+        for volt in sorted(hw.glob("in[1-3]_input")):  # in4-in7 are shunt voltages (µV), curr4 a sum
             n = volt.name[2]
             curr = hw / f"curr{n}_input"
-            if not curr.is_file():
-                continue
             label = (_read(str(hw / f"in{n}_label")) or f"{hw.name} in{n}").strip()
+            if (
+                not curr.is_file()
+                or label == "NC"
+                or (_read(str(hw / f"in{n}_enable")) or "1").strip() == "0"
+            ):
+                continue  # an unconnected or disabled channel
 
             def watts(v: Path = volt, c: Path = curr) -> float:  # mV × mA
                 return int(_read_text(str(v)).strip()) * int(_read_text(str(c)).strip()) / 1e6
@@ -663,8 +669,9 @@ class EnergySampler:
         self.error: str | None = None
 
     def _sample(self) -> None:
-        t = time.perf_counter()
+        before = time.perf_counter()
         value = self.source.read()
+        t = (before + time.perf_counter()) / 2  # a reading that takes time (vcgencmd) is stamped mid-way
         if self.source.kind == "counter":
             total = value
         elif not self.times:
@@ -679,7 +686,7 @@ class EnergySampler:
         while not self._stop.is_set():
             try:
                 self._sample()
-            except (OSError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - any reader failure ends the readings, named
                 self.error = f"{type(e).__name__}: {e}"
                 return
             self._stop.wait(self.source.interval)
@@ -722,8 +729,13 @@ def energy_facts(a: argparse.Namespace) -> dict[str, Any]:
         a.energy = False
         _say(f"energy: not available: {why}")
         return {"available": False, "reason": why}
-    idle = idle_watts(source)
-    _say(f"energy: {source.detail}, idle {idle if idle is None else round(idle, 2)} W")
+    idle = idle_watts(source, IDLE_SECONDS)
+    if idle is None or idle <= 0:  # a counter stuck at zero (some desktops' psys) measures nothing
+        a.energy = False
+        why = f"{source.detail} did not advance over {IDLE_SECONDS:g} s of idle: no usable reading"
+        _say(f"energy: not available: {why}")
+        return {"available": False, "reason": why}
+    _say(f"energy: {source.detail}, idle {idle:.2f} W")
     return {
         "available": True,
         "source": source.name,
@@ -741,14 +753,28 @@ def phase_energy(
     token and average watts while decoding; an error line instead when the source stopped answering."""
     if sampler.error is not None or not marks:
         return {"error": sampler.error or "no timed run"}
-    prefill = [sampler.between(t0, t1) / prompt_tokens for t0, t1, _t2 in marks]
-    decode = [sampler.between(t1, t2) / decode_tokens for _t0, t1, t2 in marks]
-    watts = [sampler.between(t1, t2) / (t2 - t1) for _t0, t1, t2 in marks if t2 > t1]
+    need = MIN_SAMPLES_PER_WINDOW * sampler.source.interval
+
+    def per_token(windows: list[tuple[float, float]], tokens: int, phase: str, flag: str) -> Any:
+        shortest = min(t1 - t0 for t0, t1 in windows)
+        if sampler.source.kind == "power" and shortest < need:  # interpolating a guess is not a measurement
+            return None, (
+                f"{phase} lasted {shortest * 1000:.0f} ms, under {MIN_SAMPLES_PER_WINDOW} samples of "
+                f"{sampler.source.interval * 1000:.0f} ms: raise {flag}"
+            )
+        return statistics.median(sampler.between(t0, t1) / tokens for t0, t1 in windows), None
+
+    prefill, why_prefill = per_token(
+        [(m[0], m[1]) for m in marks], prompt_tokens, "prefill", "--prompt-tokens"
+    )
+    decode, why_decode = per_token([(m[1], m[2]) for m in marks], decode_tokens, "decode", "--decode-tokens")
+    watts = None if decode is None else decode * decode_tokens / statistics.median(m[2] - m[1] for m in marks)
     return {
-        "prefill_j_per_token": statistics.median(prefill),
-        "decode_j_per_token": statistics.median(decode),
-        "decode_w": statistics.median(watts) if watts else None,
+        "prefill_j_per_token": prefill,
+        "decode_j_per_token": decode,
+        "decode_w": watts,
         "samples": len(sampler.times),
+        "note": "; ".join(w for w in (why_prefill, why_decode) if w) or None,
     }
 
 
@@ -869,12 +895,14 @@ def bench_artifact(bundle: Path, entry: Any, a: argparse.Namespace, threads: lis
     if res["decode_bytes_per_token"] is not None:
         res["effective_gb_s"] = res["decode_bytes_per_token"] * res["decode_tok_s"] / 1e9
     # energy at the fastest settings: decode at the best decode threads, prefill at the best prefill threads
-    e_decode, e_prefill = best_decode.get("energy"), best_prefill.get("energy")
-    if e_decode and "error" not in e_decode and e_prefill and "error" not in e_prefill:
+    e_decode, e_prefill = best_decode.get("energy") or {}, best_prefill.get("energy") or {}
+    if e_decode or e_prefill:
+        notes = [e.get("note") or e.get("error") for e in (e_prefill, e_decode)]
         res["energy"] = {
-            "decode_j_per_token": e_decode["decode_j_per_token"],
-            "prefill_j_per_token": e_prefill["prefill_j_per_token"],
-            "decode_w": e_decode["decode_w"],
+            "decode_j_per_token": e_decode.get("decode_j_per_token"),
+            "prefill_j_per_token": e_prefill.get("prefill_j_per_token"),
+            "decode_w": e_decode.get("decode_w"),
+            "note": "; ".join(dict.fromkeys(n for n in notes if n)) or None,
         }
     else:
         res["energy"] = None
@@ -940,24 +968,29 @@ def _child(a: argparse.Namespace) -> None:
             Path(a.bundle), a.format, threads=a.threads[0], n_ctx=a.prompt_tokens + a.decode_tokens + 8
         )
         source = find_energy_source()[0] if a.energy else None
-        marks: list[Any] = []
+        energy = None
         try:
-            if source is None:
-                t = measure_engine(
-                    engine, prompt_tokens=a.prompt_tokens, decode_tokens=a.decode_tokens, runs=a.runs
-                )
-            else:
-                with EnergySampler(source) as sampler:
-                    t = measure_engine(
-                        engine,
-                        prompt_tokens=a.prompt_tokens,
-                        decode_tokens=a.decode_tokens,
-                        runs=a.runs,
-                        marks=marks,
-                    )
+            t = measure_engine(
+                engine, prompt_tokens=a.prompt_tokens, decode_tokens=a.decode_tokens, runs=a.runs
+            )
+            if source is not None:
+                # a pass of its own after the timed runs: sampling (a process per vcgencmd reading on a Pi)
+                # never competes with the runs whose speed is reported
+                marks: list[Any] = []
+                try:
+                    with EnergySampler(source) as sampler:
+                        measure_engine(
+                            engine,
+                            prompt_tokens=a.prompt_tokens,
+                            decode_tokens=a.decode_tokens,
+                            runs=a.runs,
+                            marks=marks,
+                        )
+                    energy = phase_energy(sampler, marks, a.prompt_tokens, a.decode_tokens)
+                except (OSError, ValueError) as e:
+                    energy = {"error": f"{type(e).__name__}: {e}"}
         finally:
             engine.close()
-        energy = None if source is None else phase_energy(sampler, marks, a.prompt_tokens, a.decode_tokens)
     except Exception as e:  # noqa: BLE001 - any runtime error becomes the artifact's reason, one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(f"{ERROR_PREFIX}{type(e).__name__}: {first}", file=sys.stderr)
