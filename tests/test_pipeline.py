@@ -207,17 +207,10 @@ def test_demo_build_as_in_readme(demo_bundle: Path) -> None:
     assert len(report["artifacts"]) == 2 and all(a["loaded"] and a["generated"] for a in report["artifacts"])
 
 
-FULL_TARGET = """name = "tiny-full"
-description = "test device"
-threads = 2
-ram_mb = 1024
-ram_budget_mb = 512
-context_length = 256
-bandwidth_gb_s = 4.0
-[[artifacts]]
-format = "gguf"
-quant = "q8_0"
-"""
+# the tiny device with its first artifact only (GGUF q8_0)
+FULL_TARGET = TARGET[: TARGET.index("[[artifacts]]", TARGET.index("[[artifacts]]") + 1)].replace(
+    "tiny-device", "tiny-full"
+)
 
 
 def test_full_finetuning_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
