@@ -245,7 +245,7 @@ def finetune(
     how = check_method(method or "lora", "--method")
     if lr is not None and how != "full":
         raise EdgeftError(f"--lr {lr:g} is full fine-tuning's learning rate; with LoRA use --lora lr={lr:g}")
-    full_lr = finetune_settings({"method": how, "lr": FULL_LR if lr is None else lr}, "--lr")[1]
+    full_lr = FULL_LR if lr is None else finetune_settings({"method": how, "lr": lr}, "--lr")[1]
     model = _unpickled(model, allow_pickle)
     label = "fine-tune (every weight)" if how == "full" else "fine-tune (LoRA)"
     with _stdout_to_stderr(), task(label) as update:

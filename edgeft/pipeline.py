@@ -96,17 +96,16 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
             files.mark_done(adapter, key)
     key = files.digest(["merge", key])
     merged = adapter if ft.method == "full" else work / "merged"  # full fine-tuning has nothing to merge
-    with timed("merge", seconds):
-        if ft.method == "full":
-            pass
-        elif files.done_with(merged, key):
-            reused.append("merge")
-        else:
-            files.forget(merged)
-            # the merged model is written in the checkpoint's dtype or float32: at most twice a 16-bit base
-            files.require_resources("merge", disk_at=work, disk=2 * _weights_bytes(model))
-            merge(model, ft.adapter_dir, merged, trust_remote_code=cfg.trust_remote_code)
-            files.mark_done(merged, key)
+    if ft.method != "full":
+        with timed("merge", seconds):
+            if files.done_with(merged, key):
+                reused.append("merge")
+            else:
+                files.forget(merged)
+                # the merged model is written in the checkpoint's dtype or float32: at most twice a 16-bit base
+                files.require_resources("merge", disk_at=work, disk=2 * _weights_bytes(model))
+                merge(model, ft.adapter_dir, merged, trust_remote_code=cfg.trust_remote_code)
+                files.mark_done(merged, key)
 
     if specs is None:
         specs, skipped = ram_preflight(merged, target, strict=cfg.strict)

@@ -154,3 +154,13 @@ def test_verify_fails_a_gguf_whose_chat_template_was_edited_after_export(tmp_pat
     assert report["kld_mean"] < 1e-6  # the weights are the same
     assert report["prompt_ids_match"] < 1.0 and "first difference at token" in report["prompt_diff"]
     assert "prompt_ids_match" in res.stderr and "first difference at token" in res.stderr
+
+
+def test_finetune_method_flags_are_one_line(tmp_path: Path) -> None:
+    from edgeft.demo import DEMO_DATA, DEMO_MODEL
+
+    common = ("finetune", "--model", str(DEMO_MODEL), "--data", str(DEMO_DATA), "--out", str(tmp_path / "o"))
+    assert_one_line_error(edgeft(*common, "--lr", "1e-4"), "--lr 0.0001 is full fine-tuning's", "--lora lr=")
+    assert_one_line_error(edgeft(*common, "--method", "qlora"), "--method = 'qlora'", "lora, full")
+    assert_one_line_error(edgeft(*common, "--method", "full", "--lr", "-1"), "finetune.lr = -1")
+    assert not (tmp_path / "o").exists()
