@@ -488,6 +488,12 @@ def _manifest_types(tt: TensorTypes) -> dict[str, Any]:
     }
 
 
+def _not_user_dirs(rel_dir: Path, dirs: list[str]) -> list[str]:
+    """The folders of `dirs` (inside bundle folder `rel_dir`) that are the bundle's: not the user's installs
+    (BUNDLE_USER_DIRS), which os.walk then leaves out."""
+    return [d for d in dirs if (rel_dir / d).as_posix() not in BUNDLE_USER_DIRS]
+
+
 def bundle_files(root: Path) -> list[str]:
     """Relative paths (POSIX, sorted) of every regular file in a bundle but manifest.json and SHA256SUMS.
 
@@ -497,9 +503,7 @@ def bundle_files(root: Path) -> list[str]:
     root = Path(root)
     out = []
     for dirpath, dirs, names in os.walk(root):
-        dirs[:] = [
-            d for d in dirs if (Path(dirpath) / d).relative_to(root).as_posix() not in BUNDLE_USER_DIRS
-        ]
+        dirs[:] = _not_user_dirs(Path(dirpath).relative_to(root), dirs)
         for n in names:
             p = Path(dirpath) / n
             rel = p.relative_to(root).as_posix()
@@ -836,7 +840,7 @@ def _rewrite_files(root: Path, new: dict[str, str]) -> None:
     with atomic_dir(root, keep=BUNDLE_USER_DIRS) as tmp:
         for dirpath, dirs, names in os.walk(root):
             rel_dir = Path(dirpath).relative_to(root)
-            dirs[:] = [d for d in dirs if (rel_dir / d).as_posix() not in BUNDLE_USER_DIRS]
+            dirs[:] = _not_user_dirs(rel_dir, dirs)
             for d in dirs:
                 (tmp / rel_dir / d).mkdir(exist_ok=True)
             for n in names:

@@ -345,21 +345,16 @@ FULL_BYTES_PER_PARAM = 4 + 4 + 8
 
 
 def checkpoint_params(model: str | Path) -> int | None:
-    """Parameters in a local checkpoint, counted from its safetensors headers (no tensor is read)."""
-    from safetensors import safe_open
+    """Parameters in a local checkpoint, counted from its safetensors headers (footprint.safetensors_shapes:
+    no tensor is read); None for a Hub id or a folder without safetensors."""
+    import math
 
-    files = sorted(Path(model).glob("*.safetensors")) if Path(model).is_dir() else []
-    if not files:
+    from .footprint import safetensors_shapes
+
+    folder = Path(model)
+    if not folder.is_dir() or not any(folder.glob("*.safetensors")):
         return None
-    total = 0
-    for f in files:
-        with safe_open(str(f), "np") as st:
-            for name in st.keys():  # noqa: SIM118 - safe_open is not a mapping
-                n = 1
-                for d in st.get_slice(name).get_shape():
-                    n *= int(d)
-                total += n
-    return total
+    return sum(math.prod(shape) for _dtype, shape in safetensors_shapes(folder).values())
 
 
 def full_training_bytes(

@@ -68,13 +68,13 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
         ]
     )
     adapter = work / "adapter"
+    full = cfg.method == "full"  # every weight: `adapter` then holds the whole model, and nothing is merged
     with timed("finetune", seconds):
         if files.done_with(adapter, key):
             reused.append("finetune")
             ft = load_result(adapter)
         else:
             files.forget(adapter)
-            full = cfg.method == "full"
             files.require_resources(
                 "fine-tuning",
                 ram=0 if full else _training_ram(model),  # full: finetune checks its own, with the numbers
@@ -95,8 +95,8 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
                 )
             files.mark_done(adapter, key)
     key = files.digest(["merge", key])
-    merged = adapter if ft.method == "full" else work / "merged"  # full fine-tuning has nothing to merge
-    if ft.method != "full":
+    merged = adapter if full else work / "merged"
+    if not full:
         with timed("merge", seconds):
             if files.done_with(merged, key):
                 reused.append("merge")
@@ -180,7 +180,6 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
     latencies = {r.spec.label: r.latency.metrics() for r in results}
     candidates = [c.record(target, latencies.get(c.spec.label)) for group in cands for c in group]
 
-    full = ft.method == "full"
     base = bundle.describe_base(model)  # the name as given (never a home path), Hub revision, weights' sha256
     lora_settings, eval_split_sha256 = bundle.finetune_facts(ft.adapter_dir)
     facts = bundle.BuildFacts(

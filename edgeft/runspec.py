@@ -104,7 +104,7 @@ def describe(
     from .loading import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir, notify=False)
-    ends = data.stop_ids(tok)
+    end_of_turn = [_token(tok, i) for i in data.stop_ids(tok)]
     variables = {
         k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str) and k.endswith("_token")
     }
@@ -135,9 +135,9 @@ def describe(
         "tokens": {
             "bos": _token(tok, tok.bos_token_id),
             "eos": _token(tok, tok.eos_token_id),
-            "end_of_turn": [_token(tok, i) for i in ends],  # generation ends at any of these
+            "end_of_turn": end_of_turn,  # generation ends at any of these
         },
-        "stop_strings": [str(tok.convert_ids_to_tokens(i)) for i in ends],  # for runtimes that stop on text
+        "stop_strings": [t["text"] for t in end_of_turn],  # the same, for runtimes that stop on text
         "generation": {
             "do_sample": False,  # greedy, as verify answered
             "temperature": 0.0,

@@ -113,6 +113,21 @@ def render(desc: Dict[str, Any], messages: Messages) -> str:
     )
 
 
+def prompt_text(desc: Dict[str, Any], prompt: str) -> str:
+    """The text the model is fed for one user prompt: its conversation through model.json's template."""
+    return render(desc, conversation(desc, prompt))
+
+
+def runtime(module: str, package: str) -> Any:
+    """Import an artifact's runtime, or fail in one line naming what to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ExampleError(f"{package} is not installed: pip install {package}") from None
+
+
 def end_ids(desc: Dict[str, Any]) -> List[int]:
     """The ids an answer ends at (model.json tokens.end_of_turn)."""
     return [int(t["id"]) for t in desc["tokens"]["end_of_turn"]]

@@ -23,14 +23,9 @@ import bundle_model  # noqa: E402 - the examples' shared helper, beside this fil
 def answer(
     path: Path, desc: Dict[str, Any], prompts: List[str], max_new: int, threads: Tuple[int, int]
 ) -> List[Tuple[List[int], str]]:
-    try:
-        from llama_cpp import Llama, StoppingCriteriaList
-    except ImportError:
-        raise bundle_model.ExampleError(
-            "llama-cpp-python is not installed: pip install llama-cpp-python"
-        ) from None
+    llama_cpp = bundle_model.runtime("llama_cpp", "llama-cpp-python")
     gen = desc["generation"]
-    llm = Llama(
+    llm = llama_cpp.Llama(
         model_path=str(path),
         n_ctx=int(desc["context_length"]),
         n_threads=threads[0],
@@ -39,11 +34,11 @@ def answer(
     )
     ends = set(bundle_model.end_ids(desc))
     # llama.cpp ends at its own end-of-generation tokens; model.json's end-of-turn ids end the answer too
-    at_end = StoppingCriteriaList([lambda ids, _logits: int(ids[-1]) in ends])
+    at_end = llama_cpp.StoppingCriteriaList([lambda ids, _logits: int(ids[-1]) in ends])
     out = []
     try:
         for prompt in prompts:
-            text = bundle_model.render(desc, bundle_model.conversation(desc, prompt))
+            text = bundle_model.prompt_text(desc, prompt)
             ids = llm.tokenize(
                 text.encode("utf-8"),
                 add_bos=desc["prompt"]["add_special_tokens"],

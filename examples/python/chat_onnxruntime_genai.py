@@ -25,12 +25,7 @@ import bundle_model  # noqa: E402 - the examples' shared helper, beside this fil
 def answer(
     path: Path, desc: Dict[str, Any], prompts: List[str], max_new: int, threads: Tuple[int, int]
 ) -> List[Tuple[List[int], str]]:
-    try:
-        import onnxruntime_genai as og
-    except ImportError:
-        raise bundle_model.ExampleError(
-            "onnxruntime-genai is not installed: pip install onnxruntime-genai"
-        ) from None
+    og = bundle_model.runtime("onnxruntime_genai", "onnxruntime-genai")
     config = og.Config(str(path))
     # ref: onnxruntime-genai src/config.h, Config::SessionOptions intra_op_num_threads
     config.overlay(
@@ -44,7 +39,7 @@ def answer(
     ends = set(bundle_model.end_ids(desc))
     out = []
     for prompt in prompts:
-        text = bundle_model.render(desc, bundle_model.conversation(desc, prompt))
+        text = bundle_model.prompt_text(desc, prompt)
         ids = [int(i) for i in tokenizer.encode(text)]
         params = og.GeneratorParams(model)
         params.set_search_options(do_sample=desc["generation"]["do_sample"], max_length=len(ids) + max_new)
