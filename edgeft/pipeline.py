@@ -315,16 +315,15 @@ def _training_ram(model: str) -> int:
 
 
 def resolve_inputs(cfg: BuildConfig) -> tuple[str, Path]:
-    """The model and data to use: the built-in demo when neither is given."""
+    """The model and data to use: the built-in demo when neither is given; a built-in model (builtin:NAME)
+    without --data is tuned on the demo's data."""
+    from . import builtin
     from .demo import DEMO_DATA, DEMO_MODEL
+    from .loading import model_source
 
-    if cfg.model and not cfg.data:
+    if cfg.model and not cfg.data and not builtin.is_builtin(cfg.model):
         raise EdgeftError(f"--model {cfg.model} needs --data FILE.jsonl (or data = ... in edgeft.toml)")
-    model = str(cfg.model or DEMO_MODEL)
-    if cfg.allow_pickle:
-        from .loading import unpickled
-
-        model = unpickled(model)
+    model = model_source(str(cfg.model or DEMO_MODEL), allow_pickle=cfg.allow_pickle)
     return model, Path(cfg.data or DEMO_DATA)
 
 
