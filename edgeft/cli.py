@@ -420,9 +420,9 @@ def verify(
 
     limits = parse_budget(_key_values(budget or [], "--budget"), "--budget")
     _check_threads(threads)
-    with _stdout_to_stderr(), task("verify") as update:
+    with _stdout_to_stderr():
         report, ref_acc, source = run(
-            reference, artifact, data, threads=threads, progress=update, allow_native_libs=allow_native_libs
+            reference, artifact, data, threads=threads, task=task, allow_native_libs=allow_native_libs
         )
     _emit(asdict(report) | {"reference_task_accuracy": ref_acc, "eval_source": source}, as_json)
     failed = [report.explain(v) for v in limits.violations(report.metrics(), ref_acc)]

@@ -64,16 +64,17 @@ DEFAULT_TARGETS = (
 class LoraSettings:
     """LoRA and training hyper-parameters.
 
-    The defaults are tuned for the shipped demo (a 4.2M-parameter model, 1080 short training examples):
-    ~340 steps, ~70 s on 2 CPU cores, ~96% held-out exact match (base: 0%). For bigger models a lower lr
-    (1e-4 .. 3e-4) and fewer epochs are the usual choice.
+    `lr` None: chosen for the model's size (`auto_lr`). Training runs up to `epochs` and stops early once the
+    loss on `validation` examples held back from the training split (never the eval split) has not improved
+    for `patience` evaluations (four a epoch); the best evaluated state is kept. On the shipped demo (4.2M
+    parameters, 1080 short examples) that is lr 4e-3; on SmolLM2-135M 1e-3 (see auto_lr).
     """
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    lr: float = 4e-3
+    lr: float | None = None
     epochs: float = 5.0
     batch_size: int = 16
     grad_accum: int = 1
@@ -86,6 +87,10 @@ class LoraSettings:
     scheduler: str = "linear"
     max_steps: int = -1  # > 0 overrides epochs (tests, smoke runs)
     logging_steps: int = 10
+    validation: int = (
+        64  # training examples held back to stop early on (0, or too little data: no early stop)
+    )
+    patience: int = 2  # evaluations without improvement before stopping (0: train every epoch)
 
     def __post_init__(self) -> None:
         bad = [
@@ -99,9 +104,29 @@ class LoraSettings:
 
 # How the model is fine-tuned: LoRA adapters merged afterwards (the default), or every weight updated.
 FINETUNE_METHODS = ("lora", "full")
-# Full fine-tuning's learning rate unless [finetune] lr says otherwise: updating every weight wants a far
-# smaller step than LoRA's low-rank updates (LoraSettings.lr).
-FULL_LR = 3e-4
+# Full fine-tuning's learning rate unless [finetune] lr says otherwise (None: auto_lr): updating every
+# weight wants a far smaller step than LoRA's low-rank updates (LoraSettings.lr).
+FULL_LR: float | None = None
+
+# Learning rates that measured well, by parameter count: LoRA (r 16, batch 16) on the 4.2M demo 4e-3 and on
+# SmolLM2-135M 1e-3 (bench/finetune_lr.py); between and beyond them a power law through both points,
+# clamped to the ends of the range LoRA is used with (ref: Hu et al. 2021 "LoRA", appendix D: 2e-4 .. 2e-2;
+# Dettmers et al. 2023 "QLoRA": 1e-4 .. 2e-4 at 7B-65B).
+LORA_LR_ANCHORS = ((4.2e6, 4e-3), (1.35e8, 1e-3))
+LORA_LR_RANGE = (1e-4, 1e-2)
+# Full fine-tuning on the demo measured 3e-4 → 87.5 % and 1e-3 → 99.2 % held out (bench/finetune_methods.py):
+# its rate is LoRA's scaled by this factor (3e-4 / 4e-3 at the demo; at 135M 7.5e-5, within the 1e-5 .. 1e-4
+# usually used to fully fine-tune 100M+ models — not measured here).
+FULL_LR_FACTOR = 3e-4 / 4e-3
+
+
+def auto_lr(params: int, method: str = "lora") -> float:
+    """The learning rate for a model of `params` parameters when none is set (see LORA_LR_ANCHORS)."""
+    (p0, lr0), (p1, lr1) = LORA_LR_ANCHORS
+    slope = math.log(lr1 / lr0) / math.log(p1 / p0)
+    lr = lr0 * (max(params, 1) / p0) ** slope
+    lr = min(max(lr, LORA_LR_RANGE[0]), LORA_LR_RANGE[1])
+    return float(f"{lr * (FULL_LR_FACTOR if method == 'full' else 1):.2g}")
 
 
 # Transformers schedulers that need no extra arguments (reduce_lr_on_plateau needs an eval metric,
@@ -149,7 +174,7 @@ LORA_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "alpha": (_int(1, 65536), "an integer from 1 to 65536"),
     "dropout": (_num(lambda v: 0 <= v < 1), "a finite number >= 0 and < 1"),
     "target_modules": (_modules, "a list of 1-256 module names (letters, digits, _ and .)"),
-    "lr": (_num(lambda v: 0 < v <= 10), "a finite number > 0 and <= 10"),
+    "lr": (lambda v: v is None or _num(lambda x: 0 < x <= 10)(v), "a finite number > 0 and <= 10"),
     "epochs": (_num(lambda v: 0 < v <= 10000), "a finite number > 0 and <= 10000"),
     "batch_size": (_int(1, 65536), "an integer from 1 to 65536"),
     "grad_accum": (_int(1, 65536), "an integer from 1 to 65536"),
@@ -162,6 +187,8 @@ LORA_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "scheduler": (lambda v: v in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}"),
     "max_steps": (_int(-1, MAX_INT), f"an integer from -1 to {MAX_INT} (<= 0: train for epochs)"),
     "logging_steps": (_int(1, MAX_INT), f"an integer from 1 to {MAX_INT}"),
+    "validation": (_int(0, 1 << 20), f"an integer from 0 to {1 << 20}"),
+    "patience": (_int(0, 1000), "an integer from 0 to 1000"),
 }
 
 MAX_PATH = 4096
@@ -208,7 +235,7 @@ class BuildConfig:
     limits: dict[str, float] = field(default_factory=dict)
     # [finetune] method / --method: "lora" (adapters, merged) or "full" (every weight; no merge stage)
     method: str = "lora"
-    full_lr: float = FULL_LR  # [finetune] lr: the learning rate of full fine-tuning
+    full_lr: float | None = FULL_LR  # [finetune] lr: the learning rate of full fine-tuning (None: auto_lr)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -259,6 +286,9 @@ def _budget_key(key: str, where: str) -> None:
         )
 
 
+FLOAT_SETTINGS = {f.name for f in dataclasses.fields(LoraSettings) if "float" in str(f.type)}
+
+
 def lora_settings(table: Any, where: str) -> LoraSettings:
     """Validate a [lora] table against LoraSettings' fields, types and ranges."""
     known = {f.name: f for f in dataclasses.fields(LoraSettings)}
@@ -270,7 +300,7 @@ def lora_settings(table: Any, where: str) -> LoraSettings:
         default = getattr(defaults, key)
         if isinstance(default, tuple) and isinstance(value, list):
             value = tuple(value)
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        if key in FLOAT_SETTINGS and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         values[key] = value
     try:
@@ -279,7 +309,7 @@ def lora_settings(table: Any, where: str) -> LoraSettings:
         raise EdgeftError(f"{where}: {exc}") from None
 
 
-def finetune_settings(table: Any, where: str) -> tuple[str, float]:
+def finetune_settings(table: Any, where: str) -> tuple[str, float | None]:
     """The [finetune] table → (method, full fine-tuning's lr); one line per bad key or value."""
     table = expect_table(table, f"{where}: finetune", '[finetune] with method = "lora" or "full"')
     refuse_unknown(table, {"method", "lr"}, where, "finetune setting")
@@ -291,6 +321,8 @@ def finetune_settings(table: Any, where: str) -> tuple[str, float]:
             f"{where}: finetune.lr is full fine-tuning's learning rate, but method is {method!r}; LoRA's is "
             "[lora] lr"
         )
+    if lr is None:
+        return method, None
     if not _num(lambda v: 0 < v <= 10)(lr):
         raise EdgeftError(f"{where}: finetune.lr = {show(lr)} should be a finite number > 0 and <= 10")
     return method, float(lr)

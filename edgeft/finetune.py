@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import shutil
 import tempfile
 import time
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from . import data as _data
-from .config import FULL_LR, LoraSettings, check_method
+from .config import FULL_LR, LoraSettings, auto_lr, check_method
 from .constants import FINETUNE_RECORD
 from .errors import EdgeftError
 from .files import atomic_dir, available_ram
@@ -44,6 +46,9 @@ class FinetuneResult:
     base_eval_loss: float = float("nan")  # held-out loss of the base model, before training
     history: tuple[float, ...] = field(default=(), repr=False)  # logged training losses
     method: str = "lora"  # "full": adapter_dir holds the whole fine-tuned model (no merge needed)
+    schedule: dict[str, Any] = field(
+        default_factory=dict
+    )  # lr (and why), steps, early stop (training_schedule)
 
 
 # --- training ------------------------------------------------------------------------------------------
@@ -65,9 +70,15 @@ class _Examples(torch.utils.data.Dataset):
 
 @dataclass(frozen=True)
 class PadCollator:
-    """Right-pads a batch: pad id for inputs, -100 for labels, 0 in the attention mask."""
+    """Right-pads a batch: pad id for inputs, -100 for labels, 0 in the attention mask.
+
+    With `answer_logits_only`, the output head runs only at the positions where some row of the batch has a
+    label (transformers' `logits_to_keep` as an index tensor, with the matching `shift_labels`): the loss is
+    the same, and on a 49k-vocabulary model with 20 answer tokens in 60 the step is ~1.4x faster.
+    """
 
     pad_id: int
+    answer_logits_only: bool = False
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         n = max(len(b["input_ids"]) for b in batch)
@@ -79,7 +90,53 @@ class PadCollator:
             ids[i, :k] = torch.tensor(b["input_ids"])
             labels[i, :k] = torch.tensor(b["labels"])
             mask[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if self.answer_logits_only:
+            # row t of the logits predicts token t+1 (ref: transformers loss_utils.ForCausalLMLoss)
+            shifted = torch.nn.functional.pad(labels, (0, 1), value=_data.IGNORE_INDEX)[:, 1:]
+            keep = (shifted != _data.IGNORE_INDEX).any(0).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                keep = torch.tensor([n - 1])
+            out |= {"logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
+        return out
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def validation_split(
+    train: list[_data.Example], settings: LoraSettings
+) -> tuple[list[_data.Example], list[_data.Example]]:
+    """(train, validation): `settings.validation` training examples (at most a tenth of them, seeded) held
+    back to decide when training stops; none when there are too few to judge by (fewer than 8) or early
+    stopping is off. The eval split is never among them: it stays the untouched judge of the result."""
+    n = min(settings.validation, len(train) // 10) if settings.patience > 0 else 0
+    if n < MIN_VALIDATION:
+        return train, []
+    import random
+
+    held = set(random.Random(settings.seed + 1).sample(range(len(train)), n))
+    return [ex for i, ex in enumerate(train) if i not in held], [
+        ex for i, ex in enumerate(train) if i in held
+    ]
+
+
+MIN_VALIDATION = 8
+# An evaluation counts as an improvement when it lowers the best validation loss so far by more than this
+# share (the validation set is small: smaller changes are noise).
+MIN_IMPROVEMENT = 0.01
+EVALS_PER_EPOCH = 4
+
+
+def stalled(losses: Sequence[float], patience: int) -> bool:
+    """Whether the last `patience` validation losses all failed to improve on the best one before them."""
+    if patience <= 0 or len(losses) <= patience:
+        return False
+    best = min(losses[:-patience])
+    return all(v > best * (1 - MIN_IMPROVEMENT) for v in losses[-patience:])
 
 
 def _targets(model: Any, wanted: Sequence[str]) -> list[str]:
@@ -118,6 +175,23 @@ def _ProgressCallback(progress: Progress) -> Any:  # noqa: N802 - builds the Tra
     return _progress_callback_class()(progress)
 
 
+def _StopWhenFlat(patience: int) -> Any:  # noqa: N802 - builds the TrainerCallback lazily
+    """Stops training once the validation loss has stalled (`stalled`). It keeps no state of its own: the
+    losses are read from Trainer's log history, which a resumed run restores from its checkpoint."""
+    from transformers import TrainerCallback
+
+    class _Callback(TrainerCallback):
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if stalled(_validation_losses(state.log_history), patience):
+                control.should_training_stop = True
+
+    return _Callback()
+
+
+def _validation_losses(history: list[dict[str, Any]]) -> list[float]:
+    return [float(h["eval_loss"]) for h in history if "eval_loss" in h]
+
+
 def _last_loss(history: list[dict[str, Any]]) -> tuple[float, tuple[float, ...]]:
     losses = tuple(float(h["loss"]) for h in history if "loss" in h)
     return (losses[-1] if losses else float("nan")), losses
@@ -133,7 +207,7 @@ def finetune(
     progress: Progress | None = None,
     checkpoint_dir: Path | None = None,
     method: str = "lora",
-    full_lr: float = FULL_LR,
+    full_lr: float | None = FULL_LR,
 ) -> FinetuneResult:
     """Train a LoRA adapter for `model` on `data`; write it (plus tokenizer) atomically to `out`.
 
@@ -142,10 +216,15 @@ def finetune(
     nothing to merge. Its memory (float32 weights, gradients and AdamW state, plus activations) is checked
     against the available RAM before the model is even loaded.
 
+    The learning rate is `settings.lr` (or `full_lr`), else chosen for the model's size (config.auto_lr).
+    Training stops early once the loss on a validation slice of the training split stalls
+    (`validation_split`, `stalled`), keeping the best evaluated state; `schedule` says what happened.
+
     `progress(step, total, note)` follows training (the note carries the latest loss); transformers' own
     progress bar and printed log dicts are turned off. With `checkpoint_dir`, Trainer checkpoints go there
-    (every tenth of the run, the latest kept) and a run killed midway resumes from the last one — same seed,
-    same data order and RNG states, so the adapter equals an uninterrupted run's.
+    (at every validation, or every tenth of the run without one; the latest and the best kept) and a run
+    killed midway resumes from the last one — same seed, same data order and RNG states, so the adapter
+    equals an uninterrupted run's.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
@@ -154,6 +233,7 @@ def finetune(
     train_ex, eval_ex = _data.load_split(Path(data), settings.eval_fraction, settings.seed, settings.max_eval)
     if not train_ex:
         raise EdgeftError(f"{data}: no training examples left after holding out the eval split")
+    train_ex, val_ex = validation_split(train_ex, settings)
     full = check_method(method, "method") == "full"
     if full:
         check_full_memory(model, settings, trust_remote_code=trust_remote_code)
@@ -161,6 +241,7 @@ def finetune(
     base = load_model(model, dtype=torch.float32, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     base.config.use_cache = False
+    params = sum(p.numel() for p in base.parameters())  # a tied head counts once
     if full:
         peft_model = base  # every weight trains; the "adapter" is the model itself
         base.train()
@@ -174,9 +255,14 @@ def finetune(
             task_type="CAUSAL_LM",
         )
         peft_model = get_peft_model(base, lora)
-    lr = full_lr if full else settings.lr
+    chosen = full_lr if full else settings.lr
+    lr = chosen if chosen is not None else auto_lr(params, method)
     train_ds = _Examples(tokenizer, train_ex, settings.max_len)
     eval_ds = _Examples(tokenizer, eval_ex, settings.max_len) if eval_ex else None
+    val_ds = _Examples(tokenizer, val_ex, settings.max_len) if val_ex else None
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    per_epoch = max(1, math.ceil(len(train_ex) / (settings.batch_size * settings.grad_accum * world)))
+    every = max(1, per_epoch // EVALS_PER_EPOCH)  # validation (and checkpoint) cadence when stopping early
 
     cuda = torch.cuda.is_available()
     with contextlib.ExitStack() as stack:
@@ -185,6 +271,22 @@ def finetune(
         else:
             work = str(checkpoint_dir)
             Path(work).mkdir(parents=True, exist_ok=True)
+        if val_ds is not None:  # evaluate and checkpoint together: the best evaluated state is restored
+            saving: dict[str, Any] = {
+                "eval_strategy": "steps",
+                "eval_steps": every,
+                "save_strategy": "steps",
+                "save_steps": every,
+                "load_best_model_at_end": True,
+                "metric_for_best_model": "eval_loss",
+                "greater_is_better": False,
+            }
+        else:
+            saving = {
+                "eval_strategy": "no",
+                "save_strategy": "no" if checkpoint_dir is None else "steps",
+                "save_steps": 0.1,  # a ratio of the total steps (transformers): ten checkpoints a run
+            }
         args = TrainingArguments(
             output_dir=work,
             per_device_train_batch_size=settings.batch_size,
@@ -198,10 +300,7 @@ def finetune(
             weight_decay=settings.weight_decay,
             logging_steps=settings.logging_steps,
             logging_first_step=True,
-            save_strategy="no" if checkpoint_dir is None else "steps",
-            save_steps=0.1,  # a ratio of the total steps (transformers): ten checkpoints a run
             save_total_limit=1,
-            eval_strategy="no",
             report_to=[],
             use_cpu=not cuda,
             bf16=cuda and torch.cuda.is_bf16_supported(),
@@ -212,27 +311,40 @@ def finetune(
             remove_unused_columns=False,
             ddp_find_unused_parameters=False,
             label_names=["labels"],
+            # batches of similar lengths: less padding computed (ref: transformers LengthGroupedSampler)
+            train_sampling_strategy="group_by_length",
+            **saving,
         )
         trainer = Trainer(
             model=peft_model,
             args=args,
             train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            data_collator=PadCollator(int(tokenizer.pad_token_id)),
+            eval_dataset=val_ds,
+            data_collator=PadCollator(int(tokenizer.pad_token_id), _takes_logits_to_keep(base)),
         )
         for cb in (PrinterCallback, ProgressCallback):  # edgeft shows its own bar; no printed log dicts
             trainer.remove_callback(cb)
         if progress is not None and trainer.is_world_process_zero():
             trainer.add_callback(_ProgressCallback(progress))
-        base_eval = trainer.evaluate()["eval_loss"] if eval_ds is not None else float("nan")
+        if val_ds is not None:
+            trainer.add_callback(_StopWhenFlat(settings.patience))
+
+        def heldout_loss() -> float:
+            if eval_ds is None:
+                return float("nan")
+            return float(trainer.evaluate(eval_ds, metric_key_prefix="heldout")["heldout_loss"])
+
+        base_eval = heldout_loss()
         t0 = time.time()
         last = _last_complete_checkpoint(Path(work)) if checkpoint_dir is not None else None
         trainer.train(resume_from_checkpoint=last)
         seconds = time.time() - t0
-        eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else float("nan")
+        eval_loss = heldout_loss()
         final_loss, history = _last_loss(trainer.state.log_history)
         if not all(map(_finite, history)):
             raise EdgeftError(f"training diverged (loss {final_loss}); lower the learning rate (lr={lr})")
+        schedule = training_schedule(trainer.state, settings, lr=lr, lr_auto=chosen is None, params=params)
+        schedule["validation_examples"] = len(val_ex)
         if trainer.is_world_process_zero():
             record = {
                 "base_model": str(model),
@@ -244,7 +356,8 @@ def finetune(
                     for k, v in asdict(settings).items()
                     if not (full and k in LORA_ONLY)  # full fine-tuning used no r, alpha, dropout, modules
                 }
-                | ({"lr": lr} if full else {}),
+                | {"lr": lr},
+                "schedule": schedule,
                 "eval_split": _data.split_record(Path(data), eval_ex),
                 "train_examples": len(train_ex),
                 "eval_examples": len(eval_ex),
@@ -266,7 +379,29 @@ def finetune(
         base_eval_loss=float(base_eval),
         history=history,
         method=method,
+        schedule=schedule,
     )
+
+
+def training_schedule(
+    state: Any, settings: LoraSettings, *, lr: float, lr_auto: bool, params: int
+) -> dict[str, Any]:
+    """How training went, for the record and the report: the learning rate and whether it was chosen for
+    the model's size, the steps run of the most allowed, and where early stopping kept the model."""
+    losses = _validation_losses(state.log_history)
+    best = getattr(state, "best_model_checkpoint", None)
+    best_step = int(str(best).rsplit("-", 1)[-1]) if best else None
+    return {
+        "lr": lr,
+        "lr_chosen_for": f"{params / 1e6:.1f}M parameters" if lr_auto else None,
+        "params": params,
+        "steps": int(state.global_step),
+        "max_steps": int(state.max_steps),
+        "stopped_early": bool(losses) and int(state.global_step) < int(state.max_steps),
+        "best_step": best_step,
+        "validation_losses": [round(v, 5) for v in losses],
+        "patience": settings.patience,
+    }
 
 
 def _last_complete_checkpoint(folder: Path) -> str | None:
@@ -309,6 +444,7 @@ def load_result(adapter_dir: Path) -> FinetuneResult:
         seconds=float(rec["seconds"]),
         base_eval_loss=float(rec["base_eval_loss"]),
         method=str(rec.get("method", "lora")),
+        schedule=dict(rec["schedule"]) if isinstance(rec.get("schedule"), dict) else {},
     )
 
 

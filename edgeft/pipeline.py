@@ -20,6 +20,7 @@ from .files import locked, tree_bytes
 from .finetune import finetune, load_result
 from .loading import load_tokenizer, model_fingerprint
 from .merge import merge
+from .reference import stored_reference
 from .runtime import open_runtime
 from .runtime.torch import TorchRuntime
 from .ui import info, task
@@ -159,16 +160,13 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
 
     with timed("reference", seconds):
         base_acc = base_accuracy(model, evalset, threads)
-        ref_rt = open_runtime(merged, threads=threads)
+        ref, ref_reused = stored_reference(merged, evalset, work, threads=threads, progress=task)
+    if ref_reused:
+        reused.append("reference")
     chosen: list[search.Candidate] = []
-    try:
-        with timed("reference", seconds):
-            ref = score(ref_rt, evalset)
-        for group in cands:
-            with timed(f"choose {group[0].slot.slot}", seconds):
-                chosen.append(choose(group, ref, evalset, threads))
-    finally:
-        ref_rt.close()
+    for group in cands:
+        with timed(f"choose {group[0].slot.slot}", seconds):
+            chosen.append(choose(group, ref, evalset, threads))
 
     with timed("reference", seconds), task("bench PyTorch float"):
         ref_latency = bench.bench(merged, threads=threads)
@@ -344,12 +342,6 @@ def base_accuracy(model: str, evalset: verify.EvalSet, threads: int) -> float | 
             return verify.task_accuracy(rt, evalset, update)
     finally:
         rt.close()
-
-
-def score(rt, evalset: verify.EvalSet) -> verify.ReferenceRun:
-    """The fine-tuned float model over the eval set: next-token NLL, its answers, task accuracy."""
-    with task("score fine-tuned float model", evalset.n_steps) as update:
-        return verify.run_reference(rt, evalset, update)
 
 
 def choose(

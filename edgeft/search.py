@@ -2,16 +2,20 @@
 
 A slot with a `search` list (targets/*.toml) competes several concrete artifacts: quants, with and
 without the importance matrix of the fine-tuning data, with the output head kept at a higher type. Decode
-of an on-device model is memory-bound (../shared/REFERENCE.md "Edge devices"), so "fastest on the device"
-is "fewest bytes read per decoded token", measured from each exported artifact's own tensors. The order
-of work keeps the search cheap:
+of an on-device model is memory-bound (llama.cpp reads every weight once per token; see the roofline notes
+in README "Speed, size and drift"), so "fastest on the device" is "fewest bytes read per decoded token",
+measured from each exported artifact's own tensors. Every candidate is judged against one stored float
+reference (edgeft.reference), fewest bytes per token first, and the work stops where it can:
 
-1. every candidate is judged on shared token ids against the one reference run (KL divergence, top-1,
-   perplexity: one forward pass per held-out sequence), which gives every candidate its point on the
-   report's size/drift plot, and drops those already over a budget;
-2. the rest, fewest bytes per token first (then lowest KLD), go down the app path (their own template,
-   tokenizer and greedy answers), which stops as soon as the misses exceed what a budget allows;
-3. the first that meets every budget wins; a later one could only read more bytes per token.
+1. on shared token ids (KL divergence, top-1, perplexity: one forward pass per held-out sequence); a
+   candidate stops early once it is over a budget beyond doubt (`clearly_failing`);
+2. then on the app path (its own template, tokenizer and greedy answers), which stops as soon as the misses
+   exceed what a budget allows (`stop_rule`); candidates that read as many bytes go in order of KLD;
+3. the first that meets every budget wins; the candidates that read more bytes per token could only be
+   slower, so they are screened on a few sequences for the report and never judged in full.
+
+With `exhaustive=True` every candidate is measured in full and the same rule picks: the check that the
+early stops keep the choice (bench/search_speed.py).
 """
 
 from __future__ import annotations
@@ -173,6 +177,28 @@ def opened(open_rt: Opener, path: Path) -> Iterator[Runtime]:
         rt.close()
 
 
+# Shared-id screening (step 1): a candidate gives up once, after at least GIVE_UP_AFTER sequences, its KLD
+# is over budget by more than GIVE_UP_Z standard errors (or its top-1 under budget by as much): a clear
+# failure, which the sequences left could not undo. A dominated candidate (more bytes per token than the
+# winner) is scored on its first SCREEN sequences only: a point on the report's plot, not a judgement.
+GIVE_UP_AFTER = 16
+GIVE_UP_Z = 3.0
+SCREEN = 24
+
+
+def clearly_failing(budget: DriftBudget) -> verify.GiveUp:
+    """A rule for weights_drift: True once the drift so far is over the budget beyond doubt."""
+
+    def give_up(d: verify.WeightsDrift) -> bool:
+        if d.n_sequences < GIVE_UP_AFTER:
+            return False
+        kld = budget.kld_mean is not None and d.kld_mean - GIVE_UP_Z * d.kld_se > budget.kld_mean
+        top1 = budget.top1 is not None and d.top1 + GIVE_UP_Z * d.top1_se < budget.top1
+        return kld or top1
+
+    return give_up
+
+
 def choose(
     cands: list[Candidate],
     ref: verify.ReferenceRun,
@@ -180,10 +206,14 @@ def choose(
     open_rt: Opener,
     *,
     task: Callable[[str, int], Any],
+    exhaustive: bool = False,
 ) -> Candidate | None:
     """Judge a slot's candidates (see the module docstring); marks and returns the winner, or None when no
     candidate meets every budget. A slot with one candidate (no search) is measured in full and chosen
-    whatever its drift: the build's --fail-on-drift decides about it, as for any fixed artifact."""
+    whatever its drift: the build's --fail-on-drift decides about it, as for any fixed artifact.
+
+    `exhaustive` measures every candidate in full (shared ids and app path, no early stops) and then picks
+    by the same rule: the way to check that the early stops change no choice (bench/search_speed.py)."""
     ref_acc = ref.task_accuracy
     n = len(es.examples)
     if len(cands) == 1:
@@ -194,49 +224,84 @@ def choose(
         c.chosen, c.verdict = True, "the slot's only artifact (no search)"
         return c
 
-    alive = []
-    for c in cands:
-        if c.verdict:  # decided before verify (it cannot fit the device's RAM)
-            continue
-        with opened(open_rt, c.path) as rt, task(f"drift {c.spec.label}", len(es.sequences)) as update:
-            c.weights = verify.weights_drift(ref, rt, es, update)
-        c.violations = tuple(_violations(c, ref_acc))
-        if c.violations:
-            c.verdict = "fails on shared ids: " + "; ".join(c.violations)
-        else:
-            alive.append(c)
-
+    fitting = [c for c in cands if not c.verdict]  # the others cannot fit the device's RAM
+    by_bytes: dict[int, list[Candidate]] = {}
+    for c in fitting:
+        by_bytes.setdefault(c.footprint.decode_bytes_per_token, []).append(c)
     winner = None
-    for c in sorted(alive, key=lambda c: (c.footprint.decode_bytes_per_token, c.weights.kld_mean)):
-        if winner is not None:
-            mine, best = (
-                c.footprint.decode_bytes_per_token / 1e6,
-                winner.footprint.decode_bytes_per_token / 1e6,
-            )
-            c.verdict = "not verified on the app path: " + (
-                f"reads {mine:.2f} MB per token, more than {winner.spec.label} ({best:.2f} MB)"
-                if c.footprint.decode_bytes_per_token > winner.footprint.decode_bytes_per_token
-                else f"reads as many bytes per token as {winner.spec.label} with more drift on shared ids"
-            )
+    for bpt in sorted(by_bytes):
+        group = by_bytes[bpt]
+        if winner is not None and not exhaustive:
+            for c in group:
+                _screen(c, winner, ref, es, open_rt, task)
             continue
-        rule = stop_rule(c.spec.budget, n, ref_acc, scored=es.scored)
-        with opened(open_rt, c.path) as rt, task(f"verify {c.spec.label}", es.n_steps) as update:
-            d = verify.compare(ref, rt, es, update, weights=c.weights, stop=rule)
-        stopped = d.n_examples < n
-        c.drift = _upper_bounds(d, n) if stopped else d
-        c.violations = tuple(c.drift.explain(v) for v in _violations(c, ref_acc))
-        if c.violations:
-            c.verdict = "fails on the app path: " + "; ".join(c.violations)
-            if stopped:
-                c.verdict += f" (stopped after {d.n_examples} of {n} conversations; shares are upper bounds)"
-            continue
-        winner = c
-        c.chosen = True
-        c.verdict = (
-            f"chosen: the fewest bytes read per decoded token ({c.footprint.decode_bytes_per_token / 1e6:.2f} MB) "
-            "among the candidates that meet every budget"
+        alive = []
+        for c in group:
+            give_up = None if exhaustive else clearly_failing(c.spec.budget)
+            with opened(open_rt, c.path) as rt, task(f"drift {c.spec.label}", len(es.sequences)) as update:
+                c.weights = verify.weights_drift(ref, rt, es, update, give_up=give_up)
+            c.violations = tuple(_violations(c, ref_acc))
+            if c.violations:
+                c.verdict = "fails on shared ids: " + "; ".join(c.violations)
+                if c.weights.partial:
+                    c.verdict += (
+                        f" (stopped after {c.weights.n_sequences} of {c.weights.of_sequences} sequences: "
+                        f"over budget by more than {GIVE_UP_Z:g} standard errors)"
+                    )
+                if not exhaustive:
+                    continue
+            alive.append(c)
+        for c in sorted(alive, key=lambda c: c.weights.kld_mean):  # type: ignore[union-attr]
+            if winner is not None and not exhaustive:
+                c.verdict = f"not verified on the app path: as many bytes per token as {winner.spec.label}, more drift"
+                continue
+            rule = None if exhaustive else stop_rule(c.spec.budget, n, ref_acc, scored=es.scored)
+            with opened(open_rt, c.path) as rt, task(f"verify {c.spec.label}", es.n_steps) as update:
+                d = verify.compare(ref, rt, es, update, weights=c.weights, stop=rule)
+            stopped = d.n_examples < n
+            c.drift = _upper_bounds(d, n) if stopped else d
+            c.violations = tuple(c.drift.explain(v) for v in _violations(c, ref_acc))
+            if c.violations:
+                c.verdict = c.verdict or "fails on the app path: " + "; ".join(c.violations)
+                if stopped:
+                    c.verdict += (
+                        f" (stopped after {d.n_examples} of {n} conversations; shares are upper bounds)"
+                    )
+                continue
+            if winner is None:
+                winner = c
+    if winner is not None:
+        winner.chosen = True
+        winner.verdict = (
+            f"chosen: the fewest bytes read per decoded token ({winner.footprint.decode_bytes_per_token / 1e6:.2f} "
+            "MB) among the candidates that meet every budget"
         )
+        if exhaustive:
+            for c in fitting:
+                if c is not winner and not c.verdict:
+                    c.verdict = f"meets every budget; reads more bytes per token than {winner.spec.label}"
     return winner
+
+
+def _screen(
+    c: Candidate,
+    winner: Candidate,
+    ref: verify.ReferenceRun,
+    es: verify.EvalSet,
+    open_rt: Opener,
+    task: Callable[[str, int], Any],
+) -> None:
+    """A dominated candidate: drift on its first SCREEN sequences, for the report; never judged."""
+    with (
+        opened(open_rt, c.path) as rt,
+        task(f"screen {c.spec.label}", min(SCREEN, len(es.sequences))) as update,
+    ):
+        c.weights = verify.weights_drift(ref, rt, es, update, limit=SCREEN)
+    mine, best = c.footprint.decode_bytes_per_token / 1e6, winner.footprint.decode_bytes_per_token / 1e6
+    c.verdict = (
+        f"not judged: reads {mine:.2f} MB per token, more than {winner.spec.label} ({best:.2f} MB); drift from "
+        f"its first {c.weights.n_sequences} of {c.weights.of_sequences} sequences"
+    )
 
 
 def _violations(c: Candidate, reference_accuracy: float | None) -> list[str]:

@@ -12,15 +12,21 @@ Two views, both against the float model in PyTorch:
   the fine-tune's, `answers_match` the fraction whose answers equal the float model's, and the first
   difference of each is kept, as tokens, for the report.
 
-Memory stays bounded for big vocabularies: the float model's logits are kept between artifacts only while
-they fit REFERENCE_CACHE_BYTES; beyond that they are recomputed per sequence from the open float model.
+An answer that parts from the float model's at a near-tie still matches: where the float model itself
+hardly preferred its token over the artifact's (its log-probability margin below `near_tie`, NEAR_TIE by
+default), greedy decoding of prose parts ways on noise, not on a fault. Only there: a different prompt, an
+answer that starts with a token the float model did not consider (a space after a special token), or a
+missing end-of-turn id where the float model was sure still fail from the first token.
+
+The float model runs once per eval set (edgeft.reference); every artifact is compared with what it stored.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,48 +36,24 @@ from . import data as data_mod
 from . import metrics, probes
 from .constants import FINETUNE_RECORD
 from .errors import EdgeftError
-from .probes import PROBE_CONVERSATIONS
+from .evalset import (  # noqa: F401 - the eval set's names, as verify's callers know them
+    AppAnswer,
+    EvalSet,
+    app_answer,
+    could_match,
+    greedy,
+    make_eval_set,
+    probe_examples,
+    task_accuracy,
+)
+from .reference import Choices, ReferenceRun, run_reference  # noqa: F401 - as above
 from .runtime import Runtime, open_runtime
 from .ui import Progress
 
-REFERENCE_CACHE_BYTES = 512 << 20
 _END = -2  # marks "the answer ended here" in difference reports
-
-
-@dataclass
-class EvalSet:
-    """What every model is scored on: conversations (the task) and their ids as the fine-tune saw them."""
-
-    examples: list[data_mod.Example]  # conversations; the last assistant turn is the expected answer
-    sequences: list[list[int]]  # whole conversations, for drift on shared ids
-    prompts: list[list[int]]  # the fine-tune's prompt ids of each conversation
-    max_new_tokens: int
-    scored: bool  # the examples are task data (exact match is meaningful), not built-in probes
-    source: str = ""  # where the examples came from, for the report
-
-    @property
-    def n_steps(self) -> int:
-        return len(self.sequences) + len(self.examples)
-
-    @property
-    def n_ctx(self) -> int:
-        """A context that holds every sequence, and every prompt plus its answer."""
-        longest = max([len(s) for s in self.sequences] + [len(p) for p in self.prompts] + [1])
-        return longest + self.max_new_tokens + 16
-
-
-@dataclass(frozen=True)
-class AppAnswer:
-    """One conversation through a runtime's app path."""
-
-    prompt: list[int]
-    answer: list[int]  # greedy ids before the first end-of-generation id
-    ended: bool  # whether it ended on an end-of-generation id (not on the token limit)
-    text: str
-    error: str | None = None  # the runtime could not render or run this conversation
-
-    def same_answer(self, other: AppAnswer) -> bool:
-        return self.error is None and self.answer == other.answer and self.ended == other.ended
+# The default near-tie margin in nats: a flip where the float model's log-probabilities of its token and the
+# artifact's differ by less than this does not count against answers_match (see near_tie_margin).
+NEAR_TIE = 0.4
 
 
 @dataclass(frozen=True)
@@ -89,6 +71,8 @@ class DriftReport:
     n_examples: int
     prompt_diff: str | None = None  # the first conversation whose prompt ids differ, as tokens
     answer_diff: str | None = None  # the first conversation whose answer differs, as tokens
+    near_ties: int = 0  # answers that parted from the float model's at a near-tie (counted as matching)
+    near_tie_diff: str | None = None  # the first of them, as tokens, with the float model's margin
 
     def explain(self, violation: str) -> str:
         """A budget violation line, with the first differing token when it is about the app path."""
@@ -111,168 +95,6 @@ class DriftReport:
         return {k: getattr(self, k) for k in keys}
 
 
-@dataclass
-class ReferenceRun:
-    """What the float model produced on an EvalSet, computed once and compared with every artifact."""
-
-    runtime: Runtime  # kept open while logits are recomputed (see REFERENCE_CACHE_BYTES)
-    nll: float
-    task_accuracy: float | None
-    answers: list[AppAnswer]
-    cached: list[np.ndarray] | None = field(default=None, repr=False)
-
-    def logits(self, i: int, ids: list[int]) -> np.ndarray:
-        return self.cached[i] if self.cached is not None else self.runtime.logits(ids)
-
-
-# --- the eval set --------------------------------------------------------------------------------------
-
-
-def _fallback_text(n: int = 8, chars: int = 600) -> list[str]:
-    """Offline English text for drift when no task data is given: Python's own docs."""
-    from pydoc_data.topics import topics
-
-    keys = sorted(topics)[:: max(1, len(topics) // n)][:n]
-    return [topics[k][:chars] for k in keys]
-
-
-def probe_examples() -> list[data_mod.Example]:
-    """The built-in conversations as examples (answers unknown: they are compared, never scored)."""
-    return [
-        data_mod.Example((*msgs, {"role": "assistant", "content": "-"}), f"probe:{i + 1}")
-        for i, msgs in enumerate(PROBE_CONVERSATIONS)
-    ]
-
-
-def _renders(tokenizer: Any, ex: data_mod.Example) -> bool:
-    try:
-        data_mod.prompt_ids(tokenizer, ex)
-    except EdgeftError:
-        return False
-    return True
-
-
-def make_eval_set(
-    tokenizer: Any,
-    examples: Sequence[data_mod.Example] | None,
-    *,
-    max_examples: int = 256,
-    max_len: int = 256,
-    source: str = "",
-) -> EvalSet:
-    """Ids for drift (the whole held-out conversations, or offline text) and the conversations to answer."""
-    examples = list(examples or [])[:max_examples]
-    if examples:
-        seqs = [data_mod.train_ids(tokenizer, ex, max_len)[0] for ex in examples]
-        longest = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
-        max_new, scored = min(256, longest + 8), True
-    else:
-        # the probes this template can render (some refuse a system turn: Gemma, Mistral-Instruct)
-        examples = [ex for ex in probe_examples() if _renders(tokenizer, ex)]
-        if not examples:
-            raise EdgeftError(
-                "the model's chat template cannot render any of the built-in probe conversations"
-            )
-        seqs = [tokenizer(t)["input_ids"][:max_len] for t in _fallback_text()]
-        max_new, scored, source = 24, False, "built-in probe conversations"
-    prompts = [data_mod.prompt_ids(tokenizer, ex) for ex in examples]
-    return EvalSet(examples, seqs, prompts, max_new, scored, source)
-
-
-# --- greedy answers ------------------------------------------------------------------------------------
-
-
-def _visible_prefix(text: str) -> str:
-    """Decoded text of a partial answer without a trailing incomplete UTF-8 character (shown as U+FFFD)."""
-    return text.strip().rstrip("\ufffd")
-
-
-def _could_match(rt: Runtime, out: list[int], ex: data_mod.Example) -> bool:
-    """Whether a greedy answer that starts with `out` can still match the expected answer exactly."""
-    return ex.answer.strip().startswith(_visible_prefix(rt.decode(out)))
-
-
-def greedy(
-    rt: Runtime, prompt: list[int], limit: int, keep_going: Callable[[list[int]], bool] | None = None
-) -> list[int]:
-    """Greedy ids after `prompt` until an end id or `limit`. With `keep_going`, in doubling chunks cut once
-    it is false — a wrong answer (every answer of an untuned base model) costs a few tokens, not the budget."""
-    if keep_going is None:
-        return rt.generate(prompt, limit, rt.end_ids)
-    out: list[int] = []
-    chunk, ends = 4, set(rt.end_ids)
-    while len(out) < limit:
-        n = min(chunk, limit - len(out))
-        new = rt.generate(prompt + out, n, rt.end_ids)
-        out += new
-        if len(new) < n or (new and new[-1] in ends) or not keep_going(out):
-            break
-        chunk *= 2
-    return out
-
-
-def app_answer(
-    rt: Runtime, es: EvalSet, i: int, keep_going: Callable[[list[int]], bool] | None = None
-) -> AppAnswer:
-    """Conversation `i` through the runtime's own chat template, tokenizer and end ids."""
-    ex = es.examples[i]
-    try:
-        prompt = rt.chat_prompt_ids(ex.prompt_messages)
-    except EdgeftError as e:
-        return AppAnswer([], [], False, "", error=str(e))
-    if len(prompt) + es.max_new_tokens > es.n_ctx:
-        return AppAnswer(prompt, [], False, "", error=f"prompt of {len(prompt)} tokens exceeds the context")
-    out = greedy(rt, prompt, es.max_new_tokens, keep_going)
-    ends = set(rt.end_ids)
-    cut = next((k for k, t in enumerate(out) if t in ends), len(out))
-    return AppAnswer(prompt, out[:cut], cut < len(out), rt.decode(out[:cut]))
-
-
-def task_accuracy(rt: Runtime, es: EvalSet, progress: Progress | None = None) -> float | None:
-    """Exact-match accuracy of greedy answers on the task (None without task data); answers cut early."""
-    if not es.scored:
-        return None
-    hits = 0
-    for i, ex in enumerate(es.examples):
-        a = app_answer(rt, es, i, lambda out, ex=ex: _could_match(rt, out, ex))
-        hits += a.ended and data_mod.answer_text_matches(a.text, ex)
-        if progress:
-            progress(i + 1, len(es.examples))
-    return hits / len(es.examples)
-
-
-# --- reference and comparison ------------------------------------------------------------------------------
-
-
-def run_reference(rt: Runtime, es: EvalSet, progress: Progress | None = None) -> ReferenceRun:
-    """Score the float model once: next-token NLL, its own app-path answers, task accuracy.
-
-    `rt` stays in use afterwards when the logits do not fit REFERENCE_CACHE_BYTES; close it after the last
-    compare().
-    """
-    size = sum(len(s) for s in es.sequences) * int(rt.n_vocab) * 4
-    cached: list[np.ndarray] | None = [] if size <= REFERENCE_CACHE_BYTES else None
-    nll = []
-    for i, ids in enumerate(es.sequences):
-        logits = rt.logits(ids)
-        nll.append(metrics.compare_logits(logits, logits, ids).ref_nll)
-        if cached is not None:
-            cached.append(np.asarray(logits, dtype=np.float32))
-        if progress:
-            progress(i + 1, es.n_steps)
-    answers, hits = [], 0
-    for i, ex in enumerate(es.examples):
-        a = app_answer(rt, es, i)
-        if a.error:
-            raise EdgeftError(f"{ex.source}: the float model cannot answer this conversation ({a.error})")
-        answers.append(a)
-        hits += a.ended and data_mod.answer_text_matches(a.text, ex)
-        if progress:
-            progress(len(es.sequences) + i + 1, es.n_steps)
-    acc = hits / len(es.examples) if es.scored else None
-    return ReferenceRun(rt, float(np.concatenate(nll).mean()), acc, answers, cached)
-
-
 def _short_source(source: str) -> str:
     """'file.jsonl:12' for '/home/me/data/file.jsonl:12': reports and manifests never carry home paths."""
     file, sep, line = source.rpartition(":")
@@ -290,13 +112,22 @@ def first_difference(label: str, ref: list[int], got: list[int], piece: Callable
 
 @dataclass(frozen=True)
 class WeightsDrift:
-    """Drift on shared token ids only (the weights): cheap, one forward pass per sequence."""
+    """Drift on shared token ids only (the weights): cheap, one forward pass per sequence. When scoring
+    stopped early (`n_sequences` < `of_sequences`), the values are those of the sequences scored."""
 
     kld_mean: float
     kld_p99: float
     top1: float
     ppl_ratio: float
     n_positions: int
+    n_sequences: int = 0
+    of_sequences: int = 0
+    kld_se: float = 0.0  # standard error of kld_mean over the sequences scored
+    top1_se: float = 0.0
+
+    @property
+    def partial(self) -> bool:
+        return self.n_sequences < self.of_sequences
 
     def metrics(self) -> dict[str, float | None]:
         return {
@@ -307,14 +138,27 @@ class WeightsDrift:
         }
 
 
+# give_up(drift so far) -> True once the artifact has clearly failed (edgeft.search)
+GiveUp = Callable[[WeightsDrift], bool]
+
+
 def weights_drift(
-    ref: ReferenceRun, rt: Runtime, es: EvalSet, progress: Progress | None = None
+    ref: ReferenceRun,
+    rt: Runtime,
+    es: EvalSet,
+    progress: Progress | None = None,
+    *,
+    limit: int | None = None,
+    give_up: GiveUp | None = None,
 ) -> WeightsDrift:
-    """KL divergence, top-1 agreement and perplexity ratio against the float model on the same ids."""
+    """KL divergence, top-1 agreement and perplexity ratio against the float model on the same ids: over
+    the first `limit` sequences (all by default), or until `give_up` says the artifact clearly failed."""
     if not es.examples or not es.sequences:
         raise EdgeftError("nothing to verify: the eval set has no conversations or no sequences")
-    klds, agree, nll = [], [], []
-    for i, ids in enumerate(es.sequences):
+    klds, agree, nll, ref_nll = [], [], [], []
+    seqs = es.sequences[:limit] if limit else es.sequences
+    drift = None
+    for i, ids in enumerate(seqs):
         ref_logits = ref.logits(i, ids)
         got = rt.logits(ids)
         if got.shape != ref_logits.shape:
@@ -326,16 +170,48 @@ def weights_drift(
         klds.append(stats.kld)
         agree.append(stats.same_top1)
         nll.append(stats.test_nll)
+        ref_nll.append(stats.ref_nll)
         if progress:
             progress(i + 1, es.n_steps)
+        if give_up is not None and i + 1 < len(seqs):
+            drift = _weights(klds, agree, nll, ref_nll, len(es.sequences))
+            if give_up(drift):
+                return drift
+    return _weights(klds, agree, nll, ref_nll, len(es.sequences))
+
+
+def _weights(klds: list, agree: list, nll: list, ref_nll: list, of: int) -> WeightsDrift:
     kld = np.concatenate(klds)
+    per_kld = np.array([k.mean() for k in klds])
+    per_top1 = np.array([a.mean() for a in agree])
+    n = len(klds)
     return WeightsDrift(
         kld_mean=float(kld.mean()),
         kld_p99=float(np.percentile(kld, 99)),
         top1=float(np.concatenate(agree).mean()),
-        ppl_ratio=float(np.exp(np.concatenate(nll).mean() - ref.nll)),
+        ppl_ratio=float(np.exp(np.concatenate(nll).mean() - np.concatenate(ref_nll).mean())),
         n_positions=int(kld.size),
+        n_sequences=n,
+        of_sequences=of,
+        kld_se=float(per_kld.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf,
+        top1_se=float(per_top1.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf,
     )
+
+
+def near_tie_margin(choices: Choices, want: AppAnswer, got: AppAnswer) -> float | None:
+    """At the first id where the artifact's answer parts from the float model's, how much more likely the
+    float model found its own id than the artifact's (log-probability difference, in nats); None when the
+    answers do not part, or the artifact's id was not among the float model's top alternatives there."""
+    a = want.answer + [_END] * want.ended
+    b = got.answer + [_END] * got.ended
+    k = probes.first_difference(a, b)
+    if k is None or k >= len(b) or k >= len(choices):
+        return None
+    ids, lps = choices[k]
+    mine = got.end_id if b[k] == _END else b[k]
+    if mine is None or mine not in ids:
+        return None
+    return lps[0] - lps[ids.index(mine)]
 
 
 # stop(conversations done, prompt misses, answer misses, task misses) -> True once the artifact has failed
@@ -350,30 +226,32 @@ def compare(
     *,
     weights: WeightsDrift | None = None,
     stop: StopRule | None = None,
+    near_tie: float = NEAR_TIE,
 ) -> DriftReport:
     """Drift of a runtime's model against the reference run: shared ids (unless `weights` already has
     them), then the app path. With `stop`, the app path ends as soon as the rule says the artifact failed;
-    the report then covers the conversations done (`n_examples`)."""
+    the report then covers the conversations done (`n_examples`). An answer that parts from the float
+    model's where its margin was below `near_tie` nats counts as matching (near_tie_margin)."""
     if weights is None:
         weights = weights_drift(ref, rt, es, progress)
     elif not es.examples:
         raise EdgeftError("nothing to verify: the eval set has no conversations or no sequences")
 
     # Ids are compared in the shared vocabulary; show them as the float model's tokenizer spells them.
-    piece = getattr(ref.runtime, "piece", None) or (lambda i: ref.runtime.decode([i]))
+    piece = ref.piece
 
     def spelled(i: int) -> str:
         return "<end of turn>" if i == _END else piece(i)
 
-    prompt_hits = answer_hits = task_hits = 0
-    prompt_diff = answer_diff = None
+    prompt_hits = answer_hits = task_hits = near_ties = 0
+    prompt_diff = answer_diff = near_tie_diff = None
     done = 0
     for i, ex in enumerate(es.examples):
         want = ref.answers[i]
         full = want.answer + ([-1] if want.ended else [])
 
         def keep_going(out: list[int], ex: data_mod.Example = ex, full: list[int] = full) -> bool:
-            return out == full[: len(out)] or (es.scored and _could_match(rt, out, ex))
+            return out == full[: len(out)] or (es.scored and could_match(rt, out, ex))
 
         got = app_answer(rt, es, i, keep_going)
         label = f"conversation {i + 1} ({_short_source(ex.source)})"
@@ -381,15 +259,27 @@ def compare(
             prompt_diff = prompt_diff or f"{label}: {got.error}"
             answer_diff = answer_diff or f"{label}: {got.error}"
         else:
-            if got.prompt == want.prompt:
+            same_prompt = got.prompt == want.prompt
+            if same_prompt:
                 prompt_hits += 1
             elif prompt_diff is None:
                 prompt_diff = first_difference(f"{label} prompt", want.prompt, got.prompt, piece)
+            a, b = want.answer + [_END] * want.ended, got.answer + [_END] * got.ended
+            margin = near_tie_margin(ref.choices[i], want, got) if same_prompt else None
             if got.same_answer(want):
                 answer_hits += 1
+            elif margin is not None and margin < near_tie:
+                answer_hits += 1
+                near_ties += 1
+                if near_tie_diff is None:
+                    near_tie_diff = (
+                        first_difference(f"{label} answer", a, b, spelled)
+                        + f" (float margin {margin:.3f} nats < {near_tie:g})"
+                    )
             elif answer_diff is None:
-                a, b = want.answer + [_END] * want.ended, got.answer + [_END] * got.ended
                 answer_diff = first_difference(f"{label} answer", a, b, spelled)
+                if margin is not None:
+                    answer_diff += f" (float margin {margin:.2f} nats)"
             task_hits += got.ended and data_mod.answer_text_matches(got.text, ex)
         done = i + 1
         if progress:
@@ -408,6 +298,8 @@ def compare(
         n_examples=done,
         prompt_diff=prompt_diff,
         answer_diff=answer_diff,
+        near_ties=near_ties,
+        near_tie_diff=near_tie_diff,
     )
 
 
@@ -450,23 +342,26 @@ def verify(
     data: Path | None = None,
     *,
     threads: int | None = None,
-    progress: Progress | None = None,
+    task: Callable[..., Any],
     allow_native_libs: bool = False,
 ) -> tuple[DriftReport, float | None, str]:
     """Drift of `artifact` against the float model in `reference`; also the reference's task accuracy and
-    where the eval conversations came from."""
+    where the eval conversations came from. The float model's run is kept in edgeft's cache
+    (edgeft.reference, the newest few): verifying another artifact against the same model and data reuses
+    it. `task(description, total)` shows each long step's progress."""
+    from .files import cache_root
     from .loading import load_tokenizer
+    from .reference import KEEP_CACHED, stored_reference
 
     examples, source = eval_examples(Path(reference), data)
     es = make_eval_set(load_tokenizer(reference), examples, source=source)
     # The artifact opens (and a hostile one is refused) before minutes go into the reference run.
     rt = open_runtime(artifact, threads=threads, n_ctx=es.n_ctx, allow_native_libs=allow_native_libs)
     try:
-        ref_rt = open_runtime(reference, threads=threads)
-        try:
-            ref = run_reference(ref_rt, es)
-            return compare(ref, rt, es, progress), ref.task_accuracy, es.source
-        finally:
-            ref_rt.close()
+        ref, _ = stored_reference(
+            Path(reference), es, cache_root() / "references", threads=threads, progress=task, keep=KEEP_CACHED
+        )
+        with task(f"verify {Path(artifact).name}", es.n_steps) as update:
+            return compare(ref, rt, es, update), ref.task_accuracy, es.source
     finally:
         rt.close()

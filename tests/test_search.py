@@ -85,15 +85,57 @@ def test_a_loose_budget_picks_the_smallest_a_tight_one_a_larger() -> None:
     assert all("fails on shared ids" in c.verdict for c, _ in tight if not c.chosen)
 
 
-def test_bigger_candidates_after_the_winner_are_not_verified_on_the_app_path() -> None:
+def test_bigger_candidates_after_the_winner_are_screened_never_judged() -> None:
     cands = three(10.0)
     winner, _ = run(cands)
     assert winner is not None and winner.spec.quant == "q4_0"
     by_quant = {c.spec.quant: (c, rt) for c, rt in cands}
     for quant in ("q8_0", "q4_k_m"):
         c, rt = by_quant[quant]
-        assert c.drift is None and rt.generated == 0 and "not verified on the app path" in c.verdict
+        assert c.drift is None and rt.generated == 0 and c.verdict.startswith("not judged")
+        assert c.weights is not None  # a point on the report's plot all the same
     assert by_quant["q4_0"][1].generated > 0
+
+
+def many(kld_budget: float, noises: dict[str, float]) -> tuple[list, verify.EvalSet, verify.ReferenceRun]:
+    """Candidates judged on 40 sequences of different lengths (so their per-sequence KLDs spread)."""
+    lengths = np.random.default_rng(1).integers(4, 21, size=40)
+    budget = targets.DriftBudget(kld_mean=kld_budget)
+    cands = [candidate(q, noise, 4.0 + i, budget) for i, (q, noise) in enumerate(noises.items())]
+    ref_rt = Scripted(LOGITS, RIGHT)
+    prompts = [ref_rt.chat_prompt_ids(ex.prompt_messages) for ex in EXAMPLES]
+    es = verify.EvalSet(EXAMPLES, [list(range(n)) for n in lengths], prompts, 16, True, "test")
+    return cands, es, verify.run_reference(ref_rt, es)
+
+
+def test_a_clearly_failing_candidate_stops_early_a_borderline_one_does_not() -> None:
+    probe, es, ref = many(1.0, {"q4_k_m": 0.3})
+    k = verify.weights_drift(ref, probe[0][1], es).kld_mean  # q4_k_m's KLD on all 40 sequences
+    cands, es, ref = many(k * 0.95, {"q4_0": 3.0, "q4_k_m": 0.3, "q8_0": 0.0})
+    by_path = {c.path: rt for c, rt in cands}
+    winner = search.choose([c for c, _ in cands], ref, es, lambda p: by_path[p], task=quiet)
+    (far, _), (near, _), (exact, _) = cands
+    assert winner is exact
+    # far over budget: given up after GIVE_UP_AFTER sequences, and says so
+    assert far.weights.n_sequences == search.GIVE_UP_AFTER and far.weights.of_sequences == 40
+    assert f"stopped after {search.GIVE_UP_AFTER} of 40 sequences" in far.verdict
+    # 5 % over budget is not beyond doubt on 16 sequences: measured on all 40, and failing
+    assert near.weights.n_sequences == 40 and near.verdict.startswith("fails on shared ids")
+
+
+def test_the_early_stops_keep_the_exhaustive_choice() -> None:
+    for budget in (kld(0.05) * 2, kld(0.3) * 2, kld(0.6) * 2):
+        cands, es, ref = many(budget, {"q4_0": 0.6, "q4_k_m": 0.3, "q8_0": 0.05})
+        by_path = {c.path: rt for c, rt in cands}
+        fast = search.choose([c for c, _ in cands], ref, es, lambda p: by_path[p], task=quiet)
+        cands2, es2, ref2 = many(budget, {"q4_0": 0.6, "q4_k_m": 0.3, "q8_0": 0.05})
+        by_path2 = {c.path: rt for c, rt in cands2}
+        full = search.choose(
+            [c for c, _ in cands2], ref2, es2, lambda p: by_path2[p], task=quiet, exhaustive=True
+        )
+        assert fast is not None and full is not None and fast.spec.label == full.spec.label
+        assert all(c.drift is not None and c.drift.n_examples == len(EXAMPLES) for c, _ in cands2)
+        assert all(not c.weights.partial for c, _ in cands2)
 
 
 def test_the_app_path_stops_as_soon_as_the_budget_is_lost() -> None:

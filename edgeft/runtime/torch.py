@@ -60,6 +60,66 @@ class TorchRuntime:
             x = torch.tensor([[tok]], dtype=torch.long)
         return out
 
+    @torch.inference_mode()
+    def logits_batch(self, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """`logits` of several sequences in one forward. They are right-padded: causal attention keeps every
+        real position from seeing the padding, so no mask is needed and each row is its sequence's logits."""
+        n = max(len(s) for s in seqs)
+        x = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            x[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        out = self.model(input_ids=x).logits.float()
+        return [out[i, : len(s)].numpy().copy() for i, s in enumerate(seqs)]
+
+    @torch.inference_mode()
+    def generate_batch(
+        self, prompts: Sequence[Sequence[int]], n: int, stop_ids: Sequence[int] = (), top_k: int = 0
+    ) -> list[tuple[list[int], list[tuple[list[int], list[float]]]]]:
+        """`generate` for several prompts at once (left-padded, with attention mask and positions, one KV
+        cache): per prompt its greedy ids and, with `top_k`, at each generated position the `top_k` most
+        likely ids with their log-probabilities (the float model's alternatives, for near-tie judgements)."""
+        stops = set(stop_ids)
+        b, longest = len(prompts), max(len(p) for p in prompts)
+        x = torch.zeros((b, longest), dtype=torch.long)
+        mask = torch.zeros((b, longest), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            x[i, longest - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, longest - len(p) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out: list[list[int]] = [[] for _ in prompts]
+        alts: list[list[tuple[list[int], list[float]]]] = [[] for _ in prompts]
+        done = [False] * b
+        cache = None
+        for _ in range(n):
+            # transformers 5 names the KV cache `cache` (ref: transformers 5.x LlamaForCausalLM.forward)
+            res = self.model(
+                input_ids=x,
+                attention_mask=mask,
+                position_ids=pos,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = res.cache
+            last = res.logits[:, -1].float()
+            toks = last.argmax(-1)
+            if top_k:
+                lp, ids = torch.log_softmax(last, -1).topk(top_k, -1)
+            for i in range(b):
+                if done[i]:
+                    continue
+                tok = int(toks[i])
+                out[i].append(tok)
+                if top_k:
+                    alts[i].append((ids[i].tolist(), lp[i].tolist()))
+                done[i] = tok in stops
+            if all(done):
+                break
+            x = toks[:, None]
+            mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], -1)
+            pos = pos[:, -1:] + 1
+        return list(zip(out, alts, strict=True))
+
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The fine-tune's prompt ids for a conversation (chat template + generation prompt)."""
         return data_mod.chat_prompt_ids(self.tokenizer, messages)
