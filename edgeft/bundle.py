@@ -92,6 +92,7 @@ class BuildFacts:
     base_revision: str | None = None  # the Hub commit the base came from; None for a local folder
     base_weights_sha256: dict[str, str] = field(default_factory=dict)  # safetensors file → sha256
     lora_settings: dict[str, Any] = field(default_factory=dict)  # as the fine-tune recorded them
+    schedule: dict[str, Any] = field(default_factory=dict)  # how training ran (finetune.training_schedule)
     eval_split_sha256: str | None = None  # data.split_digest of the fine-tune's recorded eval_split
     skipped: tuple[SkippedArtifact, ...] = ()  # artifacts of the profile that cannot fit its RAM budget
     # every artifact the search built and judged (search.Candidate.record)
@@ -218,7 +219,7 @@ def render_report(
     lines = [f"# edgeft bundle for `{target.name}`", "", f"{target.description}", ""]
     lines += [f"- base model: `{facts.base_model}`"]
     how = "full fine-tuning (every weight)" if facts.finetune_method == "full" else "LoRA, merged"
-    lines += [f"- fine-tuned with {how} on {facts.train_examples} examples"]
+    lines += [f"- fine-tuned with {how} on {facts.train_examples} examples" + _schedule_text(facts.schedule)]
     if facts.reference_task_accuracy is not None:
         lines += [
             f"- held-out task accuracy (exact match, {facts.eval_examples} examples): base "
@@ -296,6 +297,28 @@ def render_report(
         lines += ["Skipped (they cannot fit the device's RAM; `edgeft build --strict` stops instead):", ""]
         lines += [f"- {s.spec.label}: {s.reason}" for s in facts.skipped] + [""]
     return "\n".join(lines)
+
+
+def _schedule_text(s: dict[str, Any]) -> str:
+    """', lr 1e-3 (chosen for 134.5M parameters), up to 1 epoch (chosen for its size): 64 of 64 steps, best
+    validation loss at step 48 of evaluations every 16 (validation: 64 training examples held back)'."""
+    if not s:
+        return ""
+    lr = f", lr {s['lr']:g}" + (f" (chosen for {s['lr_chosen_for']})" if s.get("lr_chosen_for") else " (set)")
+    epochs = f", up to {s['epochs']:g} epoch{'s' if s['epochs'] != 1 else ''}" if s.get("epochs") else ""
+    epochs += " (chosen for its size)" if s.get("epochs_auto") else ""
+    steps = f": {s['steps']} of {s['max_steps']} steps"
+    if s.get("validation_losses"):
+        stop = (
+            "stopped early: the validation loss stopped improving"
+            if s.get("stopped_early")
+            else "ran to the end"
+        )
+        steps += (
+            f", {stop}; kept the best state (step {s['best_step']}, validation loss "
+            f"{min(s['validation_losses']):.4f} on {s.get('validation_examples')} training examples held back)"
+        )
+    return lr + epochs + steps
 
 
 def _slots(candidates: tuple[dict[str, Any], ...]) -> dict[str, list[dict[str, Any]]]:
@@ -429,6 +452,7 @@ def write_bundle(
                 "finetune_method": facts.finetune_method,
                 "finetuned_weights_sha256": facts.finetuned_weights_sha256 or None,
                 "lora": facts.lora_settings,
+                "finetune_schedule": facts.schedule or None,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "tools": tool_versions(),
                 "device": {

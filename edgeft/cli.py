@@ -181,6 +181,14 @@ def build(
             "builds each slot's own quant.",
         ),
     ] = None,
+    exhaustive: Annotated[
+        bool,
+        typer.Option(
+            "--exhaustive",
+            help="Measure every candidate in full, with no early stop (slower; the same choice, every number "
+            "in the report whole).",
+        ),
+    ] = False,
     max_kld: Annotated[
         float | None, typer.Option(help="Budget: mean KL divergence against the float model, at most.")
     ] = None,
@@ -210,7 +218,11 @@ def build(
         method=method,
     )
     cfg = dataclasses.replace(
-        cfg, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, keep_work=keep_work
+        cfg,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        keep_work=keep_work,
+        exhaustive=exhaustive,
     )
     with _stdout_to_stderr():
         res = run_build(cfg)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import data as _data
-from .config import FULL_LR, LoraSettings, auto_lr, check_method
+from .config import FULL_LR, LoraSettings, auto_epochs, auto_lr, check_method
 from .constants import FINETUNE_RECORD
 from .errors import EdgeftError
 from .files import atomic_dir, available_ram
@@ -257,6 +257,7 @@ def finetune(
         peft_model = get_peft_model(base, lora)
     chosen = full_lr if full else settings.lr
     lr = chosen if chosen is not None else auto_lr(params, method)
+    epochs = settings.epochs if settings.epochs is not None else auto_epochs(params)
     train_ds = _Examples(tokenizer, train_ex, settings.max_len)
     eval_ds = _Examples(tokenizer, eval_ex, settings.max_len) if eval_ex else None
     val_ds = _Examples(tokenizer, val_ex, settings.max_len) if val_ex else None
@@ -293,7 +294,7 @@ def finetune(
             per_device_eval_batch_size=max(settings.batch_size, 32),
             gradient_accumulation_steps=settings.grad_accum,
             learning_rate=lr,
-            num_train_epochs=settings.epochs,
+            num_train_epochs=epochs,
             max_steps=settings.max_steps,
             warmup_steps=settings.warmup_ratio,  # < 1: a ratio of the total steps (transformers 5)
             lr_scheduler_type=settings.scheduler,
@@ -344,6 +345,7 @@ def finetune(
         if not all(map(_finite, history)):
             raise EdgeftError(f"training diverged (loss {final_loss}); lower the learning rate (lr={lr})")
         schedule = training_schedule(trainer.state, settings, lr=lr, lr_auto=chosen is None, params=params)
+        schedule |= {"epochs": epochs, "epochs_auto": settings.epochs is None}
         schedule["validation_examples"] = len(val_ex)
         if trainer.is_world_process_zero():
             record = {
@@ -356,7 +358,7 @@ def finetune(
                     for k, v in asdict(settings).items()
                     if not (full and k in LORA_ONLY)  # full fine-tuning used no r, alpha, dropout, modules
                 }
-                | {"lr": lr},
+                | {"lr": lr, "epochs": epochs},
                 "schedule": schedule,
                 "eval_split": _data.split_record(Path(data), eval_ex),
                 "train_examples": len(train_ex),

@@ -166,7 +166,7 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
     chosen: list[search.Candidate] = []
     for group in cands:
         with timed(f"choose {group[0].slot.slot}", seconds):
-            chosen.append(choose(group, ref, evalset, threads))
+            chosen.append(choose(group, ref, evalset, threads, cfg.exhaustive))
 
     with timed("reference", seconds), task("bench PyTorch float"):
         ref_latency = bench.bench(merged, threads=threads)
@@ -185,6 +185,7 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
         base_revision=base.revision,
         base_weights_sha256=base.weights_sha256,
         lora_settings=lora_settings,
+        schedule=ft.schedule,
         eval_split_sha256=eval_split_sha256,
         adapter_sha256=None if full else bundle.sha256_file(ft.adapter_dir / "adapter_model.safetensors"),
         finetuned_weights_sha256=bundle.weights_sha256(ft.adapter_dir) if full else {},
@@ -349,6 +350,7 @@ def choose(
     ref: verify.ReferenceRun,
     evalset: verify.EvalSet,
     threads: int,
+    exhaustive: bool = False,
 ) -> search.Candidate:
     """The artifact a slot ships: the search's winner; when no candidate meets every budget, the closest one,
     measured in full and marked as failing (the build then fails naming it, unless --no-fail-on-drift)."""
@@ -356,13 +358,14 @@ def choose(
     def opener(path: Path):
         return open_runtime(path, threads=threads, n_ctx=evalset.n_ctx)
 
-    winner = search.choose(group, ref, evalset, opener, task=task)
+    winner = search.choose(group, ref, evalset, opener, task=task, exhaustive=exhaustive)
     if winner is not None:
         return winner
     fits = [c for c in group if not c.verdict.startswith("does not fit")]
     near = search.closest(fits, ref.task_accuracy)
     with search.opened(opener, near.path) as rt, task(f"verify {near.spec.label}", evalset.n_steps) as update:
-        near.drift = verify.compare(ref, rt, evalset, update, weights=near.weights)
+        whole = near.weights if near.weights is not None and not near.weights.partial else None
+        near.drift = verify.compare(ref, rt, evalset, update, weights=whole)
     viol = near.spec.budget.violations(near.drift.metrics(), ref.task_accuracy, near.size_mb)
     near.violations = tuple(near.drift.explain(v) for v in viol)
     near.chosen = True

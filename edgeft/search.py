@@ -80,6 +80,8 @@ class Candidate:
             "est_decode_tok_s": round(target.bandwidth_gb_s * 1e9 / bpt, 3) if bpt else None,
             "drift": {k: measured.get(k) for k in (*keys, "answers_match")},
             "conversations_checked": self.drift.n_examples if self.drift is not None else 0,
+            "sequences_checked": self.weights.n_sequences if self.weights is not None else None,
+            "near_ties": self.drift.near_ties if self.drift is not None else None,
             "latency": latency,
             "fits_ram": self.footprint.need_bytes <= target.ram_budget_mb * 1e6,
             "violations": list(self.violations),
