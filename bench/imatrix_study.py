@@ -283,7 +283,7 @@ def measure(
     return row
 
 
-def table(rows: list[Row], float_acc: float) -> str:
+def table(rows: list[Row], float_acc: float, quants: tuple[str, ...] = QUANTS) -> str:
     """Markdown table: per quant and imatrix source (mean ± spread over seeds when several)."""
     lines = [
         f"float model (PyTorch fp32) held-out task accuracy: {float_acc:.1%}",
@@ -292,7 +292,7 @@ def table(rows: list[Row], float_acc: float) -> str:
         "| KLD vs uniform |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for quant in QUANTS:
+    for quant in quants:
         none = next(r.kld_mean for r in rows if r.quant == quant and r.source == "none")
         uniform = next((r.kld_mean for r in rows if r.quant == quant and r.source == "uniform"), None)
         for source in SOURCES:
@@ -323,10 +323,10 @@ def table(rows: list[Row], float_acc: float) -> str:
     return "\n".join(lines)
 
 
-def verdicts(rows: list[Row], float_acc: float) -> list[str]:
+def verdicts(rows: list[Row], float_acc: float, quants: tuple[str, ...] = QUANTS) -> list[str]:
     """The goal per quant: ft-data KLD ≤ 0.8× none (mean over seeds) and task accuracy no lower than none."""
     out = []
-    for quant in QUANTS:
+    for quant in quants:
         none = next(r for r in rows if r.quant == quant and r.source == "none")
         ft = [r for r in rows if r.quant == quant and r.source == "ft-data"]
         if not ft:
@@ -351,8 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=Growth.steps, help="further pretraining steps of the base")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument(
-        "--base", type=Path, help="a pretrained HF model folder to fine-tune instead of growing one"
+        "--base",
+        help="a pretrained model to fine-tune instead of growing one: an HF folder or builtin:smollm2-135m",
     )
+    ap.add_argument("--quants", nargs="+", default=list(QUANTS), help="GGUF quants to measure")
+    ap.add_argument("--no-uniform", action="store_true", help="skip the uniform-imatrix control")
     ap.add_argument(
         "--sources", nargs="+", choices=CALIBRATIONS, default=list(CALIBRATIONS), help="imatrices"
     )
@@ -373,8 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    base = args.base or train_base(work, Growth(layers=args.layers, steps=args.steps), args.threads)
-    lora = LoraSettings()  # edgeft's defaults (lr 4e-3, 5 epochs, r 16)
+    from edgeft.loading import model_source
+
+    base = (
+        Path(model_source(args.base))
+        if args.base
+        else train_base(work, Growth(layers=args.layers, steps=args.steps), args.threads)
+    )
+    lora = LoraSettings()  # edgeft's defaults (lr and epochs chosen for the model's size, r 16)
+    quants = tuple(args.quants)
     merged = finetune_merge(work, base, Path(DEMO_DATA), lora)
     print(f"base + fine-tune ready ({time.time() - t0:.0f}s): {merged}", flush=True)
 
@@ -402,14 +412,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(measure(ref, evalset, out, args.threads, quant, src, seed, tokens))
 
     try:
-        for quant in QUANTS:
+        for quant in quants:
             run(quant, "none", None, None)
-        # "uniform": every entry 1.0 — llama.cpp's imatrix code path and tensor-type choices with no data
-        keys = compute_imatrix(merged, generic_conversations(0)[:1], threads=args.threads, max_tokens=64)
-        ones = {name: np.ones_like(v) for name, v in keys.values.items()}
-        uniform = Imatrix(ones, examples=1, tokens=0, dataset_sha256=hashlib.sha256(b"uniform").hexdigest())
-        for quant in QUANTS:
-            run(quant, "uniform", None, uniform)
+        if not args.no_uniform:
+            # "uniform": every entry 1.0 — llama.cpp's imatrix code path and tensor-type choices with no data
+            keys = compute_imatrix(merged, generic_conversations(0)[:1], threads=args.threads, max_tokens=64)
+            ones = {name: np.ones_like(v) for name, v in keys.values.items()}
+            digest = hashlib.sha256(b"uniform").hexdigest()
+            uniform = Imatrix(ones, examples=1, tokens=0, dataset_sha256=digest)
+            for quant in quants:
+                run(quant, "uniform", None, uniform)
         for seed in args.seeds:
             texts = {
                 "generic": generic_conversations(seed),
@@ -433,15 +445,15 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     imx = compute_imatrix(merged, texts[kind], max_tokens=args.imatrix_tokens, **kw)
                 print(f"seed {seed} {src}: {imx.summary()}", flush=True)
-                for quant in QUANTS:
+                for quant in quants:
                     run(quant, src, seed, imx)
     finally:
         ref_rt.close()
 
     print()
-    print(table(rows, float_acc))
+    print(table(rows, float_acc, quants))
     print()
-    print("\n".join(verdicts(rows, float_acc)))
+    print("\n".join(verdicts(rows, float_acc, quants)))
     print(f"\ntotal {time.time() - t0:.0f}s ({len(evalset.examples)} held-out examples)")
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1) + "\n")

@@ -364,6 +364,9 @@ def _candidates_section(facts: BuildFacts) -> list[str]:
                 f"{_fmt(d['top1'], '.1%')} | {_fmt(d['task_accuracy'], '.1%')} | "
                 f"{_fmt(d['answers_match'], '.1%')} | {c['verdict']} |"
             )
+        notes = [f"- {c['label']}: {c['note']}" for c in group if c.get("note")]
+        if notes:
+            lines += ["", "Drift out of line with size:", "", *notes]
     return [*lines, ""]
 
 

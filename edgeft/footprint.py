@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -462,6 +462,7 @@ class TensorTypes:
     shares: dict[str, float]  # type → fraction of the weight bytes, largest first
     head_type: str | None  # the output head's type (a tied head: the token embedding's)
     head_share: float  # the head's fraction of the weight bytes
+    matrices: dict[str, int] = field(default_factory=dict)  # type → how many weight matrices hold it
 
 
 def tensor_types(path: Path) -> TensorTypes:
@@ -473,6 +474,7 @@ def tensor_types(path: Path) -> TensorTypes:
     if artifact_format(path) == FORMAT_GGUF:
         reader = _gguf_reader(path)
         items = [(t.name, t.tensor_type.name.lower(), int(t.n_bytes)) for t in reader.tensors]
+        matrix = {t.name for t in reader.tensors if len(t.shape) >= 2}
         names = {n for n, _, _ in items}
         head = GGUF_OUTPUT if GGUF_OUTPUT in names else GGUF_TOKEN_EMBD
     else:
@@ -495,6 +497,7 @@ def tensor_types(path: Path) -> TensorTypes:
             for t in graph.initializer
         ]
         head = next((n for n, _, _ in items if n.startswith("lm_head")), None)
+        matrix = {t.name for t in graph.initializer if len(t.dims) >= 2}
     total = sum(b for _, _, b in items) or 1
     by_type: dict[str, int] = {}
     for _, kind, nbytes in items:
@@ -502,4 +505,8 @@ def tensor_types(path: Path) -> TensorTypes:
     shares = {k: v / total for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])}
     head_items = [(kind, b) for n, kind, b in items if head is not None and n.startswith(head)]
     head_type = max(head_items, key=lambda kb: kb[1])[0] if head_items else None
-    return TensorTypes(shares, head_type, sum(b for _, b in head_items) / total)
+    counts: dict[str, int] = {}
+    for name, kind, _ in items:
+        if name in matrix:
+            counts[kind] = counts.get(kind, 0) + 1
+    return TensorTypes(shares, head_type, sum(b for _, b in head_items) / total, counts)

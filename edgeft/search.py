@@ -30,6 +30,7 @@ from typing import Any
 
 from . import verify
 from .constants import BUDGET_KINDS
+from .errors import EdgeftError
 from .footprint import Footprint
 from .runtime import Runtime
 from .targets import ArtifactSpec, DriftBudget, TargetProfile
@@ -49,6 +50,9 @@ class Candidate:
     violations: tuple[str, ...] = ()
     verdict: str = ""
     chosen: bool = False
+    note: str = (
+        ""  # why its drift is out of line with its size, where edgeft can see it (explain_out_of_line)
+    )
 
     @property
     def size_mb(self) -> float:
@@ -86,6 +90,7 @@ class Candidate:
             "fits_ram": self.footprint.need_bytes <= target.ram_budget_mb * 1e6,
             "violations": list(self.violations),
             "verdict": self.verdict,
+            "note": self.note or None,
             "chosen": self.chosen,
         }
 
@@ -272,6 +277,7 @@ def choose(
                 continue
             if winner is None:
                 winner = c
+    explain_out_of_line(fitting)
     if winner is not None:
         winner.chosen = True
         winner.verdict = (
@@ -283,6 +289,48 @@ def choose(
                 if c is not winner and not c.verdict:
                     c.verdict = f"meets every budget; reads more bytes per token than {winner.spec.label}"
     return winner
+
+
+# A candidate is out of line when its KLD is more than OUT_OF_LINE times that of a candidate reading fewer
+# bytes per token (more bits should drift less), and at least OUT_OF_LINE_FLOOR (below it, noise).
+OUT_OF_LINE = 2.0
+OUT_OF_LINE_FLOOR = 0.01
+
+
+def explain_out_of_line(cands: list[Candidate]) -> None:
+    """Give each out-of-line candidate a note naming what edgeft can see: the tensor types it actually wrote
+    (GGUF K-quants fall back to other types for rows that are not whole 256-blocks) and the types it holds
+    that the smaller, better-behaved candidate does not."""
+    from .footprint import tensor_types
+
+    measured = [c for c in cands if c.metrics().get("kld_mean") is not None]
+    for c in measured:
+        kld = float(c.metrics()["kld_mean"])  # type: ignore[arg-type]
+        better = [
+            d
+            for d in measured
+            if d.footprint.decode_bytes_per_token < c.footprint.decode_bytes_per_token
+            and float(d.metrics()["kld_mean"]) * OUT_OF_LINE < kld  # type: ignore[arg-type]
+        ]
+        if kld < OUT_OF_LINE_FLOOR or not better:
+            continue
+        d = min(better, key=lambda x: float(x.metrics()["kld_mean"]))  # type: ignore[arg-type]
+        try:
+            mine, theirs = tensor_types(c.path), tensor_types(d.path)
+        except (EdgeftError, OSError):
+            continue
+        odd = [t for t in mine.matrices if t not in theirs.matrices]
+        written = ", ".join(f"{t} ×{n}" for t, n in sorted(mine.matrices.items(), key=lambda kv: -kv[1]))
+        c.note = (
+            f"out of line: KLD {kld:.3g}, {kld / float(d.metrics()['kld_mean']):.0f}× that of {d.spec.label} "  # type: ignore[arg-type]
+            f"which reads fewer bytes per token; it wrote {written} (weight matrices)"
+        )
+        if odd:
+            share = sum(mine.shares.get(t, 0.0) for t in odd)
+            c.note += (
+                f"; {', '.join(odd)} ({share:.0%} of its weight bytes) {'is' if len(odd) == 1 else 'are'} the "
+                f"type{'s' if len(odd) > 1 else ''} {d.spec.label} does not use: the likely cause"
+            )
 
 
 def _screen(

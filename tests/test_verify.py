@@ -196,3 +196,63 @@ def test_base_model_answers_are_cut_short() -> None:
     es = _evalset([ex], wrong)
     assert verify.task_accuracy(wrong, es) == 0.0
     assert wrong.generated == 4  # one chunk: cut as soon as it diverged, not 16 tokens
+
+
+# --- the answer gate's near-tie rule -------------------------------------------------------------------------
+
+
+def _near_tie_case(
+    art_answer: list[int], choices: list[tuple[list[int], list[float]]], prompt_shift: int = 0
+) -> verify.DriftReport:
+    """The float model answers "abc" + end; at each position it had `choices` (ids, log-probs); the
+    artifact answers `art_answer` (its prompt shifted by `prompt_shift` to mimic a changed template)."""
+    logits = np.zeros((20, 30))
+    ex = _example("turn on", "abc")
+    key = tuple(Scripted(logits, {}).chat_prompt_ids(ex.prompt_messages))
+    ref_rt = Scripted(logits, {key: _script("abc")})
+    shifted = tuple(Scripted(logits, {}, prompt_shift).chat_prompt_ids(ex.prompt_messages))
+    art = Scripted(logits, {shifted: art_answer}, prompt_shift)
+    es = _evalset([ex], ref_rt)
+    ref = verify.run_reference(ref_rt, es)
+    ref.choices = [choices]
+    return verify.compare(ref, art, es)
+
+
+SURE = ([1, 2], [-0.001, -7.0])  # the float model was sure of its token
+
+
+def test_a_flip_at_a_near_tie_still_matches() -> None:
+    """The float model chose 'c' over 'x' by 0.2 nats: an artifact choosing 'x' there parted on noise."""
+    near = ([3, 24], [-0.6, -0.8])
+    rep = _near_tie_case([1, 2, 24, END], [SURE, SURE, near, SURE])
+    assert rep.answers_match == 1.0 and rep.near_ties == 1 and rep.answer_diff is None
+    assert rep.near_tie_diff is not None and "token 2" in rep.near_tie_diff and "0.200 nats" in rep.near_tie_diff
+    assert rep.task_accuracy == 0.0  # the task is still scored on the artifact's own answer
+
+
+def test_a_flip_where_the_float_model_was_sure_fails() -> None:
+    far = ([3, 24], [-0.05, -3.05])
+    rep = _near_tie_case([1, 2, 24, END], [SURE, SURE, far, SURE])
+    assert rep.answers_match == 0.0 and rep.near_ties == 0
+    assert rep.answer_diff is not None and "token 2" in rep.answer_diff and "3.00 nats" in rep.answer_diff
+
+
+def test_a_first_token_the_float_model_never_considered_fails() -> None:
+    """A space after a special token: the artifact's first id is not among the float model's alternatives."""
+    first = ([1, 5], [-0.3, -0.5])
+    rep = _near_tie_case([27, 1, 2, 3, END], [first, SURE, SURE, SURE])
+    assert rep.answers_match == 0.0 and rep.answer_diff is not None and "token 0" in rep.answer_diff
+
+
+def test_a_missing_end_of_turn_fails() -> None:
+    """The float model was sure the answer ends after 'abc'; the artifact goes on."""
+    end = ([END, 4], [-0.002, -6.0])
+    rep = _near_tie_case([1, 2, 3, 4, 4, 4, 4, 4], [SURE, SURE, SURE, end])
+    assert rep.answers_match == 0.0 and rep.answer_diff is not None and "end of turn" in rep.answer_diff
+
+
+def test_a_changed_template_is_never_excused() -> None:
+    """Different prompt ids: the float model's margins are about another prompt, so no flip is a near-tie."""
+    near = ([3, 24], [-0.6, -0.8])
+    rep = _near_tie_case([1, 2, 24, END], [SURE, SURE, near, SURE], prompt_shift=1)
+    assert rep.prompt_ids_match == 0.0 and rep.answers_match == 0.0 and rep.near_ties == 0

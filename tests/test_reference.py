@@ -1,0 +1,125 @@
+"""The float reference (edgeft.reference): batched equals one at a time, it is computed once and read back,
+and a change of weights, data or setting computes it again."""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tinymodels import cached_model
+
+from edgeft import data, reference, verify
+from edgeft.demo import DEMO_DATA
+from edgeft.loading import load_tokenizer
+from edgeft.runtime.torch import TorchRuntime
+
+
+@contextmanager
+def quiet(description: str, total: int | None = None):
+    yield lambda *a: None
+
+
+class OneAtATime:
+    """The same model without its batched methods: run_reference then scores one sequence at a time."""
+
+    def __init__(self, rt: TorchRuntime) -> None:
+        self._rt = rt
+        self.n_vocab = rt.n_vocab
+
+    def __getattr__(self, name: str):
+        if name in ("logits_batch", "generate_batch"):
+            raise AttributeError(name)
+        return getattr(self._rt, name)
+
+
+@pytest.fixture(scope="module")
+def model() -> Path:
+    return cached_model("llama", "bpe")
+
+
+def _evalset(model: Path, n: int = 12, max_new: int | None = None) -> verify.EvalSet:
+    examples = data.load_jsonl(Path(DEMO_DATA))[:n]
+    es = verify.make_eval_set(load_tokenizer(model, notify=False), examples, source="demo")
+    if max_new is not None:
+        es.max_new_tokens = max_new
+    return es
+
+
+def test_batched_and_one_at_a_time_give_the_same_ids_and_logits(model: Path) -> None:
+    es = _evalset(model)
+    rt = TorchRuntime(model, threads=2)
+    batched = reference.run_reference(rt, es)
+    single = reference.run_reference(OneAtATime(rt), es)
+    assert [a.answer for a in batched.answers] == [a.answer for a in single.answers]
+    assert [a.ended for a in batched.answers] == [a.ended for a in single.answers]
+    assert [a.prompt for a in batched.answers] == [a.prompt for a in single.answers]
+    for i, ids in enumerate(es.sequences):
+        assert np.allclose(batched.logits(i, ids), single.logits(i, ids), atol=1e-4)
+        assert np.allclose(batched.logits(i, ids), rt.logits(ids), atol=1e-4)
+    assert batched.nll == pytest.approx(single.nll, rel=1e-5)
+    # the alternatives the batched run kept: the float model's own token first, at every generated position
+    for a, choices in zip(batched.answers, batched.choices, strict=True):
+        assert len(choices) == len(a.generated) > 0
+        assert [ids[0] for ids, _ in choices] == a.generated
+        assert all(lps == sorted(lps, reverse=True) for _, lps in choices)
+    batched.close()
+    assert not batched.folder.exists()  # a temporary reference leaves nothing behind
+
+
+def test_a_stored_reference_is_computed_once(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs: list[int] = []
+    real = reference.run_reference
+
+    def counting(*a, **kw):
+        runs.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(reference, "run_reference", counting)
+    es = _evalset(model)
+    first, reused = reference.stored_reference(model, es, tmp_path, threads=2, progress=quiet)
+    assert not reused and len(runs) == 1
+    again, reused = reference.stored_reference(model, _evalset(model), tmp_path, threads=2, progress=quiet)
+    assert reused and len(runs) == 1  # another candidate, target or rerun reads it back
+    assert [a.answer for a in again.answers] == [a.answer for a in first.answers]
+    assert np.array_equal(again.logits(3, es.sequences[3]), first.logits(3, es.sequences[3]))
+    assert again.choices == first.choices
+
+    # other data, another setting, other weights: computed again, each into a folder of its own
+    reference.stored_reference(model, _evalset(model, n=10), tmp_path, threads=2, progress=quiet)
+    assert len(runs) == 2
+    reference.stored_reference(model, _evalset(model, max_new=5), tmp_path, threads=2, progress=quiet)
+    assert len(runs) == 3
+    changed = tmp_path / "changed"
+    shutil.copytree(model, changed)
+    _perturb(changed / "model.safetensors")
+    reference.stored_reference(changed, es, tmp_path, threads=2, progress=quiet)
+    assert len(runs) == 4
+    assert len(list(tmp_path.glob("reference-*"))) == 4
+
+
+def test_a_damaged_store_is_computed_again_and_the_cache_is_bounded(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    es = _evalset(model, n=6)
+    run, _ = reference.stored_reference(model, es, tmp_path, threads=2, progress=quiet)
+    with open(run.folder / reference.LOGITS_FILE, "r+b") as f:
+        f.truncate(100)
+    again, reused = reference.stored_reference(model, es, tmp_path, threads=2, progress=quiet)
+    assert not reused and again.logits(0, es.sequences[0]).shape == (len(es.sequences[0]), again.vocab)
+    for n in (2, 3, 4):
+        reference.stored_reference(model, _evalset(model, n=n), tmp_path, threads=2, progress=quiet, keep=2)
+    assert len(list(tmp_path.glob("reference-*"))) == 2
+
+
+def _perturb(weights: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if k.endswith("q_proj.weight"))
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, str(weights), metadata={"format": "pt"})
