@@ -365,8 +365,14 @@ def _candidates_section(facts: BuildFacts) -> list[str]:
                 f"{_fmt(d['answers_match'], '.1%')} | {c['verdict']} |"
             )
         notes = [f"- {c['label']}: {c['note']}" for c in group if c.get("note")]
+        notes += [
+            f"- {c['label']}: steered by edgeft: {c['steered']} — this model's weights lie on a grid that type's "
+            "rounding distorts (docs/requantization.md)"
+            for c in group
+            if c.get("steered")
+        ]
         if notes:
-            lines += ["", "Drift out of line with size:", "", *notes]
+            lines += ["", "Notes:", "", *notes]
     return [*lines, ""]
 
 
@@ -504,7 +510,12 @@ def _tensor_types(arts: list[ArtifactResult]) -> dict[str, TensorTypes]:
 def _types_line(a: ArtifactResult, tt: TensorTypes) -> str:
     shares = ", ".join(f"{k} {v:.1%}" for k, v in tt.shares.items() if v >= 0.001)
     head = f"; head {tt.head_type} ({tt.head_share:.1%})" if tt.head_type else ""
-    return f"- {artifact_name(a.spec)}{_variant(a.spec)}: {shares}{head}"
+    steered = (
+        f"; steered by edgeft: {tt.steered} (weights on a grid that type distorts: docs/requantization.md)"
+        if tt.steered
+        else ""
+    )
+    return f"- {artifact_name(a.spec)}{_variant(a.spec)}: {shares}{head}{steered}"
 
 
 def _manifest_types(tt: TensorTypes) -> dict[str, Any]:
@@ -512,6 +523,7 @@ def _manifest_types(tt: TensorTypes) -> dict[str, Any]:
     return {
         "tensor_types": {k: round(v, 6) for k, v in tt.shares.items()},
         "output_head": {"type": tt.head_type, "share": round(tt.head_share, 6)},
+        "steered": tt.steered,
     }
 
 

@@ -65,6 +65,9 @@ GGUF_HEAD_TYPES: dict[str, gguf.GGMLQuantizationType] = {
 GGUF_KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
 GGUF_KEY_IMATRIX_ENTRIES = "quantize.imatrix.entries_count"
 GGUF_KEY_IMATRIX_CHUNKS = "quantize.imatrix.chunks_count"
+# edgeft's own key: which tensors were written in another 32-block type than llama.cpp chose, and why
+# (edgeft.quantize.Steered.summary)
+GGUF_KEY_STEERED = "edgeft.steered"
 # The dataset value: a name for the calibration data, not a path (llama.cpp keeps 127 bytes of it).
 GGUF_IMATRIX_DATASET_PREFIX = "edgeft:sha256:"
 

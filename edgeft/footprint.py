@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .constants import FORMAT_GGUF, FORMAT_ONNX, GGUF_LLAMA_QUANTS, ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
+from .constants import (
+    FORMAT_GGUF,
+    FORMAT_ONNX,
+    GGUF_KEY_STEERED,
+    GGUF_LLAMA_QUANTS,
+    ONNX_GENAI_CONFIG,
+    ONNX_MODEL_FILE,
+)
 from .errors import EdgeftError
 
 # --- bytes per decode token ------------------------------------------------------------------------------
@@ -463,6 +470,7 @@ class TensorTypes:
     head_type: str | None  # the output head's type (a tied head: the token embedding's)
     head_share: float  # the head's fraction of the weight bytes
     matrices: dict[str, int] = field(default_factory=dict)  # type → how many weight matrices hold it
+    steered: str | None = None  # GGUF: tensors edgeft wrote in another type than llama.cpp chose, and why
 
 
 def tensor_types(path: Path) -> TensorTypes:
@@ -475,6 +483,8 @@ def tensor_types(path: Path) -> TensorTypes:
         reader = _gguf_reader(path)
         items = [(t.name, t.tensor_type.name.lower(), int(t.n_bytes)) for t in reader.tensors]
         matrix = {t.name for t in reader.tensors if len(t.shape) >= 2}
+        steered_field = reader.fields.get(GGUF_KEY_STEERED)
+        steered = str(steered_field.contents()) if steered_field is not None else None
         names = {n for n, _, _ in items}
         head = GGUF_OUTPUT if GGUF_OUTPUT in names else GGUF_TOKEN_EMBD
     else:
@@ -498,6 +508,7 @@ def tensor_types(path: Path) -> TensorTypes:
         ]
         head = next((n for n, _, _ in items if n.startswith("lm_head")), None)
         matrix = {t.name for t in graph.initializer if len(t.dims) >= 2}
+        steered = None
     total = sum(b for _, _, b in items) or 1
     by_type: dict[str, int] = {}
     for _, kind, nbytes in items:
@@ -509,4 +520,4 @@ def tensor_types(path: Path) -> TensorTypes:
     for name, kind, _ in items:
         if name in matrix:
             counts[kind] = counts.get(kind, 0) + 1
-    return TensorTypes(shares, head_type, sum(b for _, b in head_items) / total, counts)
+    return TensorTypes(shares, head_type, sum(b for _, b in head_items) / total, counts, steered)

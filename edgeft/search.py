@@ -91,8 +91,19 @@ class Candidate:
             "violations": list(self.violations),
             "verdict": self.verdict,
             "note": self.note or None,
+            "steered": _steered(self.path),
             "chosen": self.chosen,
         }
+
+
+def _steered(path: Path) -> str | None:
+    """What edgeft steered in a GGUF candidate (edgeft.quantize.Steered.summary), if anything."""
+    from .footprint import tensor_types
+
+    try:
+        return tensor_types(path).steered if path.is_file() else None
+    except (EdgeftError, OSError):
+        return None
 
 
 def expand(slot: ArtifactSpec, *, search: bool) -> list[ArtifactSpec]:
