@@ -462,6 +462,7 @@ def write_bundle(
                 "finetuned_weights_sha256": facts.finetuned_weights_sha256 or None,
                 "lora": facts.lora_settings,
                 "finetune_schedule": facts.schedule or None,
+                "stage_seconds": {k: round(v, 1) for k, v in facts.seconds.items()},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "tools": tool_versions(),
                 "device": {

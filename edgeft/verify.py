@@ -355,12 +355,14 @@ def verify(
 
     examples, source = eval_examples(Path(reference), data)
     es = make_eval_set(load_tokenizer(reference), examples, source=source)
-    # The artifact opens (and a hostile one is refused) before minutes go into the reference run.
+    # The artifact opens (and a hostile one is refused) before minutes go into the reference run; it is closed
+    # while the float model runs, so the two never share the memory.
+    open_runtime(artifact, threads=threads, n_ctx=es.n_ctx, allow_native_libs=allow_native_libs).close()
+    ref, _ = stored_reference(
+        Path(reference), es, cache_root() / "references", threads=threads, progress=task, keep=KEEP_CACHED
+    )
     rt = open_runtime(artifact, threads=threads, n_ctx=es.n_ctx, allow_native_libs=allow_native_libs)
     try:
-        ref, _ = stored_reference(
-            Path(reference), es, cache_root() / "references", threads=threads, progress=task, keep=KEEP_CACHED
-        )
         with task(f"verify {Path(artifact).name}", es.n_steps) as update:
             return compare(ref, rt, es, update), ref.task_accuracy, es.source
     finally:
