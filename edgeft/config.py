@@ -88,9 +88,7 @@ class LoraSettings:
     scheduler: str = "linear"
     max_steps: int = -1  # > 0 overrides epochs (tests, smoke runs)
     logging_steps: int = 10
-    validation: int = (
-        64  # training examples held back to stop early on (0, or too little data: no early stop)
-    )
+    validation: int = 32  # training examples held back to stop early on (0, or too few: no early stop)
     patience: int = 2  # evaluations without improvement before stopping (0: train every epoch)
 
     def __post_init__(self) -> None:

@@ -183,13 +183,33 @@ def cut_answer(rt: Runtime, prompt: list[int], out: list[int]) -> AppAnswer:
 
 
 def task_accuracy(rt: Runtime, es: EvalSet, progress: Progress | None = None) -> float | None:
-    """Exact-match accuracy of greedy answers on the task (None without task data); answers cut early."""
+    """Exact-match accuracy of greedy answers on the task (None without task data); an answer stops as soon
+    as it can no longer match. A runtime that decodes in batches (PyTorch) answers BATCH conversations at
+    once."""
     if not es.scored:
         return None
     hits = 0
+    if getattr(rt, "generate_batch", None) is not None:
+        for a in range(0, len(es.examples), BATCH):
+            idx = list(range(a, min(a + BATCH, len(es.examples))))
+            prompts = [rt.chat_prompt_ids(es.examples[i].prompt_messages) for i in idx]
+
+            def going(j: int, out: list[int], idx: list[int] = idx) -> bool:
+                return could_match(rt, out, es.examples[idx[j]])
+
+            outs = rt.generate_batch(prompts, es.max_new_tokens, rt.end_ids, keep_going=going)  # type: ignore[attr-defined]
+            for i, p, (ids, _) in zip(idx, prompts, outs, strict=True):
+                ans = cut_answer(rt, p, ids)
+                hits += ans.ended and data_mod.answer_text_matches(ans.text, es.examples[i])
+            if progress:
+                progress(idx[-1] + 1, len(es.examples))
+        return hits / len(es.examples)
     for i, ex in enumerate(es.examples):
         a = app_answer(rt, es, i, lambda out, ex=ex: could_match(rt, out, ex))
         hits += a.ended and data_mod.answer_text_matches(a.text, ex)
         if progress:
             progress(i + 1, len(es.examples))
     return hits / len(es.examples)
+
+
+BATCH = 32  # conversations a batched runtime answers at once

@@ -91,6 +91,21 @@ def _tokenize(
     return out, texts
 
 
+BATCH_TOKENS = 2048  # padded tokens per forward pass
+
+
+def _groups(seqs: list[list[int]]) -> list[list[list[int]]]:
+    """Sequences in order, grouped so that each group padded to its longest holds at most BATCH_TOKENS."""
+    out: list[list[list[int]]] = []
+    for ids in seqs:
+        cur = out[-1] if out else None
+        if cur is not None and (len(cur) + 1) * max(len(ids), *(len(c) for c in cur)) <= BATCH_TOKENS:
+            cur.append(ids)
+        else:
+            out.append([ids])
+    return out
+
+
 def _compute(
     model_dir: Path,
     conversations: Sequence[Sequence[dict[str, str]]],
@@ -126,13 +141,17 @@ def _compute(
     counts: dict[str, int] = {}
     names: dict[str, str] = {}
     handles = []
+    real = torch.ones(1, dtype=torch.bool)  # which flattened positions of the running batch are not padding
 
-    def collector(key: str, n_in: int) -> Callable[..., None]:
+    def add(key: str, x: torch.Tensor) -> None:
+        # ref: tools/imatrix/imatrix.cpp collect_imatrix (acc[j] += x[j]*x[j] per row; counts += rows)
+        x = x.detach().reshape(-1, x.shape[-1])[real].to(torch.float64)
+        sums[key] += (x * x).sum(0)
+        counts[key] += x.shape[0]
+
+    def collector(key: str) -> Callable[..., None]:
         def hook(_module: Any, args: tuple[Any, ...]) -> None:
-            # ref: tools/imatrix/imatrix.cpp collect_imatrix (acc[j] += x[j]*x[j] per row; counts += rows)
-            x = args[0].detach().reshape(-1, n_in).to(torch.float64)
-            sums[key] += (x * x).sum(0)
-            counts[key] += x.shape[0]
+            add(key, args[0])
 
         return hook
 
@@ -148,16 +167,19 @@ def _compute(
         names[mod_name] = plan.gguf_name
         sums[mod_name] = torch.zeros(module.in_features, dtype=torch.float64)
         counts[mod_name] = 0
-        handles.append(module.register_forward_pre_hook(collector(mod_name, module.in_features)))
+        if module is not model.get_output_embeddings():  # the head's inputs come from the decoder below
+            handles.append(module.register_forward_pre_hook(collector(mod_name)))
     head = model.get_output_embeddings()
+    head_key = next((m for m, mod in model.named_modules() if mod is head and m in names), None)
     embd = next((p for p in plans.values() if p.gguf_name == TIED_HEAD), None)
     if tied_head and prep.model.tied and isinstance(head, torch.nn.Linear) and embd is not None:
         # the head's inputs (final hidden states) weigh token_embd.weight's columns; llama-quant.cpp takes
         # any tensor's entry whose size is ne[0] (ref: src/llama-quant.cpp llama_model_quantize_impl)
-        names["<tied head>"] = embd.gguf_name
-        sums["<tied head>"] = torch.zeros(head.in_features, dtype=torch.float64)
-        counts["<tied head>"] = 0
-        handles.append(head.register_forward_pre_hook(collector("<tied head>", head.in_features)))
+        head_key = "<tied head>"
+        names[head_key] = embd.gguf_name
+        sums[head_key] = torch.zeros(head.in_features, dtype=torch.float64)
+        counts[head_key] = 0
+    decoder = model.get_decoder()  # the head's input is the decoder's last hidden state: no logits computed
     saved_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -167,10 +189,22 @@ def _compute(
         from .ui import task
 
         bar = task("importance matrix", len(batches)) if progress is None else nullcontext(progress)
+        done = 0
         with bar as update, torch.inference_mode():
-            for i, ids in enumerate(batches):
-                model(input_ids=torch.tensor([ids]), use_cache=False)
-                update(i + 1, len(batches))
+            for group in _groups(batches):
+                n = max(len(ids) for ids in group)
+                x = torch.zeros((len(group), n), dtype=torch.long)
+                mask = torch.zeros((len(group), n), dtype=torch.bool)
+                for i, ids in enumerate(group):
+                    x[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                    mask[i, : len(ids)] = True
+                real = mask.reshape(-1)
+                # right-padded, causal: every real position sees only real positions before it
+                hidden = decoder(input_ids=x, use_cache=False).last_hidden_state
+                if head_key is not None:
+                    add(head_key, hidden)
+                done += len(group)
+                update(done, len(batches))
     finally:
         for h in handles:
             h.remove()

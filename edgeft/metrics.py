@@ -1,7 +1,8 @@
 """The drift arithmetic, in one place: log-softmax, KL divergence, top-1 agreement, next-token NLL.
 
 Everything is computed in float64, a block of positions at a time, so a 150k-token vocabulary never needs
-more than a few tens of MB however long the sequence. Conventions (ref: llama.cpp tools/perplexity README,
+more than a few tens of MB however long the sequence. compare_logits runs in PyTorch (the same float64
+arithmetic, on torch's threads: 2.6x numpy's time on a 49k vocabulary), the helpers below in NumPy. Conventions (ref: llama.cpp tools/perplexity README,
 `--kl-divergence`): KLD is KL(reference ‖ test), i.e. Σ p_ref · (log p_ref − log p_test), per position;
 the logits at position t predict token t+1.
 """
@@ -46,6 +47,8 @@ class PositionStats:
 
 def compare_logits(ref_logits: np.ndarray, test_logits: np.ndarray, ids: Sequence[int]) -> PositionStats:
     """Compare two models' logits for the same ids, block by block (bounded memory for big vocabularies)."""
+    import torch
+
     ref_logits, test_logits = np.asarray(ref_logits), np.asarray(test_logits)
     if ref_logits.shape != test_logits.shape:
         raise ValueError(f"logit shapes differ: {ref_logits.shape} vs {test_logits.shape}")
@@ -55,14 +58,18 @@ def compare_logits(ref_logits: np.ndarray, test_logits: np.ndarray, ids: Sequenc
     ids = list(ids)
     for a in range(0, n, step):
         b = min(n, a + step)
-        lp_ref, lp_test = log_softmax(ref_logits[a:b]), log_softmax(test_logits[a:b])
-        klds.append(np.maximum(kld(lp_ref, lp_test), 0.0))
-        agree.append(ref_logits[a:b].argmax(-1) == test_logits[a:b].argmax(-1))
+        ref = torch.from_numpy(np.ascontiguousarray(ref_logits[a:b])).to(torch.float64)
+        test = torch.from_numpy(np.ascontiguousarray(test_logits[a:b])).to(torch.float64)
+        lp_ref, lp_test = torch.log_softmax(ref, -1), torch.log_softmax(test, -1)
+        klds.append((lp_ref.exp() * (lp_ref - lp_test)).sum(-1).clamp(min=0.0).numpy())
+        agree.append((ref.argmax(-1) == test.argmax(-1)).numpy())
         # rows a..b-1 predict ids a+1..b; the last row of the sequence predicts nothing
-        targets = ids[a : min(b, n - 1) + 1]
-        if len(targets) > 1:
-            ref_nll.append(next_token_nll(lp_ref, targets))
-            test_nll.append(next_token_nll(lp_test, targets))
+        targets = ids[a + 1 : min(b, n - 1) + 1]
+        if targets:
+            rows = torch.arange(len(targets))
+            nxt = torch.tensor(targets, dtype=torch.long)
+            ref_nll.append((-lp_ref[rows, nxt]).numpy())
+            test_nll.append((-lp_test[rows, nxt]).numpy())
     empty = np.zeros(0)
     return PositionStats(
         kld=np.concatenate(klds),

@@ -256,26 +256,27 @@ def quantize_gguf(
     imatrix: Imatrix | None = None,
     head_type: str | None = None,
     steer: bool = True,
-) -> Steered | None:
-    """Quantize the GGUF `src` into `dst` as `quant` (one of GGUF_QUANTS); returns what was steered.
+) -> Path:
+    """Quantize the GGUF `src` into `dst` as `quant` (one of GGUF_QUANTS); returns `dst`.
 
     `imatrix` (one of GGUF_IMATRIX_QUANTS only) weighs each tensor's columns by the calibration data's
     activations and records quantize.imatrix.* keys; `head_type` (a GGUF_HEAD_TYPES name, e.g. "q8_0") keeps
     output.weight and token_embd.weight at that type whatever the mix would pick. With `steer`, tensors
     llama.cpp wrote in a 32-block type whose rounding would not keep a fine-tune's small changes on these
-    weights (`change_kept`) are written again, in one more pass, in the type of equal bits that does.
+    weights (`change_kept`) are written again, in one more pass, in the type of equal bits that does; the
+    GGUF_KEY_STEERED key says so (Steered.summary).
     """
     _quantize(src, dst, quant, threads=threads, imatrix=imatrix, head_type=head_type, overrides={}, note=None)
     if not steer or quant in GGUF_FLOAT_QUANTS:
-        return None
+        return dst
     written = _matrix_types(dst)
     if not any(t in STEER for t in written.values()):
-        return None
+        return dst
     kept = change_kept(src)
     moves = steering(kept)
     todo = {name: moves[t] for name, t in written.items() if t in moves}
     if not todo:
-        return None
+        return dst
     # every matrix pinned to the type llama.cpp chose, but the steered ones: llama.cpp's mixes count layers
     # as they go, so moving some tensors alone would move others
     pinned = {name: todo.get(name, t) for name, t in written.items() if t not in GGUF_UNQUANTIZED}

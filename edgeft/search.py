@@ -201,7 +201,7 @@ def opened(open_rt: Opener, path: Path) -> Iterator[Runtime]:
 # winner) is scored on its first SCREEN sequences only: a point on the report's plot, not a judgement.
 GIVE_UP_AFTER = 16
 GIVE_UP_Z = 3.0
-SCREEN = 24
+SCREEN = 8
 
 
 def clearly_failing(budget: DriftBudget) -> verify.GiveUp:

@@ -6,7 +6,7 @@ by the checkpoint's own tokenizer files (edgeft.loading.load_tokenizer), exactly
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +73,17 @@ class TorchRuntime:
 
     @torch.inference_mode()
     def generate_batch(
-        self, prompts: Sequence[Sequence[int]], n: int, stop_ids: Sequence[int] = (), top_k: int = 0
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        stop_ids: Sequence[int] = (),
+        top_k: int = 0,
+        keep_going: Callable[[int, list[int]], bool] | None = None,
     ) -> list[tuple[list[int], list[tuple[list[int], list[float]]]]]:
         """`generate` for several prompts at once (left-padded, with attention mask and positions, one KV
         cache): per prompt its greedy ids and, with `top_k`, at each generated position the `top_k` most
-        likely ids with their log-probabilities (the float model's alternatives, for near-tie judgements)."""
+        likely ids with their log-probabilities (the float model's alternatives, for near-tie judgements).
+        With `keep_going(i, ids so far)`, prompt i stops once it is false; decoding ends when all have."""
         stops = set(stop_ids)
         b, longest = len(prompts), max(len(p) for p in prompts)
         x = torch.zeros((b, longest), dtype=torch.long)
@@ -112,7 +118,7 @@ class TorchRuntime:
                 out[i].append(tok)
                 if top_k:
                     alts[i].append((ids[i].tolist(), lp[i].tolist()))
-                done[i] = tok in stops
+                done[i] = tok in stops or (keep_going is not None and not keep_going(i, out[i]))
             if all(done):
                 break
             x = toks[:, None]

@@ -172,9 +172,7 @@ def export_gguf(
     if float_gguf is not None and quant not in GGUF_FLOAT_QUANTS:
         base = _reuse_float(float_gguf)
         out.parent.mkdir(parents=True, exist_ok=True)
-        _said(
-            quantize_gguf(base.path, out, quant, threads=threads, imatrix=imatrix, head_type=head_type), out
-        )
+        _said(quantize_gguf(base.path, out, quant, threads=threads, imatrix=imatrix, head_type=head_type))
         return _result(out, quant, base.arch, base.n_tensors, base.tokenizer_mismatches, imatrix, head_type)
     check_model_folder(model_dir)  # nothing the folder names may lead outside it
     prep = prepare(model_dir)  # every config and tensor check happens before any file is created
@@ -193,19 +191,22 @@ def export_gguf(
             publish_file(tmp, out)
         else:
             # writes `.NAME.quantizing-*`, then renames it to `out`
-            _said(quantize_gguf(tmp, out, quant, threads=threads, imatrix=imatrix, head_type=head_type), out)
+            _said(quantize_gguf(tmp, out, quant, threads=threads, imatrix=imatrix, head_type=head_type))
     finally:
         if tmp.exists():
             tmp.unlink()
     return _result(out, quant, arch, n_tensors, tuple(tok.mismatches), imatrix, head_type)
 
 
-def _said(steered: Any, out: Path) -> None:
+def _said(out: Path) -> None:
     """One line when edgeft wrote some tensors in another type than llama.cpp chose (quantize.Steered)."""
-    if steered is not None:
+    from ...footprint import tensor_types
+
+    steered = tensor_types(out).steered
+    if steered:
         from ...ui import info
 
-        info(f"[yellow]{out.name}[/]: {steered.summary()} (docs/requantization.md)")
+        info(f"[yellow]{out.name}[/]: {steered} (docs/requantization.md)")
 
 
 def _result(
