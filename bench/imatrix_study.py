@@ -13,7 +13,7 @@ Steps, each cached under --work (default /tmp/edgeft-imatrix-study) so a rerun o
 2. LoRA fine-tune on the demo task (edgeft/demo/data/smarthome.jsonl) and merge with edgeft's own stages
    (edgeft.finetune.finetune, edgeft.merge.merge), as `edgeft build` runs them;
 3. per calibration seed, two importance matrices from the merged float model (edgeft.imatrix.compute_imatrix,
-   the same token budget for both, default 32768 tokens):
+   the same token budget for both, default 16384 tokens: edgeft build's):
    - "ft-data": the fine-tune's TRAINING split only (never the held-out one), whole conversations (answer
      included, as `edgeft build` calibrates), shuffled by the seed and cut at the budget;
    - "generic": Python documentation text (pydoc_data.topics, the base's own pretraining text), packed into
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeft-imatrix-study"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration sampling seeds")
-    ap.add_argument("--imatrix-tokens", type=int, default=32768, help="token budget of every imatrix")
+    ap.add_argument("--imatrix-tokens", type=int, default=16384, help="token budget of every imatrix")
     ap.add_argument("--threads", type=int, default=1, help="torch and llama.cpp threads")
     ap.add_argument("--layers", type=int, default=Growth.layers, help="layers of the grown base")
     ap.add_argument("--steps", type=int, default=Growth.steps, help="further pretraining steps of the base")

@@ -92,6 +92,10 @@ def _tokenize(
 
 
 BATCH_TOKENS = 2048  # padded tokens per forward pass
+# Calibration tokens by default: on SmolLM2-135M the forward pass costs ~3 s per 1000 tokens on 2 cores, and
+# the imatrix study (bench/imatrix_study.py) measures the search's choices at this budget; llama.cpp's own
+# figures show no consistent gain from more generic text (tools/perplexity README, imatrix section).
+MAX_TOKENS = 16384
 
 
 def _groups(seqs: list[list[int]]) -> list[list[list[int]]]:
@@ -145,8 +149,8 @@ def _compute(
 
     def add(key: str, x: torch.Tensor) -> None:
         # ref: tools/imatrix/imatrix.cpp collect_imatrix (acc[j] += x[j]*x[j] per row; counts += rows)
-        x = x.detach().reshape(-1, x.shape[-1])[real].to(torch.float64)
-        sums[key] += (x * x).sum(0)
+        x = x.detach().reshape(-1, x.shape[-1])[real]
+        sums[key] += (x * x).sum(0, dtype=torch.float64)  # float64 sums across batches, as before per row
         counts[key] += x.shape[0]
 
     def collector(key: str) -> Callable[..., None]:
@@ -220,7 +224,7 @@ def compute_imatrix(
     conversations: Sequence[Sequence[dict[str, str]]],
     *,
     threads: int | None = None,
-    max_tokens: int = 32768,
+    max_tokens: int = MAX_TOKENS,
     progress: Progress | None = None,
     dataset_sha256: str | None = None,
     tied_head: bool = False,
@@ -253,6 +257,6 @@ def imatrix_from_jsonl(model_dir: Path, path: Path, **kw: Any) -> Imatrix:
     examples = load_jsonl(path)  # one-line errors: missing, unreadable, empty, malformed line
     kw.setdefault("dataset_sha256", dataset_sha256(path))
     kw.setdefault("threads", None)
-    kw.setdefault("max_tokens", 32768)
+    kw.setdefault("max_tokens", MAX_TOKENS)
     kw.setdefault("progress", None)
     return _compute(model_dir, [ex.messages for ex in examples], [ex.source for ex in examples], **kw)
