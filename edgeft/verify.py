@@ -73,6 +73,8 @@ class DriftReport:
     answer_diff: str | None = None  # the first conversation whose answer differs, as tokens
     near_ties: int = 0  # answers that parted from the float model's at a near-tie (counted as matching)
     near_tie_diff: str | None = None  # the first of them, as tokens, with the float model's margin
+    # the float model's margin (nats) where each parted answer parted; None: not among its alternatives
+    flip_margins: tuple[float | None, ...] = ()
 
     def explain(self, violation: str) -> str:
         """A budget violation line, with the first differing token when it is about the app path."""
@@ -245,6 +247,7 @@ def compare(
 
     prompt_hits = answer_hits = task_hits = near_ties = 0
     prompt_diff = answer_diff = near_tie_diff = None
+    margins: list[float | None] = []
     done = 0
     for i, ex in enumerate(es.examples):
         want = ref.answers[i]
@@ -266,6 +269,8 @@ def compare(
                 prompt_diff = first_difference(f"{label} prompt", want.prompt, got.prompt, piece)
             a, b = want.answer + [_END] * want.ended, got.answer + [_END] * got.ended
             margin = near_tie_margin(ref.choices[i], want, got) if same_prompt else None
+            if not got.same_answer(want):
+                margins.append(None if margin is None else round(margin, 4))
             if got.same_answer(want):
                 answer_hits += 1
             elif margin is not None and margin < near_tie:
@@ -300,6 +305,7 @@ def compare(
         answer_diff=answer_diff,
         near_ties=near_ties,
         near_tie_diff=near_tie_diff,
+        flip_margins=tuple(margins),
     )
 
 
