@@ -266,12 +266,16 @@ def choose(
                         f" (stopped after {c.weights.n_sequences} of {c.weights.of_sequences} sequences: "
                         f"over budget by more than {GIVE_UP_Z:g} standard errors)"
                     )
-                if not exhaustive:
-                    continue
+                    if not exhaustive:
+                        continue
+                # a near miss (measured in full, not beyond doubt): it cannot win, but whether it keeps the
+                # task is worth knowing, so it goes down the app path for the record
             alive.append(c)
-        for c in sorted(alive, key=lambda c: c.weights.kld_mean):  # type: ignore[union-attr]
+        for c in sorted(alive, key=lambda c: (bool(c.violations), c.weights.kld_mean)):  # type: ignore[union-attr]
             if winner is not None and not exhaustive:
-                c.verdict = f"not verified on the app path: as many bytes per token as {winner.spec.label}, more drift"
+                c.verdict = c.verdict or (
+                    f"not verified on the app path: as many bytes per token as {winner.spec.label}, more drift"
+                )
                 continue
             rule = None if exhaustive else stop_rule(c.spec.budget, n, ref_acc, scored=es.scored)
             with opened(open_rt, c.path) as rt, task(f"verify {c.spec.label}", es.n_steps) as update:
@@ -280,7 +284,14 @@ def choose(
             c.drift = _upper_bounds(d, n) if stopped else d
             c.violations = tuple(c.drift.explain(v) for v in _violations(c, ref_acc))
             if c.violations:
-                c.verdict = c.verdict or "fails on the app path: " + "; ".join(c.violations)
+                if c.verdict:  # a near miss on shared ids: what it did with the task
+                    acc = c.drift.task_accuracy
+                    c.verdict += (
+                        f"; on the app path{' (upper bounds)' if stopped else ''}: task accuracy "
+                        f"{'—' if acc is None else f'{acc:.1%}'}, answers match {c.drift.answers_match:.1%}"
+                    )
+                    continue
+                c.verdict = "fails on the app path: " + "; ".join(c.violations)
                 if stopped:
                     c.verdict += (
                         f" (stopped after {d.n_examples} of {n} conversations; shares are upper bounds)"

@@ -121,6 +121,9 @@ def test_a_clearly_failing_candidate_stops_early_a_borderline_one_does_not() -> 
     assert f"stopped after {search.GIVE_UP_AFTER} of 40 sequences" in far.verdict
     # 5 % over budget is not beyond doubt on 16 sequences: measured on all 40, and failing
     assert near.weights.n_sequences == 40 and near.verdict.startswith("fails on shared ids")
+    # a near miss cannot win, but the report says whether it keeps the task
+    assert near.drift is not None and "on the app path: task accuracy 100.0%" in near.verdict
+    assert far.drift is None
 
 
 def test_the_early_stops_keep_the_exhaustive_choice() -> None:
