@@ -212,7 +212,7 @@ def finetune_merge(work: Path, base: Path, data_path: Path, lora: LoraSettings) 
     ft = finetune(str(base), data_path, adapter, lora, checkpoint_dir=work / f"checkpoints-{key[:12]}")
     print(
         f"fine-tune: {ft.train_examples} train / {ft.eval_examples} held-out examples, {ft.seconds:.0f}s, "
-        f"held-out loss {ft.base_eval_loss:.3f} -> {ft.eval_loss:.3f}",
+        f"held-out loss {ft.eval_loss:.3f}",
         flush=True,
     )
     merge(str(base), adapter, merged)

@@ -51,7 +51,7 @@ def run(
     es = _evalset(EXAMPLES, ref_rt)
     ref = verify.run_reference(ref_rt, es)
     by_path = {c.path: rt for c, rt in cands}
-    winner = search.choose([c for c, _ in cands], ref, es, lambda p: by_path[p], task=quiet)
+    winner = search.choose([c for c, _ in cands], ref, es, lambda p, m=by_path: m[p], task=quiet)
     return winner, ref
 
 
@@ -113,7 +113,7 @@ def test_a_clearly_failing_candidate_stops_early_a_borderline_one_does_not() -> 
     k = verify.weights_drift(ref, probe[0][1], es).kld_mean  # q4_k_m's KLD on all 40 sequences
     cands, es, ref = many(k * 0.95, {"q4_0": 3.0, "q4_k_m": 0.3, "q8_0": 0.0})
     by_path = {c.path: rt for c, rt in cands}
-    winner = search.choose([c for c, _ in cands], ref, es, lambda p: by_path[p], task=quiet)
+    winner = search.choose([c for c, _ in cands], ref, es, lambda p, m=by_path: m[p], task=quiet)
     (far, _), (near, _), (exact, _) = cands
     assert winner is exact
     # far over budget: given up after GIVE_UP_AFTER sequences, and says so
@@ -130,11 +130,11 @@ def test_the_early_stops_keep_the_exhaustive_choice() -> None:
     for budget in (kld(0.05) * 2, kld(0.3) * 2, kld(0.6) * 2):
         cands, es, ref = many(budget, {"q4_0": 0.6, "q4_k_m": 0.3, "q8_0": 0.05})
         by_path = {c.path: rt for c, rt in cands}
-        fast = search.choose([c for c, _ in cands], ref, es, lambda p: by_path[p], task=quiet)
+        fast = search.choose([c for c, _ in cands], ref, es, lambda p, m=by_path: m[p], task=quiet)
         cands2, es2, ref2 = many(budget, {"q4_0": 0.6, "q4_k_m": 0.3, "q8_0": 0.05})
         by_path2 = {c.path: rt for c, rt in cands2}
         full = search.choose(
-            [c for c, _ in cands2], ref2, es2, lambda p: by_path2[p], task=quiet, exhaustive=True
+            [c for c, _ in cands2], ref2, es2, lambda p, m=by_path2: m[p], task=quiet, exhaustive=True
         )
         assert fast is not None and full is not None and fast.spec.label == full.spec.label
         assert all(c.drift is not None and c.drift.n_examples == len(EXAMPLES) for c, _ in cands2)

@@ -226,7 +226,9 @@ def test_a_flip_at_a_near_tie_still_matches() -> None:
     near = ([3, 24], [-0.6, -0.8])
     rep = _near_tie_case([1, 2, 24, END], [SURE, SURE, near, SURE])
     assert rep.answers_match == 1.0 and rep.near_ties == 1 and rep.answer_diff is None
-    assert rep.near_tie_diff is not None and "token 2" in rep.near_tie_diff and "0.200 nats" in rep.near_tie_diff
+    assert (
+        rep.near_tie_diff is not None and "token 2" in rep.near_tie_diff and "0.200 nats" in rep.near_tie_diff
+    )
     assert rep.task_accuracy == 0.0  # the task is still scored on the artifact's own answer
 
 
