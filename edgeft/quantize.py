@@ -291,7 +291,7 @@ def quantize_gguf(
         overrides=pinned,
         note=steered.summary(),
     )
-    return steered
+    return dst
 
 
 def _quantize(
