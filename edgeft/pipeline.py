@@ -47,7 +47,9 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
     threads = cfg.threads or min(target.threads, os.cpu_count() or 1)
     seconds: dict[str, float] = {}
     reused: list[str] = []
-    info(f"[bold]edgeft build[/] target={target.name} model={model} data={data_path}")
+    named = str(cfg.model or "builtin:demo")
+    shown = named if named == model else f"{named} ({model})"
+    info(f"[bold]edgeft build[/] target={target.name} model={shown} data={data_path}")
     # RAM preflight before any heavy work: a local checkpoint's shapes are the merged model's (LoRA merges
     # in place), so an artifact that cannot fit is known before fine-tuning; a Hub id waits for the merge.
     specs: list[targets.ArtifactSpec] | None = None

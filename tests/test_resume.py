@@ -81,7 +81,8 @@ def test_rerun_reuses_finished_stages_and_cleans_up(
     # an export killed mid-way: its record is written only after the file is complete
     (work / "artifacts" / ".model-q4_0-imatrix.gguf.key").unlink()  # q4_0 with the imatrix (the default)
     res = pipeline.build(_cfg(inputs, out, keep_work=False))
-    assert res.reused == ("finetune", "merge", "gguf-q8_0")  # only the interrupted artifact is redone
+    # only the interrupted artifact is redone; the float reference is read back, not recomputed
+    assert res.reused == ("finetune", "merge", "gguf-q8_0", "reference")
     assert _artifacts(res.bundle_dir) == first
     assert not (out / ".work").exists()  # cleaned after success without --keep-work
 
