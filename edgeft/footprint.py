@@ -14,7 +14,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .constants import (
     FORMAT_GGUF,
@@ -25,6 +25,9 @@ from .constants import (
     ONNX_MODEL_FILE,
 )
 from .errors import EdgeftError
+
+if TYPE_CHECKING:
+    from .guard import GGUFHeader
 
 # --- bytes per decode token ------------------------------------------------------------------------------
 
@@ -90,21 +93,14 @@ def _tensors(path: Path) -> _TensorSums:
     return _hf_tensors(path)
 
 
-def _gguf_reader(path: Path) -> Any:
-    from gguf import GGUFReader
-
+def _gguf_header(path: Path) -> GGUFHeader:
     from .guard import check_gguf
 
-    check_gguf(path)  # gguf-py only ever parses a header edgeft has bounded (REFERENCE.md: PR #27188)
-    try:
-        return GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise EdgeftError(f"{path}: cannot read GGUF tensor infos ({exc})") from None
+    return check_gguf(path)  # the bounded header reader: tensor infos and metadata, no tensor data
 
 
 def _gguf_tensors(path: Path) -> _TensorSums:
-    reader = _gguf_reader(path)
-    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    sizes = {t.name: t.n_bytes for t in _gguf_header(path).tensors}
     total = sum(sizes.values())
     gathered = sizes.get(GGUF_TOKEN_EMBD, 0) if GGUF_OUTPUT in sizes else 0
     return _TensorSums(total, total - gathered)
@@ -240,9 +236,8 @@ class KvShape:
         return self.layers * (self.k_width + self.v_width) * context_length * self.elem_bytes
 
 
-def _field(reader: Any, key: str) -> Any:
-    f = reader.fields.get(key)
-    return None if f is None else f.contents()
+def _field(header: GGUFHeader, key: str) -> Any:
+    return header.value(key)
 
 
 def _positive(value: Any, where: str, key: str) -> int:
@@ -254,7 +249,7 @@ def _positive(value: Any, where: str, key: str) -> int:
 def _gguf_kv(path: Path) -> KvShape:
     import gguf
 
-    reader = _gguf_reader(path)
+    reader = _gguf_header(path)
     arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
         raise EdgeftError(f"{path}: no {gguf.Keys.General.ARCHITECTURE} key; not a model GGUF")
@@ -480,11 +475,11 @@ def tensor_types(path: Path) -> TensorTypes:
 
     path = Path(path)
     if artifact_format(path) == FORMAT_GGUF:
-        reader = _gguf_reader(path)
-        items = [(t.name, t.tensor_type.name.lower(), int(t.n_bytes)) for t in reader.tensors]
-        matrix = {t.name for t in reader.tensors if len(t.shape) >= 2}
-        steered_field = reader.fields.get(GGUF_KEY_STEERED)
-        steered = str(steered_field.contents()) if steered_field is not None else None
+        header = _gguf_header(path)
+        items = [(t.name, t.type, t.n_bytes) for t in header.tensors]
+        matrix = {t.name for t in header.tensors if len(t.shape) >= 2}
+        steered_value = header.value(GGUF_KEY_STEERED)
+        steered = str(steered_value) if steered_value is not None else None
         names = {n for n, _, _ in items}
         head = GGUF_OUTPUT if GGUF_OUTPUT in names else GGUF_TOKEN_EMBD
     else:

@@ -64,11 +64,7 @@ def check_quant_options(quant: str, with_imatrix: bool, head_type: str | None, w
 
 def _tensor_columns(src: Path) -> dict[str, int]:
     """GGUF tensor name → ne[0] (the input columns a row spans), read from the checked header."""
-    try:
-        reader = gguf.GGUFReader(src)
-    except (ValueError, OSError) as exc:
-        raise EdgeftError(f"{src}: cannot read GGUF tensor infos ({exc})") from None
-    return {t.name: int(t.shape[0]) for t in reader.tensors}
+    return {t.name: t.shape[0] for t in check_gguf(src).tensors if t.shape}
 
 
 def check_columns(cols: dict[str, int], imatrix: Imatrix | None, head_type: str | None, where: str) -> None:
@@ -243,8 +239,7 @@ class Steered:
 
 
 def _matrix_types(path: Path) -> dict[str, str]:
-    reader = gguf.GGUFReader(path)
-    return {t.name: t.tensor_type.name.lower() for t in reader.tensors if len(t.shape) >= 2}
+    return {t.name: t.type for t in check_gguf(path).tensors if len(t.shape) >= 2}
 
 
 def quantize_gguf(

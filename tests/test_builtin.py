@@ -109,3 +109,34 @@ def test_q8_0_export_passes_verify(smollm2: Path, tmp_path: Path) -> None:
 def test_an_unknown_builtin_is_one_line() -> None:
     with pytest.raises(EdgeftError, match="builtin:smollm2-135m"):
         builtin.resolve("builtin:nope")
+
+
+def test_the_bounded_header_reader_reads_what_gguf_py_reads() -> None:
+    """edgeft's own header reader (guard.check_gguf: every header-only question, ~0.05 s here) gives the
+    package's GGUF the tensor infos and metadata values gguf-py's GGUFReader (~6 s on this vocabulary) gives."""
+    import gguf
+
+    from edgeft.guard import SCALAR_ARRAY_ELEMENTS, SCALAR_STRING_BYTES, check_gguf
+
+    path = builtin.packaged_file(builtin.SMOLLM2_135M)
+    header = check_gguf(path)
+    reader = gguf.GGUFReader(path)
+    assert [(t.name, t.shape, t.type, t.n_bytes) for t in header.tensors] == [
+        (t.name, tuple(int(d) for d in t.shape), t.tensor_type.name.lower(), int(t.n_bytes)) for t in reader.tensors
+    ]
+    assert {t.type for t in header.tensors} >= {"q4_1", "f32"}
+    kept = 0
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = f.contents()
+        big = isinstance(value, list) and len(value) > SCALAR_ARRAY_ELEMENTS
+        long_or_text_list = (isinstance(value, str) and len(value.encode()) > SCALAR_STRING_BYTES) or (
+            isinstance(value, list) and value and isinstance(value[0], str)
+        )
+        if big or long_or_text_list:
+            assert key not in header.values, key
+            continue
+        assert header.value(key) == pytest.approx(value), key
+        kept += 1
+    assert kept >= 15 and header.value("general.architecture") == "llama"

@@ -253,12 +253,11 @@ def _reuse_float(base: GGUFExportResult | Path) -> GGUFExportResult:
     path = base.path if isinstance(base, GGUFExportResult) else Path(base)
     if not path.is_file():
         raise EdgeftError(f"{path}: float GGUF to quantize from does not exist; export it again")
-    check_gguf(path)
+    header = check_gguf(path)
     if not is_edgeft_gguf(path):
         raise EdgeftError(f"{path}: not a GGUF edgeft wrote; quantize only from export_float_gguf's output")
-    reader = gguf.GGUFReader(path)
-    field = reader.fields.get(gguf.Keys.General.FILE_TYPE)
-    ftype = int(field.contents()) if field is not None else -1
+    field = header.value(gguf.Keys.General.FILE_TYPE)
+    ftype = int(field) if isinstance(field, int) else -1
     floats = {int(GGUF_FTYPES[q]): q for q in GGUF_FLOAT_QUANTS}
     if ftype not in floats:
         raise EdgeftError(
@@ -267,6 +266,5 @@ def _reuse_float(base: GGUFExportResult | Path) -> GGUFExportResult:
         )
     if isinstance(base, GGUFExportResult):
         return base
-    arch_field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
-    arch = str(arch_field.contents()) if arch_field is not None else ""
-    return GGUFExportResult(path, floats[ftype], arch, len(reader.tensors), path.stat().st_size)
+    arch = str(header.value(gguf.Keys.General.ARCHITECTURE) or "")
+    return GGUFExportResult(path, floats[ftype], arch, header.n_tensors, path.stat().st_size)
