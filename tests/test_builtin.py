@@ -122,7 +122,8 @@ def test_the_bounded_header_reader_reads_what_gguf_py_reads() -> None:
     header = check_gguf(path)
     reader = gguf.GGUFReader(path)
     assert [(t.name, t.shape, t.type, t.n_bytes) for t in header.tensors] == [
-        (t.name, tuple(int(d) for d in t.shape), t.tensor_type.name.lower(), int(t.n_bytes)) for t in reader.tensors
+        (t.name, tuple(int(d) for d in t.shape), t.tensor_type.name.lower(), int(t.n_bytes))
+        for t in reader.tensors
     ]
     assert {t.type for t in header.tensors} >= {"q4_1", "f32"}
     kept = 0
