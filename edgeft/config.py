@@ -67,7 +67,7 @@ class LoraSettings:
     `lr` and `epochs` None: chosen for the model's size (`auto_lr`, `auto_epochs`). Training runs up to
     `epochs` and stops early once the loss on `validation` examples held back from the training split (never
     the eval split) has not improved for `patience` evaluations (four a epoch); the best evaluated state is
-    kept. On the shipped demo (4.2M parameters, 1080 short examples) that is lr 4e-3 for up to 5 epochs; on
+    kept. On the shipped demo (4.2M parameters, 1080 short examples) that is lr 4e-3 for up to 4 epochs; on
     SmolLM2-135M 1e-3 for up to one.
     """
 

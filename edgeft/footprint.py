@@ -268,8 +268,13 @@ def _gguf_kv(path: Path) -> KvShape:
     head_list = list(heads) if isinstance(heads, list) else [heads] * layers
     n_head = _positive(max(head_list, default=None), str(path), "attention.head_count")
     # ref: src/llama-model.cpp load_hparams: n_embd_head_k/v default to n_embd / n_head.
-    k_len = _field(reader, key(gguf.Keys.Attention.KEY_LENGTH)) or n_embd // n_head
-    v_len = _field(reader, key(gguf.Keys.Attention.VALUE_LENGTH)) or n_embd // n_head
+    k_len, v_len = (
+        n_embd // n_head if v is None else _positive(v, str(path), name)
+        for v, name in (
+            (_field(reader, key(gguf.Keys.Attention.KEY_LENGTH)), "attention.key_length"),
+            (_field(reader, key(gguf.Keys.Attention.VALUE_LENGTH)), "attention.value_length"),
+        )
+    )
     # A layer with 0 kv heads has no cache (recurrent layers of hybrid models); widths are summed over
     # layers, so the shape is one "layer" as wide as all of them.
     kv_total = sum(_positive(h, str(path), "head_count_kv") for h in per_layer if h)

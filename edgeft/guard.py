@@ -259,12 +259,13 @@ _SCALARS: dict[int, struct.Struct] = {
 }
 SCALAR_STRING_BYTES = 4096  # scalar strings kept in GGUFHeader.values (names, types; not chat templates)
 SCALAR_ARRAY_ELEMENTS = 1024  # numeric arrays kept there too (per-layer head counts; not vocabulary scores)
+KEPT_VALUES = 1 << 16  # array elements and string bytes kept in all: a crafted header keeps no more
 
 
 Value = int | float | bool | str | list[int | float | bool]  # a metadata value GGUFHeader keeps
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GGUFTensor:
     """One tensor info of a checked GGUF header: `shape` in ggml order (ne[0], the row length, first, as
     gguf-py's ReaderTensor.shape), `type` the ggml type name in lower case (e.g. "q4_k")."""
@@ -353,6 +354,14 @@ class _Bounded:
         self.pos += st.size
         return value
 
+    def scalars(self, vtype: int, count: int, what: str) -> list[int | float | bool]:
+        st = struct.Struct(f"<{count}{_SCALARS[vtype].format[1:]}")
+        self.need(st.size, what)
+        off = self.window(st.size)
+        values = list(st.unpack_from(self.buf, off))
+        self.pos += st.size
+        return values
+
     def skip(self, n: int, what: str) -> None:
         self.need(n, what)
         self.pos += n
@@ -434,6 +443,7 @@ def _read_header(r: _Bounded) -> GGUFHeader:
     alignment = GGUF_DEFAULT_ALIGNMENT
     keys: set[bytes] = set()
     values: dict[str, Value] = {}
+    kept = 0  # array elements and string bytes kept in values, up to KEPT_VALUES
     tensors: list[GGUFTensor] = []
     for i in range(n_kv):
         key = r.string(f"metadata key {i}", GGUF_MAX_KEY_BYTES)
@@ -453,8 +463,9 @@ def _read_header(r: _Bounded) -> GGUFHeader:
                 )
             if etype == _STRING:
                 r.skip_strings(count, what)
-            elif etype in _VALUE_BYTES and count <= SCALAR_ARRAY_ELEMENTS:  # per-layer numbers
-                values[key.decode("utf-8", "replace")] = [r.scalar(etype, what) for _ in range(count)]
+            elif etype in _VALUE_BYTES and count <= SCALAR_ARRAY_ELEMENTS and kept < KEPT_VALUES:
+                kept += count  # per-layer numbers, one read; all the kept values together are bounded
+                values[key.decode("utf-8", "replace")] = r.scalars(etype, count, what)
             elif etype in _VALUE_BYTES:
                 r.skip(count * _VALUE_BYTES[etype], f"{what} ({count} elements)")
             else:
@@ -462,7 +473,8 @@ def _read_header(r: _Bounded) -> GGUFHeader:
         elif vtype == _STRING:
             n = r.num(_U64, f"{what} length")
             r.pos -= 8
-            if n <= SCALAR_STRING_BYTES:
+            if n <= SCALAR_STRING_BYTES and kept < KEPT_VALUES:
+                kept += n
                 values[key.decode("utf-8", "replace")] = r.string(what, SCALAR_STRING_BYTES).decode(
                     "utf-8", "replace"
                 )
@@ -519,7 +531,11 @@ def _read_header(r: _Bounded) -> GGUFHeader:
             r.fail(f"{what} claims {nbytes} bytes of data, more than the whole file ({r.size} bytes)")
         end = offset + nbytes
         expected = _pad(end, alignment)
-        tensors.append(GGUFTensor(name.decode("utf-8", "replace"), tuple(dims), _GGML_NAMES[ttype], nbytes))
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            r.fail(f"{what} name is not UTF-8")
+        tensors.append(GGUFTensor(text, tuple(dims), _GGML_NAMES[ttype], nbytes))
     data_offset = _pad(r.pos, alignment) if n_tensors else r.pos
     if data_offset + end > r.size:
         r.fail(

@@ -257,7 +257,7 @@ def _reuse_float(base: GGUFExportResult | Path) -> GGUFExportResult:
     if not is_edgeft_gguf(path):
         raise EdgeftError(f"{path}: not a GGUF edgeft wrote; quantize only from export_float_gguf's output")
     field = header.value(gguf.Keys.General.FILE_TYPE)
-    ftype = int(field) if isinstance(field, int) else -1
+    ftype = field if type(field) is int else -1  # not a bool
     floats = {int(GGUF_FTYPES[q]): q for q in GGUF_FLOAT_QUANTS}
     if ftype not in floats:
         raise EdgeftError(
