@@ -31,7 +31,7 @@ FORMAT = 1  # of the stored folder; a change makes every stored reference stale
 TOP_K = 5  # alternatives kept per answer position
 LOGITS_FILE = "logits.f32"
 RECORD_FILE = "reference.json"
-BATCH_BYTES = 256 << 20  # float32 logits one batched forward may hold
+BATCH_BYTES = 64 << 20  # float32 logits one batched forward may hold (and their per-sequence copies as many)
 BATCH_PROMPTS = 32  # prompts decoded together
 # Where `edgeft verify` keeps references between runs (a build keeps its own in its work folder); the
 # newest few are kept, older ones removed.
