@@ -347,12 +347,7 @@ class _Bounded:
         return int(value)
 
     def scalar(self, vtype: int, what: str) -> int | float | bool:
-        st = _SCALARS[vtype]
-        self.need(st.size, what)
-        off = self.window(st.size)
-        (value,) = st.unpack_from(self.buf, off)
-        self.pos += st.size
-        return value
+        return self.scalars(vtype, 1, what)[0]
 
     def scalars(self, vtype: int, count: int, what: str) -> list[int | float | bool]:
         st = struct.Struct(f"<{count}{_SCALARS[vtype].format[1:]}")
