@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tinymodels import cached_model
 
 from edgeft import data, reference, verify
@@ -123,3 +124,42 @@ def _perturb(weights: Path) -> None:
     name = next(k for k in tensors if k.endswith("q_proj.weight"))
     tensors[name] = tensors[name] * 1.01
     save_file(tensors, str(weights), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("arch", "kw"),
+    [
+        ("llama", {"dtype": torch.bfloat16}),
+        ("qwen2", {"dtype": torch.bfloat16, "tie_embeddings": False, "max_shard_size": "100KB"}),
+        ("gemma3", {"dtype": torch.float16}),
+        ("phi3", {"dtype": torch.bfloat16}),
+    ],
+)
+def test_a_16_bit_checkpoint_widened_one_weight_at_a_time_is_the_float32_model(arch: str, kw: dict) -> None:
+    """load_model reads a 16-bit folder's weights into float32 one at a time (the float reference's peak
+    memory); the model must be exactly what from_pretrained(dtype=float32) gives: every weight and buffer,
+    tied weights still one tensor, the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from edgeft import loading
+
+    folder = cached_model(arch, "bpe", **kw)
+    ours = loading.load_model(folder, dtype=torch.float32)
+    read = {n for f in folder.glob("*.safetensors") for n in loading._tensor_extents(f)}
+    assert loading._stored_dtype(folder) == kw["dtype"]
+    assert set(dict(ours.named_parameters())) <= read  # every weight takes the read() path
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+    buffers = dict(theirs.named_buffers())
+    for name, buf in ours.named_buffers():
+        assert buf.dtype == buffers[name].dtype and torch.equal(buf, buffers[name]), name
+    tied = kw.get("tie_embeddings", True)
+    assert (ours.lm_head.weight is ours.get_input_embeddings().weight) == tied
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.inference_mode():
+        assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    assert str(ours.dtype) == "torch.float32"
