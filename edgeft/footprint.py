@@ -246,6 +246,16 @@ def _positive(value: Any, where: str, key: str) -> int:
     return value
 
 
+def _per_layer(value: Any, layers: int, where: str, key: str) -> list[int]:
+    """A head count given once or per layer, as `layers` integers (0 allowed per layer: no attention)."""
+    if value is None:
+        raise EdgeftError(f"{where}: no {key}; not a model GGUF llama.cpp can run")
+    values = value if isinstance(value, list) else [value] * layers
+    if len(values) != layers:
+        raise EdgeftError(f"{where}: {key} has {len(values)} entries for {layers} layers")
+    return [0 if v == 0 and type(v) is int else _positive(v, where, key) for v in values]
+
+
 def _gguf_kv(path: Path) -> KvShape:
     import gguf
 
@@ -264,12 +274,14 @@ def _gguf_kv(path: Path) -> KvShape:
     kv_heads = heads if kv_heads is None else kv_heads
     # head_count(_kv) may be one number or one per layer (ref: llama.cpp src/llama-model.cpp load_hparams
     # get_key_or_arr(LLM_KV_ATTENTION_HEAD_COUNT_KV, hparams.n_head_kv_arr, ...)).
-    per_layer = list(kv_heads) if isinstance(kv_heads, list) else [kv_heads] * layers
-    head_list = list(heads) if isinstance(heads, list) else [heads] * layers
-    n_head = _positive(max(head_list, default=None), str(path), "attention.head_count")
+    # An array must have one entry per layer: llama.cpp refuses others (ref: src/llama-model-loader.cpp
+    # get_key_or_arr, "has wrong array length").
+    per_layer = _per_layer(kv_heads, layers, str(path), "attention.head_count_kv")
+    head_list = _per_layer(heads, layers, str(path), "attention.head_count")
+    n_head = _positive(max(head_list), str(path), "attention.head_count")
     # ref: src/llama-model.cpp load_hparams: n_embd_head_k/v default to n_embd / n_head.
     k_len, v_len = (
-        n_embd // n_head if v is None else _positive(v, str(path), name)
+        _positive(n_embd // n_head if v is None else v, str(path), name)
         for v, name in (
             (_field(reader, key(gguf.Keys.Attention.KEY_LENGTH)), "attention.key_length"),
             (_field(reader, key(gguf.Keys.Attention.VALUE_LENGTH)), "attention.value_length"),
@@ -277,7 +289,7 @@ def _gguf_kv(path: Path) -> KvShape:
     )
     # A layer with 0 kv heads has no cache (recurrent layers of hybrid models); widths are summed over
     # layers, so the shape is one "layer" as wide as all of them.
-    kv_total = sum(_positive(h, str(path), "head_count_kv") for h in per_layer if h)
+    kv_total = sum(h for h in per_layer if h)
     return KvShape(1, kv_total * k_len, kv_total * v_len, GGUF_KV_BYTES, GGUF_KV_DTYPE)
 
 

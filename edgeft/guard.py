@@ -203,7 +203,7 @@ def _named_files(config: Any, where: str = "") -> dict[str, Any]:
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)  # v1 is refused by llama.cpp ("GGUFv1 is no longer supported"); 3 is GGUF_VERSION
 GGUF_DEFAULT_ALIGNMENT = 32
-GGUF_KEY_ALIGNMENT = b"general.alignment"
+GGUF_KEY_ALIGNMENT = "general.alignment"
 GGUF_MAX_STRING_LENGTH = 1 << 30  # ref: gguf.cpp GGUF_MAX_STRING_LENGTH
 GGUF_MAX_ARRAY_ELEMENTS = 1 << 30  # ref: gguf.cpp GGUF_MAX_ARRAY_ELEMENTS
 GGML_MAX_DIMS = 4  # ref: ggml/include/ggml.h
@@ -259,7 +259,7 @@ _SCALARS: dict[int, struct.Struct] = {
 }
 SCALAR_STRING_BYTES = 4096  # scalar strings kept in GGUFHeader.values (names, types; not chat templates)
 SCALAR_ARRAY_ELEMENTS = 1024  # numeric arrays kept there too (per-layer head counts; not vocabulary scores)
-KEPT_VALUES = 1 << 16  # array elements and string bytes kept in all: a crafted header keeps no more
+KEPT_VALUES = 1 << 16  # values, array elements and string bytes kept in all: past it a header is refused
 
 
 Value = int | float | bool | str | list[int | float | bool]  # a metadata value GGUFHeader keeps
@@ -274,6 +274,7 @@ class GGUFTensor:
     shape: tuple[int, ...]
     type: str
     n_bytes: int
+    offset: int = 0  # from the start of the tensor data (GGUFHeader.data_offset)
 
 
 @dataclass(frozen=True)
@@ -294,8 +295,16 @@ class GGUFHeader:
     keys: frozenset[str] = frozenset()
     tensors: tuple[GGUFTensor, ...] = ()
     values: Mapping[str, Value] = field(default_factory=dict)
+    long: Mapping[str, str] = field(default_factory=dict)  # key -> what it holds, for values not kept
+    path: Path = Path()
 
     def value(self, key: str) -> Value | None:
+        """The key's value, None when the file has no such key; a value too long to keep (a vocabulary, a
+        chat template) is refused when asked for, never read as missing."""
+        if key in self.long:
+            raise EdgeftError(
+                f"{self.path}: metadata {key!r} is {self.long[key]}, not the short value it should be"
+            )
         return self.values.get(key)
 
 
@@ -398,8 +407,10 @@ def check_gguf(path: Path) -> GGUFHeader:
     path = Path(path)
     try:
         st = os.stat(path)
-    except OSError as e:
-        raise EdgeftError(f"{path}: cannot read the GGUF file ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte or an unencodable character in the path
+        raise EdgeftError(
+            f"{path!r}: cannot read the GGUF file ({getattr(e, 'strerror', None) or e})"
+        ) from None
     if not stat.S_ISREG(st.st_mode):
         raise EdgeftError(f"{path}: not a regular file; a GGUF model is one file")
     try:
@@ -436,18 +447,28 @@ def _read_header(r: _Bounded) -> GGUFHeader:
             f"more than a {r.size}-byte file can hold"
         )
     alignment = GGUF_DEFAULT_ALIGNMENT
-    keys: set[bytes] = set()
+    keys: set[str] = set()
     values: dict[str, Value] = {}
-    kept = 0  # array elements and string bytes kept in values, up to KEPT_VALUES
+    long: dict[str, str] = {}
+    kept = 0  # values, array elements and string bytes kept in values, up to KEPT_VALUES
+
+    def keep(key: str, units: int) -> bool:
+        nonlocal kept
+        if kept + max(1, units) > KEPT_VALUES:
+            r.fail(f"more metadata than a model header holds (over {KEPT_VALUES} values, elements and bytes)")
+        kept += max(1, units)
+        return True
+
     tensors: list[GGUFTensor] = []
     for i in range(n_kv):
-        key = r.string(f"metadata key {i}", GGUF_MAX_KEY_BYTES)
-        if not key:
+        raw = r.string(f"metadata key {i}", GGUF_MAX_KEY_BYTES)
+        if not raw:
             r.fail(f"metadata key {i} is empty")
+        key = _text(r, raw, f"metadata key {i}")
         if key in keys:
-            r.fail(f"metadata key {_show(key)} appears twice")
+            r.fail(f"metadata key {_show(raw)} appears twice")
         keys.add(key)
-        what = f"metadata {_show(key)}"
+        what = f"metadata {_show(raw)}"
         vtype = r.num(_I32, f"{what} type")
         if vtype == _ARRAY:
             etype = r.num(_I32, f"{what} array type")
@@ -458,40 +479,40 @@ def _read_header(r: _Bounded) -> GGUFHeader:
                 )
             if etype == _STRING:
                 r.skip_strings(count, what)
-            elif etype in _VALUE_BYTES and count <= SCALAR_ARRAY_ELEMENTS and kept < KEPT_VALUES:
-                kept += count  # per-layer numbers, one read; all the kept values together are bounded
-                values[key.decode("utf-8", "replace")] = r.scalars(etype, count, what)
+                long[key] = f"an array of {count} strings"
+            elif etype in _VALUE_BYTES and count <= SCALAR_ARRAY_ELEMENTS and keep(key, count):
+                values[key] = r.scalars(etype, count, what)  # per-layer numbers, one read
             elif etype in _VALUE_BYTES:
                 r.skip(count * _VALUE_BYTES[etype], f"{what} ({count} elements)")
+                long[key] = f"an array of {count} numbers"
             else:
                 r.fail(f"{what} is an array of unknown GGUF type {etype}")
         elif vtype == _STRING:
             n = r.num(_U64, f"{what} length")
             r.pos -= 8
-            if n <= SCALAR_STRING_BYTES and kept < KEPT_VALUES:
-                kept += n
-                values[key.decode("utf-8", "replace")] = r.string(what, SCALAR_STRING_BYTES).decode(
-                    "utf-8", "replace"
-                )
+            if n <= SCALAR_STRING_BYTES and keep(key, n):
+                values[key] = _text(r, r.string(what, SCALAR_STRING_BYTES), what, nul=True)
             else:
                 r.skip_strings(1, what)
+                long[key] = f"a {n}-byte string"
         elif vtype in _VALUE_BYTES:
             if key == GGUF_KEY_ALIGNMENT and vtype == _UINT32:
                 alignment = r.num(_U32, what)
                 if alignment == 0 or alignment & (alignment - 1):
                     r.fail(f"general.alignment is {alignment}, not a power of 2")
-            else:
-                values[key.decode("utf-8", "replace")] = r.scalar(vtype, what)
+            elif keep(key, 1):
+                values[key] = r.scalar(vtype, what)
         else:
             r.fail(f"{what} has unknown GGUF type {vtype}")
         if key == GGUF_KEY_ALIGNMENT and vtype != _UINT32:
             r.fail("general.alignment is not a uint32 (llama.cpp requires one)")
-    names: set[bytes] = set()
+    names: set[str] = set()
     expected = 0  # tensors are stored in order, each padded to the alignment (gguf.cpp checks the same)
     end = 0
     for i in range(n_tensors):
-        name = r.string(f"tensor {i} name", GGML_MAX_NAME - 1)
-        what = f"tensor {_show(name)}"
+        raw = r.string(f"tensor {i} name", GGML_MAX_NAME - 1)
+        what = f"tensor {_show(raw)}"
+        name = _text(r, raw, what)
         if name in names:
             r.fail(f"{what} appears twice")
         names.add(name)
@@ -526,11 +547,7 @@ def _read_header(r: _Bounded) -> GGUFHeader:
             r.fail(f"{what} claims {nbytes} bytes of data, more than the whole file ({r.size} bytes)")
         end = offset + nbytes
         expected = _pad(end, alignment)
-        try:
-            text = name.decode("utf-8")
-        except UnicodeDecodeError:
-            r.fail(f"{what} name is not UTF-8")
-        tensors.append(GGUFTensor(text, tuple(dims), _GGML_NAMES[ttype], nbytes))
+        tensors.append(GGUFTensor(name, tuple(dims), _GGML_NAMES[ttype], nbytes, offset))
     data_offset = _pad(r.pos, alignment) if n_tensors else r.pos
     if data_offset + end > r.size:
         r.fail(
@@ -543,10 +560,25 @@ def _read_header(r: _Bounded) -> GGUFHeader:
         alignment,
         data_offset,
         end,
-        frozenset(k.decode("utf-8", "replace") for k in keys),
+        frozenset(keys),
         tuple(tensors),
         values,
+        long,
+        r.path,
     )
+
+
+def _text(r: _Bounded, raw: bytes, what: str, *, nul: bool = False) -> str:
+    """A GGUF string as text: UTF-8, as the GGUF spec says its strings are (gguf-py's reader fails on others);
+    names and keys without NUL bytes too, since llama.cpp compares them as C strings and would find another
+    key or tensor than the one read here (ref: ggml/src/gguf.cpp gguf_find_key, strcmp)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        r.fail(f"{what} is not UTF-8 text")
+    if not nul and "\0" in text:
+        r.fail(f"{what} holds a NUL byte")
+    return text
 
 
 def gguf_keys(path: Path) -> frozenset[str]:

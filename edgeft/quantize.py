@@ -164,6 +164,7 @@ _PROBE_REL = 0.03  # the probe change: 3 % of the block's Q4_1 step, Gaussian
 _PROBE_ROWS = 32  # rows sampled from each of up to _PROBE_MATRICES weight matrices
 _PROBE_MATRICES = 8
 _GGML = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1}
+_FLOAT_BYTES = {"f32": 4, "f16": 2, "bf16": 2}  # the float GGUF types rows are sampled from, bytes an element
 _GGML |= {"q5_0": gguf.GGMLQuantizationType.Q5_0, "q5_1": gguf.GGMLQuantizationType.Q5_1}
 _GGML |= {"q8_0": gguf.GGMLQuantizationType.Q8_0}
 _survival_cache: dict[tuple[str, int, int], dict[str, float]] = {}
@@ -180,22 +181,27 @@ def change_kept(src: Path) -> dict[str, float]:
     key = (str(Path(src).resolve()), st.st_size, st.st_mtime_ns)
     if key in _survival_cache:
         return _survival_cache[key]
-    reader = gguf.GGUFReader(src)
+    header = check_gguf(Path(src))
     mats = [
         t
-        for t in reader.tensors
+        for t in header.tensors
         if len(t.shape) == 2
         and not t.name.startswith("token_embd")
-        and t.tensor_type
-        in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16, gguf.GGMLQuantizationType.F32)
-        and int(t.shape[0]) % 32 == 0
+        and t.type in _FLOAT_BYTES
+        and t.shape[0] % 32 == 0
     ]
     picked = mats[:: max(1, len(mats) // _PROBE_MATRICES)][:_PROBE_MATRICES]
     rng = np.random.default_rng(0)
     num = dict.fromkeys(_GGML, 0.0)
     den = 0.0
     for t in picked:
-        rows = dequantize(t.data[:_PROBE_ROWS], t.tensor_type).astype(np.float32)
+        row_bytes = t.shape[0] * _FLOAT_BYTES[t.type]
+        raw = np.memmap(
+            src, np.uint8, "r", header.data_offset + t.offset, (min(_PROBE_ROWS, t.shape[1]), row_bytes)
+        )
+        qtype = gguf.GGMLQuantizationType[t.type.upper()]
+        rows = dequantize(np.array(raw), qtype).astype(np.float32)
+        del raw
         blocks = rows.reshape(-1, 32)
         step = ((blocks.max(1) - blocks.min(1)) / 15)[:, None]
         delta = (_PROBE_REL * step * rng.standard_normal(blocks.shape)).astype(np.float32).reshape(rows.shape)

@@ -391,6 +391,72 @@ def test_hostile_tensor_infos_are_refused(tmp_path: Path) -> None:
     _refused(tmp_path, _tensor_file(b"w", [4, 4], 0, data=63), "truncated: the tensor data ends at byte")
 
 
+def _kv_file(*kvs: bytes) -> bytes:
+    return b"GGUF" + struct.pack("<Iqq", 3, 0, len(kvs)) + b"".join(kvs)
+
+
+def _u32(key: bytes, value: int) -> bytes:
+    return struct.pack("<Q", len(key)) + key + struct.pack("<iI", 4, value)
+
+
+def _u32s(key: bytes, values: list[int]) -> bytes:
+    return (
+        struct.pack("<Q", len(key))
+        + key
+        + struct.pack("<iiQ", 9, 4, len(values))
+        + struct.pack(f"<{len(values)}I", *values)
+    )
+
+
+def _str(key: bytes, value: bytes) -> bytes:
+    return _kv_string(key, len(value), value)
+
+
+def test_keys_and_values_read_as_llama_cpp_reads_them(tmp_path: Path) -> None:
+    """A key llama.cpp would find under another name (a NUL inside: it compares C strings), text that is
+    not UTF-8 (the GGUF spec's strings; gguf-py fails on it), or more small values than a model has, are
+    refused; a value too long to keep is refused when asked for, never read as a missing key."""
+    arch = _str(b"general.architecture", b"llama")
+    _refused(tmp_path, _kv_file(_u32(b"general.alignment\0x", 64), arch), "holds a NUL byte")
+    _refused(tmp_path, _kv_file(_str(b"general.architecture\0", b"evil"), arch), "holds a NUL byte")
+    _refused(tmp_path, _kv_file(arch, _u32(b"x\xff", 1)), "metadata key 1 is not UTF-8")
+    _refused(tmp_path, _kv_file(_str(b"general.name", b"\xff")), "'general.name' is not UTF-8")
+    _refused(tmp_path, _tensor_file(b"a\0b", [4, 4], 0), "holds a NUL byte")
+    many = [_u32s(f"f.{i}".encode(), [0] * 1024) for i in range(64)]
+    _refused(tmp_path, _kv_file(*many, arch), "more metadata than a model header holds")
+    p = tmp_path / "long.gguf"
+    p.write_bytes(_kv_file(arch, _u32s(b"llama.attention.head_count_kv", [1] * 1025)))
+    h = check_gguf(p)
+    assert h.value("general.architecture") == "llama" and h.value("absent") is None
+    with pytest.raises(EdgeftError, match="'llama.attention.head_count_kv' is an array of 1025 numbers"):
+        h.value("llama.attention.head_count_kv")
+    with pytest.raises(EdgeftError, match="cannot read the GGUF file"):
+        check_gguf(Path("a\0b.gguf"))
+
+
+@pytest.mark.parametrize(
+    ("kvs", "match"),
+    [
+        ([], "no attention.head_count"),
+        ([_u32s(b"llama.attention.head_count", [2, 2, 2])], "head_count_kv has 3 entries for 2 layers"),
+        ([_u32(b"llama.attention.head_count", 2), _u32s(b"llama.attention.head_count_kv", [1] * 512)], "512"),
+        ([_u32(b"llama.attention.head_count", 16)], "key_length = 0"),  # 16 heads of an 8-wide embedding
+    ],
+)
+def test_a_kv_shape_llama_cpp_would_refuse_is_refused(tmp_path: Path, kvs: list[bytes], match: str) -> None:
+    from edgeft.footprint import kv_shape
+
+    base = [_str(b"general.architecture", b"llama"), _u32(b"llama.block_count", 2)]
+    p = tmp_path / "m.gguf"
+    p.write_bytes(_kv_file(*base, _u32(b"llama.embedding_length", 8), *kvs))
+    with pytest.raises(EdgeftError, match=match):
+        kv_shape(p)
+    p.write_bytes(
+        _kv_file(*base, _u32(b"llama.embedding_length", 8), _u32s(b"llama.attention.head_count", [2, 2]))
+    )
+    assert kv_shape(p).k_width == 2 * 2 * 4  # two layers of 2 kv heads (head_count_kv defaults), 4 wide
+
+
 def test_not_a_regular_file(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe.gguf"
     os.mkfifo(fifo)

@@ -266,5 +266,7 @@ def _reuse_float(base: GGUFExportResult | Path) -> GGUFExportResult:
         )
     if isinstance(base, GGUFExportResult):
         return base
-    arch = str(header.value(gguf.Keys.General.ARCHITECTURE) or "")
+    arch = header.value(gguf.Keys.General.ARCHITECTURE)
+    if not isinstance(arch, str):
+        raise EdgeftError(f"{path}: general.architecture is missing or not a string; export it again")
     return GGUFExportResult(path, floats[ftype], arch, header.n_tensors, path.stat().st_size)
