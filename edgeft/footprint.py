@@ -172,8 +172,10 @@ def safetensors_shapes(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                 if n > min(f.stat().st_size, 100 << 20):
                     raise ValueError(f"header length {n}")
                 header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error) as exc:
-            raise EdgeftError(f"{f}: not a readable safetensors file ({exc})") from None
+        except (OSError, ValueError, RecursionError, struct.error) as exc:
+            raise EdgeftError(f"{f}: not a readable safetensors file ({str(exc)[:80]})") from None
+        if not isinstance(header, dict):
+            raise EdgeftError(f"{f}: not a readable safetensors file (its header is not a JSON object)")
         for name, info in header.items():
             if name == "__metadata__" or not isinstance(info, dict):
                 continue
@@ -278,10 +280,9 @@ def _gguf_kv(path: Path) -> KvShape:
     # get_key_or_arr, "has wrong array length").
     per_layer = _per_layer(kv_heads, layers, str(path), "attention.head_count_kv")
     head_list = _per_layer(heads, layers, str(path), "attention.head_count")
-    n_head = _positive(max(head_list), str(path), "attention.head_count")
-    # ref: src/llama-model.cpp load_hparams: n_embd_head_k/v default to n_embd / n_head.
+    # ref: src/llama-model.cpp load_hparams: n_embd_head_k/v default to n_embd / n_head(), layer 0's count.
     k_len, v_len = (
-        _positive(n_embd // n_head if v is None else v, str(path), name)
+        _positive(n_embd // head_list[0] if v is None and head_list[0] else v, str(path), name)
         for v, name in (
             (_field(reader, key(gguf.Keys.Attention.KEY_LENGTH)), "attention.key_length"),
             (_field(reader, key(gguf.Keys.Attention.VALUE_LENGTH)), "attention.value_length"),

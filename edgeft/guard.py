@@ -408,8 +408,9 @@ def check_gguf(path: Path) -> GGUFHeader:
     try:
         st = os.stat(path)
     except (OSError, ValueError) as e:  # ValueError: a NUL byte or an unencodable character in the path
+        shown = str(path) if str(path).isprintable() else repr(str(path))
         raise EdgeftError(
-            f"{path!r}: cannot read the GGUF file ({getattr(e, 'strerror', None) or e})"
+            f"{shown}: cannot read the GGUF file ({getattr(e, 'strerror', None) or e})"
         ) from None
     if not stat.S_ISREG(st.st_mode):
         raise EdgeftError(f"{path}: not a regular file; a GGUF model is one file")

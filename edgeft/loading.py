@@ -265,6 +265,7 @@ def load_model(model: str | Path, *, dtype: Any = None, trust_remote_code: bool 
     """A causal LM from a local dir or hub id, safetensors only, in `dtype` (default float32)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     name = resolve_model(model)
     try:
@@ -272,13 +273,17 @@ def load_model(model: str | Path, *, dtype: Any = None, trust_remote_code: bool 
     except (OSError, ValueError, KeyError) as e:
         raise EdgeftError(f"{name}: unsupported or unreadable model config ({str(e).splitlines()[0]})") from e
     dtype = dtype or torch.float32
-    stored = _stored_dtype(Path(name)) if Path(name).is_dir() else None
-    widen = stored is not None and stored.itemsize < dtype.itemsize
+    widened = None
+    if Path(name).is_dir() and not trust_remote_code and getattr(config, "quantization_config", None) is None:
+        widened = _widened_state(Path(name), dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        if widened is not None and type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+            cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+            return cls.from_pretrained(None, config=config, state_dict=widened, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(
             name,
             config=config,
-            dtype=stored if widen else dtype,
+            dtype=dtype,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
         )
@@ -288,93 +293,106 @@ def load_model(model: str | Path, *, dtype: Any = None, trust_remote_code: bool 
         ) from e
     except OSError as e:
         raise EdgeftError(f"{name}: cannot load safetensors weights ({str(e).splitlines()[0]})") from e
-    if widen:
-        _widen_from_files(model, Path(name), dtype)
-    return model
 
 
-# ref: safetensors docs "Format" (dtype names); the floating ones a checkpoint stores its weights in
+# ref: safetensors docs "Format": the dtype names of a header; the floating ones a checkpoint stores weights in
 _STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_STORED_BYTES = {"F32": 4, "BF16": 2, "F16": 2}
 
 
-def _stored_dtype(folder: Path) -> Any:
-    """The torch dtype every floating tensor of a local checkpoint is stored in, or None (mixed, or no
-    readable header): loading in it and widening afterwards is then exact."""
-    import torch
-
-    found = {dt for dt, _shape in _safetensors_entries(folder).values() if dt in _STORED_DTYPES}
-    return getattr(torch, _STORED_DTYPES[found.pop()]) if len(found) == 1 else None
-
-
-def _safetensors_entries(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    from .footprint import safetensors_shapes
-
-    try:
-        return safetensors_shapes(folder)
-    except EdgeftError:
-        return {}  # not ours to judge here: from_pretrained gives the error a user can act on
-
-
-def _widen_from_files(model: Any, folder: Path, dtype: Any) -> None:
-    """Make a model loaded in its stored 16-bit dtype `dtype` (float32) one weight at a time, each read from
-    its file with read() rather than through the mapping from_pretrained keeps.
+def _widened_state(folder: Path, dtype: Any) -> dict[str, Any] | None:
+    """The weights of a 16-bit checkpoint as `dtype` (float32) tensors, each read from its file with read(),
+    or None when the folder is not that (already float32, other dtypes, a header this reader does not take):
+    from_pretrained then loads it the ordinary way.
 
     Why: from_pretrained(dtype=float32) on a bf16 folder holds every float32 weight and every page of the
-    mapped file at once: 3.2 GB peak RSS for a 0.5B model whose float32 weights are 2.0 GB. Read here, the
-    mapped pages are never touched and the peak is the float32 weights plus one tensor. Each Parameter object
-    keeps its identity (tied weights stay tied); anything the files do not name (non-persistent buffers)
-    is converted by model.to(dtype), as is every weight when a file does not match the model."""
+    mapped file at once: 3.2 GB peak RSS for a 0.5B model whose float32 weights are 2.0 GB. Given these
+    tensors as its state_dict, it builds the same float32 model (buffers, tied weights, key renames all its
+    own) around them without a copy, and the mapped pages are never touched: a 2.3 GB peak."""
     import torch
 
-    params = dict(model.named_parameters())
-    for f in sorted(folder.glob("*.safetensors")):
-        for name, (offset, dt, shape) in _tensor_extents(f).items():
-            p = params.get(name)
-            if p is None or tuple(p.shape) != shape or dt not in _STORED_DTYPES:
-                continue
-            src = getattr(torch, _STORED_DTYPES[dt])
-            buf = bytearray(p.numel() * src.itemsize)
-            with open(f, "rb") as fh:
+    files = _weight_files(folder)
+    extents = [(f, _tensor_extents(f)) for f in files]
+    if not files or any(e is None for _, e in extents):
+        return None
+    kinds = {dt for _, e in extents for _o, dt, _s in (e or {}).values()}
+    if not kinds <= {"BF16", "F16"} or not kinds:
+        return None  # a float32 file needs no widening; anything else takes the ordinary path
+    state: dict[str, Any] = {}
+    for f, entries in extents:
+        with open(f, "rb") as fh:
+            for name, (offset, dt, shape) in (entries or {}).items():
+                buf = bytearray(_numel(shape) * _STORED_BYTES[dt])
                 fh.seek(offset)
                 if fh.readinto(buf) != len(buf):
-                    continue
-            p.data = torch.frombuffer(buf, dtype=src).reshape(shape).to(dtype) if buf else p.data.to(dtype)
-            del buf
-    model.to(dtype)  # what was not read above (buffers, any weight a file did not match): as before
+                    return None
+                src = getattr(torch, _STORED_DTYPES[dt])
+                state[name] = (
+                    torch.frombuffer(buf, dtype=src).reshape(shape).to(dtype)
+                    if buf
+                    else torch.zeros(shape, dtype=dtype)
+                )
+                del buf
+    return state
 
 
-def _tensor_extents(f: Path) -> dict[str, tuple[int, str, tuple[int, ...]]]:
-    """name -> (absolute offset, dtype, shape) of a safetensors file's tensors whose extent is exactly their
-    shape's bytes and inside the file; others are left out (and converted the ordinary way).
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files from_pretrained reads: model.safetensors, else the shards its index names."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map") if index.is_file() else None
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return []
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        return []
+    shards = [inside(folder, v, what="shard") for v in sorted(set(weight_map.values()))]
+    return shards if all(s.is_file() for s in shards) else []
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _tensor_extents(f: Path) -> dict[str, tuple[int, str, tuple[int, ...]]] | None:
+    """name -> (absolute offset, dtype, shape) of every tensor of a safetensors file, or None if any is not
+    a 32- or 16-bit float tensor whose extent is exactly its shape's bytes inside the file.
 
     ref: safetensors docs "Format": u64 header length, JSON {name: {dtype, shape, data_offsets}}, data."""
     import struct
 
-    sizes = {"F32": 4, "BF16": 2, "F16": 2}
     try:
         size = f.stat().st_size
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             if n > min(size, 100 << 20):
-                return {}
+                return None
             header = json.loads(fh.read(n))
-    except (OSError, ValueError, struct.error):
-        return {}
+    except (OSError, ValueError, RecursionError, struct.error):
+        return None
+    if not isinstance(header, dict):
+        return None
     out: dict[str, tuple[int, str, tuple[int, ...]]] = {}
-    for name, info in header.items() if isinstance(header, dict) else ():
-        if not isinstance(info, dict) or info.get("dtype") not in sizes:
+    for name, info in header.items():
+        if name == "__metadata__":
             continue
-        shape, span = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            continue
-        if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)):
-            continue
-        numel = 1
-        for d in shape:
-            numel *= d
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+            return None
+        dt, shape, span = info["dtype"], info.get("shape"), info.get("data_offsets")
+        if dt not in _STORED_BYTES or not isinstance(shape, list) or not isinstance(span, list):
+            return None
+        if not all(type(d) is int and d >= 0 for d in shape) or len(span) != 2:
+            return None
+        if not all(type(x) is int for x in span):
+            return None
         start, end = 8 + n + span[0], 8 + n + span[1]
-        if 8 + n <= start and end - start == numel * sizes[info["dtype"]] and end <= size:
-            out[name] = (start, info["dtype"], tuple(shape))
+        if not (8 + n <= start and end - start == _numel(tuple(shape)) * _STORED_BYTES[dt] and end <= size):
+            return None
+        out[name] = (start, dt, tuple(shape))
     return out
 
 
