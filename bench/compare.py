@@ -7,8 +7,8 @@ SmolLM2-135M-shaped model (random weights; speed only depends on shapes).
 
 Prints one table per model: file size, prefill/decode tok/s, TTFT, peak RSS, drift against the float model
 (KLD mean, top-1 agreement) and bytes read per token (edgeft.footprint) × decode tok/s, the memory bandwidth decode used. Decode of
-small models is bandwidth-bound (../shared/REFERENCE.md), so that last column says how close to the
-machine's roofline each engine runs.
+small models is bandwidth-bound (ref: llama-roofline, learn.arm.com llm-decode-roofline), so that last
+column says how close to the machine's roofline each engine runs.
 """
 
 from __future__ import annotations

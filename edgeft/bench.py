@@ -4,8 +4,9 @@ The timing is edgeft/device/bench_on_device.py's `measure_engine` (the script ev
 `edgeft bench`, the bench/ scripts and the device share one definition of prefill and decode tok/s. Each
 artifact runs in a fresh child process so its peak RSS is its own (the parent holds PyTorch and the
 reference model). One warm-up, then repeated runs; medians are reported. Decode speed of a small model is
-bounded by memory bandwidth (../shared/REFERENCE.md: "decode tok/s ≈ effective bandwidth ÷ bytes of
-weights read per token"), so the report also gives bytes read per token × tok/s, the bandwidth the decode actually used.
+bounded by memory bandwidth (decode tok/s ≈ effective bandwidth ÷ bytes of weights read per token; ref:
+llama-roofline, learn.arm.com/learning-paths/cross-platform/llm-decode-roofline), so the report also gives
+bytes read per token × tok/s, the bandwidth the decode actually used.
 """
 
 from __future__ import annotations

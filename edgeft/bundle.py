@@ -605,8 +605,9 @@ DEVICE_SECTION_START = "<!-- edgeft:device-latency -->"
 DEVICE_SECTION_END = "<!-- /edgeft:device-latency -->"
 # A run is flagged as slower than the previous run of the same device when a metric is worse by more than
 # the noise: the larger of this share and the spread of that metric over the device's earlier runs
-# ((max - min) / median). 10%: ../shared/REFERENCE.md's thread-count effects (up to 21%) and runtime-update
-# regressions (26 → 2.6 tok/s) are far above it, run-to-run jitter on an idle device below it.
+# ((max - min) / median). 10%: thread-count effects on a Pi 5 (up to 21%; ref: learn.arm.com
+# llm-decode-roofline) and runtime-update regressions (26 → 2.6 tok/s; ref: ollama #13819) are far above
+# it, run-to-run jitter on an idle device below it.
 REGRESSION_MIN_SHARE = 0.10
 # (key in the device JSON, label, whether higher is better)
 DEVICE_METRICS = (

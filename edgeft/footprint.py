@@ -1,11 +1,12 @@
 """Footprint: what an artifact costs a device — bytes streamed per decoded token, KV cache, resident RAM.
 
 Decode of a batch-1 model is memory-bound: every token streams each weight matrix once, so decode tok/s ≈
-effective bandwidth ÷ bytes read per token (../shared/REFERENCE.md "Edge devices": Pi 5 fit 10.7 GB/s,
-R² 0.98). Those bytes are the artifact's tensors minus what is only gathered one row per token (the token
-embedding table) — never the file size. The KV cache is sized per runtime, in the dtype that runtime keeps
-it in. `estimate_need` predicts weights + KV from a Hugging Face checkpoint before anything is exported
-(the build's RAM preflight); `measure` gives the same figures from the exported artifact.
+effective bandwidth ÷ bytes read per token (Pi 5 fit 10.7 GB/s, R² 0.98; ref: llama-roofline,
+learn.arm.com/learning-paths/cross-platform/llm-decode-roofline). Those bytes are the artifact's tensors
+minus what is only gathered one row per token (the token embedding table) — never the file size. The KV
+cache is sized per runtime, in the dtype that runtime keeps it in. `estimate_need` predicts weights + KV
+from a Hugging Face checkpoint before anything is exported (the build's RAM preflight); `measure` gives the
+same figures from the exported artifact.
 """
 
 from __future__ import annotations
@@ -412,9 +413,9 @@ def measure(path: Path, context_length: int) -> Footprint:
 # Bytes per weight of a 2-D matrix in each artifact kind, before export (the exported tensors are the truth;
 # these only have to be close and err high). ggml blocks (ref: ggml/src/ggml-common.h): block_q8_0 = f16
 # scale + 32 int8 = 34 bytes / 32 weights; block_q4_0 = f16 scale + 16 bytes = 18 / 32; Q4_K 144 / 256 with
-# some Q6_K (210 / 256) tensors, and Q5_0 (22 / 32) or Q8_0 where a row is not a multiple of 256
-# (REFERENCE.md "Labels lie") — 0.75 covers the mix. The other mixes likewise take the larger of their main
-# type and its fallback for rows not a multiple of 256 (ref: src/llama-quant.cpp tensor_type_fallback):
+# some Q6_K (210 / 256) tensors, and Q5_0 (22 / 32) or Q8_0 where a row is not a multiple of 256 — 0.75
+# covers the mix. The other mixes likewise take the larger of their main type and its fallback for rows not a
+# multiple of 256 (ref: src/llama-quant.cpp tensor_type_fallback, for Q4_K's Q5_0 too):
 # q6_k Q6_K 210/256 → Q8_0 34/32; q5_k_m Q5_K 176/256 with Q6_K tensors → Q5_1 24/32; iq4_nl 18/32 with
 # Q5_K attn_v on GQA models; iq4_xs 136/256 → IQ4_NL 18/32; q3_k_m Q3_K 110/256 and q2_k Q2_K 84/256 with
 # Q4_K/Q5_K tensors → Q4_0 18/32 (so 0.6 for all four). MatMulNBits (onnxruntime
@@ -477,7 +478,8 @@ def estimate_need(model_dir: Path, fmt: str, quant: str, context_length: int) ->
 @dataclass(frozen=True)
 class TensorTypes:
     """The tensor types an artifact really holds, as shares of its weight bytes: a "q4_k_m" file is not all
-    Q4_K (rows that are not a multiple of 256 fall back to other types; ../shared/REFERENCE.md)."""
+    Q4_K (rows that are not a multiple of 256 fall back to other types; ref: llama.cpp src/llama-quant.cpp
+    tensor_type_fallback)."""
 
     shares: dict[str, float]  # type → fraction of the weight bytes, largest first
     head_type: str | None  # the output head's type (a tied head: the token embedding's)

@@ -5,11 +5,11 @@ llama.cpp's imatrix tool collects from its matrix multiplications (ref: tools/im
 IMatrixCollector::collect_imatrix sums x² per column and counts rows) and its quantize tool hands to the
 quantizer after dividing sums by counts (ref: tools/quantize/quantize.cpp load_imatrix). Keys are the GGUF
 tensor names edgeft's converter writes (edgeft.export.gguf.arch), so edgeft.quantize passes them straight to
-llama.cpp with no file format in between (../shared/REFERENCE.md "Importance matrix").
+llama.cpp with no file format in between (ref: include/llama.h llama_model_quantize_params.imatrix).
 
 Calibration text is each conversation rendered whole (answer included: it is training data) through the
 model's own chat template and tokenized as the fine-tune tokenized it, special tokens parsed — unlike
-imatrix tools run on chat text without `--parse-special` (REFERENCE.md "Where users get hurt" 9).
+imatrix tools run on chat text without `--parse-special` (ref: llama.cpp #6804, PR #13389).
 
 The output head: when untied, output.weight gets an entry. llama.cpp's imatrix tool skips it unless
 `--process-output` because collecting it needs every position's logits; here the head's inputs (the final

@@ -3,10 +3,10 @@
 One tokenization truth: a checkpoint's own tokenizer files — tokenizer.json's pipeline as written — are how
 its model was pretrained. transformers 5 rebuilds some tokenizer classes from their own template and drops
 what the file says (Qwen2Tokenizer imposes Qwen2's split regex, GPT2Tokenizer drops a `Digits` step,
-LlamaTokenizer turns a SentencePiece `Prepend` normalizer into Metaspace "first"; ../shared/REFERENCE.md
-"Where users get hurt" 10). `load_tokenizer` detects such a rebuild, uses the file's pipeline instead and
-says so in one line; edgeft's own outputs carry the base's tokenizer files byte for byte
-(`copy_tokenizer_files`), never a re-save.
+LlamaTokenizer turns a SentencePiece `Prepend` normalizer into Metaspace "first"; ref: transformers 5
+models/{qwen2,gpt2,llama}/tokenization_*.py, measured here with 5.24). `load_tokenizer` detects such a
+rebuild, uses the file's pipeline instead and says so in one line; edgeft's own outputs carry the base's
+tokenizer files byte for byte (`copy_tokenizer_files`), never a re-save.
 """
 
 from __future__ import annotations

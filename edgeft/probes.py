@@ -1,9 +1,9 @@
 """Built-in probes: texts and conversations every exporter and verify push through a tokenizer.
 
 They cover where tokenizers and chat templates disagree in practice: whitespace runs, digits and numbers,
-non-ASCII text, code, a system turn and several turns (../shared/REFERENCE.md "Where users get hurt" 2, 8,
-10, 11). Exporters check them (and the eval set's conversations) before shipping; verify answers the
-conversations when no task data is given.
+non-ASCII text, code, a system turn and several turns (ref: unsloth PR #5080; llama.cpp #7062, #15842;
+transformers 5 models/*/tokenization_*.py; llama.cpp src/llama-vocab.cpp). Exporters check them (and the
+eval set's conversations) before shipping; verify answers the conversations when no task data is given.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 llama.cpp picks per-tensor types for mixes like q4_k_m (e.g. q6_k for some ffn_down/attn_v rows), so
 edgeft never reimplements that; it only calls `llama_model_quantize` and writes atomically. An importance
 matrix (edgeft.imatrix) and a type for the output head / token embedding go in through the same parameters
-llama.cpp's quantize tool fills (../shared/REFERENCE.md "llama.cpp's quantizer from Python").
+llama.cpp's quantize tool fills (ref: llama.cpp include/llama.h llama_model_quantize_params).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ record (provenance, drift, digests, device runs) and grows with every benchmark;
 contract an app ships with — chat template, special tokens, when to stop, the settings verify answered with —
 and changes only when the model does. The examples in the bundle (examples/ in the repo) read it and hard-code
 none of it: the same model answered differently in llama.cpp, Ollama and onnxruntime-genai because each
-carried its own template and stop list (../shared/REFERENCE.md "Where users get hurt").
+carried its own template and stop list (ref: ollama #6823, #8363; onnxruntime-genai #1824; llama.cpp #7062).
 
 The prompt recipe is the fine-tune's (edgeft.data.chat_prompt_ids): render `chat_template` with
 `messages`, `add_generation_prompt` and `template_variables` (Jinja2 with trim_blocks and lstrip_blocks, as

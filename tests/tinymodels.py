@@ -57,7 +57,7 @@ TOKENIZER_KINDS = (
     "spm-llama",
     "spm-first",
 )
-# Real-checkpoint traits transformers 5 rebuilds on load (../shared/REFERENCE.md "Where users get hurt" 10):
+# Real-checkpoint traits transformers 5 rebuilds on load (ref: transformers models/*/tokenization_*.py):
 # kind → (trained like, tokenizer_class named in tokenizer_config.json, tokenizer.json pre_tokenizer or None).
 # "smollm2": SmolLM2's config names GPT2Tokenizer, whose rebuild drops the file's Digits(individual) step;
 #   the vocabulary is trained without it, so merges like "Ġ3" exist and the rebuild really tokenizes "3.11"
@@ -94,7 +94,8 @@ REBUILT_KINDS: dict[str, tuple[str, str, dict | None]] = {
     ),
     "spm-llama": ("spm", "LlamaTokenizer", None),
     # A SentencePiece file saved the transformers-5 way (Metaspace prepend_scheme "first", no normalizer):
-    # "▁" only at the very start of the input, never after a special token (REFERENCE.md item 11).
+    # "▁" only at the very start of the input, never after a special token (llama.cpp does prefix after each
+    # one; ref: llama.cpp src/llama-vocab.cpp llama_vocab::impl::tokenize).
     "spm-first": (
         "spm",
         "TokenizersBackend",

@@ -10,8 +10,9 @@ benchmarks nothing if any file differs. Then, per artifact, a thread sweep (defa
 core count): each point runs in a fresh child process of this interpreter, so its peak RSS is its own, and
 reports prefill and decode tok/s, time to first token and peak RSS; the best thread count for prefill and
 for decode is named (on a Raspberry Pi 5 decode is fastest at 2 threads while prefill scales to 4,
-../shared/REFERENCE.md "Edge devices"). Device facts (CPU, cores, RAM, OS, runtime versions, temperature
-and throttling before and after) are read where the system exposes them and null where it does not.
+ref: learn.arm.com/learning-paths/cross-platform/llm-decode-roofline/threads-and-size). Device facts (CPU,
+cores, RAM, OS, runtime versions, temperature and throttling before and after) are read where the system
+exposes them and null where it does not.
 Progress goes to stderr. Exit 0 when the bundle is whole and no artifact failed (a skipped one is fine).
 
 One definition of the figures, shared with `edgeft bench` (edgeft/bench.py imports this module): a prompt of

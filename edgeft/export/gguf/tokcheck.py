@@ -7,7 +7,8 @@ and tokenized by its own tokenizer files (edgeft.data.chat_prompt_ids). Plain te
 
 For SentencePiece vocabularies the space-prefix rule is the one choice that differs between runtimes:
 llama.cpp prefixes text after every special token, transformers' Metaspace(prepend_scheme="first") only the
-start of the input (../shared/REFERENCE.md "Where users get hurt" 11). When the flag derived from the
+start of the input (ref: llama.cpp src/llama-vocab.cpp llama_vocab::impl::tokenize, SPM branch; tokenizers
+src/pre_tokenizers/metaspace.rs PrependScheme::First). When the flag derived from the
 tokenizer files does not reproduce the prompts, the other one is tried; when neither does, one line says so
 with the first differing token (the artifact is still written, and verify's prompt_ids_match fails it).
 """

@@ -98,8 +98,8 @@ def _looks_special(text: str) -> bool:
 def _added_type(content: str, special: bool, template: str) -> int:
     """GGUF type of an added token: CONTROL when flagged special, looking special or used by the chat
     template as a marker (<...> or [...]; a turn marker written as NORMAL/USER_DEFINED is a known cause of
-    endless or garbled output, ../shared/REFERENCE.md "Where users get hurt" 2); USER_DEFINED for plain
-    added words, which llama.cpp then prints in answers like any text."""
+    endless or garbled output, ref: unsloth PR #5080 (NORMAL), PR #6229 (USER_DEFINED)); USER_DEFINED for
+    plain added words, which llama.cpp then prints in answers like any text."""
     markup = len(content) > 2 and content[0] in "<[" and content[-1] in ">]"
     if special or _looks_special(content) or (markup and content in template):
         return gguf.TokenType.CONTROL
