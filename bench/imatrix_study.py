@@ -28,7 +28,7 @@ Steps, each cached under --work (default /tmp/edgeft-imatrix-study) so a rerun o
    model) compared with every GGUF (llama.cpp): mean and p99 KLD, top-1 agreement, held-out task accuracy
    (exact match of the greedy app-path answer) and answers_match (same answer as the float model).
 
-Results of `--seeds 0 1 2` (README "Importance matrix from your data" has the full tables). On the 2-core
+Results of `--seeds 0 1 2` (docs/benchmarks.md "Importance matrix from your data" has the full tables). On the 2-core
 build machine, shared with other jobs and running 1 thread: base 7.4 min, fine-tune 5.7 min, 24 GGUFs measured
 in 9.5 min. The float model scores 96.7% (116/120). KLD is relative to the same quant without an imatrix,
 averaged over the 3 seeds:

@@ -15,7 +15,7 @@ against PyTorch fp32 (KLD mean, top-1 over an eval text), how many of the 64 gre
 before the first difference, and PyTorch's top-1/top-2 logit gap at that first difference (a tiny gap means
 a near-tie flipped, not a broken model); then each int8/int4 folder's size over the q8_0/q4_0 GGUF file's.
 
-Measured (2 threads, machine shared with other jobs; README "ONNX int8"): edgeft int8 152.7 MB = 1.06x the
+Measured (2 threads, machine shared with other jobs; docs/benchmarks.md "ONNX int8"): edgeft int8 152.7 MB = 1.06x the
 q8_0 GGUF's 144.2 MB (the builder's default int8: 266.0 MB = 1.84x), KLD 1.05e-04 (8.2e-05 with the float32
 table), decode 16.3 tok/s for both under that load; int4 85.5 MB = 0.94x q4_0's 91.1 MB, KLD 1.6e-02.
 """

@@ -3,7 +3,7 @@
 A slot with a `search` list (targets/*.toml) competes several concrete artifacts: quants, with and
 without the importance matrix of the fine-tuning data, with the output head kept at a higher type. Decode
 of an on-device model is memory-bound (llama.cpp reads every weight once per token; see the roofline notes
-in README "Speed, size and drift"), so "fastest on the device" is "fewest bytes read per decoded token",
+in docs/benchmarks.md "Speed, size and drift"), so "fastest on the device" is "fewest bytes read per decoded token",
 measured from each exported artifact's own tensors. Every candidate is judged against one stored float
 reference (edgeft.reference), fewest bytes per token first, and the work stops where it can:
 

@@ -1,6 +1,6 @@
 """The support matrix: which architectures edgeft exports to which format, from the exporters' own tables.
 
-`edgeft export --list-architectures` prints it; the README shows it. GGUF support is
+`edgeft export --list-architectures` prints it; docs/architectures.md shows it. GGUF support is
 constants.GGUF_ARCHS (implemented in edgeft/export/gguf/arch.py), ONNX support is constants.ONNX_ARCHS
 (None = exported, else the reason it is refused up front).
 """
@@ -56,7 +56,7 @@ def rows() -> list[tuple[str, str, str, str]]:
 
 
 def markdown() -> str:
-    """The matrix as a Markdown table (for the README and the terminal)."""
+    """The matrix as a Markdown table (for docs/architectures.md and the terminal)."""
     lines = ["| architecture | families | GGUF (llama.cpp) | ONNX (onnxruntime-genai) |", "|---|---|---|---|"]
     lines += [f"| {a} | {f} | {g} | {o} |" for a, f, g, o in rows()]
     lines += ["", "Tokenizers a runtime cannot reproduce (flagged at export, failed by verify):", ""]
