@@ -14,25 +14,23 @@ import os
 import re
 import stat
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from .bundle import MANIFEST_SCHEMA_VERSION, bundle_files
 from .constants import BUNDLE_USER_DIRS, FORMAT_GGUF, FORMATS, MANIFEST, SHA256SUMS
+from .device.bench_on_device import MAX_SUMS_BYTES, plain_path
+from .device.bench_on_device import parse_sums as device_sums
 from .errors import EdgeftError
 from .files import sha256_file
 from .guard import check_gguf
 
 # Larger than any manifest or checksum list a build writes (a few KB; an ONNX folder adds a line per file).
 MAX_MANIFEST_BYTES = 16 << 20
-MAX_SUMS_BYTES = 16 << 20
 # Tokens each artifact generates to show it runs (greedy, from a one-message chat through its own template).
 PROBE_TOKENS = 4
 PROBE_MESSAGES = [{"role": "user", "content": "Hello"}]
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-# A SHA256SUMS line: optional "\" (escaped name), digest, " " and " " (text) or "*" (binary), the name.
-# ref: GNU coreutils src/digest.c (split_3, the BSD/GNU line formats `sha256sum -c` accepts).
-_SUMS_LINE = re.compile(r"(\\?)([0-9a-fA-F]{64}) [ *](.+)")
 
 # Finding kinds, for --json readers.
 MISSING, MODIFIED, UNEXPECTED, NOT_REGULAR = "missing", "modified", "unexpected", "not_regular"
@@ -100,17 +98,11 @@ class Manifest:
 
 
 def _safe_rel(rel: Any, where: str, what: str) -> str:
-    """A relative POSIX path that stays inside the bundle (no absolute path, "..", backslash or NUL)."""
+    """A relative POSIX path that stays inside the bundle (the device script's rule: no absolute path, "..",
+    backslash or NUL)."""
     if not isinstance(rel, str) or not rel:
         raise EdgeftError(f"{where}: {what} {rel!r} is not a file name")
-    parts = PurePosixPath(rel).parts
-    if (
-        rel.startswith("/")
-        or "\\" in rel
-        or "\0" in rel
-        or any(p in ("", ".", "..") for p in rel.split("/"))
-        or not parts
-    ):
+    if not plain_path(rel):
         raise EdgeftError(f"{where}: {what} {rel[:200]!r} is not a plain path inside the bundle")
     return rel
 
@@ -184,21 +176,12 @@ def _read_capped(path: Path, cap: int) -> bytes:
 
 
 def parse_sums(text: str, where: str = SHA256SUMS) -> dict[str, str]:
-    """SHA256SUMS lines → {path: sha256}; a malformed line or a duplicate is one EdgeftError."""
-    sums: dict[str, str] = {}
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        m = _SUMS_LINE.fullmatch(line)
-        if not m:
-            raise EdgeftError(f"{where}: line {n} is not '<sha256>  <path>' ({line[:80]!r})")
-        escaped, digest, rel = m.groups()
-        if escaped:  # ref: coreutils digest.c filename_unescape: \\ → \, \n → newline, \r → CR
-            rel = re.sub(r"\\(.)", lambda c: {"\\": "\\", "n": "\n", "r": "\r"}.get(c[1], "\0"), rel)
-        _safe_rel(rel, where, f"line {n} path")
-        if rel in sums:
-            raise EdgeftError(f"{where}: {rel[:200]!r} is listed twice")
-        sums[rel] = digest.lower()
+    """SHA256SUMS lines → {path: sha256}; its first problem is one EdgeftError. The parser is the one the
+    bundle's device script runs (edgeft/device/bench_on_device.py), so `edgeft check` and the device judge
+    the same file alike."""
+    sums, problems = device_sums(text)
+    if problems:
+        raise EdgeftError(f"{where}: {problems[0].removeprefix(f'{SHA256SUMS}: ')}")
     return sums
 
 

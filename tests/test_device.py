@@ -204,6 +204,53 @@ def test_a_changed_bundle_is_refused_before_any_benchmark(
     assert any(needle in p for p in out["integrity"]["problems"]), out["integrity"]["problems"]
 
 
+def _odd_sums(text: str) -> dict[str, str]:
+    """SHA256SUMS texts a hand, a tool or an attacker might leave, made from a bundle's real one."""
+    lines = text.splitlines(keepends=True)
+    first = lines[0].rstrip("\n")
+    digest, name = first[:64], first[66:]
+    return {
+        "as written": text,
+        "binary markers": "".join(f"{ln[:64]} *{ln[66:]}" for ln in lines),
+        "blank and form-feed lines": "\n\x0c\n" + text + "\n \n",
+        "crlf": text.replace("\n", "\r\n"),
+        "line separator u2028": text.replace("\n", "\u2028", 1),
+        "next line x85": text.replace("\n", "\x85", 1),
+        "listed twice, same digest": text + lines[0],
+        "listed twice, other digest": text + f"{'0' * 64}  {name}\n",
+        "one space, no marker": text.replace(f"{digest}  {name}", f"{digest} {name}"),
+        "escaped name": text.replace(f"{digest}  {name}", f"\\{digest}  {name}"),
+        "escaped newline": text + f"\\{digest}  a\\nb\n",
+        "parent path": text + f"{digest}  ../{name}\n",
+        "absolute path": text + f"{digest}  /etc/{name}\n",
+        "upper-case digest": text.replace(digest, digest.upper()),
+    }
+
+
+def test_check_and_the_device_give_the_same_verdict_on_odd_sha256sums(made: Path, tmp_path: Path) -> None:
+    """One SHA256SUMS parser: `edgeft check` on the host and the bundle's own script on the device accept
+    and refuse the same files (str.splitlines on the device once split at \\x85 and \\u2028, and kept the
+    last of a name listed twice, where check refused)."""
+    from edgeft.check import check_bundle
+
+    b = _copy(made, tmp_path)
+    verdicts = {}
+    for case, text in _odd_sums((made / SHA256SUMS).read_text()).items():
+        (b / SHA256SUMS).write_text(text, encoding="utf-8", newline="")
+        host = check_bundle(b, load=False).passed
+        device = bod.check_integrity(b)[0]["ok"]
+        verdicts[case] = (host, device)
+    assert {c: v for c, v in verdicts.items() if v[0] != v[1]} == {}
+    accepted = {case for case, (host, _) in verdicts.items() if host}
+    assert accepted == {
+        "as written",
+        "binary markers",
+        "blank and form-feed lines",
+        "escaped name",
+        "upper-case digest",
+    }
+
+
 def test_a_missing_runtime_is_skipped_with_its_install_line(made: Path, bare_python: Path) -> None:
     res, out = _device(bare_python, made, "--threads", "1", *SMALL)
     assert res.returncode == 0, res.stderr[-2000:]  # skipped is not failed

@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -274,24 +275,49 @@ def _inside(bundle: Path, rel: str) -> Path | None:
     return path
 
 
+MAX_SUMS_BYTES = 16 << 20  # larger than any SHA256SUMS a build writes (an ONNX folder adds a line per file)
+# A SHA256SUMS line: optional "\\" (escaped name), digest, " " and " " (text) or "*" (binary), the name.
+# ref: GNU coreutils src/digest.c (split_3, the BSD/GNU line formats `sha256sum -c` accepts).
+_SUMS_LINE = re.compile(r"(\\?)([0-9a-fA-F]{64}) [ *](.+)")
+
+
+def plain_path(rel: str) -> bool:
+    """A relative POSIX path that stays inside the bundle: no absolute path, "..", ".", empty part,
+    backslash or NUL."""
+    return (
+        bool(rel)
+        and not rel.startswith("/")
+        and "\\" not in rel
+        and "\0" not in rel
+        and all(part not in ("", ".", "..") for part in rel.split("/"))
+    )
+
+
 def parse_sums(text: str) -> tuple[dict[str, str], list[str]]:
-    """SHA256SUMS as GNU `sha256sum` writes it ("<hex>  <path>", "<hex> *<path>", a leading backslash for an
-    escaped name; ref: GNU coreutils src/digest.c) → ({path: hex}, problems)."""
+    """SHA256SUMS as GNU `sha256sum` writes it → ({path: hex}, problems). The one parser of it: `edgeft check`
+    calls this too, so the host and the device judge a bundle alike. Lines end at "\\n" only (str.splitlines
+    would also split at \\x0c, \\x85 or \\u2028 inside a name); a malformed line, a path that is not plain
+    or a name listed twice is a problem, and only the first listing of a name is kept."""
     sums: dict[str, str] = {}
     problems: list[str] = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        escaped = line.startswith("\\")
-        body = line[1:] if escaped else line
-        digest, sep, rest = body.partition(" ")
-        if not sep or len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest) or not rest:
-            problems.append(f"{SHA256SUMS} line {n} is not '<sha256>  <path>'")
+        m = _SUMS_LINE.fullmatch(line)
+        if not m:
+            problems.append(f"{SHA256SUMS}: line {n} is not '<sha256>  <path>' ({line[:80]!r})")
             continue
-        name = rest[1:] if rest[:1] in (" ", "*") else rest
-        if escaped:
-            name = name.replace("\\\\", "\0").replace("\\n", "\n").replace("\\r", "\r").replace("\0", "\\")
-        sums[name] = digest.lower()
+        escaped, digest, name = m.groups()
+        if escaped:  # ref: coreutils digest.c filename_unescape: \\ -> \, \n -> newline, \r -> CR
+            name = re.sub(r"\\(.)", lambda c: {"\\": "\\", "n": "\n", "r": "\r"}.get(c.group(1), "\0"), name)
+        if not plain_path(name):
+            problems.append(
+                f"{SHA256SUMS}: line {n} path {name[:200]!r} is not a plain path inside the bundle"
+            )
+        elif name in sums:
+            problems.append(f"{SHA256SUMS}: {name[:200]!r} is listed twice")
+        else:
+            sums[name] = digest.lower()
     return sums, problems
 
 
@@ -333,8 +359,13 @@ def check_integrity(bundle: Path) -> tuple[dict[str, Any], dict[str, Any] | None
         return {"ok": False, "files_checked": 0, "problems": [f"{bundle}: not a folder"]}, None
     sums: dict[str, str] = {}
     try:
-        sums, bad = parse_sums((bundle / SHA256SUMS).read_text(encoding="utf-8"))
-        problems += bad
+        with open(bundle / SHA256SUMS, "rb") as f:  # bytes: read_text would turn "\r\n" into "\n"
+            raw = f.read(MAX_SUMS_BYTES + 1)
+        if len(raw) > MAX_SUMS_BYTES:
+            problems.append(f"{SHA256SUMS}: more than {MAX_SUMS_BYTES} bytes")
+        else:
+            sums, bad = parse_sums(raw.decode("utf-8"))
+            problems += bad
     except (OSError, UnicodeDecodeError) as e:
         problems.append(f"{SHA256SUMS}: cannot be read ({getattr(e, 'strerror', None) or e})")
     for rel, want in sums.items():
