@@ -145,12 +145,6 @@ def weights_sha256(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors")) if p.is_file()}
 
 
-def canonical_sha256(obj: Any) -> str:
-    """sha256 of a JSON value written canonically (sorted keys, no spaces, UTF-8), so anyone can recompute it."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def finetune_facts(adapter_dir: Path) -> tuple[dict[str, Any], str | None]:
     """The LoRA settings and the eval split digest from the fine-tune's record (edgeft_finetune.json)."""
     path = Path(adapter_dir) / FINETUNE_RECORD
