@@ -13,12 +13,11 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__, runspec
 from . import data as _data
+from . import runspec
 from .bench import LatencyReport
 from .constants import (
     BUNDLE_USER_DIRS,
@@ -37,6 +36,7 @@ from .footprint import Footprint, TensorTypes, tensor_types
 from .report_html import render_html
 from .targets import ArtifactSpec, TargetProfile
 from .verify import DriftReport
+from .versions import tool_versions
 
 
 @dataclass(frozen=True)
@@ -156,25 +156,6 @@ def finetune_facts(adapter_dir: Path) -> tuple[dict[str, Any], str | None]:
     return (dict(settings) if isinstance(settings, dict) else {}), (
         None if split is None else _data.split_digest(split, str(path))
     )
-
-
-def tool_versions() -> dict[str, str]:
-    """Versions of the tools that shaped the artifacts."""
-    out = {"edgeft": __version__}
-    for dist in (
-        "torch",
-        "transformers",
-        "peft",
-        "gguf",
-        "llama-cpp-python",
-        "onnxruntime",
-        "onnxruntime-genai",
-    ):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
 
 
 def artifact_name(spec: ArtifactSpec) -> str:

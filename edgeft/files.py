@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgeftError
+from .guard import gguf_keys, read_json  # noqa: F401 - read_json: files is where callers look for it
 
 # Every folder edgeft writes carries this file; an existing folder without it is never replaced or deleted.
 MARKER = ".edgeft"
@@ -63,8 +64,6 @@ def ensure_replaceable_dir(out: Path, *, enter: bool = False) -> None:
 
 def is_edgeft_gguf(path: Path) -> bool:
     """Whether `path` is a GGUF whose metadata holds edgeft's marker key (parsed, not searched for)."""
-    from .guard import gguf_keys
-
     try:
         return GGUF_MARKER_KEY in gguf_keys(path)
     except EdgeftError:
@@ -194,14 +193,6 @@ def tree_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file's content; EdgeftError naming the file when it cannot be read or parsed."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise EdgeftError(f"{path}: cannot read JSON ({e})") from None
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -6,6 +6,7 @@ it came in (ref: CVE-2022-25882, CVE-2024-27318 — ONNX external-data path trav
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import struct
@@ -76,6 +77,14 @@ def check_external_data(model_path: Path, root: Path | None = None) -> list[Path
 # --- folders from strangers: nothing they name may lead outside them ------------------------------------------
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file's content; EdgeftError naming the file when it cannot be read or parsed."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise EdgeftError(f"{path}: cannot read JSON ({e})") from None
+
+
 def inside(root: Path, name: str | Path, *, what: str) -> Path:
     """`root / name` resolved (symlinks followed), refused unless it stays inside `root`.
 
@@ -97,7 +106,6 @@ def check_model_folder(model_dir: Path) -> None:
     """Every file a Hugging Face model folder is read through stays inside it: config, tokenizer and chat
     template files, safetensors weights and the shards an index names."""
     from .constants import TOKENIZER_FILES
-    from .files import read_json
 
     model_dir = Path(model_dir)
     for f in ("config.json", "generation_config.json", *TOKENIZER_FILES):
@@ -150,7 +158,6 @@ def check_onnx_folder(folder: Path, *, allow_native_libs: bool = False) -> None:
     """An onnxruntime-genai folder may only point inside itself, and names no native library unless allowed
     (`--allow-native-libs`): every file its genai_config.json names, and every external-data location."""
     from .constants import ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
-    from .files import read_json
 
     folder = Path(folder)
     cfg_path = inside(folder, ONNX_GENAI_CONFIG, what="file")

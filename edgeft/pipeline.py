@@ -24,6 +24,7 @@ from .reference import stored_reference
 from .runtime import open_runtime
 from .runtime.torch import TorchRuntime
 from .ui import info, task
+from .versions import tool_versions
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
             data.dataset_sha256(data_path),
             _eval_file_digest(data_path),
             dataclasses.asdict(cfg.lora),
-            bundle.tool_versions(),
+            tool_versions(),
             *([cfg.method, cfg.full_lr] if cfg.method != "lora" else []),  # LoRA keys stay as they were
         ]
     )

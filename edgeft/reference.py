@@ -26,6 +26,7 @@ from .errors import EdgeftError
 from .evalset import AppAnswer, EvalSet, app_answer, cut_answer
 from .runtime import Runtime
 from .ui import Progress
+from .versions import tool_versions
 
 FORMAT = 1  # of the stored folder; a change makes every stored reference stale
 TOP_K = 5  # alternatives kept per answer position
@@ -234,7 +235,6 @@ def load(folder: Path, piece: Callable[[int], str]) -> ReferenceRun:
 
 def reference_key(model_dir: Path, es: EvalSet) -> str:
     """What a stored reference depends on: the float model's files, the eval set, the tools that ran it."""
-    from .bundle import tool_versions
     from .loading import model_fingerprint
 
     versions = {k: v for k, v in tool_versions().items() if k in ("torch", "transformers", "edgeft")}

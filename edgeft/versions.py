@@ -1,0 +1,27 @@
+"""The versions of the tools that shaped a build's artifacts (the manifest, model.json and the reference key
+record them)."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+from . import __version__
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the tools that shaped the artifacts."""
+    out = {"edgeft": __version__}
+    for dist in (
+        "torch",
+        "transformers",
+        "peft",
+        "gguf",
+        "llama-cpp-python",
+        "onnxruntime",
+        "onnxruntime-genai",
+    ):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
