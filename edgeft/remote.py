@@ -380,73 +380,8 @@ def _end_on_device(transport: paramiko.Transport, err: bytearray) -> None:
 
 # --- copying a bundle ------------------------------------------------------------------------------------
 
-# Runs on the device with its Python (standard library only): argv = final dir, partial dir; stdin =
-# {"want": the bundle's file list, "hash": the files to hash, or null for all, "keep": folders that are the
-# user's (BUNDLE_USER_DIRS)} (JSON). Moves an existing final copy to the partial name (unless a killed run left a
-# partial one), removes what the bundle does not hold (and unfinished `.part` uploads) outside "keep", makes the folders, and prints {"dir": partial, "files": {relpath: sha256,
-# or "size:N" for a file not to hash}} of what is already there.
-_PREPARE = r"""
-import hashlib, json, os, sys
-final, partial = (os.path.abspath(os.path.expanduser(p)) for p in sys.argv[1:3])
-job = json.load(sys.stdin)
-want, to_hash, keep = set(job["want"]), job["hash"], job.get("keep", [])
-def ours(d):  # a folder edgeft copied (its .edgeft marker) or an empty one; anything else is the user's
-    if os.path.islink(d) or not os.path.isdir(d):
-        return False
-    return os.path.isfile(os.path.join(d, ".edgeft")) or not os.listdir(d)
-for d in (final, partial):
-    if os.path.lexists(d) and not ours(d):
-        sys.exit("%s exists and is not a bundle edgeft copied (no .edgeft marker); choose another --remote-dir" % d)
-if not os.path.isdir(partial):
-    os.makedirs(os.path.dirname(partial), exist_ok=True)
-    if os.path.isdir(final):
-        os.rename(final, partial)
-    else:
-        os.mkdir(partial)
-open(os.path.join(partial, ".edgeft"), "a").close()  # ours from the first moment (the bundle's own replaces it)
-have = {}
-for d, dirs, names in os.walk(partial, topdown=False):
-    for n in names + [x for x in dirs if os.path.islink(os.path.join(d, x))]:
-        p = os.path.join(d, n)
-        rel = os.path.relpath(p, partial).replace(os.sep, "/")
-        if any(rel == k or rel.startswith(k + "/") for k in keep):
-            continue  # the user's install (npm ci in examples/node): not ours to remove
-        if rel not in want or os.path.islink(p) or not os.path.isfile(p):
-            os.remove(p)
-            continue
-        if to_hash is not None and rel not in to_hash:
-            have[rel] = "size:%d" % os.path.getsize(p)
-            continue
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for b in iter(lambda: f.read(1 << 20), b""):
-                h.update(b)
-        have[rel] = h.hexdigest()
-    drel = os.path.relpath(d, partial).replace(os.sep, "/")
-    if d != partial and not os.listdir(d) and not any(drel == k or drel.startswith(k + "/") for k in keep):
-        os.rmdir(d)
-for rel in want:
-    os.makedirs(os.path.dirname(os.path.join(partial, rel)), exist_ok=True)
-print(json.dumps({"dir": partial, "files": have}))
-"""
-
-# argv = final dir, partial dir: the finished copy takes the final name (an older one is moved aside first
-# and removed after), so the final name only ever holds a whole bundle.
-_FINISH = r"""
-import os, shutil, sys
-final, partial = (os.path.abspath(os.path.expanduser(p)) for p in sys.argv[1:3])
-old = final + ".old"
-if os.path.lexists(old):
-    if os.path.islink(old) or not os.path.isfile(os.path.join(old, ".edgeft")):
-        sys.exit("%s exists and is not a bundle edgeft copied (no .edgeft marker); move it away" % old)
-    shutil.rmtree(old)
-if os.path.lexists(final):
-    os.rename(final, old)
-os.rename(partial, final)
-if os.path.lexists(old):
-    shutil.rmtree(old)
-print(final)
-"""
+# The device's side of a copy (standard library only), sent as the code of `python -I -c`.
+_DEVICE_SYNC = (Path(__file__).parent / "device" / "sync_on_device.py").read_text(encoding="utf-8")
 
 
 @dataclass
@@ -516,7 +451,9 @@ def sync_bundle(
     files = local_files(bundle)
     partial = remote_dir + PARTIAL_SUFFIX
     job = {"want": list(files), "hash": changed, "keep": list(BUNDLE_USER_DIRS)}
-    out = _helper(client, where, python, _PREPARE, remote_dir, partial, stdin=json.dumps(job).encode())
+    out = _helper(
+        client, where, python, _DEVICE_SYNC, "prepare", remote_dir, partial, stdin=json.dumps(job).encode()
+    )
     try:
         state = json.loads(out.strip().splitlines()[-1])
         rdir, have = str(state["dir"]), dict(state["files"])
@@ -580,7 +517,7 @@ def sync_bundle(
                     progress(done, total)
         finally:
             sftp.close()
-    report.remote_dir = _helper(client, where, python, _FINISH, remote_dir, partial).strip()
+    report.remote_dir = _helper(client, where, python, _DEVICE_SYNC, "finish", remote_dir, partial).strip()
     return report
 
 

@@ -16,9 +16,10 @@ import pytest
 from bundles import TARGET, exported, write
 
 from edgeft import bench as edgeft_bench
-from edgeft import bundle
+from edgeft import bundle, files, remote
 from edgeft.constants import MANIFEST, SHA256SUMS
 from edgeft.device import bench_on_device as bod
+from edgeft.device import sync_on_device as sync
 
 GGUF, ONNX = "model-q8_0.gguf", "onnx-int8"
 SMALL = ["--runs", "1", "--prompt-tokens", "16", "--decode-tokens", "8"]
@@ -76,7 +77,11 @@ def test_bundle_carries_both_scripts_hashed(made: Path) -> None:
         assert f"{manifest['files'][script]}  {script}\n" in sums
 
 
-@pytest.mark.parametrize("script", bundle.DEVICE_SCRIPTS)
+# Python that runs on a device: the scripts a bundle ships, and the copy helper edgeft bench --remote sends.
+DEVICE_CODE = (*bundle.DEVICE_SCRIPTS, "sync_on_device.py")
+
+
+@pytest.mark.parametrize("script", DEVICE_CODE)
 def test_scripts_import_only_the_standard_library_and_runtimes(script: str) -> None:
     tree = ast.parse((Path(bod.__file__).parent / script).read_text())
     names = set()
@@ -97,13 +102,62 @@ VERMIN = "import sys; from vermin.main import main; sys.argv[0] = 'vermin'; sys.
 def test_scripts_run_on_python_3_8() -> None:
     """Devices run the Python their OS ships (Ubuntu 20.04 and JetPack 5: 3.8): vermin finds no newer feature
     (dict `|`, Path.is_relative_to, str.removeprefix, ...) in either script."""
-    scripts = [str(Path(bod.__file__).parent / s) for s in bundle.DEVICE_SCRIPTS]
+    scripts = [str(Path(bod.__file__).parent / s) for s in DEVICE_CODE]
     res = subprocess.run(
         [sys.executable, "-c", VERMIN, "-t=3.8-", "--violations", "--no-tips", *scripts],
         capture_output=True,
         text=True,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _device_sync(step: str, final: Path, job: dict | None = None) -> subprocess.CompletedProcess[str]:
+    """The copy helper as edgeft bench --remote runs it: its source as `python -I -c`, a step, two folders."""
+    code = (Path(bod.__file__).parent / "sync_on_device.py").read_text()
+    partial = f"{final}{remote.PARTIAL_SUFFIX}"
+    return subprocess.run(
+        [sys.executable, "-I", "-c", code, step, str(final), partial],
+        input=json.dumps(job or {}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_copy_helper_never_touches_an_output_folder_or_the_users_files(tmp_path: Path) -> None:
+    """A build's --out folder carries edgeft's marker too, but holds bundles and the user's own files: as
+    --remote-dir it is refused in one line and nothing in it moves. A bundle copy edgeft made is brought to
+    the bundle's file list, the user's install folder inside it kept."""
+    assert (sync.MARKER, sync.CONTAINER) == (files.MARKER, files.CONTAINER)  # one rule, on both sides
+    out = tmp_path / "dist"
+    out.mkdir(exist_ok=True)
+    (out / ".edgeft").write_text(json.dumps({"written_by": "edgeft", "what": files.CONTAINER}))
+    (out / "notes.txt").write_text("mine")
+    (out / "raspberrypi").mkdir()
+    (out / "raspberrypi" / "model.gguf").write_text("another bundle")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    for step in ("prepare", "finish"):
+        res = _device_sync(step, out, {"want": ["a.txt"], "hash": None})
+        assert res.returncode == 1 and "a build's output folder" in res.stderr and str(out) in res.stderr
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert (out / "notes.txt").read_text() == "mine"
+
+    copy = tmp_path / "copy"
+    (copy / "examples" / "node" / "node_modules").mkdir(parents=True)
+    (copy / ".edgeft").write_text(json.dumps({"written_by": "edgeft", "what": "bundle"}))
+    (copy / "examples" / "node" / "node_modules" / "dep.js").write_text("users install")
+    (copy / "stale.bin").write_text("not in the bundle any more")
+    (copy / "a.txt").write_text("kept")
+    job = {"want": ["a.txt", "sub/b.txt"], "hash": None, "keep": ["examples/node/node_modules"]}
+    res = _device_sync("prepare", copy, job)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    partial = Path(got["dir"])
+    assert got["files"] == {"a.txt": bod.sha256_file(partial / "a.txt")}
+    assert not (partial / "stale.bin").exists() and (partial / "sub").is_dir() and not copy.exists()
+    assert (partial / "examples" / "node" / "node_modules" / "dep.js").read_text() == "users install"
+    res = _device_sync("finish", copy)
+    assert res.returncode == 0 and res.stdout.strip() == str(copy) and not partial.exists()
 
 
 def test_edgeft_bench_times_with_the_device_scripts_core() -> None:
