@@ -71,8 +71,8 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
             *([cfg.method, cfg.full_lr] if cfg.method != "lora" else []),  # LoRA keys stay as they were
         ]
     )
-    adapter = work / "adapter"
-    full = cfg.method == "full"  # every weight: `adapter` then holds the whole model, and nothing is merged
+    full = cfg.method == "full"  # every weight: the fine-tune's output is the whole model, nothing is merged
+    adapter = work / ("finetuned" if full else "adapter")
     with timed("finetune", seconds):
         if files.done_with(adapter, key):
             reused.append("finetune")

@@ -237,7 +237,7 @@ def test_full_finetuning_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
     assert manifest["lora"]["lr"] == 3e-3  # the record keeps the learning rate full fine-tuning used
     assert not {"r", "alpha", "dropout", "target_modules"} & set(manifest["lora"])  # LoRA's, unused here
     work = tmp_path / "dist" / ".work" / "tiny-full"
-    tuned = work / "adapter"
+    tuned = work / "finetuned"  # the whole model: not named an adapter
     assert not (work / "merged").exists() and not (tuned / "adapter_config.json").exists()
     assert manifest["finetuned_weights_sha256"] == {"model.safetensors": _sha256(tuned / "model.safetensors")}
     # every weight moved, not a low-rank part of some
