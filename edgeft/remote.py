@@ -428,6 +428,8 @@ def _helper_failure(where: str, python: str, res: Completed) -> str:
         )
     if "no .edgeft marker" in last:
         return f"{where}: {last}"
+    if last.startswith("SyntaxError"):  # e.g. `from __future__ import annotations` on Python 3.6
+        return f"{where}: {python} on the device is too old; edgeft's device code needs Python 3.8 or newer"
     return f"{where}: a file operation on the device failed (exit {res.returncode}: {last})"
 
 

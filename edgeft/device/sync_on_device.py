@@ -12,8 +12,10 @@ Runs on the device with its own Python (standard library only, Python 3.8+), sen
   FINAL only ever holds a whole bundle.
 
 Only a folder that is a bundle copy edgeft made is ever renamed, emptied or removed: an empty folder, or one
-whose `.edgeft` marker is not a build's output folder's (that one holds bundles and maybe the user's files;
-the same rule as edgeft/files.py ensure_replaceable_dir). Anything else is refused in one line.
+with a `.edgeft` marker that is not a build's output folder's (that one holds bundles and maybe the user's
+files). Unlike the host's rule (edgeft/files.py ensure_replaceable_dir), an empty or unreadable marker counts
+as a copy: prepare writes an empty one first, so a copy killed midway is picked up. Anything else is refused
+in one line.
 """
 
 from __future__ import annotations
