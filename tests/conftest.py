@@ -20,6 +20,16 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_exports(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> list:
+    """The tiny Llama exported once per session as the test target's artifacts (GGUF q8_0, ONNX int8), with
+    made-up drift and latency: what test_check, test_device and test_remote write their bundles from (a
+    bundle copies its artifacts, so sharing them is safe)."""
+    from bundles import TARGET, exported
+
+    return exported(tiny_llama, tmp_path_factory.mktemp("tiny-exports"), TARGET.artifacts)
+
+
+@pytest.fixture(scope="session")
 def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The python of a fresh virtual environment holding only the artifact runtimes, from the package
     registry (pip's cache makes it quick), as a device has them; `import torch` and `import edgeft` fail."""

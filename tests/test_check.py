@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from bundles import DRIFT, LATENCY, TARGET, Bundles, exported, plain_facts, write
+from bundles import DRIFT, LATENCY, Bundles, plain_facts, write
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -49,12 +49,10 @@ def _write(work: Path, tiny_llama: Path, arts: list[bundle.ArtifactResult], out:
 
 
 @pytest.fixture(scope="module")
-def made(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Bundles:
-    """The bundle, written with umask 022 from artifacts exported once (no fine-tune: faster)."""
+def made(tiny_llama: Path, tiny_exports: list, tmp_path_factory: pytest.TempPathFactory) -> Bundles:
+    """The bundle, written with umask 022 from the session's exported artifacts (no fine-tune: faster)."""
     work = tmp_path_factory.mktemp("check")
-    return Bundles(
-        _write(work, tiny_llama, exported(tiny_llama, work, TARGET.artifacts), work / "dist"), work
-    )
+    return Bundles(_write(work, tiny_llama, tiny_exports, work / "dist"), work)
 
 
 def _edgeft(*args: str) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from bundles import TARGET, exported, write
+from bundles import write
 
 from edgeft import bench as edgeft_bench
 from edgeft import bundle, files, remote
@@ -26,10 +26,10 @@ SMALL = ["--runs", "1", "--prompt-tokens", "16", "--decode-tokens", "8"]
 
 
 @pytest.fixture(scope="module")
-def made(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bundle of a tiny Llama as GGUF q8_0 and ONNX int8, written once per module (no fine-tune)."""
+def made(tiny_llama: Path, tiny_exports: list, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of a tiny Llama as GGUF q8_0 and ONNX int8 (the session's exports), written once per module."""
     work = tmp_path_factory.mktemp("device")
-    return write(tiny_llama, exported(tiny_llama, work, TARGET.artifacts), work / "dist")
+    return write(tiny_llama, tiny_exports, work / "dist")
 
 
 def _copy(made: Path, tmp_path: Path) -> Path:

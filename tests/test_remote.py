@@ -122,12 +122,12 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
 
 
 @pytest.fixture(scope="module")
-def made(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Bundles:
+def made(tiny_llama: Path, tiny_exports: list, tmp_path_factory: pytest.TempPathFactory) -> Bundles:
     """A small bundle (one GGUF q8_0 of the tiny Llama, no fine-tune) as `edgeft build` writes it."""
     work = tmp_path_factory.mktemp("remote")
-    fresh = bundles.write(
-        tiny_llama, bundles.exported(tiny_llama, work, TARGET.artifacts), work / "dist", target=TARGET
-    )
+    arts = [a for a in tiny_exports if a.spec in TARGET.artifacts]
+    assert [a.spec for a in arts] == list(TARGET.artifacts)
+    fresh = bundles.write(tiny_llama, arts, work / "dist", target=TARGET)
     assert (fresh / remote.DEVICE_SCRIPT).is_file(), (
         "write_bundle should put bench_on_device.py in the bundle"
     )
