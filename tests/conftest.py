@@ -7,7 +7,24 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 from tinymodels import make_model
+
+# Property tests run under a named profile: HYPOTHESIS_PROFILE=quick while editing, ci (the default) in CI,
+# thorough before a release or after touching a parser of strangers' files.
+_FUZZ_BASE = {
+    "deadline": 2000,  # ms: a parser that takes seconds on a small input is a finding in itself
+    "database": None,  # nothing written into the checkout
+    "suppress_health_check": [
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+}
+settings.register_profile("ci", max_examples=200, **_FUZZ_BASE)
+settings.register_profile("quick", max_examples=25, **_FUZZ_BASE)
+settings.register_profile("thorough", max_examples=5000, **{**_FUZZ_BASE, "deadline": None})
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # What a device installs to run a bundle: the runtimes only (and what they depend on), never edgeft or torch.
 RUNTIME_PACKAGES = ("llama-cpp-python==0.3.36", "onnxruntime-genai==0.18.0")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from bundles import DRIFT, LATENCY, Bundles, plain_facts, write
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeft import bundle, data
@@ -479,7 +479,9 @@ def test_runtime_and_quantizer_refuse_a_bad_header(gguf_bytes: bytes, tmp_path: 
 
 # --- property tests: no input makes the header check or the manifest reader crash or hang ------------------
 
-FUZZ = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=settings.default.max_examples * 3 // 2
+)  # the profile's (conftest), and half again
 
 
 def _only_edgeft_errors(fn: Callable[[], object]) -> None:

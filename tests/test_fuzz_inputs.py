@@ -11,12 +11,11 @@ import json
 import math
 import tempfile
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from edgeft import config, targets
@@ -24,12 +23,7 @@ from edgeft.constants import BUDGET_KINDS, GGUF_QUANTS, ONNX_QUANTS
 from edgeft.data import Example, load_jsonl
 from edgeft.errors import EdgeftError
 
-FUZZ = settings(
-    max_examples=200,
-    deadline=timedelta(seconds=2),
-    database=None,  # nothing written into the checkout
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = settings()  # the profile conftest loads (HYPOTHESIS_PROFILE: quick, ci, thorough)
 
 
 @pytest.fixture(scope="module")
