@@ -11,8 +11,6 @@ same figures from the exported artifact.
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,25 +156,15 @@ def _onnx_tensors(folder: Path) -> _TensorSums:
 
 
 def safetensors_shapes(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name → (dtype, shape) of every tensor in a folder's *.safetensors, read from the headers only.
+    """name → (dtype, shape) of every tensor in a folder's *.safetensors, read from the headers only."""
+    from .guard import safetensors_header
 
-    ref: safetensors docs "Format": 8-byte little-endian header length, then a JSON header of
-    {name: {dtype, shape, data_offsets}} and an optional "__metadata__"."""
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise EdgeftError(f"{folder}: no .safetensors weights found")
     for f in files:
-        try:
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                if n > min(f.stat().st_size, 100 << 20):
-                    raise ValueError(f"header length {n}")
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError, RecursionError, struct.error) as exc:
-            raise EdgeftError(f"{f}: not a readable safetensors file ({str(exc)[:80]})") from None
-        if not isinstance(header, dict):
-            raise EdgeftError(f"{f}: not a readable safetensors file (its header is not a JSON object)")
+        _n, header = safetensors_header(f)
         for name, info in header.items():
             if name == "__metadata__" or not isinstance(info, dict):
                 continue

@@ -85,6 +85,25 @@ def read_json(path: Path) -> Any:
         raise EdgeftError(f"{path}: cannot read JSON ({e})") from None
 
 
+def safetensors_header(f: Path) -> tuple[int, dict[str, Any]]:
+    """(header length, JSON header) of a safetensors file, the header at most 100 MB and the file's size;
+    EdgeftError naming the file when it is not that.
+
+    ref: safetensors docs "Format": 8-byte little-endian header length, then a JSON header of
+    {name: {dtype, shape, data_offsets}} and an optional "__metadata__", then the data."""
+    try:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > min(Path(f).stat().st_size, 100 << 20):
+                raise ValueError(f"header length {n}")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, RecursionError, struct.error) as exc:
+        raise EdgeftError(f"{f}: not a readable safetensors file ({str(exc)[:80]})") from None
+    if not isinstance(header, dict):
+        raise EdgeftError(f"{f}: not a readable safetensors file (its header is not a JSON object)")
+    return n, header
+
+
 def inside(root: Path, name: str | Path, *, what: str) -> Path:
     """`root / name` resolved (symlinks followed), refused unless it stays inside `root`.
 
@@ -460,12 +479,12 @@ def _read_header(r: _Bounded) -> GGUFHeader:
     long: dict[str, str] = {}
     kept = 0  # values, array elements and string bytes kept in values, up to KEPT_VALUES
 
-    def keep(key: str, units: int) -> bool:
+    def keep(units: int) -> None:
+        """Count a value about to be kept (a scalar, or an array's elements, or a string's bytes; at least 1)."""
         nonlocal kept
-        if kept + max(1, units) > KEPT_VALUES:
-            r.fail(f"more metadata than a model header holds (over {KEPT_VALUES} values, elements and bytes)")
         kept += max(1, units)
-        return True
+        if kept > KEPT_VALUES:
+            r.fail(f"more metadata than a model header holds (over {KEPT_VALUES} values, elements and bytes)")
 
     tensors: list[GGUFTensor] = []
     for i in range(n_kv):
@@ -488,7 +507,8 @@ def _read_header(r: _Bounded) -> GGUFHeader:
             if etype == _STRING:
                 r.skip_strings(count, what)
                 long[key] = f"an array of {count} strings"
-            elif etype in _VALUE_BYTES and count <= SCALAR_ARRAY_ELEMENTS and keep(key, count):
+            elif etype in _VALUE_BYTES and count <= SCALAR_ARRAY_ELEMENTS:
+                keep(count)
                 values[key] = r.scalars(etype, count, what)  # per-layer numbers, one read
             elif etype in _VALUE_BYTES:
                 r.skip(count * _VALUE_BYTES[etype], f"{what} ({count} elements)")
@@ -498,7 +518,8 @@ def _read_header(r: _Bounded) -> GGUFHeader:
         elif vtype == _STRING:
             n = r.num(_U64, f"{what} length")
             r.pos -= 8
-            if n <= SCALAR_STRING_BYTES and keep(key, n):
+            if n <= SCALAR_STRING_BYTES:
+                keep(n)
                 values[key] = _text(r, r.string(what, SCALAR_STRING_BYTES), what, nul=True)
             else:
                 r.skip_strings(1, what)
@@ -508,7 +529,8 @@ def _read_header(r: _Bounded) -> GGUFHeader:
                 alignment = r.num(_U32, what)
                 if alignment == 0 or alignment & (alignment - 1):
                     r.fail(f"general.alignment is {alignment}, not a power of 2")
-            elif keep(key, 1):
+            else:
+                keep(1)
                 values[key] = r.scalar(vtype, what)
         else:
             r.fail(f"{what} has unknown GGUF type {vtype}")

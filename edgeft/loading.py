@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 from .constants import PICKLE_SUFFIXES, TOKENIZER_FILES
 from .errors import EdgeftError
-from .files import read_json
-from .guard import check_model_folder, inside
+from .guard import check_model_folder, inside, read_json, safetensors_header
 
 # Parts of tokenizer.json that decide which ids a text becomes.
 _PIPELINE_PARTS = ("normalizer", "pre_tokenizer", "model")
@@ -322,7 +322,7 @@ def _widened_state(folder: Path, dtype: Any) -> dict[str, Any] | None:
     for f, entries in extents:
         with open(f, "rb") as fh:
             for name, (offset, dt, shape) in (entries or {}).items():
-                buf = bytearray(_numel(shape) * _STORED_BYTES[dt])
+                buf = bytearray(math.prod(shape) * _STORED_BYTES[dt])
                 fh.seek(offset)
                 if fh.readinto(buf) != len(buf):
                     return None
@@ -342,39 +342,23 @@ def _weight_files(folder: Path) -> list[Path]:
     if single.is_file():
         return [single]
     try:
-        weight_map = json.loads(index.read_text()).get("weight_map") if index.is_file() else None
-    except (OSError, ValueError, RecursionError, AttributeError):
+        content = read_json(index) if index.is_file() else None
+    except EdgeftError:
         return []
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         return []
     shards = [inside(folder, v, what="shard") for v in sorted(set(weight_map.values()))]
     return shards if all(s.is_file() for s in shards) else []
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _tensor_extents(f: Path) -> dict[str, tuple[int, str, tuple[int, ...]]] | None:
     """name -> (absolute offset, dtype, shape) of every tensor of a safetensors file, or None if any is not
-    a 32- or 16-bit float tensor whose extent is exactly its shape's bytes inside the file.
-
-    ref: safetensors docs "Format": u64 header length, JSON {name: {dtype, shape, data_offsets}}, data."""
-    import struct
-
+    a 32- or 16-bit float tensor whose extent is exactly its shape's bytes inside the file."""
     try:
+        n, header = safetensors_header(f)
         size = f.stat().st_size
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > min(size, 100 << 20):
-                return None
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError, RecursionError, struct.error):
-        return None
-    if not isinstance(header, dict):
+    except (EdgeftError, OSError):
         return None
     out: dict[str, tuple[int, str, tuple[int, ...]]] = {}
     for name, info in header.items():
@@ -390,7 +374,7 @@ def _tensor_extents(f: Path) -> dict[str, tuple[int, str, tuple[int, ...]]] | No
         if not all(type(x) is int for x in span):
             return None
         start, end = 8 + n + span[0], 8 + n + span[1]
-        if not (8 + n <= start and end - start == _numel(tuple(shape)) * _STORED_BYTES[dt] and end <= size):
+        if not (8 + n <= start and end - start == math.prod(shape) * _STORED_BYTES[dt] and end <= size):
             return None
         out[name] = (start, dt, tuple(shape))
     return out
@@ -398,7 +382,6 @@ def _tensor_extents(f: Path) -> dict[str, tuple[int, str, tuple[int, ...]]] | No
 
 def checkpoint_dtype(model: str | Path) -> str:
     """The floating dtype a checkpoint stores its weights in ("float32" | "bfloat16" | "float16")."""
-    names = _STORED_DTYPES
     name = resolve_model(model)
     path = Path(name)
     if path.is_dir():
@@ -408,14 +391,14 @@ def checkpoint_dtype(model: str | Path) -> str:
             with safe_open(str(f), "pt") as st:
                 for key in st.keys():  # noqa: SIM118 - safe_open is not a mapping
                     dt = st.get_slice(key).get_dtype()
-                    if dt in names:
-                        return names[dt]
+                    if dt in _STORED_DTYPES:
+                        return _STORED_DTYPES[dt]
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(name)
     dt = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
     dt = str(dt).removeprefix("torch.") if dt is not None else "float32"
-    return dt if dt in names.values() else "float32"
+    return dt if dt in _STORED_DTYPES.values() else "float32"
 
 
 def model_fingerprint(model: str | Path) -> dict[str, str]:
