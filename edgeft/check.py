@@ -19,8 +19,8 @@ from typing import Any
 
 from .bundle import MANIFEST_SCHEMA_VERSION, bundle_files
 from .constants import BUNDLE_USER_DIRS, FORMAT_GGUF, FORMATS, MANIFEST, SHA256SUMS
-from .device.bench_on_device import MAX_SUMS_BYTES, plain_path
 from .device.bench_on_device import parse_sums as device_sums
+from .device.bench_on_device import plain_path, read_sums
 from .errors import EdgeftError
 from .files import sha256_file
 from .guard import check_gguf
@@ -321,19 +321,9 @@ def _check_sums(c: _Checker, present: set[str]) -> None:
     if SHA256SUMS not in present:
         c.add(MISSING, SHA256SUMS, "missing; a device cannot run `sha256sum -c SHA256SUMS`")
         return
-    try:
-        raw = _read_capped(c.root / SHA256SUMS, MAX_SUMS_BYTES)
-        if len(raw) > MAX_SUMS_BYTES:
-            raise EdgeftError(f"{SHA256SUMS}: more than {MAX_SUMS_BYTES} bytes")
-        sums = parse_sums(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        c.add(BAD_SUMS, SHA256SUMS, "not UTF-8 text; the file is damaged")
-        return
-    except EdgeftError as e:
-        c.add(BAD_SUMS, SHA256SUMS, str(e).removeprefix(f"{SHA256SUMS}: "))
-        return
-    except OSError as e:
-        c.add(BAD_SUMS, SHA256SUMS, f"cannot read it ({e.strerror or e})")
+    sums, problems = read_sums(c.root / SHA256SUMS)  # the device script's reader: one verdict on both sides
+    if problems:
+        c.add(BAD_SUMS, SHA256SUMS, problems[0].removeprefix(f"{SHA256SUMS}: "))
         return
     for rel, want in sorted(sums.items()):
         if rel not in present:

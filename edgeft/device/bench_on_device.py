@@ -321,6 +321,23 @@ def parse_sums(text: str) -> tuple[dict[str, str], list[str]]:
     return sums, problems
 
 
+def read_sums(path: Path) -> tuple[dict[str, str], list[str]]:
+    """A SHA256SUMS file read and parsed → ({path: hex}, problems), as `edgeft check` and the device both
+    read it: as bytes (read_text would turn "\\r\\n" into "\\n"), at most MAX_SUMS_BYTES, UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SUMS_BYTES + 1)
+    except OSError as e:
+        return {}, [f"{SHA256SUMS}: cannot be read ({e.strerror or e})"]
+    if len(raw) > MAX_SUMS_BYTES:
+        return {}, [f"{SHA256SUMS}: more than {MAX_SUMS_BYTES} bytes"]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return {}, [f"{SHA256SUMS}: not UTF-8 text; the file is damaged"]
+    return parse_sums(text)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -357,17 +374,8 @@ def check_integrity(bundle: Path) -> tuple[dict[str, Any], dict[str, Any] | None
 
     if not bundle.is_dir():
         return {"ok": False, "files_checked": 0, "problems": [f"{bundle}: not a folder"]}, None
-    sums: dict[str, str] = {}
-    try:
-        with open(bundle / SHA256SUMS, "rb") as f:  # bytes: read_text would turn "\r\n" into "\n"
-            raw = f.read(MAX_SUMS_BYTES + 1)
-        if len(raw) > MAX_SUMS_BYTES:
-            problems.append(f"{SHA256SUMS}: more than {MAX_SUMS_BYTES} bytes")
-        else:
-            sums, bad = parse_sums(raw.decode("utf-8"))
-            problems += bad
-    except (OSError, UnicodeDecodeError) as e:
-        problems.append(f"{SHA256SUMS}: cannot be read ({getattr(e, 'strerror', None) or e})")
+    sums, bad = read_sums(bundle / SHA256SUMS)
+    problems += bad
     for rel, want in sums.items():
         got = digest(rel)
         if got is not None and got != want:

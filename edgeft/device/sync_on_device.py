@@ -64,6 +64,8 @@ def _kept(rel: str, keep: list[str]) -> bool:
 
 
 def _sha256(path: str) -> str:
+    """bench_on_device.sha256_file's twin: this code is sent alone, before any bundle file is on the device,
+    so it cannot import that one."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
