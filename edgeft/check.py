@@ -19,14 +19,12 @@ from typing import Any
 
 from .bundle import MANIFEST_SCHEMA_VERSION, bundle_files
 from .constants import BUNDLE_USER_DIRS, FORMAT_GGUF, FORMATS, MANIFEST, SHA256SUMS
+from .device.bench_on_device import MAX_MANIFEST_BYTES, plain_path, read_regular, read_sums
 from .device.bench_on_device import parse_sums as device_sums
-from .device.bench_on_device import plain_path, read_sums
 from .errors import EdgeftError
 from .files import sha256_file
 from .guard import check_gguf
 
-# Larger than any manifest or checksum list a build writes (a few KB; an ONNX folder adds a line per file).
-MAX_MANIFEST_BYTES = 16 << 20
 # Tokens each artifact generates to show it runs (greedy, from a one-message chat through its own template).
 PROBE_TOKENS = 4
 PROBE_MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -169,12 +167,6 @@ def parse_manifest(raw: bytes, where: str = MANIFEST) -> Manifest:
     return Manifest(version, passed, dict(files), artifacts)
 
 
-def _read_capped(path: Path, cap: int) -> bytes:
-    """At most cap + 1 bytes of a regular file (more than `cap` means: too large)."""
-    with open(path, "rb") as f:
-        return f.read(cap + 1)
-
-
 def parse_sums(text: str, where: str = SHA256SUMS) -> dict[str, str]:
     """SHA256SUMS lines → {path: sha256}; its first problem is one EdgeftError. The parser is the one the
     bundle's device script runs (edgeft/device/bench_on_device.py), so `edgeft check` and the device judge
@@ -255,7 +247,7 @@ def check_bundle(
         c.add(MISSING, MANIFEST, "missing; this folder is not a whole bundle")
     else:
         try:
-            manifest = parse_manifest(_read_capped(root / MANIFEST, MAX_MANIFEST_BYTES))
+            manifest = parse_manifest(read_regular(root / MANIFEST, MAX_MANIFEST_BYTES))
         except EdgeftError as e:
             c.add(BAD_MANIFEST, MANIFEST, str(e).removeprefix(f"{MANIFEST}: "))
         except OSError as e:

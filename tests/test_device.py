@@ -160,6 +160,64 @@ def test_the_copy_helper_never_touches_an_output_folder_or_the_users_files(tmp_p
     assert res.returncode == 0 and res.stdout.strip() == str(copy) and not partial.exists()
 
 
+def test_the_copy_helper_refuses_a_job_or_a_finish_that_would_reach_outside_the_copy(tmp_path: Path) -> None:
+    """A want-list naming "../x" or an absolute path creates nothing anywhere; finish with a PARTIAL that is
+    not a copy (the user's folder) or missing moves nothing: one line, exit 1."""
+    final = tmp_path / "w" / "final"
+    for want in (["../evil1/x"], ["a/../../evil2/y"], [str(tmp_path / "evil3" / "x")], ["a\0b"], 5):
+        res = _device_sync("prepare", final, {"want": want, "hash": None})
+        assert res.returncode == 1 and "'want' is not a list of plain paths" in res.stderr, res.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []  # not even the copy's own folders
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    final.mkdir(parents=True)
+    (final / ".edgeft").write_text("")
+    (final / "a.txt").write_text("old copy")
+    code = (Path(bod.__file__).parent / "sync_on_device.py").read_text()
+    for partial in (users, tmp_path / "absent"):
+        res = subprocess.run(
+            [sys.executable, "-I", "-c", code, "finish", str(final), str(partial)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 1 and "is not a bundle copy edgeft made" in res.stderr, res.stderr
+    assert (users / "notes.txt").read_text() == "mine" and (final / "a.txt").read_text() == "old copy"
+
+
+def test_special_files_in_a_bundle_end_the_device_check_and_edgeft_check_alike(
+    made: Path, tmp_path: Path
+) -> None:
+    """SHA256SUMS or manifest.json as a FIFO (a read that never ends) or a symlink (to a file outside) is a
+    problem on the device as in `edgeft check`, found at once."""
+    import threading
+
+    from edgeft.check import check_bundle
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name, kind in [
+        (SHA256SUMS, "fifo"),
+        (MANIFEST, "fifo"),
+        (SHA256SUMS, "symlink"),
+        (MANIFEST, "symlink"),
+    ]:
+        b = _copy(made, tmp_path / f"{name}-{kind}")
+        (outside / name).write_bytes((b / name).read_bytes())
+        (b / name).unlink()
+        os.mkfifo(b / name) if kind == "fifo" else (b / name).symlink_to(outside / name)
+        got: list = []
+        t = threading.Thread(
+            target=lambda b, got: got.append(bod.check_integrity(b)[0]), args=(b, got), daemon=True
+        )
+        t.start()
+        t.join(30)
+        assert got, f"the device check hung on {name} as a {kind}"
+        assert got[0]["ok"] is False and any("not a regular file" in x for x in got[0]["problems"]), got
+        assert not check_bundle(b, load=False).passed
+
+
 def test_edgeft_bench_times_with_the_device_scripts_core() -> None:
     assert edgeft_bench.measure_engine is bod.measure_engine
     assert edgeft_bench.open_engine is bod.open_engine

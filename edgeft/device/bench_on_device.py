@@ -34,6 +34,7 @@ import platform
 import random
 import re
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -276,6 +277,7 @@ def _inside(bundle: Path, rel: str) -> Path | None:
 
 
 MAX_SUMS_BYTES = 16 << 20  # larger than any SHA256SUMS a build writes (an ONNX folder adds a line per file)
+MAX_MANIFEST_BYTES = 16 << 20  # and than any manifest.json (a few KB; device runs add a few KB each)
 # A SHA256SUMS line: optional "\\" (escaped name), digest, " " and " " (text) or "*" (binary), the name.
 # ref: GNU coreutils src/digest.c (split_3, the BSD/GNU line formats `sha256sum -c` accepts).
 _SUMS_LINE = re.compile(r"(\\?)([0-9a-fA-F]{64}) [ *](.+)")
@@ -321,12 +323,20 @@ def parse_sums(text: str) -> tuple[dict[str, str], list[str]]:
     return sums, problems
 
 
+def read_regular(path: Path, cap: int) -> bytes:
+    """At most cap + 1 bytes of a regular file, never through a symlink (it could lead outside the bundle)
+    nor from a FIFO or device (a read that never ends); OSError when it is not one."""
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise OSError(f"{Path(path).name}: not a regular file")
+    with open(path, "rb") as f:
+        return f.read(cap + 1)
+
+
 def read_sums(path: Path) -> tuple[dict[str, str], list[str]]:
     """A SHA256SUMS file read and parsed → ({path: hex}, problems), as `edgeft check` and the device both
     read it: as bytes (read_text would turn "\\r\\n" into "\\n"), at most MAX_SUMS_BYTES, UTF-8."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_SUMS_BYTES + 1)
+        raw = read_regular(path, MAX_SUMS_BYTES)
     except OSError as e:
         return {}, [f"{SHA256SUMS}: cannot be read ({e.strerror or e})"]
     if len(raw) > MAX_SUMS_BYTES:
@@ -384,11 +394,16 @@ def check_integrity(bundle: Path) -> tuple[dict[str, Any], dict[str, Any] | None
         problems.append(f"{MANIFEST}: not covered by {SHA256SUMS}")
     manifest: dict[str, Any] | None = None
     try:
-        loaded = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
+        raw = read_regular(bundle / MANIFEST, MAX_MANIFEST_BYTES)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"more than {MAX_MANIFEST_BYTES} bytes")
+        loaded = json.loads(raw.decode("utf-8"))
         manifest = loaded if isinstance(loaded, dict) else None
         if manifest is None:
             problems.append(f"{MANIFEST}: not a JSON object")
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+    except OSError as e:
+        problems.append(f"{MANIFEST}: cannot be read ({e.strerror or e})")
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         problems.append(f"{MANIFEST}: cannot be read ({type(e).__name__})")
     files = manifest.get("files") if manifest else None
     if manifest is not None and not isinstance(files, dict):

@@ -48,7 +48,10 @@ def ours(folder: str) -> bool:
         return False
     if not os.listdir(folder):
         return True
-    return os.path.isfile(os.path.join(folder, MARKER)) and marker_what(folder) != CONTAINER
+    marker = os.path.join(folder, MARKER)
+    if not os.path.isfile(marker) or os.path.getsize(marker) > MAX_MARKER_BYTES:
+        return False  # no marker, or more than any marker edgeft writes (its "what" would go unread)
+    return marker_what(folder) != CONTAINER
 
 
 def refuse_unless_ours(folder: str, what: str) -> None:
@@ -73,8 +76,36 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def prepare(final: str, partial: str, job: dict[str, Any]) -> dict[str, Any]:
-    want, to_hash, keep = set(job["want"]), job["hash"], job.get("keep", [])
+def _plain(rel: Any) -> bool:
+    """A relative path that stays inside the copy (bench_on_device.plain_path's rule; this code is sent
+    alone and cannot import it)."""
+    return (
+        isinstance(rel, str)
+        and bool(rel)
+        and not rel.startswith("/")
+        and "\\" not in rel
+        and "\0" not in rel
+        and all(part not in ("", ".", "..") for part in rel.split("/"))
+    )
+
+
+def _paths(job: Any, key: str, *, null: bool = False) -> list[str] | None:
+    """job[key] as a list of plain relative paths (None allowed where `null`); else one line and exit 1."""
+    value = job.get(key) if isinstance(job, dict) else None
+    if value is None and null:
+        return None
+    if not isinstance(value, list) or not all(_plain(rel) for rel in value):
+        sys.exit(f"the copy job's {key!r} is not a list of plain paths inside the bundle")
+    return value
+
+
+def prepare(final: str, partial: str, job: Any) -> dict[str, Any]:
+    """job: {"want": [...], "hash": [...] or null, "keep": [...]} as edgeft/remote.py sends it."""
+    want, to_hash, keep = (
+        set(_paths(job, "want") or ()),
+        _paths(job, "hash", null=True),
+        _paths(job, "keep", null=True) or [],
+    )
     for d in (final, partial):
         refuse_unless_ours(d, "choose another --remote-dir")
     if not os.path.isdir(partial):
@@ -91,8 +122,8 @@ def prepare(final: str, partial: str, job: dict[str, Any]) -> dict[str, Any]:
         for n in names + [x for x in dirs if os.path.islink(os.path.join(d, x))]:
             p = os.path.join(d, n)
             rel = os.path.relpath(p, partial).replace(os.sep, "/")
-            if _kept(rel, keep):
-                continue  # the user's install (npm ci in examples/node): not ours to remove
+            if _kept(rel, keep) or (rel == MARKER and rel not in want):
+                continue  # the user's install (npm ci in examples/node); our marker, kept till the bundle's
             if rel not in want or os.path.islink(p) or not os.path.isfile(p):
                 os.remove(p)
                 continue
@@ -112,6 +143,8 @@ def finish(final: str, partial: str) -> str:
     old = final + ".old"
     refuse_unless_ours(old, "move it away")
     refuse_unless_ours(final, "choose another --remote-dir")
+    if not ours(partial):  # nothing is moved unless the finished copy is there and is ours
+        sys.exit(f"{partial} is not a bundle copy edgeft made; copy again")
     if os.path.lexists(old):
         shutil.rmtree(old)
     if os.path.lexists(final):
@@ -125,7 +158,11 @@ def finish(final: str, partial: str) -> str:
 def main(argv: list[str]) -> None:
     step, final, partial = argv[0], *(os.path.abspath(os.path.expanduser(p)) for p in argv[1:3])
     if step == "prepare":
-        print(json.dumps(prepare(final, partial, json.load(sys.stdin))))
+        try:
+            job = json.load(sys.stdin)
+        except (ValueError, RecursionError):
+            sys.exit("the copy job on stdin is not JSON")
+        print(json.dumps(prepare(final, partial, job)))
     elif step == "finish":
         print(finish(final, partial))
     else:
