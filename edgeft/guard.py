@@ -80,6 +80,8 @@ def check_external_data(model_path: Path, root: Path | None = None) -> list[Path
 def read_json(path: Path) -> Any:
     """A JSON file's content; EdgeftError naming the file when it cannot be read or parsed."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would never end the read
+            raise EdgeftError(f"{path}: not a regular file; expected a JSON file")
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise EdgeftError(f"{path}: cannot read JSON ({e})") from None
@@ -131,7 +133,7 @@ def check_model_folder(model_dir: Path) -> None:
         if (model_dir / f).exists() or (model_dir / f).is_symlink():
             inside(model_dir, f, what="file")
     for f in model_dir.glob("*.safetensors"):
-        inside(model_dir, f.name, what="weights file")
+        require_regular(inside(model_dir, f.name, what="weights file"))
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         inside(model_dir, index.name, what="file")
@@ -142,7 +144,14 @@ def check_model_folder(model_dir: Path) -> None:
         for shard in set(weight_map.values()):
             if not isinstance(shard, str):
                 raise EdgeftError(f"{index}: shard name {shard!r} is not a string")
-            inside(model_dir, shard, what="shard")
+            require_regular(inside(model_dir, shard, what="shard"))
+
+
+def require_regular(path: Path) -> Path:
+    """A weights file that exists must be a regular file: a FIFO or device would hang or never end a read."""
+    if path.exists() and not path.is_file():
+        raise EdgeftError(f"{path}: not a regular file; weights are files")
+    return path
 
 
 # onnxruntime-genai loads native code a genai_config.json names: a custom-ops library (its constructor runs) or

@@ -20,7 +20,7 @@ from typing import Any
 
 from .constants import PICKLE_SUFFIXES, TOKENIZER_FILES
 from .errors import EdgeftError
-from .guard import check_model_folder, inside, read_json, safetensors_header
+from .guard import check_model_folder, inside, read_json, require_regular, safetensors_header
 
 # Parts of tokenizer.json that decide which ids a text becomes.
 _PIPELINE_PARTS = ("normalizer", "pre_tokenizer", "model")
@@ -264,6 +264,7 @@ def copy_tokenizer_files(model: str | Path, dst: Path) -> list[str]:
 def load_model(model: str | Path, *, dtype: Any = None, trust_remote_code: bool = False) -> Any:
     """A causal LM from a local dir or hub id, safetensors only, in `dtype` (default float32)."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -291,7 +292,7 @@ def load_model(model: str | Path, *, dtype: Any = None, trust_remote_code: bool 
         raise EdgeftError(
             f"{name}: {type(config).__name__} is not a supported causal LM ({str(e).splitlines()[0]})"
         ) from e
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         raise EdgeftError(f"{name}: cannot load safetensors weights ({str(e).splitlines()[0]})") from e
 
 
@@ -339,7 +340,7 @@ def _widened_state(folder: Path, dtype: Any) -> dict[str, Any] | None:
 def _weight_files(folder: Path) -> list[Path]:
     """The safetensors files from_pretrained reads: model.safetensors, else the shards its index names."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
+    if require_regular(inside(folder, single.name, what="weights file")).is_file():
         return [single]
     try:
         content = read_json(index) if index.is_file() else None
@@ -348,13 +349,14 @@ def _weight_files(folder: Path) -> list[Path]:
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         return []
-    shards = [inside(folder, v, what="shard") for v in sorted(set(weight_map.values()))]
+    shards = [require_regular(inside(folder, v, what="shard")) for v in sorted(set(weight_map.values()))]
     return shards if all(s.is_file() for s in shards) else []
 
 
 def _tensor_extents(f: Path) -> dict[str, tuple[int, str, tuple[int, ...]]] | None:
     """name -> (absolute offset, dtype, shape) of every tensor of a safetensors file, or None if any is not
-    a 32- or 16-bit float tensor whose extent is exactly its shape's bytes inside the file."""
+    a 32- or 16-bit float tensor whose extent is exactly its shape's bytes inside the file, apart from the
+    others."""
     try:
         n, header = safetensors_header(f)
         size = f.stat().st_size
@@ -373,10 +375,16 @@ def _tensor_extents(f: Path) -> dict[str, tuple[int, str, tuple[int, ...]]] | No
             return None
         if not all(type(x) is int for x in span):
             return None
+        if math.prod(max(d, 1) for d in shape) >= 1 << 62:  # a 0-element tensor torch cannot even shape
+            return None
         start, end = 8 + n + span[0], 8 + n + span[1]
         if not (8 + n <= start and end - start == math.prod(shape) * _STORED_BYTES[dt] and end <= size):
             return None
         out[name] = (start, dt, tuple(shape))
+    # Extents must not overlap (safetensors' own rule), so what is read is bounded by the file's size.
+    spans = sorted((start, start + math.prod(shape) * _STORED_BYTES[dt]) for start, dt, shape in out.values())
+    if any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)):
+        return None
     return out
 
 

@@ -3,6 +3,7 @@ and a change of weights, data or setting computes it again."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,3 +172,40 @@ def test_a_16_bit_checkpoint_widened_one_weight_at_a_time_is_the_float32_model(
         assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
     assert ours.dtype == theirs.dtype == torch.float32
     assert ours.config.dtype == theirs.config.dtype
+
+
+def _rewrite_header(folder: Path, edit) -> None:  # noqa: ANN001 - edit(header) changes the JSON in place
+    f = folder / "model.safetensors"
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    text = json.dumps(header).encode()  # offsets count from the data's start: it may move
+    f.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
+@pytest.mark.parametrize("fault", ["overlapping", "zero-size huge"])
+def test_a_hostile_16_bit_header_is_never_widened_and_fails_in_one_line(fault: str, tmp_path: Path) -> None:
+    """Tensors whose extents overlap would let a small file fill memory as float32 (600 copies of one 1 MB
+    extent: 1.2 GB); a 0-element tensor of 2^70 rows cannot even be shaped. Neither is read by the widening
+    path, and the ordinary load refuses them in one EdgeftError line."""
+    from edgeft import loading
+    from edgeft.errors import EdgeftError
+
+    folder = tmp_path / "m"
+    shutil.copytree(cached_model("llama", "bpe", dtype=torch.bfloat16), folder)
+
+    def overlap(h: dict) -> None:
+        for info in h.values():
+            if isinstance(info, dict) and "data_offsets" in info:
+                info["data_offsets"] = [0, info["data_offsets"][1] - info["data_offsets"][0]]
+
+    def huge(h: dict) -> None:
+        h["zz.extra"] = {"dtype": "BF16", "shape": [0, 2**70], "data_offsets": [0, 0]}
+
+    _rewrite_header(folder, overlap if fault == "overlapping" else huge)
+    assert loading._tensor_extents(folder / "model.safetensors") is None
+    assert loading._widened_state(folder, torch.float32) is None
+    with pytest.raises(EdgeftError) as e:
+        loading.load_model(folder)
+    assert "\n" not in str(e.value) and str(folder) in str(e.value)
