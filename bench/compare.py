@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from edgeft import bench, verify
-from edgeft.export import ExportOptions, export_artifact
+from edgeft.formats import ExportOptions, export_artifact
 from edgeft.loading import load_tokenizer
 from edgeft.runtime import open_runtime
 

@@ -30,9 +30,9 @@ def one(method: str, work: Path, full_lr: float, threads: int) -> dict:
     from edgeft.config import LoraSettings
     from edgeft.demo import DEMO_DATA, DEMO_MODEL
     from edgeft.finetune import finetune
+    from edgeft.formats.torch.runtime import TorchRuntime
     from edgeft.loading import load_tokenizer
     from edgeft.merge import merge
-    from edgeft.runtime.torch import TorchRuntime
 
     torch.set_num_threads(threads)
     settings = LoraSettings()

@@ -12,7 +12,7 @@ Steps, each cached under --work (default /tmp/edgeft-imatrix-study) so a rerun o
    scratch instead took 24 minutes on this machine and could not learn the task (0% held-out after LoRA);
 2. LoRA fine-tune on the demo task (edgeft/demo/data/smarthome.jsonl) and merge with edgeft's own stages
    (edgeft.finetune.finetune, edgeft.merge.merge), as `edgeft build` runs them;
-3. per calibration seed, two importance matrices from the merged float model (edgeft.imatrix.compute_imatrix,
+3. per calibration seed, two importance matrices from the merged float model (edgeft.formats.gguf.imatrix.compute_imatrix,
    the same token budget for both, default 16384 tokens: edgeft build's):
    - "ft-data": the fine-tune's TRAINING split only (never the held-out one), whole conversations (answer
      included, as `edgeft build` calibrates), shuffled by the seed and cut at the budget;
@@ -23,7 +23,7 @@ Steps, each cached under --work (default /tmp/edgeft-imatrix-study) so a rerun o
      its weighted rounding search runs, and for iq4_nl and q4_0 the first eighth of the layers' ffn_down get
      another type (llama.cpp src/llama-quant.cpp llama_tensor_get_type: iq4_nl keeps Q5_K there only
      WITHOUT an imatrix, q4_0 uses Q4_1 there only WITH one). "KLD vs uniform" is what the data itself buys;
-4. q4_k_m, iq4_nl and q4_0 GGUFs from one float GGUF (edgeft.export.gguf), without and with each imatrix;
+4. q4_k_m, iq4_nl and q4_0 GGUFs from one float GGUF (edgeft.formats.gguf.export), without and with each imatrix;
 5. edgeft's verify on the fine-tune's held-out split: one float reference run (TorchRuntime of the merged
    model) compared with every GGUF (llama.cpp): mean and p99 KLD, top-1 agreement, held-out task accuracy
    (exact match of the greedy app-path answer) and answers_match (same answer as the float model).
@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
 
     from edgeft.config import LoraSettings
-    from edgeft.imatrix import Imatrix
+    from edgeft.formats.gguf.imatrix import Imatrix
     from edgeft.verify import EvalSet, ReferenceRun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     from edgeft import verify
     from edgeft.config import LoraSettings
     from edgeft.demo import DEMO_DATA
-    from edgeft.export.gguf import export_float_gguf, export_gguf
-    from edgeft.imatrix import Imatrix, compute_imatrix
+    from edgeft.formats.gguf.export import export_float_gguf, export_gguf
+    from edgeft.formats.gguf.imatrix import Imatrix, compute_imatrix
+    from edgeft.formats.torch.runtime import TorchRuntime
     from edgeft.loading import load_tokenizer
-    from edgeft.runtime.torch import TorchRuntime
 
     torch.set_num_threads(args.threads)
     t0 = time.time()

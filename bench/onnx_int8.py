@@ -40,10 +40,10 @@ from compare import smollm2_shaped  # noqa: E402
 
 from edgeft.bench import bench  # noqa: E402
 from edgeft.constants import ONNX_EXECUTION_PROVIDER  # noqa: E402
-from edgeft.export.gguf import export_gguf  # noqa: E402
-from edgeft.export.onnx import export_onnx  # noqa: E402
-from edgeft.runtime.ort import OrtRuntime  # noqa: E402
-from edgeft.runtime.torch import TorchRuntime  # noqa: E402
+from edgeft.formats.gguf.export import export_gguf  # noqa: E402
+from edgeft.formats.onnx.export import export_onnx  # noqa: E402
+from edgeft.formats.onnx.runtime import OrtRuntime  # noqa: E402
+from edgeft.formats.torch.runtime import TorchRuntime  # noqa: E402
 
 PROMPT_TOKENS = 32
 DECODE_TOKENS = 64
@@ -221,7 +221,7 @@ def main() -> None:
     by = {r[0]: r for r in rows}
     ratio = by["edgeft int8 acc4"][3] / by["builder int8 (default)"][3]
     print(f"decode ratio edgeft int8 (acc 4) / builder default int8: {ratio:.2f}")
-    # The whole ONNX folder against the GGUF file of the same bit width (edgeft.export.gguf, llama.cpp's
+    # The whole ONNX folder against the GGUF file of the same bit width (edgeft.formats.gguf.export, llama.cpp's
     # quantizer); issue 9 asks for int8 <= 1.1x q8_0.
     for label, quant in (
         ("builder int8 (default)", "q8_0"),

@@ -1,5 +1,5 @@
 """`python -m edgeft` (also what torchrun / accelerate launch run)."""
 
-from .cli import main
+from edgeft.cli import main
 
 main()

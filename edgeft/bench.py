@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .constants import FORMAT_GGUF, FORMAT_TORCH
-from .device.bench_on_device import Engine, measure_engine, open_engine, peak_rss_mb
-from .errors import EdgeftError
-from .files import tree_bytes
-from .footprint import decode_bytes_per_token
+from edgeft.constants import FORMAT_GGUF, FORMAT_TORCH
+from edgeft.device.bench_on_device import Engine, measure_engine, open_engine, peak_rss_mb
+from edgeft.errors import EdgeftError
+from edgeft.files import tree_bytes
+from edgeft.footprint import decode_bytes_per_token
 
 
 @dataclass(frozen=True)
@@ -49,19 +49,19 @@ class LatencyReport:
 
 def _open_engine(path: Path, *, threads: int, n_ctx: int, allow_native_libs: bool) -> Engine:
     """The measurement engine for an artifact, after the same safety checks every runtime makes."""
-    from .runtime import artifact_format
+    from edgeft.runtime import artifact_format
 
     fmt = artifact_format(path)
     if fmt == FORMAT_TORCH:
         return _TorchEngine(path, threads=threads)
     if fmt == FORMAT_GGUF:
-        from .guard import check_gguf
-        from .runtime.llamacpp import silence_llama_logs
+        from edgeft.formats.gguf.runtime import silence_llama_logs
+        from edgeft.guard import check_gguf
 
         check_gguf(path)  # a damaged or hostile header is refused before llama.cpp parses it
         silence_llama_logs()
     else:
-        from .runtime.ort import OrtRuntime
+        from edgeft.formats.onnx.runtime import OrtRuntime
 
         # validates genai_config.json, native libraries and external data; loads nothing
         OrtRuntime(path, threads=threads, n_ctx=n_ctx, all_logits=False, allow_native_libs=allow_native_libs)
@@ -77,10 +77,10 @@ def _first_line(e: BaseException) -> str:
 
 class _TorchEngine:
     """The PyTorch float reference as a measurement engine: one forward over the prompt, then one per token
-    with the KV cache (the same loop as edgeft.runtime.torch.TorchRuntime.generate)."""
+    with the KV cache (the same loop as edgeft.formats.torch.runtime.TorchRuntime.generate)."""
 
     def __init__(self, path: Path, *, threads: int) -> None:
-        from .runtime.torch import TorchRuntime
+        from edgeft.formats.torch.runtime import TorchRuntime
 
         self._rt = TorchRuntime(path, threads=threads)
         self.n_vocab = self._rt.n_vocab

@@ -24,9 +24,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeftError
-from .files import atomic_dir, cache_root, sha256_file
-from .ui import info
+from edgeft.errors import EdgeftError
+from edgeft.files import atomic_dir, cache_root, sha256_file
+from edgeft.ui import info
 
 PREFIX = "builtin:"
 PROVENANCE_FILE = "EDGEFT_BUILTIN.json"
@@ -71,7 +71,7 @@ def resolve(model: str) -> Path:
     """The local checkpoint folder of `builtin:NAME`, written to the cache on first use."""
     name = model.removeprefix(PREFIX)
     if name == "demo":
-        from .demo import DEMO_MODEL
+        from edgeft.demo import DEMO_MODEL
 
         return DEMO_MODEL
     spec = PACKAGED.get(name)
@@ -145,7 +145,7 @@ def _gguf_fields(path: Path) -> dict[str, Any]:
     """The GGUF's key/value metadata (tokens and merges as lists of str)."""
     from gguf import GGUFReader
 
-    from .guard import check_gguf
+    from edgeft.guard import check_gguf
 
     check_gguf(path)
     reader = GGUFReader(str(path))

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import data as _data
-from . import runspec
-from .bench import LatencyReport
-from .constants import (
+from edgeft import data as _data
+from edgeft import runspec
+from edgeft.bench import LatencyReport
+from edgeft.constants import (
     BUNDLE_USER_DIRS,
     FINETUNE_RECORD,
     FORMAT_GGUF,
@@ -30,13 +30,13 @@ from .constants import (
     SHA256SUMS,
     TOKENIZER_FILES,
 )
-from .errors import EdgeftError
-from .files import atomic_dir, read_json, sha256_file, tree_bytes
-from .footprint import Footprint, TensorTypes, tensor_types
-from .report_html import render_html
-from .targets import ArtifactSpec, TargetProfile
-from .verify import DriftReport
-from .versions import tool_versions
+from edgeft.errors import EdgeftError
+from edgeft.files import atomic_dir, read_json, sha256_file, tree_bytes
+from edgeft.footprint import Footprint, TensorTypes, tensor_types
+from edgeft.report_html import render_html
+from edgeft.targets import ArtifactSpec, TargetProfile
+from edgeft.verify import DriftReport
+from edgeft.versions import tool_versions
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class ArtifactResult:
 
     def figures(self, context_length: int) -> Footprint:
         """Bytes per decode token, resident weights and KV cache of this artifact at `context_length`."""
-        from . import footprint
+        from edgeft import footprint
 
         if self.footprint is not None and self.footprint.context_length == context_length:
             return self.footprint
@@ -124,7 +124,7 @@ class BaseModel:
 def describe_base(model: str | Path) -> BaseModel:
     """A Hub id as given with the cached snapshot's commit, or a local folder by its name only (a full path
     would leak the builder's home directory into every bundle); plus each safetensors file's sha256."""
-    from .loading import _looks_like_path
+    from edgeft.loading import _looks_like_path
 
     name = str(model)
     if isinstance(model, Path) or _looks_like_path(name):
@@ -160,7 +160,7 @@ def finetune_facts(adapter_dir: Path) -> tuple[dict[str, Any], str | None]:
 
 def artifact_name(spec: ArtifactSpec) -> str:
     """Name of an artifact inside the bundle (a file for GGUF, a directory for ONNX)."""
-    from .export import artifact_name as name
+    from edgeft.formats import artifact_name as name
 
     return name(spec.format, spec.quant, spec.file_variant)
 
@@ -568,7 +568,7 @@ def kv_cache_mb(model_dir: Path, context_length: int) -> float:
     """llama.cpp's default f16 KV cache at `context_length` from a Hugging Face config.json, in MB.
 
     Kept for callers with only a checkpoint; a built artifact's own figure is edgeft.footprint.measure's."""
-    from .footprint import config_kv
+    from edgeft.footprint import config_kv
 
     return config_kv(model_dir).bytes(context_length) / 1e6
 
@@ -850,7 +850,7 @@ def with_device_section(report: str, section: str) -> str:
 def _rewrite_files(root: Path, new: dict[str, str]) -> None:
     """Replace some files of a bundle as one step: a sibling folder gets hard links to every other file (a
     copy where links fail) and the new contents, then takes the bundle's name (files.atomic_dir)."""
-    from .files import MARKER
+    from edgeft.files import MARKER
 
     # the user's installs (BUNDLE_USER_DIRS) move over whole, never linked file by file
     with atomic_dir(root, keep=BUNDLE_USER_DIRS) as tmp:

@@ -17,13 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bundle import MANIFEST_SCHEMA_VERSION, bundle_files
-from .constants import BUNDLE_USER_DIRS, FORMAT_GGUF, FORMATS, MANIFEST, SHA256SUMS
-from .device.bench_on_device import MAX_MANIFEST_BYTES, plain_path, read_regular, read_sums
-from .device.bench_on_device import parse_sums as device_sums
-from .errors import EdgeftError
-from .files import sha256_file
-from .guard import check_gguf
+from edgeft.bundle import MANIFEST_SCHEMA_VERSION, bundle_files
+from edgeft.constants import BUNDLE_USER_DIRS, FORMAT_GGUF, FORMATS, MANIFEST, SHA256SUMS
+from edgeft.device.bench_on_device import MAX_MANIFEST_BYTES, plain_path, read_regular, read_sums
+from edgeft.device.bench_on_device import parse_sums as device_sums
+from edgeft.errors import EdgeftError
+from edgeft.files import sha256_file
+from edgeft.guard import check_gguf
 
 # Tokens each artifact generates to show it runs (greedy, from a one-message chat through its own template).
 PROBE_TOKENS = 4
@@ -341,7 +341,7 @@ def _run_artifact(
     if not load or tainted:
         why = "--no-load" if not load else "failed the integrity checks; not loaded"
         return ArtifactCheck(a.path, a.format, False, skipped=why)
-    from .runtime import artifact_format, open_runtime
+    from edgeft.runtime import artifact_format, open_runtime
 
     full = c.root / a.path
     try:

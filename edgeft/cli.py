@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import EdgeftError
+from edgeft.errors import EdgeftError
 
 app = typer.Typer(
     add_completion=False,
@@ -69,7 +69,7 @@ def _emit(obj: Any, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(plain, default=str) + "\n")
         return
-    from .ui import info
+    from edgeft.ui import info
 
     for key, value in plain.items():
         info(f"{key:>16}: {value:.6g}" if isinstance(value, float) else f"{key:>16}: {value}")
@@ -91,7 +91,7 @@ def _key_values(pairs: list[str], flag: str) -> dict[str, Any]:
 
 def _lora_overrides(pairs: list[str]):
     """`--lora r=8 --lora epochs=2` → validated LoraSettings."""
-    from .config import lora_settings
+    from edgeft.config import lora_settings
 
     return lora_settings(_key_values(pairs, "--lora"), "--lora")
 
@@ -201,9 +201,9 @@ def build(
 ) -> None:
     """Run the whole pipeline: fine-tune, merge, export, quantize, verify, bench, bundle. A failed or killed
     build keeps its work: running it again resumes where it stopped."""
-    from .config import resolve
-    from .pipeline import build as run_build
-    from .ui import info
+    from edgeft.config import resolve
+    from edgeft.pipeline import build as run_build
+    from edgeft.ui import info
 
     cfg = resolve(
         target=target,
@@ -254,9 +254,9 @@ def finetune(
 ) -> None:
     """Fine-tune with LoRA (a PEFT adapter directory), or every weight with --method full (a model directory
     in safetensors with the base's tokenizer files, checked against the available RAM first)."""
-    from .config import FULL_LR, check_method, finetune_settings
-    from .finetune import finetune as run
-    from .ui import task
+    from edgeft.config import FULL_LR, check_method, finetune_settings
+    from edgeft.finetune import finetune as run
+    from edgeft.ui import task
 
     settings = _lora_overrides(lora or [])
     how = check_method(method or "lora", "--method")
@@ -289,7 +289,7 @@ def merge(
     as_json: JsonFlag = False,
 ) -> None:
     """Fold a LoRA adapter into the base (in float32) and check the logits did not change."""
-    from .merge import merge as run
+    from edgeft.merge import merge as run
 
     model = _model_source(model, allow_pickle)
     with _stdout_to_stderr():
@@ -300,7 +300,7 @@ def merge(
 def _model_source(model: str, allow_pickle: bool) -> str:
     """The model to read: a built-in model's checkpoint folder (builtin:NAME), and with --allow-pickle a
     safetensors copy of a pickle-only checkpoint."""
-    from .loading import model_source
+    from edgeft.loading import model_source
 
     with _stdout_to_stderr():
         return model_source(model, allow_pickle=allow_pickle)
@@ -308,7 +308,7 @@ def _model_source(model: str, allow_pickle: bool) -> str:
 
 def _list_architectures(value: bool) -> None:
     if value:
-        from .support import markdown
+        from edgeft.support import markdown
 
         typer.echo(markdown())
         raise typer.Exit()
@@ -367,9 +367,9 @@ def export(
 ) -> None:
     """Export an HF model to a device format, quantized; the artifact's tokenizer is checked against the
     model's own on chat prompts before it is shipped."""
-    from .data import load_jsonl
-    from .export import ExportOptions, export_file
-    from .ui import info, task
+    from edgeft.data import load_jsonl
+    from edgeft.formats import ExportOptions, export_file
+    from edgeft.ui import info, task
 
     _check_threads(threads)
     _check_gguf_only(format, quant, calibration, head_type)
@@ -377,7 +377,7 @@ def export(
     convs = [ex.prompt_messages for ex in load_jsonl(data)] if data else []
     imatrix = None
     if calibration is not None:
-        from .imatrix import imatrix_from_jsonl
+        from edgeft.formats.gguf.imatrix import imatrix_from_jsonl
 
         with _stdout_to_stderr():
             imatrix = imatrix_from_jsonl(model, calibration, threads=threads)
@@ -390,8 +390,8 @@ def export(
 
 def _check_gguf_only(fmt: str, quant: str, calibration: Path | None, head_type: str | None) -> None:
     """--calibration / --head-type with a format or quant that cannot use them: one line, before any work."""
-    from .constants import FORMAT_GGUF
-    from .quantize import check_quant_options
+    from edgeft.constants import FORMAT_GGUF
+    from edgeft.formats.gguf.quantize import check_quant_options
 
     given = [f for f, v in (("--calibration", calibration), ("--head-type", head_type)) if v is not None]
     if not given:
@@ -426,9 +426,9 @@ def verify(
     """Drift of an artifact against the float model: KLD, top-1, PPL ratio, task accuracy, and the app path
     (prompt ids and greedy answers through the artifact's own template, tokenizer and runtime). Exits 1 when
     a budget is exceeded."""
-    from .targets import parse_budget
-    from .ui import task
-    from .verify import verify as run
+    from edgeft.targets import parse_budget
+    from edgeft.ui import task
+    from edgeft.verify import verify as run
 
     limits = parse_budget(_key_values(budget or [], "--budget"), "--budget")
     _check_threads(threads)
@@ -448,7 +448,7 @@ MAX_RUNS = 1000
 
 def _check_threads(threads: int | None) -> None:
     """--threads within 1..MAX_THREADS (one line otherwise), before any runtime sees it."""
-    from .targets import MAX_THREADS, expect_int
+    from edgeft.targets import MAX_THREADS, expect_int
 
     if threads is not None:
         expect_int(threads, "--threads", 1, MAX_THREADS)
@@ -522,7 +522,7 @@ def bench(
     """Latency: of one artifact on this machine (--artifact), or of a bundle on its device (BUNDLE --remote
     user@host; BUNDLE alone runs on this machine): prefill and decode tok/s, time to first token, peak RSS,
     per thread count; a bundle's results are recorded in its manifest.json and report.md."""
-    from .targets import expect_int
+    from edgeft.targets import expect_int
 
     expect_int(runs, "--runs", 1, MAX_RUNS)
     _check_threads(threads)
@@ -547,7 +547,7 @@ def bench(
         given = [flag for flag, value in bundle_only.items() if value]
         if given:
             raise EdgeftError(f"{', '.join(given)}: for a BUNDLE, not --artifact")
-        from .bench import bench as run
+        from edgeft.bench import bench as run
 
         with _stdout_to_stderr():
             res = run(
@@ -581,7 +581,7 @@ def bench(
 
 def _sweep(text: str | None, threads: int | None) -> list[int] | None:
     """--thread-sweep 1,2,4 → [1, 2, 4]; --threads N alone → [N]; neither → None (the script's default)."""
-    from .targets import MAX_THREADS
+    from edgeft.targets import MAX_THREADS
 
     if text is None:
         return None if threads is None else [threads]
@@ -605,8 +605,8 @@ def _num(x: Any, spec: str) -> str:
 
 def _bench_bundle(bundle: Path, *, as_json: bool, allow_native_libs: bool, **kw: Any) -> None:
     """edgeft bench BUNDLE [--remote ...]: run, record, and say what happened (see edgeft/remote.py)."""
-    from .remote import bench_bundle, script_args
-    from .ui import info
+    from edgeft.remote import bench_bundle, script_args
+    from edgeft.ui import info
 
     if allow_native_libs:
         raise EdgeftError(
@@ -641,7 +641,7 @@ def _bench_bundle(bundle: Path, *, as_json: bool, allow_native_libs: bool, **kw:
         else:
             install = f" (install: {a['install']})" if a.get("install") else ""
             info(f"{a['path']}: {a.get('status')}: {a.get('reason')}{install}")
-    from .bundle import regression_line
+    from edgeft.bundle import regression_line
 
     for r in run.comparison["regressions"]:
         print(
@@ -686,7 +686,7 @@ def check(
 ) -> None:
     """Prove a bundle is what the build wrote: every file's sha256 against manifest.json and SHA256SUMS, no
     file missing or added, GGUF headers sound, each artifact loads and generates. Exits 1 on any finding."""
-    from .check import check_bundle
+    from edgeft.check import check_bundle
 
     _check_threads(threads)
     with _stdout_to_stderr():
@@ -719,7 +719,7 @@ def check(
 @app.command(epilog="Example: edgeft targets --json")
 def targets(as_json: JsonFlag = False) -> None:
     """List the target profiles, one line each."""
-    from . import targets as t
+    from edgeft import targets as t
 
     profiles = t.load_all()
     if as_json:

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .constants import CONFIG_FILE, FORMATS, GGUF_QUANTS, ONNX_QUANTS
-from .errors import EdgeftError
-from .targets import (
+from edgeft.constants import CONFIG_FILE, FORMATS, GGUF_QUANTS, ONNX_QUANTS
+from edgeft.errors import EdgeftError
+from edgeft.targets import (
     MAX_THREADS,
     ArtifactSpec,
     TargetProfile,

@@ -46,7 +46,7 @@ GGUF_IMATRIX_QUANTS = tuple(q for q in GGUF_LLAMA_QUANTS if q != "q8_0")
 # llama_model_quantize_params.output_tensor_type / token_embedding_type (ref: include/llama.h; ggml.h
 # enum ggml_type, mirrored by gguf.GGMLQuantizationType). llama.cpp applies them without its per-tensor
 # fallback (src/llama-quant.cpp llama_tensor_get_type), so the row size must be a multiple of the type's
-# block (gguf.GGML_QUANT_SIZES): edgeft.quantize checks that first.
+# block (gguf.GGML_QUANT_SIZES): edgeft.formats.gguf.quantize checks that first.
 GGUF_HEAD_TYPES: dict[str, gguf.GGMLQuantizationType] = {
     "f32": gguf.GGMLQuantizationType.F32,
     "f16": gguf.GGMLQuantizationType.F16,
@@ -66,7 +66,7 @@ GGUF_KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
 GGUF_KEY_IMATRIX_ENTRIES = "quantize.imatrix.entries_count"
 GGUF_KEY_IMATRIX_CHUNKS = "quantize.imatrix.chunks_count"
 # edgeft's own key: which tensors were written in another 32-block type than llama.cpp chose, and why
-# (edgeft.quantize.Steered.summary)
+# (edgeft.formats.gguf.quantize.Steered.summary)
 GGUF_KEY_STEERED = "edgeft.steered"
 # The dataset value: a name for the calibration data, not a path (llama.cpp keeps 127 bytes of it).
 GGUF_IMATRIX_DATASET_PREFIX = "edgeft:sha256:"
@@ -144,7 +144,7 @@ PRE_REGEX_QWEN2 = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# A byte-level BPE pre-tokenizer's signature (the tuple edgeft.export.gguf.vocab.pre_tokenizer_signature builds
+# A byte-level BPE pre-tokenizer's signature (the tuple edgeft.formats.gguf.vocab.pre_tokenizer_signature builds
 # from tokenizer.json) → tokenizer.ggml.pre name that llama.cpp maps to the same split rules.
 # ref: llama.cpp src/llama-vocab.cpp (`tokenizer_pre == "..."` and the regex_exprs per LLAMA_VOCAB_PRE_TYPE).
 GGUF_PRE_TOKENIZERS: dict[tuple[str, ...], str] = {

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeftError
-from .files import sha256_file
+from edgeft.errors import EdgeftError
+from edgeft.files import sha256_file
 
 ROLES = ("system", "user", "assistant")
 # End-of-turn tokens used by common chat templates; any that the vocabulary has also end an answer.

@@ -11,12 +11,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import data as data_mod
-from . import files
-from .errors import EdgeftError
-from .probes import PROBE_CONVERSATIONS
-from .runtime import Runtime
-from .ui import Progress
+from edgeft import data as data_mod
+from edgeft import files
+from edgeft.errors import EdgeftError
+from edgeft.probes import PROBE_CONVERSATIONS
+from edgeft.runtime import Runtime
+from edgeft.ui import Progress
 
 
 @dataclass

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeftError
-from .guard import gguf_keys, read_json  # noqa: F401 - read_json: files is where callers look for it
+from edgeft.errors import EdgeftError
+from edgeft.guard import gguf_keys, read_json  # noqa: F401 - read_json: files is where callers look for it
 
 # Every folder edgeft writes carries this file; an existing folder without it is never replaced or deleted.
 MARKER = ".edgeft"

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from . import data as _data
-from .config import FULL_LR, LoraSettings, auto_epochs, auto_lr, check_method
-from .constants import FINETUNE_RECORD
-from .errors import EdgeftError
-from .files import atomic_dir, available_ram
-from .loading import copy_tokenizer_files, load_model, load_tokenizer
-from .ui import Progress
+from edgeft import data as _data
+from edgeft.config import FULL_LR, LoraSettings, auto_epochs, auto_lr, check_method
+from edgeft.constants import FINETUNE_RECORD
+from edgeft.errors import EdgeftError
+from edgeft.files import atomic_dir, available_ram
+from edgeft.loading import copy_tokenizer_files, load_model, load_tokenizer
+from edgeft.ui import Progress
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 LORA_ONLY = ("r", "alpha", "dropout", "target_modules")  # LoraSettings fields full fine-tuning has no use for
@@ -435,7 +435,7 @@ def _state_is_whole(path: Path) -> bool:
 
 def load_result(adapter_dir: Path) -> FinetuneResult:
     """The FinetuneResult of a finished adapter, from the record finetune wrote beside it (for resuming)."""
-    from .files import read_json
+    from edgeft.files import read_json
 
     rec = read_json(Path(adapter_dir) / FINETUNE_RECORD)
     return FinetuneResult(
@@ -488,7 +488,7 @@ def checkpoint_params(model: str | Path) -> int | None:
     no tensor is read); None for a Hub id or a folder without safetensors."""
     import math
 
-    from .footprint import safetensors_shapes
+    from edgeft.footprint import safetensors_shapes
 
     folder = Path(model)
     if not folder.is_dir() or not any(folder.glob("*.safetensors")):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .constants import (
+from edgeft.constants import (
     FORMAT_GGUF,
     FORMAT_ONNX,
     GGUF_KEY_STEERED,
@@ -23,10 +23,10 @@ from .constants import (
     ONNX_GENAI_CONFIG,
     ONNX_MODEL_FILE,
 )
-from .errors import EdgeftError
+from edgeft.errors import EdgeftError
 
 if TYPE_CHECKING:
-    from .guard import GGUFHeader
+    from edgeft.guard import GGUFHeader
 
 # --- bytes per decode token ------------------------------------------------------------------------------
 
@@ -82,7 +82,7 @@ class _TensorSums:
 
 
 def _tensors(path: Path) -> _TensorSums:
-    from .runtime import artifact_format
+    from edgeft.runtime import artifact_format
 
     fmt = artifact_format(path)
     if fmt == FORMAT_GGUF:
@@ -93,7 +93,7 @@ def _tensors(path: Path) -> _TensorSums:
 
 
 def _gguf_header(path: Path) -> GGUFHeader:
-    from .guard import check_gguf
+    from edgeft.guard import check_gguf
 
     return check_gguf(path)  # the bounded header reader: tensor infos and metadata, no tensor data
 
@@ -107,8 +107,8 @@ def _gguf_tensors(path: Path) -> _TensorSums:
 
 def onnx_decoder_file(folder: Path) -> Path:
     """The decoder graph of an onnxruntime-genai folder (genai_config.json model.decoder.filename)."""
-    from .files import read_json
-    from .guard import check_onnx_folder, inside
+    from edgeft.files import read_json
+    from edgeft.guard import check_onnx_folder, inside
 
     check_onnx_folder(folder, allow_native_libs=True)  # only read here, nothing is loaded or run
     cfg = read_json(folder / ONNX_GENAI_CONFIG)
@@ -157,7 +157,7 @@ def _onnx_tensors(folder: Path) -> _TensorSums:
 
 def safetensors_shapes(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name → (dtype, shape) of every tensor in a folder's *.safetensors, read from the headers only."""
-    from .guard import safetensors_header
+    from edgeft.guard import safetensors_header
 
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     files = sorted(Path(folder).glob("*.safetensors"))
@@ -284,7 +284,7 @@ def _gguf_kv(path: Path) -> KvShape:
 
 
 def _onnx_kv(folder: Path) -> KvShape:
-    from .files import read_json
+    from edgeft.files import read_json
 
     cfg_path = folder / ONNX_GENAI_CONFIG
     decoder = read_json(cfg_path).get("model", {}).get("decoder", {})
@@ -306,7 +306,7 @@ def _onnx_kv(folder: Path) -> KvShape:
 
 def kv_shape(path: Path) -> KvShape:
     """The KV cache shape of an artifact as its runtime allocates it, read from the artifact itself."""
-    from .runtime import artifact_format
+    from edgeft.runtime import artifact_format
 
     path = Path(path)
     fmt = artifact_format(path)
@@ -326,7 +326,7 @@ def kv_cache_bytes(artifact_path: Path, context_length: int) -> int:
 def config_kv(model_dir: Path, elem_bytes: int = GGUF_KV_BYTES, dtype: str = GGUF_KV_DTYPE) -> KvShape:
     """A KV shape from a Hugging Face config.json (layers, kv heads, head dim), each field range-checked so a
     missing, zero or absurd value is one line naming it."""
-    from .files import read_json
+    from edgeft.files import read_json
 
     where = Path(model_dir) / "config.json"
     cfg = read_json(where)
@@ -358,7 +358,7 @@ def config_kv(model_dir: Path, elem_bytes: int = GGUF_KV_BYTES, dtype: str = GGU
 
 def max_positions(model_dir: Path) -> int:
     """The longest sequence the model was built for (config max_position_embeddings; 2048 when absent)."""
-    from .files import read_json
+    from edgeft.files import read_json
 
     value = read_json(Path(model_dir) / "config.json").get("max_position_embeddings")
     return value if isinstance(value, int) and 0 < value <= 1 << 24 else 2048
@@ -447,7 +447,7 @@ def estimate_need(model_dir: Path, fmt: str, quant: str, context_length: int) ->
         tables = 2 * max_positions(model_dir) * (kv.head_dim // 2) * 4
         if tied:
             # One matrix for both: the lm_head at `rate`, which the embedding gathers rows of
-            # (GatherBlockQuantized for int4 (builder) and int8 (edgeft.export.onnx), Transpose + Gather
+            # (GatherBlockQuantized for int4 (builder) and int8 (edgeft.formats.onnx.export), Transpose + Gather
             # for fp32; ref: builders/base.py make_embedding_lookup); the head streams it whole.
             weights = matrices * rate + embed * rate + vectors * 4 + tables
             decode = weights - tables
@@ -479,7 +479,7 @@ class TensorTypes:
 def tensor_types(path: Path) -> TensorTypes:
     """Tensor types of a GGUF file (ggml types) or an onnxruntime-genai folder (initializer data types, with
     MatMulNBits weights named by their bit width)."""
-    from .runtime import artifact_format
+    from edgeft.runtime import artifact_format
 
     path = Path(path)
     if artifact_format(path) == FORMAT_GGUF:

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, NoReturn
 
 import gguf
 
-from .errors import EdgeftError
+from edgeft.errors import EdgeftError
 
 
 def _all_tensors(graph: Any) -> Iterator[Any]:
@@ -126,7 +126,7 @@ def inside(root: Path, name: str | Path, *, what: str) -> Path:
 def check_model_folder(model_dir: Path) -> None:
     """Every file a Hugging Face model folder is read through stays inside it: config, tokenizer and chat
     template files, safetensors weights and the shards an index names."""
-    from .constants import TOKENIZER_FILES
+    from edgeft.constants import TOKENIZER_FILES
 
     model_dir = Path(model_dir)
     for f in ("config.json", "generation_config.json", *TOKENIZER_FILES):
@@ -185,7 +185,7 @@ def native_library_references(config: Any, where: str = "") -> list[str]:
 def check_onnx_folder(folder: Path, *, allow_native_libs: bool = False) -> None:
     """An onnxruntime-genai folder may only point inside itself, and names no native library unless allowed
     (`--allow-native-libs`): every file its genai_config.json names, and every external-data location."""
-    from .constants import ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
+    from edgeft.constants import ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
 
     folder = Path(folder)
     cfg_path = inside(folder, ONNX_GENAI_CONFIG, what="file")

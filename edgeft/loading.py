@@ -18,9 +18,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .constants import PICKLE_SUFFIXES, TOKENIZER_FILES
-from .errors import EdgeftError
-from .guard import check_model_folder, inside, read_json, require_regular, safetensors_header
+from edgeft.constants import PICKLE_SUFFIXES, TOKENIZER_FILES
+from edgeft.errors import EdgeftError
+from edgeft.guard import check_model_folder, inside, read_json, require_regular, safetensors_header
 
 # Parts of tokenizer.json that decide which ids a text becomes.
 _PIPELINE_PARTS = ("normalizer", "pre_tokenizer", "model")
@@ -69,7 +69,7 @@ def resolve_model(model: str | Path) -> str:
 def model_source(model: str, *, allow_pickle: bool = False) -> str:
     """The model every stage reads: a built-in model's checkpoint folder for `builtin:NAME` (written to the
     cache once), with `allow_pickle` a safetensors copy of a pickle-only checkpoint, else `model` itself."""
-    from . import builtin
+    from edgeft import builtin
 
     if builtin.is_builtin(model):
         return str(builtin.resolve(model))
@@ -78,7 +78,7 @@ def model_source(model: str, *, allow_pickle: bool = False) -> str:
 
 # Where --allow-pickle puts safetensors copies of pickle-only checkpoints, keyed by the pickles' digest.
 def _unpickled_cache() -> Path:
-    from .files import cache_root
+    from edgeft.files import cache_root
 
     return cache_root() / "safetensors"
 
@@ -112,7 +112,7 @@ def unpickled(model: str) -> str:
         raise EdgeftError(
             f"{path}: pickle weights {missing[0]} not found (expected pytorch_model.bin or an index)"
         )
-    from .files import atomic_dir, sha256_file
+    from edgeft.files import atomic_dir, sha256_file
 
     key = hashlib.sha256(
         "".join(sha256_file(s) for s in [path / "config.json", *shards]).encode()
@@ -120,7 +120,7 @@ def unpickled(model: str) -> str:
     dest = _unpickled_cache() / key[:24]
     if (dest / "model.safetensors").is_file():
         return str(dest)
-    from .ui import info
+    from edgeft.ui import info
 
     info(f"converting {path}'s pickle weights to safetensors (torch weights-only loader) → {dest}")
     with atomic_dir(dest, what="safetensors copy") as tmp:
@@ -227,7 +227,7 @@ def load_tokenizer(model: str | Path, *, trust_remote_code: bool = False, notify
             if still:
                 raise EdgeftError(f"{tj}: cannot run its own {', '.join(still)} in transformers")
             if notify:
-                from .ui import info
+                from edgeft.ui import info
 
                 info(
                     f"tokenizer: transformers' {rebuilt} would rebuild the {' and '.join(differs)} of {tj}; "
@@ -412,7 +412,7 @@ def checkpoint_dtype(model: str | Path) -> str:
 def model_fingerprint(model: str | Path) -> dict[str, str]:
     """What identifies a model's content: every file of a local folder with its sha256, or a Hub id with its
     snapshot revision (what a stage's cache key and the manifest record)."""
-    from .files import sha256_file
+    from edgeft.files import sha256_file
 
     name = str(model)
     if isinstance(model, Path) or _looks_like_path(name):

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from .constants import FINETUNE_RECORD
-from .errors import EdgeftError
-from .files import atomic_dir
-from .finetune import ADAPTER_FILES
-from .loading import checkpoint_dtype, copy_tokenizer_files, load_model, load_tokenizer
+from edgeft.constants import FINETUNE_RECORD
+from edgeft.errors import EdgeftError
+from edgeft.files import atomic_dir
+from edgeft.finetune import ADAPTER_FILES
+from edgeft.loading import checkpoint_dtype, copy_tokenizer_files, load_model, load_tokenizer
 
 # Max |logit difference| allowed, relative to max(1, max |reference logit|): float32 only sees summation
 # order changes; half types see the rounding of every weight and activation.

@@ -12,19 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import bench, bundle, data, export, files, footprint, runspec, search, targets, verify
-from .config import BuildConfig, apply_budgets
-from .constants import FORMAT_GGUF, GGUF_FLOAT_QUANTS
-from .errors import EdgeftError
-from .files import locked, tree_bytes
-from .finetune import finetune, load_result
-from .loading import load_tokenizer, model_fingerprint
-from .merge import merge
-from .reference import stored_reference
-from .runtime import open_runtime
-from .runtime.torch import TorchRuntime
-from .ui import info, task
-from .versions import tool_versions
+from edgeft import bench, bundle, data, files, footprint, formats, runspec, search, targets, verify
+from edgeft.config import BuildConfig, apply_budgets
+from edgeft.constants import FORMAT_GGUF, GGUF_FLOAT_QUANTS
+from edgeft.errors import EdgeftError
+from edgeft.files import locked, tree_bytes
+from edgeft.finetune import finetune, load_result
+from edgeft.formats.torch.runtime import TorchRuntime
+from edgeft.loading import load_tokenizer, model_fingerprint
+from edgeft.merge import merge
+from edgeft.reference import stored_reference
+from edgeft.runtime import open_runtime
+from edgeft.ui import info, task
+from edgeft.versions import tool_versions
 
 
 @dataclass(frozen=True)
@@ -298,7 +298,7 @@ def _finetune_disk(model: str, full: bool) -> int:
     weights and AdamW state (12 bytes a parameter each): 28 bytes a parameter."""
     if not full:
         return _weights_bytes(model) // 4 + (64 << 20)
-    from .finetune import checkpoint_params
+    from edgeft.finetune import checkpoint_params
 
     params = checkpoint_params(model) if Path(model).is_dir() else None
     return (params or 0) * 28 + (64 << 20)
@@ -309,7 +309,7 @@ def _training_ram(model: str) -> int:
     folder = Path(model)
     if not folder.is_dir():
         return 0
-    from .loading import checkpoint_dtype
+    from edgeft.loading import checkpoint_dtype
 
     size = _weights_bytes(model)
     scale = 1 if checkpoint_dtype(folder) == "float32" else 2
@@ -319,9 +319,9 @@ def _training_ram(model: str) -> int:
 def resolve_inputs(cfg: BuildConfig) -> tuple[str, Path]:
     """The model and data to use: the built-in demo when neither is given; a built-in model (builtin:NAME)
     without --data is tuned on the demo's data."""
-    from . import builtin
-    from .demo import DEMO_DATA, DEMO_MODEL
-    from .loading import model_source
+    from edgeft import builtin
+    from edgeft.demo import DEMO_DATA, DEMO_MODEL
+    from edgeft.loading import model_source
 
     if cfg.model and not cfg.data and not builtin.is_builtin(cfg.model):
         raise EdgeftError(f"--model {cfg.model} needs --data FILE.jsonl (or data = ... in edgeft.toml)")
@@ -391,7 +391,7 @@ class QuantSources:
 
     def get(self) -> Any:
         if self.value is None:
-            from .imatrix import compute_imatrix
+            from edgeft.formats.gguf.imatrix import compute_imatrix
 
             lora = self.cfg.lora
             train, _ = data.load_split(self.data_path, lora.eval_fraction, lora.seed, lora.max_eval)
@@ -414,7 +414,7 @@ class QuantSources:
 
     def float_gguf(self, work: Path, key: str, conversations: list[Any]) -> Path:
         """The 16-bit GGUF every quantized GGUF candidate is made from: converted once per model."""
-        from .export.gguf import export_float_gguf
+        from edgeft.formats.gguf.export import export_float_gguf
 
         folder = work / "float-gguf"
         fkey = files.digest(["float-gguf", key, conversations])
@@ -456,7 +456,7 @@ def export_candidate(
     if spec.imatrix:
         parts.append(sources.digest())
     art_key = files.digest(parts)
-    name = export.artifact_name(spec.format, spec.quant, spec.variant)
+    name = formats.artifact_name(spec.format, spec.quant, spec.variant)
     level = f"-acc{spec.accuracy_level}" if spec.accuracy_level is not None else ""
     path = work / "artifacts" / f"{name}{level}"
     with timed(spec.label, seconds):
@@ -470,7 +470,7 @@ def export_candidate(
         if spec.format == FORMAT_GGUF and spec.quant not in GGUF_FLOAT_QUANTS:
             base = sources.float_gguf(work, key, conversations)
         with task(f"export {spec.label}") as update:
-            opts = export.ExportOptions(
+            opts = formats.ExportOptions(
                 spec.accuracy_level,
                 update,
                 conversations,
@@ -479,6 +479,6 @@ def export_candidate(
                 float_gguf=base,
             )
             path.parent.mkdir(parents=True, exist_ok=True)
-            export.export_file(merged, spec.format, spec.quant, path, opts)
+            formats.export_file(merged, spec.format, spec.quant, path, opts)
         files.mark_done(path, art_key)
     return path

@@ -64,8 +64,8 @@ def tokenization_mismatches(
     when `text_specials`); `chat(messages)` the prompt ids its chat path builds (compared with the
     fine-tune's, edgeft.data.chat_prompt_ids). Conversations the model's own template refuses are skipped.
     """
-    from . import data as data_mod
-    from .errors import EdgeftError
+    from edgeft import data as data_mod
+    from edgeft.errors import EdgeftError
 
     def piece(i: int) -> str:
         return str(tokenizer.convert_ids_to_tokens(int(i)))

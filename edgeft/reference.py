@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from . import data as data_mod
-from . import files, metrics
-from .errors import EdgeftError
-from .evalset import AppAnswer, EvalSet, app_answer, cut_answer
-from .runtime import Runtime
-from .ui import Progress
-from .versions import tool_versions
+from edgeft import data as data_mod
+from edgeft import files, metrics
+from edgeft.errors import EdgeftError
+from edgeft.evalset import AppAnswer, EvalSet, app_answer, cut_answer
+from edgeft.runtime import Runtime
+from edgeft.ui import Progress
+from edgeft.versions import tool_versions
 
 FORMAT = 1  # of the stored folder; a change makes every stored reference stale
 TOP_K = 5  # alternatives kept per answer position
@@ -235,7 +235,7 @@ def load(folder: Path, piece: Callable[[int], str]) -> ReferenceRun:
 
 def reference_key(model_dir: Path, es: EvalSet) -> str:
     """What a stored reference depends on: the float model's files, the eval set, the tools that ran it."""
-    from .loading import model_fingerprint
+    from edgeft.loading import model_fingerprint
 
     versions = {k: v for k, v in tool_versions().items() if k in ("torch", "transformers", "edgeft")}
     return files.digest(["reference", FORMAT, model_fingerprint(model_dir), es.digest(), versions, TOP_K])
@@ -253,8 +253,8 @@ def stored_reference(
     """The reference run of `model_dir` on `es` from `root/reference-KEY`, computed there first when absent
     (written whole or not at all); also whether it was reused. With `keep`, only the `keep` most recently
     used references stay under `root` (edgeft verify's cache)."""
-    from .loading import load_tokenizer
-    from .runtime.torch import TorchRuntime
+    from edgeft.formats.torch.runtime import TorchRuntime
+    from edgeft.loading import load_tokenizer
 
     key = reference_key(model_dir, es)
     folder = root / f"reference-{key[:16]}"

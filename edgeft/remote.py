@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from .constants import BUNDLE_USER_DIRS, MANIFEST, MODEL_JSON, REPORT, REPORT_HTML, SHA256SUMS
-from .errors import EdgeftError
+from edgeft.constants import BUNDLE_USER_DIRS, MANIFEST, MODEL_JSON, REPORT, REPORT_HTML, SHA256SUMS
+from edgeft.errors import EdgeftError
 
 if TYPE_CHECKING:
     import paramiko
@@ -398,7 +398,7 @@ class SyncReport:
 
 def local_files(bundle: Path) -> dict[str, Path]:
     """Every regular file of a bundle (manifest.json and SHA256SUMS included) by POSIX relative path."""
-    from .bundle import bundle_files
+    from edgeft.bundle import bundle_files
 
     rels = [*bundle_files(bundle), MANIFEST, SHA256SUMS]
     return {rel: bundle / rel for rel in sorted(rels) if (bundle / rel).is_file()}
@@ -461,7 +461,7 @@ def sync_bundle(
         rdir, have = str(state["dir"]), dict(state["files"])
     except (ValueError, KeyError, IndexError, TypeError):
         raise EdgeftError(f"{where}: unexpected answer from the device's Python ({out[:200]!r})") from None
-    from .files import sha256_file
+    from edgeft.files import sha256_file
 
     todo = []
     report = SyncReport()
@@ -617,8 +617,8 @@ def bench_local(
 ) -> DeviceRun:
     """Run the bundle's bench_on_device.py on this machine in a child process (as on a device: isolated
     from the working folder) and record the result (where = "localhost")."""
-    from .bundle import record_device_run
-    from .ui import task
+    from edgeft.bundle import record_device_run
+    from edgeft.ui import task
 
     bundle = Path(bundle).resolve()
     script = _bundle_script(bundle)
@@ -678,8 +678,8 @@ def bench_remote(
 ) -> DeviceRun:
     """Copy the bundle to the device, run its bench_on_device.py there, record the result in the bundle,
     and copy the recorded manifest.json, report.md and SHA256SUMS back so the device holds the same bundle."""
-    from .bundle import record_device_run
-    from .ui import task
+    from edgeft.bundle import record_device_run
+    from edgeft.ui import task
 
     bundle = Path(bundle).resolve()
     _bundle_script(bundle)

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import BUDGET_KINDS
+from edgeft.constants import BUDGET_KINDS
 
 # Marker shape and colour per artifact format; formats edgeft does not know take the next free style.
 FORMAT_STYLES = {"gguf": ("circle", "#2b6cb0"), "onnx": ("square", "#c05621")}

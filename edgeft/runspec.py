@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .constants import FORMAT_GGUF, FORMAT_ONNX
+from edgeft.constants import FORMAT_GGUF, FORMAT_ONNX
 
 # model.json layout version; bumped whenever a key changes meaning.
 SCHEMA_VERSION = 1
@@ -99,9 +99,9 @@ def describe(
 ) -> dict[str, Any]:
     """model.json's content for the model in `tokenizer_dir` and the bundle's shipped `artifacts` (manifest
     entries: path, format). `versions` are the tool versions the build verified with."""
-    from . import data
-    from .footprint import max_positions
-    from .loading import load_tokenizer
+    from edgeft import data
+    from edgeft.footprint import max_positions
+    from edgeft.loading import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir, notify=False)
     end_of_turn = [_token(tok, i) for i in data.stop_ids(tok)]

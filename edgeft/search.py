@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import verify
-from .constants import BUDGET_KINDS
-from .errors import EdgeftError
-from .footprint import Footprint
-from .runtime import Runtime
-from .targets import ArtifactSpec, DriftBudget, TargetProfile
+from edgeft import verify
+from edgeft.constants import BUDGET_KINDS
+from edgeft.errors import EdgeftError
+from edgeft.footprint import Footprint
+from edgeft.runtime import Runtime
+from edgeft.targets import ArtifactSpec, DriftBudget, TargetProfile
 
 
 @dataclass
@@ -97,8 +97,8 @@ class Candidate:
 
 
 def _steered(path: Path) -> str | None:
-    """What edgeft steered in a GGUF candidate (edgeft.quantize.Steered.summary), if anything."""
-    from .footprint import tensor_types
+    """What edgeft steered in a GGUF candidate (edgeft.formats.gguf.quantize.Steered.summary), if anything."""
+    from edgeft.footprint import tensor_types
 
     try:
         return tensor_types(path).steered if path.is_file() else None
@@ -323,7 +323,7 @@ def explain_out_of_line(cands: list[Candidate]) -> None:
     """Give each out-of-line candidate a note naming what edgeft can see: the tensor types it actually wrote
     (GGUF K-quants fall back to other types for rows that are not whole 256-blocks) and the types it holds
     that the smaller, better-behaved candidate does not."""
-    from .footprint import tensor_types
+    from edgeft.footprint import tensor_types
 
     measured = [c for c in cands if c.metrics().get("kld_mean") is not None]
     for c in measured:

@@ -7,7 +7,7 @@ constants.GGUF_ARCHS (implemented in edgeft/export/gguf/arch.py), ONNX support i
 
 from __future__ import annotations
 
-from .constants import FORMAT_GGUF, FORMAT_ONNX, GGUF_ARCHS, ONNX_ARCHS
+from edgeft.constants import FORMAT_GGUF, FORMAT_ONNX, GGUF_ARCHS, ONNX_ARCHS
 
 # Model families people ship under each HF architecture name (what the matrix is read for).
 FAMILIES: dict[str, str] = {

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .constants import (
+from edgeft.constants import (
     BUDGET_KINDS,
     FORMAT_GGUF,
     FORMAT_ONNX,
@@ -28,7 +28,7 @@ from .constants import (
     ONNX_FLOAT_QUANTS,
     ONNX_QUANTS,
 )
-from .errors import EdgeftError
+from edgeft.errors import EdgeftError
 
 QUANTS_BY_FORMAT: dict[str, tuple[str, ...]] = {FORMAT_GGUF: GGUF_QUANTS, FORMAT_ONNX: ONNX_QUANTS}
 

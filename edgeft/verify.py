@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from . import data as data_mod
-from . import metrics, probes
-from .constants import FINETUNE_RECORD
-from .errors import EdgeftError
-from .evalset import (  # noqa: F401 - the eval set's names, as verify's callers know them
+from edgeft import data as data_mod
+from edgeft import metrics, probes
+from edgeft.constants import FINETUNE_RECORD
+from edgeft.errors import EdgeftError
+from edgeft.evalset import (  # noqa: F401 - the eval set's names, as verify's callers know them
     AppAnswer,
     EvalSet,
     app_answer,
@@ -46,9 +46,9 @@ from .evalset import (  # noqa: F401 - the eval set's names, as verify's callers
     probe_examples,
     task_accuracy,
 )
-from .reference import Choices, ReferenceRun, run_reference  # noqa: F401 - as above
-from .runtime import Runtime, open_runtime
-from .ui import Progress
+from edgeft.reference import Choices, ReferenceRun, run_reference  # noqa: F401 - as above
+from edgeft.runtime import Runtime, open_runtime
+from edgeft.ui import Progress
 
 _END = -2  # marks "the answer ended here" in difference reports
 # The default near-tie margin in nats: a flip where the float model's log-probabilities of its token and the
@@ -355,9 +355,9 @@ def verify(
     where the eval conversations came from. The float model's run is kept in edgeft's cache
     (edgeft.reference, the newest few): verifying another artifact against the same model and data reuses
     it. `task(description, total)` shows each long step's progress."""
-    from .files import cache_root
-    from .loading import load_tokenizer
-    from .reference import KEEP_CACHED, stored_reference
+    from edgeft.files import cache_root
+    from edgeft.loading import load_tokenizer
+    from edgeft.reference import KEEP_CACHED, stored_reference
 
     examples, source = eval_examples(Path(reference), data)
     es = make_eval_set(load_tokenizer(reference), examples, source=source)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from . import __version__
+from edgeft import __version__
 
 
 def tool_versions() -> dict[str, str]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from edgeft import bundle
 from edgeft.bench import LatencyReport
-from edgeft.export import ExportOptions, export_artifact
+from edgeft.formats import ExportOptions, export_artifact
 from edgeft.targets import ArtifactSpec, TargetProfile
 from edgeft.verify import DriftReport
 

@@ -15,7 +15,7 @@ import pytest
 from edgeft import builtin, data, verify
 from edgeft.demo import DEMO_DATA
 from edgeft.errors import EdgeftError
-from edgeft.export import ExportOptions, export_file
+from edgeft.formats import ExportOptions, export_file
 from edgeft.loading import load_tokenizer
 from edgeft.probes import PROBE_CONVERSATIONS
 from edgeft.ui import task
@@ -52,7 +52,7 @@ def package_vocab():
     """llama.cpp with the package's own GGUF, vocabulary only."""
     import llama_cpp
 
-    from edgeft.runtime.llamacpp import silence_llama_logs
+    from edgeft.formats.gguf.runtime import silence_llama_logs
 
     silence_llama_logs()
     path = builtin.packaged_file(builtin.SMOLLM2_135M)

@@ -143,8 +143,8 @@ def test_passed_is_false_when_a_shipped_artifact_is_over_budget(
 
 
 def test_written_gguf_files_have_normal_modes(tiny_llama: Path, gguf_bytes: bytes, tmp_path: Path) -> None:
-    from edgeft.export.gguf import export_gguf
-    from edgeft.quantize import quantize_gguf
+    from edgeft.formats.gguf.export import export_gguf
+    from edgeft.formats.gguf.quantize import quantize_gguf
 
     src = tmp_path / "src.gguf"
     src.write_bytes(gguf_bytes)
@@ -465,8 +465,8 @@ def test_not_a_regular_file(tmp_path: Path) -> None:
 
 
 def test_runtime_and_quantizer_refuse_a_bad_header(gguf_bytes: bytes, tmp_path: Path) -> None:
-    from edgeft.quantize import quantize_gguf
-    from edgeft.runtime.llamacpp import LlamaCppRuntime
+    from edgeft.formats.gguf.quantize import quantize_gguf
+    from edgeft.formats.gguf.runtime import LlamaCppRuntime
 
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(gguf_bytes[: len(gguf_bytes) // 2])

@@ -133,7 +133,7 @@ def test_verify_fails_a_gguf_whose_chat_template_was_edited_after_export(tmp_pat
     report prompt_ids_match < 1 with the first differing token and exit non-zero."""
     from tinymodels import cached_model
 
-    from edgeft.export.gguf import export_gguf
+    from edgeft.formats.gguf.export import export_gguf
 
     model = cached_model("llama", "bpe")
     good = export_gguf(model, tmp_path / "good.gguf", "f32").path

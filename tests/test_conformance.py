@@ -24,9 +24,9 @@ from tinymodels import ARCHS, cached_model
 
 from edgeft import verify
 from edgeft.config import LoraSettings
-from edgeft.export.gguf import export_gguf
-from edgeft.export.onnx import export_onnx
 from edgeft.finetune import finetune
+from edgeft.formats.gguf.export import export_gguf
+from edgeft.formats.onnx.export import export_onnx
 from edgeft.loading import load_tokenizer
 from edgeft.merge import merge
 from edgeft.runtime import open_runtime

@@ -432,7 +432,7 @@ def test_timed_onnx_decode_runs_exactly_d_steps_after_an_early_eos(
 def test_ort_runtime_continues_past_its_eos(made: Path, eos_first_onnx: tuple[Path, list[int]]) -> None:
     """OrtRuntime.generate with no stop ids goes on after the model's EOS, giving the tokens the same weights
     give when that token is not the EOS; a stop id still ends it."""
-    from edgeft.runtime.ort import OrtRuntime
+    from edgeft.formats.onnx.runtime import OrtRuntime
 
     path, ids = eos_first_onnx
     with OrtRuntime(made / ONNX, threads=1, n_ctx=64) as rt:

@@ -29,7 +29,7 @@ def float_answers(demo_bundle: Path) -> list[tuple[str, list[int], str]]:
     """(user prompt, prompt ids, greedy answer) of the fine-tuned float model in PyTorch for the first
     held-out prompts of the demo's fine-tune (its recorded eval split; the demo build keeps its work)."""
     from edgeft import verify
-    from edgeft.runtime.torch import TorchRuntime
+    from edgeft.formats.torch.runtime import TorchRuntime
 
     merged = demo_bundle.parent / ".work" / demo_bundle.name / "merged"
     examples, source = verify.eval_examples(merged, None)

@@ -19,7 +19,7 @@ from tinymodels import cached_model
 from edgeft import bench, bundle, config, footprint, pipeline, targets
 from edgeft.bench import LatencyReport
 from edgeft.errors import EdgeftError
-from edgeft.export import ExportOptions, export_artifact
+from edgeft.formats import ExportOptions, export_artifact
 from edgeft.targets import ArtifactSpec
 from edgeft.verify import DriftReport
 
@@ -263,8 +263,8 @@ def test_estimate_against_measured_peak_rss(tmp_path_factory: pytest.TempPathFac
 def test_tensor_types_say_what_a_q4_k_m_file_really_holds(tmp_path: Path) -> None:
     """Rows that are not a multiple of 256 cannot be Q4_K: the tiny model's "q4_k_m" holds no q4_k at all,
     a 256-wide one mostly does; shares sum to 1 and an f32 export is all f32."""
-    from edgeft.export.gguf import export_gguf
     from edgeft.footprint import tensor_types
+    from edgeft.formats.gguf.export import export_gguf
 
     narrow = tensor_types(export_gguf(cached_model("llama", "bpe"), tmp_path / "n.gguf", "q4_k_m").path)
     wide_model = cached_model("llama", "bpe", hidden=256, intermediate=768, layers=4, seed=7)

@@ -13,8 +13,8 @@ import torch
 from tinymodels import cached_model, kld, load_tokenizer, quiet_transformers
 
 from edgeft.errors import EdgeftError
-from edgeft.export.gguf import export_gguf
-from edgeft.runtime.llamacpp import LlamaCppRuntime
+from edgeft.formats.gguf.export import export_gguf
+from edgeft.formats.gguf.runtime import LlamaCppRuntime
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. In Python, a function is defined with def; "

@@ -18,8 +18,8 @@ import torch
 from tinymodels import ARCHS, kld, load_tokenizer, make_model, quiet_transformers
 
 from edgeft.errors import EdgeftError
-from edgeft.export.gguf import export_gguf
-from edgeft.runtime.llamacpp import LlamaCppRuntime
+from edgeft.formats.gguf.export import export_gguf
+from edgeft.formats.gguf.runtime import LlamaCppRuntime
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. In Python, a function is defined with def; "
@@ -232,7 +232,7 @@ def test_variants_match_torch(key: str, out_dir: Path) -> None:
 def test_gemma_attention_scale_follows_llama_cpp(tmp_path: Path) -> None:
     """llama.cpp scales Q by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B layer counts
     (src/models/gemma2.cpp); query_pre_attn_scalar is folded into Q only where the two differ."""
-    from edgeft.export.gguf.arch import _gemma_q_scale, parse_model
+    from edgeft.formats.gguf.arch import _gemma_q_scale, parse_model
 
     def scale(arch: str, layers: int, hidden: int, heads: int, head_dim: int, qpas: int) -> float:
         cfg = {

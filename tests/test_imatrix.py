@@ -1,4 +1,4 @@
-"""Importance matrix from the user's data (edgeft.imatrix), the low-bit GGUF quants, and the quantizer's
+"""Importance matrix from the user's data (edgeft.formats.gguf.imatrix), the low-bit GGUF quants, and the quantizer's
 imatrix / head-type / float-reuse paths, down to the CLI."""
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from edgeft.constants import (
     GGUF_QUANTS,
 )
 from edgeft.errors import EdgeftError
-from edgeft.export import ExportOptions, export_file
-from edgeft.export.gguf import export_float_gguf, export_gguf
 from edgeft.footprint import GGUF_RATE, tensor_types
-from edgeft.imatrix import Imatrix, compute_imatrix, imatrix_from_jsonl
-from edgeft.quantize import quantize_gguf
+from edgeft.formats import ExportOptions, export_file
+from edgeft.formats.gguf.export import export_float_gguf, export_gguf
+from edgeft.formats.gguf.imatrix import Imatrix, compute_imatrix, imatrix_from_jsonl
+from edgeft.formats.gguf.quantize import quantize_gguf
 from edgeft.runtime import open_runtime
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from edgeft import config, targets
 from edgeft.bundle import kv_cache_mb
 from edgeft.data import MAX_LINE_BYTES, load_jsonl
 from edgeft.errors import EdgeftError
-from edgeft.export.gguf.arch import prepare
+from edgeft.formats.gguf.arch import prepare
 
 PROFILE = (
     'name = "dev"\nthreads = 2\nram_mb = 1024\nram_budget_mb = 512\ncontext_length = 256\n'

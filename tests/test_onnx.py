@@ -22,10 +22,10 @@ from edgeft.constants import (
     ONNX_REQUIRED_FILES,
 )
 from edgeft.errors import EdgeftError
-from edgeft.export.gguf import export_gguf
-from edgeft.export.onnx import OnnxExportResult, export_onnx
+from edgeft.formats.gguf.export import export_gguf
+from edgeft.formats.onnx.export import OnnxExportResult, export_onnx
+from edgeft.formats.onnx.runtime import OrtRuntime
 from edgeft.guard import check_external_data
-from edgeft.runtime.ort import OrtRuntime
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. In Python, a function is defined with def; "
@@ -248,7 +248,7 @@ def test_embedding_dropped_only_when_it_is_the_head(root: Path) -> None:
     from onnx import numpy_helper
     from safetensors.numpy import load_file
 
-    from edgeft.export.onnx import _same_table
+    from edgeft.formats.onnx.export import _same_table
 
     model = smol_model()
     folder = root / "smol-int8"

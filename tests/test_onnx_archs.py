@@ -21,8 +21,8 @@ from tinymodels import corpus_lines, kld, leftovers, load_tokenizer, make_model,
 
 from edgeft.constants import ONNX_ARCHS, ONNX_SUPPORTED_ARCHS
 from edgeft.errors import EdgeftError
-from edgeft.export.onnx import export_onnx
-from edgeft.runtime.ort import OrtRuntime
+from edgeft.formats.onnx.export import export_onnx
+from edgeft.formats.onnx.runtime import OrtRuntime
 
 N_IDS = 60  # scored ids: past every sliding window (16) and the long-RoPE switch (48)
 PROMPT_IDS = 24  # generation prompt: longer than the window, so genai's prefill fills a full window cache

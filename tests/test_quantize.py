@@ -11,8 +11,8 @@ from test_gguf import TEXT, gguf_logits, kld, torch_logits
 from tinymodels import cached_model, load_tokenizer
 
 from edgeft.errors import EdgeftError
-from edgeft.export.gguf import export_gguf
-from edgeft.quantize import quantize_gguf
+from edgeft.formats.gguf.export import export_gguf
+from edgeft.formats.gguf.quantize import quantize_gguf
 
 Q = gguf.GGMLQuantizationType
 

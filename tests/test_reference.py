@@ -15,8 +15,8 @@ from tinymodels import cached_model
 
 from edgeft import data, reference, verify
 from edgeft.demo import DEMO_DATA
+from edgeft.formats.torch.runtime import TorchRuntime
 from edgeft.loading import load_tokenizer
-from edgeft.runtime.torch import TorchRuntime
 
 
 @contextmanager

@@ -15,10 +15,10 @@ from gguf.quants import dequantize, quantize
 from safetensors.torch import load_file, save_file
 from tinymodels import cached_model
 
-from edgeft import quantize as quant_mod
 from edgeft.constants import GGUF_KEY_STEERED
-from edgeft.export.gguf import export_float_gguf
 from edgeft.footprint import tensor_types
+from edgeft.formats.gguf import quantize as quant_mod
+from edgeft.formats.gguf.export import export_float_gguf
 
 
 def _on_q4_1_grid(model: Path, out: Path, change: float) -> Path:

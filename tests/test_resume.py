@@ -124,9 +124,7 @@ def test_killed_export_leaves_nothing_under_the_final_name(tmp_path: Path, stage
     out = tmp_path / "m.gguf"
     mine = tmp_path / ".m.gguf.quantizing-notes.txt"  # a user's file with an edgeft-like name: kept
     mine.write_text("keep")
-    script = (
-        f"from edgeft.export.gguf import export_gguf\nexport_gguf({str(model)!r}, {str(out)!r}, 'q4_k_m')\n"
-    )
+    script = f"from edgeft.formats.gguf.export import export_gguf\nexport_gguf({str(model)!r}, {str(out)!r}, 'q4_k_m')\n"
     proc = subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -142,7 +140,7 @@ def test_killed_export_leaves_nothing_under_the_final_name(tmp_path: Path, stage
     proc.wait()
     assert not out.exists()
     assert list(tmp_path.glob(f".m.gguf.{stage}-????????"))  # what the killed run left
-    from edgeft.export.gguf import export_gguf
+    from edgeft.formats.gguf.export import export_gguf
 
     export_gguf(model, out, "q4_k_m")
     assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "m.gguf"]  # temp files swept, not mine

@@ -15,10 +15,10 @@ from tinymodels import cached_model
 
 from edgeft import config, files, pipeline
 from edgeft.errors import EdgeftError
-from edgeft.export.gguf import export_gguf
-from edgeft.export.onnx import export_onnx
+from edgeft.formats.gguf.export import export_gguf
+from edgeft.formats.onnx.export import export_onnx
+from edgeft.formats.onnx.runtime import OrtRuntime
 from edgeft.guard import check_model_folder, check_onnx_folder
-from edgeft.runtime.ort import OrtRuntime
 
 
 @pytest.fixture(scope="module")

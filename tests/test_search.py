@@ -199,9 +199,10 @@ def test_the_importance_matrix_sees_only_the_training_split(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """QuantSources hands compute_imatrix the training split: no held-out conversation, every training one."""
-    from edgeft import data, imatrix
+    from edgeft import data
     from edgeft.config import BuildConfig
     from edgeft.demo import DEMO_DATA
+    from edgeft.formats.gguf import imatrix
 
     seen: list[list[dict[str, str]]] = []
 

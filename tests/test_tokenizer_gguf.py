@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from tinymodels import cached_model, load_tokenizer
 
-from edgeft.export.gguf import export_gguf
-from edgeft.runtime.llamacpp import LlamaCppRuntime
+from edgeft.formats.gguf.export import export_gguf
+from edgeft.formats.gguf.runtime import LlamaCppRuntime
 
 TRICKY = [
     "Hello world",
@@ -100,7 +100,7 @@ def test_added_token_types() -> None:
     """Flagged-special, special-looking and template-used markers are CONTROL; plain added words are not."""
     import gguf
 
-    from edgeft.export.gguf.vocab import _added_type
+    from edgeft.formats.gguf.vocab import _added_type
 
     template = "{{ '<tool>' + message['content'] + '[END]' }} hello"
     control, user = gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED

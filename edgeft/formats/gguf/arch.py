@@ -22,10 +22,10 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ...constants import GGUF_ARCHS
-from ...errors import EdgeftError
-from ...files import read_json
-from .weights import Plan, safetensors_files, tensor_index
+from edgeft.constants import GGUF_ARCHS
+from edgeft.errors import EdgeftError
+from edgeft.files import read_json
+from edgeft.formats.gguf.weights import Plan, safetensors_files, tensor_index
 
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers `layer_types` values
 
@@ -568,7 +568,7 @@ def check_no_sliding_window(m: Model) -> None:
     converter takes, and the edge contexts edgeft targets (2–4k) are within those windows."""
     window = m.ignored_window
     if window is not None:
-        from ...ui import info
+        from edgeft.ui import info
 
         info(
             f"note: {m.where}: llama.cpp ignores sliding_window {window} for {m.spec.hf_arch}; the GGUF's "

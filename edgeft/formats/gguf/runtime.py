@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import EdgeftError
-from ..guard import check_gguf
+from edgeft.errors import EdgeftError
+from edgeft.guard import check_gguf
 
 
 def silence_llama_logs() -> None:

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..constants import FORMAT_GGUF, FORMAT_ONNX
-from ..errors import EdgeftError
-from ..ui import Progress
+from edgeft.constants import FORMAT_GGUF, FORMAT_ONNX
+from edgeft.errors import EdgeftError
+from edgeft.ui import Progress
 
 if TYPE_CHECKING:
-    from ..imatrix import Imatrix
-    from .gguf import GGUFExportResult
+    from edgeft.formats.gguf.export import GGUFExportResult
+    from edgeft.formats.gguf.imatrix import Imatrix
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class ExportOptions:
     progress: Progress | None = None
     # Conversations (e.g. the eval set's) the exporter proves its tokenizer on, besides the built-in probes.
     conversations: Sequence[Sequence[dict[str, str]]] = ()
-    # GGUF quants only: an importance matrix (edgeft.imatrix) for llama.cpp's quantizer, and a type the
+    # GGUF quants only: an importance matrix (edgeft.formats.gguf.imatrix) for llama.cpp's quantizer, and a type the
     # output head / token embedding are kept at (edgeft.constants.GGUF_HEAD_TYPES, e.g. "q8_0").
     imatrix: Imatrix | None = None
     head_type: str | None = None
@@ -38,7 +38,7 @@ class ExportOptions:
 
 
 def _gguf(model_dir: Path, out: Path, quant: str, opts: ExportOptions) -> Any:
-    from .gguf import export_gguf
+    from edgeft.formats.gguf.export import export_gguf
 
     if opts.accuracy_level is not None:
         raise EdgeftError("accuracy_level applies to onnx int8/int4 only, not gguf")
@@ -55,7 +55,7 @@ def _gguf(model_dir: Path, out: Path, quant: str, opts: ExportOptions) -> Any:
 
 
 def _onnx(model_dir: Path, out: Path, quant: str, opts: ExportOptions) -> Any:
-    from .onnx import export_onnx
+    from edgeft.formats.onnx.export import export_onnx
 
     given = [n for n in ("imatrix", "head_type", "float_gguf") if getattr(opts, n) is not None]
     if given:

@@ -4,7 +4,7 @@ For every linear layer, the mean over calibration tokens of each input column's 
 llama.cpp's imatrix tool collects from its matrix multiplications (ref: tools/imatrix/imatrix.cpp
 IMatrixCollector::collect_imatrix sums x² per column and counts rows) and its quantize tool hands to the
 quantizer after dividing sums by counts (ref: tools/quantize/quantize.cpp load_imatrix). Keys are the GGUF
-tensor names edgeft's converter writes (edgeft.export.gguf.arch), so edgeft.quantize passes them straight to
+tensor names edgeft's converter writes (edgeft.formats.gguf.arch), so edgeft.formats.gguf.quantize passes them straight to
 llama.cpp with no file format in between (ref: include/llama.h llama_model_quantize_params.imatrix).
 
 Calibration text is each conversation rendered whole (answer included: it is training data) through the
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import EdgeftError
+from edgeft.errors import EdgeftError
 
 Progress = Callable[[int, int], None]
 TIED_HEAD = (
@@ -70,7 +70,7 @@ def _tokenize(
     max_len: int,
 ) -> tuple[list[list[int]], list[str]]:
     """Rendered texts' ids, in order, until `max_tokens` (the last one cut to fit); and the texts used."""
-    from .data import _encode, _render
+    from edgeft.data import _encode, _render
 
     out: list[list[int]] = []
     texts: list[str] = []
@@ -123,9 +123,9 @@ def _compute(
 ) -> Imatrix:
     import torch
 
-    from .export.gguf.arch import prepare
-    from .guard import check_model_folder
-    from .loading import load_model, load_tokenizer
+    from edgeft.formats.gguf.arch import prepare
+    from edgeft.guard import check_model_folder
+    from edgeft.loading import load_model, load_tokenizer
 
     model_dir = Path(model_dir)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
@@ -190,7 +190,7 @@ def _compute(
     try:
         from contextlib import nullcontext
 
-        from .ui import task
+        from edgeft.ui import task
 
         bar = task("importance matrix", len(batches)) if progress is None else nullcontext(progress)
         done = 0
@@ -251,7 +251,7 @@ def compute_imatrix(
 def imatrix_from_jsonl(model_dir: Path, path: Path, **kw: Any) -> Imatrix:
     """compute_imatrix over a task JSONL file's records (edgeft.data.load_jsonl: prompt/completion or
     messages lines), in file order. The record's dataset_sha256 is the file's own SHA-256."""
-    from .data import dataset_sha256, load_jsonl
+    from edgeft.data import dataset_sha256, load_jsonl
 
     path = Path(path)
     examples = load_jsonl(path)  # one-line errors: missing, unreadable, empty, malformed line

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..constants import (
+from edgeft.constants import (
     ONNX_ACCURACY_LEVELS,
     ONNX_ARCHS,
     ONNX_DATA_FILE,
@@ -40,12 +40,12 @@ from ..constants import (
     ONNX_SUPPORTED_ARCHS,
     PICKLE_SUFFIXES,
 )
-from ..errors import EdgeftError
-from ..files import atomic_dir, ensure_replaceable_dir, tree_bytes, unique_sibling
-from ..guard import check_external_data, check_model_folder
-from ..loading import copy_tokenizer_files
-from ..ui import Progress, info
-from .onnx_tok import prove_tokenizer
+from edgeft.errors import EdgeftError
+from edgeft.files import atomic_dir, ensure_replaceable_dir, tree_bytes, unique_sibling
+from edgeft.formats.onnx.tokenizer import prove_tokenizer
+from edgeft.guard import check_external_data, check_model_folder
+from edgeft.loading import copy_tokenizer_files
+from edgeft.ui import Progress, info
 
 _STEPS = 3  # build, check, publish
 # The quant whose tied embedding edgeft gathers from the quantized head itself (int4: the builder does).

@@ -2,7 +2,7 @@
 
 llama.cpp picks per-tensor types for mixes like q4_k_m (e.g. q6_k for some ffn_down/attn_v rows), so
 edgeft never reimplements that; it only calls `llama_model_quantize` and writes atomically. An importance
-matrix (edgeft.imatrix) and a type for the output head / token embedding go in through the same parameters
+matrix (edgeft.formats.gguf.imatrix) and a type for the output head / token embedding go in through the same parameters
 llama.cpp's quantize tool fills (ref: llama.cpp include/llama.h llama_model_quantize_params).
 """
 
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import gguf
 
-from .constants import (
+from edgeft.constants import (
     GGUF_FLOAT_QUANTS,
     GGUF_FTYPES,
     GGUF_HEAD_TYPES,
@@ -27,12 +27,12 @@ from .constants import (
     GGUF_KEY_STEERED,
     GGUF_QUANTS,
 )
-from .errors import EdgeftError
-from .files import QUANTIZING_TAG, ensure_replaceable_file, publish_file, unique_sibling
-from .guard import check_gguf
+from edgeft.errors import EdgeftError
+from edgeft.files import QUANTIZING_TAG, ensure_replaceable_file, publish_file, unique_sibling
+from edgeft.guard import check_gguf
 
 if TYPE_CHECKING:
-    from .imatrix import Imatrix
+    from edgeft.formats.gguf.imatrix import Imatrix
 
 # The tensors `head_type` sets. ref: src/llama-quant.cpp (tensor_category OUTPUT / TOKEN_EMBD; a tied model
 # has no output.weight and its token_embd is the head)
@@ -317,7 +317,7 @@ def _quantize(
         check_columns(_tensor_columns(src), imatrix, head_type, str(src))
     import llama_cpp
 
-    from .runtime.llamacpp import silence_llama_logs
+    from edgeft.formats.gguf.runtime import silence_llama_logs
 
     silence_llama_logs()
     params = llama_cpp.llama_model_quantize_default_params()

@@ -11,8 +11,8 @@ from typing import Protocol
 
 import numpy as np
 
-from ..constants import FORMAT_GGUF, FORMAT_ONNX, FORMAT_TORCH, ONNX_GENAI_CONFIG
-from ..errors import EdgeftError
+from edgeft.constants import FORMAT_GGUF, FORMAT_ONNX, FORMAT_TORCH, ONNX_GENAI_CONFIG
+from edgeft.errors import EdgeftError
 
 
 class Runtime(Protocol):
@@ -73,15 +73,15 @@ def open_runtime(
     `allow_native_libs`)."""
     fmt = artifact_format(path)
     if fmt == FORMAT_GGUF:
-        from .llamacpp import LlamaCppRuntime
+        from edgeft.formats.gguf.runtime import LlamaCppRuntime
 
         return LlamaCppRuntime(path, threads=threads, n_ctx=n_ctx, all_logits=all_logits)
     if fmt == FORMAT_ONNX:
-        from .ort import OrtRuntime
+        from edgeft.formats.onnx.runtime import OrtRuntime
 
         return OrtRuntime(
             path, threads=threads, n_ctx=n_ctx, all_logits=all_logits, allow_native_libs=allow_native_libs
         )
-    from .torch import TorchRuntime
+    from edgeft.formats.torch.runtime import TorchRuntime
 
     return TorchRuntime(path, threads=threads)  # a local HF dir (artifact_format checked config.json)

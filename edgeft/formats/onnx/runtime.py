@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ..constants import ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
-from ..errors import EdgeftError
-from ..guard import check_external_data, check_onnx_folder
+from edgeft.constants import ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
+from edgeft.errors import EdgeftError
+from edgeft.guard import check_external_data, check_onnx_folder
 
 # onnxruntime's type strings for the float I/O dtypes a CPU decoder can have.
 _ORT_FLOATS: dict[str, Any] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}

@@ -1,7 +1,7 @@
 """Before writing a GGUF: prove llama.cpp tokenizes chat prompts exactly as the fine-tune did.
 
 The vocabulary and flags are written into a small vocab-only GGUF first; llama-cpp-python loads it and builds
-each probe conversation's prompt ids the way an app's `create_chat_completion` does (edgeft.runtime.llamacpp
+each probe conversation's prompt ids the way an app's `create_chat_completion` does (edgeft.formats.gguf.runtime
 .chat_prompt_ids). They must equal the ids of the same conversation rendered by the model's chat template
 and tokenized by its own tokenizer files (edgeft.data.chat_prompt_ids). Plain texts are compared too.
 
@@ -25,15 +25,15 @@ from typing import Any
 
 import gguf
 
-from ...probes import PROBE_CONVERSATIONS, tokenization_mismatches
-from .vocab import Vocab, general_name, write_vocab
+from edgeft.formats.gguf.vocab import Vocab, general_name, write_vocab
+from edgeft.probes import PROBE_CONVERSATIONS, tokenization_mismatches
 
 
 def mismatches(path: Path, tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]]) -> list[str]:
     """Every probe (text or conversation) whose llama.cpp ids differ from the tokenizer's, one line each."""
     import llama_cpp
 
-    from ...runtime.llamacpp import chat_prompt_ids, silence_llama_logs
+    from edgeft.formats.gguf.runtime import chat_prompt_ids, silence_llama_logs
 
     silence_llama_logs()
     try:
@@ -94,7 +94,7 @@ def choose_vocab(
 ) -> tuple[Vocab, list[str]]:
     """The vocabulary settings under which llama.cpp reproduces the fine-tune's prompts, and what still
     differs (empty when everything matches). `conversations` are checked besides the built-in probes."""
-    from ...loading import load_tokenizer
+    from edgeft.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, notify=False)
     convs = list(PROBE_CONVERSATIONS) + [tuple(c) for c in conversations]

@@ -2,7 +2,7 @@
 
 One module per concern: `arch` (hyperparameters and tensor layout per architecture), `vocab` (tokenizer),
 `weights` (reading and casting tensors). Float types (f32/f16/bf16) are written here; integer quants are
-written as a 16-bit intermediate first and then handed to llama.cpp's own quantizer (edgeft.quantize),
+written as a 16-bit intermediate first and then handed to llama.cpp's own quantizer (edgeft.formats.gguf.quantize),
 which knows the per-tensor type mixes (e.g. q4_k_m).
 """
 
@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import gguf
 import numpy as np
 
-from ... import __version__
-from ...constants import GGUF_FLOAT_QUANTS, GGUF_FTYPES, GGUF_QUANTS
-from ...errors import EdgeftError
-from ...files import (
+from edgeft import __version__
+from edgeft.constants import GGUF_FLOAT_QUANTS, GGUF_FTYPES, GGUF_QUANTS
+from edgeft.errors import EdgeftError
+from edgeft.files import (
     GGUF_MARKER_KEY,
     QUANTIZING_TAG,
     ensure_replaceable_file,
@@ -29,15 +29,15 @@ from ...files import (
     sweep_temps,
     unique_sibling,
 )
-from ...guard import check_model_folder
-from ...ui import Progress
-from .arch import Prepared, prepare
-from .tokcheck import choose_vocab
-from .vocab import Vocab, general_name, read_vocab, write_vocab
-from .weights import fit_f16, intermediate_type, materialize, out_type
+from edgeft.formats.gguf.arch import Prepared, prepare
+from edgeft.formats.gguf.tokcheck import choose_vocab
+from edgeft.formats.gguf.vocab import Vocab, general_name, read_vocab, write_vocab
+from edgeft.formats.gguf.weights import fit_f16, intermediate_type, materialize, out_type
+from edgeft.guard import check_model_folder
+from edgeft.ui import Progress
 
 if TYPE_CHECKING:
-    from ...imatrix import Imatrix
+    from edgeft.formats.gguf.imatrix import Imatrix
 
 __all__ = ["GGUFExportResult", "export_float_gguf", "export_gguf"]
 
@@ -111,9 +111,9 @@ def choose_tokenizer(
     prep: Prepared, model_dir: Path, conversations: Sequence[Sequence[dict[str, str]]] = ()
 ) -> ChosenVocab:
     """Read the tokenizer files and settle the flags llama.cpp needs to reproduce the fine-tune's prompts
-    (edgeft.export.gguf.tokcheck); one line on stderr names the first difference left, if any."""
-    from ...data import adds_bos, plain_chat_template, template_end_of_turn
-    from ...loading import load_tokenizer
+    (edgeft.formats.gguf.tokcheck); one line on stderr names the first difference left, if any."""
+    from edgeft.data import adds_bos, plain_chat_template, template_end_of_turn
+    from edgeft.loading import load_tokenizer
 
     n_vocab = prep.model.n_vocab
     tokenizer = load_tokenizer(model_dir, notify=False)
@@ -132,7 +132,7 @@ def choose_tokenizer(
     header = functools.partial(_vocab_header, prep)
     vocab, found = choose_vocab(model_dir, vocab, n_vocab, arch_name, header, conversations, end_of_turn=eot)
     if found:
-        from ...ui import info
+        from edgeft.ui import info
 
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         info(f"warning: llama.cpp cannot reproduce the tokenization of {model_dir}: {found[0]}{more}")
@@ -159,11 +159,11 @@ def export_gguf(
 
     The tokenizer settings are proven first on built-in probes plus `conversations` (e.g. the eval set's):
     llama-cpp-python's chat path must give the fine-tune's prompt ids (see tokcheck). Integer quants may
-    take an importance matrix and a head type (edgeft.quantize.quantize_gguf). `float_gguf`, a float GGUF
+    take an importance matrix and a head type (edgeft.formats.gguf.quantize.quantize_gguf). `float_gguf`, a float GGUF
     of this same model written by export_float_gguf (its result, or its path), is quantized directly: no
     conversion and no tokenizer check again (a result carries that check's findings; a bare path does not).
     """
-    from ...quantize import check_columns, check_quant_options, quantize_gguf
+    from edgeft.formats.gguf.quantize import check_columns, check_quant_options, quantize_gguf
 
     model_dir, out = Path(model_dir), Path(out)
     check_quant_options(quant, imatrix is not None, head_type, str(out))
@@ -200,11 +200,11 @@ def export_gguf(
 
 def _said(out: Path) -> None:
     """One line when edgeft wrote some tensors in another type than llama.cpp chose (quantize.Steered)."""
-    from ...footprint import tensor_types
+    from edgeft.footprint import tensor_types
 
     steered = tensor_types(out).steered
     if steered:
-        from ...ui import info
+        from edgeft.ui import info
 
         info(f"[yellow]{out.name}[/]: {steered} (docs/requantization.md)")
 
@@ -247,8 +247,8 @@ def export_float_gguf(
 
 def _reuse_float(base: GGUFExportResult | Path) -> GGUFExportResult:
     """A float GGUF to quantize from: edgeft-written and of a float file type, else one line."""
-    from ...files import is_edgeft_gguf
-    from ...guard import check_gguf
+    from edgeft.files import is_edgeft_gguf
+    from edgeft.guard import check_gguf
 
     path = base.path if isinstance(base, GGUFExportResult) else Path(base)
     if not path.is_file():

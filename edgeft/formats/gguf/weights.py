@@ -10,9 +10,9 @@ import gguf
 import numpy as np
 import torch
 
-from ...constants import PICKLE_SUFFIXES
-from ...errors import EdgeftError
-from ...files import read_json
+from edgeft.constants import PICKLE_SUFFIXES
+from edgeft.errors import EdgeftError
+from edgeft.files import read_json
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:

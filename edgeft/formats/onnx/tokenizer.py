@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import data as data_mod
-from ..constants import CHAT_TEMPLATE_FILE, ONNX_GENAI_CONFIG
-from ..files import read_json
-from ..probes import PROBE_CONVERSATIONS, tokenization_mismatches
+from edgeft import data as data_mod
+from edgeft.constants import CHAT_TEMPLATE_FILE, ONNX_GENAI_CONFIG
+from edgeft.files import read_json
+from edgeft.probes import PROBE_CONVERSATIONS, tokenization_mismatches
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def prove_tokenizer(
     """Make the ONNX folder stop at the end of a chat turn, check onnxruntime-genai's tokenization against
     the model's own on probes plus `conversations`, and when it differs, try the tokenizer classes under
     which onnxruntime-extensions reads the same tokenizer.json faithfully (_CLASS_CANDIDATES)."""
-    from ..loading import load_tokenizer
+    from edgeft.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, notify=False)
     _end_of_turn_in_eos(out, tokenizer)

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import data as data_mod
-from ..loading import load_model, load_tokenizer
+from edgeft import data as data_mod
+from edgeft.loading import load_model, load_tokenizer
 
 
 class TorchRuntime:
