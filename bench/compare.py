@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from edgeft import bench, verify
-from edgeft.formats import ExportOptions, export_artifact
+from edgeft.formats import export_artifact
 from edgeft.loading import load_tokenizer
-from edgeft.runtime import open_runtime
+from edgeft.spec import ArtifactSpec, open_runtime
 
 # (format, quant, accuracy_level): every GGUF quant, and the ONNX variants edgeft ships (int8/int4 with int8
 # activations). bench/onnx_int8.py compares accuracy levels and the builder's own default in detail.
@@ -94,7 +94,7 @@ def run(name: str, model_dir: Path, work: Path, threads: int, runs: int) -> list
     lat = bench.bench(model_dir, threads=threads, runs=runs)
     rows.append({"model": name, "artifact": "PyTorch fp32", "lat": lat, "kld": 0.0, "top1": 1.0})
     for fmt, q, level in VARIANTS:
-        path = export_artifact(model_dir, fmt, q, work / name, ExportOptions(level))
+        path = export_artifact(model_dir, ArtifactSpec(fmt, q, accuracy_level=level), work / name)
         rt = open_runtime(path, threads=threads, n_ctx=es.n_ctx)
         drift = verify.compare(ref, rt, es)
         rt.close()

@@ -260,7 +260,7 @@ def measure(
 ) -> Row:
     """verify.compare of one GGUF against the shared reference run."""
     from edgeft import verify
-    from edgeft.runtime import open_runtime
+    from edgeft.formats import open_runtime
 
     rt = open_runtime(path, threads=threads, n_ctx=evalset.n_ctx)
     try:

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import smollm2_shaped  # noqa: E402
 
 from edgeft.bench import bench  # noqa: E402
-from edgeft.constants import ONNX_EXECUTION_PROVIDER  # noqa: E402
 from edgeft.formats.gguf.export import export_gguf  # noqa: E402
+from edgeft.formats.onnx.constants import ONNX_EXECUTION_PROVIDER
 from edgeft.formats.onnx.export import export_onnx  # noqa: E402
 from edgeft.formats.onnx.runtime import OrtRuntime  # noqa: E402
 from edgeft.formats.torch.runtime import TorchRuntime  # noqa: E402

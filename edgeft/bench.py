@@ -19,13 +19,11 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-from edgeft.constants import FORMAT_GGUF, FORMAT_TORCH
-from edgeft.device.bench_on_device import Engine, measure_engine, open_engine, peak_rss_mb
+from edgeft import formats
+from edgeft.device.bench_on_device import Engine, measure_engine, peak_rss_mb
 from edgeft.errors import EdgeftError
 from edgeft.files import tree_bytes
-from edgeft.footprint import decode_bytes_per_token
 
 
 @dataclass(frozen=True)
@@ -49,65 +47,18 @@ class LatencyReport:
 
 def _open_engine(path: Path, *, threads: int, n_ctx: int, allow_native_libs: bool) -> Engine:
     """The measurement engine for an artifact, after the same safety checks every runtime makes."""
-    from edgeft.runtime import artifact_format
-
-    fmt = artifact_format(path)
-    if fmt == FORMAT_TORCH:
-        return _TorchEngine(path, threads=threads)
-    if fmt == FORMAT_GGUF:
-        from edgeft.formats.gguf.runtime import silence_llama_logs
-        from edgeft.guard import check_gguf
-
-        check_gguf(path)  # a damaged or hostile header is refused before llama.cpp parses it
-        silence_llama_logs()
-    else:
-        from edgeft.formats.onnx.runtime import OrtRuntime
-
-        # validates genai_config.json, native libraries and external data; loads nothing
-        OrtRuntime(path, threads=threads, n_ctx=n_ctx, all_logits=False, allow_native_libs=allow_native_libs)
     try:
-        return open_engine(path, fmt, threads=threads, n_ctx=n_ctx)
+        return formats.format_of(path).bench_engine(
+            path, threads=threads, n_ctx=n_ctx, allow_native_libs=allow_native_libs
+        )
+    except EdgeftError:
+        raise
     except Exception as e:  # noqa: BLE001 - llama.cpp and onnxruntime-genai raise their own types
         raise EdgeftError(f"{path}: cannot load it for the benchmark ({_first_line(e)})") from None
 
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-class _TorchEngine:
-    """The PyTorch float reference as a measurement engine: one forward over the prompt, then one per token
-    with the KV cache (the same loop as edgeft.formats.torch.runtime.TorchRuntime.generate)."""
-
-    def __init__(self, path: Path, *, threads: int) -> None:
-        from edgeft.formats.torch.runtime import TorchRuntime
-
-        self._rt = TorchRuntime(path, threads=threads)
-        self.n_vocab = self._rt.n_vocab
-        self._cache: Any = None
-        self._last = 0
-
-    def _forward(self, ids: list[int]) -> int:
-        import torch
-
-        with torch.inference_mode():
-            x = torch.tensor([ids], dtype=torch.long)
-            # transformers 5 names the KV cache `cache` (ref: transformers 5.x LlamaForCausalLM.forward)
-            res = self._rt.model(input_ids=x, cache=self._cache, use_cache=True, logits_to_keep=1)
-            self._cache = res.cache
-            self._last = int(res.logits[0, -1].argmax())
-        return self._last
-
-    def start(self, ids: list[int]) -> int:
-        self._cache = None
-        return self._forward(ids)
-
-    def step(self) -> int:
-        return self._forward([self._last])
-
-    def close(self) -> None:
-        self._cache = None
-        self._rt.close()
 
 
 def measure(
@@ -142,7 +93,7 @@ def measure(
         peak_rss_mb=peak_rss_mb() or 0.0,
         bytes=size,
         # bandwidth the decode used: weight bytes streamed per token (edgeft.footprint) × tok/s
-        effective_gb_s=decode_bytes_per_token(path) * t.decode_tok_s / 1e9,
+        effective_gb_s=formats.decode_bytes_per_token(path) * t.decode_tok_s / 1e9,
         prompt_tokens=prompt_tokens,
         decode_tokens=decode_tokens,
         runs=runs,

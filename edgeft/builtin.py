@@ -145,7 +145,7 @@ def _gguf_fields(path: Path) -> dict[str, Any]:
     """The GGUF's key/value metadata (tokens and merges as lists of str)."""
     from gguf import GGUFReader
 
-    from edgeft.guard import check_gguf
+    from edgeft.formats.gguf.header import check_gguf
 
     check_gguf(path)
     reader = GGUFReader(str(path))

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from edgeft import data as _data
-from edgeft import runspec
+from edgeft import formats, runspec
 from edgeft.bench import LatencyReport
 from edgeft.constants import (
     BUNDLE_USER_DIRS,
     FINETUNE_RECORD,
-    FORMAT_GGUF,
     MANIFEST,
     MODEL_JSON,
     REPORT,
@@ -32,7 +31,7 @@ from edgeft.constants import (
 )
 from edgeft.errors import EdgeftError
 from edgeft.files import atomic_dir, read_json, sha256_file, tree_bytes
-from edgeft.footprint import Footprint, TensorTypes, tensor_types
+from edgeft.footprint import Footprint, TensorTypes
 from edgeft.report_html import render_html
 from edgeft.targets import ArtifactSpec, TargetProfile
 from edgeft.verify import DriftReport
@@ -52,11 +51,9 @@ class ArtifactResult:
 
     def figures(self, context_length: int) -> Footprint:
         """Bytes per decode token, resident weights and KV cache of this artifact at `context_length`."""
-        from edgeft import footprint
-
         if self.footprint is not None and self.footprint.context_length == context_length:
             return self.footprint
-        return footprint.measure(self.path, context_length)
+        return formats.measure(self.path, context_length)
 
 
 @dataclass(frozen=True)
@@ -393,11 +390,7 @@ def write_bundle(
                     "budget": {k: v for k, v in asdict(a.spec.budget).items() if v is not None},
                     "within_budget": not a.violations,
                 }
-                if a.spec.accuracy_level is not None:
-                    entry["accuracy_level"] = a.spec.accuracy_level
-                if a.spec.format == FORMAT_GGUF:
-                    entry["imatrix"] = facts.imatrix if a.spec.imatrix else None
-                    entry["head_type"] = a.spec.head_type
+                entry |= formats.get(a.spec.format).manifest_fields(a.spec, facts.imatrix)
                 if files:
                     entry["files"] = files
                 entries.append(entry)
@@ -479,8 +472,8 @@ def write_bundle(
 
 
 def _tensor_types(arts: list[ArtifactResult]) -> dict[str, TensorTypes]:
-    """The tensor types each artifact really holds, by label (footprint.tensor_types)."""
-    return {a.spec.label: tensor_types(Path(a.path)) for a in arts if Path(a.path).exists()}
+    """The tensor types each artifact really holds, by label (edgeft.formats.tensor_types)."""
+    return {a.spec.label: formats.tensor_types(Path(a.path)) for a in arts if Path(a.path).exists()}
 
 
 def _types_line(a: ArtifactResult, tt: TensorTypes) -> str:
@@ -562,15 +555,6 @@ def normalize_modes(root: Path) -> None:
             p = Path(dirpath) / n
             if not p.is_symlink():
                 os.chmod(p, 0o666 & ~mask)
-
-
-def kv_cache_mb(model_dir: Path, context_length: int) -> float:
-    """llama.cpp's default f16 KV cache at `context_length` from a Hugging Face config.json, in MB.
-
-    Kept for callers with only a checkpoint; a built artifact's own figure is edgeft.footprint.measure's."""
-    from edgeft.footprint import config_kv
-
-    return config_kv(model_dir).bytes(context_length) / 1e6
 
 
 # --- device results: `edgeft bench BUNDLE [--remote user@host]` records what bench_on_device.py measured ----

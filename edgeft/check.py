@@ -1,8 +1,9 @@
 """`edgeft check BUNDLE`: a bundle proves it is what the build wrote, and that its artifacts still run.
 
 Every file is re-hashed against manifest.json (missing, changed and added files are findings), SHA256SUMS is
-validated against the files (it covers manifest.json too, so an edited manifest is caught), every GGUF header
-goes through edgeft.guard.check_gguf, and each artifact is loaded in its runtime and generates a few tokens.
+validated against the files (it covers manifest.json too, so an edited manifest is caught), every artifact
+gets its format's header check (Format.check_file), and each is loaded in its runtime and generates a few
+tokens.
 manifest.json and SHA256SUMS are read as untrusted input: a damaged or hostile one is a finding, never a
 traceback, and no path they name is opened outside the bundle.
 """
@@ -17,13 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeft import formats
 from edgeft.bundle import MANIFEST_SCHEMA_VERSION, bundle_files
-from edgeft.constants import BUNDLE_USER_DIRS, FORMAT_GGUF, FORMATS, MANIFEST, SHA256SUMS
+from edgeft.constants import BUNDLE_USER_DIRS, MANIFEST, SHA256SUMS
 from edgeft.device.bench_on_device import MAX_MANIFEST_BYTES, plain_path, read_regular, read_sums
 from edgeft.device.bench_on_device import parse_sums as device_sums
 from edgeft.errors import EdgeftError
 from edgeft.files import sha256_file
-from edgeft.guard import check_gguf
 
 # Tokens each artifact generates to show it runs (greedy, from a one-message chat through its own template).
 PROBE_TOKENS = 4
@@ -32,7 +33,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 # Finding kinds, for --json readers.
 MISSING, MODIFIED, UNEXPECTED, NOT_REGULAR = "missing", "modified", "unexpected", "not_regular"
-BAD_MANIFEST, BAD_SUMS, BAD_GGUF, RUNTIME = "manifest", "sha256sums", "gguf_header", "runtime"
+BAD_MANIFEST, BAD_SUMS, BAD_HEADER, RUNTIME = "manifest", "sha256sums", "artifact_header", "runtime"
 
 
 @dataclass(frozen=True)
@@ -157,9 +158,9 @@ def parse_manifest(raw: bytes, where: str = MANIFEST) -> Manifest:
             raise EdgeftError(f"{where}: artifacts[{i}] is not an object")
         path = _safe_rel(a.get("path"), where, f"artifacts[{i}].path")
         fmt, digest = a.get("format"), a.get("sha256")
-        if fmt not in FORMATS:
+        if fmt not in formats.names():
             raise EdgeftError(
-                f"{where}: artifacts[{i}].format is {str(fmt)[:40]!r}; expected one of {FORMATS}"
+                f"{where}: artifacts[{i}].format is {str(fmt)[:40]!r}; expected one of {formats.names()}"
             )
         if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
             raise EdgeftError(f"{where}: artifacts[{i}].sha256 is not a sha256 hex digest")
@@ -266,16 +267,17 @@ def check_bundle(
     _check_sums(c, present)
 
     artifacts: list[ArtifactCheck] = []
-    gguf_files = {rel for rel in present if rel.endswith(".gguf")}
+    # every file of an artifact's shape, and every artifact the manifest lists, gets its format's header check
+    typed = {rel: fmt for rel in present for fmt in formats.EXPORT_FORMATS.values() if fmt.owns(root / rel)}
     if manifest is not None:
-        gguf_files |= {a.path for a in manifest.artifacts if a.format == FORMAT_GGUF and a.path in present}
+        typed |= {a.path: formats.get(a.format) for a in manifest.artifacts if a.path in present}
     bad_header: set[str] = set()
-    for rel in sorted(gguf_files):
+    for rel, fmt in sorted(typed.items()):
         try:
-            check_gguf(root / rel)
+            fmt.check_file(root / rel)
         except EdgeftError as e:
             bad_header.add(rel)
-            c.add(BAD_GGUF, rel, str(e).removeprefix(f"{root / rel}: "))
+            c.add(BAD_HEADER, rel, str(e).removeprefix(f"{root / rel}: "))
     for a in manifest.artifacts if manifest is not None else []:
         artifacts.append(_run_artifact(c, a, load, threads, allow_native_libs, bad_header))
     return CheckReport(
@@ -341,16 +343,14 @@ def _run_artifact(
     if not load or tainted:
         why = "--no-load" if not load else "failed the integrity checks; not loaded"
         return ArtifactCheck(a.path, a.format, False, skipped=why)
-    from edgeft.runtime import artifact_format, open_runtime
-
     full = c.root / a.path
     try:
         if not full.resolve().is_relative_to(c.root.resolve()):
             raise EdgeftError("leads outside the bundle")
-        fmt = artifact_format(full)
+        fmt = formats.format_of(full).name
         if fmt != a.format:
             raise EdgeftError(f"is a {fmt} artifact, but {MANIFEST} says {a.format}")
-        rt = open_runtime(
+        rt = formats.open_runtime(
             full, threads=threads, n_ctx=512, all_logits=False, allow_native_libs=allow_native_libs
         )
         try:

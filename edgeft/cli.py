@@ -19,6 +19,8 @@ from typing import Annotated, Any
 
 import typer
 
+from edgeft import formats
+from edgeft import spec as spec_mod
 from edgeft.errors import EdgeftError
 
 app = typer.Typer(
@@ -340,7 +342,9 @@ def export(
             help="Print which architectures each format supports, and exit.",
         ),
     ] = False,
-    format: Annotated[str, typer.Option(help="gguf (llama.cpp) or onnx (onnxruntime-genai).")] = "gguf",
+    format: Annotated[
+        str, typer.Option(help=" or ".join(f"{f.name}: {f.title}" for f in formats.EXPORT_FORMATS.values()))
+    ] = formats.names()[0],
     accuracy_level: Annotated[
         int | None, typer.Option(help="onnx int8/int4: 4 = int8 activations (fast), 1 = fp32 activations.")
     ] = None,
@@ -368,38 +372,48 @@ def export(
     """Export an HF model to a device format, quantized; the artifact's tokenizer is checked against the
     model's own on chat prompts before it is shipped."""
     from edgeft.data import load_jsonl
-    from edgeft.formats import ExportOptions, export_file
     from edgeft.ui import info, task
 
     _check_threads(threads)
-    _check_gguf_only(format, quant, calibration, head_type)
+    spec = _export_spec(format, quant, accuracy_level, calibration, head_type)
     model = Path(_model_source(str(model), allow_pickle))
     convs = [ex.prompt_messages for ex in load_jsonl(data)] if data else []
-    imatrix = None
+    importance = None
     if calibration is not None:
-        from edgeft.formats.gguf.imatrix import imatrix_from_jsonl
+        from edgeft.data import dataset_sha256
 
+        examples = load_jsonl(calibration)  # one-line errors: missing, unreadable, empty, malformed line
         with _stdout_to_stderr():
-            imatrix = imatrix_from_jsonl(model, calibration, threads=threads)
-        info(imatrix.summary())
-    opts = ExportOptions(accuracy_level, None, convs, imatrix=imatrix, head_type=head_type)
+            found = formats.get(format).importance_matrix(
+                model, examples, threads, dataset_sha256(calibration)
+            )
+        info(found.summary())
+        importance = lambda: found  # noqa: E731 - computed above, before the export's progress bar
     with _stdout_to_stderr(), task(f"export {format} {quant}") as update:
-        res = export_file(model, format, quant, out, dataclasses.replace(opts, progress=update))
+        res = formats.export_file(model, spec, out, formats.ExportJob(update, convs, importance))
     _emit(res, as_json)
 
 
-def _check_gguf_only(fmt: str, quant: str, calibration: Path | None, head_type: str | None) -> None:
-    """--calibration / --head-type with a format or quant that cannot use them: one line, before any work."""
-    from edgeft.constants import FORMAT_GGUF
-    from edgeft.formats.gguf.quantize import check_quant_options
-
-    given = [f for f, v in (("--calibration", calibration), ("--head-type", head_type)) if v is not None]
-    if not given:
-        return
-    if fmt != FORMAT_GGUF:
-        verb = "applies" if len(given) == 1 else "apply"
-        raise EdgeftError(f"{' and '.join(given)} {verb} to gguf quants only, not {fmt} {quant}")
-    check_quant_options(quant, calibration is not None, head_type, given[0])
+def _export_spec(
+    fmt: str, quant: str, accuracy_level: int | None, calibration: Path | None, head_type: str | None
+) -> spec_mod.ArtifactSpec:
+    """The artifact `edgeft export` writes, its options checked by its format before any work (one line)."""
+    given = {"--accuracy-level": accuracy_level, "--calibration": calibration, "--head-type": head_type}
+    keys = {"--accuracy-level": "accuracy_level", "--calibration": "imatrix", "--head-type": "head_type"}
+    fmt_ = formats.get(fmt)
+    wrong = [flag for flag, v in given.items() if v is not None and keys[flag] not in fmt_.option_keys]
+    if wrong:
+        verb = "applies" if len(wrong) == 1 else "apply"
+        raise EdgeftError(
+            f"{' and '.join(wrong)} {verb} to {formats.owners(keys[wrong[0]])} only, not {fmt} {quant}"
+        )
+    spec = spec_mod.ArtifactSpec(
+        fmt, quant, accuracy_level=accuracy_level, imatrix=calibration is not None, head_type=head_type
+    )
+    first = next((flag for flag, v in given.items() if v is not None), None)
+    if first is not None:  # the exporter checks the quant itself
+        fmt_.check_spec(spec, first)
+    return spec
 
 
 @app.command(

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeft.constants import CONFIG_FILE, FORMATS, GGUF_QUANTS, ONNX_QUANTS
+from edgeft import formats
+from edgeft.constants import CONFIG_FILE
 from edgeft.errors import EdgeftError
 from edgeft.targets import (
     MAX_THREADS,
@@ -206,8 +207,8 @@ LORA_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 MAX_PATH = 4096
 # A [budgets.X] key: a quant name (every artifact of it) or an artifact label (gguf-q4_0, onnx-int8-acc4).
-BUDGET_KEY = re.compile(rf"(?:(?:{'|'.join(FORMATS)})-)?[a-z0-9_]+(?:-acc\d)?")
-BUDGET_QUANTS = frozenset(GGUF_QUANTS) | frozenset(ONNX_QUANTS)
+BUDGET_KEY = re.compile(rf"(?:(?:{'|'.join(formats.names())})-)?[a-z0-9_]+(?:-acc\d)?")
+BUDGET_QUANTS = frozenset(q for f in formats.EXPORT_FORMATS.values() for q in f.quants)
 
 
 KNOWN_KEYS = {

@@ -16,13 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
-from edgeft.guard import gguf_keys, read_json  # noqa: F401 - read_json: files is where callers look for it
+from edgeft.guard import read_json  # noqa: F401 - read_json: files is where callers look for it
 
 # Every folder edgeft writes carries this file; an existing folder without it is never replaced or deleted.
 MARKER = ".edgeft"
-# Written into every GGUF edgeft produces (right after general.architecture, so it sits in the first bytes):
-# an existing .gguf without it is somebody else's file and is not overwritten.
-GGUF_MARKER_KEY = "edgeft.version"
 # The marker's "what" for a build's --out folder: it holds bundles (and maybe the user's own files), so it is
 # entered and locked, never replaced whole.
 CONTAINER = "output folder"
@@ -60,24 +57,6 @@ def ensure_replaceable_dir(out: Path, *, enter: bool = False) -> None:
             )
     what = "a file" if not out.is_dir() else "a folder edgeft did not write (no .edgeft marker)"
     raise EdgeftError(f"{out}: exists and is {what}; choose another output or move it away")
-
-
-def is_edgeft_gguf(path: Path) -> bool:
-    """Whether `path` is a GGUF whose metadata holds edgeft's marker key (parsed, not searched for)."""
-    try:
-        return GGUF_MARKER_KEY in gguf_keys(path)
-    except EdgeftError:
-        return False
-
-
-def ensure_replaceable_file(out: Path) -> None:
-    """Refuse to overwrite `out` unless it is absent or a GGUF edgeft wrote (its marker key)."""
-    out = Path(out)
-    if not out.exists():
-        return
-    if out.is_file() and not out.is_symlink() and is_edgeft_gguf(out):
-        return
-    raise EdgeftError(f"{out}: exists and was not written by edgeft; choose another output or move it away")
 
 
 def unique_sibling(out: Path, tag: str, *, directory: bool) -> Path:

@@ -14,15 +14,12 @@ from typing import Any
 
 from edgeft import bench, bundle, data, files, footprint, formats, runspec, search, targets, verify
 from edgeft.config import BuildConfig, apply_budgets
-from edgeft.constants import FORMAT_GGUF, GGUF_FLOAT_QUANTS
 from edgeft.errors import EdgeftError
 from edgeft.files import locked, tree_bytes
 from edgeft.finetune import finetune, load_result
-from edgeft.formats.torch.runtime import TorchRuntime
 from edgeft.loading import load_tokenizer, model_fingerprint
 from edgeft.merge import merge
 from edgeft.reference import stored_reference
-from edgeft.runtime import open_runtime
 from edgeft.ui import info, task
 from edgeft.versions import tool_versions
 
@@ -138,7 +135,7 @@ def _stages(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_pa
                 left_out.append(str(exc))
                 continue
             # confirm the estimate on the artifact itself: its tensors and its runtime's KV cache
-            measured = footprint.measure(path, target.context_length)
+            measured = formats.measure(path, target.context_length)
             cand = search.Candidate(spec, slot, path, measured, tree_bytes(path))
             reason = over_budget(measured, target, "measured on the exported artifact")
             if reason:
@@ -259,7 +256,7 @@ def ram_preflight(
     reason; with `strict` the first that does not fit is one EdgeftError instead."""
     keep, skipped = [], []
     for spec in target.artifacts:
-        est = footprint.estimate_need(model_dir, spec.format, spec.quant, target.context_length)
+        est = formats.estimate_need(model_dir, spec.format, spec.quant, target.context_length)
         reason = over_budget(est, target, "estimated before export")
         if reason is None:
             keep.append(spec)
@@ -340,7 +337,7 @@ def base_accuracy(model: str, evalset: verify.EvalSet, threads: int) -> float | 
     """Task accuracy of the base model before fine-tuning (what the fine-tune is worth)."""
     if not evalset.scored:
         return None
-    rt = TorchRuntime(model, threads=threads)
+    rt = formats.open_reference(model, threads=threads)
     try:
         with task("score base model (before fine-tuning)", len(evalset.examples)) as update:
             return verify.task_accuracy(rt, evalset, update)
@@ -359,7 +356,7 @@ def choose(
     measured in full and marked as failing (the build then fails naming it, unless --no-fail-on-drift)."""
 
     def opener(path: Path):
-        return open_runtime(path, threads=threads, n_ctx=evalset.n_ctx)
+        return formats.open_runtime(path, threads=threads, n_ctx=evalset.n_ctx)
 
     winner = search.choose(group, ref, evalset, opener, task=task, exhaustive=exhaustive)
     if winner is not None:
@@ -381,7 +378,8 @@ CLOSEST = "the closest"
 
 class QuantSources:
     """What quantized candidates are made from, each made the first time an export needs it: the importance
-    matrix of the fine-tuning data's training split (never the held-out split) and the 16-bit GGUF."""
+    matrix of the fine-tuning data's training split (never the held-out split), computed by the format that
+    uses one; and the folder where a format keeps what its candidates share (a GGUF's 16-bit source)."""
 
     def __init__(self, merged: Path, data_path: Path, cfg: BuildConfig, work: Path, key: str = "") -> None:
         self.merged, self.data_path, self.cfg, self.work = merged, data_path, cfg, work
@@ -389,18 +387,12 @@ class QuantSources:
         self.value: Any = None
         self._record = work / "imatrix.json"  # what a reused imatrix artifact was made with
 
-    def get(self) -> Any:
+    def importance(self, fmt: formats.Format) -> Any:
         if self.value is None:
-            from edgeft.formats.gguf.imatrix import compute_imatrix
-
             lora = self.cfg.lora
             train, _ = data.load_split(self.data_path, lora.eval_fraction, lora.seed, lora.max_eval)
-            convs = [list(ex.messages) for ex in train]
-            self.value = compute_imatrix(
-                self.merged,
-                convs,
-                threads=self.cfg.threads,
-                dataset_sha256=data.dataset_sha256(self.data_path),
+            self.value = fmt.importance_matrix(
+                self.merged, train, self.cfg.threads, data.dataset_sha256(self.data_path)
             )
             files.write_json(self._record, {"key": self.digest(), "imatrix": self.value.record()})
         return self.value
@@ -411,20 +403,6 @@ class QuantSources:
             return self.value.record()
         saved = files.read_json(self._record) if self._record.is_file() else None
         return saved["imatrix"] if isinstance(saved, dict) and saved.get("key") == self.digest() else None
-
-    def float_gguf(self, work: Path, key: str, conversations: list[Any]) -> Path:
-        """The 16-bit GGUF every quantized GGUF candidate is made from: converted once per model."""
-        from edgeft.formats.gguf.export import export_float_gguf
-
-        folder = work / "float-gguf"
-        fkey = files.digest(["float-gguf", key, conversations])
-        if not files.done_with(folder, fkey):
-            files.forget(folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            with task("export 16-bit GGUF (quantized from, once)") as update:
-                export_float_gguf(self.merged, folder, progress=update, conversations=conversations)
-            files.mark_done(folder, fkey)
-        return next(folder.glob("model-*.gguf"))
 
     def digest(self) -> str:
         """What an imatrix export depends on besides the model: the data and how it is split."""
@@ -456,29 +434,23 @@ def export_candidate(
     if spec.imatrix:
         parts.append(sources.digest())
     art_key = files.digest(parts)
-    name = formats.artifact_name(spec.format, spec.quant, spec.variant)
-    level = f"-acc{spec.accuracy_level}" if spec.accuracy_level is not None else ""
-    path = work / "artifacts" / f"{name}{level}"
+    path = (
+        work
+        / "artifacts"
+        / (formats.artifact_name(spec.format, spec.quant, spec.variant) + spec.level_suffix)
+    )
     with timed(spec.label, seconds):
         if files.done_with(path, art_key):
             reused.append(spec.label)
             return path
         files.forget(path)
         files.require_resources(f"export {spec.label}", disk_at=work, disk=3 * tree_bytes(merged))
-        imat = sources.get() if spec.imatrix else None
-        base = None
-        if spec.format == FORMAT_GGUF and spec.quant not in GGUF_FLOAT_QUANTS:
-            base = sources.float_gguf(work, key, conversations)
+        fmt = formats.get(spec.format)
         with task(f"export {spec.label}") as update:
-            opts = formats.ExportOptions(
-                spec.accuracy_level,
-                update,
-                conversations,
-                imatrix=imat,
-                head_type=spec.head_type,
-                float_gguf=base,
+            job = formats.ExportJob(
+                update, conversations, lambda: sources.importance(fmt), shared=work, shared_key=key
             )
             path.parent.mkdir(parents=True, exist_ok=True)
-            formats.export_file(merged, spec.format, spec.quant, path, opts)
+            formats.export_file(merged, spec, path, job)
         files.mark_done(path, art_key)
     return path

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgeft import data as data_mod
-from edgeft import files, metrics
+from edgeft import files, formats, metrics
 from edgeft.errors import EdgeftError
 from edgeft.evalset import AppAnswer, EvalSet, app_answer, cut_answer
 from edgeft.runtime import Runtime
@@ -253,7 +253,6 @@ def stored_reference(
     """The reference run of `model_dir` on `es` from `root/reference-KEY`, computed there first when absent
     (written whole or not at all); also whether it was reused. With `keep`, only the `keep` most recently
     used references stay under `root` (edgeft verify's cache)."""
-    from edgeft.formats.torch.runtime import TorchRuntime
     from edgeft.loading import load_tokenizer
 
     key = reference_key(model_dir, es)
@@ -272,7 +271,7 @@ def stored_reference(
     files.forget(folder)
     root.mkdir(parents=True, exist_ok=True)
     with files.atomic_dir(folder, what="float reference") as tmp:
-        rt = TorchRuntime(model_dir, threads=threads)
+        rt = formats.open_reference(model_dir, threads=threads)
         try:
             with progress("float reference (once, batched)", es.n_steps) as update:
                 run_reference(rt, es, update, folder=tmp)

@@ -13,10 +13,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from edgeft import formats
 from edgeft.constants import BUDGET_KINDS
 
 # Marker shape and colour per artifact format; formats edgeft does not know take the next free style.
-FORMAT_STYLES = {"gguf": ("circle", "#2b6cb0"), "onnx": ("square", "#c05621")}
 OTHER_STYLES = (("diamond", "#2f855a"), ("triangle", "#6b46c1"), ("diamond", "#b7791f"), ("triangle", "#555"))
 # Colours of the tensor types in the stacked bars, handed out in order of first appearance.
 TYPE_COLOURS = (
@@ -145,7 +145,8 @@ def _styles(pts: list[Point]) -> dict[str, tuple[str, str]]:
     styles, spare = {}, iter(OTHER_STYLES * (1 + len(pts)))
     for p in pts:
         if p.format not in styles:
-            styles[p.format] = FORMAT_STYLES.get(p.format) or next(spare)
+            known = formats.EXPORT_FORMATS.get(p.format)  # a manifest's format string, maybe unknown
+            styles[p.format] = known.plot_style if known is not None else next(spare)
     return styles
 
 

@@ -21,40 +21,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgeft.constants import FORMAT_GGUF, FORMAT_ONNX
+from edgeft import formats
 
 # model.json layout version; bumped whenever a key changes meaning.
 SCHEMA_VERSION = 1
 
-# What runs each format in an app, and which examples/ program drives it. The Node example's package is
-# pinned in examples/node/package.json (its lock installs cleanly from the npm registry); edgeft's tests
-# run every example against the demo bundle.
-NODE_LLAMA_CPP = "3.21.1"
-RUNTIMES: dict[str, list[dict[str, str]]] = {
-    FORMAT_GGUF: [
-        {
-            "name": "llama-cpp-python",
-            "package": "pypi:llama-cpp-python",
-            "example": "python/chat_llama_cpp.py",
-        },
-        {"name": "node-llama-cpp", "package": "npm:node-llama-cpp", "example": "node/chat.mjs"},
-    ],
-    FORMAT_ONNX: [
-        {
-            "name": "onnxruntime-genai",
-            "package": "pypi:onnxruntime-genai",
-            "example": "python/chat_onnxruntime_genai.py",
-        }
-    ],
-}
+# The example files every bundle carries (examples/ in the repo); each format adds those that run it
+# (Format.example_files).
+COMMON_EXAMPLE_FILES = ("README.md", "python/bundle_model.py")
 
 
-# The example files a bundle carries (examples/ in the repo), by the artifact format they run; "" = always.
-EXAMPLE_FILES: dict[str, tuple[str, ...]] = {
-    "": ("README.md", "python/bundle_model.py"),
-    FORMAT_GGUF: ("python/chat_llama_cpp.py", "node/chat.mjs", "node/package.json", "node/package-lock.json"),
-    FORMAT_ONNX: ("python/chat_onnxruntime_genai.py",),
-}
+def example_files() -> dict[str, tuple[str, ...]]:
+    """Example files by the format they run ("" = every bundle)."""
+    return {"": COMMON_EXAMPLE_FILES} | {n: f.example_files for n, f in formats.EXPORT_FORMATS.items()}
 
 
 def examples_dir() -> Path:
@@ -65,11 +44,11 @@ def examples_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "examples"
 
 
-def copy_examples(dst: Path, formats: Iterable[str]) -> None:
-    """Copy into `dst` the examples that run the shipped `formats` (never node_modules or caches)."""
-    src = examples_dir()
-    for fmt in ("", *sorted(set(formats))):
-        for rel in EXAMPLE_FILES.get(fmt, ()):
+def copy_examples(dst: Path, shipped: Iterable[str]) -> None:
+    """Copy into `dst` the examples that run the `shipped` formats (never node_modules or caches)."""
+    src, by_format = examples_dir(), example_files()
+    for fmt in ("", *sorted(set(shipped))):
+        for rel in by_format.get(fmt, ()):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / rel, dst / rel)
 
@@ -112,12 +91,14 @@ def describe(
     for a in artifacts:
         fmt = a["format"]
         runtimes = []
-        for r in RUNTIMES.get(fmt, []):
-            version = NODE_LLAMA_CPP if r["name"] == "node-llama-cpp" else versions.get(r["name"])
-            # the build verified this artifact with the installed Python runtime; the Node package with the
-            # version edgeft's tests run (older versions are untested, so they are not claimed)
-            verified = "edgeft's example tests" if r["name"] == "node-llama-cpp" else "this build's verify"
-            runtimes.append({**r, "min_version": version, "verified_by": verified})
+        for app in formats.get(fmt).apps:
+            # the build verified this artifact with the installed Python runtime; a package pinned in the
+            # examples with the version edgeft's tests run (older versions are untested, so not claimed)
+            pinned = app.get("pinned")
+            version = pinned or versions.get(app["name"])
+            verified = "edgeft's example tests" if pinned else "this build's verify"
+            shown = {k: app[k] for k in ("name", "package", "example")}
+            runtimes.append({**shown, "min_version": version, "verified_by": verified})
         # threads measured on a device (with_device_threads) replace the profile's `threads` for it
         runs.append(
             {"path": a["path"], "format": fmt, "quant": a.get("quant"), "runtimes": runtimes, "threads": None}

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeft import verify
+from edgeft import formats, verify
 from edgeft.constants import BUDGET_KINDS
 from edgeft.errors import EdgeftError
 from edgeft.footprint import Footprint
@@ -97,11 +97,10 @@ class Candidate:
 
 
 def _steered(path: Path) -> str | None:
-    """What edgeft steered in a GGUF candidate (edgeft.formats.gguf.quantize.Steered.summary), if anything."""
-    from edgeft.footprint import tensor_types
-
+    """What edgeft steered in a candidate (tensors written in another type than the quantizer chose), if
+    anything."""
     try:
-        return tensor_types(path).steered if path.is_file() else None
+        return formats.tensor_types(path).steered
     except (EdgeftError, OSError):
         return None
 
@@ -323,8 +322,6 @@ def explain_out_of_line(cands: list[Candidate]) -> None:
     """Give each out-of-line candidate a note naming what edgeft can see: the tensor types it actually wrote
     (GGUF K-quants fall back to other types for rows that are not whole 256-blocks) and the types it holds
     that the smaller, better-behaved candidate does not."""
-    from edgeft.footprint import tensor_types
-
     measured = [c for c in cands if c.metrics().get("kld_mean") is not None]
     for c in measured:
         kld = float(c.metrics()["kld_mean"])  # type: ignore[arg-type]
@@ -338,7 +335,7 @@ def explain_out_of_line(cands: list[Candidate]) -> None:
             continue
         d = min(better, key=lambda x: float(x.metrics()["kld_mean"]))  # type: ignore[arg-type]
         try:
-            mine, theirs = tensor_types(c.path), tensor_types(d.path)
+            mine, theirs = formats.tensor_types(c.path), formats.tensor_types(d.path)
         except (EdgeftError, OSError):
             continue
         odd = [t for t in mine.matrices if t not in theirs.matrices]

@@ -1,13 +1,12 @@
 """The support matrix: which architectures edgeft exports to which format, from the exporters' own tables.
 
-`edgeft export --list-architectures` prints it; docs/architectures.md shows it. GGUF support is
-constants.GGUF_ARCHS (implemented in edgeft/export/gguf/arch.py), ONNX support is constants.ONNX_ARCHS
-(None = exported, else the reason it is refused up front).
+`edgeft export --list-architectures` prints it; docs/architectures.md shows it. Each format says which
+architectures it knows and how (Format.architectures, Format.support).
 """
 
 from __future__ import annotations
 
-from edgeft.constants import FORMAT_GGUF, FORMAT_ONNX, GGUF_ARCHS, ONNX_ARCHS
+from edgeft import formats
 
 # Model families people ship under each HF architecture name (what the matrix is read for).
 FAMILIES: dict[str, str] = {
@@ -21,44 +20,23 @@ FAMILIES: dict[str, str] = {
     "Phi3ForCausalLM": "Phi-3, Phi-3.5-mini (longrope), Phi-4-mini (partial rotary)",
     "Phi3SmallForCausalLM": "Phi-3-small",
 }
-# Tokenizer pipelines a runtime cannot reproduce (measured; verify's prompt_ids_match fails such artifacts).
-TOKENIZER_NOTES: tuple[tuple[str, str, str], ...] = (
-    (
-        FORMAT_ONNX,
-        "byte-level BPE with a Digits(individual) pre-tokenizer (SmolLM2)",
-        "onnxruntime-genai 0.18 ignores the Digits step: numbers tokenize differently",
-    ),
-    (
-        FORMAT_ONNX,
-        'SentencePiece saved with Metaspace prepend_scheme="first" (as transformers 5 re-saves a Llama tokenizer)',
-        'onnxruntime-genai puts "▁" after special tokens, the file does not: every chat prompt differs',
-    ),
-    (
-        FORMAT_GGUF,
-        'SentencePiece saved with Metaspace prepend_scheme="first"',
-        'chat prompts match (the space-prefix flag is chosen by test); plain text lacks the leading "▁"',
-    ),
-)
 
 
-def rows() -> list[tuple[str, str, str, str]]:
-    """(HF architecture, families, GGUF, ONNX) per architecture either exporter knows."""
-    out = []
-    for arch in dict.fromkeys([*GGUF_ARCHS, *ONNX_ARCHS]):
-        gguf = GGUF_ARCHS[arch].name.lower() if arch in GGUF_ARCHS else "no"
-        onnx = (
-            "yes"
-            if ONNX_ARCHS.get(arch, "not supported") is None
-            else f"no: {ONNX_ARCHS.get(arch, 'not supported')}"
-        )
-        out.append((arch, FAMILIES.get(arch, ""), gguf, onnx))
-    return out
+def rows() -> list[tuple[str, ...]]:
+    """(HF architecture, families, then one cell per export format) for every architecture a format knows."""
+    fmts = list(formats.EXPORT_FORMATS.values())
+    archs = dict.fromkeys(a for f in fmts for a in f.architectures)
+    return [(arch, FAMILIES.get(arch, ""), *(f.support(arch) for f in fmts)) for arch in archs]
 
 
 def markdown() -> str:
     """The matrix as a Markdown table (for docs/architectures.md and the terminal)."""
-    lines = ["| architecture | families | GGUF (llama.cpp) | ONNX (onnxruntime-genai) |", "|---|---|---|---|"]
-    lines += [f"| {a} | {f} | {g} | {o} |" for a, f, g, o in rows()]
+    fmts = list(formats.EXPORT_FORMATS.values())
+    lines = [
+        "| architecture | families | " + " | ".join(f.title for f in fmts) + " |",
+        "|---|---|" + "---|" * len(fmts),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows()]
     lines += ["", "Tokenizers a runtime cannot reproduce (flagged at export, failed by verify):", ""]
-    lines += [f"- {fmt}: {what} — {why}" for fmt, what, why in TOKENIZER_NOTES]
+    lines += [f"- {f.name}: {what} — {why}" for f in fmts for what, why in f.tokenizer_notes]
     return "\n".join(lines)

@@ -6,7 +6,6 @@ how much drift each may show. `--target` takes a profile name or a path to a TOM
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import tomllib
@@ -15,108 +14,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgeft.constants import (
-    BUDGET_KINDS,
-    FORMAT_GGUF,
-    FORMAT_ONNX,
-    FORMATS,
-    GGUF_BITS_PER_WEIGHT,
-    GGUF_HEAD_TYPES,
-    GGUF_IMATRIX_QUANTS,
-    GGUF_QUANTS,
-    ONNX_ACCURACY_LEVELS,
-    ONNX_FLOAT_QUANTS,
-    ONNX_QUANTS,
-)
+from edgeft import formats
+from edgeft.constants import BUDGET_KINDS
 from edgeft.errors import EdgeftError
-
-QUANTS_BY_FORMAT: dict[str, tuple[str, ...]] = {FORMAT_GGUF: GGUF_QUANTS, FORMAT_ONNX: ONNX_QUANTS}
-
-
-@dataclass(frozen=True)
-class DriftBudget:
-    """Limits on drift against the float model; None means unchecked."""
-
-    kld_mean: float | None = None
-    kld_p99: float | None = None
-    top1: float | None = None
-    ppl_ratio: float | None = None
-    task_accuracy_drop: float | None = None
-    # The app path: a tokenization or template difference fails the build unless a profile loosens it.
-    prompt_ids_match: float | None = 1.0
-    answers_match: float | None = None
-    min_task_accuracy: float | None = None  # held-out exact-match accuracy of the artifact itself
-    max_size_mb: float | None = None  # the artifact's size on disk (file, or folder for ONNX), in MB
-
-    def violations(
-        self,
-        drift: dict[str, float | None],
-        reference_accuracy: float | None,
-        size_mb: float | None = None,
-    ) -> list[str]:
-        """One line per exceeded limit, naming metric, value and budget (unmeasured metrics unchecked)."""
-        values = dict(drift)
-        acc = drift.get("task_accuracy")
-        values["task_accuracy_drop"] = (
-            None if acc is None or reference_accuracy is None else reference_accuracy - acc
-        )
-        values["min_task_accuracy"] = acc
-        values["max_size_mb"] = size_mb
-        out = []
-        for name, kind in BUDGET_KINDS.items():
-            limit, value = getattr(self, name), values.get(name)
-            if limit is None or value is None:
-                continue
-            bad = value > limit if kind == "max" else value < limit
-            if bad or value != value:  # NaN always fails
-                sign = "<=" if kind == "max" else ">="
-                out.append(f"{name} = {value:.4g}, budget {sign} {limit:g}")
-        return out
-
-
-@dataclass(frozen=True)
-class ArtifactSpec:
-    """One artifact to build for a target: a format, a quant and its drift budget.
-
-    `accuracy_level` (ONNX int quants) is MatMulNBits' activation precision: 4 = int8 (fast), 1 = fp32.
-    `ship = false` builds, verifies and benches it for the report only, so a user sees the trade-off.
-    `imatrix`: quantize with the importance matrix of the fine-tuning data (GGUF quants that use one).
-    `head_type`: keep the output head and token embedding at this GGUF type (llama.cpp's
-    output_tensor_type / token_embedding_type).
-    `search`: the candidates this slot chooses from (edgeft.search); empty for a fixed artifact. Without
-    the search (`--no-search`) a slot builds its own quant.
-    """
-
-    format: str
-    quant: str
-    budget: DriftBudget = DriftBudget()
-    accuracy_level: int | None = None
-    ship: bool = True
-    imatrix: bool = False
-    head_type: str | None = None
-    search: tuple[ArtifactSpec, ...] = ()
-
-    @property
-    def variant(self) -> str:
-        """What sets this artifact apart from the plain quant, as a name suffix ("-imatrix-head_q8_0")."""
-        return ("-imatrix" if self.imatrix else "") + (f"-head_{self.head_type}" if self.head_type else "")
-
-    @property
-    def file_variant(self) -> str:
-        """The suffix of the artifact's name in a bundle: the head type only (whether an importance matrix was
-        used is in the manifest; the default build uses one wherever it helps)."""
-        return f"-head_{self.head_type}" if self.head_type else ""
-
-    @property
-    def label(self) -> str:
-        level = f"-acc{self.accuracy_level}" if self.accuracy_level is not None else ""
-        return f"{self.format}-{self.quant}{self.variant}{level}"
-
-    @property
-    def slot(self) -> str:
-        """The slot's own label: the plain format-quant it builds without the search."""
-        level = f"-acc{self.accuracy_level}" if self.accuracy_level is not None else ""
-        return f"{self.format}-{self.quant}{level}"
+from edgeft.spec import ArtifactSpec, DriftBudget
 
 
 @dataclass(frozen=True)
@@ -200,9 +101,8 @@ ISA_FEATURES = (
     "amx",
 )
 MAX_NOTES = 600  # a few sentences: which llama.cpp build flags / wheels reach the ISA
-ARTIFACT_KEYS = ("format", "quant", "accuracy_level", "ship", "budget", "imatrix", "head_type", "search")
-# `imatrix` values: with it, without it, or (in a search) both as separate candidates.
-IMATRIX_CHOICES = (True, False, "both")
+# Keys of every [[artifacts]] table; a format adds its own options (Format.option_keys).
+ARTIFACT_KEYS = ("format", "quant", "ship", "budget", "search", *formats.option_keys())
 # Generous upper bounds: far past any real device, there so a typo is refused here, not a crash later.
 MAX_THREADS = 1024
 INT_BOUNDS = {
@@ -338,87 +238,39 @@ def parse_budget(table: Any, where: str) -> DriftBudget:
 
 
 def _parse_artifact(art: Any, where: str) -> ArtifactSpec:
-    """One [[artifacts]] table."""
+    """One [[artifacts]] table: the keys every format has here, its own options checked by the format."""
     art = expect_table(art, where, "an [[artifacts]] table with format and quant")
     refuse_unknown(art, ARTIFACT_KEYS, where)
-    fmt = _expect(art, "format", str, where)
-    if fmt not in QUANTS_BY_FORMAT:
-        raise EdgeftError(f"{where}: unknown format {show(fmt)} (known: {', '.join(FORMATS)})")
+    name = _expect(art, "format", str, where)
+    if name not in formats.names():
+        raise EdgeftError(f"{where}: unknown format {show(name)} (known: {', '.join(formats.names())})")
+    fmt = formats.get(name)
     quant = _expect(art, "quant", str, where)
-    if quant not in QUANTS_BY_FORMAT[fmt]:
-        raise EdgeftError(
-            f"{where}: unknown {fmt} quant {show(quant)} (known: {', '.join(QUANTS_BY_FORMAT[fmt])})"
-        )
-    level = art.get("accuracy_level")
-    if level is not None and (fmt != FORMAT_ONNX or quant in ONNX_FLOAT_QUANTS):
-        raise EdgeftError(f"{where}: accuracy_level applies to onnx int8/int4 only, not {fmt} {quant}")
-    if level is not None and (isinstance(level, bool) or level not in ONNX_ACCURACY_LEVELS):
-        raise EdgeftError(
-            f"{where}: accuracy_level = {show(level)} (known: {', '.join(map(str, ONNX_ACCURACY_LEVELS))})"
-        )
+    if quant not in fmt.quants:
+        raise EdgeftError(f"{where}: unknown {name} quant {show(quant)} (known: {', '.join(fmt.quants)})")
+    for key in formats.option_keys():
+        if key in art and key not in fmt.option_keys:
+            raise EdgeftError(f"{where}: {key} applies to {formats.owners(key)} only, not {name}")
     ship = art.get("ship", True)
     if not isinstance(ship, bool):
         raise EdgeftError(f"{where}: ship = {show(ship)} should be true or false")
     budget = parse_budget(art.get("budget", {}), f"{where}.budget")
-    search = _quant_list(art.get("search", []), fmt, f"{where}: search")
-    imatrix = art.get("imatrix", "both" if search else True)
-    if imatrix not in IMATRIX_CHOICES or (imatrix == "both" and not search):
-        both = ', or "both" (with a search list)' if not search else ', or "both"'
-        raise EdgeftError(f"{where}: imatrix = {show(imatrix)} should be true or false{both}")
-    heads = art.get("head_type", [])
-    heads = [heads] if isinstance(heads, str) else heads
-    if not isinstance(heads, list) or not all(h in GGUF_HEAD_TYPES for h in heads):
-        raise EdgeftError(
-            f"{where}: head_type = {show(art['head_type'])} should be one or a list of the ggml types "
-            f"{', '.join(GGUF_HEAD_TYPES)}"
-        )
-    if heads and fmt != FORMAT_GGUF:
-        raise EdgeftError(f"{where}: head_type applies to gguf only, not {fmt}")
-    if len(heads) > 1 and not search:
-        raise EdgeftError(f"{where}: head_type lists several types; only a search slot tries several")
-    base = ArtifactSpec(fmt, quant, budget, level, ship)
-    fixed = _variants(base, [quant], imatrix, heads or [None])
-    if not fixed:
-        raise EdgeftError(f"{where}: head_type {show(heads[0])} is not more precise than {quant}; drop it")
-    return dataclasses.replace(fixed[0], search=tuple(_variants(base, search, imatrix, [None, *heads])))
+    search = _quant_list(art.get("search", []), fmt.quants, name, f"{where}: search")
+    return fmt.parse_slot(art, ArtifactSpec(name, quant, budget, ship=ship), search, where)
 
 
-def _quant_list(value: Any, fmt: str, where: str) -> list[str]:
-    """A list of known quant names of `fmt`, each once."""
+def _quant_list(value: Any, known: tuple[str, ...], name: str, where: str) -> list[str]:
+    """A list of known quant names of format `name`, each once."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise EdgeftError(f"{where} = {show(value)} should be a list of {fmt} quant names")
-    unknown = [v for v in value if v not in QUANTS_BY_FORMAT[fmt]]
+        raise EdgeftError(f"{where} = {show(value)} should be a list of {name} quant names")
+    unknown = [v for v in value if v not in known]
     if unknown:
         raise EdgeftError(
-            f"{where}: unknown {fmt} quant(s) {', '.join(show(v) for v in unknown)} "
-            f"(known: {', '.join(QUANTS_BY_FORMAT[fmt])})"
+            f"{where}: unknown {name} quant(s) {', '.join(show(v) for v in unknown)} (known: {', '.join(known)})"
         )
     if len(set(value)) != len(value):
         raise EdgeftError(f"{where} = {show(value)} names a quant twice")
     return list(value)
-
-
-def _variants(
-    base: ArtifactSpec, quants: list[str], imatrix: bool | str, heads: list[str | None]
-) -> list[ArtifactSpec]:
-    """Concrete artifacts: each quant with/without the importance matrix where the quant uses one, and with
-    the head kept at each higher type; a variant that would change nothing is not repeated."""
-    out: list[ArtifactSpec] = []
-    for quant in quants:
-        gguf = base.format == FORMAT_GGUF
-        uses = gguf and quant in GGUF_IMATRIX_QUANTS
-        flags = [True, False] if imatrix == "both" else [bool(imatrix)]
-        for flag in dict.fromkeys(f and uses for f in flags):
-            for head in heads:
-                if head is not None and (not gguf or not _higher(head, quant)):
-                    continue
-                out.append(dataclasses.replace(base, quant=quant, imatrix=flag, head_type=head))
-    return out
-
-
-def _higher(head: str, quant: str) -> bool:
-    """Whether keeping the head at `head` is more precise than `quant` would make it (by bits per weight)."""
-    return GGUF_BITS_PER_WEIGHT.get(head, 0) > GGUF_BITS_PER_WEIGHT.get(quant, 0)
 
 
 def parse_profile(data: Any, source: str) -> TargetProfile:

@@ -46,8 +46,9 @@ from edgeft.evalset import (  # noqa: F401 - the eval set's names, as verify's c
     probe_examples,
     task_accuracy,
 )
+from edgeft.formats import open_runtime
 from edgeft.reference import Choices, ReferenceRun, run_reference  # noqa: F401 - as above
-from edgeft.runtime import Runtime, open_runtime
+from edgeft.runtime import Runtime
 from edgeft.ui import Progress
 
 _END = -2  # marks "the answer ended here" in difference reports

@@ -13,8 +13,9 @@ from typing import Any
 
 from edgeft import bundle
 from edgeft.bench import LatencyReport
-from edgeft.formats import ExportOptions, export_artifact
-from edgeft.targets import ArtifactSpec, TargetProfile
+from edgeft.formats import export_artifact
+from edgeft.spec import ArtifactSpec
+from edgeft.targets import TargetProfile
 from edgeft.verify import DriftReport
 
 TARGET = TargetProfile(
@@ -37,7 +38,9 @@ def exported(model: Path, work: Path, specs: Iterable[ArtifactSpec]) -> list[bun
     arts = []
     for spec in specs:
         path = export_artifact(
-            model, spec.format, spec.quant, work / "artifacts", ExportOptions(spec.accuracy_level)
+            model,
+            ArtifactSpec(spec.format, spec.quant, accuracy_level=spec.accuracy_level),
+            work / "artifacts",
         )
         arts.append(bundle.ArtifactResult(spec, path, DRIFT, LATENCY))
     return arts

@@ -15,9 +15,10 @@ import pytest
 from edgeft import builtin, data, verify
 from edgeft.demo import DEMO_DATA
 from edgeft.errors import EdgeftError
-from edgeft.formats import ExportOptions, export_file
+from edgeft.formats import export_file
 from edgeft.loading import load_tokenizer
 from edgeft.probes import PROBE_CONVERSATIONS
+from edgeft.spec import ArtifactSpec
 from edgeft.ui import task
 
 TRICKY = [
@@ -94,7 +95,7 @@ def test_the_tokenizer_is_llama_cpps_on_probes_and_task_data(smollm2: Path, pack
 
 def test_q8_0_export_passes_verify(smollm2: Path, tmp_path: Path) -> None:
     out = tmp_path / "m-q8_0.gguf"
-    export_file(smollm2, "gguf", "q8_0", out, ExportOptions())
+    export_file(smollm2, ArtifactSpec("gguf", "q8_0"), out)
     examples = data.load_jsonl(Path(DEMO_DATA))[:6]
     task_file = tmp_path / "few.jsonl"
     task_file.write_text(
@@ -112,11 +113,11 @@ def test_an_unknown_builtin_is_one_line() -> None:
 
 
 def test_the_bounded_header_reader_reads_what_gguf_py_reads() -> None:
-    """edgeft's own header reader (guard.check_gguf: every header-only question, ~0.05 s here) gives the
+    """edgeft's own header reader (formats.gguf.header.check_gguf: every header-only question, ~0.05 s here) gives the
     package's GGUF the tensor infos and metadata values gguf-py's GGUFReader (~6 s on this vocabulary) gives."""
     import gguf
 
-    from edgeft.guard import SCALAR_ARRAY_ELEMENTS, SCALAR_STRING_BYTES, check_gguf
+    from edgeft.formats.gguf.header import SCALAR_ARRAY_ELEMENTS, SCALAR_STRING_BYTES, check_gguf
 
     path = builtin.packaged_file(builtin.SMOLLM2_135M)
     header = check_gguf(path)

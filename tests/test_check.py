@@ -22,7 +22,7 @@ from edgeft import bundle, data
 from edgeft.check import check_bundle, parse_manifest, parse_sums
 from edgeft.constants import FINETUNE_RECORD, MANIFEST, SHA256SUMS
 from edgeft.errors import EdgeftError
-from edgeft.guard import check_gguf
+from edgeft.formats.gguf.header import check_gguf
 from edgeft.targets import ArtifactSpec
 
 SETTINGS = {"r": 8, "alpha": 16, "epochs": 1, "target_modules": ["q_proj", "v_proj"]}
@@ -252,7 +252,7 @@ def test_tampered_artifacts_are_not_loaded(made: Bundles) -> None:
     _flip(b / "model-q8_0.gguf", 9)  # the tensor count's second byte: the header no longer adds up
     report = check_bundle(b)
     kinds = {(f.kind, f.path) for f in report.findings}
-    assert {("modified", "model-q8_0.gguf"), ("gguf_header", "model-q8_0.gguf")} <= kinds
+    assert {("modified", "model-q8_0.gguf"), ("artifact_header", "model-q8_0.gguf")} <= kinds
     gguf, onnx = report.artifacts
     assert not gguf.loaded and gguf.skipped and onnx.loaded
 
@@ -442,7 +442,7 @@ def test_keys_and_values_read_as_llama_cpp_reads_them(tmp_path: Path) -> None:
     ],
 )
 def test_a_kv_shape_llama_cpp_would_refuse_is_refused(tmp_path: Path, kvs: list[bytes], match: str) -> None:
-    from edgeft.footprint import kv_shape
+    from edgeft.formats import kv_shape
 
     base = [_str(b"general.architecture", b"llama"), _u32(b"llama.block_count", 2)]
     p = tmp_path / "m.gguf"

@@ -4,7 +4,7 @@ near-tie) and on the path an app takes (`prompt_ids_match` = `answers_match` = 1
 template, tokenizer and end ids give the float model's prompts and greedy answers).
 
 Where a runtime cannot reproduce a tokenizer, the exporter and verify must say so instead: onnxruntime-genai
-ignores the Digits(individual) pre-tokenizer SmolLM2 ships (see edgeft/export/onnx_tok.py) and puts "▁" after
+ignores the Digits(individual) pre-tokenizer SmolLM2 ships (see edgeft/formats/onnx/tokenizer.py) and puts "▁" after
 special tokens where a Metaspace prepend_scheme="first" file does not, so those pairs are expected to be
 flagged with their first differing token, not to pass silently.
 
@@ -25,11 +25,11 @@ from tinymodels import ARCHS, cached_model
 from edgeft import verify
 from edgeft.config import LoraSettings
 from edgeft.finetune import finetune
+from edgeft.formats import open_runtime
 from edgeft.formats.gguf.export import export_gguf
 from edgeft.formats.onnx.export import export_onnx
 from edgeft.loading import load_tokenizer
 from edgeft.merge import merge
-from edgeft.runtime import open_runtime
 
 # Byte-level BPE (GPT-2 split, Llama-3 split, SmolLM2's digits, a Qwen2 checkpoint whose file differs from
 # Qwen2Tokenizer's rebuild) and SentencePiece (a Llama whose config names LlamaTokenizer; a file saved with

@@ -17,6 +17,7 @@ import pytest
 
 from edgeft import bundle, runspec
 from edgeft.constants import MANIFEST, MODEL_JSON
+from edgeft.formats.gguf import NODE_LLAMA_CPP
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -106,9 +107,9 @@ def test_bundle_describes_how_to_run_the_model(demo_bundle: Path) -> None:
     assert runtimes == {"gguf": ["llama-cpp-python", "node-llama-cpp"], "onnx": ["onnxruntime-genai"]}
     pinned = json.loads((EXAMPLES / "node" / "package.json").read_text())["dependencies"]["node-llama-cpp"]
     node = next(r for a in desc["artifacts"] for r in a["runtimes"] if r["name"] == "node-llama-cpp")
-    assert node["min_version"] == pinned == runspec.NODE_LLAMA_CPP
+    assert node["min_version"] == pinned == NODE_LLAMA_CPP
     # the examples travel with the bundle, byte for byte, hashed like every file
-    for rel in sorted({f for files in runspec.EXAMPLE_FILES.values() for f in files}):
+    for rel in sorted({f for files in runspec.example_files().values() for f in files}):
         assert (demo_bundle / "examples" / rel).read_bytes() == (EXAMPLES / rel).read_bytes(), rel
         assert manifest["files"][f"examples/{rel}"] == bundle.sha256_file(demo_bundle / "examples" / rel)
     assert manifest["files"][MODEL_JSON] == bundle.sha256_file(demo_bundle / MODEL_JSON)
@@ -119,7 +120,7 @@ def test_the_wheel_carries_every_example_file() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     included = project["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
     want = {
-        f"examples/{f}": f"edgeft/examples/{f}" for files in runspec.EXAMPLE_FILES.values() for f in files
+        f"examples/{f}": f"edgeft/examples/{f}" for files in runspec.example_files().values() for f in files
     }
     assert {k: v for k, v in included.items() if k.startswith("examples/")} == want
     assert all((ROOT / k).is_file() for k in want)

@@ -16,11 +16,11 @@ from onnx import numpy_helper
 from safetensors.numpy import load_file
 from tinymodels import cached_model
 
-from edgeft import bench, bundle, config, footprint, pipeline, targets
+from edgeft import bench, bundle, config, formats, pipeline, targets
 from edgeft.bench import LatencyReport
 from edgeft.errors import EdgeftError
-from edgeft.formats import ExportOptions, export_artifact
-from edgeft.targets import ArtifactSpec
+from edgeft.formats import export_artifact
+from edgeft.spec import ArtifactSpec
 from edgeft.verify import DriftReport
 
 CTX = 256
@@ -58,9 +58,9 @@ def exported(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     out = tmp_path_factory.mktemp("footprint")
     arts = {}
     for trait, model in models.items():
-        arts[f"gguf-{trait}"] = export_artifact(model, "gguf", "f32", out / trait)
+        arts[f"gguf-{trait}"] = export_artifact(model, ArtifactSpec("gguf", "f32"), out / trait)
         arts[f"onnx-{trait}"] = export_artifact(
-            model, "onnx", "int8", out / f"onnx-{trait}", ExportOptions(4)
+            model, ArtifactSpec("onnx", "int8", accuracy_level=4), out / f"onnx-{trait}"
         )
     return arts
 
@@ -76,11 +76,11 @@ def test_gguf_bytes_per_token_from_the_tensors(
     expected = total if trait == "tied" else total - 4 * embed.size
     gguf = exported[f"gguf-{trait}"]
     assert ("lm_head.weight" in params) == (trait == "untied")
-    assert footprint.decode_bytes_per_token(gguf) == expected
-    assert footprint.weights_bytes(gguf) == total
-    assert footprint.decode_bytes_per_token(gguf) < gguf.stat().st_size  # never the file size
+    assert formats.decode_bytes_per_token(gguf) == expected
+    assert formats.weights_bytes(gguf) == total
+    assert formats.decode_bytes_per_token(gguf) < gguf.stat().st_size  # never the file size
     # the HF folder follows the same rule (PyTorch reference in bench)
-    assert footprint.decode_bytes_per_token(models[trait]) == expected
+    assert formats.decode_bytes_per_token(models[trait]) == expected
 
 
 @pytest.mark.parametrize("trait", ["tied", "untied"])
@@ -100,33 +100,33 @@ def test_onnx_excludes_the_gather_only_embedding(
     assert {n.split("_")[0] for n in rotary} == {"cos", "sin"}, rotary
     tables = sum(arrays[n].nbytes for n in rotary)
     assert any(n.op_type == "MatMulNBits" for n in model.graph.node)
-    assert footprint.weights_bytes(folder) == total
+    assert formats.weights_bytes(folder) == total
     if trait == "untied":
         # the builder keeps a float32 embedding table for Gather; the lm_head is a matrix of its own
         assert [arrays[n].shape for n in gathered] == [(vocab, hidden)]
         assert all(arrays[n].dtype == np.float32 for n in gathered)
         embed = sum(arrays[n].nbytes for n in gathered)
-        assert footprint.decode_bytes_per_token(folder) == total - embed - tables
+        assert formats.decode_bytes_per_token(folder) == total - embed - tables
         assert embed > 0.3 * total  # the share issue 8 found missing from the device bound
     else:
         # tied: no float table; the embedding rows are gathered from the int8 head's blocks, which the head
         # streams whole every token
         assert not gathered
         assert any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
-        assert footprint.decode_bytes_per_token(folder) == total - tables
+        assert formats.decode_bytes_per_token(folder) == total - tables
 
 
 def test_kv_cache_per_runtime(models: dict[str, Path], exported: dict[str, Path]) -> None:
     per_token = _kv_elems_per_token(models["tied"])
-    assert footprint.kv_cache_bytes(exported["gguf-tied"], CTX) == per_token * CTX * 2  # llama.cpp: f16
+    assert formats.kv_cache_bytes(exported["gguf-tied"], CTX) == per_token * CTX * 2  # llama.cpp: f16
     # onnxruntime-genai on CPU: the graph's past_key_values inputs are float32
     graph = onnx.load(str(exported["onnx-tied"] / "model.onnx"), load_external_data=False).graph
     past = next(i for i in graph.input if i.name == "past_key_values.0.key")
     assert past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert footprint.kv_cache_bytes(exported["onnx-tied"], CTX) == per_token * CTX * 4
-    fp = footprint.measure(exported["onnx-tied"], CTX)
+    assert formats.kv_cache_bytes(exported["onnx-tied"], CTX) == per_token * CTX * 4
+    fp = formats.measure(exported["onnx-tied"], CTX)
     assert (fp.kv_dtype, fp.kv_cache_bytes) == ("fp32", per_token * CTX * 4)
-    assert bundle.kv_cache_mb(models["tied"], CTX) == per_token * CTX * 2 / 1e6
+    assert formats.estimate_need(models["tied"], "gguf", "f32", CTX).kv_cache_bytes == per_token * CTX * 2
 
 
 def test_estimate_before_export_is_close_to_the_artifact(
@@ -139,8 +139,8 @@ def test_estimate_before_export_is_close_to_the_artifact(
         ("onnx-tied", "onnx", "int8", models["tied"]),
         ("onnx-untied", "onnx", "int8", models["untied"]),
     ):
-        est = footprint.estimate_need(model, fmt, quant, CTX)
-        real = footprint.measure(exported[key], CTX)
+        est = formats.estimate_need(model, fmt, quant, CTX)
+        real = formats.measure(exported[key], CTX)
         assert est.kv_cache_bytes == real.kv_cache_bytes, key
         assert real.weights_bytes <= est.weights_bytes <= 1.1 * real.weights_bytes, key
         assert real.decode_bytes_per_token <= est.decode_bytes_per_token <= 1.1 * real.decode_bytes_per_token
@@ -209,13 +209,13 @@ def test_report_and_manifest_show_figures_and_skips(
     drift = DriftReport(0.01, 0.1, 0.99, 1.01, None, 1.0, 1.0, 100, 4)
     latency = LatencyReport(100.0, 50.0, 5.0, 200.0, 1000, 1.0, 16, 8, 3, 2)
     arts = [bundle.ArtifactResult(ArtifactSpec("gguf", "f32"), gguf, drift, latency)]
-    est = footprint.estimate_need(models["tied"], "onnx", "int8", 4096)
+    est = formats.estimate_need(models["tied"], "onnx", "int8", 4096)
     skip = bundle.SkippedArtifact(ArtifactSpec("onnx", "int8", accuracy_level=4), "needs 9 MB, over", est)
     facts = bundle.BuildFacts("tiny", "a" * 64, "d" * 64, None, None, None, skipped=(skip,))
     out = bundle.write_bundle(tmp_path / "dist", target, facts, arts, models["untied"])
     manifest = json.loads((out / "manifest.json").read_text())
     entry = manifest["artifacts"][0]
-    per_token = footprint.decode_bytes_per_token(gguf)
+    per_token = formats.decode_bytes_per_token(gguf)
     assert entry["decode_bytes_per_token"] == per_token
     assert entry["kv_cache_mb"] == pytest.approx(_kv_elems_per_token(models["untied"]) * 4096 * 2 / 1e6)
     assert manifest["skipped"] == [
@@ -237,7 +237,7 @@ def test_report_and_manifest_show_figures_and_skips(
 def _gguf_of(size: str, out: Path) -> tuple[Path, Path]:
     shapes = {"small": {"hidden": 64, "layers": 2}, "big": {"hidden": 512, "layers": 8}}[size]
     model = cached_model("llama", "bpe", **shapes)
-    return export_artifact(model, "gguf", "f16", out / size), model
+    return export_artifact(model, ArtifactSpec("gguf", "f16"), out / size), model
 
 
 def test_estimate_against_measured_peak_rss(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -249,9 +249,7 @@ def test_estimate_against_measured_peak_rss(tmp_path_factory: pytest.TempPathFac
     out = tmp_path_factory.mktemp("rss")
     (small, small_model), (big, big_model) = _gguf_of("small", out), _gguf_of("big", out)
     n_ctx = 64 + 64 + 8  # bench's context: prompt + decode + 8
-    est = [
-        footprint.estimate_need(m, "gguf", "f16", n_ctx).need_bytes / 1e6 for m in (small_model, big_model)
-    ]
+    est = [formats.estimate_need(m, "gguf", "f16", n_ctx).need_bytes / 1e6 for m in (small_model, big_model)]
     # peak_rss_mb is VmHWM in MiB; the estimate is in MB (1e6 bytes)
     rss = [bench.bench(p, threads=1, runs=1).peak_rss_mb * 1.048576 for p in (small, big)]
     grew, expected = rss[1] - rss[0], est[1] - est[0]
@@ -263,7 +261,7 @@ def test_estimate_against_measured_peak_rss(tmp_path_factory: pytest.TempPathFac
 def test_tensor_types_say_what_a_q4_k_m_file_really_holds(tmp_path: Path) -> None:
     """Rows that are not a multiple of 256 cannot be Q4_K: the tiny model's "q4_k_m" holds no q4_k at all,
     a 256-wide one mostly does; shares sum to 1 and an f32 export is all f32."""
-    from edgeft.footprint import tensor_types
+    from edgeft.formats import tensor_types
     from edgeft.formats.gguf.export import export_gguf
 
     narrow = tensor_types(export_gguf(cached_model("llama", "bpe"), tmp_path / "n.gguf", "q4_k_m").path)

@@ -19,9 +19,11 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from edgeft import config, targets
-from edgeft.constants import BUDGET_KINDS, GGUF_QUANTS, ONNX_QUANTS
+from edgeft.constants import BUDGET_KINDS
 from edgeft.data import Example, load_jsonl
 from edgeft.errors import EdgeftError
+from edgeft.formats.gguf.constants import GGUF_QUANTS
+from edgeft.formats.onnx.constants import ONNX_QUANTS
 
 FUZZ = settings()  # the profile conftest loads (HYPOTHESIS_PROFILE: quick, ci, thorough)
 

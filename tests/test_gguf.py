@@ -210,7 +210,7 @@ def test_missing_dir_config_and_pickle(tmp_path: Path) -> None:
 
 def test_long_sequence_and_open_runtime(tmp_path: Path) -> None:
     """~400 positions in one eval call (rope at long range); open_runtime picks llama.cpp for .gguf."""
-    from edgeft.runtime import open_runtime
+    from edgeft.formats import open_runtime
 
     model_dir = cached_model("qwen2", "bpe")
     ids = load_tokenizer(model_dir).encode(TEXT * 6)[:400]

@@ -15,7 +15,9 @@ import pytest
 import torch
 from tinymodels import ARCHS, cached_model, load_tokenizer, quiet_transformers
 
-from edgeft.constants import (
+from edgeft.errors import EdgeftError
+from edgeft.formats import export_file, open_runtime, tensor_types
+from edgeft.formats.gguf.constants import (
     GGUF_IMATRIX_QUANTS,
     GGUF_KEY_IMATRIX_CHUNKS,
     GGUF_KEY_IMATRIX_DATASET,
@@ -23,13 +25,11 @@ from edgeft.constants import (
     GGUF_LLAMA_QUANTS,
     GGUF_QUANTS,
 )
-from edgeft.errors import EdgeftError
-from edgeft.footprint import GGUF_RATE, tensor_types
-from edgeft.formats import ExportOptions, export_file
 from edgeft.formats.gguf.export import export_float_gguf, export_gguf
+from edgeft.formats.gguf.footprint import GGUF_RATE
 from edgeft.formats.gguf.imatrix import Imatrix, compute_imatrix, imatrix_from_jsonl
 from edgeft.formats.gguf.quantize import quantize_gguf
-from edgeft.runtime import open_runtime
+from edgeft.spec import ArtifactSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_QUANTS = ("q6_k", "q5_k_m", "q3_k_m", "q2_k", "iq4_nl", "iq4_xs")
@@ -276,9 +276,7 @@ def test_new_quants_export_load_and_generate(tmp_path: Path) -> None:
     ids = load_tokenizer(model_dir).encode("The quick brown fox jumps over the lazy dog.")
     assert set(NEW_QUANTS) <= set(GGUF_LLAMA_QUANTS) and set(GGUF_RATE) == set(GGUF_QUANTS)
     for quant in NEW_QUANTS:
-        res = export_file(
-            model_dir, "gguf", quant, tmp_path / f"m-{quant}.gguf", ExportOptions(imatrix=im, float_gguf=base)
-        )
+        res = export_gguf(model_dir, tmp_path / f"m-{quant}.gguf", quant, imatrix=im, float_gguf=base)
         assert res.quant == quant and res.imatrix == im.record() and res.n_tensors == base.n_tensors
         shares = tensor_types(res.path).shares
         assert "f16" not in shares and abs(sum(shares.values()) - 1) < 1e-9, (quant, shares)
@@ -308,8 +306,10 @@ def test_one_line_refusals(tmp_path: Path) -> None:
         export_gguf(model_dir, out, "f32", head_type="q8_0")
     with pytest.raises(EdgeftError, match="unknown head type 'q9_9'"):
         export_gguf(model_dir, out, "q4_0", head_type="q9_9")
-    with pytest.raises(EdgeftError, match="imatrix and head_type apply to gguf quants only, not onnx int8"):
-        export_file(model_dir, "onnx", "int8", tmp_path / "onnx", ExportOptions(imatrix=im, head_type="q8_0"))
+    with pytest.raises(EdgeftError, match="head_type and imatrix apply to gguf quants only, not onnx int8"):
+        export_file(
+            model_dir, ArtifactSpec("onnx", "int8", imatrix=True, head_type="q8_0"), tmp_path / "onnx"
+        )
     # checked against the model before anything is converted: the head's 64 columns are no Q6_K row
     with pytest.raises(EdgeftError, match="head type q6_k needs rows that are a multiple of 256; token_embd"):
         export_gguf(model_dir, out, "q4_0", head_type="q6_k")

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from edgeft import config, targets
-from edgeft.bundle import kv_cache_mb
 from edgeft.data import MAX_LINE_BYTES, load_jsonl
 from edgeft.errors import EdgeftError
+from edgeft.footprint import config_kv
 from edgeft.formats.gguf.arch import prepare
 
 PROFILE = (
@@ -40,6 +40,11 @@ def one_line_error(fn: Callable[[], Any], *needles: str) -> str:
     for needle in needles:
         assert needle in msg, (needle, msg)
     return msg
+
+
+def kv_cache_mb(model_dir: Path, context_length: int) -> float:
+    """llama.cpp's f16 KV cache at `context_length` from a config.json, in MB."""
+    return config_kv(model_dir, 2, "f16").bytes(context_length) / 1e6
 
 
 # --- edgeft.toml ---------------------------------------------------------------------------------------

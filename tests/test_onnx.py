@@ -13,7 +13,9 @@ import pytest
 import torch
 from tinymodels import cached_model, kld, leftovers, load_tokenizer, quiet_transformers
 
-from edgeft.constants import (
+from edgeft.errors import EdgeftError
+from edgeft.formats.gguf.export import export_gguf
+from edgeft.formats.onnx.constants import (
     ONNX_ARCHS,
     ONNX_DATA_FILE,
     ONNX_DEFAULT_ACCURACY_LEVEL,
@@ -21,11 +23,9 @@ from edgeft.constants import (
     ONNX_QUANTS,
     ONNX_REQUIRED_FILES,
 )
-from edgeft.errors import EdgeftError
-from edgeft.formats.gguf.export import export_gguf
 from edgeft.formats.onnx.export import OnnxExportResult, export_onnx
+from edgeft.formats.onnx.folder import check_external_data
 from edgeft.formats.onnx.runtime import OrtRuntime
-from edgeft.guard import check_external_data
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. In Python, a function is defined with def; "

@@ -19,8 +19,8 @@ import pytest
 import torch
 from tinymodels import corpus_lines, kld, leftovers, load_tokenizer, make_model, quiet_transformers
 
-from edgeft.constants import ONNX_ARCHS, ONNX_SUPPORTED_ARCHS
 from edgeft.errors import EdgeftError
+from edgeft.formats.onnx.constants import ONNX_ARCHS, ONNX_SUPPORTED_ARCHS
 from edgeft.formats.onnx.export import export_onnx
 from edgeft.formats.onnx.runtime import OrtRuntime
 

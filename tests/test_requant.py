@@ -15,9 +15,9 @@ from gguf.quants import dequantize, quantize
 from safetensors.torch import load_file, save_file
 from tinymodels import cached_model
 
-from edgeft.constants import GGUF_KEY_STEERED
-from edgeft.footprint import tensor_types
+from edgeft.formats import tensor_types
 from edgeft.formats.gguf import quantize as quant_mod
+from edgeft.formats.gguf.constants import GGUF_KEY_STEERED
 from edgeft.formats.gguf.export import export_float_gguf
 
 

@@ -15,10 +15,12 @@ from tinymodels import cached_model
 
 from edgeft import config, files, pipeline
 from edgeft.errors import EdgeftError
+from edgeft.formats.gguf import header
 from edgeft.formats.gguf.export import export_gguf
 from edgeft.formats.onnx.export import export_onnx
+from edgeft.formats.onnx.folder import check_onnx_folder
 from edgeft.formats.onnx.runtime import OrtRuntime
-from edgeft.guard import check_model_folder, check_onnx_folder
+from edgeft.guard import check_model_folder
 
 
 @pytest.fixture(scope="module")
@@ -241,14 +243,14 @@ def _gguf_with(path: Path, kv: dict[str, str]) -> Path:
 def test_gguf_ownership_is_the_parsed_key_not_a_byte_search(tmp_path: Path, gguf_file: Path) -> None:
     stranger = _gguf_with(tmp_path / "s.gguf", {"general.name": "edgeft.version mentioned in a string"})
     with pytest.raises(EdgeftError) as e:
-        files.ensure_replaceable_file(stranger)
+        header.ensure_replaceable_file(stranger)
     assert "not written by edgeft" in _one_line(e)
-    files.ensure_replaceable_file(_gguf_with(tmp_path / "o.gguf", {files.GGUF_MARKER_KEY: "0.1.0"}))
-    files.ensure_replaceable_file(gguf_file)  # a real export carries the key
+    header.ensure_replaceable_file(_gguf_with(tmp_path / "o.gguf", {header.GGUF_MARKER_KEY: "0.1.0"}))
+    header.ensure_replaceable_file(gguf_file)  # a real export carries the key
     link = tmp_path / "link.gguf"
     link.symlink_to(gguf_file)
     with pytest.raises(EdgeftError):  # a symlink to edgeft's file is not edgeft's to replace
-        files.ensure_replaceable_file(link)
+        header.ensure_replaceable_file(link)
 
 
 def test_sweep_removes_only_what_edgeft_leaves(tmp_path: Path) -> None:

@@ -170,7 +170,7 @@ def test_the_build_fails_naming_the_closest_candidate(monkeypatch: pytest.Monkey
     es = _evalset(EXAMPLES, ref_rt)
     ref = verify.run_reference(ref_rt, es)
     by_path = {c.path: rt for c, rt in cands}
-    monkeypatch.setattr(pipeline, "open_runtime", lambda p, **kw: by_path[p])
+    monkeypatch.setattr(pipeline.formats, "open_runtime", lambda p, **kw: by_path[p])
     monkeypatch.setattr(pipeline, "task", quiet)
     shipped = pipeline.choose([c for c, _ in cands], ref, es, 1)
     assert shipped.spec.quant == "q8_0" and shipped.drift is not None and shipped.drift.n_examples == 4

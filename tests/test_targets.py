@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeft import targets
+from edgeft import formats, targets
 from edgeft.errors import EdgeftError
-from edgeft.targets import QUANTS_BY_FORMAT
 
 
 def test_every_shipped_profile_loads() -> None:
@@ -18,7 +17,7 @@ def test_every_shipped_profile_loads() -> None:
         assert p.artifacts, p.name
         assert 0 < p.ram_budget_mb <= p.ram_mb
         for a in p.artifacts:
-            assert a.quant in QUANTS_BY_FORMAT[a.format]
+            assert a.quant in formats.get(a.format).quants
             if a.ship:
                 assert a.budget.kld_mean is not None, f"{p.name} {a.label} has no KLD budget"
         assert p.name in p.summary()

@@ -1,1 +1,234 @@
-"""placeholder"""
+"""GGUF for llama.cpp: edgeft's own converter on gguf-py, llama.cpp's quantizer with an importance matrix,
+the output head kept at a chosen type; run by llama-cpp-python (and node-llama-cpp in the examples).
+
+Everything GGUF-specific is in this package; the rest of edgeft reaches it through `GGUF` (edgeft.formats).
+Heavy modules (llama_cpp, torch, the converter) are imported inside the methods that need them, so the
+registry imports fast and without llama.cpp installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeft.errors import EdgeftError
+from edgeft.formats.gguf import footprint
+from edgeft.formats.gguf.constants import (
+    GGUF_ARCHS,
+    GGUF_BITS_PER_WEIGHT,
+    GGUF_FLOAT_QUANTS,
+    GGUF_HEAD_TYPES,
+    GGUF_IMATRIX_QUANTS,
+    GGUF_QUANTS,
+)
+from edgeft.formats.gguf.header import check_gguf
+
+if TYPE_CHECKING:
+    from edgeft.device.bench_on_device import Engine
+    from edgeft.footprint import CheckpointCounts, Footprint, KvShape, TensorSums, TensorTypes
+    from edgeft.runtime import Runtime
+    from edgeft.spec import ArtifactSpec
+
+# The node-llama-cpp version examples/node/package.json pins (and its lock installs).
+NODE_LLAMA_CPP = "3.21.1"
+# `imatrix` values in a profile: with it, without it, or (in a search) both as separate candidates.
+IMATRIX_CHOICES = (True, False, "both")
+
+
+def _show(value: Any) -> str:
+    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class GgufFormat:
+    """The GGUF format (edgeft.formats.Format)."""
+
+    name = "gguf"
+    quants = GGUF_QUANTS
+    title = "GGUF (llama.cpp)"
+    architectures = tuple(GGUF_ARCHS)
+    option_keys = frozenset({"imatrix", "head_type"})
+    # What runs it in an app, and which examples/ program drives it. The Node example's package is pinned in
+    # examples/node/package.json (its lock installs cleanly from the npm registry); edgeft's tests run every
+    # example against the demo bundle.
+    apps = (
+        {
+            "name": "llama-cpp-python",
+            "package": "pypi:llama-cpp-python",
+            "example": "python/chat_llama_cpp.py",
+        },
+        {
+            "name": "node-llama-cpp",
+            "package": "npm:node-llama-cpp",
+            "example": "node/chat.mjs",
+            "pinned": NODE_LLAMA_CPP,
+        },
+    )
+    example_files = (
+        "python/chat_llama_cpp.py",
+        "node/chat.mjs",
+        "node/package.json",
+        "node/package-lock.json",
+    )
+    tokenizer_notes = (
+        (
+            'SentencePiece saved with Metaspace prepend_scheme="first"',
+            'chat prompts match (the space-prefix flag is chosen by test); plain text lacks the leading "▁"',
+        ),
+    )
+    plot_style = ("circle", "#2b6cb0")
+
+    def owns(self, path: Path) -> bool:
+        return Path(path).is_file() and Path(path).suffix == ".gguf"
+
+    def artifact_name(self, stem: str) -> str:
+        return f"model-{stem}.gguf"
+
+    # --- options ------------------------------------------------------------------------------------------
+
+    def parse_slot(
+        self, table: dict[str, Any], base: ArtifactSpec, search: list[str], where: str
+    ) -> ArtifactSpec:
+        """A profile's [[artifacts]] slot: its imatrix and head_type options, its fixed artifact and the
+        candidates of its search list."""
+        imatrix = table.get("imatrix", "both" if search else True)
+        if imatrix not in IMATRIX_CHOICES or (imatrix == "both" and not search):
+            both = ', or "both" (with a search list)' if not search else ', or "both"'
+            raise EdgeftError(f"{where}: imatrix = {_show(imatrix)} should be true or false{both}")
+        heads = table.get("head_type", [])
+        heads = [heads] if isinstance(heads, str) else heads
+        if not isinstance(heads, list) or not all(h in GGUF_HEAD_TYPES for h in heads):
+            raise EdgeftError(
+                f"{where}: head_type = {_show(table['head_type'])} should be one or a list of the ggml types "
+                f"{', '.join(GGUF_HEAD_TYPES)}"
+            )
+        if len(heads) > 1 and not search:
+            raise EdgeftError(f"{where}: head_type lists several types; only a search slot tries several")
+        fixed = self._variants(base, [base.quant], imatrix, heads or [None])
+        if not fixed:
+            raise EdgeftError(
+                f"{where}: head_type {_show(heads[0])} is not more precise than {base.quant}; drop it"
+            )
+        return dataclasses.replace(
+            fixed[0], search=tuple(self._variants(base, search, imatrix, [None, *heads]))
+        )
+
+    @staticmethod
+    def _variants(
+        base: ArtifactSpec, quants: list[str], imatrix: bool | str, heads: list[str | None]
+    ) -> list[ArtifactSpec]:
+        """Concrete artifacts: each quant with/without the importance matrix where the quant uses one, and
+        with the head kept at each higher type; a variant that would change nothing is not repeated."""
+        out: list[ArtifactSpec] = []
+        for quant in quants:
+            uses = quant in GGUF_IMATRIX_QUANTS
+            flags = [True, False] if imatrix == "both" else [bool(imatrix)]
+            for flag in dict.fromkeys(f and uses for f in flags):
+                for head in heads:
+                    # a head kept "higher" only if that is more precise than the quant makes it
+                    if head is not None and GGUF_BITS_PER_WEIGHT.get(head, 0) <= GGUF_BITS_PER_WEIGHT.get(
+                        quant, 0
+                    ):
+                        continue
+                    out.append(dataclasses.replace(base, quant=quant, imatrix=flag, head_type=head))
+        return out
+
+    def check_spec(self, spec: ArtifactSpec, where: str) -> None:
+        from edgeft.formats.gguf.quantize import check_quant_options
+
+        check_quant_options(spec.quant, spec.imatrix, spec.head_type, where)
+
+    def support(self, hf_architecture: str) -> str:
+        arch = GGUF_ARCHS.get(hf_architecture)
+        return arch.name.lower() if arch is not None else "no"
+
+    # --- export -------------------------------------------------------------------------------------------
+
+    def export(self, model_dir: Path, spec: ArtifactSpec, out: Path, job: Any) -> Any:
+        """Convert (or quantize the shared 16-bit GGUF of the same model) to `out`."""
+        from edgeft.formats.gguf.export import export_gguf  # lazy: the converter imports torch
+
+        source = None
+        if spec.quant not in GGUF_FLOAT_QUANTS and job.shared is not None:
+            source = self._float_source(model_dir, job)
+        return export_gguf(
+            model_dir,
+            out,
+            spec.quant,
+            progress=job.progress,
+            conversations=job.conversations,
+            imatrix=job.importance() if spec.imatrix and job.importance else None,
+            head_type=spec.head_type,
+            float_gguf=source,
+        )
+
+    @staticmethod
+    def _float_source(model_dir: Path, job: Any) -> Path:
+        """The 16-bit GGUF every quantized candidate of one model is made from: converted once, kept in
+        job.shared under the merged model's key."""
+        from edgeft import files
+        from edgeft.formats.gguf.export import export_float_gguf
+        from edgeft.ui import task
+
+        folder = job.shared / "float-gguf"
+        key = files.digest(["float-gguf", job.shared_key, job.conversations])
+        if not files.done_with(folder, key):
+            files.forget(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            with task("export 16-bit GGUF (quantized from, once)") as update:
+                export_float_gguf(model_dir, folder, progress=update, conversations=job.conversations)
+            files.mark_done(folder, key)
+        return next(folder.glob("model-*.gguf"))
+
+    def importance_matrix(
+        self, model_dir: Path, examples: list[Any], threads: int | None, dataset: str
+    ) -> Any:
+        """llama.cpp's importance matrix of `examples` (edgeft.data.Example: messages, and the file:line an
+        error names) in this model, recorded under the data's digest `dataset` (edgeft.formats.gguf.imatrix)."""
+        from edgeft.formats.gguf.imatrix import compute_from
+
+        messages, sources = [list(ex.messages) for ex in examples], [ex.source for ex in examples]
+        return compute_from(model_dir, messages, sources, threads=threads, dataset_sha256=dataset)
+
+    # --- run ----------------------------------------------------------------------------------------------
+
+    def open_runtime(
+        self, path: Path, *, threads: int | None, n_ctx: int, all_logits: bool, allow_native_libs: bool
+    ) -> Runtime:
+        from edgeft.formats.gguf.runtime import LlamaCppRuntime
+
+        return LlamaCppRuntime(path, threads=threads, n_ctx=n_ctx, all_logits=all_logits)
+
+    def bench_engine(self, path: Path, *, threads: int, n_ctx: int, allow_native_libs: bool) -> Engine:
+        from edgeft.device.bench_on_device import LlamaCppEngine
+        from edgeft.formats.gguf.runtime import silence_llama_logs
+
+        check_gguf(path)  # a damaged or hostile header is refused before llama.cpp parses it
+        silence_llama_logs()
+        return LlamaCppEngine(path, threads=threads, n_ctx=n_ctx)
+
+    # --- footprint, checks, manifest ----------------------------------------------------------------------
+
+    def tensor_sums(self, path: Path) -> TensorSums:
+        return footprint.tensor_sums(path)
+
+    def kv_shape(self, path: Path) -> KvShape:
+        return footprint.kv_shape(path)
+
+    def estimate(
+        self, model_dir: Path, counts: CheckpointCounts, quant: str, context_length: int
+    ) -> Footprint:
+        return footprint.estimate(model_dir, counts, quant, context_length)
+
+    def tensor_types(self, path: Path) -> TensorTypes:
+        return footprint.tensor_types(path)
+
+    def check_file(self, path: Path) -> None:
+        check_gguf(path)
+
+    def manifest_fields(self, spec: ArtifactSpec, imatrix: dict[str, Any] | None) -> dict[str, Any]:
+        return {"imatrix": imatrix if spec.imatrix else None, "head_type": spec.head_type}
+
+
+GGUF = GgufFormat()

@@ -22,9 +22,9 @@ from typing import Any
 import gguf
 import numpy as np
 
-from edgeft.constants import GGUF_ARCHS
 from edgeft.errors import EdgeftError
 from edgeft.files import read_json
+from edgeft.formats.gguf.constants import GGUF_ARCHS
 from edgeft.formats.gguf.weights import Plan, safetensors_files, tensor_index
 
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers `layer_types` values

@@ -19,17 +19,11 @@ import gguf
 import numpy as np
 
 from edgeft import __version__
-from edgeft.constants import GGUF_FLOAT_QUANTS, GGUF_FTYPES, GGUF_QUANTS
 from edgeft.errors import EdgeftError
-from edgeft.files import (
-    GGUF_MARKER_KEY,
-    QUANTIZING_TAG,
-    ensure_replaceable_file,
-    publish_file,
-    sweep_temps,
-    unique_sibling,
-)
+from edgeft.files import QUANTIZING_TAG, publish_file, sweep_temps, unique_sibling
 from edgeft.formats.gguf.arch import Prepared, prepare
+from edgeft.formats.gguf.constants import GGUF_FLOAT_QUANTS, GGUF_FTYPES, GGUF_QUANTS
+from edgeft.formats.gguf.header import GGUF_MARKER_KEY, ensure_replaceable_file
 from edgeft.formats.gguf.tokcheck import choose_vocab
 from edgeft.formats.gguf.vocab import Vocab, general_name, read_vocab, write_vocab
 from edgeft.formats.gguf.weights import fit_f16, intermediate_type, materialize, out_type
@@ -63,7 +57,7 @@ def _write_float_gguf(
     arch_name = gguf.MODEL_ARCH_NAMES[prep.gguf_arch]
     w = gguf.GGUFWriter(str(dst), arch_name)
     try:
-        w.add_string(GGUF_MARKER_KEY, __version__)  # early in the file: edgeft.files.ensure_replaceable_file
+        w.add_string(GGUF_MARKER_KEY, __version__)  # early in the file: ensure_replaceable_file
         w.add_name(general_name(model_dir, tok.vocab))
         prep.write_hparams(w, int(GGUF_FTYPES[quant]))
         write_vocab(w, model_dir, tok.vocab, prep.model.n_vocab, end_of_turn=tok.end_of_turn)
@@ -200,7 +194,7 @@ def export_gguf(
 
 def _said(out: Path) -> None:
     """One line when edgeft wrote some tensors in another type than llama.cpp chose (quantize.Steered)."""
-    from edgeft.footprint import tensor_types
+    from edgeft.formats.gguf.footprint import tensor_types
 
     steered = tensor_types(out).steered
     if steered:
@@ -247,8 +241,7 @@ def export_float_gguf(
 
 def _reuse_float(base: GGUFExportResult | Path) -> GGUFExportResult:
     """A float GGUF to quantize from: edgeft-written and of a float file type, else one line."""
-    from edgeft.files import is_edgeft_gguf
-    from edgeft.guard import check_gguf
+    from edgeft.formats.gguf.header import check_gguf, is_edgeft_gguf
 
     path = base.path if isinstance(base, GGUFExportResult) else Path(base)
     if not path.is_file():

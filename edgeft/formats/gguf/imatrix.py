@@ -110,17 +110,18 @@ def _groups(seqs: list[list[int]]) -> list[list[list[int]]]:
     return out
 
 
-def _compute(
+def compute_from(
     model_dir: Path,
     conversations: Sequence[Sequence[dict[str, str]]],
     sources: Sequence[str],
     *,
     threads: int | None,
-    max_tokens: int,
-    progress: Progress | None,
-    dataset_sha256: str | None,
+    max_tokens: int = MAX_TOKENS,
+    progress: Progress | None = None,
+    dataset_sha256: str | None = None,
     tied_head: bool = False,
 ) -> Imatrix:
+    """compute_imatrix with each conversation's own source (file:line) for error lines."""
     import torch
 
     from edgeft.formats.gguf.arch import prepare
@@ -236,7 +237,7 @@ def compute_imatrix(
     `dataset_sha256` names the data in the record; default: the digest of the rendered texts used.
     """
     sources = [f"calibration conversation {i + 1}" for i in range(len(conversations))]
-    return _compute(
+    return compute_from(
         model_dir,
         conversations,
         sources,
@@ -259,4 +260,4 @@ def imatrix_from_jsonl(model_dir: Path, path: Path, **kw: Any) -> Imatrix:
     kw.setdefault("threads", None)
     kw.setdefault("max_tokens", MAX_TOKENS)
     kw.setdefault("progress", None)
-    return _compute(model_dir, [ex.messages for ex in examples], [ex.source for ex in examples], **kw)
+    return compute_from(model_dir, [ex.messages for ex in examples], [ex.source for ex in examples], **kw)

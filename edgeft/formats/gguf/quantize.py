@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import gguf
 
-from edgeft.constants import (
+from edgeft.errors import EdgeftError
+from edgeft.files import QUANTIZING_TAG, publish_file, unique_sibling
+from edgeft.formats.gguf.constants import (
     GGUF_FLOAT_QUANTS,
     GGUF_FTYPES,
     GGUF_HEAD_TYPES,
@@ -27,9 +29,7 @@ from edgeft.constants import (
     GGUF_KEY_STEERED,
     GGUF_QUANTS,
 )
-from edgeft.errors import EdgeftError
-from edgeft.files import QUANTIZING_TAG, ensure_replaceable_file, publish_file, unique_sibling
-from edgeft.guard import check_gguf
+from edgeft.formats.gguf.header import check_gguf, ensure_replaceable_file
 
 if TYPE_CHECKING:
     from edgeft.formats.gguf.imatrix import Imatrix

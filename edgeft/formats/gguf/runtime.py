@@ -1,6 +1,6 @@
 """llama.cpp runtime (llama-cpp-python): scores and extends token ids of a GGUF file.
 
-llama_cpp is imported lazily (here, in edgeft/quantize.py and the GGUF tokenizer check), so edgeft imports without it.
+llama_cpp is imported lazily (here, in edgeft/formats/gguf/quantize.py and the GGUF tokenizer check), so edgeft imports without it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from edgeft.errors import EdgeftError
-from edgeft.guard import check_gguf
+from edgeft.formats.gguf.header import check_gguf
 
 
 def silence_llama_logs() -> None:

@@ -9,9 +9,9 @@ from typing import Any
 
 import gguf
 
-from edgeft.constants import GGUF_PRE_TOKENIZERS, GGUF_TOKENIZER_BPE, GGUF_TOKENIZER_SPM
 from edgeft.errors import EdgeftError
 from edgeft.files import optional_json
+from edgeft.formats.gguf.constants import GGUF_PRE_TOKENIZERS, GGUF_TOKENIZER_BPE, GGUF_TOKENIZER_SPM
 
 
 def pre_tokenizer_signature(pre: dict[str, Any] | None) -> tuple[str, ...]:

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeft.constants import (
+from edgeft.constants import PICKLE_SUFFIXES
+from edgeft.errors import EdgeftError
+from edgeft.files import atomic_dir, ensure_replaceable_dir, tree_bytes, unique_sibling
+from edgeft.formats.onnx.constants import (
     ONNX_ACCURACY_LEVELS,
     ONNX_ARCHS,
     ONNX_DATA_FILE,
@@ -38,12 +41,10 @@ from edgeft.constants import (
     ONNX_REQUIRED_FILES,
     ONNX_SAFETENSORS_FILES,
     ONNX_SUPPORTED_ARCHS,
-    PICKLE_SUFFIXES,
 )
-from edgeft.errors import EdgeftError
-from edgeft.files import atomic_dir, ensure_replaceable_dir, tree_bytes, unique_sibling
+from edgeft.formats.onnx.folder import check_external_data
 from edgeft.formats.onnx.tokenizer import prove_tokenizer
-from edgeft.guard import check_external_data, check_model_folder
+from edgeft.guard import check_model_folder
 from edgeft.loading import copy_tokenizer_files
 from edgeft.ui import Progress, info
 

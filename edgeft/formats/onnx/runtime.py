@@ -3,7 +3,7 @@
 Scoring runs the decoder graph once in a plain onnxruntime.InferenceSession (empty KV cache, all positions'
 logits); generation runs onnxruntime-genai's own greedy loop, the path a deployed app uses. Each engine is
 created on first use, so a benchmark that only generates never holds two copies of the weights.
-onnxruntime is imported lazily (here and in edgeft/export/), so edgeft imports without it.
+onnxruntime is imported lazily (here and in edgeft/formats/onnx/), so edgeft imports without it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeft.constants import ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
 from edgeft.errors import EdgeftError
-from edgeft.guard import check_external_data, check_onnx_folder
+from edgeft.formats.onnx.constants import ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
+from edgeft.formats.onnx.folder import check_external_data, check_onnx_folder
 
 # onnxruntime's type strings for the float I/O dtypes a CPU decoder can have.
 _ORT_FLOATS: dict[str, Any] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from edgeft import data as data_mod
-from edgeft.constants import CHAT_TEMPLATE_FILE, ONNX_GENAI_CONFIG
+from edgeft.constants import CHAT_TEMPLATE_FILE
 from edgeft.files import read_json
+from edgeft.formats.onnx.constants import ONNX_GENAI_CONFIG
 from edgeft.probes import PROBE_CONVERSATIONS, tokenization_mismatches
 
 

@@ -146,3 +146,36 @@ class TorchRuntime:
 
     def close(self) -> None:
         self.model = None
+
+
+class TorchEngine:
+    """The PyTorch float reference as a measurement engine: one forward over the prompt, then one per token
+    with the KV cache (the same loop as edgeft.formats.torch.runtime.TorchRuntime.generate)."""
+
+    def __init__(self, path: Path, *, threads: int) -> None:
+        self._rt = TorchRuntime(path, threads=threads)
+        self.n_vocab = self._rt.n_vocab
+        self._cache: Any = None
+        self._last = 0
+
+    def _forward(self, ids: list[int]) -> int:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.tensor([ids], dtype=torch.long)
+            # transformers 5 names the KV cache `cache` (ref: transformers 5.x LlamaForCausalLM.forward)
+            res = self._rt.model(input_ids=x, cache=self._cache, use_cache=True, logits_to_keep=1)
+            self._cache = res.cache
+            self._last = int(res.logits[0, -1].argmax())
+        return self._last
+
+    def start(self, ids: list[int]) -> int:
+        self._cache = None
+        return self._forward(ids)
+
+    def step(self) -> int:
+        return self._forward([self._last])
+
+    def close(self) -> None:
+        self._cache = None
+        self._rt.close()
