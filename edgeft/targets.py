@@ -16,7 +16,7 @@ from typing import Any
 
 from edgeft import formats
 from edgeft.constants import BUDGET_KINDS
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, show
 from edgeft.spec import ArtifactSpec, DriftBudget
 
 
@@ -113,12 +113,6 @@ INT_BOUNDS = {
 }
 MAX_BANDWIDTH_GB_S = 100_000.0
 MAX_TEXT = 200  # description/arch: one short line in `edgeft targets` and the report
-
-
-def show(value: Any) -> str:
-    """A value as a user wrote it, on one short line (TOML spelling for booleans), for error messages."""
-    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def expect_int(value: Any, where: str, lo: int, hi: int) -> int:

@@ -218,9 +218,15 @@ def test_special_files_in_a_bundle_end_the_device_check_and_edgeft_check_alike(
         assert not check_bundle(b, load=False).passed
 
 
-def test_edgeft_bench_times_with_the_device_scripts_core() -> None:
+def test_edgeft_bench_times_with_the_device_scripts_core(tiny_exports: list) -> None:
+    """`edgeft bench` times with the device script's loop and the device script's engine of each format."""
     assert edgeft_bench.measure_engine is bod.measure_engine
-    assert edgeft_bench.open_engine is bod.open_engine
+    engines = {}
+    for art in tiny_exports:
+        engine = edgeft_bench._open_engine(Path(art.path), threads=1, n_ctx=64, allow_native_libs=False)
+        engines[art.spec.format] = type(engine)
+        engine.close()
+    assert engines == {"gguf": bod.LlamaCppEngine, "onnx": bod.OrtGenaiEngine}
 
 
 def test_default_thread_sweep() -> None:

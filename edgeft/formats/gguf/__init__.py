@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, show
 from edgeft.formats.gguf import footprint
 from edgeft.formats.gguf.constants import (
     GGUF_ARCHS,
@@ -34,11 +34,6 @@ if TYPE_CHECKING:
 NODE_LLAMA_CPP = "3.21.1"
 # `imatrix` values in a profile: with it, without it, or (in a search) both as separate candidates.
 IMATRIX_CHOICES = (True, False, "both")
-
-
-def _show(value: Any) -> str:
-    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class GgufFormat:
@@ -95,12 +90,12 @@ class GgufFormat:
         imatrix = table.get("imatrix", "both" if search else True)
         if imatrix not in IMATRIX_CHOICES or (imatrix == "both" and not search):
             both = ', or "both" (with a search list)' if not search else ', or "both"'
-            raise EdgeftError(f"{where}: imatrix = {_show(imatrix)} should be true or false{both}")
+            raise EdgeftError(f"{where}: imatrix = {show(imatrix)} should be true or false{both}")
         heads = table.get("head_type", [])
         heads = [heads] if isinstance(heads, str) else heads
         if not isinstance(heads, list) or not all(h in GGUF_HEAD_TYPES for h in heads):
             raise EdgeftError(
-                f"{where}: head_type = {_show(table['head_type'])} should be one or a list of the ggml types "
+                f"{where}: head_type = {show(table['head_type'])} should be one or a list of the ggml types "
                 f"{', '.join(GGUF_HEAD_TYPES)}"
             )
         if len(heads) > 1 and not search:
@@ -108,7 +103,7 @@ class GgufFormat:
         fixed = self._variants(base, [base.quant], imatrix, heads or [None])
         if not fixed:
             raise EdgeftError(
-                f"{where}: head_type {_show(heads[0])} is not more precise than {base.quant}; drop it"
+                f"{where}: head_type {show(heads[0])} is not more precise than {base.quant}; drop it"
             )
         return dataclasses.replace(
             fixed[0], search=tuple(self._variants(base, search, imatrix, [None, *heads]))

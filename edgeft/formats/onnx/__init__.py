@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, show
 from edgeft.formats.onnx import footprint
 from edgeft.formats.onnx.constants import (
     ONNX_ACCURACY_LEVELS,
@@ -85,7 +85,7 @@ class OnnxFormat:
             )
         if isinstance(level, bool) or level not in ONNX_ACCURACY_LEVELS:
             known = ", ".join(map(str, ONNX_ACCURACY_LEVELS))
-            raise EdgeftError(f"{where}: accuracy_level = {level!r} (known: {known})")
+            raise EdgeftError(f"{where}: accuracy_level = {show(level)} (known: {known})")
 
     def support(self, hf_architecture: str) -> str:
         refused = ONNX_ARCHS.get(hf_architecture, "not supported")
