@@ -28,10 +28,11 @@ def one(model: str, lr: str, work: Path, threads: int) -> dict:
     import torch
 
     from edgeft import verify
+    from edgeft.builtin import model_source
     from edgeft.config import LoraSettings
     from edgeft.demo import DEMO_DATA
     from edgeft.finetune import finetune
-    from edgeft.loading import load_tokenizer, model_source
+    from edgeft.loading import load_tokenizer
     from edgeft.merge import merge
     from edgeft.reference import stored_reference
     from edgeft.ui import task

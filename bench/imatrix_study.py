@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    from edgeft.loading import model_source
+    from edgeft.builtin import model_source
 
     base = (
         Path(model_source(args.base))

@@ -37,10 +37,10 @@ def smollm2_artifact(work: Path, threads: int) -> tuple[Path, Path]:
     """The merged SmolLM2-135M fine-tune and its q4_k_m GGUF, made once under `work`."""
     merged, gguf = work / "merged", work / "model-q4_k_m.gguf"
     if not (merged / "config.json").is_file():
+        from edgeft.builtin import model_source
         from edgeft.config import LoraSettings
         from edgeft.demo import DEMO_DATA
         from edgeft.finetune import finetune
-        from edgeft.loading import model_source
         from edgeft.merge import merge
 
         base = model_source("builtin:smollm2-135m")

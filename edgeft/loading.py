@@ -66,16 +66,6 @@ def resolve_model(model: str | Path) -> str:
     return name
 
 
-def model_source(model: str, *, allow_pickle: bool = False) -> str:
-    """The model every stage reads: a built-in model's checkpoint folder for `builtin:NAME` (written to the
-    cache once), with `allow_pickle` a safetensors copy of a pickle-only checkpoint, else `model` itself."""
-    from edgeft import builtin
-
-    if builtin.is_builtin(model):
-        return str(builtin.resolve(model))
-    return unpickled(model) if allow_pickle else model
-
-
 # Where --allow-pickle puts safetensors copies of pickle-only checkpoints, keyed by the pickles' digest.
 def _unpickled_cache() -> Path:
     from edgeft.files import cache_root

@@ -317,8 +317,8 @@ def resolve_inputs(cfg: BuildConfig) -> tuple[str, Path]:
     """The model and data to use: the built-in demo when neither is given; a built-in model (builtin:NAME)
     without --data is tuned on the demo's data."""
     from edgeft import builtin
+    from edgeft.builtin import model_source
     from edgeft.demo import DEMO_DATA, DEMO_MODEL
-    from edgeft.loading import model_source
 
     if cfg.model and not cfg.data and not builtin.is_builtin(cfg.model):
         raise EdgeftError(f"--model {cfg.model} needs --data FILE.jsonl (or data = ... in edgeft.toml)")

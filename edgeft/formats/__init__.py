@@ -51,6 +51,7 @@ class Format(Protocol):
     title: str  # for people: the format and its runtime
     architectures: tuple[str, ...]  # the HF architectures it knows (exported, or refused with a reason)
     quants: tuple[str, ...]  # the quant names a profile or `edgeft export --quant` may give
+    distributions: tuple[str, ...]  # the Python packages that write and run it (recorded per build)
     option_keys: frozenset[str]  # the [[artifacts]] option keys this format takes besides format/quant
     apps: tuple[dict[str, str], ...]  # model.json "runtimes": what runs it in an app, and its example
     example_files: tuple[str, ...]  # files of examples/ a bundle shipping this format carries
@@ -122,6 +123,11 @@ class Format(Protocol):
         """The format's own header check of a file in a bundle (EdgeftError when it fails); no load."""
         ...
 
+    def write_checkpoint(self, path: Path, out: Path) -> None:
+        """The artifact `path` read back as a float Hugging Face checkpoint in `out` (a model a package ships
+        in this format; EdgeftError when the format cannot be read back)."""
+        ...
+
     def manifest_fields(self, spec: ArtifactSpec, imatrix: dict[str, Any] | None) -> dict[str, Any]:
         """The format's own keys of an artifact's manifest entry."""
         ...
@@ -174,6 +180,11 @@ def open_reference(model: str | Path, *, threads: int | None = None) -> Any:
     """The fine-tuned (or base) float model in PyTorch: what every artifact is judged against. A Hub id works
     too (the reference runtime resolves it)."""
     return REFERENCE.open_runtime(model, threads=threads, n_ctx=0, all_logits=True, allow_native_libs=False)  # type: ignore[arg-type]
+
+
+def write_checkpoint(path: Path, out: Path) -> None:
+    """A model file read back as a Hugging Face checkpoint by the format that owns it (built-in models)."""
+    format_of(path).write_checkpoint(Path(path), Path(out))
 
 
 def artifact_name(fmt: str, quant: str, variant: str = "") -> str:

@@ -43,6 +43,7 @@ class GgufFormat:
     quants = GGUF_QUANTS
     title = "GGUF (llama.cpp)"
     architectures = tuple(GGUF_ARCHS)
+    distributions = ("gguf", "llama-cpp-python")  # the Python packages that write and run it
     option_keys = frozenset({"imatrix", "head_type"})
     # What runs it in an app, and which examples/ program drives it. The Node example's package is pinned in
     # examples/node/package.json (its lock installs cleanly from the npm registry); edgeft's tests run every
@@ -221,6 +222,12 @@ class GgufFormat:
 
     def check_file(self, path: Path) -> None:
         check_gguf(path)
+
+    def write_checkpoint(self, path: Path, out: Path) -> None:
+        """The GGUF `path` as a float32 Hugging Face checkpoint in `out` (edgeft.formats.gguf.checkpoint)."""
+        from edgeft.formats.gguf.checkpoint import write_checkpoint  # lazy: transformers and torch
+
+        write_checkpoint(path, out)
 
     def manifest_fields(self, spec: ArtifactSpec, imatrix: dict[str, Any] | None) -> dict[str, Any]:
         return {"imatrix": imatrix if spec.imatrix else None, "head_type": spec.head_type}

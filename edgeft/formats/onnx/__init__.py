@@ -34,6 +34,7 @@ class OnnxFormat:
     quants = ONNX_QUANTS
     title = "ONNX (onnxruntime-genai)"
     architectures = tuple(ONNX_ARCHS)
+    distributions = ("onnxruntime", "onnxruntime-genai")  # the Python packages that write and run it
     option_keys = frozenset({"accuracy_level"})
     apps = (
         {
@@ -142,6 +143,9 @@ class OnnxFormat:
     def check_file(self, path: Path) -> None:
         """Nothing before loading: the folder checks (check_onnx_folder) run when it is opened, where the
         user's --allow-native-libs is known."""
+
+    def write_checkpoint(self, path: Path, out: Path) -> None:
+        raise EdgeftError(f"{path}: edgeft does not read this format back into a checkpoint")
 
     def manifest_fields(self, spec: ArtifactSpec, imatrix: dict[str, Any] | None) -> dict[str, Any]:
         return {} if spec.accuracy_level is None else {"accuracy_level": spec.accuracy_level}

@@ -23,6 +23,7 @@ class TorchFormat:
     title = "PyTorch (float reference)"
     architectures: tuple[str, ...] = ()
     quants = ("float32",)
+    distributions = ("torch", "transformers")  # the Python packages that write and run it
     option_keys: frozenset[str] = frozenset()
     apps: tuple[dict[str, str], ...] = ()
     example_files: tuple[str, ...] = ()
@@ -87,6 +88,9 @@ class TorchFormat:
         from edgeft.guard import check_model_folder
 
         check_model_folder(path)
+
+    def write_checkpoint(self, path: Path, out: Path) -> None:
+        raise EdgeftError(f"{path}: edgeft does not read this format back into a checkpoint")
 
     def manifest_fields(self, spec: ArtifactSpec, imatrix: dict[str, Any] | None) -> dict[str, Any]:
         return {}
