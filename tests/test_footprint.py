@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from safetensors.numpy import load_file
 from tinymodels import cached_model
 
-from edgeft import bench, bundle, config, formats, pipeline, targets
+from edgeft import bench, bundle, config, formats, pipeline, stages, targets
 from edgeft.bench import LatencyReport
 from edgeft.errors import EdgeftError
 from edgeft.formats import export_artifact
@@ -163,7 +163,7 @@ def test_ram_preflight_skips_what_does_not_fit(models: dict[str, Path], tmp_path
     # A context where llama.cpp's f16 KV fits 3 MB and onnxruntime's fp32 KV (twice as big) does not.
     context = 2_000_000 // (per_token * 2)  # f16 KV: 2 MB, fp32 KV: 4 MB
     target = targets.load(_profile(tmp_path, 3, context))
-    keep, skipped = pipeline.ram_preflight(model, target)
+    keep, skipped = stages.ram_preflight(model, target)
     assert [s.slot for s in keep] == ["gguf-q4_0"]
     assert [s.spec.label for s in skipped] == ["onnx-int8-acc4"]
     reason = skipped[0].reason
@@ -174,10 +174,10 @@ def test_ram_preflight_skips_what_does_not_fit(models: dict[str, Path], tmp_path
     assert need > 3e6 and skipped[0].footprint.kv_cache_bytes == per_token * context * 4
 
     with pytest.raises(EdgeftError, match=r"^onnx-int8-acc4 needs .*--strict stops the build") as e:
-        pipeline.ram_preflight(model, target, strict=True)
+        stages.ram_preflight(model, target, strict=True)
     assert "\n" not in str(e.value)
     with pytest.raises(EdgeftError, match="no shipped artifact of small fits its RAM budget"):
-        pipeline.ram_preflight(model, targets.load(_profile(tmp_path, 1, context * 4)))
+        stages.ram_preflight(model, targets.load(_profile(tmp_path, 1, context * 4)))
 
 
 def test_strict_build_stops_before_fine_tuning(models: dict[str, Path], tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_verify import Scripted, _evalset, _example, _script
 
-from edgeft import pipeline, search, targets, verify
+from edgeft import formats, search, stages, targets, verify
 from edgeft.footprint import Footprint
 
 RNG = np.random.default_rng(0)
@@ -164,18 +164,18 @@ def test_an_impossible_budget_names_the_closest_candidate() -> None:
 
 def test_the_build_fails_naming_the_closest_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
     """No candidate within budget: the slot ships the closest, measured in full and marked as failing, and the
-    build's failure line (pipeline._named) names it as the closest; --no-fail-on-drift would ship it."""
+    build's failure line (stages.named) names it as the closest; --no-fail-on-drift would ship it."""
     cands = three(1e-9)
     ref_rt = Scripted(LOGITS, RIGHT)
     es = _evalset(EXAMPLES, ref_rt)
     ref = verify.run_reference(ref_rt, es)
     by_path = {c.path: rt for c, rt in cands}
-    monkeypatch.setattr(pipeline.formats, "open_runtime", lambda p, **kw: by_path[p])
-    monkeypatch.setattr(pipeline, "task", quiet)
-    shipped = pipeline.choose([c for c, _ in cands], ref, es, 1)
+    monkeypatch.setattr(stages.formats, "open_runtime", lambda p, **kw: by_path[p])
+    monkeypatch.setattr(stages, "task", quiet)
+    shipped = stages.choose([c for c, _ in cands], ref, es, 1)
     assert shipped.spec.quant == "q8_0" and shipped.drift is not None and shipped.drift.n_examples == 4
     assert shipped.chosen and any(v.startswith("kld_mean") for v in shipped.violations)
-    line = f"{pipeline._named(shipped)}: {shipped.violations[0]}"
+    line = f"{stages.named(shipped)}: {shipped.violations[0]}"
     assert line.startswith("gguf-q8_0 (the closest of 3 candidates; none meets every budget): kld_mean = ")
 
 
@@ -198,7 +198,7 @@ def test_profiles_expand_their_search() -> None:
 def test_the_importance_matrix_sees_only_the_training_split(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """QuantSources hands compute_imatrix the training split: no held-out conversation, every training one."""
+    """Calibration hands the importance matrix the training split: no held-out conversation, every training one."""
     from edgeft import data
     from edgeft.config import BuildConfig
     from edgeft.demo import DEMO_DATA
@@ -206,20 +206,20 @@ def test_the_importance_matrix_sees_only_the_training_split(
 
     seen: list[list[dict[str, str]]] = []
 
-    def fake(model_dir, conversations, **kw):
+    def fake(model_dir, conversations, sources, **kw):
         seen.extend(conversations)
         return imatrix.Imatrix({}, len(conversations), 1, kw["dataset_sha256"])
 
-    monkeypatch.setattr(imatrix, "compute_imatrix", fake)
+    monkeypatch.setattr(imatrix, "compute_from", fake)
     cfg = BuildConfig(target="raspberrypi")
-    sources = pipeline.QuantSources(tmp_path, Path(DEMO_DATA), cfg, tmp_path)
-    sources.get()
+    sources = stages.Calibration(tmp_path, Path(DEMO_DATA), cfg, tmp_path)
+    sources.importance(formats.get("gguf"))
     train, held = data.load_split(Path(DEMO_DATA), cfg.lora.eval_fraction, cfg.lora.seed, cfg.lora.max_eval)
     as_key = [tuple(tuple(sorted(m.items())) for m in conv) for conv in seen]
     assert len(seen) == len(train) and held
     assert not {tuple(tuple(sorted(m.items())) for m in ex.messages) for ex in held} & set(as_key)
     # a later run that reuses the imatrix artifacts still records what they were made with
-    again = pipeline.QuantSources(tmp_path, Path(DEMO_DATA), cfg, tmp_path)
+    again = stages.Calibration(tmp_path, Path(DEMO_DATA), cfg, tmp_path)
     assert again.record() == {
         "dataset_sha256": data.dataset_sha256(Path(DEMO_DATA)),
         "examples": len(train),
