@@ -178,29 +178,34 @@ def tune(run: Run) -> Tuned:
     out = run.work / ("finetuned" if run.full else "adapter")
     seconds: dict[str, float] = {}
     with timed("finetune", seconds):
-        if files.done_with(out, key):
-            return Tuned(load_result(out), key, _frozen(seconds), ("finetune",))
-        files.forget(out)
-        files.require_resources(
-            "fine-tuning",
-            ram=0 if run.full else _training_ram(model),  # full: finetune checks its own, with the numbers
-            disk_at=run.work,
-            disk=_finetune_disk(model, run.full),
+        reused = files.done_with(out, key)
+        result = load_result(out) if reused else _tune_afresh(run, out, key)
+    return Tuned(result, key, _frozen(seconds), ("finetune",) if reused else ())
+
+
+def _tune_afresh(run: Run, out: Path, key: str) -> FinetuneResult:
+    cfg, model = run.cfg, run.model
+    files.forget(out)
+    files.require_resources(
+        "fine-tuning",
+        ram=0 if run.full else _training_ram(model),  # full: finetune checks its own, with the numbers
+        disk_at=run.work,
+        disk=_finetune_disk(model, run.full),
+    )
+    with task("fine-tune (every weight)" if run.full else "fine-tune (LoRA)") as update:
+        result = finetune(
+            model,
+            run.data_path,
+            out,
+            cfg.lora,
+            trust_remote_code=cfg.trust_remote_code,
+            progress=update,
+            checkpoint_dir=run.work / f"checkpoints-{key[:16]}",
+            method=cfg.method,
+            full_lr=cfg.full_lr,
         )
-        with task("fine-tune (every weight)" if run.full else "fine-tune (LoRA)") as update:
-            result = finetune(
-                model,
-                run.data_path,
-                out,
-                cfg.lora,
-                trust_remote_code=cfg.trust_remote_code,
-                progress=update,
-                checkpoint_dir=run.work / f"checkpoints-{key[:16]}",
-                method=cfg.method,
-                full_lr=cfg.full_lr,
-            )
-        files.mark_done(out, key)
-    return Tuned(result, key, _frozen(seconds), ())
+    files.mark_done(out, key)
+    return result
 
 
 @dataclass(frozen=True)
@@ -221,14 +226,14 @@ def merge_adapter(run: Run, tuned: Tuned) -> Merged:
     merged = run.work / "merged"
     seconds: dict[str, float] = {}
     with timed("merge", seconds):
-        if files.done_with(merged, key):
-            return Merged(merged, key, _frozen(seconds), ("merge",))
-        files.forget(merged)
-        # the merged model is written in the checkpoint's dtype or float32: at most twice a 16-bit base
-        files.require_resources("merge", disk_at=run.work, disk=2 * _weights_bytes(run.model))
-        merge(run.model, tuned.result.adapter_dir, merged, trust_remote_code=run.cfg.trust_remote_code)
-        files.mark_done(merged, key)
-    return Merged(merged, key, _frozen(seconds), ())
+        reused = files.done_with(merged, key)
+        if not reused:
+            files.forget(merged)
+            # the merged model is written in the checkpoint's dtype or float32: at most twice a 16-bit base
+            files.require_resources("merge", disk_at=run.work, disk=2 * _weights_bytes(run.model))
+            merge(run.model, tuned.result.adapter_dir, merged, trust_remote_code=run.cfg.trust_remote_code)
+            files.mark_done(merged, key)
+    return Merged(merged, key, _frozen(seconds), ("merge",) if reused else ())
 
 
 def held_out(merged: Merged) -> verify.EvalSet:
