@@ -29,6 +29,13 @@ from edgeft.constants import (
     SHA256SUMS,
     TOKENIZER_FILES,
 )
+from edgeft.device.bundle_manifest import (
+    SCHEMA_VERSION,
+    ManifestError,
+    dump_manifest,
+    dump_sums,
+    read_manifest,
+)
 from edgeft.errors import EdgeftError
 from edgeft.files import atomic_dir, read_json, sha256_file, tree_bytes
 from edgeft.footprint import Footprint, TensorTypes
@@ -103,10 +110,8 @@ class BuildFacts:
 
 
 # Scripts every bundle carries at its root (edgeft/device/): run on the device without edgeft.
-DEVICE_SCRIPTS = ("bench_on_device.py",)
-
-# manifest.json layout version: 2 added files, passed, base weights/revision, lora settings, eval split digest.
-MANIFEST_SCHEMA_VERSION = 2
+# bundle_manifest.py is the bundle schema the device script reads manifest.json and SHA256SUMS with.
+DEVICE_SCRIPTS = ("bench_on_device.py", "bundle_manifest.py")
 
 
 @dataclass(frozen=True)
@@ -418,7 +423,7 @@ def write_bundle(
             normalize_modes(tmp)
             files = {rel: sha256_file(tmp / rel) for rel in bundle_files(tmp)}
             manifest = {
-                "schema_version": MANIFEST_SCHEMA_VERSION,
+                "schema_version": SCHEMA_VERSION,
                 "target": target.name,
                 "passed": all(not a.violations for a in arts if a.spec.ship),
                 "base_model": facts.base_model,
@@ -461,11 +466,11 @@ def write_bundle(
             (tmp / REPORT_HTML).write_text(render_html(manifest), encoding="utf-8")
             files[REPORT_HTML] = sha256_file(tmp / REPORT_HTML)
             manifest["files"] = files = dict(sorted(files.items()))
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            (tmp / MANIFEST).write_text(dump_manifest(manifest), encoding="utf-8")
             sums = files | {MANIFEST: sha256_file(tmp / MANIFEST)}
-            (tmp / SHA256SUMS).write_text(
-                "".join(sha256sums_line(sums[rel], rel) for rel in sorted(sums)), encoding="utf-8"
-            )
+            (tmp / SHA256SUMS).write_text(dump_sums(sums), encoding="utf-8")
+    except ManifestError as exc:  # a file name SHA256SUMS cannot hold
+        raise EdgeftError(f"cannot write bundle {final}: {exc}") from None
     except OSError as exc:
         raise EdgeftError(f"cannot write bundle {final}: {exc.strerror or exc}") from None
     return final
@@ -518,18 +523,6 @@ def bundle_files(root: Path) -> list[str]:
             if rel not in (MANIFEST, SHA256SUMS) and p.is_file() and not p.is_symlink():
                 out.append(rel)
     return sorted(out)
-
-
-def sha256sums_line(digest: str, rel: str) -> str:
-    """One line of SHA256SUMS as GNU `sha256sum` writes it: "<hex>  <path>", text mode (two spaces).
-
-    A name holding a backslash, newline or CR is escaped and the line starts with a backslash.
-    ref: GNU coreutils src/digest.c (output_file / print_filename, the "\\" escape prefix).
-    """
-    if any(c in rel for c in "\\\n\r"):
-        esc = rel.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
-        return f"\\{digest}  {esc}\n"
-    return f"{digest}  {rel}\n"
 
 
 def _umask() -> int:
@@ -882,9 +875,10 @@ def record_device_run(bundle_dir: Path, result: dict[str, Any], where: str) -> d
 
 
 def _record(root: Path, result: dict[str, Any], where: str) -> dict[str, Any]:
-    manifest = read_json(root / MANIFEST)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise EdgeftError(f"{root / MANIFEST}: not a bundle manifest (no files list); rebuild the bundle")
+    try:
+        manifest = read_manifest(root / MANIFEST, formats.names()).doc
+    except ManifestError as e:
+        raise EdgeftError(f"{e}; rebuild the bundle") from None
     if not isinstance(result, dict):
         raise EdgeftError(f"device result for {where}: expected a JSON object, got {type(result).__name__}")
     runs = manifest.get("device_latency", [])
@@ -912,9 +906,9 @@ def _record(root: Path, result: dict[str, Any], where: str) -> dict[str, Any]:
         if described is not None:
             new[MODEL_JSON] = json.dumps(described, indent=2) + "\n"
             manifest["files"][MODEL_JSON] = hashlib.sha256(new[MODEL_JSON].encode("utf-8")).hexdigest()
-    manifest_text = json.dumps(manifest, indent=2) + "\n"
+    manifest_text = dump_manifest(manifest)
     sums = dict(manifest["files"]) | {MANIFEST: hashlib.sha256(manifest_text.encode("utf-8")).hexdigest()}
-    sums_text = "".join(sha256sums_line(sums[rel], rel) for rel in sorted(sums))
+    sums_text = dump_sums(sums)
     try:
         _rewrite_files(root, new | {MANIFEST: manifest_text, SHA256SUMS: sums_text})
     except OSError as exc:

@@ -10,7 +10,6 @@ traceback, and no path they name is opened outside the bundle.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -19,10 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from edgeft import formats
-from edgeft.bundle import MANIFEST_SCHEMA_VERSION, bundle_files
+from edgeft.bundle import bundle_files
 from edgeft.constants import BUNDLE_USER_DIRS, MANIFEST, SHA256SUMS
-from edgeft.device.bench_on_device import MAX_MANIFEST_BYTES, plain_path, read_regular, read_sums
-from edgeft.device.bench_on_device import parse_sums as device_sums
+from edgeft.device import bundle_manifest
+from edgeft.device.bundle_manifest import (
+    MAX_MANIFEST_BYTES,
+    ArtifactEntry,
+    Manifest,
+    ManifestError,
+    read_regular,
+    read_sums,
+)
+from edgeft.device.bundle_manifest import parse_sums as device_sums
 from edgeft.errors import EdgeftError
 from edgeft.files import sha256_file
 
@@ -79,93 +86,13 @@ class CheckReport:
         return {"passed": self.passed} | asdict(self)
 
 
-@dataclass(frozen=True)
-class ManifestArtifact:
-    path: str
-    format: str
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The parts of manifest.json that check relies on, validated."""
-
-    schema_version: int
-    passed: bool | None
-    files: dict[str, str]
-    artifacts: list[ManifestArtifact]
-
-
-def _safe_rel(rel: Any, where: str, what: str) -> str:
-    """A relative POSIX path that stays inside the bundle (the device script's rule: no absolute path, "..",
-    backslash or NUL)."""
-    if not isinstance(rel, str) or not rel:
-        raise EdgeftError(f"{where}: {what} {rel!r} is not a file name")
-    if not plain_path(rel):
-        raise EdgeftError(f"{where}: {what} {rel[:200]!r} is not a plain path inside the bundle")
-    return rel
-
-
 def parse_manifest(raw: bytes, where: str = MANIFEST) -> Manifest:
-    """Validate manifest.json bytes; any problem is one EdgeftError line starting with `where`."""
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise EdgeftError(f"{where}: {len(raw)} bytes, more than a manifest holds ({MAX_MANIFEST_BYTES})")
+    """Validate manifest.json bytes against the bundle schema (edgeft/device/bundle_manifest.py, the module
+    the device reads it with); any problem is one EdgeftError line starting with `where`."""
     try:
-        doc = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise EdgeftError(f"{where}: not UTF-8 text (byte {e.start}); the file is damaged") from None
-    except json.JSONDecodeError as e:
-        raise EdgeftError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except (ValueError, RecursionError) as e:
-        raise EdgeftError(f"{where}: not usable JSON ({type(e).__name__})") from None
-    if not isinstance(doc, dict):
-        raise EdgeftError(f"{where}: expected a JSON object, found {type(doc).__name__}")
-    version = doc.get("schema_version")
-    if version is None:
-        raise EdgeftError(
-            f"{where}: no schema_version: written by an older edgeft that did not checksum every file; "
-            "rebuild the bundle"
-        )
-    if type(version) is not int or version < 1:
-        raise EdgeftError(f"{where}: schema_version is {str(version)[:40]!r}, not a positive integer")
-    if version > MANIFEST_SCHEMA_VERSION:
-        raise EdgeftError(
-            f"{where}: schema_version {version} is newer than this edgeft reads ({MANIFEST_SCHEMA_VERSION}); "
-            "upgrade edgeft"
-        )
-    if version < MANIFEST_SCHEMA_VERSION:
-        raise EdgeftError(f"{where}: schema_version {version} has no file list to check; rebuild the bundle")
-    passed = doc.get("passed")
-    if passed is not None and not isinstance(passed, bool):
-        raise EdgeftError(f"{where}: passed is {str(passed)[:40]!r}, not true or false")
-    files = doc.get("files")
-    if not isinstance(files, dict):
-        raise EdgeftError(f"{where}: files is missing or not an object of path → sha256")
-    for rel, digest in files.items():
-        _safe_rel(rel, where, "files entry")
-        if rel in (MANIFEST, SHA256SUMS):
-            raise EdgeftError(f"{where}: files lists {rel}, which cannot hold its own digest")
-        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
-            raise EdgeftError(
-                f"{where}: files[{rel[:200]!r}] is {str(digest)[:80]!r}, not a sha256 hex digest"
-            )
-    arts = doc.get("artifacts")
-    if not isinstance(arts, list):
-        raise EdgeftError(f"{where}: artifacts is missing or not a list")
-    artifacts = []
-    for i, a in enumerate(arts):
-        if not isinstance(a, dict):
-            raise EdgeftError(f"{where}: artifacts[{i}] is not an object")
-        path = _safe_rel(a.get("path"), where, f"artifacts[{i}].path")
-        fmt, digest = a.get("format"), a.get("sha256")
-        if fmt not in formats.names():
-            raise EdgeftError(
-                f"{where}: artifacts[{i}].format is {str(fmt)[:40]!r}; expected one of {formats.names()}"
-            )
-        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
-            raise EdgeftError(f"{where}: artifacts[{i}].sha256 is not a sha256 hex digest")
-        artifacts.append(ManifestArtifact(path, fmt, digest))
-    return Manifest(version, passed, dict(files), artifacts)
+        return bundle_manifest.parse_manifest(raw, formats.names(), where)
+    except ManifestError as e:
+        raise EdgeftError(str(e)) from None
 
 
 def parse_sums(text: str, where: str = SHA256SUMS) -> dict[str, str]:
@@ -330,7 +257,7 @@ def _check_sums(c: _Checker, present: set[str]) -> None:
 
 def _run_artifact(
     c: _Checker,
-    a: ManifestArtifact,
+    a: ArtifactEntry,
     load: bool,
     threads: int | None,
     allow_native_libs: bool,

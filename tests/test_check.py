@@ -81,7 +81,7 @@ def test_fresh_bundle_passes_check(made: Bundles) -> None:
 
 def test_manifest_schema(made: Bundles, tiny_llama: Path) -> None:
     m = json.loads((made.fresh / MANIFEST).read_text())
-    assert m["schema_version"] == bundle.MANIFEST_SCHEMA_VERSION == 2
+    assert m["schema_version"] == bundle.SCHEMA_VERSION == 2
     assert m["passed"] is True
     assert m["base_model"] == tiny_llama.name  # the folder's name, never its path
     assert str(tiny_llama.parent) not in (made.fresh / MANIFEST).read_text()

@@ -32,9 +32,7 @@ import json
 import os
 import platform
 import random
-import re
 import shutil
-import stat
 import statistics
 import subprocess
 import sys
@@ -44,9 +42,40 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
+if __package__:  # imported as edgeft.device.bench_on_device (edgeft bench, edgeft check)
+    from edgeft.device.bundle_manifest import (
+        MANIFEST,
+        SHA256SUMS,
+        ArtifactEntry,
+        Manifest,
+        ManifestError,
+        read_manifest,
+        read_sums,
+    )
+else:  # run as the bundle's own script (python -I): the schema module it ships beside it, loaded by path
+    import importlib.util
+
+    sys.dont_write_bytecode = (
+        True  # no __pycache__ inside the bundle: it would be a file the build did not write
+    )
+
+    _spec = importlib.util.spec_from_file_location(
+        "bundle_manifest", Path(__file__).with_name("bundle_manifest.py")
+    )
+    if _spec is None or _spec.loader is None:
+        sys.exit("bench_on_device: error: bundle_manifest.py is missing beside this script")
+    _schema = importlib.util.module_from_spec(_spec)
+    sys.modules["bundle_manifest"] = _schema  # dataclasses look their module up while the file runs
+    _spec.loader.exec_module(_schema)
+    MANIFEST, SHA256SUMS, ArtifactEntry, Manifest = (
+        _schema.MANIFEST,
+        _schema.SHA256SUMS,
+        _schema.ArtifactEntry,
+        _schema.Manifest,
+    )
+    ManifestError, read_manifest, read_sums = _schema.ManifestError, _schema.read_manifest, _schema.read_sums
+
 SCHEMA = 1
-MANIFEST = "manifest.json"
-SHA256SUMS = "SHA256SUMS"
 # format → (module to import, distribution name, install line)
 RUNTIMES = {
     "gguf": ("llama_cpp", "llama-cpp-python", "pip install llama-cpp-python"),
@@ -276,78 +305,6 @@ def _inside(bundle: Path, rel: str) -> Path | None:
     return path
 
 
-MAX_SUMS_BYTES = 16 << 20  # larger than any SHA256SUMS a build writes (an ONNX folder adds a line per file)
-MAX_MANIFEST_BYTES = 16 << 20  # and than any manifest.json (a few KB; device runs add a few KB each)
-# A SHA256SUMS line: optional "\\" (escaped name), digest, " " and " " (text) or "*" (binary), the name.
-# ref: GNU coreutils src/digest.c (split_3, the BSD/GNU line formats `sha256sum -c` accepts).
-_SUMS_LINE = re.compile(r"(\\?)([0-9a-fA-F]{64}) [ *](.+)")
-
-
-def plain_path(rel: str) -> bool:
-    """A relative POSIX path that stays inside the bundle: no absolute path, "..", ".", empty part,
-    backslash or NUL."""
-    return (
-        bool(rel)
-        and not rel.startswith("/")
-        and "\\" not in rel
-        and "\0" not in rel
-        and all(part not in ("", ".", "..") for part in rel.split("/"))
-    )
-
-
-def parse_sums(text: str) -> tuple[dict[str, str], list[str]]:
-    """SHA256SUMS as GNU `sha256sum` writes it → ({path: hex}, problems). The one parser of it: `edgeft check`
-    calls this too, so the host and the device judge a bundle alike. Lines end at "\\n" only (str.splitlines
-    would also split at \\x0c, \\x85 or \\u2028 inside a name); a malformed line, a path that is not plain
-    or a name listed twice is a problem, and only the first listing of a name is kept."""
-    sums: dict[str, str] = {}
-    problems: list[str] = []
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        m = _SUMS_LINE.fullmatch(line)
-        if not m:
-            problems.append(f"{SHA256SUMS}: line {n} is not '<sha256>  <path>' ({line[:80]!r})")
-            continue
-        escaped, digest, name = m.groups()
-        if escaped:  # ref: coreutils digest.c filename_unescape: \\ -> \, \n -> newline, \r -> CR
-            name = re.sub(r"\\(.)", lambda c: {"\\": "\\", "n": "\n", "r": "\r"}.get(c.group(1), "\0"), name)
-        if not plain_path(name):
-            problems.append(
-                f"{SHA256SUMS}: line {n} path {name[:200]!r} is not a plain path inside the bundle"
-            )
-        elif name in sums:
-            problems.append(f"{SHA256SUMS}: {name[:200]!r} is listed twice")
-        else:
-            sums[name] = digest.lower()
-    return sums, problems
-
-
-def read_regular(path: Path, cap: int) -> bytes:
-    """At most cap + 1 bytes of a regular file, never through a symlink (it could lead outside the bundle)
-    nor from a FIFO or device (a read that never ends); OSError when it is not one."""
-    if not stat.S_ISREG(os.lstat(path).st_mode):
-        raise OSError(f"{Path(path).name}: not a regular file")
-    with open(path, "rb") as f:
-        return f.read(cap + 1)
-
-
-def read_sums(path: Path) -> tuple[dict[str, str], list[str]]:
-    """A SHA256SUMS file read and parsed → ({path: hex}, problems), as `edgeft check` and the device both
-    read it: as bytes (read_text would turn "\\r\\n" into "\\n"), at most MAX_SUMS_BYTES, UTF-8."""
-    try:
-        raw = read_regular(path, MAX_SUMS_BYTES)
-    except OSError as e:
-        return {}, [f"{SHA256SUMS}: cannot be read ({e.strerror or e})"]
-    if len(raw) > MAX_SUMS_BYTES:
-        return {}, [f"{SHA256SUMS}: more than {MAX_SUMS_BYTES} bytes"]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return {}, [f"{SHA256SUMS}: not UTF-8 text; the file is damaged"]
-    return parse_sums(text)
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -356,7 +313,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_integrity(bundle: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def check_integrity(bundle: Path) -> tuple[dict[str, Any], Manifest | None]:
     """Every file SHA256SUMS and manifest.json's "files" name, re-hashed → (integrity, manifest or None).
 
     SHA256SUMS covers manifest.json, so an edited manifest shows. Files the lists do not name are not
@@ -392,30 +349,16 @@ def check_integrity(bundle: Path) -> tuple[dict[str, Any], dict[str, Any] | None
             problems.append(f"{rel}: sha256 differs from {SHA256SUMS}")
     if sums and MANIFEST not in sums:
         problems.append(f"{MANIFEST}: not covered by {SHA256SUMS}")
-    manifest: dict[str, Any] | None = None
+    manifest: Manifest | None = None
     try:
-        raw = read_regular(bundle / MANIFEST, MAX_MANIFEST_BYTES)
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise ValueError(f"more than {MAX_MANIFEST_BYTES} bytes")
-        loaded = json.loads(raw.decode("utf-8"))
-        manifest = loaded if isinstance(loaded, dict) else None
-        if manifest is None:
-            problems.append(f"{MANIFEST}: not a JSON object")
-    except OSError as e:
-        problems.append(f"{MANIFEST}: cannot be read ({e.strerror or e})")
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        problems.append(f"{MANIFEST}: cannot be read ({type(e).__name__})")
-    files = manifest.get("files") if manifest else None
-    if manifest is not None and not isinstance(files, dict):
-        problems.append(f'{MANIFEST}: "files" is not a map of path to sha256')
-    for rel, want in (files or {}).items():
-        if not isinstance(rel, str) or not isinstance(want, str):
-            problems.append(f'{MANIFEST}: "files" entry {str(rel)[:60]!r} is not a path and a sha256')
-            continue
+        manifest = read_manifest(bundle / MANIFEST, tuple(RUNTIMES), MANIFEST)
+    except ManifestError as e:
+        problems.append(str(e))
+    for rel, want in (manifest.files if manifest is not None else {}).items():
         if rel not in sums:
             problems.append(f"{rel}: in {MANIFEST} but not in {SHA256SUMS}")
         got = digest(rel)
-        if got is not None and got != want.lower():
+        if got is not None and got != want:
             problems.append(f"{rel}: sha256 differs from {MANIFEST}")
     ok = not problems
     return {"ok": ok, "files_checked": sum(d is not None for d in digests.values()), "problems": problems}, (
@@ -889,10 +832,11 @@ def run_point(path: Path, fmt: str, threads: int, a: argparse.Namespace) -> dict
         raise RuntimeError(f"at {threads} threads: no result from the child") from None
 
 
-def bench_artifact(bundle: Path, entry: Any, a: argparse.Namespace, threads: list[int]) -> dict[str, Any]:
+def bench_artifact(
+    bundle: Path, entry: ArtifactEntry, a: argparse.Namespace, threads: list[int]
+) -> dict[str, Any]:
     """Sweep one manifest artifact entry over `threads`; a result entry of the JSON's "artifacts"."""
-    rel = entry.get("path") if isinstance(entry, dict) else None
-    fmt = entry.get("format") if isinstance(entry, dict) else None
+    rel, fmt = entry.path, entry.format or None
     res: dict[str, Any] = {
         "path": rel if isinstance(rel, str) else str(rel),
         "format": fmt,
@@ -913,9 +857,7 @@ def bench_artifact(bundle: Path, entry: Any, a: argparse.Namespace, threads: lis
     if path is None or fmt not in RUNTIMES:
         res["reason"] = f'{MANIFEST}: artifact entry has no usable "path" and "format" ("gguf" or "onnx")'
         return res
-    per_token = entry.get("decode_bytes_per_token")
-    if isinstance(per_token, int) and not isinstance(per_token, bool) and per_token > 0:
-        res["decode_bytes_per_token"] = per_token
+    res["decode_bytes_per_token"] = entry.decode_bytes_per_token
     missing = _runtime_missing(fmt)
     if missing:
         res.update(status="skipped", reason=missing, install=RUNTIMES[fmt][2])
@@ -985,11 +927,10 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     threads = a.threads or default_threads(device["cores"])
     device["energy"] = energy_facts(a) if manifest is not None and integrity["ok"] else None
     if manifest is not None:
-        entries = manifest.get("artifacts")
-        entries = entries if isinstance(entries, list) else []
+        entries = manifest.artifacts
         if a.artifact:
-            by_path = {e.get("path"): e for e in entries if isinstance(e, dict)}
-            entries = [by_path.get(rel, {"path": rel, "format": None}) for rel in a.artifact]
+            by_path = {e.path: e for e in entries}
+            entries = [by_path.get(rel, ArtifactEntry(rel, "", "")) for rel in a.artifact]
         for entry in entries:
             results.append(bench_artifact(bundle, entry, a, threads))
             if results[-1]["status"] != "ok":
