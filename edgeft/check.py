@@ -10,6 +10,7 @@ traceback, and no path they name is opened outside the bundle.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import stat
@@ -220,7 +221,6 @@ def check_bundle(
 
 def _check_artifact_entries(c: _Checker, m: Manifest) -> None:
     """Each artifact's own sha256 agrees with the files list (a file's digest, or a folder's tree digest)."""
-    import hashlib
 
     for a in m.artifacts:
         inner = {

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tomllib
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, is_dataclass
@@ -21,7 +22,16 @@ import typer
 
 from edgeft import formats
 from edgeft import spec as spec_mod
+from edgeft import targets as t
+from edgeft.builtin import model_source
+from edgeft.bundle import regression_line
+from edgeft.check import check_bundle
+from edgeft.config import FULL_LR, check_method, finetune_settings, lora_settings, resolve
+from edgeft.data import load_jsonl
 from edgeft.errors import EdgeftError
+from edgeft.targets import MAX_THREADS, expect_int, parse_budget
+from edgeft.ui import info, task
+from edgeft.verify import verify as run
 
 app = typer.Typer(
     add_completion=False,
@@ -33,7 +43,6 @@ app = typer.Typer(
 
 def _quiet_libraries() -> None:
     """Keep the terminal to edgeft's own progress: no per-file loading bars or deprecation chatter."""
-    import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -71,7 +80,6 @@ def _emit(obj: Any, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(plain, default=str) + "\n")
         return
-    from edgeft.ui import info
 
     for key, value in plain.items():
         info(f"{key:>16}: {value:.6g}" if isinstance(value, float) else f"{key:>16}: {value}")
@@ -93,7 +101,6 @@ def _key_values(pairs: list[str], flag: str) -> dict[str, Any]:
 
 def _lora_overrides(pairs: list[str]):
     """`--lora r=8 --lora epochs=2` → validated LoraSettings."""
-    from edgeft.config import lora_settings
 
     return lora_settings(_key_values(pairs, "--lora"), "--lora")
 
@@ -203,9 +210,7 @@ def build(
 ) -> None:
     """Run the whole pipeline: fine-tune, merge, export, quantize, verify, bench, bundle. A failed or killed
     build keeps its work: running it again resumes where it stopped."""
-    from edgeft.config import resolve
     from edgeft.pipeline import build as run_build
-    from edgeft.ui import info
 
     cfg = resolve(
         target=target,
@@ -256,9 +261,7 @@ def finetune(
 ) -> None:
     """Fine-tune with LoRA (a PEFT adapter directory), or every weight with --method full (a model directory
     in safetensors with the base's tokenizer files, checked against the available RAM first)."""
-    from edgeft.config import FULL_LR, check_method, finetune_settings
     from edgeft.finetune import finetune as run
-    from edgeft.ui import task
 
     settings = _lora_overrides(lora or [])
     how = check_method(method or "lora", "--method")
@@ -302,7 +305,6 @@ def merge(
 def _model_source(model: str, allow_pickle: bool) -> str:
     """The model to read: a built-in model's checkpoint folder (builtin:NAME), and with --allow-pickle a
     safetensors copy of a pickle-only checkpoint."""
-    from edgeft.builtin import model_source
 
     with _stdout_to_stderr():
         return model_source(model, allow_pickle=allow_pickle)
@@ -371,8 +373,6 @@ def export(
 ) -> None:
     """Export an HF model to a device format, quantized; the artifact's tokenizer is checked against the
     model's own on chat prompts before it is shipped."""
-    from edgeft.data import load_jsonl
-    from edgeft.ui import info, task
 
     _check_threads(threads)
     spec = _export_spec(format, quant, accuracy_level, calibration, head_type)
@@ -440,9 +440,6 @@ def verify(
     """Drift of an artifact against the float model: KLD, top-1, PPL ratio, task accuracy, and the app path
     (prompt ids and greedy answers through the artifact's own template, tokenizer and runtime). Exits 1 when
     a budget is exceeded."""
-    from edgeft.targets import parse_budget
-    from edgeft.ui import task
-    from edgeft.verify import verify as run
 
     limits = parse_budget(_key_values(budget or [], "--budget"), "--budget")
     _check_threads(threads)
@@ -462,7 +459,6 @@ MAX_RUNS = 1000
 
 def _check_threads(threads: int | None) -> None:
     """--threads within 1..MAX_THREADS (one line otherwise), before any runtime sees it."""
-    from edgeft.targets import MAX_THREADS, expect_int
 
     if threads is not None:
         expect_int(threads, "--threads", 1, MAX_THREADS)
@@ -536,7 +532,6 @@ def bench(
     """Latency: of one artifact on this machine (--artifact), or of a bundle on its device (BUNDLE --remote
     user@host; BUNDLE alone runs on this machine): prefill and decode tok/s, time to first token, peak RSS,
     per thread count; a bundle's results are recorded in its manifest.json and report.md."""
-    from edgeft.targets import expect_int
 
     expect_int(runs, "--runs", 1, MAX_RUNS)
     _check_threads(threads)
@@ -595,7 +590,6 @@ def bench(
 
 def _sweep(text: str | None, threads: int | None) -> list[int] | None:
     """--thread-sweep 1,2,4 → [1, 2, 4]; --threads N alone → [N]; neither → None (the script's default)."""
-    from edgeft.targets import MAX_THREADS
 
     if text is None:
         return None if threads is None else [threads]
@@ -620,7 +614,6 @@ def _num(x: Any, spec: str) -> str:
 def _bench_bundle(bundle: Path, *, as_json: bool, allow_native_libs: bool, **kw: Any) -> None:
     """edgeft bench BUNDLE [--remote ...]: run, record, and say what happened (see edgeft/remote.py)."""
     from edgeft.remote import bench_bundle, script_args
-    from edgeft.ui import info
 
     if allow_native_libs:
         raise EdgeftError(
@@ -655,7 +648,6 @@ def _bench_bundle(bundle: Path, *, as_json: bool, allow_native_libs: bool, **kw:
         else:
             install = f" (install: {a['install']})" if a.get("install") else ""
             info(f"{a['path']}: {a.get('status')}: {a.get('reason')}{install}")
-    from edgeft.bundle import regression_line
 
     for r in run.comparison["regressions"]:
         print(
@@ -700,7 +692,6 @@ def check(
 ) -> None:
     """Prove a bundle is what the build wrote: every file's sha256 against manifest.json and SHA256SUMS, no
     file missing or added, GGUF headers sound, each artifact loads and generates. Exits 1 on any finding."""
-    from edgeft.check import check_bundle
 
     _check_threads(threads)
     with _stdout_to_stderr():
@@ -733,7 +724,6 @@ def check(
 @app.command(epilog="Example: edgeft targets --json")
 def targets(as_json: JsonFlag = False) -> None:
     """List the target profiles, one line each."""
-    from edgeft import targets as t
 
     profiles = t.load_all()
     if as_json:

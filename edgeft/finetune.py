@@ -8,9 +8,11 @@ held-out split is `_data.load_split` with the settings' seed, and the adapter di
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -25,7 +27,8 @@ from edgeft import data as _data
 from edgeft.config import FULL_LR, LoraSettings, auto_epochs, auto_lr, check_method
 from edgeft.constants import FINETUNE_RECORD
 from edgeft.errors import EdgeftError
-from edgeft.files import atomic_dir, available_ram
+from edgeft.files import atomic_dir, available_ram, read_json
+from edgeft.footprint import safetensors_shapes
 from edgeft.loading import copy_tokenizer_files, load_model, load_tokenizer
 from edgeft.ui import Progress
 
@@ -102,8 +105,6 @@ class PadCollator:
 
 
 def _takes_logits_to_keep(model: Any) -> bool:
-    import inspect
-
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
@@ -116,7 +117,6 @@ def validation_split(
     n = min(settings.validation, len(train) // 10) if settings.patience > 0 else 0
     if n < MIN_VALIDATION:
         return train, []
-    import random
 
     held = set(random.Random(settings.seed + 1).sample(range(len(train)), n))
     return [ex for i, ex in enumerate(train) if i not in held], [
@@ -435,7 +435,6 @@ def _state_is_whole(path: Path) -> bool:
 
 def load_result(adapter_dir: Path) -> FinetuneResult:
     """The FinetuneResult of a finished adapter, from the record finetune wrote beside it (for resuming)."""
-    from edgeft.files import read_json
 
     rec = read_json(Path(adapter_dir) / FINETUNE_RECORD)
     return FinetuneResult(
@@ -486,9 +485,6 @@ FULL_BYTES_PER_PARAM = 4 + 4 + 8
 def checkpoint_params(model: str | Path) -> int | None:
     """Parameters in a local checkpoint, counted from its safetensors headers (footprint.safetensors_shapes:
     no tensor is read); None for a Hub id or a folder without safetensors."""
-    import math
-
-    from edgeft.footprint import safetensors_shapes
 
     folder = Path(model)
     if not folder.is_dir() or not any(folder.glob("*.safetensors")):

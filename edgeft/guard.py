@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from edgeft.constants import TOKENIZER_FILES
 from edgeft.errors import EdgeftError
 
 # --- folders from strangers: nothing they name may lead outside them ------------------------------------------
@@ -67,7 +68,6 @@ def inside(root: Path, name: str | Path, *, what: str) -> Path:
 def check_model_folder(model_dir: Path) -> None:
     """Every file a Hugging Face model folder is read through stays inside it: config, tokenizer and chat
     template files, safetensors weights and the shards an index names."""
-    from edgeft.constants import TOKENIZER_FILES
 
     model_dir = Path(model_dir)
     for f in ("config.json", "generation_config.json", *TOKENIZER_FILES):

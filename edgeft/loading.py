@@ -20,7 +20,9 @@ from typing import Any
 
 from edgeft.constants import PICKLE_SUFFIXES, TOKENIZER_FILES
 from edgeft.errors import EdgeftError
+from edgeft.files import atomic_dir, cache_root, sha256_file
 from edgeft.guard import check_model_folder, inside, read_json, require_regular, safetensors_header
+from edgeft.ui import info
 
 # Parts of tokenizer.json that decide which ids a text becomes.
 _PIPELINE_PARTS = ("normalizer", "pre_tokenizer", "model")
@@ -68,8 +70,6 @@ def resolve_model(model: str | Path) -> str:
 
 # Where --allow-pickle puts safetensors copies of pickle-only checkpoints, keyed by the pickles' digest.
 def _unpickled_cache() -> Path:
-    from edgeft.files import cache_root
-
     return cache_root() / "safetensors"
 
 
@@ -102,7 +102,6 @@ def unpickled(model: str) -> str:
         raise EdgeftError(
             f"{path}: pickle weights {missing[0]} not found (expected pytorch_model.bin or an index)"
         )
-    from edgeft.files import atomic_dir, sha256_file
 
     key = hashlib.sha256(
         "".join(sha256_file(s) for s in [path / "config.json", *shards]).encode()
@@ -110,7 +109,6 @@ def unpickled(model: str) -> str:
     dest = _unpickled_cache() / key[:24]
     if (dest / "model.safetensors").is_file():
         return str(dest)
-    from edgeft.ui import info
 
     info(f"converting {path}'s pickle weights to safetensors (torch weights-only loader) → {dest}")
     with atomic_dir(dest, what="safetensors copy") as tmp:
@@ -217,8 +215,6 @@ def load_tokenizer(model: str | Path, *, trust_remote_code: bool = False, notify
             if still:
                 raise EdgeftError(f"{tj}: cannot run its own {', '.join(still)} in transformers")
             if notify:
-                from edgeft.ui import info
-
                 info(
                     f"tokenizer: transformers' {rebuilt} would rebuild the {' and '.join(differs)} of {tj}; "
                     "using the file's own pipeline (the one the model was trained with)"
@@ -353,12 +349,12 @@ def _tensor_extents(f: Path) -> dict[str, tuple[int, str, tuple[int, ...]]] | No
     except (EdgeftError, OSError):
         return None
     out: dict[str, tuple[int, str, tuple[int, ...]]] = {}
-    for name, info in header.items():
+    for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        if not isinstance(meta, dict) or not isinstance(meta.get("dtype"), str):
             return None
-        dt, shape, span = info["dtype"], info.get("shape"), info.get("data_offsets")
+        dt, shape, span = meta["dtype"], meta.get("shape"), meta.get("data_offsets")
         if dt not in _STORED_BYTES or not isinstance(shape, list) or not isinstance(span, list):
             return None
         if not all(type(d) is int and d >= 0 for d in shape) or len(span) != 2:
@@ -402,7 +398,6 @@ def checkpoint_dtype(model: str | Path) -> str:
 def model_fingerprint(model: str | Path) -> dict[str, str]:
     """What identifies a model's content: every file of a local folder with its sha256, or a Hub id with its
     snapshot revision (what a stage's cache key and the manifest record)."""
-    from edgeft.files import sha256_file
 
     name = str(model)
     if isinstance(model, Path) or _looks_like_path(name):

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from edgeft import data as data_mod
+from edgeft.errors import EdgeftError
+
 PROBE_TEXTS: tuple[str, ...] = (
     "Hello world",
     "  leading spaces and trailing   ",
@@ -64,8 +67,6 @@ def tokenization_mismatches(
     when `text_specials`); `chat(messages)` the prompt ids its chat path builds (compared with the
     fine-tune's, edgeft.data.chat_prompt_ids). Conversations the model's own template refuses are skipped.
     """
-    from edgeft import data as data_mod
-    from edgeft.errors import EdgeftError
 
     def piece(i: int) -> str:
         return str(tokenizer.convert_ids_to_tokens(int(i)))

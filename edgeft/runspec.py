@@ -21,7 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgeft import formats
+from edgeft import data, formats
+from edgeft.footprint import max_positions
 
 # model.json layout version; bumped whenever a key changes meaning.
 SCHEMA_VERSION = 1
@@ -78,8 +79,6 @@ def describe(
 ) -> dict[str, Any]:
     """model.json's content for the model in `tokenizer_dir` and the bundle's shipped `artifacts` (manifest
     entries: path, format). `versions` are the tool versions the build verified with."""
-    from edgeft import data
-    from edgeft.footprint import max_positions
     from edgeft.loading import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir, notify=False)

@@ -46,8 +46,9 @@ from edgeft.evalset import (  # noqa: F401 - the eval set's names, as verify's c
     probe_examples,
     task_accuracy,
 )
+from edgeft.files import cache_root
 from edgeft.formats import open_runtime
-from edgeft.reference import Choices, ReferenceRun, run_reference  # noqa: F401 - as above
+from edgeft.reference import KEEP_CACHED, Choices, ReferenceRun, run_reference, stored_reference  # noqa: F401 - as above
 from edgeft.runtime import Runtime
 from edgeft.ui import Progress
 
@@ -356,9 +357,7 @@ def verify(
     where the eval conversations came from. The float model's run is kept in edgeft's cache
     (edgeft.reference, the newest few): verifying another artifact against the same model and data reuses
     it. `task(description, total)` shows each long step's progress."""
-    from edgeft.files import cache_root
     from edgeft.loading import load_tokenizer
-    from edgeft.reference import KEEP_CACHED, stored_reference
 
     examples, source = eval_examples(Path(reference), data)
     es = make_eval_set(load_tokenizer(reference), examples, source=source)

@@ -55,7 +55,6 @@ def plain_facts(model: Path, **more: Any) -> bundle.BuildFacts:
         reference_task_accuracy=None,
         base_task_accuracy=None,
         reference_latency=None,
-        kv_cache_mb=1.0,
     )
     return dataclasses.replace(facts, **more)
 

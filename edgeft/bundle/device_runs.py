@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from edgeft.device.bundle_manifest import (
     read_manifest,
 )
 from edgeft.errors import EdgeftError
-from edgeft.files import atomic_dir, read_json
+from edgeft.files import MARKER, atomic_dir, read_json
 from edgeft.report_html import render_html
 
 # --- device results: `edgeft bench BUNDLE [--remote user@host]` records what bench_on_device.py measured ----
@@ -71,7 +72,6 @@ def _ok_artifacts(result: Any) -> dict[str, dict[str, Any]]:
 def compare_device_runs(runs: list[dict[str, Any]], where: str) -> dict[str, Any]:
     """The newest run of `where` against the one before it: every metric's change, and the regressions
     (slower beyond noise, see REGRESSION_MIN_SHARE). `runs` is manifest["device_latency"], oldest first."""
-    import statistics
 
     mine = [r for r in runs if isinstance(r, dict) and r.get("where") == where]
     if mine:  # only runs with the same prompt/decode lengths, runs and thread sweep are comparable
@@ -309,7 +309,6 @@ def with_device_section(report: str, section: str) -> str:
 def _rewrite_files(root: Path, new: dict[str, str]) -> None:
     """Replace some files of a bundle as one step: a sibling folder gets hard links to every other file (a
     copy where links fail) and the new contents, then takes the bundle's name (files.atomic_dir)."""
-    from edgeft.files import MARKER
 
     # the user's installs (BUNDLE_USER_DIRS) move over whole, never linked file by file
     with atomic_dir(root, keep=BUNDLE_USER_DIRS) as tmp:

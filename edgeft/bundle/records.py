@@ -17,6 +17,7 @@ from edgeft.constants import (
 from edgeft.errors import EdgeftError
 from edgeft.files import read_json, sha256_file
 from edgeft.footprint import Footprint
+from edgeft.formats import artifact_name as name
 from edgeft.targets import ArtifactSpec
 from edgeft.verify import DriftReport
 
@@ -64,7 +65,6 @@ class BuildFacts:
     reference_task_accuracy: float | None
     base_task_accuracy: float | None
     reference_latency: LatencyReport | None
-    kv_cache_mb: float | None = None  # unused: each artifact's own KV cache is in its footprint
     seconds: dict[str, float] = field(default_factory=dict)
     train_examples: int = 0
     eval_examples: int = 0
@@ -133,7 +133,6 @@ def finetune_facts(adapter_dir: Path) -> tuple[dict[str, Any], str | None]:
 
 def artifact_name(spec: ArtifactSpec) -> str:
     """Name of an artifact inside the bundle (a file for GGUF, a directory for ONNX)."""
-    from edgeft.formats import artifact_name as name
 
     return name(spec.format, spec.quant, spec.file_variant)
 

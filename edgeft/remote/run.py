@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeft.bundle import record_device_run
 from edgeft.constants import MANIFEST, MODEL_JSON, REPORT, REPORT_HTML, SHA256SUMS
 from edgeft.errors import EdgeftError
 from edgeft.remote.ssh import (
@@ -26,6 +27,7 @@ from edgeft.remote.ssh import (
     run_command,
 )
 from edgeft.remote.sync import SyncReport, helper_failure, sync_bundle
+from edgeft.ui import task
 
 if TYPE_CHECKING:
     pass
@@ -125,8 +127,6 @@ def bench_local(
 ) -> DeviceRun:
     """Run the bundle's bench_on_device.py on this machine in a child process (as on a device: isolated
     from the working folder) and record the result (where = "localhost")."""
-    from edgeft.bundle import record_device_run
-    from edgeft.ui import task
 
     bundle = Path(bundle).resolve()
     script = _bundle_script(bundle)
@@ -186,8 +186,6 @@ def bench_remote(
 ) -> DeviceRun:
     """Copy the bundle to the device, run its bench_on_device.py there, record the result in the bundle,
     and copy the recorded manifest.json, report.md and SHA256SUMS back so the device holds the same bundle."""
-    from edgeft.bundle import record_device_run
-    from edgeft.ui import task
 
     bundle = Path(bundle).resolve()
     _bundle_script(bundle)

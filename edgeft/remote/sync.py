@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from edgeft.bundle import bundle_files
 from edgeft.constants import BUNDLE_USER_DIRS, MANIFEST, SHA256SUMS
 from edgeft.errors import EdgeftError
+from edgeft.files import sha256_file
 from edgeft.remote.ssh import (
     HELPER_TIMEOUT,
     PARTIAL_SUFFIX,
@@ -48,7 +50,6 @@ class SyncReport:
 
 def local_files(bundle: Path) -> dict[str, Path]:
     """Every regular file of a bundle (manifest.json and SHA256SUMS included) by POSIX relative path."""
-    from edgeft.bundle import bundle_files
 
     rels = [*bundle_files(bundle), MANIFEST, SHA256SUMS]
     return {rel: bundle / rel for rel in sorted(rels) if (bundle / rel).is_file()}
@@ -111,7 +112,6 @@ def sync_bundle(
         rdir, have = str(state["dir"]), dict(state["files"])
     except (ValueError, KeyError, IndexError, TypeError):
         raise EdgeftError(f"{where}: unexpected answer from the device's Python ({out[:200]!r})") from None
-    from edgeft.files import sha256_file
 
     todo = []
     report = SyncReport()

@@ -12,6 +12,8 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeft import files
+from edgeft.device.bench_on_device import LlamaCppEngine
 from edgeft.errors import EdgeftError, show
 from edgeft.formats.gguf import footprint
 from edgeft.formats.gguf.constants import (
@@ -23,6 +25,7 @@ from edgeft.formats.gguf.constants import (
     GGUF_QUANTS,
 )
 from edgeft.formats.gguf.header import check_gguf
+from edgeft.ui import task
 
 if TYPE_CHECKING:
     from edgeft.device.bench_on_device import Engine
@@ -163,9 +166,7 @@ class GgufFormat:
     def _float_source(model_dir: Path, job: Any) -> Path:
         """The 16-bit GGUF every quantized candidate of one model is made from: converted once, kept in
         job.shared under the merged model's key."""
-        from edgeft import files
         from edgeft.formats.gguf.export import export_float_gguf
-        from edgeft.ui import task
 
         folder = job.shared / "float-gguf"
         key = files.digest(["float-gguf", job.shared_key, job.conversations])
@@ -197,7 +198,6 @@ class GgufFormat:
         return LlamaCppRuntime(path, threads=threads, n_ctx=n_ctx, all_logits=all_logits)
 
     def bench_engine(self, path: Path, *, threads: int, n_ctx: int, allow_native_libs: bool) -> Engine:
-        from edgeft.device.bench_on_device import LlamaCppEngine
         from edgeft.formats.gguf.runtime import silence_llama_logs
 
         check_gguf(path)  # a damaged or hostile header is refused before llama.cpp parses it

@@ -19,11 +19,13 @@ import gguf
 import numpy as np
 
 from edgeft import __version__
+from edgeft.data import adds_bos, plain_chat_template, template_end_of_turn
 from edgeft.errors import EdgeftError
 from edgeft.files import QUANTIZING_TAG, publish_file, sweep_temps, unique_sibling
 from edgeft.formats.gguf.arch import Prepared, prepare
 from edgeft.formats.gguf.constants import GGUF_FLOAT_QUANTS, GGUF_FTYPES, GGUF_QUANTS
-from edgeft.formats.gguf.header import GGUF_MARKER_KEY, ensure_replaceable_file
+from edgeft.formats.gguf.footprint import tensor_types
+from edgeft.formats.gguf.header import GGUF_MARKER_KEY, check_gguf, ensure_replaceable_file, is_edgeft_gguf
 from edgeft.formats.gguf.tokcheck import choose_vocab
 from edgeft.formats.gguf.vocab import Vocab, general_name, read_vocab, write_vocab
 from edgeft.formats.gguf.weights import fit_f16, intermediate_type, materialize, out_type
@@ -106,7 +108,6 @@ def choose_tokenizer(
 ) -> ChosenVocab:
     """Read the tokenizer files and settle the flags llama.cpp needs to reproduce the fine-tune's prompts
     (edgeft.formats.gguf.tokcheck); one line on stderr names the first difference left, if any."""
-    from edgeft.data import adds_bos, plain_chat_template, template_end_of_turn
     from edgeft.loading import load_tokenizer
 
     n_vocab = prep.model.n_vocab
@@ -194,7 +195,6 @@ def export_gguf(
 
 def _said(out: Path) -> None:
     """One line when edgeft wrote some tensors in another type than llama.cpp chose (quantize.Steered)."""
-    from edgeft.formats.gguf.footprint import tensor_types
 
     steered = tensor_types(out).steered
     if steered:
@@ -241,7 +241,6 @@ def export_float_gguf(
 
 def _reuse_float(base: GGUFExportResult | Path) -> GGUFExportResult:
     """A float GGUF to quantize from: edgeft-written and of a float file type, else one line."""
-    from edgeft.formats.gguf.header import check_gguf, is_edgeft_gguf
 
     path = base.path if isinstance(base, GGUFExportResult) else Path(base)
     if not path.is_file():

@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from edgeft.data import _encode, _render, dataset_sha256, load_jsonl
 from edgeft.errors import EdgeftError
+from edgeft.guard import check_model_folder
 
 Progress = Callable[[int, int], None]
 TIED_HEAD = (
@@ -70,7 +72,6 @@ def _tokenize(
     max_len: int,
 ) -> tuple[list[list[int]], list[str]]:
     """Rendered texts' ids, in order, until `max_tokens` (the last one cut to fit); and the texts used."""
-    from edgeft.data import _encode, _render
 
     out: list[list[int]] = []
     texts: list[str] = []
@@ -125,7 +126,6 @@ def compute_from(
     import torch
 
     from edgeft.formats.gguf.arch import prepare
-    from edgeft.guard import check_model_folder
     from edgeft.loading import load_model, load_tokenizer
 
     model_dir = Path(model_dir)
@@ -252,7 +252,6 @@ def compute_imatrix(
 def imatrix_from_jsonl(model_dir: Path, path: Path, **kw: Any) -> Imatrix:
     """compute_imatrix over a task JSONL file's records (edgeft.data.load_jsonl: prompt/completion or
     messages lines), in file order. The record's dataset_sha256 is the file's own SHA-256."""
-    from edgeft.data import dataset_sha256, load_jsonl
 
     path = Path(path)
     examples = load_jsonl(path)  # one-line errors: missing, unreadable, empty, malformed line

@@ -9,6 +9,7 @@ llama.cpp's quantize tool fills (ref: llama.cpp include/llama.h llama_model_quan
 from __future__ import annotations
 
 import ctypes
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -360,7 +361,6 @@ def _quantize(
 def _type_overrides(llama_cpp: Any, overrides: dict[str, str]) -> tuple[Any, list[Any]]:
     """The NULL-pattern-terminated llama_model_tensor_override array: one anchored, escaped pattern per
     tensor name (ref: src/llama-quant.cpp, tensor_type_patterns are std::regex searched in the name)."""
-    import re
 
     keep: list[Any] = []
     arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,6 @@ def intermediate_type(model_dir: Path) -> str:
 
 def fit_f16(plan: Plan) -> Plan:
     """The plan, kept in f32 if its values do not fit f16 (only f32/bf16 sources can overflow)."""
-    import dataclasses
 
     if len(plan.shape) <= 1 or source_dtype(plan) == "F16":
         return plan

@@ -7,9 +7,11 @@ onnx, onnxruntime and the builder are imported inside the methods that need them
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeft.device.bench_on_device import OrtGenaiEngine
 from edgeft.errors import EdgeftError, show
 from edgeft.formats.onnx import footprint
 from edgeft.formats.onnx.constants import (
@@ -66,7 +68,6 @@ class OnnxFormat:
         self, table: dict[str, Any], base: ArtifactSpec, search: list[str], where: str
     ) -> ArtifactSpec:
         """A profile's [[artifacts]] slot: its accuracy_level, the fixed artifact and its search candidates."""
-        import dataclasses
 
         level = table.get("accuracy_level")
         spec = dataclasses.replace(base, accuracy_level=level)
@@ -119,7 +120,6 @@ class OnnxFormat:
         )
 
     def bench_engine(self, path: Path, *, threads: int, n_ctx: int, allow_native_libs: bool) -> Engine:
-        from edgeft.device.bench_on_device import OrtGenaiEngine
         from edgeft.formats.onnx.runtime import OrtRuntime
 
         # validates genai_config.json, native libraries and external data; loads nothing

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
+from edgeft.formats.onnx.constants import ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
 from edgeft.guard import inside, read_json
 
 
@@ -98,7 +99,6 @@ def native_library_references(config: Any, where: str = "") -> list[str]:
 def check_onnx_folder(folder: Path, *, allow_native_libs: bool = False) -> None:
     """An onnxruntime-genai folder may only point inside itself, and names no native library unless allowed
     (`--allow-native-libs`): every file its genai_config.json names, and every external-data location."""
-    from edgeft.formats.onnx.constants import ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
 
     folder = Path(folder)
     cfg_path = inside(folder, ONNX_GENAI_CONFIG, what="file")

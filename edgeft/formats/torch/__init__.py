@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeft.errors import EdgeftError
 from edgeft.footprint import REFERENCE_WEIGHT_BYTES, KvShape, config_kv, hf_tensor_sums
+from edgeft.guard import check_model_folder
 
 if TYPE_CHECKING:
     from edgeft.device.bench_on_device import Engine
@@ -85,8 +86,6 @@ class TorchFormat:
         raise EdgeftError(f"{path}: tensor types are read from exported artifacts only")
 
     def check_file(self, path: Path) -> None:
-        from edgeft.guard import check_model_folder
-
         check_model_folder(path)
 
     def write_checkpoint(self, path: Path, out: Path) -> None:
