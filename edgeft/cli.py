@@ -612,7 +612,7 @@ def _num(x: Any, spec: str) -> str:
 
 
 def _bench_bundle(bundle: Path, *, as_json: bool, allow_native_libs: bool, **kw: Any) -> None:
-    """edgeft bench BUNDLE [--remote ...]: run, record, and say what happened (see edgeft/remote.py)."""
+    """edgeft bench BUNDLE [--remote ...]: run, record, and say what happened (see edgeft/remote/)."""
     from edgeft.remote import bench_bundle, script_args
 
     if allow_native_libs:

@@ -1,4 +1,4 @@
-"""Copying a bundle onto a device: the device's side of `edgeft bench BUNDLE --remote` (edgeft/remote.py).
+"""Copying a bundle onto a device: the device's side of `edgeft bench BUNDLE --remote` (edgeft/remote/sync.py).
 
 Runs on the device with its own Python (standard library only, Python 3.8+), sent as the code of
 `python -I -c <this file> prepare|finish FINAL PARTIAL`:
@@ -100,7 +100,7 @@ def _paths(job: Any, key: str, *, null: bool = False) -> list[str] | None:
 
 
 def prepare(final: str, partial: str, job: Any) -> dict[str, Any]:
-    """job: {"want": [...], "hash": [...] or null, "keep": [...]} as edgeft/remote.py sends it."""
+    """job: {"want": [...], "hash": [...] or null, "keep": [...]} as edgeft/remote/sync.py sends it."""
     want, to_hash, keep = (
         set(_paths(job, "want") or ()),
         _paths(job, "hash", null=True),
