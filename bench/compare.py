@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from edgeft import bench, verify
-from edgeft.formats import export_artifact
+from edgeft.formats import export_artifact, open_runtime
 from edgeft.loading import load_tokenizer
-from edgeft.spec import ArtifactSpec, open_runtime
+from edgeft.spec import ArtifactSpec
 
 # (format, quant, accuracy_level): every GGUF quant, and the ONNX variants edgeft ships (int8/int4 with int8
 # activations). bench/onnx_int8.py compares accuracy levels and the builder's own default in detail.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +36,6 @@ from edgeft.files import sha256_file
 # Tokens each artifact generates to show it runs (greedy, from a one-message chat through its own template).
 PROBE_TOKENS = 4
 PROBE_MESSAGES = [{"role": "user", "content": "Hello"}]
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 # Finding kinds, for --json readers.
 MISSING, MODIFIED, UNEXPECTED, NOT_REGULAR = "missing", "modified", "unexpected", "not_regular"
@@ -98,7 +96,7 @@ def parse_manifest(raw: bytes, where: str = MANIFEST) -> Manifest:
 
 def parse_sums(text: str, where: str = SHA256SUMS) -> dict[str, str]:
     """SHA256SUMS lines → {path: sha256}; its first problem is one EdgeftError. The parser is the one the
-    bundle's device script runs (edgeft/device/bench_on_device.py), so `edgeft check` and the device judge
+    bundle's device script runs (edgeft/device/bundle_manifest.py), so `edgeft check` and the device judge
     the same file alike."""
     sums, problems = device_sums(text)
     if problems:
@@ -198,7 +196,8 @@ def check_bundle(
     # every file of an artifact's shape, and every artifact the manifest lists, gets its format's header check
     typed = {rel: fmt for rel in present for fmt in formats.EXPORT_FORMATS.values() if fmt.owns(root / rel)}
     if manifest is not None:
-        typed |= {a.path: formats.get(a.format) for a in manifest.artifacts if a.path in present}
+        folders = {a.path for a in manifest.artifacts if any(rel.startswith(a.path + "/") for rel in present)}
+        typed |= {a.path: formats.get(a.format) for a in manifest.artifacts if a.path in present | folders}
     bad_header: set[str] = set()
     for rel, fmt in sorted(typed.items()):
         try:

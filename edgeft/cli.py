@@ -384,13 +384,13 @@ def export(
 
         examples = load_jsonl(calibration)  # one-line errors: missing, unreadable, empty, malformed line
         with _stdout_to_stderr():
-            found = formats.get(format).importance_matrix(
+            importance = formats.get(format).importance_matrix(
                 model, examples, threads, dataset_sha256(calibration)
             )
-        info(found.summary())
-        importance = lambda: found  # noqa: E731 - computed above, before the export's progress bar
+        info(importance.summary())
+    job = formats.ExportJob(None, convs, importance)  # made before the export's progress bar
     with _stdout_to_stderr(), task(f"export {format} {quant}") as update:
-        res = formats.export_file(model, spec, out, formats.ExportJob(update, convs, importance))
+        res = formats.export_file(model, spec, out, dataclasses.replace(job, progress=update))
     _emit(res, as_json)
 
 

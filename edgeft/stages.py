@@ -388,12 +388,12 @@ def export_candidate(
     files.forget(path)
     files.require_resources(f"export {spec.label}", disk_at=work, disk=3 * tree_bytes(merged.path))
     fmt = formats.get(spec.format)
+    importance = calibration.importance(fmt) if spec.imatrix else None
+    job = formats.ExportJob(None, conversations, importance, shared=work, shared_key=merged.key)
+    job = fmt.prepare(merged.path, spec, job)  # what candidates share, before this export's progress bar
     with task(f"export {spec.label}") as update:
-        job = formats.ExportJob(
-            update, conversations, lambda: calibration.importance(fmt), shared=work, shared_key=merged.key
-        )
         path.parent.mkdir(parents=True, exist_ok=True)
-        formats.export_file(merged.path, spec, path, job)
+        formats.export_file(merged.path, spec, path, dataclasses.replace(job, progress=update))
     files.mark_done(path, art_key)
     return path, False
 

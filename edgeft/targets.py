@@ -242,8 +242,8 @@ def _parse_artifact(art: Any, where: str) -> ArtifactSpec:
     quant = _expect(art, "quant", str, where)
     if quant not in fmt.quants:
         raise EdgeftError(f"{where}: unknown {name} quant {show(quant)} (known: {', '.join(fmt.quants)})")
-    for key in formats.option_keys():
-        if key in art and key not in fmt.option_keys:
+    for key in formats.option_keys():  # an option another format takes, set to something, is a mistake
+        if key in art and key not in fmt.option_keys and art[key] not in (False, [], ""):
             raise EdgeftError(f"{where}: {key} applies to {formats.owners(key)} only, not {name}")
     ship = art.get("ship", True)
     if not isinstance(ship, bool):

@@ -450,3 +450,46 @@ def test_ort_runtime_continues_past_its_eos(made: Path, eos_first_onnx: tuple[Pa
         assert want[0] in rt.end_ids
         assert rt.generate(ids, 6) == want
         assert rt.generate(ids, 6, rt.end_ids) == want[:1]
+
+
+def test_the_device_script_runs_only_the_bundles_own_schema_file(made: Path, tmp_path: Path) -> None:
+    """bench_on_device.py reads bundle_manifest.py beside it from its bytes: a .pyc planted in __pycache__
+    (valid for that very file's mtime and size) never runs, no bytecode is written into the bundle, and a
+    schema file that is a symlink or missing is one line and a non-zero exit."""
+    import importlib.util
+    from importlib._bootstrap_external import _code_to_timestamp_pyc
+
+    b = _copy(made, tmp_path)
+    schema = b / "bundle_manifest.py"
+    st = schema.stat()
+    planted = compile("raise SystemExit('PLANTED BYTECODE RAN')", str(schema), "exec")
+    cache = b / "__pycache__"
+    cache.mkdir()
+    pyc = Path(importlib.util.cache_from_source(str(schema))).name
+    (cache / pyc).write_bytes(bytes(_code_to_timestamp_pyc(planted, int(st.st_mtime), st.st_size)))
+    res = subprocess.run(
+        [sys.executable, "-I", str(b / "bench_on_device.py"), str(b), "--threads", "1", "--runs", "1",
+         "--prompt-tokens", "4", "--decode-tokens", "2", "--artifact", "model-q8_0.gguf"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert "PLANTED" not in res.stdout + res.stderr
+    assert json.loads(res.stdout)["integrity"]["ok"] is True, res.stderr[-2000:]
+    assert sorted(p.name for p in cache.iterdir()) == [pyc]  # nothing written beside the planted file
+    shutil.rmtree(cache)
+
+    real = tmp_path / "elsewhere.py"
+    shutil.move(schema, real)
+    schema.symlink_to(real)
+    for case in ("symlink", "missing"):
+        if case == "missing":
+            schema.unlink()
+        res = subprocess.run(
+            [sys.executable, "-I", str(b / "bench_on_device.py"), str(b)],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )  # fmt: skip
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode != 0 and len(lines) == 1 and "bundle_manifest.py" in lines[0], (
+            case,
+            res.stderr,
+        )
+        assert "Traceback" not in res.stderr and res.stdout == ""

@@ -306,7 +306,7 @@ def test_one_line_refusals(tmp_path: Path) -> None:
         export_gguf(model_dir, out, "f32", head_type="q8_0")
     with pytest.raises(EdgeftError, match="unknown head type 'q9_9'"):
         export_gguf(model_dir, out, "q4_0", head_type="q9_9")
-    with pytest.raises(EdgeftError, match="head_type and imatrix apply to gguf quants only, not onnx int8"):
+    with pytest.raises(EdgeftError, match="imatrix and head_type apply to gguf quants only, not onnx int8"):
         export_file(
             model_dir, ArtifactSpec("onnx", "int8", imatrix=True, head_type="q8_0"), tmp_path / "onnx"
         )

@@ -95,8 +95,9 @@ def test_no_import_cycle_among_edgeft_modules() -> None:
 # --- formats: everything format-specific lives in its package (edgeft/formats/<name>/) ------------------------
 
 # The device scripts run where edgeft is not installed (stdlib and the runtimes only), so they carry their own
-# table of each format's runtime module: the device side of the registry.
-FORMAT_FREE_EXEMPT = ("edgeft/formats/", "edgeft/device/")
+# table of each format's runtime module: the device side of the registry. The example apps (installed as
+# edgeft/examples/) are apps, each driving one format's runtime.
+FORMAT_FREE_EXEMPT = ("edgeft/formats/", "edgeft/device/", "edgeft/examples/")
 # Libraries only a format's package may import (each is one format's runtime or file library).
 FORMAT_LIBRARIES = ("gguf", "onnx", "onnxruntime", "onnxruntime_genai", "llama_cpp")
 

@@ -113,6 +113,17 @@ def test_accuracy_level_only_for_onnx_int(tmp_path: Path) -> None:
     f.write_text(base + '[[artifacts]]\nformat = "onnx"\nquant = "int8"\nship = false\n')
     with pytest.raises(EdgeftError, match="ship at least one"):
         targets.load(f)
+    # each format checks its own options; another format's option set to something is one line, left empty
+    # it asks for nothing; a float candidate of a search is built without an activation precision
+    f.write_text(base + '[[artifacts]]\nformat = "onnx"\nquant = "int8"\nhead_type = "q8_0"\n')
+    with pytest.raises(EdgeftError, match="head_type applies to gguf quants only, not onnx"):
+        targets.load(f)
+    f.write_text(
+        base + '[[artifacts]]\nformat = "onnx"\nquant = "int8"\naccuracy_level = 4\nimatrix = false\n'
+        'search = ["int8", "fp32"]\n'
+    )
+    slot = targets.load(f).artifacts[0]
+    assert [c.label for c in slot.search] == ["onnx-int8-acc4", "onnx-fp32"]
 
 
 def test_budget_violations_name_metric_value_budget() -> None:
@@ -162,3 +173,15 @@ def test_isa_and_notes_are_checked(tmp_path: Path) -> None:
     f.write_text(base + "notes = 3\n" + art)
     with pytest.raises(EdgeftError, match="notes = 3"):
         targets.load(f)
+
+
+def test_an_export_refuses_another_formats_option() -> None:
+    """Even a level of 0 ("unset" to the builder) is an ONNX option a GGUF export refuses, in one line."""
+    from edgeft import formats
+    from edgeft.spec import ArtifactSpec
+
+    with pytest.raises(
+        EdgeftError, match="m.gguf: accuracy_level applies to onnx quants only, not gguf q4_0"
+    ):
+        formats.refuse_foreign_options(ArtifactSpec("gguf", "q4_0", accuracy_level=0), "m.gguf")
+    formats.refuse_foreign_options(ArtifactSpec("gguf", "q4_0", imatrix=True, head_type="q8_0"), "m.gguf")

@@ -359,7 +359,9 @@ def _record(root: Path, result: dict[str, Any], where: str) -> dict[str, Any]:
     try:
         manifest = read_manifest(root / MANIFEST, formats.names()).doc
     except ManifestError as e:
-        raise EdgeftError(f"{e}; rebuild the bundle") from None
+        raise EdgeftError(
+            str(e) if str(e).endswith("rebuild the bundle") else f"{e}; rebuild the bundle"
+        ) from None
     if not isinstance(result, dict):
         raise EdgeftError(f"device result for {where}: expected a JSON object, got {type(result).__name__}")
     runs = manifest.get("device_latency", [])

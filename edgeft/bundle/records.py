@@ -17,7 +17,6 @@ from edgeft.constants import (
 from edgeft.errors import EdgeftError
 from edgeft.files import read_json, sha256_file
 from edgeft.footprint import Footprint
-from edgeft.formats import artifact_name as name
 from edgeft.targets import ArtifactSpec
 from edgeft.verify import DriftReport
 
@@ -134,7 +133,7 @@ def finetune_facts(adapter_dir: Path) -> tuple[dict[str, Any], str | None]:
 def artifact_name(spec: ArtifactSpec) -> str:
     """Name of an artifact inside the bundle (a file for GGUF, a directory for ONNX)."""
 
-    return name(spec.format, spec.quant, spec.file_variant)
+    return formats.artifact_name(spec.format, spec.quant, spec.file_variant)
 
 
 def sha256_tree(path: Path) -> tuple[str, dict[str, str]]:

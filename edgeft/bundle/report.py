@@ -97,7 +97,7 @@ def render_report(
     ]
     if diffs:
         lines += ["First differences:", "", *diffs, ""]
-    types = _tensor_types(arts) if types is None else types
+    types = tensor_types_by_label(arts) if types is None else types
     written = [_types_line(a, types[a.spec.label]) for a in arts if a.spec.label in types]
     if written:
         lines += ["Tensor types actually written (share of the weight bytes; the output head's type):", ""]
@@ -187,7 +187,7 @@ def _candidates_section(facts: BuildFacts) -> list[str]:
     return [*lines, ""]
 
 
-def _tensor_types(arts: list[ArtifactResult]) -> dict[str, TensorTypes]:
+def tensor_types_by_label(arts: list[ArtifactResult]) -> dict[str, TensorTypes]:
     """The tensor types each artifact really holds, by label (edgeft.formats.tensor_types)."""
     return {a.spec.label: formats.tensor_types(Path(a.path)) for a in arts if Path(a.path).exists()}
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from edgeft import formats, runspec
 from edgeft.bundle.records import ArtifactResult, BuildFacts, artifact_name, sha256_tree
-from edgeft.bundle.report import _tensor_types, render_report
+from edgeft.bundle.report import render_report, tensor_types_by_label
 from edgeft.constants import (
     BUNDLE_USER_DIRS,
     MANIFEST,
@@ -52,7 +52,7 @@ def write_bundle(
 ) -> Path:
     """Write OUT/<name or target>/ atomically and return its path."""
     final = Path(out_dir) / (name or target.name)
-    types = _tensor_types(arts)  # read once: for the manifest entries and for the report
+    types = tensor_types_by_label(arts)  # read once: for the manifest entries and for the report
     try:
         with atomic_dir(final, keep=BUNDLE_USER_DIRS) as tmp:  # an app's npm install stays
             entries = []

@@ -33,10 +33,12 @@ import os
 import platform
 import random
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -52,21 +54,27 @@ if __package__:  # imported as edgeft.device.bench_on_device (edgeft bench, edge
         read_manifest,
         read_sums,
     )
-else:  # run as the bundle's own script (python -I): the schema module it ships beside it, loaded by path
-    import importlib.util
+else:  # run as the bundle's own script (python -I): the schema file it ships beside it, and nothing else
 
-    sys.dont_write_bytecode = (
-        True  # no __pycache__ inside the bundle: it would be a file the build did not write
-    )
+    def _load_schema() -> Any:
+        """bundle_manifest.py beside this script, compiled from its own bytes: never a cached .pyc (one planted
+        in __pycache__ would run instead), never through a symlink, and no bytecode written into the bundle."""
+        path = Path(__file__).with_name("bundle_manifest.py")
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                raise OSError("not a regular file")
+            source = path.read_bytes()
+        except OSError as e:
+            sys.exit(
+                f"bench_on_device: error: {path.name} beside this script cannot be read ({e}); copy the whole bundle"
+            )
+        module = types.ModuleType("bundle_manifest")
+        module.__file__ = str(path)
+        sys.modules["bundle_manifest"] = module  # dataclasses look their module up while the file runs
+        exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 - the bundle's own schema file
+        return module
 
-    _spec = importlib.util.spec_from_file_location(
-        "bundle_manifest", Path(__file__).with_name("bundle_manifest.py")
-    )
-    if _spec is None or _spec.loader is None:
-        sys.exit("bench_on_device: error: bundle_manifest.py is missing beside this script")
-    _schema = importlib.util.module_from_spec(_spec)
-    sys.modules["bundle_manifest"] = _schema  # dataclasses look their module up while the file runs
-    _spec.loader.exec_module(_schema)
+    _schema = _load_schema()
     MANIFEST, SHA256SUMS, ArtifactEntry, Manifest = (
         _schema.MANIFEST,
         _schema.SHA256SUMS,

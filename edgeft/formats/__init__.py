@@ -10,7 +10,7 @@ method behind PEFT_TYPE_TO_CONFIG_MAPPING, peft/mapping.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,12 +36,13 @@ class ExportJob:
     progress: Progress | None = None
     # Conversations (the eval set's) the exporter proves its tokenizer on, besides the built-in probes.
     conversations: Sequence[Sequence[dict[str, str]]] = ()
-    # The importance matrix of the calibration data, made on first use (only for a spec with imatrix).
-    importance: Callable[[], Any] | None = None
-    # A folder the format may keep what several candidates of one model share (a GGUF's 16-bit source),
-    # and the merged model's stage key that such files are valid for. None: make everything afresh.
+    # The importance matrix of the calibration data (a spec with imatrix only), made before the export.
+    importance: Any = None
+    # A folder the format may keep what several candidates of one model share, and the merged model's stage
+    # key such files are valid for (None: make everything afresh); what Format.prepare made there.
     shared: Path | None = None
     shared_key: str = ""
+    source: Path | None = None
 
 
 class Format(Protocol):
@@ -49,10 +50,11 @@ class Format(Protocol):
 
     name: str  # as profiles and manifest.json spell it
     title: str  # for people: the format and its runtime
+    shape: str  # what `owns` recognizes, for an error line ("a .gguf file")
     architectures: tuple[str, ...]  # the HF architectures it knows (exported, or refused with a reason)
     quants: tuple[str, ...]  # the quant names a profile or `edgeft export --quant` may give
     distributions: tuple[str, ...]  # the Python packages that write and run it (recorded per build)
-    option_keys: frozenset[str]  # the [[artifacts]] option keys this format takes besides format/quant
+    option_keys: tuple[str, ...]  # the [[artifacts]] option keys this format takes besides format/quant
     apps: tuple[dict[str, str], ...]  # model.json "runtimes": what runs it in an app, and its example
     example_files: tuple[str, ...]  # files of examples/ a bundle shipping this format carries
     tokenizer_notes: tuple[tuple[str, str], ...]  # (tokenizer pipeline, what the runtime gets wrong)
@@ -79,6 +81,11 @@ class Format(Protocol):
 
     def support(self, hf_architecture: str) -> str:
         """How this format handles an HF architecture, for the support matrix ("no: why" when refused)."""
+        ...
+
+    def prepare(self, model_dir: Path, spec: ArtifactSpec, job: ExportJob) -> ExportJob:
+        """Make what the export of `spec` starts from and several candidates share (a GGUF's 16-bit source
+        file, in job.shared), before the export's own progress bar; returns the job that points at it."""
         ...
 
     def export(self, model_dir: Path, spec: ArtifactSpec, out: Path, job: ExportJob) -> Any:
@@ -157,8 +164,8 @@ def format_of(path: Path) -> Format:
     for fmt in _ALL:
         if fmt.owns(path):
             return fmt
-    shapes = "; ".join(f"{f.name}: {f.artifact_name('QUANT')}" for f in EXPORT_FORMATS.values())
-    raise EdgeftError(f"{path}: not an artifact edgeft knows ({shapes}) nor a Hugging Face model dir")
+    shapes = ", ".join(f.shape for f in _ALL)
+    raise EdgeftError(f"{path}: not {shapes}")
 
 
 def open_runtime(
@@ -194,7 +201,7 @@ def artifact_name(fmt: str, quant: str, variant: str = "") -> str:
 
 def option_keys() -> tuple[str, ...]:
     """Every option key some export format takes in a profile's [[artifacts]] table."""
-    return tuple(sorted({k for f in EXPORT_FORMATS.values() for k in f.option_keys}))
+    return tuple(dict.fromkeys(k for f in EXPORT_FORMATS.values() for k in f.option_keys))
 
 
 def owners(key: str) -> str:
@@ -205,12 +212,17 @@ def owners(key: str) -> str:
 def refuse_foreign_options(spec: ArtifactSpec, where: str) -> None:
     """One line when `spec` sets an option its format does not take (option keys are ArtifactSpec fields)."""
     fmt = get(spec.format)
-    foreign = [k for k in option_keys() if k not in fmt.option_keys and getattr(spec, k) not in (None, False)]
+    foreign = [k for k in option_keys() if k not in fmt.option_keys and _is_set(getattr(spec, k))]
     if foreign:
         verb = "applies" if len(foreign) == 1 else "apply"
         raise EdgeftError(
             f"{where}: {' and '.join(foreign)} {verb} to {owners(foreign[0])} only, not {spec.format} {spec.quant}"
         )
+
+
+def _is_set(value: Any) -> bool:
+    """An option value that asks for something (None, False and empty lists ask for nothing; 0 does)."""
+    return value is not None and value is not False and value != []
 
 
 def export_file(model_dir: Path, spec: ArtifactSpec, out: Path, job: ExportJob = ExportJob()) -> Any:

@@ -3,7 +3,7 @@ the output head kept at a chosen type; run by llama-cpp-python (and node-llama-c
 
 Everything GGUF-specific is in this package; the rest of edgeft reaches it through `GGUF` (edgeft.formats).
 Heavy modules (llama_cpp, torch, the converter) are imported inside the methods that need them, so the
-registry imports fast and without llama.cpp installed.
+registry imports without them (gguf-py and numpy only) and without llama.cpp installed.
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ class GgufFormat:
 
     name = "gguf"
     quants = GGUF_QUANTS
+    shape = "a .gguf file"
     title = "GGUF (llama.cpp)"
     architectures = tuple(GGUF_ARCHS)
     distributions = ("gguf", "llama-cpp-python")  # the Python packages that write and run it
-    option_keys = frozenset({"imatrix", "head_type"})
+    option_keys = ("imatrix", "head_type")
     # What runs it in an app, and which examples/ program drives it. The Node example's package is pinned in
     # examples/node/package.json (its lock installs cleanly from the npm registry); edgeft's tests run every
     # example against the demo bundle.
@@ -144,22 +145,25 @@ class GgufFormat:
 
     # --- export -------------------------------------------------------------------------------------------
 
+    def prepare(self, model_dir: Path, spec: ArtifactSpec, job: Any) -> Any:
+        """A quantized GGUF is made from the model's 16-bit GGUF, converted once into job.shared."""
+        if spec.quant in GGUF_FLOAT_QUANTS or job.shared is None:
+            return job
+        return dataclasses.replace(job, source=self._float_source(model_dir, job))
+
     def export(self, model_dir: Path, spec: ArtifactSpec, out: Path, job: Any) -> Any:
-        """Convert (or quantize the shared 16-bit GGUF of the same model) to `out`."""
+        """Convert (or quantize the prepared 16-bit GGUF of the same model) to `out`."""
         from edgeft.formats.gguf.export import export_gguf  # lazy: the converter imports torch
 
-        source = None
-        if spec.quant not in GGUF_FLOAT_QUANTS and job.shared is not None:
-            source = self._float_source(model_dir, job)
         return export_gguf(
             model_dir,
             out,
             spec.quant,
             progress=job.progress,
             conversations=job.conversations,
-            imatrix=job.importance() if spec.imatrix and job.importance else None,
+            imatrix=job.importance if spec.imatrix else None,
             head_type=spec.head_type,
-            float_gguf=source,
+            float_gguf=job.source,
         )
 
     @staticmethod

@@ -90,9 +90,7 @@ def kv_shape(path: Path) -> KvShape:
 # multiple of 256 (ref: src/llama-quant.cpp tensor_type_fallback, for Q4_K's Q5_0 too):
 # q6_k Q6_K 210/256 → Q8_0 34/32; q5_k_m Q5_K 176/256 with Q6_K tensors → Q5_1 24/32; iq4_nl 18/32 with
 # Q5_K attn_v on GQA models; iq4_xs 136/256 → IQ4_NL 18/32; q3_k_m Q3_K 110/256 and q2_k Q2_K 84/256 with
-# Q4_K/Q5_K tensors → Q4_0 18/32 (so 0.6 for all four). MatMulNBits (onnxruntime
-# docs/ContribOperators.md, builder block_size 32, fp32 scales): bits/8 + 4/32 scale bytes + a zero point
-# per block.
+# Q4_K/Q5_K tensors → Q4_0 18/32 (so 0.6 for all four).
 GGUF_RATE: dict[str, float] = {
     "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q6_k": 34 / 32, "q5_k_m": 0.78,
     "q4_k_m": 0.75, "q4_0": 18 / 32, "iq4_nl": 0.6, "iq4_xs": 0.6, "q3_k_m": 0.6, "q2_k": 0.6,

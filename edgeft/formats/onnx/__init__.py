@@ -34,10 +34,11 @@ class OnnxFormat:
 
     name = "onnx"
     quants = ONNX_QUANTS
+    shape = "an ONNX model dir (with genai_config.json)"
     title = "ONNX (onnxruntime-genai)"
     architectures = tuple(ONNX_ARCHS)
     distributions = ("onnxruntime", "onnxruntime-genai")  # the Python packages that write and run it
-    option_keys = frozenset({"accuracy_level"})
+    option_keys = ("accuracy_level",)
     apps = (
         {
             "name": "onnxruntime-genai",
@@ -72,9 +73,11 @@ class OnnxFormat:
         level = table.get("accuracy_level")
         spec = dataclasses.replace(base, accuracy_level=level)
         self.check_spec(spec, where)
-        cands = tuple(dataclasses.replace(spec, quant=q) for q in search)
-        for cand in cands:
-            self.check_spec(cand, where)
+        # a float candidate of the search has no activation precision to set: it is built without the level
+        cands = tuple(
+            dataclasses.replace(spec, quant=q, accuracy_level=None if q in ONNX_FLOAT_QUANTS else level)
+            for q in search
+        )
         return dataclasses.replace(spec, search=cands)
 
     def check_spec(self, spec: ArtifactSpec, where: str) -> None:
@@ -92,6 +95,9 @@ class OnnxFormat:
     def support(self, hf_architecture: str) -> str:
         refused = ONNX_ARCHS.get(hf_architecture, "not supported")
         return "yes" if refused is None else f"no: {refused}"
+
+    def prepare(self, model_dir: Path, spec: ArtifactSpec, job: Any) -> Any:
+        return job  # nothing shared between candidates
 
     def export(self, model_dir: Path, spec: ArtifactSpec, out: Path, job: Any) -> Any:
         from edgeft.formats.onnx.export import export_onnx  # lazy: the builder imports torch and onnx

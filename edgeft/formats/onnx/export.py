@@ -62,7 +62,9 @@ class OnnxExportResult:
     accuracy_level: int | None  # MatMulNBits accuracy_level in the graph; None for fp32
     bytes: int
     tokenizer_mismatches: tuple[str, ...] = ()  # probes onnxruntime-genai tokenizes differently
-    tokenizer_adapted: str | None = None  # what edgeft changed so onnxruntime-genai agrees (see onnx_tok)
+    tokenizer_adapted: str | None = (
+        None  # what edgeft changed so onnxruntime-genai agrees (see edgeft.formats.onnx.tokenizer)
+    )
 
 
 # --- input checks ----------------------------------------------------------------------------------------

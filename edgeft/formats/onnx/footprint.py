@@ -121,6 +121,9 @@ def kv_shape(folder: Path) -> KvShape:
     return KvShape(layers, kv_heads * head, kv_heads * head, elem, dtype)
 
 
+# Bytes per weight of a 2-D matrix before export (close, erring high): MatMulNBits (onnxruntime
+# docs/ContribOperators.md, builder block_size 32, fp32 scales) is bits/8 + 4/32 scale bytes + a zero point
+# per block.
 ONNX_RATE: dict[str, float] = {"fp32": 4.0, "int8": 1 + 5 / 32, "int4": 0.5 + 5 / 32}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeft.errors import EdgeftError
-from edgeft.footprint import REFERENCE_WEIGHT_BYTES, KvShape, config_kv, hf_tensor_sums
+from edgeft.footprint import KvShape, config_kv, hf_tensor_sums
 from edgeft.guard import check_model_folder
 
 if TYPE_CHECKING:
@@ -21,11 +21,12 @@ class TorchFormat:
     """A Hugging Face folder in PyTorch (edgeft.formats.Format), the reference side of every comparison."""
 
     name = "torch"
+    shape = "or a Hugging Face model dir (with config.json)"
     title = "PyTorch (float reference)"
     architectures: tuple[str, ...] = ()
     quants = ("float32",)
     distributions = ("torch", "transformers")  # the Python packages that write and run it
-    option_keys: frozenset[str] = frozenset()
+    option_keys: tuple[str, ...] = ()
     apps: tuple[dict[str, str], ...] = ()
     example_files: tuple[str, ...] = ()
     tokenizer_notes: tuple[tuple[str, str], ...] = ()
@@ -47,6 +48,9 @@ class TorchFormat:
 
     def support(self, hf_architecture: str) -> str:
         return "yes"
+
+    def prepare(self, model_dir: Path, spec: ArtifactSpec, job: Any) -> Any:
+        return job  # nothing shared between candidates
 
     def export(self, model_dir: Path, spec: ArtifactSpec, out: Path, job: Any) -> Any:
         raise EdgeftError(f"{out}: the float reference is not exported")
@@ -72,10 +76,7 @@ class TorchFormat:
         return hf_tensor_sums(path)
 
     def kv_shape(self, path: Path) -> KvShape:
-        cfg = config_kv(
-            path, REFERENCE_WEIGHT_BYTES, "fp32"
-        )  # DynamicCache in float32, as the reference runs
-        return KvShape(cfg.layers, cfg.k_width, cfg.v_width, 4, "fp32")
+        return config_kv(path, 4, "fp32")  # transformers' DynamicCache, in float32 as the reference runs
 
     def estimate(
         self, model_dir: Path, counts: CheckpointCounts, quant: str, context_length: int
