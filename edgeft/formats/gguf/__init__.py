@@ -29,7 +29,6 @@ from edgeft.ui import task
 
 if TYPE_CHECKING:
     from edgeft.device.bench_on_device import Engine
-    from edgeft.footprint import CheckpointCounts, Footprint, KvShape, TensorSums, TensorTypes
     from edgeft.runtime import Runtime
     from edgeft.spec import ArtifactSpec
 
@@ -78,6 +77,11 @@ class GgufFormat:
         ),
     )
     plot_style = ("circle", "#2b6cb0")
+    # its footprint, from its own files (edgeft/formats/gguf/footprint.py)
+    tensor_sums = staticmethod(footprint.tensor_sums)
+    kv_shape = staticmethod(footprint.kv_shape)
+    estimate = staticmethod(footprint.estimate)
+    tensor_types = staticmethod(footprint.tensor_types)
 
     def owns(self, path: Path) -> bool:
         return Path(path).is_file() and Path(path).suffix == ".gguf"
@@ -209,20 +213,6 @@ class GgufFormat:
         return LlamaCppEngine(path, threads=threads, n_ctx=n_ctx)
 
     # --- footprint, checks, manifest ----------------------------------------------------------------------
-
-    def tensor_sums(self, path: Path) -> TensorSums:
-        return footprint.tensor_sums(path)
-
-    def kv_shape(self, path: Path) -> KvShape:
-        return footprint.kv_shape(path)
-
-    def estimate(
-        self, model_dir: Path, counts: CheckpointCounts, quant: str, context_length: int
-    ) -> Footprint:
-        return footprint.estimate(model_dir, counts, quant, context_length)
-
-    def tensor_types(self, path: Path) -> TensorTypes:
-        return footprint.tensor_types(path)
 
     def check_file(self, path: Path) -> None:
         check_gguf(path)

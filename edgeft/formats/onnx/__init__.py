@@ -24,7 +24,6 @@ from edgeft.formats.onnx.constants import (
 
 if TYPE_CHECKING:
     from edgeft.device.bench_on_device import Engine
-    from edgeft.footprint import CheckpointCounts, Footprint, KvShape, TensorSums, TensorTypes
     from edgeft.runtime import Runtime
     from edgeft.spec import ArtifactSpec
 
@@ -58,6 +57,11 @@ class OnnxFormat:
         ),
     )
     plot_style = ("square", "#c05621")
+    # its footprint, from its own files (edgeft/formats/onnx/footprint.py)
+    tensor_sums = staticmethod(footprint.tensor_sums)
+    kv_shape = staticmethod(footprint.kv_shape)
+    estimate = staticmethod(footprint.estimate)
+    tensor_types = staticmethod(footprint.tensor_types)
 
     def owns(self, path: Path) -> bool:
         return Path(path).is_dir() and (Path(path) / ONNX_GENAI_CONFIG).is_file()
@@ -131,20 +135,6 @@ class OnnxFormat:
         # validates genai_config.json, native libraries and external data; loads nothing
         OrtRuntime(path, threads=threads, n_ctx=n_ctx, all_logits=False, allow_native_libs=allow_native_libs)
         return OrtGenaiEngine(path, threads=threads, n_ctx=n_ctx)
-
-    def tensor_sums(self, path: Path) -> TensorSums:
-        return footprint.tensor_sums(path)
-
-    def kv_shape(self, path: Path) -> KvShape:
-        return footprint.kv_shape(path)
-
-    def estimate(
-        self, model_dir: Path, counts: CheckpointCounts, quant: str, context_length: int
-    ) -> Footprint:
-        return footprint.estimate(model_dir, counts, quant, context_length)
-
-    def tensor_types(self, path: Path) -> TensorTypes:
-        return footprint.tensor_types(path)
 
     def check_file(self, path: Path) -> None:
         """Nothing before loading: the folder checks (check_onnx_folder) run when it is opened, where the
