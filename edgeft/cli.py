@@ -146,11 +146,16 @@ Method = Annotated[
     epilog="Example: edgeft build --target raspberrypi --model ./my-model --data tasks.jsonl --out dist\n\n"
     "Example: edgeft build --target raspberrypi --max-kld 0.02 --min-task-accuracy 0.9 --max-size 400\n\n"
     "Example: edgeft build --target raspberrypi --method full\n\n"
-    "Example: edgeft build --target raspberrypi --model builtin:smollm2-135m   # a real model, offline"
+    "Example: edgeft build --target raspberrypi --model builtin:smollm2-135m   # a real model, offline\n\n"
+    "Example: edgeft build --target raspberrypi --target android-arm64 --target windows-x64   # one fine-tune"
 )
 def build(
     target: Annotated[
-        str | None, typer.Option(help="Target profile name (see `edgeft targets`) or a .toml path.")
+        list[str] | None,
+        typer.Option(
+            help="Target profile name (see `edgeft targets`) or a .toml path; repeat it for several targets "
+            "from one fine-tune (one bundle each), or `all` for every profile."
+        ),
     ] = None,
     model: Annotated[
         str | None,
@@ -161,7 +166,8 @@ def build(
     ] = None,
     data: Annotated[Path | None, typer.Option(help="Task data, JSONL (default: built-in demo).")] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Output dir; the bundle goes to OUT/<target>/ (default ./dist).")
+        Path | None,
+        typer.Option(help="Output dir; each target's bundle goes to OUT/<target>/ (default ./dist)."),
     ] = None,
     fail_on_drift: Annotated[bool | None, typer.Option("--fail-on-drift/--no-fail-on-drift")] = None,
     threads: Threads = None,
@@ -232,11 +238,19 @@ def build(
         exhaustive=exhaustive,
     )
     with _stdout_to_stderr():
-        res = run_build(cfg)
+        built = run_build(cfg)
     if as_json:
-        _emit({"bundle": str(res.bundle_dir.resolve()), "passed": res.passed}, True)
+        bundles = [
+            {"target": r.target, "bundle": str(r.bundle_dir.resolve()), "passed": r.passed} for r in built
+        ]
+        first = bundles[0]  # one target: {"bundle", "passed"} as before; several: "bundles" and "index" too
+        extra = {"bundles": bundles, "index": str(built.index.resolve())} if built.index else {}
+        _emit({"bundle": first["bundle"], "passed": all(b["passed"] for b in bundles), **extra}, True)
     else:
-        info(f"bundle: {res.bundle_dir}  (report: {res.bundle_dir / 'report.md'})")
+        for r in built:
+            info(f"bundle: {r.bundle_dir}  (report: {r.bundle_dir / 'report.md'})")
+        if built.index:
+            info(f"index of the {len(built)} targets: {built.index}")
 
 
 @app.command(

@@ -37,6 +37,7 @@ from edgeft.targets import (
     MAX_THREADS,
     ArtifactSpec,
     TargetProfile,
+    available,
     expect_int,
     expect_number,
     expect_table,
@@ -45,6 +46,9 @@ from edgeft.targets import (
     refuse_unknown,
     show,
 )
+
+# `--target all` (or target = "all" in edgeft.toml): every profile edgeft ships, one bundle each.
+ALL_TARGETS = "all"
 
 # Attention and MLP projections of Llama/Mistral/Qwen/Gemma-style models, and Phi-3's fused qkv/gate_up;
 # finetune keeps the ones a model has.
@@ -230,7 +234,8 @@ KNOWN_KEYS = {
 class BuildConfig:
     """Everything `edgeft build` needs, resolved from defaults, edgeft.toml and flags."""
 
-    target: str
+    # the target profiles (names or .toml paths), each its own bundle from one fine-tune (edgeft.pipeline)
+    targets: tuple[str, ...]
     model: str | None = None
     data: Path | None = None
     out: Path = Path("dist")
@@ -240,7 +245,7 @@ class BuildConfig:
     trust_remote_code: bool = False  # only from --trust-remote-code, never from edgeft.toml
     allow_pickle: bool = False  # only from --allow-pickle: convert pickle-only weights (weights-only loader)
     threads: int | None = None
-    keep_work: bool = False  # keep OUT/.work/<target> after a successful build (it is kept after a failure)
+    keep_work: bool = False  # keep OUT/.work after a successful build (it is kept after a failure)
     # an artifact that cannot fit the profile's RAM budget stops the build (default: skipped with its reason)
     strict: bool = False
     # choose each slot's artifact among the profile's candidates (edgeft.search); false: the slot's own quant
@@ -264,9 +269,15 @@ def read_toml(path: Path) -> dict[str, Any]:
             "a checkpoint's code); remove it and pass --trust-remote-code if you trust the model"
         )
     refuse_unknown(data, KNOWN_KEYS, where)
-    for key in ("model", "data", "target", "out"):
+    for key in ("model", "data", "out"):
         if key in data:
             _path_text(data[key], f"{where}: {key}")
+    if "target" in data:  # one profile, or a list of them
+        names = data["target"] if isinstance(data["target"], list) else [data["target"]]
+        if not names:
+            raise EdgeftError(f"{where}: target = [] names no profile")
+        for name in names:
+            _path_text(name, f"{where}: target")
     for key in ("fail_on_drift", "strict", "search"):
         if key in data and not isinstance(data[key], bool):
             raise EdgeftError(f"{where}: {key} = {show(data[key])} should be true or false")
@@ -353,7 +364,7 @@ def check_method(method: Any, where: str) -> str:
 
 def resolve(
     *,
-    target: str | None,
+    target: str | list[str] | None,
     model: str | None,
     data: Path | None,
     out: Path | None,
@@ -374,12 +385,15 @@ def resolve(
     target = target or raw.get("target")
     if not target:
         raise EdgeftError(f"no target: pass --target NAME_OR_TOML or set target in {CONFIG_FILE}")
+    names = [target] if isinstance(target, str) else list(target)
+    if ALL_TARGETS in names:  # every profile edgeft ships
+        names = [n for n in names if n != ALL_TARGETS] + available()
     base = path.parent
     data_path = data or (base / raw["data"] if "data" in raw else None)
     budgets = dict(raw.get("budgets", {}))
     toml_method, full_lr = finetune_settings(raw.get("finetune", {}), where)
     return BuildConfig(
-        target=str(target),
+        targets=tuple(dict.fromkeys(str(n) for n in names)),
         model=model or raw.get("model"),
         data=Path(data_path) if data_path else None,
         out=Path(out or (base / raw["out"] if "out" in raw else Path("dist"))),

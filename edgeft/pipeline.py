@@ -1,12 +1,18 @@
 """`edgeft build` as a recipe: the stages in order, each a function of edgeft.stages returning a frozen
-result (ref: torchtune's recipes, a list of builder calls read top to bottom)."""
+result (ref: torchtune's recipes, a list of builder calls read top to bottom).
+
+Several targets are built from one fine-tune: the fine-tune, merge, float reference and every distinct
+candidate's export and full drift measurement are done once and shared; budgets, RAM fit, the choice and
+the bundle are each target's own.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft import bundle, stages, targets
+from edgeft import bundle, index, search, stages, targets
 from edgeft.builtin import is_builtin, model_source
 from edgeft.config import BuildConfig, apply_budgets
 from edgeft.demo import DEMO_DATA, DEMO_MODEL
@@ -17,41 +23,82 @@ from edgeft.ui import info
 
 @dataclass(frozen=True)
 class BuildResult:
+    """One target's bundle."""
+
+    target: str
     bundle_dir: Path
     artifacts: list[bundle.ArtifactResult]
     passed: bool
     reused: tuple[str, ...] = ()  # stages taken from an earlier run with the same inputs
 
 
-def build(cfg: BuildConfig) -> BuildResult:
-    """Fine-tune, merge, export, verify, bench and bundle for one target, holding `cfg.out` locked."""
-    target = apply_budgets(targets.load(cfg.target), cfg.budgets, cfg.limits)
+@dataclass(frozen=True)
+class Built:
+    """Every target's bundle, and OUT/index.html when there are several."""
+
+    results: tuple[BuildResult, ...]
+    index: Path | None = None
+    measured_once: int = 0  # drift measurements one target took from another's instead of running again
+
+    def __iter__(self) -> Iterator[BuildResult]:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+
+def build(cfg: BuildConfig) -> Built:
+    """Fine-tune, merge, export, verify, bench and bundle for every target, holding `cfg.out` locked."""
+    profiles = [apply_budgets(targets.load(name), cfg.budgets, cfg.limits) for name in cfg.targets]
+    if len({p.name for p in profiles}) < len(profiles):
+        raise EdgeftError(
+            f"two targets share a name ({', '.join(p.name for p in profiles)}); each is a bundle folder"
+        )
     model, data_path = resolve_inputs(cfg)
     with locked(Path(cfg.out)):  # refuses a folder edgeft did not write, and a second build into it
-        return recipe(stages.start(cfg, target, model, data_path))
+        return recipe(stages.start(cfg, profiles, model, data_path))
 
 
-def recipe(run: stages.Run) -> BuildResult:
+def recipe(run: stages.Run) -> Built:
     """The stages, in order. The RAM preflight runs before any heavy work where the checkpoint is local (LoRA
-    merges in place, so its shapes are the merged model's; a Hub id waits for the merge); every candidate is exported before the float model is held to judge them, and the chosen ones are timed
-    alone: at most one model copy besides the float reference is in memory at any step."""
-    plan = stages.preflight(run, Path(run.model)) if stages.local_weights(run.model) else None
+    merges in place, so its shapes are the merged model's; a Hub id waits for the merge); every candidate is
+    exported before the float model is held to judge them, and the chosen ones are timed alone: at most one
+    model copy besides the float reference is in memory at any step."""
+    plans = stages.preflight(run, Path(run.model)) if stages.local_weights(run.model) else None
     tuned = stages.tune(run)
     merged = stages.merge_adapter(run, tuned)
-    plan = plan or stages.preflight(run, merged.path)
+    plans = plans or stages.preflight(run, merged.path)
     evalset = stages.held_out(merged)
     if tuned.reused or merged.reused:
         info(
             f"reusing {', '.join(tuned.reused + merged.reused)} from an earlier run with the same inputs (.work kept)"
         )
-    exported = stages.export_all(run, plan, merged, evalset)
-    judged = stages.judge(run, merged, evalset, exported)
-    benched = stages.bench_chosen(run, merged, judged)
-    seconds = stages.total(tuned.seconds, merged.seconds, exported.seconds, judged.seconds, benched.seconds)
-    facts = stages.facts(run, tuned, evalset, exported, judged, benched, seconds)
-    out, passed = stages.ship(run, facts, judged, benched, merged)
-    reused = tuned.reused + merged.reused + exported.reused + judged.reused
-    return BuildResult(out, list(benched.results), passed, reused)
+    exported = {t.name: stages.export_all(run, t, plans[t.name], merged, evalset) for t in run.targets}
+    ref = stages.reference(run, merged, evalset)
+    measured, timings = search.Measurements(), stages.Timings()  # shared by the targets
+    shipped, results = [], []
+    for t in run.targets:
+        judged = stages.judge(run, evalset, exported[t.name], ref, measured)
+        benched = stages.bench_chosen(run, t, merged, judged, timings)
+        parts = (
+            tuned.seconds,
+            merged.seconds,
+            exported[t.name].seconds,
+            ref.seconds,
+            judged.seconds,
+            benched.seconds,
+        )
+        facts = stages.facts(
+            run, t, tuned, evalset, exported[t.name], ref, judged, benched, stages.total(*parts)
+        )
+        shipped.append(stages.ship(run, t, facts, judged, benched, merged))
+        reused = tuned.reused + merged.reused + exported[t.name].reused + ref.reused
+        results.append(
+            BuildResult(t.name, shipped[-1].bundle, list(benched.results), shipped[-1].passed, reused)
+        )
+    where = index.write_index(run.cfg.out, shipped) if len(run.targets) > 1 else None
+    stages.finish(run, shipped)
+    return Built(tuple(results), where, measured.reused)
 
 
 def resolve_inputs(cfg: BuildConfig) -> tuple[str, Path]:

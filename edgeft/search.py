@@ -216,6 +216,37 @@ def clearly_failing(budget: DriftBudget) -> verify.GiveUp:
     return give_up
 
 
+class Measurements:
+    """Drift measured in full, by artifact file: a candidate several targets consider (the same file, judged on
+    the same eval set against the same reference) is measured once. A measurement stopped early depends on a
+    budget, so only whole ones are kept."""
+
+    def __init__(self) -> None:
+        self._weights: dict[Path, verify.WeightsDrift] = {}
+        self._drift: dict[Path, verify.DriftReport] = {}
+        self.reused = 0  # how many measurements were taken from here instead of run again
+
+    def weights(self, path: Path) -> verify.WeightsDrift | None:
+        found = self._weights.get(Path(path))
+        self.reused += found is not None
+        return found
+
+    def keep_weights(self, path: Path, d: verify.WeightsDrift) -> verify.WeightsDrift:
+        if not d.partial:
+            self._weights[Path(path)] = d
+        return d
+
+    def drift(self, path: Path) -> verify.DriftReport | None:
+        found = self._drift.get(Path(path))
+        self.reused += found is not None
+        return found
+
+    def keep_drift(self, path: Path, d: verify.DriftReport, *, whole: bool = True) -> verify.DriftReport:
+        if whole:
+            self._drift[Path(path)] = d
+        return d
+
+
 def choose(
     cands: list[Candidate],
     ref: verify.ReferenceRun,
@@ -224,6 +255,7 @@ def choose(
     *,
     task: Callable[[str, int], Any],
     exhaustive: bool = False,
+    measured: Measurements | None = None,
 ) -> Candidate | None:
     """Judge a slot's candidates (see the module docstring); marks and returns the winner, or None when no
     candidate meets every budget. A slot with one candidate (no search) is measured in full and chosen
@@ -233,10 +265,13 @@ def choose(
     by the same rule: the way to check that the early stops change no choice (bench/search_speed.py)."""
     ref_acc = ref.task_accuracy
     n = len(es.examples)
+    memo = measured if measured is not None else Measurements()
     if len(cands) == 1:
         c = cands[0]
-        with opened(open_rt, c.path) as rt, task(f"verify {c.spec.label}", es.n_steps) as update:
-            c.drift = verify.compare(ref, rt, es, update)
+        c.drift = memo.drift(c.path)
+        if c.drift is None:
+            with opened(open_rt, c.path) as rt, task(f"verify {c.spec.label}", es.n_steps) as update:
+                c.drift = memo.keep_drift(c.path, verify.compare(ref, rt, es, update))
         c.violations = tuple(c.drift.explain(v) for v in _violations(c, ref_acc))
         c.chosen, c.verdict = True, "the slot's only artifact (no search)"
         return c
@@ -250,13 +285,20 @@ def choose(
         group = by_bytes[bpt]
         if winner is not None and not exhaustive:
             for c in group:
-                _screen(c, winner, ref, es, open_rt, task)
+                _screen(c, winner, ref, es, open_rt, task, memo)
             continue
         alive = []
         for c in group:
             give_up = None if exhaustive else clearly_failing(c.spec.budget)
-            with opened(open_rt, c.path) as rt, task(f"drift {c.spec.label}", len(es.sequences)) as update:
-                c.weights = verify.weights_drift(ref, rt, es, update, give_up=give_up)
+            c.weights = memo.weights(c.path)
+            if c.weights is None:
+                with (
+                    opened(open_rt, c.path) as rt,
+                    task(f"drift {c.spec.label}", len(es.sequences)) as update,
+                ):
+                    c.weights = memo.keep_weights(
+                        c.path, verify.weights_drift(ref, rt, es, update, give_up=give_up)
+                    )
             c.violations = tuple(_violations(c, ref_acc))
             if c.violations:
                 c.verdict = "fails on shared ids: " + "; ".join(c.violations)
@@ -277,8 +319,11 @@ def choose(
                 )
                 continue
             rule = None if exhaustive else stop_rule(c.spec.budget, n, ref_acc, scored=es.scored)
-            with opened(open_rt, c.path) as rt, task(f"verify {c.spec.label}", es.n_steps) as update:
-                d = verify.compare(ref, rt, es, update, weights=c.weights, stop=rule)
+            d = memo.drift(c.path)
+            if d is None:
+                with opened(open_rt, c.path) as rt, task(f"verify {c.spec.label}", es.n_steps) as update:
+                    d = verify.compare(ref, rt, es, update, weights=c.weights, stop=rule)
+                memo.keep_drift(c.path, d, whole=d.n_examples == n and not c.weights.partial)  # type: ignore[union-attr]
             stopped = d.n_examples < n
             c.drift = _upper_bounds(d, n) if stopped else d
             c.violations = tuple(c.drift.explain(v) for v in _violations(c, ref_acc))
@@ -359,13 +404,17 @@ def _screen(
     es: verify.EvalSet,
     open_rt: Opener,
     task: Callable[[str, int], Any],
+    memo: Measurements,
 ) -> None:
-    """A dominated candidate: drift on its first SCREEN sequences, for the report; never judged."""
-    with (
-        opened(open_rt, c.path) as rt,
-        task(f"screen {c.spec.label}", min(SCREEN, len(es.sequences))) as update,
-    ):
-        c.weights = verify.weights_drift(ref, rt, es, update, limit=SCREEN)
+    """A dominated candidate: drift on its first SCREEN sequences (or all of them, when another target had
+    them measured already), for the report; never judged."""
+    c.weights = memo.weights(c.path)
+    if c.weights is None:
+        with (
+            opened(open_rt, c.path) as rt,
+            task(f"screen {c.spec.label}", min(SCREEN, len(es.sequences))) as update,
+        ):
+            c.weights = verify.weights_drift(ref, rt, es, update, limit=SCREEN)
     mine, best = c.footprint.decode_bytes_per_token / 1e6, winner.footprint.decode_bytes_per_token / 1e6
     c.verdict = (
         f"not judged: reads {mine:.2f} MB per token, more than {winner.spec.label} ({best:.2f} MB); drift from "

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,30 +49,43 @@ def _frozen(seconds: dict[str, float]) -> Seconds:
 # --- the run --------------------------------------------------------------------------------------------------
 
 
+# Where a build keeps its work (OUT/.work/build): one fine-tune, merge, export of each distinct candidate and
+# float reference, shared by every target built into OUT, so a second target resumes from the first's work.
+WORK = "build"
+
+
 @dataclass(frozen=True)
 class Run:
-    """One build of one target: settings, inputs, where its work lives and the threads it uses."""
+    """One build: settings, inputs, its targets (one bundle each) and where its shared work lives."""
 
     cfg: BuildConfig
-    target: targets.TargetProfile
+    targets: tuple[targets.TargetProfile, ...]
     model: str  # the resolved checkpoint (a local folder or a Hub id)
     data_path: Path
     work: Path
-    threads: int
 
     @property
     def full(self) -> bool:
         """Every weight fine-tuned: the fine-tune's output is the whole model, nothing is merged."""
         return self.cfg.method == "full"
 
+    @property
+    def threads(self) -> int:
+        """Threads of the shared stages (fine-tune, reference, judging): the most any target uses."""
+        return max(self.threads_for(t) for t in self.targets)
 
-def start(cfg: BuildConfig, target: targets.TargetProfile, model: str, data_path: Path) -> Run:
+    def threads_for(self, target: targets.TargetProfile) -> int:
+        """Threads a target's artifacts are timed with on this machine (its profile's, up to the cores)."""
+        return self.cfg.threads or min(target.threads, os.cpu_count() or 1)
+
+
+def start(cfg: BuildConfig, profiles: Sequence[targets.TargetProfile], model: str, data_path: Path) -> Run:
     """The run's settings, announced on one line."""
     named = str(cfg.model or "builtin:demo")
     shown = named if named == model else f"{named} ({model})"
-    info(f"[bold]edgeft build[/] target={target.name} model={shown} data={data_path}")
-    threads = cfg.threads or min(target.threads, os.cpu_count() or 1)
-    return Run(cfg, target, model, data_path, Path(cfg.out) / ".work" / target.name, threads)
+    names = ",".join(p.name for p in profiles)
+    info(f"[bold]edgeft build[/] target={names} model={shown} data={data_path}")
+    return Run(cfg, tuple(profiles), model, data_path, Path(cfg.out) / ".work" / WORK)
 
 
 # --- RAM preflight ----------------------------------------------------------------------------------------------
@@ -142,10 +155,13 @@ def local_weights(model: str | Path) -> bool:
     return folder.is_dir() and any(folder.glob("*.safetensors"))
 
 
-def preflight(run: Run, model_dir: Path) -> Plan:
-    """The RAM preflight of a local checkpoint: which of the profile's artifacts fit its RAM budget."""
-    keep, skipped = ram_preflight(model_dir, run.target, strict=run.cfg.strict)
-    return Plan(tuple(keep), tuple(skipped))
+def preflight(run: Run, model_dir: Path) -> dict[str, Plan]:
+    """The RAM preflight of a local checkpoint, per target: which of its artifacts fit its RAM budget."""
+    plans = {}
+    for target in run.targets:
+        keep, skipped = ram_preflight(model_dir, target, strict=run.cfg.strict)
+        plans[target.name] = Plan(tuple(keep), tuple(skipped))
+    return plans
 
 
 # --- fine-tune and merge ----------------------------------------------------------------------------------------
@@ -298,8 +314,11 @@ class Exported:
     reused: tuple[str, ...]
 
 
-def export_all(run: Run, plan: Plan, merged: Merged, evalset: verify.EvalSet) -> Exported:
-    """Export every candidate first (the judging then holds one float model while it opens each)."""
+def export_all(
+    run: Run, target: targets.TargetProfile, plan: Plan, merged: Merged, evalset: verify.EvalSet
+) -> Exported:
+    """Export every candidate of a target first (the judging then holds one float model while it opens each).
+    A candidate another target already exported (same model, format, quant and options) is reused."""
     conversations = [ex.prompt_messages for ex in evalset.examples]
     calibration = Calibration(merged.path, run.data_path, run.cfg, run.work, merged.key)
     seconds: dict[str, float] = {}
@@ -322,7 +341,7 @@ def export_all(run: Run, plan: Plan, merged: Merged, evalset: verify.EvalSet) ->
                     left_out.append(str(exc))
                     continue
             reused += [spec.label] if again else []
-            group.append(_measured(run, spec, slot, path, single=len(concrete) == 1))
+            group.append(_measured(run, target, spec, slot, path, single=len(concrete) == 1))
         if not group:
             raise EdgeftError(f"no {slot.slot} candidate could be exported: {left_out[0]}")
         if all(c.verdict for c in group):  # nothing of this slot fits the device
@@ -334,7 +353,7 @@ def export_all(run: Run, plan: Plan, merged: Merged, evalset: verify.EvalSet) ->
             specs.remove(slot)
             continue
         groups.append(tuple(group))
-    require_shipped(run.target, specs, skipped)
+    require_shipped(target, specs, skipped)
     if calibration.value is not None:
         info(f"importance matrix: {calibration.value.summary()}")
     return Exported(
@@ -347,13 +366,19 @@ def export_all(run: Run, plan: Plan, merged: Merged, evalset: verify.EvalSet) ->
 
 
 def _measured(
-    run: Run, spec: targets.ArtifactSpec, slot: targets.ArtifactSpec, path: Path, *, single: bool
+    run: Run,
+    target: targets.TargetProfile,
+    spec: targets.ArtifactSpec,
+    slot: targets.ArtifactSpec,
+    path: Path,
+    *,
+    single: bool,
 ) -> search.Candidate:
     """A candidate with its footprint measured on the artifact itself (its tensors and its runtime's KV
     cache), marked as not fitting when it exceeds the RAM budget."""
-    measured = formats.measure(path, run.target.context_length)
+    measured = formats.measure(path, target.context_length)
     cand = search.Candidate(spec, slot, path, measured, tree_bytes(path))
-    reason = over_budget(measured, run.target, "measured on the exported artifact")
+    reason = over_budget(measured, target, "measured on the exported artifact")
     if reason:
         if run.cfg.strict and single:
             raise EdgeftError(strict_line(spec, reason))
@@ -402,27 +427,47 @@ def export_candidate(
 
 
 @dataclass(frozen=True)
-class Judged:
-    """The float reference, the base model's score, and the artifact each slot ships."""
+class Reference:
+    """The float model's run on the held-out set (stored, shared by every target) and the base model's score."""
 
-    reference: verify.ReferenceRun
+    run: verify.ReferenceRun
     base_accuracy: float | None
-    chosen: tuple[search.Candidate, ...]
     seconds: Seconds
     reused: tuple[str, ...]
 
 
-def judge(run: Run, merged: Merged, evalset: verify.EvalSet, exported: Exported) -> Judged:
-    """Score the base model, run (or reuse) the float reference, then choose each slot's artifact."""
+def reference(run: Run, merged: Merged, evalset: verify.EvalSet) -> Reference:
+    """Score the base model, then run (or reuse) the float reference: once for every target."""
     seconds: dict[str, float] = {}
     with timed("reference", seconds):
         base_acc = base_accuracy(run.model, evalset, run.threads)
         ref, ref_reused = stored_reference(merged.path, evalset, run.work, threads=run.threads, progress=task)
+    return Reference(ref, base_acc, _frozen(seconds), ("reference",) if ref_reused else ())
+
+
+@dataclass(frozen=True)
+class Judged:
+    """The artifact each slot of a target ships."""
+
+    chosen: tuple[search.Candidate, ...]
+    seconds: Seconds
+
+
+def judge(
+    run: Run,
+    evalset: verify.EvalSet,
+    exported: Exported,
+    ref: Reference,
+    measured: search.Measurements,
+) -> Judged:
+    """Choose each slot's artifact against the float reference; drift another target already measured in full
+    on the same file is taken from `measured`, not measured again."""
+    seconds: dict[str, float] = {}
     chosen = []
     for group in exported.groups:
         with timed(f"choose {group[0].slot.slot}", seconds):
-            chosen.append(choose(list(group), ref, evalset, run.threads, run.cfg.exhaustive))
-    return Judged(ref, base_acc, tuple(chosen), _frozen(seconds), ("reference",) if ref_reused else ())
+            chosen.append(choose(list(group), ref.run, evalset, run.threads, run.cfg.exhaustive, measured))
+    return Judged(tuple(chosen), _frozen(seconds))
 
 
 def base_accuracy(model: str, evalset: verify.EvalSet, threads: int) -> float | None:
@@ -446,6 +491,7 @@ def choose(
     evalset: verify.EvalSet,
     threads: int,
     exhaustive: bool = False,
+    measured: search.Measurements | None = None,
 ) -> search.Candidate:
     """The artifact a slot ships: the search's winner; when no candidate meets every budget, the closest one,
     measured in full and marked as failing (the build then fails naming it, unless --no-fail-on-drift)."""
@@ -453,14 +499,22 @@ def choose(
     def opener(path: Path):
         return formats.open_runtime(path, threads=threads, n_ctx=evalset.n_ctx)
 
-    winner = search.choose(group, ref, evalset, opener, task=task, exhaustive=exhaustive)
+    measured = measured if measured is not None else search.Measurements()
+    winner = search.choose(group, ref, evalset, opener, task=task, exhaustive=exhaustive, measured=measured)
     if winner is not None:
         return winner
     fits = [c for c in group if not c.verdict.startswith("does not fit")]
     near = search.closest(fits, ref.task_accuracy)
-    with search.opened(opener, near.path) as rt, task(f"verify {near.spec.label}", evalset.n_steps) as update:
-        whole = near.weights if near.weights is not None and not near.weights.partial else None
-        near.drift = verify.compare(ref, rt, evalset, update, weights=whole)
+    near.drift = measured.drift(near.path)
+    if near.drift is None:
+        with (
+            search.opened(opener, near.path) as rt,
+            task(f"verify {near.spec.label}", evalset.n_steps) as update,
+        ):
+            whole = near.weights if near.weights is not None and not near.weights.partial else None
+            near.drift = measured.keep_drift(
+                near.path, verify.compare(ref, rt, evalset, update, weights=whole)
+            )
     viol = near.spec.budget.violations(near.drift.metrics(), ref.task_accuracy, near.size_mb)
     near.violations = tuple(near.drift.explain(v) for v in viol)
     near.chosen = True
@@ -486,15 +540,33 @@ class Benched:
     seconds: Seconds
 
 
-def bench_chosen(run: Run, merged: Merged, judged: Judged) -> Benched:
-    """Time the float model, then each chosen artifact alone (one model copy besides nothing else)."""
+class Timings:
+    """Latency already measured on this machine, by artifact and thread count: a file two targets ship is
+    timed once at each thread count they use."""
+
+    def __init__(self) -> None:
+        self._done: dict[tuple[Path, int], bench.LatencyReport] = {}
+
+    def bench(
+        self, path: Path, threads: int, label: str, seconds: dict[str, float], what: str
+    ) -> bench.LatencyReport:
+        if (path, threads) not in self._done:
+            with timed(label, seconds), task(f"bench {what}"):
+                self._done[(path, threads)] = bench.bench(path, threads=threads)
+        return self._done[(path, threads)]
+
+
+def bench_chosen(
+    run: Run, target: targets.TargetProfile, merged: Merged, judged: Judged, timings: Timings
+) -> Benched:
+    """Time the float model, then each chosen artifact alone (one model copy besides nothing else), at the
+    target's thread count."""
     seconds: dict[str, float] = {}
-    with timed("reference", seconds), task("bench PyTorch float"):
-        ref_latency = bench.bench(merged.path, threads=run.threads)
+    threads = run.threads_for(target)
+    ref_latency = timings.bench(merged.path, threads, "reference", seconds, "PyTorch float")
     results = []
     for c in judged.chosen:
-        with timed(c.spec.label, seconds), task(f"bench {c.spec.label}"):
-            latency = bench.bench(c.path, threads=run.threads)
+        latency = timings.bench(c.path, threads, c.spec.label, seconds, c.spec.label)
         results.append(bundle.ArtifactResult(c.spec, c.path, c.drift, latency, c.violations, c.footprint))
     return Benched(ref_latency, tuple(results), _frozen(seconds))
 
@@ -513,17 +585,19 @@ def total(*parts: Seconds) -> dict[str, float]:
 
 def facts(
     run: Run,
+    target: targets.TargetProfile,
     tuned: Tuned,
     evalset: verify.EvalSet,
     exported: Exported,
+    ref: Reference,
     judged: Judged,
     benched: Benched,
     seconds: dict[str, float],
 ) -> bundle.BuildFacts:
-    """What the manifest records about the build besides the artifacts."""
+    """What a target's manifest records about the build besides the artifacts."""
     ft = tuned.result
     latencies = {r.spec.label: r.latency.metrics() for r in benched.results}
-    candidates = [c.record(run.target, latencies.get(c.spec.label)) for g in exported.groups for c in g]
+    candidates = [c.record(target, latencies.get(c.spec.label)) for g in exported.groups for c in g]
     base = bundle.describe_base(run.model)  # the name as given (never a home path), Hub revision, sha256s
     lora_settings, eval_split_sha256 = bundle.finetune_facts(ft.adapter_dir)
     return bundle.BuildFacts(
@@ -536,8 +610,8 @@ def facts(
         adapter_sha256=None if run.full else bundle.sha256_file(ft.adapter_dir / "adapter_model.safetensors"),
         finetuned_weights_sha256=bundle.weights_sha256(ft.adapter_dir) if run.full else {},
         dataset_sha256=data.dataset_sha256(run.data_path),
-        reference_task_accuracy=judged.reference.task_accuracy,
-        base_task_accuracy=judged.base_accuracy,
+        reference_task_accuracy=ref.run.task_accuracy,
+        base_task_accuracy=ref.base_accuracy,
         reference_latency=benched.reference,
         skipped=exported.plan.skipped,
         seconds=seconds,
@@ -552,27 +626,55 @@ def facts(
     )
 
 
+@dataclass(frozen=True)
+class Shipped:
+    """A target's bundle, whether every shipped artifact met its budgets, and the line that says why not."""
+
+    target: targets.TargetProfile
+    bundle: Path
+    passed: bool
+    failure: str | None
+
+
 def ship(
-    run: Run, facts: bundle.BuildFacts, judged: Judged, benched: Benched, merged: Merged
-) -> tuple[Path, bool]:
-    """Write the bundle; with a shipped artifact over its budget, write it as TARGET.rejected and fail in one
-    line (unless --no-fail-on-drift). Returns the bundle and whether every shipped artifact passed."""
+    run: Run,
+    target: targets.TargetProfile,
+    facts: bundle.BuildFacts,
+    judged: Judged,
+    benched: Benched,
+    merged: Merged,
+) -> Shipped:
+    """Write a target's bundle; with a shipped artifact over its budget (and --fail-on-drift) it is written as
+    TARGET.rejected and `failure` says why, in one line."""
     failed = [f"{named(c)}: {v}" for c in judged.chosen if c.slot.ship for v in c.violations]
+    results = list(benched.results)
     if failed and run.cfg.fail_on_drift:
-        rejected = f"{run.target.name}.rejected"
         where = bundle.write_bundle(
-            run.cfg.out, run.target, facts, list(benched.results), merged.path, name=rejected
+            run.cfg.out, target, facts, results, merged.path, name=f"{target.name}.rejected"
         )
-        raise EdgeftError(
+        why = (
             f"drift budget exceeded ({'; '.join(failed)}); report in {where / 'report.md'} "
             "(loosen [budgets] in edgeft.toml or pass --no-fail-on-drift)"
         )
-    out = bundle.write_bundle(run.cfg.out, run.target, facts, list(benched.results), merged.path)
-    if not run.cfg.keep_work:  # a failed build keeps its work, so the next run resumes instead of redoing it
+        return Shipped(target, where, False, why)
+    return Shipped(
+        target, bundle.write_bundle(run.cfg.out, target, facts, results, merged.path), not failed, None
+    )
+
+
+def finish(run: Run, shipped: Sequence[Shipped]) -> None:
+    """Fail in one line when a target's bundle was rejected (every target is written first); otherwise remove
+    the work unless --keep-work (a failed build keeps it, so the next run resumes instead of redoing it)."""
+    failures = [s for s in shipped if s.failure]
+    if failures:
+        named_ = len(run.targets) > 1
+        raise EdgeftError(
+            "; ".join(f"{s.target.name}: {s.failure}" if named_ else str(s.failure) for s in failures)
+        )
+    if not run.cfg.keep_work:
         shutil.rmtree(run.work, ignore_errors=True)
         with contextlib.suppress(OSError):
-            run.work.parent.rmdir()  # .work itself, once no other target's work is left in it
-    return out, not failed
+            run.work.parent.rmdir()  # .work itself, once nothing else is left in it
 
 
 # --- what the resource checks need ------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def available() -> list[str]:
     return sorted(p.stem for p in profiles_dir().glob("*.toml"))
 
 
-# A profile's name becomes a directory (OUT/<name>/, OUT/.work/<name>/): one plain path component, not
+# A profile's name becomes a directory (OUT/<name>/): one plain path component, not
 # hidden, not "." or "..", short enough for any filesystem.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 PROFILE_KEYS = (

@@ -77,7 +77,7 @@ def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The README's first command (`edgeft build --target raspberrypi` on the built-in demo) run once per
     session in a fresh folder; its bundle. Tests that change a bundle work on a copy. `--keep-work` leaves the
-    fine-tuned float model in `.work/raspberrypi/merged` beside the bundle, for the tests that compare with it
+    fine-tuned float model in `.work/build/merged` beside the bundle, for the tests that compare with it
     (it changes nothing in the bundle)."""
     cwd = tmp_path_factory.mktemp("demo")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

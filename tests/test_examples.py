@@ -32,7 +32,7 @@ def float_answers(demo_bundle: Path) -> list[tuple[str, list[int], str]]:
     from edgeft import verify
     from edgeft.formats.torch.runtime import TorchRuntime
 
-    merged = demo_bundle.parent / ".work" / demo_bundle.name / "merged"
+    merged = demo_bundle.parent / ".work" / "build" / "merged"
     examples, source = verify.eval_examples(merged, None)
     assert examples and "held-out" in source, source
     rt = TorchRuntime(merged, threads=2)

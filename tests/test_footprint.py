@@ -195,7 +195,7 @@ def test_strict_build_stops_before_fine_tuning(models: dict[str, Path], tmp_path
     assert cfg.strict
     with pytest.raises(EdgeftError, match="onnx-int8-acc4 needs .* --strict stops the build"):
         pipeline.build(cfg)
-    assert not (tmp_path / "dist" / ".work" / "small" / "adapter").exists()  # nothing was fine-tuned
+    assert not (tmp_path / "dist" / ".work" / "build" / "adapter").exists()  # nothing was fine-tuned
     (tmp_path / "edgeft.toml").write_text('strict = "yes"\n')
     with pytest.raises(EdgeftError, match="strict = 'yes' should be true or false"):
         config.resolve(target="host", model=None, data=None, out=None, cwd=tmp_path)

@@ -57,7 +57,7 @@ def built(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("build")
     (tmp / "tiny.toml").write_text(TARGET)
     cfg = config.BuildConfig(
-        target=str(tmp / "tiny.toml"),
+        targets=(str(tmp / "tiny.toml"),),
         model=str(tiny_llama),
         data=_data(tmp / "tasks.jsonl"),
         out=tmp / "dist",
@@ -65,7 +65,7 @@ def built(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
         fail_on_drift=False,
         threads=2,
     )
-    return pipeline.build(cfg), tmp
+    return pipeline.build(cfg).results[0], tmp
 
 
 def test_bundle_layout_and_checksums(built) -> None:
@@ -147,7 +147,7 @@ def test_drift_budget_fails_the_build(tiny_llama: Path, tmp_path: Path) -> None:
         TARGET.replace('quant = "q4_0"', 'quant = "q4_0"\n[artifacts.budget]\nkld_mean = 0.0')
     )
     cfg = config.BuildConfig(
-        target=str(tmp_path / "strict.toml"),
+        targets=(str(tmp_path / "strict.toml"),),
         model=str(tiny_llama),
         data=_data(tmp_path / "tasks.jsonl", 20),
         out=tmp_path / "dist",
@@ -228,7 +228,7 @@ def test_full_finetuning_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
     )
     assert (cfg.method, cfg.full_lr) == ("full", 3e-3)
     lora = LoraSettings(epochs=10, eval_fraction=0.2, batch_size=8)
-    res = pipeline.build(dataclasses.replace(cfg, lora=lora, keep_work=True))
+    res = pipeline.build(dataclasses.replace(cfg, lora=lora, keep_work=True)).results[0]
     manifest = json.loads((res.bundle_dir / "manifest.json").read_text())
     ref = manifest["reference"]
     assert manifest["finetune_method"] == "full" and manifest["adapter_sha256"] is None
@@ -236,7 +236,7 @@ def test_full_finetuning_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
     assert manifest["artifacts"][0]["drift"]["task_accuracy"] >= ref["task_accuracy"] - 0.15
     assert manifest["lora"]["lr"] == 3e-3  # the record keeps the learning rate full fine-tuning used
     assert not {"r", "alpha", "dropout", "target_modules"} & set(manifest["lora"])  # LoRA's, unused here
-    work = tmp_path / "dist" / ".work" / "tiny-full"
+    work = tmp_path / "dist" / ".work" / "build"
     tuned = work / "finetuned"  # the whole model: not named an adapter
     assert not (work / "merged").exists() and not (tuned / "adapter_config.json").exists()
     assert manifest["finetuned_weights_sha256"] == {"model.safetensors": _sha256(tuned / "model.safetensors")}

@@ -52,7 +52,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(inputs: Path, out: Path, keep_work: bool = True) -> config.BuildConfig:
     return config.BuildConfig(
-        target=str(inputs / "tiny.toml"),
+        targets=(str(inputs / "tiny.toml"),),
         model=str(cached_model("llama", "bpe")),
         data=inputs / "tasks.jsonl",
         out=out,
@@ -69,7 +69,7 @@ def _artifacts(bundle: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(inputs: Path) -> tuple[Path, dict[str, str]]:
-    res = pipeline.build(_cfg(inputs, inputs / "dist-a"))
+    res = pipeline.build(_cfg(inputs, inputs / "dist-a")).results[0]
     return inputs / "dist-a", _artifacts(res.bundle_dir)
 
 
@@ -77,10 +77,10 @@ def test_rerun_reuses_finished_stages_and_cleans_up(
     inputs: Path, uninterrupted: tuple[Path, dict[str, str]]
 ) -> None:
     out, first = uninterrupted
-    work = out / ".work" / "tiny-device"
+    work = out / ".work" / "build"
     # an export killed mid-way: its record is written only after the file is complete
     (work / "artifacts" / ".model-q4_0-imatrix.gguf.key").unlink()  # q4_0 with the imatrix (the default)
-    res = pipeline.build(_cfg(inputs, out, keep_work=False))
+    res = pipeline.build(_cfg(inputs, out, keep_work=False)).results[0]
     # only the interrupted artifact is redone; the float reference is read back, not recomputed
     assert res.reused == ("finetune", "merge", "gguf-q8_0", "reference")
     assert _artifacts(res.bundle_dir) == first
@@ -102,7 +102,7 @@ def test_killed_finetune_resumes_to_the_same_artifacts(
     proc = subprocess.Popen(
         [sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    work = out / ".work" / "tiny-device"
+    work = out / ".work" / "build"
     deadline = time.time() + 300
     while (
         not list(work.glob("checkpoints-*/checkpoint-*")) and time.time() < deadline and proc.poll() is None
@@ -112,7 +112,7 @@ def test_killed_finetune_resumes_to_the_same_artifacts(
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (work / "adapter").exists()  # killed mid-training: no adapter under its final name
-    res = pipeline.build(_cfg(inputs, out))
+    res = pipeline.build(_cfg(inputs, out)).results[0]
     assert _artifacts(res.bundle_dir) == uninterrupted[1]
 
 

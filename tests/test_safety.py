@@ -46,7 +46,7 @@ def test_build_refuses_a_users_folder_and_keeps_it(tmp_path: Path) -> None:
     out = tmp_path / "thesis"
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
-    cfg = config.BuildConfig(target="raspberrypi", out=out)
+    cfg = config.BuildConfig(targets=("raspberrypi",), out=out)
     with pytest.raises(EdgeftError) as e:
         pipeline.build(cfg)
     assert "edgeft did not write" in _one_line(e) and str(out) in str(e.value)
@@ -222,7 +222,7 @@ def test_a_builds_out_folder_is_entered_never_replaced(tmp_path: Path, onnx_dir:
 def test_build_holds_the_lock_on_out(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
     with files.locked(dist), pytest.raises(EdgeftError) as e:
-        pipeline.build(config.BuildConfig(target="raspberrypi", out=dist))
+        pipeline.build(config.BuildConfig(targets=("raspberrypi",), out=dist))
     assert "another edgeft build" in _one_line(e)
     assert sorted(p.name for p in dist.iterdir()) == [".edgeft", ".edgeft.lock"]  # no work started
 

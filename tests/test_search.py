@@ -211,7 +211,7 @@ def test_the_importance_matrix_sees_only_the_training_split(
         return imatrix.Imatrix({}, len(conversations), 1, kw["dataset_sha256"])
 
     monkeypatch.setattr(imatrix, "compute_from", fake)
-    cfg = BuildConfig(target="raspberrypi")
+    cfg = BuildConfig(targets=("raspberrypi",))
     sources = stages.Calibration(tmp_path, Path(DEMO_DATA), cfg, tmp_path)
     sources.importance(formats.get("gguf"))
     train, held = data.load_split(Path(DEMO_DATA), cfg.lora.eval_fraction, cfg.lora.seed, cfg.lora.max_eval)
