@@ -60,7 +60,7 @@ class Spies:
             self._count(monkeypatch, module, name, name)
         real_export, real_open = formats.export_file, formats.open_runtime
 
-        def export(model_dir, spec, out, job=formats.ExportJob()):  # noqa: ANN001, ANN202
+        def export(model_dir, spec, out, job=formats.ExportJob()):  # noqa: ANN001, ANN202, B008
             self.calls[f"export {spec.label}"] += 1
             return real_export(model_dir, spec, out, job)
 
