@@ -90,8 +90,15 @@ class LlamaCppRuntime:
     """A GGUF model loaded in llama.cpp, implementing edgeft.runtime.Runtime."""
 
     def __init__(
-        self, path: Path, *, threads: int | None = None, n_ctx: int = 512, all_logits: bool = True
+        self,
+        path: Path,
+        *,
+        threads: int | None = None,
+        n_ctx: int = 512,
+        all_logits: bool = True,
+        adapter: Path | None = None,
     ) -> None:
+        """`adapter`: a LoRA GGUF (edgeft.formats.gguf.adapter) applied on top, checked against the base first."""
         path = Path(path)
         if not path.is_file():
             raise EdgeftError(f"{path}: GGUF file does not exist")
@@ -102,9 +109,14 @@ class LlamaCppRuntime:
         silence_llama_logs()
         threads = threads or max(1, os.cpu_count() or 1)
         check_gguf(path)  # a damaged or hostile header is refused here, before llama.cpp parses it
+        if adapter is not None:
+            from edgeft.formats.gguf.adapter import check_pair
+
+            check_pair(path, Path(adapter))  # another model's adapter: one line, before llama.cpp loads it
         try:
             self._llm = llama_cpp.Llama(
                 model_path=str(path),
+                lora_path=None if adapter is None else str(adapter),
                 n_ctx=n_ctx,
                 n_batch=n_ctx,  # one decode call per eval up to n_ctx tokens
                 n_ubatch=n_ctx,
