@@ -67,6 +67,11 @@ def rows(shipped: Sequence[Shipped]) -> list[tuple[str, ...]]:
     return out
 
 
+def forget(out: Path) -> None:
+    """Remove OUT/index.html of an earlier build (edgeft's own file in edgeft's own folder)."""
+    (Path(out) / INDEX).unlink(missing_ok=True)
+
+
 def write_index(out: Path, shipped: Sequence[Shipped]) -> Path:
     """Write OUT/index.html (replacing an earlier one whole) and print the same table; returns its path."""
     table = rows(shipped)

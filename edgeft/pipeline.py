@@ -50,12 +50,15 @@ class Built:
 def build(cfg: BuildConfig) -> Built:
     """Fine-tune, merge, export, verify, bench and bundle for every target, holding `cfg.out` locked."""
     profiles = [apply_budgets(targets.load(name), cfg.budgets, cfg.limits) for name in cfg.targets]
-    if len({p.name for p in profiles}) < len(profiles):
+    folders = [p.name.lower() for p in profiles]  # bundle folders; some filesystems ignore case
+    clash = sorted({p.name for p in profiles if folders.count(p.name.lower()) > 1})
+    if clash:
         raise EdgeftError(
-            f"two targets share a name ({', '.join(p.name for p in profiles)}); each is a bundle folder"
+            f"targets {', '.join(clash)} would write the same bundle folder; rename one profile"
         )
     model, data_path = resolve_inputs(cfg)
     with locked(Path(cfg.out)):  # refuses a folder edgeft did not write, and a second build into it
+        index.forget(Path(cfg.out))  # an index of an earlier build would describe bundles this one replaces
         return recipe(stages.start(cfg, profiles, model, data_path))
 
 
@@ -73,7 +76,10 @@ def recipe(run: stages.Run) -> Built:
         info(
             f"reusing {', '.join(tuned.reused + merged.reused)} from an earlier run with the same inputs (.work kept)"
         )
-    exported = {t.name: stages.export_all(run, t, plans[t.name], merged, evalset) for t in run.targets}
+    calibration = stages.Calibration(merged.path, run.data_path, run.cfg, run.work, merged.key)
+    exported = {
+        t.name: stages.export_all(run, t, plans[t.name], merged, evalset, calibration) for t in run.targets
+    }
     ref = stages.reference(run, merged, evalset)
     measured, timings = search.Measurements(), stages.Timings()  # shared by the targets
     shipped, results = [], []

@@ -263,12 +263,14 @@ def held_out(merged: Merged) -> verify.EvalSet:
 
 class Calibration:
     """The importance matrix of the fine-tuning data's training split (never the held-out split), made the
-    first time an export needs one, by the format that uses it; remembered with what it was made from."""
+    first time an export needs one, by the format that uses it (once for every target of the build);
+    remembered with what it was made from."""
 
     def __init__(self, merged: Path, data_path: Path, cfg: BuildConfig, work: Path, key: str = "") -> None:
         self.merged, self.data_path, self.cfg, self.work = merged, data_path, cfg, work
         self.key = key  # the merged model's stage key: an imatrix belongs to one model
         self.value: Any = None
+        self.announced = False  # its summary is said once, for the first target that made it
         self._record = work / "imatrix.json"  # what a reused imatrix artifact was made with
 
     def importance(self, fmt: formats.Format) -> Any:
@@ -315,12 +317,16 @@ class Exported:
 
 
 def export_all(
-    run: Run, target: targets.TargetProfile, plan: Plan, merged: Merged, evalset: verify.EvalSet
+    run: Run,
+    target: targets.TargetProfile,
+    plan: Plan,
+    merged: Merged,
+    evalset: verify.EvalSet,
+    calibration: Calibration,
 ) -> Exported:
     """Export every candidate of a target first (the judging then holds one float model while it opens each).
     A candidate another target already exported (same model, format, quant and options) is reused."""
     conversations = [ex.prompt_messages for ex in evalset.examples]
-    calibration = Calibration(merged.path, run.data_path, run.cfg, run.work, merged.key)
     seconds: dict[str, float] = {}
     reused: list[str] = []
     specs, skipped = list(plan.specs), list(plan.skipped)
@@ -354,7 +360,8 @@ def export_all(
             continue
         groups.append(tuple(group))
     require_shipped(target, specs, skipped)
-    if calibration.value is not None:
+    if calibration.value is not None and not calibration.announced:
+        calibration.announced = True
         info(f"importance matrix: {calibration.value.summary()}")
     return Exported(
         tuple(groups),
@@ -650,7 +657,7 @@ def ship(
     results = list(benched.results)
     if failed and run.cfg.fail_on_drift:
         where = bundle.write_bundle(
-            run.cfg.out, target, facts, results, merged.path, name=f"{target.name}.rejected"
+            run.cfg.out, target, facts, results, merged.path, name=target.name + targets.REJECTED_SUFFIX
         )
         why = (
             f"drift budget exceeded ({'; '.join(failed)}); report in {where / 'report.md'} "
@@ -673,6 +680,8 @@ def finish(run: Run, shipped: Sequence[Shipped]) -> None:
         )
     if not run.cfg.keep_work:
         shutil.rmtree(run.work, ignore_errors=True)
+        for t in run.targets:  # the per-target work folders of earlier edgeft versions (OUT/.work/<target>)
+            shutil.rmtree(run.work.parent / t.name, ignore_errors=True)
         with contextlib.suppress(OSError):
             run.work.parent.rmdir()  # .work itself, once nothing else is left in it
 

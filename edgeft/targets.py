@@ -63,6 +63,8 @@ def available() -> list[str]:
 
 # A profile's name becomes a directory (OUT/<name>/): one plain path component, not
 # hidden, not "." or "..", short enough for any filesystem.
+# A bundle whose shipped artifact is over budget is written as OUT/<name>.rejected (edgeft.stages.ship).
+REJECTED_SUFFIX = ".rejected"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 PROFILE_KEYS = (
     "name",
@@ -215,6 +217,10 @@ def check_name(value: Any, where: str) -> str:
         raise EdgeftError(
             f"{where}: name = {show(value)} should be 1-64 of A-Z a-z 0-9 . _ - not starting with '.' "
             "(it becomes the bundle's directory name)"
+        )
+    if value.lower().endswith(REJECTED_SUFFIX):
+        raise EdgeftError(
+            f"{where}: name = {show(value)} ends in {REJECTED_SUFFIX}, the folder of a rejected bundle"
         )
     return value
 

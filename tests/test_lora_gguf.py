@@ -113,3 +113,70 @@ def test_an_adapter_of_another_model_is_refused_before_loading(
         assert "\n" not in str(e.value) and str(lora) in str(e.value)
     with pytest.raises(EdgeftError, match="not a LoRA adapter GGUF"):
         check_pair(other, other)
+
+
+def _adapter_gguf(path: Path, *, alpha: object = 8.0, dtype: object = np.float32, dims: int = 2) -> Path:
+    """A hand-made adapter GGUF for the tiny llama (its attn_v: 64 in, 32 out)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    if isinstance(alpha, str):
+        w.add_string("adapter.lora.alpha", alpha)
+    elif isinstance(alpha, np.float32):
+        w.add_float32("adapter.lora.alpha", float(alpha))
+    else:
+        w.add_key_value("adapter.lora.alpha", alpha, gguf.GGUFValueType.FLOAT64)
+    a, b = np.zeros((4, 64), dtype), np.zeros((32, 4), dtype)
+    if dims == 3:
+        a = a.reshape(2, 2, 64)
+    w.add_tensor("blk.0.attn_v.weight.lora_a", a)
+    w.add_tensor("blk.0.attn_v.weight.lora_b", b)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_adapters_llama_cpp_would_abort_on_are_refused_in_one_line(
+    adapted: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """llama.cpp asserts alpha is a float32 and crashes on integer or 3-D LoRA tensors: edgeft's header check
+    refuses each first; a stranger's adapter folder with NaN weights or no weights file is one line too."""
+    import shutil
+
+    base, adapter, _ = adapted
+    base_gguf = export_gguf(base, tmp_path / "base.gguf", "f32").path
+    cases = {
+        "float64 alpha": (_adapter_gguf(tmp_path / "f64.gguf"), "float32"),
+        "string alpha": (_adapter_gguf(tmp_path / "str.gguf", alpha="8"), "float32"),
+        "int32 tensors": (
+            _adapter_gguf(tmp_path / "int.gguf", alpha=np.float32(8), dtype=np.int32),
+            "2-D float",
+        ),
+        "3-D tensor": (_adapter_gguf(tmp_path / "3d.gguf", alpha=np.float32(8), dims=3), "2-D float"),
+    }
+    for case, (bad, needle) in cases.items():
+        with pytest.raises(EdgeftError, match=needle) as e:
+            LlamaCppRuntime(base_gguf, threads=1, adapter=bad)
+        assert "\n" not in str(e.value), case
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter, broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(EdgeftError, match="not a readable safetensors file"):
+        export_lora_gguf(base, broken, tmp_path / "x.gguf")
+    (broken / "adapter_model.safetensors").unlink()
+    with pytest.raises(EdgeftError, match="adapter_model.safetensors"):
+        export_lora_gguf(base, broken, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    first = sorted(tensors)[0]
+    tensors[first] = np.full_like(tensors[first], np.nan)
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    with pytest.raises(EdgeftError, match="NaN or infinite"):
+        export_lora_gguf(base, broken, tmp_path / "x.gguf")

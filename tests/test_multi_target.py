@@ -171,3 +171,20 @@ def test_target_all_and_lists_in_edgeft_toml(tmp_path: Path) -> None:
     (tmp_path / "edgeft.toml").write_text("target = []\n")
     with pytest.raises(Exception, match="target = \\[\\] names no profile"):
         config.resolve(target=None, model=None, data=None, out=None, cwd=tmp_path)
+
+
+def test_targets_whose_bundles_would_collide_are_refused(tmp_path: Path) -> None:
+    """Two profiles writing one bundle folder (names equal but for case), or a name that is a rejected
+    bundle's folder, are one line each before any work."""
+    from edgeft.errors import EdgeftError
+    from edgeft.targets import load
+
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text(PROFILE.format(name="Pi") + SLOT.format(quant="q8_0", kld=1.0))
+    b.write_text(PROFILE.format(name="pi") + SLOT.format(quant="q8_0", kld=1.0))
+    with pytest.raises(EdgeftError, match="targets Pi, pi would write the same bundle folder"):
+        pipeline.build(config.BuildConfig(targets=(str(a), str(b)), out=tmp_path / "dist"))
+    assert not (tmp_path / "dist").exists()
+    a.write_text(PROFILE.format(name="pi.rejected") + SLOT.format(quant="q8_0", kld=1.0))
+    with pytest.raises(EdgeftError, match="ends in .rejected"):
+        load(a)

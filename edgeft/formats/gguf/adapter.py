@@ -23,6 +23,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from edgeft import __version__
 from edgeft.errors import EdgeftError
 from edgeft.files import publish_file, read_json, unique_sibling
 from edgeft.formats.gguf.arch import _mul, permute, prepare
@@ -62,7 +63,7 @@ def _adapter_settings(adapter_dir: Path) -> tuple[int, float]:
             )
     rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise EdgeftError(f"{where}: r = {str(rank)[:40]} should be a positive integer")
+        raise EdgeftError(f"{where}: r = {rank!r:.40} should be a positive integer")
     if (
         not isinstance(alpha, int | float)
         or isinstance(alpha, bool)
@@ -72,6 +73,14 @@ def _adapter_settings(adapter_dir: Path) -> tuple[int, float]:
         raise EdgeftError(f"{where}: lora_alpha = {str(alpha)[:40]} should be a positive number")
     scale_alpha = float(alpha) * math.sqrt(rank) if cfg.get("use_rslora") else float(alpha)
     return rank, scale_alpha
+
+
+def _pair_key(key: str, weights: Path) -> tuple[str, str]:
+    """A peft tensor name → (the base weight's HF name, "a" or "b"); one line for any other tensor."""
+    for part, tag in ((".lora_A.weight", "a"), (".lora_B.weight", "b")):
+        if key.startswith(PEFT_PREFIX) and key.endswith(part):
+            return key[len(PEFT_PREFIX) : -len(part)] + ".weight", tag
+    raise EdgeftError(f"{weights}: tensor {key[:120]!r} is not a LoRA A or B weight; merge instead")
 
 
 def _row_transform(transform: object, where: str) -> object:
@@ -88,7 +97,7 @@ def _row_transform(transform: object, where: str) -> object:
 def export_lora_gguf(base_dir: Path, adapter_dir: Path, out: Path, *, f16: bool = False) -> AdapterResult:
     """Write the peft adapter in `adapter_dir` (trained on the HF model `base_dir`) as llama.cpp's LoRA GGUF
     `out` (float32, or float16 with `f16`), written whole under a temporary name and moved into place."""
-    from safetensors import safe_open  # lazy: safetensors' torch-free reader is only needed here
+    from safetensors import SafetensorError, safe_open  # lazy: with torch, only needed here
 
     base_dir, adapter_dir, out = Path(base_dir), Path(adapter_dir), Path(out)
     rank, alpha = _adapter_settings(adapter_dir)
@@ -96,17 +105,29 @@ def export_lora_gguf(base_dir: Path, adapter_dir: Path, out: Path, *, f16: bool 
     prepared = prepare(base_dir)
     plans = {p.hf_name: p for p in prepared.plans}
     pairs: dict[str, dict[str, np.ndarray]] = {}
-    with safe_open(str(weights), framework="numpy") as sf:
-        for key in sf.keys():  # noqa: SIM118 - safe_open handles are not iterable
-            for part, tag in ((".lora_A.weight", "a"), (".lora_B.weight", "b")):
-                if key.startswith(PEFT_PREFIX) and key.endswith(part):
-                    hf = key[len(PEFT_PREFIX) : -len(part)] + ".weight"
-                    pairs.setdefault(hf, {})[tag] = sf.get_tensor(key).astype(np.float32)
-                    break
-            else:
-                raise EdgeftError(
-                    f"{weights}: tensor {key[:120]!r} is not a LoRA A or B weight; merge instead"
-                )
+    try:
+        with safe_open(str(weights), framework="pt") as sf:
+            for key in sf.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                hf, tag = _pair_key(key, weights)
+                plan = plans.get(hf)
+                if plan is None:
+                    raise EdgeftError(
+                        f"{weights}: {hf[:120]} is not a weight of {base_dir}'s GGUF; merge instead"
+                    )
+                # the shape and type from the header, checked before the tensor is read
+                info = sf.get_slice(key)
+                want = (rank, plan.shape[-1]) if tag == "a" else (plan.shape[0], rank)
+                if info.get_dtype() not in ("F32", "F16", "BF16") or tuple(info.get_shape()) != want:
+                    raise EdgeftError(
+                        f"{weights}: {key[:120]} is {info.get_dtype()} {tuple(info.get_shape())}; expected a float "
+                        f"tensor of {want} (rank {rank} on the base weight {plan.shape})"
+                    )
+                values = sf.get_tensor(key).float().numpy()
+                if not np.isfinite(values).all():
+                    raise EdgeftError(f"{weights}: {key[:120]} holds NaN or infinite values")
+                pairs.setdefault(hf, {})[tag] = values
+    except (OSError, SafetensorError) as e:
+        raise EdgeftError(f"{weights}: not a readable safetensors file ({str(e)[:80]})") from None
     if not pairs:
         raise EdgeftError(f"{weights}: no LoRA weights")
     ensure_replaceable_file(out)
@@ -116,19 +137,17 @@ def export_lora_gguf(base_dir: Path, adapter_dir: Path, out: Path, *, f16: bool 
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        w.add_string(GGUF_MARKER_KEY, _version())
+        w.add_string(GGUF_MARKER_KEY, __version__)
         for hf, ab in sorted(pairs.items()):
             plan = plans.get(hf)
             if plan is None or set(ab) != {"a", "b"}:
                 raise EdgeftError(f"{weights}: {hf} is not a weight of {base_dir}'s GGUF (or lacks A or B)")
             a, b = ab["a"], ab["b"]
-            if a.shape != (rank, plan.shape[-1]) or b.shape != (plan.shape[0], rank):
-                raise EdgeftError(
-                    f"{weights}: {hf} has A {a.shape} and B {b.shape}; the base weight is {plan.shape} at rank {rank}"
-                )
             transform = _row_transform(plan.transform, f"{weights}: {hf}")
             b = transform(b) if transform is not None else b  # type: ignore[operator]
             dtype = np.float16 if f16 else np.float32
+            if f16 and not (np.isfinite(a.astype(dtype)).all() and np.isfinite(b.astype(dtype)).all()):
+                raise EdgeftError(f"{weights}: {hf} has values beyond float16's range; write it as float32")
             w.add_tensor(f"{plan.gguf_name}.lora_a", np.ascontiguousarray(a, dtype=dtype))
             w.add_tensor(f"{plan.gguf_name}.lora_b", np.ascontiguousarray(b, dtype=dtype))
         w.write_header_to_file()
@@ -141,32 +160,47 @@ def export_lora_gguf(base_dir: Path, adapter_dir: Path, out: Path, *, f16: bool 
     return AdapterResult(out, len(pairs), rank, alpha)
 
 
-def _version() -> str:
-    from edgeft import __version__
-
-    return __version__
+# Tensor types llama.cpp's LoRA matmuls take from an adapter file (what its converter writes: f32, f16, bf16,
+# q8_0); anything else is refused before loading (an int32 lora_a crashed llama.cpp outright).
+ADAPTER_TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def check_pair(base: Path, adapter: Path) -> None:
-    """Refuse, in one line and before llama.cpp loads either, an adapter whose architecture or tensor shapes
-    do not fit the base GGUF (another model's file), from both headers alone."""
+    """Refuse, in one line and before llama.cpp loads either, an adapter it would abort on or that does not
+    fit the base GGUF (another model's file), from both headers alone: general.type and adapter.type,
+    alpha a finite float32 > 0 (llama.cpp asserts the type), the same architecture, only complete
+    2-D lora_a/lora_b pairs of known float types, each fitting a 2-D base weight."""
     b, a = check_gguf(base), check_gguf(adapter)
     if a.value("general.type") != "adapter" or a.value(gguf.Keys.Adapter.TYPE) != "lora":
-        raise EdgeftError(f"{adapter}: not a LoRA adapter GGUF (general.type = {a.value('general.type')!r})")
+        raise EdgeftError(
+            f"{adapter}: not a LoRA adapter GGUF (general.type = {str(a.value('general.type'))[:40]!r})"
+        )
+    alpha = a.value(gguf.Keys.Adapter.LORA_ALPHA)
+    if a.types.get(gguf.Keys.Adapter.LORA_ALPHA) != gguf.GGUFValueType.FLOAT32 or not (
+        isinstance(alpha, float) and math.isfinite(alpha) and alpha > 0
+    ):
+        raise EdgeftError(f"{adapter}: {gguf.Keys.Adapter.LORA_ALPHA} should be one float32 above 0")
     arch_a, arch_b = a.value("general.architecture"), b.value("general.architecture")
     if arch_a != arch_b:
-        raise EdgeftError(f"{adapter}: an adapter for {arch_a!r}, but {base} is a {arch_b!r} model")
-    shapes = {t.name: tuple(t.shape) for t in b.tensors}
-    by_name = {t.name: tuple(t.shape) for t in a.tensors}
-    for name, shape in by_name.items():
-        if not name.endswith(".lora_a"):
-            continue
-        target = name.removesuffix(".lora_a")
-        other = by_name.get(target + ".lora_b")
-        # ggml order (ne): base [in, out], lora_a [in, rank], lora_b [rank, out]
-        fits = other is not None and target in shapes and shape[1] == other[0]
-        if not fits or shapes[target][0] != shape[0] or shapes[target][1] != other[1]:  # type: ignore[index]
+        raise EdgeftError(
+            f"{adapter}: an adapter for {str(arch_a)[:40]!r}, but {base} is a {str(arch_b)[:40]!r} model"
+        )
+    shapes = {t.name: t.shape for t in b.tensors}
+    parts = {t.name: t for t in a.tensors}
+    for name, t in parts.items():
+        target, dot, part = name.rpartition(".")
+        if part not in ("lora_a", "lora_b"):
+            raise EdgeftError(f"{adapter}: tensor {name[:80]!r} is not a lora_a or lora_b weight")
+        if t.type not in ADAPTER_TENSOR_TYPES or len(t.shape) != 2:
             raise EdgeftError(
-                f"{adapter}: {target} does not fit {base} (adapter {shape} / {other}, base {shapes.get(target)}); "
-                "it was trained on another model"
+                f"{adapter}: {name[:80]} is a {len(t.shape)}-D {t.type} tensor, not a 2-D float one"
+            )
+        la, lb = parts.get(f"{target}.lora_a"), parts.get(f"{target}.lora_b")
+        w = shapes.get(target)
+        # ggml order (ne): base [in, out], lora_a [in, rank], lora_b [rank, out] (ref: llama-adapter.cpp)
+        fits = la is not None and lb is not None and w is not None and len(w) == 2
+        if not fits or la.shape[0] != w[0] or lb.shape[1] != w[1] or la.shape[1] != lb.shape[0]:  # type: ignore[union-attr,index]
+            raise EdgeftError(
+                f"{adapter}: {target[:80]} does not fit {base} (base {w}, adapter "
+                f"{getattr(la, 'shape', None)} / {getattr(lb, 'shape', None)}); it was trained on another model"
             )

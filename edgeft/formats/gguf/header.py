@@ -117,6 +117,9 @@ class GGUFHeader:
     values: Mapping[str, Value] = field(default_factory=dict)
     long: Mapping[str, str] = field(default_factory=dict)  # key -> what it holds, for values not kept
     path: Path = Path()
+    # key -> its GGUF value type (gguf.GGUFValueType: 6 = float32, 8 = string, 9 = array, ...): llama.cpp's
+    # getters assert the type they expect, so a check that a value is usable needs it, not just the value
+    types: Mapping[str, int] = field(default_factory=dict)
 
     def value(self, key: str) -> Value | None:
         """The key's value, None when the file has no such key; a value too long to keep (a vocabulary, a
@@ -270,6 +273,7 @@ def _read_header(r: _Bounded) -> GGUFHeader:
     alignment = GGUF_DEFAULT_ALIGNMENT
     keys: set[str] = set()
     values: dict[str, Value] = {}
+    types: dict[str, int] = {}
     long: dict[str, str] = {}
     kept = 0  # values, array elements and string bytes kept in values, up to KEPT_VALUES
 
@@ -291,6 +295,7 @@ def _read_header(r: _Bounded) -> GGUFHeader:
         keys.add(key)
         what = f"metadata {_show(raw)}"
         vtype = r.num(_I32, f"{what} type")
+        types[key] = vtype
         if vtype == _ARRAY:
             etype = r.num(_I32, f"{what} array type")
             count = r.num(_U64, f"{what} array length")
@@ -389,6 +394,7 @@ def _read_header(r: _Bounded) -> GGUFHeader:
         values,
         long,
         r.path,
+        types,
     )
 
 
