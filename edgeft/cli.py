@@ -2,6 +2,8 @@
 
 Errors a user can cause arrive as EdgeftError (or OSError) and are printed as one line with exit code 2.
 With `--json` a command prints exactly one JSON object on stdout; progress and messages go to stderr.
+edgeft's own modules are imported inside the commands that use them: the format registry loads gguf-py and
+numpy, the stages torch, and `edgeft --help` or a mistyped flag should answer at once.
 """
 
 from __future__ import annotations
@@ -16,22 +18,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from edgeft import formats
-from edgeft import spec as spec_mod
-from edgeft import targets as t
-from edgeft.builtin import model_source
-from edgeft.bundle import regression_line
-from edgeft.check import check_bundle
-from edgeft.config import FULL_LR, check_method, finetune_settings, lora_settings, resolve
-from edgeft.data import load_jsonl
 from edgeft.errors import EdgeftError
-from edgeft.targets import MAX_THREADS, expect_int, parse_budget
-from edgeft.ui import info, task
-from edgeft.verify import verify as run
+
+if TYPE_CHECKING:
+    from edgeft import spec as spec_mod
 
 app = typer.Typer(
     add_completion=False,
@@ -76,6 +70,8 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 def _emit(obj: Any, as_json: bool) -> None:
     """Print a result: one JSON object on stdout, or a readable summary on stderr."""
+    from edgeft.ui import info
+
     plain = asdict(obj) if is_dataclass(obj) else obj
     if as_json:
         sys.stdout.write(json.dumps(plain, default=str) + "\n")
@@ -101,6 +97,7 @@ def _key_values(pairs: list[str], flag: str) -> dict[str, Any]:
 
 def _lora_overrides(pairs: list[str]):
     """`--lora r=8 --lora epochs=2` → validated LoraSettings."""
+    from edgeft.config import lora_settings
 
     return lora_settings(_key_values(pairs, "--lora"), "--lora")
 
@@ -216,7 +213,9 @@ def build(
 ) -> None:
     """Run the whole pipeline: fine-tune, merge, export, quantize, verify, bench, bundle. A failed or killed
     build keeps its work: running it again resumes where it stopped."""
+    from edgeft.config import resolve
     from edgeft.pipeline import build as run_build
+    from edgeft.ui import info
 
     cfg = resolve(
         target=target,
@@ -275,7 +274,9 @@ def finetune(
 ) -> None:
     """Fine-tune with LoRA (a PEFT adapter directory), or every weight with --method full (a model directory
     in safetensors with the base's tokenizer files, checked against the available RAM first)."""
+    from edgeft.config import FULL_LR, check_method, finetune_settings
     from edgeft.finetune import finetune as run
+    from edgeft.ui import task
 
     settings = _lora_overrides(lora or [])
     how = check_method(method or "lora", "--method")
@@ -319,6 +320,7 @@ def merge(
 def _model_source(model: str, allow_pickle: bool) -> str:
     """The model to read: a built-in model's checkpoint folder (builtin:NAME), and with --allow-pickle a
     safetensors copy of a pickle-only checkpoint."""
+    from edgeft.builtin import model_source
 
     with _stdout_to_stderr():
         return model_source(model, allow_pickle=allow_pickle)
@@ -359,8 +361,11 @@ def export(
         ),
     ] = False,
     format: Annotated[
-        str, typer.Option(help=" or ".join(f"{f.name}: {f.title}" for f in formats.EXPORT_FORMATS.values()))
-    ] = formats.names()[0],
+        str | None,
+        typer.Option(
+            help="Artifact format, as `edgeft export --list-architectures` names them (default: the first)."
+        ),
+    ] = None,
     accuracy_level: Annotated[
         int | None, typer.Option(help="onnx int8/int4: 4 = int8 activations (fast), 1 = fp32 activations.")
     ] = None,
@@ -387,8 +392,12 @@ def export(
 ) -> None:
     """Export an HF model to a device format, quantized; the artifact's tokenizer is checked against the
     model's own on chat prompts before it is shipped."""
+    from edgeft import formats
+    from edgeft.data import load_jsonl
+    from edgeft.ui import info, task
 
     _check_threads(threads)
+    format = format or formats.names()[0]  # noqa: A001 - the option's own name
     spec = _export_spec(format, quant, accuracy_level, calibration, head_type)
     model = Path(_model_source(str(model), allow_pickle))
     convs = [ex.prompt_messages for ex in load_jsonl(data)] if data else []
@@ -412,6 +421,9 @@ def _export_spec(
     fmt: str, quant: str, accuracy_level: int | None, calibration: Path | None, head_type: str | None
 ) -> spec_mod.ArtifactSpec:
     """The artifact `edgeft export` writes, its options checked by its format before any work (one line)."""
+    from edgeft import formats
+    from edgeft import spec as spec_mod
+
     given = {"--accuracy-level": accuracy_level, "--calibration": calibration, "--head-type": head_type}
     keys = {"--accuracy-level": "accuracy_level", "--calibration": "imatrix", "--head-type": "head_type"}
     fmt_ = formats.get(fmt)
@@ -454,6 +466,9 @@ def verify(
     """Drift of an artifact against the float model: KLD, top-1, PPL ratio, task accuracy, and the app path
     (prompt ids and greedy answers through the artifact's own template, tokenizer and runtime). Exits 1 when
     a budget is exceeded."""
+    from edgeft.targets import parse_budget
+    from edgeft.ui import task
+    from edgeft.verify import verify as run
 
     limits = parse_budget(_key_values(budget or [], "--budget"), "--budget")
     _check_threads(threads)
@@ -473,6 +488,7 @@ MAX_RUNS = 1000
 
 def _check_threads(threads: int | None) -> None:
     """--threads within 1..MAX_THREADS (one line otherwise), before any runtime sees it."""
+    from edgeft.targets import MAX_THREADS, expect_int
 
     if threads is not None:
         expect_int(threads, "--threads", 1, MAX_THREADS)
@@ -546,6 +562,7 @@ def bench(
     """Latency: of one artifact on this machine (--artifact), or of a bundle on its device (BUNDLE --remote
     user@host; BUNDLE alone runs on this machine): prefill and decode tok/s, time to first token, peak RSS,
     per thread count; a bundle's results are recorded in its manifest.json and report.md."""
+    from edgeft.targets import expect_int
 
     expect_int(runs, "--runs", 1, MAX_RUNS)
     _check_threads(threads)
@@ -604,6 +621,7 @@ def bench(
 
 def _sweep(text: str | None, threads: int | None) -> list[int] | None:
     """--thread-sweep 1,2,4 → [1, 2, 4]; --threads N alone → [N]; neither → None (the script's default)."""
+    from edgeft.targets import MAX_THREADS
 
     if text is None:
         return None if threads is None else [threads]
@@ -627,7 +645,9 @@ def _num(x: Any, spec: str) -> str:
 
 def _bench_bundle(bundle: Path, *, as_json: bool, allow_native_libs: bool, **kw: Any) -> None:
     """edgeft bench BUNDLE [--remote ...]: run, record, and say what happened (see edgeft/remote/)."""
+    from edgeft.bundle import regression_line
     from edgeft.remote import bench_bundle, script_args
+    from edgeft.ui import info
 
     if allow_native_libs:
         raise EdgeftError(
@@ -706,6 +726,7 @@ def check(
 ) -> None:
     """Prove a bundle is what the build wrote: every file's sha256 against manifest.json and SHA256SUMS, no
     file missing or added, GGUF headers sound, each artifact loads and generates. Exits 1 on any finding."""
+    from edgeft.check import check_bundle
 
     _check_threads(threads)
     with _stdout_to_stderr():
@@ -738,6 +759,7 @@ def check(
 @app.command(epilog="Example: edgeft targets --json")
 def targets(as_json: JsonFlag = False) -> None:
     """List the target profiles, one line each."""
+    from edgeft import targets as t
 
     profiles = t.load_all()
     if as_json:

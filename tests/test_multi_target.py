@@ -100,35 +100,11 @@ def _cfg(tiny_llama: Path, inputs: Path, out: Path) -> config.BuildConfig:
     )
 
 
-def test_two_targets_share_one_fine_tune_reference_and_candidate(
+def test_two_targets_share_one_fine_tune_and_resume_after_a_kill_between_them(
     tiny_llama: Path, inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spies = Spies(monkeypatch)
-    built = pipeline.build(_cfg(tiny_llama, inputs, tmp_path / "dist"))
-    assert [r.target for r in built] == ["tiny-a", "tiny-b"]
-    assert spies.calls["finetune"] == 1 and spies.calls["run_reference"] == 1
-    # q8_0 is in both targets: exported once, opened and measured once, its drift shared
-    assert spies.calls["export gguf-q8_0"] == 1 and spies.calls["export gguf-q4_0-imatrix"] == 1
-    assert spies.opened["model-q8_0.gguf"] == 1 and spies.opened["model-q4_0-imatrix.gguf"] == 1
-    assert spies.calls["compare"] == 2 and built.measured_once >= 1
-    a, b = (json.loads((r.bundle_dir / "manifest.json").read_text()) for r in built)
-    assert a["target"] == "tiny-a" and b["target"] == "tiny-b"
-    shared = [next(x for x in m["artifacts"] if x["quant"] == "q8_0") for m in (a, b)]
-    assert shared[0]["drift"] == shared[1]["drift"] and shared[0]["sha256"] == shared[1]["sha256"]
-    assert [x["budget"]["kld_mean"] for x in shared] == [1.0, 2.0]  # each target's own budget
-    for r in built:
-        report = check_bundle(r.bundle_dir, load=False)
-        assert report.passed, report.findings
-    page = (tmp_path / "dist" / "index.html").read_text()
-    assert built.index == tmp_path / "dist" / "index.html"
-    assert 'href="tiny-a/report.html"' in page and 'href="tiny-b/report.html"' in page
-    assert page.count("model-q8_0.gguf") == 2 and "model-q4_0.gguf" in page
-    assert not (tmp_path / "dist" / ".work").exists()  # removed once every target is written
-
-
-def test_a_build_killed_between_targets_resumes(
-    tiny_llama: Path, inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    """Killed after the first target's bundle, then run again: across both runs the fine-tune, the float
+    reference and each export ran once; in each run the shared q8_0 was opened and measured once."""
     out = tmp_path / "dist"
     real_ship = stages.ship
     shipped: list[str] = []
@@ -140,16 +116,21 @@ def test_a_build_killed_between_targets_resumes(
         return real_ship(run, target, *rest)
 
     with monkeypatch.context() as m:
+        first = Spies(m)
         m.setattr(stages, "ship", ship_then_die)
         with pytest.raises(KeyboardInterrupt):
             pipeline.build(_cfg(tiny_llama, inputs, out))
+    assert first.calls["finetune"] == 1 and first.calls["run_reference"] == 1
+    assert first.calls["export gguf-q8_0"] == 1 and first.calls["export gguf-q4_0-imatrix"] == 1
+    assert first.opened["model-q8_0.gguf"] == 1  # judged for tiny-a, its drift taken for tiny-b
     assert shipped == ["tiny-a"] and (out / "tiny-a" / "manifest.json").is_file()
     assert not (out / "tiny-b").exists() and (out / ".work" / "build" / "merged").is_dir()
 
-    spies = Spies(monkeypatch)
+    again = Spies(monkeypatch)
     built = pipeline.build(_cfg(tiny_llama, inputs, out))
-    assert spies.calls["finetune"] == 0 and spies.calls["run_reference"] == 0
-    assert not [k for k in spies.calls if k.startswith("export")]  # every artifact was reused
+    assert [r.target for r in built] == ["tiny-a", "tiny-b"]
+    assert again.calls["finetune"] == 0 and again.calls["run_reference"] == 0
+    assert not [k for k in again.calls if k.startswith("export")]  # every artifact was reused
     assert set(built.results[1].reused) >= {
         "finetune",
         "merge",
@@ -157,7 +138,21 @@ def test_a_build_killed_between_targets_resumes(
         "gguf-q4_0-imatrix",
         "reference",
     }
-    assert all(check_bundle(r.bundle_dir, load=False).passed for r in built)
+    assert again.opened["model-q8_0.gguf"] == 1 and again.opened["model-q4_0-imatrix.gguf"] == 1
+    assert again.calls["compare"] == 2 and built.measured_once >= 1
+    a, b = (json.loads((r.bundle_dir / "manifest.json").read_text()) for r in built)
+    assert a["target"] == "tiny-a" and b["target"] == "tiny-b"
+    shared = [next(x for x in m["artifacts"] if x["quant"] == "q8_0") for m in (a, b)]
+    assert shared[0]["drift"] == shared[1]["drift"] and shared[0]["sha256"] == shared[1]["sha256"]
+    assert [x["budget"]["kld_mean"] for x in shared] == [1.0, 2.0]  # each target's own budget
+    for r in built:
+        report = check_bundle(r.bundle_dir, load=False)
+        assert report.passed, report.findings
+    page = (out / "index.html").read_text()
+    assert built.index == out / "index.html"
+    assert 'href="tiny-a/report.html"' in page and 'href="tiny-b/report.html"' in page
+    assert page.count("model-q8_0.gguf") == 2 and "model-q4_0.gguf" in page
+    assert not (out / ".work").exists()  # removed once every target is written
 
 
 def test_target_all_and_lists_in_edgeft_toml(tmp_path: Path) -> None:
