@@ -144,7 +144,8 @@ Method = Annotated[
     "Example: edgeft build --target raspberrypi --max-kld 0.02 --min-task-accuracy 0.9 --max-size 400\n\n"
     "Example: edgeft build --target raspberrypi --method full\n\n"
     "Example: edgeft build --target raspberrypi --model builtin:smollm2-135m   # a real model, offline\n\n"
-    "Example: edgeft build --target raspberrypi --target android-arm64 --target windows-x64   # one fine-tune"
+    "Example: edgeft build --target raspberrypi --target android-arm64 --target windows-x64   # one fine-tune\n\n"
+    "Example: edgeft build --target raspberrypi --adapter   # quantized base + LoRA adapter, not merged"
 )
 def build(
     target: Annotated[
@@ -209,6 +210,14 @@ def build(
     ] = None,
     max_size: Annotated[float | None, typer.Option(help="Budget: artifact size in MB, at most.")] = None,
     method: Method = None,
+    adapter: Annotated[
+        bool | None,
+        typer.Option(
+            "--adapter/--no-adapter",
+            help="Ship the base model quantized and the fine-tune as a LoRA adapter beside it, verified like "
+            "a merged artifact, in every slot whose runtime applies one (GGUF); others ship merged.",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Run the whole pipeline: fine-tune, merge, export, quantize, verify, bench, bundle. A failed or killed
@@ -228,6 +237,7 @@ def build(
         search=search,
         limits={"kld_mean": max_kld, "min_task_accuracy": min_task_accuracy, "max_size_mb": max_size},
         method=method,
+        adapter=adapter,
     )
     cfg = dataclasses.replace(
         cfg,

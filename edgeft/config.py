@@ -227,6 +227,7 @@ KNOWN_KEYS = {
     "budgets",
     "search",
     "finetune",
+    "adapter",
 }
 
 
@@ -257,6 +258,8 @@ class BuildConfig:
     # [finetune] method / --method: "lora" (adapters, merged) or "full" (every weight; no merge stage)
     method: str = "lora"
     full_lr: float | None = FULL_LR  # [finetune] lr: the learning rate of full fine-tuning (None: auto_lr)
+    # --adapter / adapter = true: slots whose format runs a LoRA adapter on a quantized base ship base + adapter
+    adapter: bool = False
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -278,7 +281,7 @@ def read_toml(path: Path) -> dict[str, Any]:
             raise EdgeftError(f"{where}: target = [] names no profile")
         for name in names:
             _path_text(name, f"{where}: target")
-    for key in ("fail_on_drift", "strict", "search"):
+    for key in ("fail_on_drift", "strict", "search", "adapter"):
         if key in data and not isinstance(data[key], bool):
             raise EdgeftError(f"{where}: {key} = {show(data[key])} should be true or false")
     if "threads" in data:
@@ -375,6 +378,7 @@ def resolve(
     search: bool | None = None,
     limits: dict[str, float] | None = None,
     method: str | None = None,
+    adapter: bool | None = None,
 ) -> BuildConfig:
     """Merge edgeft.toml (if present in `cwd`) with flags; flags win."""
     path = Path(cwd or Path.cwd()) / CONFIG_FILE
@@ -406,6 +410,7 @@ def resolve(
         limits=_limits(limits or {}),
         method=check_method(method, "--method") if method is not None else toml_method,
         full_lr=full_lr,
+        adapter=raw.get("adapter", False) if adapter is None else adapter,
     )
 
 

@@ -156,6 +156,20 @@ def local_dir(model: str | Path) -> Path:
         raise EdgeftError(f"{name}: cannot fetch the tokenizer files ({str(e).splitlines()[0]})") from None
 
 
+def weights_dir(model: str | Path) -> Path:
+    """The directory holding a model's safetensors weights and config: the path itself, or the hub cache
+    snapshot of a hub id (fetched now if the cache lacks it)."""
+    name = str(model)
+    if isinstance(model, Path) or _looks_like_path(name):
+        return Path(name).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.json", *TOKENIZER_FILES]))
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types
+        raise EdgeftError(f"{name}: cannot fetch the weights ({str(e).splitlines()[0]})") from None
+
+
 # --- tokenizers --------------------------------------------------------------------------------------------
 
 

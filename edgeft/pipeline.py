@@ -50,6 +50,11 @@ class Built:
 def build(cfg: BuildConfig) -> Built:
     """Fine-tune, merge, export, verify, bench and bundle for every target, holding `cfg.out` locked."""
     profiles = [apply_budgets(targets.load(name), cfg.budgets, cfg.limits) for name in cfg.targets]
+    if cfg.adapter:
+        adapted = [targets.with_adapters(p) for p in profiles]
+        profiles = [p for p, _ in adapted]
+        for line in (line for _, kept in adapted for line in kept):
+            info(f"[yellow]{line}[/]")
     folders = [p.name.lower() for p in profiles]  # bundle folders; some filesystems ignore case
     clash = sorted({p.name for p in profiles if folders.count(p.name.lower()) > 1})
     if clash:
@@ -85,13 +90,15 @@ def recipe(run: stages.Run) -> Built:
     shipped, results = [], []
     for t in run.targets:
         judged = stages.judge(run, evalset, exported[t.name], ref, measured)
-        benched = stages.bench_chosen(run, t, merged, judged, timings)
+        twins = stages.merged_twins(run, judged, merged, evalset, calibration)
+        benched = stages.bench_chosen(run, t, merged, judged, twins, timings)
         parts = (
             tuned.seconds,
             merged.seconds,
             exported[t.name].seconds,
             ref.seconds,
             judged.seconds,
+            twins.seconds,
             benched.seconds,
         )
         facts = stages.facts(

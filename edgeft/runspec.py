@@ -99,9 +99,20 @@ def describe(
             shown = {k: app[k] for k in ("name", "package", "example")}
             runtimes.append({**shown, "min_version": version, "verified_by": verified})
         # threads measured on a device (with_device_threads) replace the profile's `threads` for it
-        runs.append(
-            {"path": a["path"], "format": fmt, "quant": a.get("quant"), "runtimes": runtimes, "threads": None}
-        )
+        run = {
+            "path": a["path"],
+            "format": fmt,
+            "quant": a.get("quant"),
+            "runtimes": runtimes,
+            "threads": None,
+        }
+        if a.get("adapters"):  # a base + adapter folder: the model file, and which adapter answers which task
+            run["base"] = f"{a['path']}/{a['base']}"
+            run["adapters"] = [
+                {"task": task, "path": f"{a['path']}/{name}", "scale": 1.0}
+                for task, name in a["adapters"].items()
+            ]
+        runs.append(run)
     return {
         "schema_version": SCHEMA_VERSION,
         "chat_template": data.chat_template(tok),

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 from edgeft.constants import BUDGET_KINDS
 
+# The name suffix of a base + adapter artifact ("model-q8_0-lora").
+LORA_SUFFIX = "-lora"
+
 
 @dataclass(frozen=True)
 class DriftBudget:
@@ -58,6 +61,9 @@ class ArtifactSpec:
     `imatrix`: quantize with the importance matrix of the fine-tuning data (GGUF quants that use one).
     `head_type`: keep the output head and token embedding at this GGUF type (llama.cpp's
     output_tensor_type / token_embedding_type).
+    `adapter`: ship the base model quantized at `quant` and the fine-tune as a LoRA adapter beside it (one base
+    in RAM serves several adapters), judged like a merged artifact; only formats whose runtime applies an
+    adapter to a quantized base take it.
     `search`: the candidates this slot chooses from (edgeft.search); empty for a fixed artifact. Without
     the search (`--no-search`) a slot builds its own quant.
     """
@@ -69,18 +75,20 @@ class ArtifactSpec:
     ship: bool = True
     imatrix: bool = False
     head_type: str | None = None
+    adapter: bool = False
     search: tuple[ArtifactSpec, ...] = ()
 
     @property
     def variant(self) -> str:
         """What sets this artifact apart from the plain quant, as a name suffix ("-imatrix-head_q8_0")."""
-        return ("-imatrix" if self.imatrix else "") + (f"-head_{self.head_type}" if self.head_type else "")
+        return ("-imatrix" if self.imatrix else "") + self.file_variant
 
     @property
     def file_variant(self) -> str:
-        """The suffix of the artifact's name in a bundle: the head type only (whether an importance matrix was
-        used is in the manifest; the default build uses one wherever it helps)."""
-        return f"-head_{self.head_type}" if self.head_type else ""
+        """The suffix of the artifact's name in a bundle: the head type, and LORA_SUFFIX for a base + adapter
+        (whether an importance matrix was used is in the manifest; the default build uses one wherever it
+        helps)."""
+        return (f"-head_{self.head_type}" if self.head_type else "") + (LORA_SUFFIX if self.adapter else "")
 
     @property
     def level_suffix(self) -> str:

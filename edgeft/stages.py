@@ -25,7 +25,7 @@ from edgeft.errors import EdgeftError
 from edgeft.files import tree_bytes
 from edgeft.finetune import FinetuneResult, checkpoint_params, finetune, load_result
 from edgeft.footprint import Footprint
-from edgeft.loading import checkpoint_dtype, load_tokenizer, model_fingerprint
+from edgeft.loading import checkpoint_dtype, load_tokenizer, model_fingerprint, weights_dir
 from edgeft.merge import merge
 from edgeft.reference import stored_reference
 from edgeft.ui import info, task
@@ -84,6 +84,12 @@ def start(cfg: BuildConfig, profiles: Sequence[targets.TargetProfile], model: st
     named = str(cfg.model or "builtin:demo")
     shown = named if named == model else f"{named} ({model})"
     names = ",".join(p.name for p in profiles)
+    lora = [f"{p.name} {a.slot}" for p in profiles for a in p.artifacts if a.adapter]
+    if lora and cfg.method == "full":
+        raise EdgeftError(
+            f"{lora[0]} ships a base + LoRA adapter, but --method full trains no adapter; use --method lora "
+            "or drop adapter"
+        )
     info(f"[bold]edgeft build[/] target={names} model={shown} data={data_path}")
     return Run(cfg, tuple(profiles), model, data_path, Path(cfg.out) / ".work" / WORK)
 
@@ -226,19 +232,24 @@ def _tune_afresh(run: Run, out: Path, key: str) -> FinetuneResult:
 
 @dataclass(frozen=True)
 class Merged:
-    """The fine-tuned float model every artifact is exported from and judged against."""
+    """The fine-tuned float model every artifact is exported from and judged against; after LoRA, also the
+    base and the adapter it was merged from (what a base + adapter artifact ships), and the task's name."""
 
     path: Path
     key: str
     seconds: Seconds
     reused: tuple[str, ...]
+    base: Path | None = None
+    adapter: Path | None = None
+    task: str = "task"
 
 
 def merge_adapter(run: Run, tuned: Tuned) -> Merged:
     """Merge the adapter into the base (nothing to merge after a full fine-tune)."""
     key = files.digest(["merge", tuned.key])
+    task = run.data_path.stem
     if run.full:
-        return Merged(tuned.result.adapter_dir, key, _frozen({}), ())
+        return Merged(tuned.result.adapter_dir, key, _frozen({}), (), task=task)
     merged = run.work / "merged"
     seconds: dict[str, float] = {}
     with timed("merge", seconds):
@@ -249,7 +260,20 @@ def merge_adapter(run: Run, tuned: Tuned) -> Merged:
             files.require_resources("merge", disk_at=run.work, disk=2 * _weights_bytes(run.model))
             merge(run.model, tuned.result.adapter_dir, merged, trust_remote_code=run.cfg.trust_remote_code)
             files.mark_done(merged, key)
-    return Merged(merged, key, _frozen(seconds), ("merge",) if reused else ())
+    return Merged(
+        merged,
+        key,
+        _frozen(seconds),
+        ("merge",) if reused else (),
+        base=weights_dir(run.model) if any(_adapter_slots(run)) else None,
+        adapter=tuned.result.adapter_dir,
+        task=task,
+    )
+
+
+def _adapter_slots(run: Run) -> Iterator[targets.ArtifactSpec]:
+    """The slots of any target that ship a base + adapter instead of a merged model."""
+    return (spec for t in run.targets for spec in t.artifacts if spec.adapter)
 
 
 def held_out(merged: Merged) -> verify.EvalSet:
@@ -409,6 +433,8 @@ def export_candidate(
     ]
     if spec.imatrix:
         parts.append(calibration.digest())
+    if spec.adapter:  # made of the base and the adapter (both in merged.key) under the task's name
+        parts += ["adapter", merged.task]
     art_key = files.digest(parts)
     path = (
         work
@@ -421,7 +447,16 @@ def export_candidate(
     files.require_resources(f"export {spec.label}", disk_at=work, disk=3 * tree_bytes(merged.path))
     fmt = formats.get(spec.format)
     importance = calibration.importance(fmt) if spec.imatrix else None
-    job = formats.ExportJob(None, conversations, importance, shared=work, shared_key=merged.key)
+    job = formats.ExportJob(
+        None,
+        conversations,
+        importance,
+        shared=work,
+        shared_key=merged.key,
+        base_model=merged.base,
+        adapter_dir=None if merged.base is None else merged.adapter,
+        task=merged.task,
+    )
     job = fmt.prepare(merged.path, spec, job)  # what candidates share, before this export's progress bar
     with task(f"export {spec.label}") as update:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -475,6 +510,30 @@ def judge(
         with timed(f"choose {group[0].slot.slot}", seconds):
             chosen.append(choose(list(group), ref.run, evalset, run.threads, run.cfg.exhaustive, measured))
     return Judged(tuple(chosen), _frozen(seconds))
+
+
+@dataclass(frozen=True)
+class Twins:
+    """Each chosen base + adapter's merged twin: the merged model at the same quant, exported (or reused) to
+    time against it."""
+
+    paths: Mapping[Path, Path]
+    seconds: Seconds
+
+
+def merged_twins(
+    run: Run, judged: Judged, merged: Merged, evalset: verify.EvalSet, calibration: Calibration
+) -> Twins:
+    """Export the merged twin of every chosen base + adapter artifact (nothing when none ships one)."""
+    conversations = [ex.prompt_messages for ex in evalset.examples]
+    seconds: dict[str, float] = {}
+    paths = {}
+    for c in judged.chosen:
+        if c.spec.adapter:
+            twin = dataclasses.replace(c.spec, adapter=False, imatrix=False, search=())
+            with timed(c.spec.label, seconds):
+                paths[c.path], _ = export_candidate(twin, merged, run.work, conversations, calibration)
+    return Twins(MappingProxyType(paths), _frozen(seconds))
 
 
 def base_accuracy(model: str, evalset: verify.EvalSet, threads: int) -> float | None:
@@ -564,17 +623,31 @@ class Timings:
 
 
 def bench_chosen(
-    run: Run, target: targets.TargetProfile, merged: Merged, judged: Judged, timings: Timings
+    run: Run,
+    target: targets.TargetProfile,
+    merged: Merged,
+    judged: Judged,
+    twins: Twins,
+    timings: Timings,
 ) -> Benched:
     """Time the float model, then each chosen artifact alone (one model copy besides nothing else), at the
-    target's thread count."""
+    target's thread count; a base + adapter also its merged twin, the decode speed it gives up."""
     seconds: dict[str, float] = {}
     threads = run.threads_for(target)
     ref_latency = timings.bench(merged.path, threads, "reference", seconds, "PyTorch float")
     results = []
     for c in judged.chosen:
         latency = timings.bench(c.path, threads, c.spec.label, seconds, c.spec.label)
-        results.append(bundle.ArtifactResult(c.spec, c.path, c.drift, latency, c.violations, c.footprint))
+        twin = twins.paths.get(c.path)
+        merged_latency = None
+        if twin is not None:
+            name = f"{c.spec.format}-{c.spec.quant} merged"
+            merged_latency = timings.bench(twin, threads, c.spec.label, seconds, name)
+        results.append(
+            bundle.ArtifactResult(
+                c.spec, c.path, c.drift, latency, c.violations, c.footprint, merged_latency=merged_latency
+            )
+        )
     return Benched(ref_latency, tuple(results), _frozen(seconds))
 
 

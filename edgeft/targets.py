@@ -6,6 +6,7 @@ how much drift each may show. `--target` takes a profile name or a path to a TOM
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import tomllib
@@ -250,6 +251,8 @@ def _parse_artifact(art: Any, where: str) -> ArtifactSpec:
         raise EdgeftError(f"{where}: unknown {name} quant {show(quant)} (known: {', '.join(fmt.quants)})")
     for key in formats.option_keys():  # an option another format takes, set to something, is a mistake
         if key in art and key not in fmt.option_keys and art[key] not in (False, [], ""):
+            if key in fmt.declined:
+                raise EdgeftError(f"{where}: {key} is not offered for {name}: {fmt.declined[key]}")
             raise EdgeftError(f"{where}: {key} applies to {formats.owners(key)} only, not {name}")
     ship = art.get("ship", True)
     if not isinstance(ship, bool):
@@ -363,3 +366,23 @@ def load(name_or_path: str | Path) -> TargetProfile:
 def load_all() -> list[TargetProfile]:
     """Every shipped profile, validated."""
     return [load(name) for name in available()]
+
+
+def with_adapters(profile: TargetProfile) -> tuple[TargetProfile, list[str]]:
+    """`--adapter`: every slot whose format runs an adapter on a quantized base ships base + LoRA adapter
+    (its search candidates too, none with an importance matrix); the others stay merged. Returns the profile
+    and one line per slot left merged, with its format's reason."""
+    arts, kept = [], []
+    for a in profile.artifacts:
+        fmt = formats.get(a.format)
+        if "adapter" not in fmt.option_keys:
+            arts.append(a)
+            why = fmt.declined.get("adapter", f"{a.format} takes no adapter")
+            kept.append(f"{profile.name} {a.slot} ships merged: {why}")
+            continue
+
+        def lora(s: ArtifactSpec) -> ArtifactSpec:
+            return dataclasses.replace(s, adapter=True, imatrix=False)
+
+        arts.append(dataclasses.replace(lora(a), search=tuple(dict.fromkeys(lora(c) for c in a.search))))
+    return dataclasses.replace(profile, artifacts=tuple(arts)), kept

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,4 +91,41 @@ def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=1200,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    return Path(json.loads(res.stdout)["bundle"])
+
+
+# A profile shipping the same q8_0 twice under the same gates: merged, and as base + LoRA adapter.
+ADAPTER_PROFILE = """name = "pi-lora"
+description = "a Raspberry Pi 5 shipping q8_0 merged and as base + adapter"
+threads = 2
+ram_mb = 8192
+ram_budget_mb = 6144
+context_length = 2048
+bandwidth_gb_s = 10.0
+"""
+ADAPTER_GATES = """[artifacts.budget]
+kld_mean = 0.05
+top1 = 0.9
+task_accuracy_drop = 0.05
+answers_match = 0.95
+"""
+
+
+@pytest.fixture(scope="session")
+def adapter_bundle(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo shipped as q8_0 merged and as base q8_0 + LoRA adapter, under the same gates, built into a copy
+    of demo_bundle's output folder: the fine-tune, merge and float reference of the README's command are
+    reused (same inputs, same keys), only the exports, judging and bench run."""
+    out = tmp_path_factory.mktemp("adapter") / "out"
+    shutil.copytree(demo_bundle.parent, out, symlinks=True)
+    slot = '[[artifacts]]\nformat = "gguf"\nquant = "q8_0"\nadapter = {}\n' + ADAPTER_GATES
+    profile = out.parent / "pi-lora.toml"
+    profile.write_text(ADAPTER_PROFILE + slot.format("true") + slot.format("false"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [sys.executable, "-m", "edgeft", "build", "--target", str(profile), "--out", str(out), "--json"]
+    res = subprocess.run(
+        [*cmd, "--keep-work"], cwd=out.parent, capture_output=True, text=True, env=env, timeout=1200
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "reusing finetune, merge" in res.stderr  # nothing of the README's build was redone
     return Path(json.loads(res.stdout)["bundle"])

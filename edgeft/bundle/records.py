@@ -31,6 +31,7 @@ class ArtifactResult:
     latency: LatencyReport
     violations: tuple[str, ...] = ()
     footprint: Footprint | None = None  # measured from the artifact when not given
+    merged_latency: LatencyReport | None = None  # a base + adapter: its merged twin of the same quant
 
     def figures(self, context_length: int) -> Footprint:
         """Bytes per decode token, resident weights and KV cache of this artifact at `context_length`."""

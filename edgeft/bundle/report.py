@@ -89,6 +89,7 @@ def render_report(
         '"answers match" = share whose answers equal the float model\'s, token for token.',
         "",
     ]
+    lines += adapter_costs(arts)
     diffs = [
         f"- {artifact_name(a.spec)}{_variant(a.spec)}: {d}"
         for a in arts
@@ -201,3 +202,23 @@ def _types_line(a: ArtifactResult, tt: TensorTypes) -> str:
         else ""
     )
     return f"- {artifact_name(a.spec)}{_variant(a.spec)}: {shares}{head}{steered}"
+
+
+def adapter_costs(arts: list[ArtifactResult]) -> list[str]:
+    """What each base + adapter artifact gives up against the merged artifact of the same quant: decode and
+    prefill speed on this host, measured alone at the same threads (llama.cpp computes B (A x) beside every
+    adapted weight, on every token)."""
+    out = []
+    for a in arts:
+        m = a.merged_latency
+        if m is None:
+            continue
+        lat = a.latency
+        cost = 1 - lat.decode_tok_s / m.decode_tok_s if m.decode_tok_s else float("nan")
+        out.append(
+            f"- {artifact_name(a.spec)} (base + LoRA adapter): decode {lat.decode_tok_s:.0f} tok/s against "
+            f"{m.decode_tok_s:.0f} tok/s merged at {a.spec.quant} ({cost:+.0%} decode cost), prefill "
+            f"{lat.prefill_tok_s:.0f} against {m.prefill_tok_s:.0f} tok/s; one base in RAM serves every "
+            "adapter beside it."
+        )
+    return ["Adapters against merging:", "", *out, ""] if out else []

@@ -84,7 +84,9 @@ def write_bundle(
                     "budget": {k: v for k, v in asdict(a.spec.budget).items() if v is not None},
                     "within_budget": not a.violations,
                 }
-                entry |= formats.get(a.spec.format).manifest_fields(a.spec, facts.imatrix)
+                entry |= formats.get(a.spec.format).manifest_fields(a.spec, facts.imatrix, tmp / name)
+                if a.merged_latency is not None:  # a base + adapter: the merged artifact of the same quant
+                    entry["merged_latency"] = a.merged_latency.metrics()
                 if files:
                     entry["files"] = files
                 entries.append(entry)

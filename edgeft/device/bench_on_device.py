@@ -185,11 +185,12 @@ class LlamaCppEngine:
     is fed back like any other token and decoding goes on.
     """
 
-    def __init__(self, path: Path, *, threads: int, n_ctx: int) -> None:
+    def __init__(self, path: Path, *, threads: int, n_ctx: int, adapter: Path | None = None) -> None:
         import llama_cpp
 
         self._llm = llama_cpp.Llama(
             model_path=str(path),
+            lora_path=None if adapter is None else str(adapter),  # a LoRA GGUF applied on top
             n_ctx=n_ctx,
             n_batch=n_ctx,  # the whole prompt in one decode call
             n_ubatch=n_ctx,
@@ -263,9 +264,28 @@ class OrtGenaiEngine:
         self._model = None
 
 
+def gguf_pair(folder: Path) -> tuple[Path, Path] | None:
+    """A base + adapter folder's base GGUF and its first adapter (by name), or None when `folder` is not one:
+    exactly one base-*.gguf, at least one adapter-*.gguf, nothing else but the .edgeft marker, no links (the
+    layout edgeft.formats.gguf.adapter writes and edgeft check verifies)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return None
+    names = sorted(p.name for p in folder.iterdir())
+    if any((folder / n).is_symlink() or not (folder / n).is_file() for n in names):
+        return None
+    bases = [n for n in names if n.startswith("base-") and n.endswith(".gguf")]
+    adapters = [n for n in names if n.startswith("adapter-") and n.endswith(".gguf")]
+    if len(bases) != 1 or not adapters or len(bases) + len(adapters) != len(set(names) - {".edgeft"}):
+        return None
+    return folder / bases[0], folder / adapters[0]
+
+
 def open_engine(path: Path, fmt: str, *, threads: int, n_ctx: int) -> Engine:
-    """The engine for an artifact of format `fmt` ("gguf" file or "onnx" folder)."""
+    """The engine for an artifact of format `fmt` ("gguf" file or base + adapter folder, "onnx" folder)."""
     if fmt == "gguf":
+        pair = gguf_pair(path) if path.is_dir() else None
+        if pair is not None:
+            return LlamaCppEngine(pair[0], threads=threads, n_ctx=n_ctx, adapter=pair[1])
         return LlamaCppEngine(path, threads=threads, n_ctx=n_ctx)
     if fmt == "onnx":
         return OrtGenaiEngine(path, threads=threads, n_ctx=n_ctx)
@@ -870,9 +890,13 @@ def bench_artifact(
     if missing:
         res.update(status="skipped", reason=missing, install=RUNTIMES[fmt][2])
         return res
-    shape_ok = path.is_file() if fmt == "gguf" else (path / "genai_config.json").is_file()
+    if fmt == "gguf":
+        shape_ok = path.is_file() or gguf_pair(path) is not None
+    else:
+        shape_ok = (path / "genai_config.json").is_file()
     if not shape_ok:
-        res["reason"] = f"{rel}: not a {'GGUF file' if fmt == 'gguf' else 'folder with genai_config.json'}"
+        shape = "GGUF file or base + adapter folder" if fmt == "gguf" else "folder with genai_config.json"
+        res["reason"] = f"{rel}: not a {shape}"
         return res
     for n in threads:
         try:

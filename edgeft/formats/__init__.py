@@ -10,7 +10,7 @@ method behind PEFT_TYPE_TO_CONFIG_MAPPING, peft/mapping.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -43,6 +43,11 @@ class ExportJob:
     shared: Path | None = None
     shared_key: str = ""
     source: Path | None = None
+    # A base + adapter artifact (ArtifactSpec.adapter) is made of the model before fine-tuning, the fine-tune's
+    # peft adapter folder and the task name the adapter is shipped under.
+    base_model: Path | None = None
+    adapter_dir: Path | None = None
+    task: str = "task"
 
 
 class Format(Protocol):
@@ -55,6 +60,7 @@ class Format(Protocol):
     quants: tuple[str, ...]  # the quant names a profile or `edgeft export --quant` may give
     distributions: tuple[str, ...]  # the Python packages that write and run it (recorded per build)
     option_keys: tuple[str, ...]  # the [[artifacts]] option keys this format takes besides format/quant
+    declined: Mapping[str, str]  # options of other formats it refuses with its own reason (key -> why)
     apps: tuple[dict[str, str], ...]  # model.json "runtimes": what runs it in an app, and its example
     example_files: tuple[str, ...]  # files of examples/ a bundle shipping this format carries
     tokenizer_notes: tuple[tuple[str, str], ...]  # (tokenizer pipeline, what the runtime gets wrong)
@@ -135,7 +141,9 @@ class Format(Protocol):
         in this format; EdgeftError when the format cannot be read back)."""
         ...
 
-    def manifest_fields(self, spec: ArtifactSpec, imatrix: dict[str, Any] | None) -> dict[str, Any]:
+    def manifest_fields(
+        self, spec: ArtifactSpec, imatrix: dict[str, Any] | None, path: Path
+    ) -> dict[str, Any]:
         """The format's own keys of an artifact's manifest entry."""
         ...
 
@@ -213,6 +221,11 @@ def refuse_foreign_options(spec: ArtifactSpec, where: str) -> None:
     """One line when `spec` sets an option its format does not take (option keys are ArtifactSpec fields)."""
     fmt = get(spec.format)
     foreign = [k for k in option_keys() if k not in fmt.option_keys and _is_set(getattr(spec, k))]
+    declined = [k for k in foreign if k in fmt.declined]
+    if declined:
+        raise EdgeftError(
+            f"{where}: {declined[0]} = true is not offered for {spec.format}: {fmt.declined[declined[0]]}"
+        )
     if foreign:
         verb = "applies" if len(foreign) == 1 else "apply"
         raise EdgeftError(

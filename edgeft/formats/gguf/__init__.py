@@ -9,13 +9,16 @@ registry imports without them (gguf-py and numpy only) and without llama.cpp ins
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from edgeft import files
 from edgeft.device.bench_on_device import LlamaCppEngine
 from edgeft.errors import EdgeftError, show
 from edgeft.formats.gguf import footprint
+from edgeft.formats.gguf.adapter import check_pair_folder, is_pair, pair_files
 from edgeft.formats.gguf.constants import (
     GGUF_ARCHS,
     GGUF_BITS_PER_WEIGHT,
@@ -25,6 +28,7 @@ from edgeft.formats.gguf.constants import (
     GGUF_QUANTS,
 )
 from edgeft.formats.gguf.header import check_gguf
+from edgeft.spec import LORA_SUFFIX
 from edgeft.ui import task
 
 if TYPE_CHECKING:
@@ -47,7 +51,8 @@ class GgufFormat:
     title = "GGUF (llama.cpp)"
     architectures = tuple(GGUF_ARCHS)
     distributions = ("gguf", "llama-cpp-python")  # the Python packages that write and run it
-    option_keys = ("imatrix", "head_type")
+    option_keys = ("imatrix", "head_type", "adapter")
+    declined: Mapping[str, str] = MappingProxyType({})
     # What runs it in an app, and which examples/ program drives it. The Node example's package is pinned in
     # examples/node/package.json (its lock installs cleanly from the npm registry); edgeft's tests run every
     # example against the demo bundle.
@@ -84,10 +89,11 @@ class GgufFormat:
     tensor_types = staticmethod(footprint.tensor_types)
 
     def owns(self, path: Path) -> bool:
-        return Path(path).is_file() and Path(path).suffix == ".gguf"
+        return (Path(path).is_file() and Path(path).suffix == ".gguf") or is_pair(Path(path))
 
     def artifact_name(self, stem: str) -> str:
-        return f"model-{stem}.gguf"
+        # a base + adapter artifact is a folder of GGUF files (edgeft.formats.gguf.adapter)
+        return f"model-{stem}" if stem.endswith(LORA_SUFFIX) else f"model-{stem}.gguf"
 
     # --- options ------------------------------------------------------------------------------------------
 
@@ -96,7 +102,16 @@ class GgufFormat:
     ) -> ArtifactSpec:
         """A profile's [[artifacts]] slot: its imatrix and head_type options, its fixed artifact and the
         candidates of its search list."""
-        imatrix = table.get("imatrix", "both" if search else True)
+        adapter = table.get("adapter", False)
+        if not isinstance(adapter, bool):
+            raise EdgeftError(f"{where}: adapter = {show(adapter)} should be true or false")
+        if adapter and table.get("imatrix"):
+            raise EdgeftError(
+                f"{where}: imatrix does not apply with adapter = true: the base is quantized without any one "
+                "task's importance matrix, so adapters of several tasks can share it; drop imatrix"
+            )
+        base = dataclasses.replace(base, adapter=adapter)
+        imatrix = False if adapter else table.get("imatrix", "both" if search else True)
         if imatrix not in IMATRIX_CHOICES or (imatrix == "both" and not search):
             both = ', or "both" (with a search list)' if not search else ', or "both"'
             raise EdgeftError(f"{where}: imatrix = {show(imatrix)} should be true or false{both}")
@@ -142,6 +157,8 @@ class GgufFormat:
         from edgeft.formats.gguf.quantize import check_quant_options
 
         check_quant_options(spec.quant, spec.imatrix, spec.head_type, where)
+        if spec.adapter and spec.imatrix:
+            raise EdgeftError(f"{where}: a base + adapter is quantized without an importance matrix")
 
     def support(self, hf_architecture: str) -> str:
         arch = GGUF_ARCHS.get(hf_architecture)
@@ -151,14 +168,31 @@ class GgufFormat:
 
     def prepare(self, model_dir: Path, spec: ArtifactSpec, job: Any) -> Any:
         """A quantized GGUF is made from the model's 16-bit GGUF, converted once into job.shared."""
-        if spec.quant in GGUF_FLOAT_QUANTS or job.shared is None:
+        if spec.quant in GGUF_FLOAT_QUANTS or job.shared is None or spec.adapter:
             return job
         return dataclasses.replace(job, source=self._float_source(model_dir, job))
 
     def export(self, model_dir: Path, spec: ArtifactSpec, out: Path, job: Any) -> Any:
-        """Convert (or quantize the prepared 16-bit GGUF of the same model) to `out`."""
-        from edgeft.formats.gguf.export import export_gguf  # lazy: the converter imports torch
+        """Convert (or quantize the prepared 16-bit GGUF of the same model) to `out`; with `spec.adapter`, the
+        model before fine-tuning and the fine-tune's LoRA adapter as a base + adapter folder."""
+        from edgeft.formats.gguf.export import export_gguf, export_pair  # lazy: the converter imports torch
 
+        if spec.adapter:
+            if job.base_model is None or job.adapter_dir is None:
+                raise EdgeftError(
+                    f"{out}: a base + adapter artifact needs the fine-tune's LoRA adapter; fine-tune with "
+                    "--method lora, or drop adapter"
+                )
+            return export_pair(
+                job.base_model,
+                job.adapter_dir,
+                out,
+                spec.quant,
+                job.task,
+                progress=job.progress,
+                conversations=job.conversations,
+                head_type=spec.head_type,
+            )
         return export_gguf(
             model_dir,
             out,
@@ -203,19 +237,32 @@ class GgufFormat:
     ) -> Runtime:
         from edgeft.formats.gguf.runtime import LlamaCppRuntime
 
-        return LlamaCppRuntime(path, threads=threads, n_ctx=n_ctx, all_logits=all_logits)
+        base, adapter = self._files(path)
+        return LlamaCppRuntime(base, threads=threads, n_ctx=n_ctx, all_logits=all_logits, adapter=adapter)
+
+    @staticmethod
+    def _files(path: Path) -> tuple[Path, Path | None]:
+        """The model file, and the adapter on it when `path` is a base + adapter folder (checked together)."""
+        if not Path(path).is_dir():
+            return Path(path), None
+        pair = check_pair_folder(path)
+        return pair.base, pair.adapter()
 
     def bench_engine(self, path: Path, *, threads: int, n_ctx: int, allow_native_libs: bool) -> Engine:
         from edgeft.formats.gguf.runtime import silence_llama_logs
 
-        check_gguf(path)  # a damaged or hostile header is refused before llama.cpp parses it
+        base, adapter = self._files(path)
+        check_gguf(base)  # a damaged or hostile header is refused before llama.cpp parses it
         silence_llama_logs()
-        return LlamaCppEngine(path, threads=threads, n_ctx=n_ctx)
+        return LlamaCppEngine(base, threads=threads, n_ctx=n_ctx, adapter=adapter)
 
     # --- footprint, checks, manifest ----------------------------------------------------------------------
 
     def check_file(self, path: Path) -> None:
-        check_gguf(path)
+        if Path(path).is_dir():
+            check_pair_folder(path)
+        else:
+            check_gguf(path)
 
     def write_checkpoint(self, path: Path, out: Path) -> None:
         """The GGUF `path` as a float32 Hugging Face checkpoint in `out` (edgeft.formats.gguf.checkpoint)."""
@@ -223,8 +270,16 @@ class GgufFormat:
 
         write_checkpoint(path, out)
 
-    def manifest_fields(self, spec: ArtifactSpec, imatrix: dict[str, Any] | None) -> dict[str, Any]:
-        return {"imatrix": imatrix if spec.imatrix else None, "head_type": spec.head_type}
+    def manifest_fields(
+        self, spec: ArtifactSpec, imatrix: dict[str, Any] | None, path: Path
+    ) -> dict[str, Any]:
+        """Its options; for a base + adapter, the base file and each task's adapter (inside the folder)."""
+        out = {"imatrix": imatrix if spec.imatrix else None, "head_type": spec.head_type}
+        if spec.adapter:
+            pair = pair_files(path)
+            out["base"] = pair.base.name
+            out["adapters"] = {task: f.name for task, f in sorted(pair.adapters.items())}
+        return out
 
 
 GGUF = GgufFormat()

@@ -25,7 +25,7 @@ import numpy as np
 
 from edgeft import __version__
 from edgeft.errors import EdgeftError
-from edgeft.files import publish_file, read_json, unique_sibling
+from edgeft.files import MARKER, publish_file, read_json, unique_sibling
 from edgeft.formats.gguf.arch import _mul, permute, prepare
 from edgeft.formats.gguf.header import GGUF_MARKER_KEY, check_gguf, ensure_replaceable_file
 from edgeft.guard import inside, require_regular
@@ -204,3 +204,76 @@ def check_pair(base: Path, adapter: Path) -> None:
                 f"{adapter}: {target[:80]} does not fit {base} (base {w}, adapter "
                 f"{getattr(la, 'shape', None)} / {getattr(lb, 'shape', None)}); it was trained on another model"
             )
+
+
+# --- a base + adapter artifact --------------------------------------------------------------------------------
+# A folder holding the base model's GGUF ("base-<quant>.gguf") and one LoRA GGUF per task
+# ("adapter-<task>.gguf"), nothing else: one base file in RAM serves every adapter beside it.
+PAIR_BASE = "base-"
+PAIR_ADAPTER = "adapter-"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A base + adapter folder's files: the base GGUF and each task's adapter GGUF, by task name."""
+
+    base: Path
+    adapters: dict[str, Path]
+
+    def adapter(self, task: str | None = None) -> Path:
+        """The adapter of `task`; with one adapter, that one (several need a name)."""
+        if task is None and len(self.adapters) == 1:
+            return next(iter(self.adapters.values()))
+        if task not in self.adapters:
+            raise EdgeftError(
+                f"{self.base.parent}: no adapter {str(task)[:40]!r}; it holds {', '.join(sorted(self.adapters))}"
+            )
+        return self.adapters[task]  # type: ignore[index]
+
+
+def is_pair(folder: Path) -> bool:
+    """Whether `folder` looks like a base + adapter artifact (its files are checked by pair_files)."""
+    folder = Path(folder)
+    return folder.is_dir() and not folder.is_symlink() and any(folder.glob(f"{PAIR_ADAPTER}*.gguf"))
+
+
+def pair_files(folder: Path) -> Pair:
+    """The files of a base + adapter folder, each a regular file (no links, no subfolders, nothing else), one
+    base and at least one adapter; any other content is one line. Headers are checked by check_pair."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        raise EdgeftError(f"{folder}: not a base + adapter folder")
+    base, adapters = [], {}
+    for f in sorted(folder.iterdir()):
+        if f.name == MARKER and f.is_file() and not f.is_symlink():
+            continue  # the folder's "written by edgeft" marker (edgeft.files.atomic_dir)
+        if f.is_symlink() or not f.is_file() or f.suffix != ".gguf":
+            raise EdgeftError(
+                f"{f}: a base + adapter folder holds only its {PAIR_BASE}*.gguf and {PAIR_ADAPTER}*.gguf files"
+            )
+        if f.name.startswith(PAIR_ADAPTER):
+            adapters[f.name[len(PAIR_ADAPTER) : -len(".gguf")]] = f
+        elif f.name.startswith(PAIR_BASE):
+            base.append(f)
+        else:
+            raise EdgeftError(f"{f}: neither {PAIR_BASE}*.gguf nor {PAIR_ADAPTER}*.gguf")
+    if len(base) != 1 or not adapters:
+        raise EdgeftError(
+            f"{folder}: a base + adapter folder holds one {PAIR_BASE}*.gguf and at least one "
+            f"{PAIR_ADAPTER}*.gguf (found {len(base)} and {len(adapters)})"
+        )
+    return Pair(base[0], adapters)
+
+
+def check_pair_folder(folder: Path) -> Pair:
+    """pair_files, and every adapter checked against the base from both headers (check_pair)."""
+    pair = pair_files(folder)
+    for adapter in pair.adapters.values():
+        check_pair(pair.base, adapter)
+    return pair
+
+
+def task_name(text: str) -> str:
+    """A task name fit for a file name: letters, digits, '-' and '_' (others become '-'), at most 40."""
+    name = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "-" for c in text)[:40].strip("-")
+    return name or "task"

@@ -21,7 +21,16 @@ import numpy as np
 from edgeft import __version__
 from edgeft.data import adds_bos, plain_chat_template, template_end_of_turn
 from edgeft.errors import EdgeftError
-from edgeft.files import QUANTIZING_TAG, publish_file, sweep_temps, unique_sibling
+from edgeft.files import QUANTIZING_TAG, atomic_dir, publish_file, sweep_temps, unique_sibling
+from edgeft.formats.gguf.adapter import (
+    PAIR_ADAPTER,
+    PAIR_BASE,
+    Pair,
+    check_pair_folder,
+    export_lora_gguf,
+    pair_files,
+    task_name,
+)
 from edgeft.formats.gguf.arch import Prepared, prepare
 from edgeft.formats.gguf.constants import GGUF_FLOAT_QUANTS, GGUF_FTYPES, GGUF_QUANTS
 from edgeft.formats.gguf.footprint import tensor_types
@@ -262,3 +271,32 @@ def _reuse_float(base: GGUFExportResult | Path) -> GGUFExportResult:
     if not isinstance(arch, str):
         raise EdgeftError(f"{path}: general.architecture is missing or not a string; export it again")
     return GGUFExportResult(path, floats[ftype], arch, header.n_tensors, path.stat().st_size)
+
+
+def export_pair(
+    base_dir: Path,
+    adapter_dir: Path,
+    out: Path,
+    quant: str,
+    task: str,
+    *,
+    progress: Progress | None = None,
+    conversations: Sequence[Sequence[dict[str, str]]] = (),
+    head_type: str | None = None,
+) -> Pair:
+    """The base + adapter folder `out`: the HF model `base_dir` as a GGUF of `quant` (no importance matrix: a
+    base shared by adapters of different tasks belongs to none of them) and the peft adapter in `adapter_dir`
+    as a float16 LoRA GGUF (convert_lora_to_gguf.py --outtype f16: half of its f32 default, within the drift
+    gates), written whole and moved into place."""
+    with atomic_dir(out, what="base + adapter artifact") as tmp:
+        export_gguf(
+            base_dir,
+            tmp / f"{PAIR_BASE}{quant}{f'-head_{head_type}' if head_type else ''}.gguf",
+            quant,
+            progress=progress,
+            conversations=conversations,
+            head_type=head_type,
+        )
+        export_lora_gguf(base_dir, adapter_dir, tmp / f"{PAIR_ADAPTER}{task_name(task)}.gguf", f16=True)
+        check_pair_folder(tmp)
+    return pair_files(out)

@@ -19,6 +19,7 @@ from edgeft.footprint import (
     positive,
     share_types,
 )
+from edgeft.formats.gguf.adapter import pair_files
 from edgeft.formats.gguf.constants import GGUF_KEY_STEERED, GGUF_LLAMA_QUANTS
 from edgeft.formats.gguf.header import check_gguf
 
@@ -31,12 +32,21 @@ GGUF_TOKEN_EMBD = "token_embd.weight"
 GGUF_OUTPUT = "output.weight"
 
 
+def _model_file(path: Path) -> Path:
+    """The model GGUF of an artifact: the file, or a base + adapter folder's base."""
+    return pair_files(path).base if Path(path).is_dir() else Path(path)
+
+
 def tensor_sums(path: Path) -> TensorSums:
     """Every tensor's bytes; the token embedding is gathered per token unless it is also the output head.
-    Read with the bounded header reader: tensor infos and metadata, no tensor data."""
-    sizes = {t.name: t.n_bytes for t in check_gguf(path).tensors}
+    A base + adapter adds its largest adapter, resident and read every token (llama.cpp computes B (A x)
+    beside each adapted weight). Read with the bounded header reader: tensor infos and metadata, no data."""
+    sizes = {t.name: t.n_bytes for t in check_gguf(_model_file(path)).tensors}
     total = sum(sizes.values())
     gathered = sizes.get(GGUF_TOKEN_EMBD, 0) if GGUF_OUTPUT in sizes else 0
+    if Path(path).is_dir():
+        extra = max(sum(t.n_bytes for t in check_gguf(f).tensors) for f in pair_files(path).adapters.values())
+        total += extra
     return TensorSums(total, total - gathered)
 
 
@@ -49,7 +59,7 @@ GGUF_KV_DTYPE = "f16"
 
 def kv_shape(path: Path) -> KvShape:
     """The KV cache llama.cpp allocates for this GGUF (f16, every layer at full context)."""
-    reader = check_gguf(path)
+    reader = check_gguf(_model_file(path))
     arch = reader.value(gguf.Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
         raise EdgeftError(f"{path}: no {gguf.Keys.General.ARCHITECTURE} key; not a model GGUF")
@@ -123,8 +133,9 @@ def estimate(model_dir: Path, counts: CheckpointCounts, quant: str, context_leng
 
 
 def tensor_types(path: Path) -> TensorTypes:
-    """The ggml types a GGUF holds, and the tensors edgeft steered to another type than llama.cpp chose."""
-    header = check_gguf(path)
+    """The ggml types a GGUF holds (a base + adapter: its base's), and the tensors edgeft steered to another
+    type than llama.cpp chose."""
+    header = check_gguf(_model_file(path))
     items = [(t.name, t.type, t.n_bytes) for t in header.tensors]
     matrix = {t.name for t in header.tensors if len(t.shape) >= 2}
     steered_value = header.value(GGUF_KEY_STEERED)

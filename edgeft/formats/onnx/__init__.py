@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from edgeft.device.bench_on_device import OrtGenaiEngine
@@ -16,6 +17,7 @@ from edgeft.errors import EdgeftError, show
 from edgeft.formats.onnx import footprint
 from edgeft.formats.onnx.constants import (
     ONNX_ACCURACY_LEVELS,
+    ONNX_ADAPTER_DECLINED,
     ONNX_ARCHS,
     ONNX_FLOAT_QUANTS,
     ONNX_GENAI_CONFIG,
@@ -38,6 +40,7 @@ class OnnxFormat:
     architectures = tuple(ONNX_ARCHS)
     distributions = ("onnxruntime", "onnxruntime-genai")  # the Python packages that write and run it
     option_keys = ("accuracy_level",)
+    declined = MappingProxyType({"adapter": ONNX_ADAPTER_DECLINED})
     apps = (
         {
             "name": "onnxruntime-genai",
@@ -143,7 +146,9 @@ class OnnxFormat:
     def write_checkpoint(self, path: Path, out: Path) -> None:
         raise EdgeftError(f"{path}: edgeft does not read this format back into a checkpoint")
 
-    def manifest_fields(self, spec: ArtifactSpec, imatrix: dict[str, Any] | None) -> dict[str, Any]:
+    def manifest_fields(
+        self, spec: ArtifactSpec, imatrix: dict[str, Any] | None, path: Path
+    ) -> dict[str, Any]:
         return {} if spec.accuracy_level is None else {"accuracy_level": spec.accuracy_level}
 
 

@@ -53,3 +53,11 @@ ONNX_GENAI_CONFIG = "genai_config.json"
 ONNX_MODEL_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx.data"
 ONNX_REQUIRED_FILES = (ONNX_GENAI_CONFIG, ONNX_MODEL_FILE, "tokenizer.json", "tokenizer_config.json")
+
+# Why a profile cannot ship an ONNX artifact as base + LoRA adapter (ArtifactSpec.adapter).
+# ref: onnxruntime-genai #1661 (a rank-8 adapter on Llama-3.2-1B int4 cost ~30 % decode), #1186 (crashes on
+# Qwen2-1.5B int4 + LoRA); bench/onnx_adapter.py measures it on edgeft's demo.
+ONNX_ADAPTER_DECLINED = (
+    "onnxruntime-genai runs an adapter only on a base rebuilt with adapter inputs, at a decode cost "
+    "(onnxruntime-genai #1661: ~30 % for rank 8); ship it merged, or ship the adapter in a gguf slot"
+)

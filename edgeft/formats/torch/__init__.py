@@ -3,7 +3,9 @@ against. Not an export format: a profile cannot ship it, but verify, bench and f
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from edgeft.errors import EdgeftError
@@ -27,6 +29,7 @@ class TorchFormat:
     quants = ("float32",)
     distributions = ("torch", "transformers")  # the Python packages that write and run it
     option_keys: tuple[str, ...] = ()
+    declined: Mapping[str, str] = MappingProxyType({})
     apps: tuple[dict[str, str], ...] = ()
     example_files: tuple[str, ...] = ()
     tokenizer_notes: tuple[tuple[str, str], ...] = ()
@@ -92,7 +95,9 @@ class TorchFormat:
     def write_checkpoint(self, path: Path, out: Path) -> None:
         raise EdgeftError(f"{path}: edgeft does not read this format back into a checkpoint")
 
-    def manifest_fields(self, spec: ArtifactSpec, imatrix: dict[str, Any] | None) -> dict[str, Any]:
+    def manifest_fields(
+        self, spec: ArtifactSpec, imatrix: dict[str, Any] | None, path: Path
+    ) -> dict[str, Any]:
         return {}
 
 
