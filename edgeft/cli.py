@@ -145,7 +145,8 @@ Method = Annotated[
     "Example: edgeft build --target raspberrypi --method full\n\n"
     "Example: edgeft build --target raspberrypi --model builtin:smollm2-135m   # a real model, offline\n\n"
     "Example: edgeft build --target raspberrypi --target android-arm64 --target windows-x64   # one fine-tune\n\n"
-    "Example: edgeft build --target raspberrypi --adapter   # quantized base + LoRA adapter, not merged"
+    "Example: edgeft build --target raspberrypi --adapter   # quantized base + LoRA adapter, not merged\n\n"
+    "Example: edgeft build --target raspberrypi --adapter --data lights.jsonl --data notes.jsonl   # 2 adapters"
 )
 def build(
     target: Annotated[
@@ -162,7 +163,13 @@ def build(
             'pip install "edgeft[smollm2]"). Default: builtin:demo.'
         ),
     ] = None,
-    data: Annotated[Path | None, typer.Option(help="Task data, JSONL (default: built-in demo).")] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Task data, JSONL (default: built-in demo). Repeat it with --adapter: one fine-tune and "
+            "adapter per data set, all over one shared base, each verified on its own held-out split."
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(help="Output dir; each target's bundle goes to OUT/<target>/ (default ./dist)."),
@@ -229,7 +236,7 @@ def build(
     cfg = resolve(
         target=target,
         model=model,
-        data=data,
+        data=data[0] if data else None,
         out=out,
         fail_on_drift=fail_on_drift,
         threads=threads,
@@ -238,6 +245,7 @@ def build(
         limits={"kld_mean": max_kld, "min_task_accuracy": min_task_accuracy, "max_size_mb": max_size},
         method=method,
         adapter=adapter,
+        adapter_data=tuple(data[1:]) if data else (),
     )
     cfg = dataclasses.replace(
         cfg,

@@ -260,6 +260,8 @@ class BuildConfig:
     full_lr: float | None = FULL_LR  # [finetune] lr: the learning rate of full fine-tuning (None: auto_lr)
     # --adapter / adapter = true: slots whose format runs a LoRA adapter on a quantized base ship base + adapter
     adapter: bool = False
+    # further --data sets: each fine-tuned into its own adapter over the same base (needs adapter)
+    adapter_data: tuple[Path, ...] = ()
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -379,6 +381,7 @@ def resolve(
     limits: dict[str, float] | None = None,
     method: str | None = None,
     adapter: bool | None = None,
+    adapter_data: tuple[Path, ...] = (),
 ) -> BuildConfig:
     """Merge edgeft.toml (if present in `cwd`) with flags; flags win."""
     path = Path(cwd or Path.cwd()) / CONFIG_FILE
@@ -411,6 +414,7 @@ def resolve(
         method=check_method(method, "--method") if method is not None else toml_method,
         full_lr=full_lr,
         adapter=raw.get("adapter", False) if adapter is None else adapter,
+        adapter_data=tuple(Path(p) for p in adapter_data),
     )
 
 

@@ -277,3 +277,9 @@ def sweep_temps(out: Path, tags: tuple[str, ...]) -> None:
             # the zeros llama.cpp reserves for the metadata it writes last (ref: llama.cpp src/llama-quant.cpp)
             if head in (b"", b"GGUF", b"\0\0\0\0"):
                 stale.unlink(missing_ok=True)
+
+
+def task_name(text: str) -> str:
+    """A task name fit for a file name: letters, digits, '-' and '_' (others become '-'), at most 40."""
+    name = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "-" for c in text)[:40].strip("-")
+    return name or "task"

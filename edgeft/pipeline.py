@@ -17,7 +17,7 @@ from edgeft.builtin import is_builtin, model_source
 from edgeft.config import BuildConfig, apply_budgets
 from edgeft.demo import DEMO_DATA, DEMO_MODEL
 from edgeft.errors import EdgeftError
-from edgeft.files import locked
+from edgeft.files import locked, task_name
 from edgeft.ui import info
 
 
@@ -49,12 +49,15 @@ class Built:
 
 def build(cfg: BuildConfig) -> Built:
     """Fine-tune, merge, export, verify, bench and bundle for every target, holding `cfg.out` locked."""
+    check_tasks(cfg)
     profiles = [apply_budgets(targets.load(name), cfg.budgets, cfg.limits) for name in cfg.targets]
     if cfg.adapter:
         adapted = [targets.with_adapters(p) for p in profiles]
         profiles = [p for p, _ in adapted]
         for line in (line for _, kept in adapted for line in kept):
             info(f"[yellow]{line}[/]")
+    if cfg.adapter_data:  # several tasks: only a base + adapter serves them all
+        profiles = [targets.adapters_only(p) for p in profiles]
     folders = [p.name.lower() for p in profiles]  # bundle folders; some filesystems ignore case
     clash = sorted({p.name for p in profiles if folders.count(p.name.lower()) > 1})
     if clash:
@@ -86,18 +89,23 @@ def recipe(run: stages.Run) -> Built:
         t.name: stages.export_all(run, t, plans[t.name], merged, evalset, calibration) for t in run.targets
     }
     ref = stages.reference(run, merged, evalset)
+    tasks = [stages.extra_task(run, path) for path in run.cfg.adapter_data]  # one adapter each, one base
     measured, timings = search.Measurements(), stages.Timings()  # shared by the targets
     shipped, results = [], []
     for t in run.targets:
-        judged = stages.judge(run, evalset, exported[t.name], ref, measured)
+        served = stages.serve_tasks(
+            run, t, stages.judge(run, evalset, exported[t.name], ref, measured), tasks, measured
+        )
+        judged = served.judged
         twins = stages.merged_twins(run, judged, merged, evalset, calibration)
-        benched = stages.bench_chosen(run, t, merged, judged, twins, timings)
+        benched = stages.bench_chosen(run, t, merged, judged, twins, timings, served.tasks)
         parts = (
             tuned.seconds,
             merged.seconds,
             exported[t.name].seconds,
             ref.seconds,
             judged.seconds,
+            served.seconds,
             twins.seconds,
             benched.seconds,
         )
@@ -119,5 +127,26 @@ def resolve_inputs(cfg: BuildConfig) -> tuple[str, Path]:
     without --data is tuned on the demo's data."""
     if cfg.model and not cfg.data and not is_builtin(cfg.model):
         raise EdgeftError(f"--model {cfg.model} needs --data FILE.jsonl (or data = ... in edgeft.toml)")
+    data_path = Path(cfg.data or DEMO_DATA)
     model = model_source(str(cfg.model or DEMO_MODEL), allow_pickle=cfg.allow_pickle)
-    return model, Path(cfg.data or DEMO_DATA)
+    return model, data_path
+
+
+def check_tasks(cfg: BuildConfig) -> None:
+    """Several task data sets need --adapter (one adapter each over a shared base) and distinct file names
+    (a task is named after its file)."""
+    data_path = Path(cfg.data or DEMO_DATA)
+    if cfg.adapter_data and not cfg.adapter:
+        raise EdgeftError(
+            f"--data is given {1 + len(cfg.adapter_data)} times: several task data sets ship as one adapter "
+            "each over a shared base; add --adapter (or build each task on its own)"
+        )
+    names = [task_name(p.stem) for p in (data_path, *cfg.adapter_data)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise EdgeftError(
+            f"--data: two data sets are named {twice[0]!r} (a task is named after its file); rename one"
+        )
+    for p in cfg.adapter_data:
+        if not p.is_file():
+            raise EdgeftError(f"{p}: --data file does not exist")

@@ -247,7 +247,7 @@ class Merged:
 def merge_adapter(run: Run, tuned: Tuned) -> Merged:
     """Merge the adapter into the base (nothing to merge after a full fine-tune)."""
     key = files.digest(["merge", tuned.key])
-    task = run.data_path.stem
+    task = files.task_name(run.data_path.stem)
     if run.full:
         return Merged(tuned.result.adapter_dir, key, _frozen({}), (), task=task)
     merged = run.work / "merged"
@@ -512,6 +512,78 @@ def judge(
     return Judged(tuple(chosen), _frozen(seconds))
 
 
+# --- more tasks: one adapter each, over the same base ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """A further task data set (--data given again): its own fine-tune, merge, held-out split and float
+    reference in its own work folder, shipped as one more adapter beside every chosen base + adapter."""
+
+    name: str
+    run: Run
+    tuned: Tuned
+    merged: Merged
+    evalset: verify.EvalSet
+    ref: Reference
+
+
+def extra_task(run: Run, data_path: Path) -> Task:
+    """Fine-tune, merge, and run the float reference of one more task (each reused when already done)."""
+    name = files.task_name(data_path.stem)
+    sub = dataclasses.replace(run, data_path=data_path, work=run.work.parent / f"{WORK}-{name}")
+    info(f"[bold]task {name}[/]: {data_path}")
+    tuned = tune(sub)
+    merged = merge_adapter(sub, tuned)
+    evalset = held_out(merged)
+    return Task(name, sub, tuned, merged, evalset, reference(sub, merged, evalset))
+
+
+@dataclass(frozen=True)
+class Served:
+    """A target's choice with each base + adapter artifact serving every task: one base, one adapter per
+    task, each further task's adapter judged against its own float model at the slot's budgets."""
+
+    judged: Judged
+    tasks: Mapping[Path, tuple[bundle.TaskResult, ...]]
+    seconds: Seconds
+
+
+def serve_tasks(
+    run: Run,
+    target: targets.TargetProfile,
+    judged: Judged,
+    tasks: Sequence[Task],
+    measured: search.Measurements,
+) -> Served:
+    """For each chosen base + adapter: the further tasks' adapters over the same base quant, each judged on
+    its own held-out split (a failing one fails the bundle like any budget), then one artifact holding the
+    base once and every adapter."""
+    if not tasks:
+        return Served(judged, MappingProxyType({}), _frozen({}))
+    seconds: dict[str, float] = {}
+    chosen, records = [], {}
+    for c in judged.chosen:
+        paths, results = [c.path], []
+        for t in tasks:
+            conversations = [ex.prompt_messages for ex in t.evalset.examples]
+            calibration = Calibration(t.merged.path, t.run.data_path, run.cfg, t.run.work, t.merged.key)
+            with timed(f"{c.spec.label} {t.name}", seconds):
+                path, _ = export_candidate(c.spec, t.merged, t.run.work, conversations, calibration)
+                cand = _measured(t.run, target, c.spec, c.slot, path, single=True)
+                got = choose([cand], t.ref.run, t.evalset, run.threads, run.cfg.exhaustive, measured)
+            sha = data.dataset_sha256(t.run.data_path)
+            acc = t.ref.run.task_accuracy
+            results.append(
+                bundle.TaskResult(t.name, sha, got.drift, got.violations, acc, t.ref.base_accuracy)
+            )
+            paths.append(path)
+        combined = formats.combine(paths, run.work / "combined" / c.path.name)
+        chosen.append(dataclasses.replace(c, path=combined))
+        records[combined] = tuple(results)
+    return Served(Judged(tuple(chosen), judged.seconds), MappingProxyType(records), _frozen(seconds))
+
+
 @dataclass(frozen=True)
 class Twins:
     """Each chosen base + adapter's merged twin: the merged model at the same quant, exported (or reused) to
@@ -629,6 +701,7 @@ def bench_chosen(
     judged: Judged,
     twins: Twins,
     timings: Timings,
+    tasks: Mapping[Path, tuple[bundle.TaskResult, ...]] | None = None,
 ) -> Benched:
     """Time the float model, then each chosen artifact alone (one model copy besides nothing else), at the
     target's thread count; a base + adapter also its merged twin, the decode speed it gives up."""
@@ -645,7 +718,14 @@ def bench_chosen(
             merged_latency = timings.bench(twin, threads, c.spec.label, seconds, name)
         results.append(
             bundle.ArtifactResult(
-                c.spec, c.path, c.drift, latency, c.violations, c.footprint, merged_latency=merged_latency
+                c.spec,
+                c.path,
+                c.drift,
+                latency,
+                c.violations,
+                c.footprint,
+                merged_latency=merged_latency,
+                tasks=(tasks or {}).get(c.path, ()),
             )
         )
     return Benched(ref_latency, tuple(results), _frozen(seconds))
@@ -726,8 +806,13 @@ def ship(
 ) -> Shipped:
     """Write a target's bundle; with a shipped artifact over its budget (and --fail-on-drift) it is written as
     TARGET.rejected and `failure` says why, in one line."""
-    failed = [f"{named(c)}: {v}" for c in judged.chosen if c.slot.ship for v in c.violations]
     results = list(benched.results)
+    failed = [
+        f"{named(c)}: {v}"
+        for c, r in zip(judged.chosen, results, strict=True)
+        if c.slot.ship
+        for v in r.all_violations
+    ]
     if failed and run.cfg.fail_on_drift:
         where = bundle.write_bundle(
             run.cfg.out, target, facts, results, merged.path, name=target.name + targets.REJECTED_SUFFIX
@@ -755,6 +840,8 @@ def finish(run: Run, shipped: Sequence[Shipped]) -> None:
         shutil.rmtree(run.work, ignore_errors=True)
         for t in run.targets:  # the per-target work folders of earlier edgeft versions (OUT/.work/<target>)
             shutil.rmtree(run.work.parent / t.name, ignore_errors=True)
+        for path in run.cfg.adapter_data:  # each further task's own (OUT/.work/build-<task>)
+            shutil.rmtree(run.work.parent / f"{WORK}-{files.task_name(path.stem)}", ignore_errors=True)
         with contextlib.suppress(OSError):
             run.work.parent.rmdir()  # .work itself, once nothing else is left in it
 

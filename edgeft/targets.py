@@ -19,6 +19,7 @@ from edgeft import formats
 from edgeft.constants import BUDGET_KINDS
 from edgeft.errors import EdgeftError, show
 from edgeft.spec import ArtifactSpec, DriftBudget
+from edgeft.ui import info
 
 
 @dataclass(frozen=True)
@@ -386,3 +387,20 @@ def with_adapters(profile: TargetProfile) -> tuple[TargetProfile, list[str]]:
 
         arts.append(dataclasses.replace(lora(a), search=tuple(dict.fromkeys(lora(c) for c in a.search))))
     return dataclasses.replace(profile, artifacts=tuple(arts)), kept
+
+
+def adapters_only(profile: TargetProfile) -> TargetProfile:
+    """With several task data sets only a base + adapter slot serves every task: the others are left out
+    (one line each says so); a profile with none is one error line."""
+    keep = tuple(a for a in profile.artifacts if a.adapter)
+    if not any(a.ship for a in keep):
+        raise EdgeftError(
+            f"{profile.name}: several --data sets ship as adapters over one base, but no slot of this profile "
+            "takes an adapter (adapter = true in a gguf slot)"
+        )
+    for a in profile.artifacts:
+        if not a.adapter:
+            info(
+                f"[yellow]{profile.name} {a.slot} left out[/]: it would serve one task; only a base + adapter serves several"
+            )
+    return dataclasses.replace(profile, artifacts=keep)

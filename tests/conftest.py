@@ -129,3 +129,29 @@ def adapter_bundle(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
     assert res.returncode == 0, res.stderr[-3000:]
     assert "reusing finetune, merge" in res.stderr  # nothing of the README's build was redone
     return Path(json.loads(res.stdout)["bundle"])
+
+
+@pytest.fixture(scope="session")
+def two_task_bundle(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's task and a second one (naming the room of 300 of the demo's commands) as two adapters over
+    one base q8_0, in a copy of demo_bundle's output folder: the first task's fine-tune is reused, the
+    second is fine-tuned here."""
+    from edgeft.demo import DEMO_DATA
+
+    out = tmp_path_factory.mktemp("two-task") / "out"
+    shutil.copytree(demo_bundle.parent, out, symlinks=True)
+    rooms = out.parent / "rooms.jsonl"
+    with DEMO_DATA.open() as src, rooms.open("w") as dst:
+        for line in list(src)[:300]:
+            rec = json.loads(line)
+            room = json.loads(rec["completion"]).get("room", "none")
+            dst.write(json.dumps({"prompt": rec["prompt"], "completion": room}) + "\n")
+    profile = out.parent / "pi-lora.toml"
+    slot = '[[artifacts]]\nformat = "gguf"\nquant = "q8_0"\nadapter = true\n' + ADAPTER_GATES
+    profile.write_text(ADAPTER_PROFILE + slot)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [sys.executable, "-m", "edgeft", "build", "--target", str(profile), "--out", str(out), "--json"]
+    cmd += ["--adapter", "--data", str(DEMO_DATA), "--data", str(rooms), "--keep-work"]
+    res = subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, env=env, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return Path(json.loads(res.stdout)["bundle"])

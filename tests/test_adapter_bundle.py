@@ -167,3 +167,51 @@ def test_imatrix_with_adapter_is_refused_in_a_profile(tmp_path: Path) -> None:
     )
     with pytest.raises(EdgeftError, match="imatrix does not apply with adapter = true"):
         targets.load(toml)
+
+
+def test_two_tasks_share_one_base_and_each_adapter_is_verified(two_task_bundle: Path) -> None:
+    (entry,) = _entries(two_task_bundle).values()
+    assert entry["adapters"] == {"rooms": "adapter-rooms.gguf", "smarthome": "adapter-smarthome.gguf"}
+    folder = two_task_bundle / entry["path"]
+    assert sorted(p.name for p in folder.glob("*.gguf")) == [
+        "adapter-rooms.gguf",
+        "adapter-smarthome.gguf",
+        "base-q8_0.gguf",
+    ]  # one base for both
+    (rooms,) = entry["tasks"]
+    assert rooms["task"] == "rooms" and rooms["within_budget"] and entry["within_budget"]
+    assert rooms["drift"]["answers_match"] >= 0.95 and rooms["drift"]["prompt_ids_match"] == 1.0
+    assert rooms["drift"]["task_accuracy"] > rooms["base_task_accuracy"] + 0.3  # the rooms adapter answers
+    described = json.loads((two_task_bundle / "model.json").read_text())["artifacts"][0]
+    assert [a["task"] for a in described["adapters"]] == ["rooms", "smarthome"]
+    # each adapter answers its own task: the same prompt, two answers
+    pair = pair_files(folder)
+    merged = two_task_bundle.parent / ".work" / "build" / "merged"
+    (ex, *_) = verify.eval_examples(merged, None)[0]
+    answers = {}
+    for task in ("smarthome", "rooms"):
+        rt = gguf_runtime.LlamaCppRuntime(
+            pair.base, threads=2, n_ctx=512, all_logits=False, adapter=pair.adapter(task)
+        )
+        try:
+            ids = rt.chat_prompt_ids(list(ex.prompt_messages))
+            answers[task] = rt.decode(rt.generate(ids, 40, rt.end_ids))
+        finally:
+            rt.close()
+    assert answers["smarthome"].startswith('{"action"') and not answers["rooms"].startswith("{")
+    report = (two_task_bundle / "report.md").read_text()
+    assert "  - task rooms: KLD mean" in report
+
+
+def test_several_data_sets_need_adapter_and_distinct_names(tmp_path: Path) -> None:
+    a, b = tmp_path / "a" / "tasks.jsonl", tmp_path / "b" / "tasks.jsonl"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_text('{"prompt": "x", "completion": "y"}\n')
+    base = {"targets": ("raspberrypi",), "out": tmp_path / "out", "data": a}
+    with pytest.raises(EdgeftError, match="add --adapter"):
+        pipeline.build(config.BuildConfig(**base, adapter_data=(tmp_path / "c.jsonl",)))
+    with pytest.raises(EdgeftError, match="two data sets are named 'tasks'"):
+        pipeline.build(config.BuildConfig(**base, adapter=True, adapter_data=(b,)))
+    with pytest.raises(EdgeftError, match="no slot of this profile takes an adapter"):
+        targets.adapters_only(targets.load("raspberrypi"))  # without --adapter

@@ -310,3 +310,144 @@ def test_device_threads_reach_model_json(demo_bundle: Path, tmp_path: Path) -> N
     assert dep.read_text() == "export default 1;\n"  # the user's install survived the rewrite
     report = check_bundle(dst, load=False)
     assert report.findings == [] and report.unverified == ["examples/node/node_modules"]
+
+
+# --- a base + adapter artifact answers as the merged one ----------------------------------------------------
+
+LORA, MERGED = "model-q8_0-lora", "model-q8_0.gguf"  # the adapter_bundle's two q8_0 artifacts
+
+
+@pytest.fixture(scope="module")
+def adapter_node_bundle(
+    adapter_bundle: Path, node_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A copy of the bundle shipping the demo's q8_0 merged and as base + adapter, its examples/node using
+    node_bundle's `npm ci` install (a link to it)."""
+    dst = tmp_path_factory.mktemp("adapter-node") / adapter_bundle.name
+    shutil.copytree(adapter_bundle, dst)
+    (dst / "examples" / "node" / "node_modules").symlink_to(
+        node_bundle / "examples" / "node" / "node_modules"
+    )
+    return dst
+
+
+def _adapter_entry(bundle_dir: Path) -> dict:
+    """The base + adapter artifact's model.json entry, checked to be one (and the merged one not)."""
+    entries = {a["path"]: a for a in json.loads((bundle_dir / MODEL_JSON).read_text())["artifacts"]}
+    assert entries[MERGED]["format"] == entries[LORA]["format"] == "gguf", entries
+    assert "base" not in entries[MERGED] and "adapters" not in entries[MERGED]
+    entry = entries[LORA]
+    assert entry["base"].startswith(LORA + "/") and (bundle_dir / entry["base"]).is_file(), entry
+    assert entry["adapters"] and all((bundle_dir / a["path"]).is_file() for a in entry["adapters"]), entry
+    return entry
+
+
+def _same_answers_as_merged(cmd: list[str], float_answers: list[tuple[str, list[int], str]]) -> None:
+    """`cmd` (an example with --json, no prompts or artifact yet) answers the held-out prompts with the base +
+    adapter artifact as the float model did, and exactly as with the merged artifact."""
+    prompts = [p for p, _, _ in float_answers]
+    lora = _answers(_run([*cmd, "--artifact", LORA, *prompts]))
+    assert [(g["prompt"], g["prompt_ids"], g["answer"]) for g in lora] == float_answers
+    assert lora == _answers(_run([*cmd, "--artifact", MERGED, *prompts]))
+
+
+def test_python_example_runs_a_base_and_adapter_artifact(
+    adapter_bundle: Path, runtime_venv: Path, float_answers: list[tuple[str, list[int], str]]
+) -> None:
+    entry = _adapter_entry(adapter_bundle)
+    _same_answers_as_merged(_python(runtime_venv, adapter_bundle, PY_GGUF, "--json"), float_answers)
+    # the task named explicitly is the default (the first listed)
+    task = ("--task", entry["adapters"][0]["task"])
+    prompts = [p for p, _, _ in float_answers]
+    got = _answers(_run(_python(runtime_venv, adapter_bundle, PY_GGUF, "--json", *task, *prompts)))
+    assert [(g["prompt"], g["prompt_ids"], g["answer"]) for g in got] == float_answers
+
+
+def test_node_example_runs_a_base_and_adapter_artifact(
+    adapter_node_bundle: Path, float_answers: list[tuple[str, list[int], str]]
+) -> None:
+    entry = _adapter_entry(adapter_node_bundle)
+    _same_answers_as_merged(_node(adapter_node_bundle, "--json"), float_answers)
+    task = ("--task", entry["adapters"][0]["task"])
+    prompts = [p for p, _, _ in float_answers]
+    got = _answers(_run(_node(adapter_node_bundle, "--json", "--artifact", LORA, *task, *prompts)))
+    assert [(g["prompt"], g["prompt_ids"], g["answer"]) for g in got] == float_answers
+
+
+def test_the_adapter_is_what_answers(
+    adapter_node_bundle: Path,
+    runtime_venv: Path,
+    float_answers: list[tuple[str, list[int], str]],
+    tmp_path: Path,
+) -> None:
+    """At scale 0 (model.json's scale reaches the runtime) the base alone answers, and not as the fine-tune:
+    the adapter's matching answers above are its own."""
+    dst = tmp_path / adapter_node_bundle.name
+    shutil.copytree(adapter_node_bundle, dst, symlinks=True)
+    desc = json.loads((dst / MODEL_JSON).read_text())
+    entry = next(a for a in desc["artifacts"] if a["path"] == LORA)
+    entry["adapters"][0]["scale"] = 0.0
+    (dst / MODEL_JSON).write_text(json.dumps(desc))
+    prompts = [p for p, _, _ in float_answers]
+    args = ("--json", "--artifact", LORA, *prompts)
+    for cmd in (_python(runtime_venv, dst, PY_GGUF, *args), _node(dst, *args)):
+        got = _answers(_run(cmd))
+        assert [g["prompt_ids"] for g in got] == [ids for _, ids, _ in float_answers], cmd
+        assert [g["answer"] for g in got] != [a for _, _, a in float_answers], cmd
+
+
+def _one_line_failure(cmd: list[str], *needles: str) -> str:
+    res = _run(cmd)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and res.stdout == "", (cmd, res.stdout, res.stderr)
+    assert len(lines) == 1 and ": error: " in lines[0], (cmd, res.stderr)
+    assert "Traceback" not in res.stderr and all(n in lines[0] for n in needles), (cmd, lines)
+    return lines[0]
+
+
+def test_an_unknown_task_is_one_line(adapter_node_bundle: Path, runtime_venv: Path) -> None:
+    known = [a["task"] for a in _adapter_entry(adapter_node_bundle)["adapters"]]
+    for run in (
+        lambda *args: _python(runtime_venv, adapter_node_bundle, PY_GGUF, *args),
+        lambda *args: _node(adapter_node_bundle, *args),
+    ):
+        _one_line_failure(run("--artifact", LORA, "--task", "nosuch", "hi"), "nosuch", LORA, *known)
+        # a merged model has no tasks: asking for one is refused, not ignored
+        _one_line_failure(run("--artifact", MERGED, "--task", known[0], "hi"), known[0], MERGED)
+
+
+def test_an_adapter_path_outside_the_bundle_is_refused(
+    adapter_node_bundle: Path, runtime_venv: Path, tmp_path: Path
+) -> None:
+    """model.json's base and adapter paths are confined to the bundle's real folder (symlinks resolved) and
+    must name regular files: a working adapter file outside it is refused, each time in one line."""
+    dst = tmp_path / "copy" / adapter_node_bundle.name
+    shutil.copytree(adapter_node_bundle, dst, symlinks=True)
+    original = json.loads((dst / MODEL_JSON).read_text())
+    entry = _adapter_entry(dst)
+    outside = tmp_path / "copy" / "x.gguf"  # beside the bundle: "../x.gguf" from its root
+    shutil.copyfile(dst / entry["adapters"][0]["path"], outside)
+    link = f"{LORA}/adapter-elsewhere.gguf"
+    (dst / link).symlink_to(outside)
+    cases = [  # (field, path written into model.json, what the one line says)
+        ("adapter", "../x.gguf", "not a file inside the bundle"),
+        ("adapter", link, "not a file inside the bundle"),  # inside by name, outside once resolved
+        ("adapter", str(outside), "not a file inside the bundle"),
+        ("base", "../x.gguf", "not a file inside the bundle"),
+        ("adapter", LORA, "not a regular file"),  # a folder inside the bundle
+    ]
+    for field, path, needle in cases:
+        desc = json.loads(json.dumps(original))
+        lora = next(a for a in desc["artifacts"] if a["path"] == LORA)
+        if field == "base":
+            lora["base"] = path
+        else:
+            lora["adapters"][0]["path"] = path
+        (dst / MODEL_JSON).write_text(json.dumps(desc))
+        args = ("--artifact", LORA, "hi")
+        for cmd in (_python(runtime_venv, dst, PY_GGUF, *args), _node(dst, *args)):
+            _one_line_failure(cmd, path, needle)
+    # the same copy with its model.json back runs: only the paths were refused
+    (dst / MODEL_JSON).write_text(json.dumps(original))
+    for cmd in (_python(runtime_venv, dst, PY_GGUF, *args), _node(dst, *args)):
+        assert _run(cmd).returncode == 0, cmd

@@ -22,6 +22,31 @@ from edgeft.verify import DriftReport
 
 
 @dataclass(frozen=True)
+class TaskResult:
+    """One more task's adapter beside a shipped base: judged on its own held-out split against its own
+    fine-tuned float model."""
+
+    task: str
+    dataset_sha256: str
+    drift: DriftReport
+    violations: tuple[str, ...]
+    reference_task_accuracy: float | None
+    base_task_accuracy: float | None
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "dataset_sha256": self.dataset_sha256,
+            "drift": self.drift.metrics()
+            | {"prompt_diff": self.drift.prompt_diff, "answer_diff": self.drift.answer_diff},
+            "reference_task_accuracy": self.reference_task_accuracy,
+            "base_task_accuracy": self.base_task_accuracy,
+            "within_budget": not self.violations,
+            "violations": list(self.violations),
+        }
+
+
+@dataclass(frozen=True)
 class ArtifactResult:
     """One built artifact with its measurements."""
 
@@ -32,6 +57,12 @@ class ArtifactResult:
     violations: tuple[str, ...] = ()
     footprint: Footprint | None = None  # measured from the artifact when not given
     merged_latency: LatencyReport | None = None  # a base + adapter: its merged twin of the same quant
+    tasks: tuple[TaskResult, ...] = ()  # a base + adapter of several tasks: each further task's verdict
+
+    @property
+    def all_violations(self) -> tuple[str, ...]:
+        """Its own exceeded budgets and those of each further task's adapter (named)."""
+        return self.violations + tuple(f"task {t.task}: {v}" for t in self.tasks for v in t.violations)
 
     def figures(self, context_length: int) -> Footprint:
         """Bytes per decode token, resident weights and KV cache of this artifact at `context_length`."""

@@ -64,7 +64,7 @@ def render_report(
             f"{d.answers_match:.1%} | {lat.prefill_tok_s:.0f} | "
             f"{lat.decode_tok_s:.0f} | {lat.ttft_ms:.1f} | {lat.peak_rss_mb:.0f} | "
             f"~{fp.decode_bound_tok_s(target.bandwidth_gb_s):.0f} tok/s | {fits} | "
-            f"{'FAIL: ' + '; '.join(a.violations) if a.violations else 'pass'} |"
+            f"{'FAIL: ' + '; '.join(a.all_violations) if a.all_violations else 'pass'} |"
         )
     lines += [
         "",
@@ -221,4 +221,12 @@ def adapter_costs(arts: list[ArtifactResult]) -> list[str]:
             f"{lat.prefill_tok_s:.0f} against {m.prefill_tok_s:.0f} tok/s; one base in RAM serves every "
             "adapter beside it."
         )
+        for t in a.tasks:  # the further tasks' adapters, each judged against its own fine-tuned float model
+            d = t.drift
+            out.append(
+                f"  - task {t.task}: KLD mean {d.kld_mean:.5f}, top-1 {d.top1:.1%}, task accuracy "
+                f"{_fmt(d.task_accuracy, '.1%')} (its float {_fmt(t.reference_task_accuracy, '.1%')}, base "
+                f"{_fmt(t.base_task_accuracy, '.1%')}), prompt ids match {d.prompt_ids_match:.1%}, answers "
+                f"match {d.answers_match:.1%}: {'FAIL: ' + '; '.join(t.violations) if t.violations else 'pass'}"
+            )
     return ["Adapters against merging:", "", *out, ""] if out else []

@@ -82,11 +82,13 @@ def write_bundle(
                     "kv_cache_dtype": fp.kv_dtype,
                     "ram_need_mb": round(fp.need_bytes / 1e6, 6),
                     "budget": {k: v for k, v in asdict(a.spec.budget).items() if v is not None},
-                    "within_budget": not a.violations,
+                    "within_budget": not a.all_violations,
                 }
                 entry |= formats.get(a.spec.format).manifest_fields(a.spec, facts.imatrix, tmp / name)
                 if a.merged_latency is not None:  # a base + adapter: the merged artifact of the same quant
                     entry["merged_latency"] = a.merged_latency.metrics()
+                if a.tasks:  # a base + adapter of several tasks: each further task's own verdict
+                    entry["tasks"] = [t.manifest_entry() for t in a.tasks]
                 if files:
                     entry["files"] = files
                 entries.append(entry)
@@ -116,7 +118,7 @@ def write_bundle(
             manifest = {
                 "schema_version": SCHEMA_VERSION,
                 "target": target.name,
-                "passed": all(not a.violations for a in arts if a.spec.ship),
+                "passed": all(not a.all_violations for a in arts if a.spec.ship),
                 "base_model": facts.base_model,
                 "base_revision": facts.base_revision,
                 "base_weights_sha256": facts.base_weights_sha256,

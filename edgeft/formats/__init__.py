@@ -114,6 +114,11 @@ class Format(Protocol):
         """The artifact as a latency measurement engine (edgeft.device.bench_on_device.Engine)."""
         ...
 
+    def combine(self, paths: Sequence[Path], out: Path) -> Path:
+        """Base + adapter artifacts of several tasks over the same base as one artifact at `out` (formats
+        that take `adapter`; EdgeftError when the bases differ)."""
+        ...
+
     def tensor_sums(self, path: Path) -> TensorSums:
         """Bytes of every weight tensor, and of those streamed per decoded token."""
         ...
@@ -189,6 +194,11 @@ def open_runtime(
     return format_of(path).open_runtime(
         Path(path), threads=threads, n_ctx=n_ctx, all_logits=all_logits, allow_native_libs=allow_native_libs
     )
+
+
+def combine(paths: Sequence[Path], out: Path) -> Path:
+    """One artifact serving every task of `paths` (base + adapter artifacts of one format, one base)."""
+    return format_of(paths[0]).combine([Path(p) for p in paths], Path(out))
 
 
 def open_reference(model: str | Path, *, threads: int | None = None) -> Any:

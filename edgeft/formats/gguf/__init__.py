@@ -9,7 +9,7 @@ registry imports without them (gguf-py and numpy only) and without llama.cpp ins
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -255,6 +255,11 @@ class GgufFormat:
         check_gguf(base)  # a damaged or hostile header is refused before llama.cpp parses it
         silence_llama_logs()
         return LlamaCppEngine(base, threads=threads, n_ctx=n_ctx, adapter=adapter)
+
+    def combine(self, paths: Sequence[Path], out: Path) -> Path:
+        from edgeft.formats.gguf.adapter import combine_pairs
+
+        return combine_pairs(paths, out)
 
     # --- footprint, checks, manifest ----------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import math
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import numpy as np
 
 from edgeft import __version__
 from edgeft.errors import EdgeftError
-from edgeft.files import MARKER, publish_file, read_json, unique_sibling
+from edgeft.files import MARKER, atomic_dir, publish_file, read_json, sha256_file, unique_sibling
 from edgeft.formats.gguf.arch import _mul, permute, prepare
 from edgeft.formats.gguf.header import GGUF_MARKER_KEY, check_gguf, ensure_replaceable_file
 from edgeft.guard import inside, require_regular
@@ -221,9 +223,9 @@ class Pair:
     adapters: dict[str, Path]
 
     def adapter(self, task: str | None = None) -> Path:
-        """The adapter of `task`; with one adapter, that one (several need a name)."""
-        if task is None and len(self.adapters) == 1:
-            return next(iter(self.adapters.values()))
+        """The adapter of `task`; without a name, the first by name."""
+        if task is None:
+            return self.adapters[min(self.adapters)]
         if task not in self.adapters:
             raise EdgeftError(
                 f"{self.base.parent}: no adapter {str(task)[:40]!r}; it holds {', '.join(sorted(self.adapters))}"
@@ -273,7 +275,27 @@ def check_pair_folder(folder: Path) -> Pair:
     return pair
 
 
-def task_name(text: str) -> str:
-    """A task name fit for a file name: letters, digits, '-' and '_' (others become '-'), at most 40."""
-    name = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "-" for c in text)[:40].strip("-")
-    return name or "task"
+def combine_pairs(paths: Sequence[Path], out: Path) -> Path:
+    """Base + adapter folders of several tasks as one folder `out` holding the base once and every adapter,
+    written whole and moved into place. Refused in one line unless every base is the same bytes (the same
+    model quantized the same way) and no task name repeats."""
+    pairs = [check_pair_folder(p) for p in paths]
+    digest = sha256_file(pairs[0].base)
+    for p in pairs[1:]:
+        if p.base.name != pairs[0].base.name or sha256_file(p.base) != digest:
+            raise EdgeftError(
+                f"{p.base}: not the same base as {pairs[0].base}; adapters share a base only when it is the "
+                "same model quantized the same way"
+            )
+    seen: dict[str, Path] = {}
+    for p in pairs:
+        for task, f in p.adapters.items():
+            if task in seen:
+                raise EdgeftError(f"{f}: task {task!r} is also in {seen[task]}; give each task its own name")
+            seen[task] = f
+    with atomic_dir(out, what="base + adapter artifact") as tmp:
+        shutil.copy2(pairs[0].base, tmp / pairs[0].base.name)
+        for f in seen.values():
+            shutil.copy2(f, tmp / f.name)
+        check_pair_folder(tmp)
+    return Path(out)

@@ -21,7 +21,7 @@ import numpy as np
 from edgeft import __version__
 from edgeft.data import adds_bos, plain_chat_template, template_end_of_turn
 from edgeft.errors import EdgeftError
-from edgeft.files import QUANTIZING_TAG, atomic_dir, publish_file, sweep_temps, unique_sibling
+from edgeft.files import QUANTIZING_TAG, atomic_dir, publish_file, sweep_temps, task_name, unique_sibling
 from edgeft.formats.gguf.adapter import (
     PAIR_ADAPTER,
     PAIR_BASE,
@@ -29,7 +29,6 @@ from edgeft.formats.gguf.adapter import (
     check_pair_folder,
     export_lora_gguf,
     pair_files,
-    task_name,
 )
 from edgeft.formats.gguf.arch import Prepared, prepare
 from edgeft.formats.gguf.constants import GGUF_FLOAT_QUANTS, GGUF_FTYPES, GGUF_QUANTS

@@ -8,6 +8,7 @@ onnx, onnxruntime and the builder are imported inside the methods that need them
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -138,6 +139,9 @@ class OnnxFormat:
         # validates genai_config.json, native libraries and external data; loads nothing
         OrtRuntime(path, threads=threads, n_ctx=n_ctx, all_logits=False, allow_native_libs=allow_native_libs)
         return OrtGenaiEngine(path, threads=threads, n_ctx=n_ctx)
+
+    def combine(self, paths: Sequence[Path], out: Path) -> Path:
+        raise EdgeftError(f"{out}: {ONNX_ADAPTER_DECLINED}")
 
     def check_file(self, path: Path) -> None:
         """Nothing before loading: the folder checks (check_onnx_folder) run when it is opened, where the

@@ -3,7 +3,7 @@ against. Not an export format: a profile cannot ship it, but verify, bench and f
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -88,6 +88,9 @@ class TorchFormat:
 
     def tensor_types(self, path: Path) -> TensorTypes:
         raise EdgeftError(f"{path}: tensor types are read from exported artifacts only")
+
+    def combine(self, paths: Sequence[Path], out: Path) -> Path:
+        raise EdgeftError(f"{out}: the float reference is not shipped, so it has no adapters to combine")
 
     def check_file(self, path: Path) -> None:
         check_model_folder(path)
