@@ -102,4 +102,4 @@ class ArtifactSpec:
     @property
     def slot(self) -> str:
         """The slot's own label: the plain format-quant it builds without the search."""
-        return f"{self.format}-{self.quant}{self.level_suffix}"
+        return f"{self.format}-{self.quant}{LORA_SUFFIX if self.adapter else ''}{self.level_suffix}"

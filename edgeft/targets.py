@@ -290,7 +290,7 @@ def parse_profile(data: Any, source: str) -> TargetProfile:
     if len(set(labels)) != len(labels):
         raise EdgeftError(f"{source}: artifacts repeat a format/quant pair: {', '.join(labels)}")
     # two shipped slots could choose files of one name in the bundle: their candidates must differ
-    per_slot = [{(c.format, c.quant, c.head_type) for c in (*a.search, a)} for a in arts if a.ship]
+    per_slot = [{(c.format, c.quant, c.head_type, c.adapter) for c in (*a.search, a)} for a in arts if a.ship]
     names = [name for slot in per_slot for name in slot]
     if len(set(names)) != len(names):
         raise EdgeftError(
