@@ -55,13 +55,14 @@ ONNX_DATA_FILE = "model.onnx.data"
 ONNX_REQUIRED_FILES = (ONNX_GENAI_CONFIG, ONNX_MODEL_FILE, "tokenizer.json", "tokenizer_config.json")
 
 # Why a profile cannot ship an ONNX artifact as base + LoRA adapter (ArtifactSpec.adapter), measured by
-# bench/onnx_adapter.py on the demo: onnxruntime-genai 0.18's builder `adapter_path` bakes the LoRA into the
-# graph (ref: onnxruntime_genai/models/builders/base.py make_matmul_lora); adapter inputs need graph surgery
-# as Olive's ExtractAdapters pass does (ref: microsoft/Olive olive/passes/onnx/extract_adapters.py), which
-# also unpacks Q/K/V: decode 22 % slower than merged int4 (549 vs 700 tok/s, same answers); published: ~30 %
-# for rank 8 on Llama-3.2-1B int4 (onnxruntime-genai #1661), crashes on Qwen2-1.5B int4 + LoRA (#1186).
+# bench/onnx_adapter.py on the demo (int4, 2 threads, idle): onnxruntime-genai 0.18's builder `adapter_path`
+# bakes the LoRA into the graph as int4 MatMuls (ref: onnxruntime_genai/models/builders/base.py
+# make_matmul_lora), decoding 48 % slower than merged; adapter inputs need the graph surgery of Olive's
+# ExtractAdapters pass (ref: microsoft/Olive olive/passes/onnx/extract_adapters.py), which also unpacks the
+# fused Q/K/V: 34 % slower than merged (1742 vs 2638 tok/s, the same answers). Published: ~30 % for rank 8 on
+# Llama-3.2-1B int4 (onnxruntime-genai #1661), crashes on Qwen2-1.5B int4 + LoRA (#1186).
 ONNX_ADAPTER_DECLINED = (
-    "onnxruntime-genai runs an adapter only on a base rebuilt with adapter inputs, and that decodes slower "
-    "(22 % on the demo's int4, ~30 % at rank 8 in onnxruntime-genai #1661); ship it merged, or ship the "
-    "adapter in a gguf slot"
+    "onnxruntime-genai's builder has no adapter inputs (it bakes the adapter in: 48 % slower decode on the "
+    "demo), and a base rebuilt with them decoded 34 % slower than merged (~30 % at rank 8 in "
+    "onnxruntime-genai #1661); ship it merged, or ship the adapter in a gguf slot"
 )
