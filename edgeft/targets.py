@@ -296,7 +296,7 @@ def parse_profile(data: Any, source: str) -> TargetProfile:
         raise EdgeftError(
             f"{source}: two shipped artifacts could be the same {names[0][0]} file; set ship = false on one or split their search lists"
         )
-    shipped = [(a.format, a.quant) for a in arts if a.ship]
+    shipped = [(a.format, a.quant, a.adapter) for a in arts if a.ship]
     if not shipped:
         raise EdgeftError(f"{source}: every artifact has ship = false; ship at least one")
     if len(set(shipped)) != len(shipped):

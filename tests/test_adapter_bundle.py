@@ -91,7 +91,7 @@ def test_the_bundle_passes_check_and_the_device_script_runs_the_pair(
         [sys.executable, "-m", "edgeft", "check", str(adapter_bundle)], capture_output=True, text=True
     )
     assert res.returncode == 0, res.stderr
-    assert "2/2 artifacts loaded and generated" in res.stdout
+    assert "2/2 artifacts loaded and generated" in res.stderr
     copy = tmp_path / "b"
     shutil.copytree(adapter_bundle, copy)
     res = subprocess.run(
