@@ -726,6 +726,7 @@ def bench_chosen(
                 c.footprint,
                 merged_latency=merged_latency,
                 tasks=(tasks or {}).get(c.path, ()),
+                task=merged.task if c.spec.adapter else None,
             )
         )
     return Benched(ref_latency, tuple(results), _frozen(seconds))

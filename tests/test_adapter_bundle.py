@@ -46,7 +46,11 @@ def test_base_plus_adapter_meets_the_gates_of_the_merged_q8_0(adapter_bundle: Pa
     # its decode cost against the merged q8_0, measured and reported
     assert pair["merged_latency"]["decode_tok_s"] > 0 and "merged_latency" not in merged
     report = (adapter_bundle / "report.md").read_text()
-    assert f"{PAIR} (base + LoRA adapter): decode" in report and "merged at q8_0" in report
+    assert (
+        f"{PAIR} (base + LoRA adapter, task smarthome): decode" in report
+        and pair["task"] == "smarthome"
+        and "merged at q8_0" in report
+    )
     described = {a["path"]: a for a in json.loads((adapter_bundle / "model.json").read_text())["artifacts"]}
     assert described[PAIR]["base"] == f"{PAIR}/base-q8_0.gguf"
     assert described[PAIR]["adapters"] == [

@@ -58,6 +58,7 @@ class ArtifactResult:
     footprint: Footprint | None = None  # measured from the artifact when not given
     merged_latency: LatencyReport | None = None  # a base + adapter: its merged twin of the same quant
     tasks: tuple[TaskResult, ...] = ()  # a base + adapter of several tasks: each further task's verdict
+    task: str | None = None  # a base + adapter: the task its own drift and latency are of (the first --data)
 
     @property
     def all_violations(self) -> tuple[str, ...]:

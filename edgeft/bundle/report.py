@@ -216,7 +216,7 @@ def adapter_costs(arts: list[ArtifactResult]) -> list[str]:
         lat = a.latency
         cost = 1 - lat.decode_tok_s / m.decode_tok_s if m.decode_tok_s else float("nan")
         out.append(
-            f"- {artifact_name(a.spec)} (base + LoRA adapter): decode {lat.decode_tok_s:.0f} tok/s against "
+            f"- {artifact_name(a.spec)} (base + LoRA adapter{f', task {a.task}' if a.task else ''}): decode {lat.decode_tok_s:.0f} tok/s against "
             f"{m.decode_tok_s:.0f} tok/s merged at {a.spec.quant} ({cost:+.0%} decode cost), prefill "
             f"{lat.prefill_tok_s:.0f} against {m.prefill_tok_s:.0f} tok/s; one base in RAM serves every "
             "adapter beside it."
