@@ -93,12 +93,11 @@ def recipe(run: stages.Run) -> Built:
     measured, timings = search.Measurements(), stages.Timings()  # shared by the targets
     shipped, results = [], []
     for t in run.targets:
-        served = stages.serve_tasks(
-            run, t, stages.judge(run, evalset, exported[t.name], ref, measured), tasks, measured
-        )
+        judged = stages.judge(run, evalset, exported[t.name], ref, measured)
+        served = stages.serve_tasks(run, t, judged, ref, tasks, measured)  # every task's adapter, one base
         judged = served.judged
         twins = stages.merged_twins(run, judged, merged, evalset, calibration)
-        benched = stages.bench_chosen(run, t, merged, judged, twins, timings, served.tasks)
+        benched = stages.bench_chosen(run, t, merged, judged, twins, timings, served)
         parts = (
             tuned.seconds,
             merged.seconds,
@@ -133,14 +132,9 @@ def resolve_inputs(cfg: BuildConfig) -> tuple[str, Path]:
 
 
 def check_tasks(cfg: BuildConfig) -> None:
-    """Several task data sets need --adapter (one adapter each over a shared base) and distinct file names
-    (a task is named after its file)."""
+    """Several task data sets (one adapter each over a shared base: targets.adapters_only) need distinct file
+    names (a task is named after its file), each a file."""
     data_path = Path(cfg.data or DEMO_DATA)
-    if cfg.adapter_data and not cfg.adapter:
-        raise EdgeftError(
-            f"--data is given {1 + len(cfg.adapter_data)} times: several task data sets ship as one adapter "
-            "each over a shared base; add --adapter (or build each task on its own)"
-        )
     names = [task_name(p.stem) for p in (data_path, *cfg.adapter_data)]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

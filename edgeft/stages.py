@@ -418,10 +418,16 @@ def _measured(
 
 
 def export_candidate(
-    spec: targets.ArtifactSpec, merged: Merged, work: Path, conversations: list[Any], calibration: Calibration
+    spec: targets.ArtifactSpec,
+    merged: Merged,
+    work: Path,
+    conversations: list[Any],
+    calibration: Calibration,
+    base_from: Path | None = None,
 ) -> tuple[Path, bool]:
     """Export one artifact into work/artifacts, or reuse it when an earlier run made it from the same
-    inputs; returns its path and whether it was reused."""
+    inputs; returns its path and whether it was reused. `base_from`: a base + adapter artifact of another
+    task whose base this one shares."""
     parts = [
         "export",
         merged.key,
@@ -435,6 +441,8 @@ def export_candidate(
         parts.append(calibration.digest())
     if spec.adapter:  # made of the base and the adapter (both in merged.key) under the task's name
         parts += ["adapter", merged.task]
+    if base_from is not None:
+        parts.append(bundle.sha256_tree(base_from)[0])
     art_key = files.digest(parts)
     path = (
         work
@@ -456,6 +464,7 @@ def export_candidate(
         base_model=merged.base,
         adapter_dir=None if merged.base is None else merged.adapter,
         task=merged.task,
+        source=base_from,
     )
     job = fmt.prepare(merged.path, spec, job)  # what candidates share, before this export's progress bar
     with task(f"export {spec.label}") as update:
@@ -547,29 +556,34 @@ class Served:
     judged: Judged
     tasks: Mapping[Path, tuple[bundle.TaskResult, ...]]
     seconds: Seconds
+    # a combined artifact -> the first task's own pair: timed alone, so its latency is that task's
+    timed_as: Mapping[Path, Path] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
 
 def serve_tasks(
     run: Run,
     target: targets.TargetProfile,
     judged: Judged,
+    ref: Reference,
     tasks: Sequence[Task],
     measured: search.Measurements,
 ) -> Served:
-    """For each chosen base + adapter: the further tasks' adapters over the same base quant, each judged on
+    """For each chosen base + adapter: the further tasks' adapters over the same base file, each judged on
     its own held-out split (a failing one fails the bundle like any budget), then one artifact holding the
-    base once and every adapter."""
+    base once and every adapter, its size and RAM need judged again as shipped."""
     if not tasks:
         return Served(judged, MappingProxyType({}), _frozen({}))
     seconds: dict[str, float] = {}
-    chosen, records = [], {}
+    chosen, records, timed_as = [], {}, {}
     for c in judged.chosen:
         paths, results = [c.path], []
         for t in tasks:
             conversations = [ex.prompt_messages for ex in t.evalset.examples]
             calibration = Calibration(t.merged.path, t.run.data_path, run.cfg, t.run.work, t.merged.key)
             with timed(f"{c.spec.label} {t.name}", seconds):
-                path, _ = export_candidate(c.spec, t.merged, t.run.work, conversations, calibration)
+                path, _ = export_candidate(
+                    c.spec, t.merged, t.run.work, conversations, calibration, base_from=c.path
+                )
                 cand = _measured(t.run, target, c.spec, c.slot, path, single=True)
                 got = choose([cand], t.ref.run, t.evalset, run.threads, run.cfg.exhaustive, measured)
             sha = data.dataset_sha256(t.run.data_path)
@@ -579,9 +593,25 @@ def serve_tasks(
             )
             paths.append(path)
         combined = formats.combine(paths, run.work / "combined" / c.path.name)
-        chosen.append(dataclasses.replace(c, path=combined))
-        records[combined] = tuple(results)
-    return Served(Judged(tuple(chosen), judged.seconds), MappingProxyType(records), _frozen(seconds))
+        shipped = _measured(run, target, c.spec, c.slot, combined, single=False)  # every adapter resident
+        budget = c.spec.budget.violations(c.drift.metrics(), ref.run.task_accuracy, shipped.size_mb)
+        violations = tuple(c.drift.explain(v) for v in budget) + shipped.violations  # type: ignore[union-attr]
+        chosen.append(
+            dataclasses.replace(
+                c,
+                path=combined,
+                footprint=shipped.footprint,
+                size_bytes=shipped.size_bytes,
+                violations=violations,
+            )
+        )
+        records[combined], timed_as[combined] = tuple(results), c.path
+    return Served(
+        Judged(tuple(chosen), judged.seconds),
+        MappingProxyType(records),
+        _frozen(seconds),
+        MappingProxyType(timed_as),
+    )
 
 
 @dataclass(frozen=True)
@@ -701,7 +731,7 @@ def bench_chosen(
     judged: Judged,
     twins: Twins,
     timings: Timings,
-    tasks: Mapping[Path, tuple[bundle.TaskResult, ...]] | None = None,
+    served: Served | None = None,
 ) -> Benched:
     """Time the float model, then each chosen artifact alone (one model copy besides nothing else), at the
     target's thread count; a base + adapter also its merged twin, the decode speed it gives up."""
@@ -709,8 +739,10 @@ def bench_chosen(
     threads = run.threads_for(target)
     ref_latency = timings.bench(merged.path, threads, "reference", seconds, "PyTorch float")
     results = []
+    tasks = served.tasks if served is not None else {}
+    timed_as = served.timed_as if served is not None else {}
     for c in judged.chosen:
-        latency = timings.bench(c.path, threads, c.spec.label, seconds, c.spec.label)
+        latency = timings.bench(timed_as.get(c.path, c.path), threads, c.spec.label, seconds, c.spec.label)
         twin = twins.paths.get(c.path)
         merged_latency = None
         if twin is not None:
@@ -725,7 +757,7 @@ def bench_chosen(
                 c.violations,
                 c.footprint,
                 merged_latency=merged_latency,
-                tasks=(tasks or {}).get(c.path, ()),
+                tasks=tasks.get(c.path, ()),
                 task=merged.task if c.spec.adapter else None,
             )
         )

@@ -374,12 +374,17 @@ def with_adapters(profile: TargetProfile) -> tuple[TargetProfile, list[str]]:
     (its search candidates too, none with an importance matrix); the others stay merged. Returns the profile
     and one line per slot left merged, with its format's reason."""
     arts, kept = [], []
+    paired = {(a.format, a.quant, a.head_type) for a in profile.artifacts if a.adapter}
     for a in profile.artifacts:
         fmt = formats.get(a.format)
-        if "adapter" not in fmt.option_keys:
+        if "adapter" not in fmt.option_keys or (a.format, a.quant, a.head_type) in paired:
             arts.append(a)
             why = fmt.declined.get("adapter", f"{a.format} takes no adapter")
-            kept.append(f"{profile.name} {a.slot} ships merged: {why}")
+            if not a.adapter:
+                twin = (a.format, a.quant, a.head_type) in paired
+                kept.append(
+                    f"{profile.name} {a.slot} ships merged: {'its base + adapter twin is a slot of its own' if twin else why}"
+                )
             continue
 
         def lora(s: ArtifactSpec) -> ArtifactSpec:
@@ -396,7 +401,7 @@ def adapters_only(profile: TargetProfile) -> TargetProfile:
     if not any(a.ship for a in keep):
         raise EdgeftError(
             f"{profile.name}: several --data sets ship as adapters over one base, but no slot of this profile "
-            "takes an adapter (adapter = true in a gguf slot)"
+            f"ships one; add --adapter (or adapter = true in a {formats.owners('adapter').split()[0]} slot)"
         )
     for a in profile.artifacts:
         if not a.adapter:

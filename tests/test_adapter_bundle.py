@@ -187,7 +187,7 @@ def test_two_tasks_share_one_base_and_each_adapter_is_verified(two_task_bundle: 
     assert rooms["drift"]["answers_match"] >= 0.95 and rooms["drift"]["prompt_ids_match"] == 1.0
     assert rooms["drift"]["task_accuracy"] > rooms["base_task_accuracy"] + 0.3  # the rooms adapter answers
     described = json.loads((two_task_bundle / "model.json").read_text())["artifacts"][0]
-    assert [a["task"] for a in described["adapters"]] == ["rooms", "smarthome"]
+    assert [a["task"] for a in described["adapters"]] == ["smarthome", "rooms"]  # the first --data first
     # each adapter answers its own task: the same prompt, two answers
     pair = pair_files(folder)
     merged = two_task_bundle.parent / ".work" / "build" / "merged"
@@ -209,12 +209,14 @@ def test_two_tasks_share_one_base_and_each_adapter_is_verified(two_task_bundle: 
 
 def test_several_data_sets_need_adapter_and_distinct_names(tmp_path: Path) -> None:
     a, b = tmp_path / "a" / "tasks.jsonl", tmp_path / "b" / "tasks.jsonl"
-    for p in (a, b):
+    for p in (a, b, tmp_path / "c" / "more.jsonl"):
         p.parent.mkdir()
         p.write_text('{"prompt": "x", "completion": "y"}\n')
     base = {"targets": ("raspberrypi",), "out": tmp_path / "out", "data": a}
-    with pytest.raises(EdgeftError, match="add --adapter"):
-        pipeline.build(config.BuildConfig(**base, adapter_data=(tmp_path / "c.jsonl",)))
+    with pytest.raises(EdgeftError, match="c.jsonl: --data file does not exist"):
+        pipeline.build(config.BuildConfig(**base, adapter=True, adapter_data=(tmp_path / "c.jsonl",)))
+    with pytest.raises(EdgeftError, match="no slot of this profile ships one; add --adapter"):
+        pipeline.build(config.BuildConfig(**base, adapter_data=(b.parent.parent / "c" / "more.jsonl",)))
     with pytest.raises(EdgeftError, match="two data sets are named 'tasks'"):
         pipeline.build(config.BuildConfig(**base, adapter=True, adapter_data=(b,)))
     with pytest.raises(EdgeftError, match="no slot of this profile takes an adapter"):

@@ -85,8 +85,14 @@ def write_bundle(
                     "within_budget": not a.all_violations,
                 }
                 entry |= formats.get(a.spec.format).manifest_fields(a.spec, facts.imatrix, tmp / name)
-                if a.task is not None:  # a base + adapter: the task its drift and latency are of
+                if (
+                    a.task is not None
+                ):  # a base + adapter: the task its drift and latency are of, listed first
                     entry["task"] = a.task
+                    adapters = entry.get("adapters", {})
+                    entry["adapters"] = (
+                        {a.task: adapters[a.task]} | adapters if a.task in adapters else adapters
+                    )
                 if a.merged_latency is not None:  # a base + adapter: the merged artifact of the same quant
                     entry["merged_latency"] = a.merged_latency.metrics()
                 if a.tasks:  # a base + adapter of several tasks: each further task's own verdict

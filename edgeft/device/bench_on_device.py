@@ -264,29 +264,43 @@ class OrtGenaiEngine:
         self._model = None
 
 
-def gguf_pair(folder: Path) -> tuple[Path, Path] | None:
-    """A base + adapter folder's base GGUF and its first adapter (by name), or None when `folder` is not one:
-    exactly one base-*.gguf, at least one adapter-*.gguf, nothing else but the .edgeft marker, no links (the
-    layout edgeft.formats.gguf.adapter writes and edgeft check verifies)."""
+# At most this many adapters in one base + adapter folder (a stranger's folder of 100k files would
+# otherwise be listed and sorted before anything is refused).
+MAX_PAIR_ADAPTERS = 64
+
+
+def gguf_pair(folder: Path, task: str | None, listed: set[str] | frozenset[str]) -> tuple[Path, Path] | None:
+    """A base + adapter folder's base GGUF and the adapter of `task` (the manifest entry's; else the first by
+    name), or None when `folder` is not one: exactly one base-*.gguf, 1..MAX_PAIR_ADAPTERS adapter-*.gguf,
+    nothing else but the .edgeft marker, no links, and every file among `listed` (the bundle-relative paths
+    the manifest hashes: a file dropped in afterwards is never loaded). The layout
+    edgeft.formats.gguf.adapter writes and edgeft check verifies."""
     if folder.is_symlink() or not folder.is_dir():
         return None
-    names = sorted(p.name for p in folder.iterdir())
+    names = []
+    for i, p in enumerate(folder.iterdir()):
+        if i > MAX_PAIR_ADAPTERS + 2:
+            return None
+        names.append(p.name)
+    names.sort()
     if any((folder / n).is_symlink() or not (folder / n).is_file() for n in names):
+        return None
+    rel = folder.name
+    if any(f"{rel}/{n}" not in listed for n in names):
         return None
     bases = [n for n in names if n.startswith("base-") and n.endswith(".gguf")]
     adapters = [n for n in names if n.startswith("adapter-") and n.endswith(".gguf")]
     if len(bases) != 1 or not adapters or len(bases) + len(adapters) != len(set(names) - {".edgeft"}):
         return None
-    return folder / bases[0], folder / adapters[0]
+    pick = f"adapter-{task}.gguf" if task else adapters[0]
+    return (folder / bases[0], folder / pick) if pick in adapters else None
 
 
-def open_engine(path: Path, fmt: str, *, threads: int, n_ctx: int) -> Engine:
-    """The engine for an artifact of format `fmt` ("gguf" file or base + adapter folder, "onnx" folder)."""
+def open_engine(path: Path, fmt: str, *, threads: int, n_ctx: int, adapter: Path | None = None) -> Engine:
+    """The engine for an artifact of format `fmt` ("gguf" file, with a LoRA `adapter` on it for a base +
+    adapter folder; "onnx" folder)."""
     if fmt == "gguf":
-        pair = gguf_pair(path) if path.is_dir() else None
-        if pair is not None:
-            return LlamaCppEngine(pair[0], threads=threads, n_ctx=n_ctx, adapter=pair[1])
-        return LlamaCppEngine(path, threads=threads, n_ctx=n_ctx)
+        return LlamaCppEngine(path, threads=threads, n_ctx=n_ctx, adapter=adapter)
     if fmt == "onnx":
         return OrtGenaiEngine(path, threads=threads, n_ctx=n_ctx)
     raise ValueError(f"unknown artifact format {fmt!r}")
@@ -837,10 +851,13 @@ def _runtime_missing(fmt: str) -> str | None:
     return None
 
 
-def run_point(path: Path, fmt: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
+def run_point(
+    path: Path, fmt: str, threads: int, a: argparse.Namespace, adapter: Path | None = None
+) -> dict[str, Any]:
     """One thread count, measured in a fresh child of this interpreter (`-I`: nothing from the working folder
     or PYTHON* variables); raises RuntimeError with the child's error line."""
     cmd = [sys.executable, "-I", str(Path(__file__).resolve()), "--child", str(path), "--format", fmt]
+    cmd += ["--adapter", str(adapter)] if adapter is not None else []
     cmd += ["--threads", str(threads), "--runs", str(a.runs)]
     cmd += ["--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens)]
     if not a.energy:  # no readable counter here, or not asked for
@@ -861,7 +878,11 @@ def run_point(path: Path, fmt: str, threads: int, a: argparse.Namespace) -> dict
 
 
 def bench_artifact(
-    bundle: Path, entry: ArtifactEntry, a: argparse.Namespace, threads: list[int]
+    bundle: Path,
+    entry: ArtifactEntry,
+    a: argparse.Namespace,
+    threads: list[int],
+    listed: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Sweep one manifest artifact entry over `threads`; a result entry of the JSON's "artifacts"."""
     rel, fmt = entry.path, entry.format or None
@@ -890,17 +911,24 @@ def bench_artifact(
     if missing:
         res.update(status="skipped", reason=missing, install=RUNTIMES[fmt][2])
         return res
-    if fmt == "gguf":
-        shape_ok = path.is_file() or gguf_pair(path) is not None
+    adapter = None
+    if fmt == "gguf" and path.is_dir():  # a base + adapter folder: the base, with the entry's task's adapter
+        pair = gguf_pair(path, entry.task, listed)
+        path, adapter = pair if pair is not None else (path, None)
+        shape_ok = pair is not None
     else:
-        shape_ok = (path / "genai_config.json").is_file()
+        shape_ok = path.is_file() if fmt == "gguf" else (path / "genai_config.json").is_file()
     if not shape_ok:
-        shape = "GGUF file or base + adapter folder" if fmt == "gguf" else "folder with genai_config.json"
+        shape = (
+            "GGUF file or base + adapter folder whose every file the manifest lists"
+            if fmt == "gguf"
+            else "folder with genai_config.json"
+        )
         res["reason"] = f"{rel}: not a {shape}"
         return res
     for n in threads:
         try:
-            point = run_point(path, fmt, n, a)
+            point = run_point(path, fmt, n, a, adapter)
         except RuntimeError as e:
             res["reason"] = str(e)
             return res
@@ -964,7 +992,7 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
             by_path = {e.path: e for e in entries}
             entries = [by_path.get(rel, ArtifactEntry(rel, "", "")) for rel in a.artifact]
         for entry in entries:
-            results.append(bench_artifact(bundle, entry, a, threads))
+            results.append(bench_artifact(bundle, entry, a, threads, set(manifest.files)))
             if results[-1]["status"] != "ok":
                 _say(f"{results[-1]['path']}: {results[-1]['status']}: {results[-1]['reason']}")
     device["temperature_c"]["after"] = cpu_temperature_c()
@@ -992,9 +1020,9 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
 def _child(a: argparse.Namespace) -> None:
     """`--child PATH --format F --threads N`: measure one thread count here, print one JSON line."""
     try:
-        engine = open_engine(
-            Path(a.bundle), a.format, threads=a.threads[0], n_ctx=a.prompt_tokens + a.decode_tokens + 8
-        )
+        n_ctx = a.prompt_tokens + a.decode_tokens + 8
+        adapter = Path(a.adapter) if a.adapter else None
+        engine = open_engine(Path(a.bundle), a.format, threads=a.threads[0], n_ctx=n_ctx, adapter=adapter)
         source = find_energy_source()[0] if a.energy else None
         energy = None
         try:
@@ -1071,6 +1099,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--format", choices=sorted(RUNTIMES), help=argparse.SUPPRESS)
+    ap.add_argument("--adapter", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 

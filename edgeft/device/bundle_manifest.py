@@ -134,6 +134,7 @@ class ArtifactEntry:
     format: str
     sha256: str
     decode_bytes_per_token: int | None = None
+    task: str | None = None  # a base + adapter folder: the task (adapter-<task>.gguf) its figures are of
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,10 @@ class Manifest:
     files: dict[str, str]
     artifacts: list[ArtifactEntry]
     doc: dict[str, Any]
+
+
+# A task name as edgeft.files.task_name makes it (an adapter file is adapter-<task>.gguf).
+_TASK = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 
 def _rel(value: Any, where: str, what: str) -> str:
@@ -219,7 +224,10 @@ def parse_manifest(raw: bytes, formats: Sequence[str], where: str = MANIFEST) ->
             raise ManifestError(f"{where}: artifacts[{i}].sha256 is not a sha256 hex digest")
         if not (isinstance(per_token, int) and not isinstance(per_token, bool) and per_token > 0):
             per_token = None
-        artifacts.append(ArtifactEntry(path, fmt, digest, per_token))
+        task = a.get("task")
+        if task is not None and not (isinstance(task, str) and _TASK.fullmatch(task)):
+            raise ManifestError(f"{where}: artifacts[{i}].task is not a task name (letters, digits, - and _)")
+        artifacts.append(ArtifactEntry(path, fmt, digest, per_token, task))
     return Manifest(version, passed, dict(files), artifacts, doc)
 
 

@@ -39,7 +39,8 @@ class ExportJob:
     # The importance matrix of the calibration data (a spec with imatrix only), made before the export.
     importance: Any = None
     # A folder the format may keep what several candidates of one model share, and the merged model's stage
-    # key such files are valid for (None: make everything afresh); what Format.prepare made there.
+    # key such files are valid for (None: make everything afresh); what Format.prepare made there (or, for a
+    # base + adapter of a further task, the first task's artifact whose base it shares).
     shared: Path | None = None
     shared_key: str = ""
     source: Path | None = None

@@ -192,6 +192,7 @@ class GgufFormat:
                 progress=job.progress,
                 conversations=job.conversations,
                 head_type=spec.head_type,
+                base_from=job.source,  # another task's pair: its base is shared as it is
             )
         return export_gguf(
             model_dir,

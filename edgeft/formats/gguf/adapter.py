@@ -29,7 +29,7 @@ from edgeft import __version__
 from edgeft.errors import EdgeftError
 from edgeft.files import MARKER, atomic_dir, publish_file, read_json, sha256_file, unique_sibling
 from edgeft.formats.gguf.arch import _mul, permute, prepare
-from edgeft.formats.gguf.header import GGUF_MARKER_KEY, check_gguf, ensure_replaceable_file
+from edgeft.formats.gguf.header import GGUF_MARKER_KEY, GGUFHeader, check_gguf, ensure_replaceable_file
 from edgeft.guard import inside, require_regular
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -167,12 +167,16 @@ def export_lora_gguf(base_dir: Path, adapter_dir: Path, out: Path, *, f16: bool 
 ADAPTER_TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
-def check_pair(base: Path, adapter: Path) -> None:
+def check_pair(base: Path, adapter: Path, base_header: GGUFHeader | None = None) -> None:
     """Refuse, in one line and before llama.cpp loads either, an adapter it would abort on or that does not
     fit the base GGUF (another model's file), from both headers alone: general.type and adapter.type,
     alpha a finite float32 > 0 (llama.cpp asserts the type), the same architecture, only complete
     2-D lora_a/lora_b pairs of known float types, each fitting a 2-D base weight."""
-    b, a = check_gguf(base), check_gguf(adapter)
+    b, a = base_header or check_gguf(base), check_gguf(adapter)
+    if b.value("general.type") == "adapter":
+        raise EdgeftError(
+            f"{base}: an adapter GGUF, not a model; a base + adapter needs the model as its base"
+        )
     if a.value("general.type") != "adapter" or a.value(gguf.Keys.Adapter.TYPE) != "lora":
         raise EdgeftError(
             f"{adapter}: not a LoRA adapter GGUF (general.type = {str(a.value('general.type'))[:40]!r})"
@@ -213,6 +217,8 @@ def check_pair(base: Path, adapter: Path) -> None:
 # ("adapter-<task>.gguf"), nothing else: one base file in RAM serves every adapter beside it.
 PAIR_BASE = "base-"
 PAIR_ADAPTER = "adapter-"
+# At most this many adapters beside one base: each is checked against the base before anything loads.
+MAX_PAIR_ADAPTERS = 64
 
 
 @dataclass(frozen=True)
@@ -246,7 +252,14 @@ def pair_files(folder: Path) -> Pair:
     if folder.is_symlink() or not folder.is_dir():
         raise EdgeftError(f"{folder}: not a base + adapter folder")
     base, adapters = [], {}
-    for f in sorted(folder.iterdir()):
+    entries = []
+    for i, f in enumerate(folder.iterdir()):
+        if i > MAX_PAIR_ADAPTERS + 2:
+            raise EdgeftError(
+                f"{folder}: more than {MAX_PAIR_ADAPTERS} adapters; a base + adapter holds fewer"
+            )
+        entries.append(f)
+    for f in sorted(entries):
         if f.name == MARKER and f.is_file() and not f.is_symlink():
             continue  # the folder's "written by edgeft" marker (edgeft.files.atomic_dir)
         if f.is_symlink() or not f.is_file() or f.suffix != ".gguf":
@@ -270,8 +283,9 @@ def pair_files(folder: Path) -> Pair:
 def check_pair_folder(folder: Path) -> Pair:
     """pair_files, and every adapter checked against the base from both headers (check_pair)."""
     pair = pair_files(folder)
+    header = check_gguf(pair.base)  # read once for every adapter
     for adapter in pair.adapters.values():
-        check_pair(pair.base, adapter)
+        check_pair(pair.base, adapter, header)
     return pair
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,20 +283,26 @@ def export_pair(
     progress: Progress | None = None,
     conversations: Sequence[Sequence[dict[str, str]]] = (),
     head_type: str | None = None,
+    base_from: Path | None = None,
 ) -> Pair:
     """The base + adapter folder `out`: the HF model `base_dir` as a GGUF of `quant` (no importance matrix: a
     base shared by adapters of different tasks belongs to none of them) and the peft adapter in `adapter_dir`
     as a float16 LoRA GGUF (convert_lora_to_gguf.py --outtype f16: half of its f32 default, within the drift
-    gates), written whole and moved into place."""
+    gates), written whole and moved into place. `base_from`, another task's base + adapter folder over the same
+    base: its base file is taken as it is (so adapters of several tasks share the same bytes)."""
     with atomic_dir(out, what="base + adapter artifact") as tmp:
-        export_gguf(
-            base_dir,
-            tmp / f"{PAIR_BASE}{quant}{f'-head_{head_type}' if head_type else ''}.gguf",
-            quant,
-            progress=progress,
-            conversations=conversations,
-            head_type=head_type,
-        )
+        if base_from is not None:
+            base = pair_files(base_from).base
+            shutil.copy2(base, tmp / base.name)
+        else:
+            export_gguf(
+                base_dir,
+                tmp / f"{PAIR_BASE}{quant}{f'-head_{head_type}' if head_type else ''}.gguf",
+                quant,
+                progress=progress,
+                conversations=conversations,
+                head_type=head_type,
+            )
         export_lora_gguf(base_dir, adapter_dir, tmp / f"{PAIR_ADAPTER}{task_name(task)}.gguf", f16=True)
         check_pair_folder(tmp)
     return pair_files(out)

@@ -39,8 +39,9 @@ def _model_file(path: Path) -> Path:
 
 def tensor_sums(path: Path) -> TensorSums:
     """Every tensor's bytes; the token embedding is gathered per token unless it is also the output head.
-    A base + adapter adds its largest adapter, resident and read every token (llama.cpp computes B (A x)
-    beside each adapted weight). Read with the bounded header reader: tensor infos and metadata, no data."""
+    A base + adapter adds its adapters: all of them resident (an app may load every task's), the largest read
+    every token (llama.cpp computes B (A x) beside each adapted weight, for the active adapter). Read with the
+    bounded header reader: tensor infos and metadata, no data."""
     sizes = {t.name: t.n_bytes for t in check_gguf(_model_file(path)).tensors}
     total = sum(sizes.values())
     gathered = sizes.get(GGUF_TOKEN_EMBD, 0) if GGUF_OUTPUT in sizes else 0
