@@ -219,5 +219,5 @@ def test_several_data_sets_need_adapter_and_distinct_names(tmp_path: Path) -> No
         pipeline.build(config.BuildConfig(**base, adapter_data=(b.parent.parent / "c" / "more.jsonl",)))
     with pytest.raises(EdgeftError, match="two data sets are named 'tasks'"):
         pipeline.build(config.BuildConfig(**base, adapter=True, adapter_data=(b,)))
-    with pytest.raises(EdgeftError, match="no slot of this profile takes an adapter"):
+    with pytest.raises(EdgeftError, match="no slot of this profile ships one"):
         targets.adapters_only(targets.load("raspberrypi"))  # without --adapter
