@@ -222,7 +222,7 @@ def build(
         typer.Option(
             "--adapter/--no-adapter",
             help="Ship the base model quantized and the fine-tune as a LoRA adapter beside it, verified like "
-            "a merged artifact, in every slot whose runtime applies one (GGUF); others ship merged.",
+            "a merged artifact, in every slot whose runtime applies one; the others ship merged.",
         ),
     ] = None,
     as_json: JsonFlag = False,

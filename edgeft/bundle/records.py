@@ -164,7 +164,7 @@ def finetune_facts(adapter_dir: Path) -> tuple[dict[str, Any], str | None]:
 
 
 def artifact_name(spec: ArtifactSpec) -> str:
-    """Name of an artifact inside the bundle (a file for GGUF, a directory for ONNX)."""
+    """Name of an artifact inside the bundle (a file, or a folder: ONNX, a base + adapter)."""
 
     return formats.artifact_name(spec.format, spec.quant, spec.file_variant)
 

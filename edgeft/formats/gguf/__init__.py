@@ -47,7 +47,7 @@ class GgufFormat:
 
     name = "gguf"
     quants = GGUF_QUANTS
-    shape = "a .gguf file"
+    shape = "a .gguf file or a base + adapter folder"
     title = "GGUF (llama.cpp)"
     architectures = tuple(GGUF_ARCHS)
     distributions = ("gguf", "llama-cpp-python")  # the Python packages that write and run it

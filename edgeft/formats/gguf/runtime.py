@@ -126,7 +126,8 @@ class LlamaCppRuntime:
                 verbose=False,
             )
         except (ValueError, RuntimeError) as e:
-            raise EdgeftError(f"{path}: llama.cpp could not load the model ({e})") from e
+            what = f"the model with the adapter {adapter}" if adapter is not None else "the model"
+            raise EdgeftError(f"{path}: llama.cpp could not load {what} ({e})") from e
         self.path = path
         self.n_ctx = n_ctx
         self.all_logits = all_logits
