@@ -429,12 +429,15 @@ def test_an_adapter_path_outside_the_bundle_is_refused(
     shutil.copyfile(dst / entry["adapters"][0]["path"], outside)
     link = f"{LORA}/adapter-elsewhere.gguf"
     (dst / link).symlink_to(outside)
+    (dst / LORA / "sub.gguf").mkdir()
     cases = [  # (field, path written into model.json, what the one line says)
         ("adapter", "../x.gguf", "not a file inside the bundle"),
         ("adapter", link, "not a file inside the bundle"),  # inside by name, outside once resolved
         ("adapter", str(outside), "not a file inside the bundle"),
         ("base", "../x.gguf", "not a file inside the bundle"),
-        ("adapter", LORA, "not a regular file"),  # a folder inside the bundle
+        ("adapter", LORA, "not a file inside the bundle"),  # not in the artifact's folder
+        ("adapter", "tokenizer/tokenizer.json", "not a file inside the bundle"),  # another file of the bundle
+        ("adapter", f"{LORA}/sub.gguf", "not a regular file"),  # a folder inside the artifact's folder
     ]
     for field, path, needle in cases:
         desc = json.loads(json.dumps(original))

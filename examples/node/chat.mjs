@@ -9,9 +9,12 @@
 // Everything about how to run the model comes from the bundle's model.json: the chat template (rendered
 // with @huggingface/jinja, the renderer node-llama-cpp's own JinjaTemplateChatWrapper uses), its variables,
 // the system prompt (none unless model.json names one: LlamaChatSession's default system prompt changes the
-// answers), the end-of-turn ids and the greedy settings. Options: --artifact PATH, --max-tokens N,
-// --threads N, --json (one line per prompt: prompt, prompt_ids, answer). Exit 1 with one line on failure.
-import {readFileSync, existsSync, realpathSync} from "node:fs";
+// answers), the end-of-turn ids and the greedy settings. A base + adapter artifact (a folder: the base model's
+// GGUF and one LoRA adapter GGUF per task) loads its base and applies one adapter at model.json's scale, which
+// answers as the merged model does. Options: --artifact PATH, --task NAME (the adapter, by task; default: the
+// first listed), --max-tokens N, --threads N, --json (one line per prompt: prompt, prompt_ids, answer). Exit 1
+// with one line on failure.
+import {readFileSync, existsSync, realpathSync, statSync} from "node:fs";
 import {dirname, join, resolve, sep} from "node:path";
 import {availableParallelism} from "node:os";
 import {fileURLToPath} from "node:url";
@@ -45,12 +48,52 @@ function pickArtifact(bundle, desc, rel) {
     } else if (!paths.includes(rel)) {
         throw new ExampleError(`${rel}: not a gguf artifact of this bundle (have: ${paths.join(", ") || "none"})`);
     }
+    const real = insideBundle(bundle, rel);
+    if (real === null) throw new ExampleError(`${rel}: missing from the bundle`);
+    return [real, entries.find((a) => a.path === rel)];
+}
+
+// `rel` (a path from model.json, relative to the bundle) with every symlink resolved, or null when it is not a
+// path, does not exist or leads outside the bundle's real folder (a link to elsewhere, "..", an absolute path)
+function insideBundle(bundle, rel) {
+    if (typeof rel !== "string" || rel === "") return null;
     const root = realpathSync(bundle);
     const path = resolve(root, rel);
     // resolve symlinks first, then require the real file inside the bundle's real folder
     const real = existsSync(path) ? realpathSync(path) : null;
-    if (real === null || !real.startsWith(root + sep)) throw new ExampleError(`${rel}: missing from the bundle`);
-    return [real, entries.find((a) => a.path === rel)];
+    return real !== null && real.startsWith(root + sep) ? real : null;
+}
+
+// the regular file `rel` names inside the bundle (see insideBundle), or a one-line failure naming `what`
+function bundleFile(bundle, rel, what) {
+    const real = insideBundle(bundle, rel);
+    if (real === null) throw new ExampleError(`${String(rel).slice(0, 200)}: ${what} is not a file inside the bundle`);
+    if (!statSync(real).isFile()) throw new ExampleError(`${rel}: ${what} is not a regular file`);
+    return real;
+}
+
+// a base + adapter artifact's base model file and the adapter ({filePath, scale}) of `task` (default: the first
+// listed), each a regular file inside the bundle
+function pickAdapter(bundle, entry, task) {
+    const rel = entry.path;
+    const listed = entry.adapters;
+    if (!Array.isArray(listed) || listed.length === 0 || !listed.every((a) => a !== null && typeof a === "object"))
+        throw new ExampleError(`${rel}: model.json lists no adapters for this base + adapter artifact`);
+    const tasks = listed.map((a) => String(a.task));
+    if (task != null && !tasks.includes(task))
+        throw new ExampleError(`--task ${task}: ${rel} has no such task (have: ${tasks.join(", ")})`);
+    const i = task == null ? 0 : tasks.indexOf(task);
+    // each file sits directly in the artifact's own folder (the files edgeft check loaded), then in the bundle
+    for (const p of [entry.base, listed[i].path]) {
+        if (typeof p !== "string" || !p.startsWith(`${rel}/`) || p.slice(rel.length + 1).includes("/"))
+            throw new ExampleError(`${p}: not a file inside the bundle's ${rel} folder`);
+    }
+    const base = bundleFile(bundle, entry.base, `the base model of ${rel}`);
+    const filePath = bundleFile(bundle, listed[i].path, `the ${tasks[i]} adapter of ${rel}`);
+    const scale = listed[i].scale ?? 1;
+    if (typeof scale !== "number" || !Number.isFinite(scale))
+        throw new ExampleError(`${rel}: the ${tasks[i]} adapter's scale ${JSON.stringify(scale)} is not a number`);
+    return [base, {filePath, scale}];
 }
 
 function conversation(desc, prompt) {
@@ -68,10 +111,14 @@ function render(desc, messages) {
     });
 }
 
-async function answer(path, desc, prompts, maxNew, threads) {
+// `adapter` ({filePath, scale}, or null for a merged model): a LoRA adapter applied on the base model `path`
+async function answer(path, desc, prompts, maxNew, threads, adapter) {
     const llama = await getLlama({gpu: false, logLevel: LlamaLogLevel.error});
     const model = await llama.loadModel({modelPath: path});
-    const context = await model.createContext({contextSize: desc.context_length, threads});
+    // node-llama-cpp 3 loads LoRA adapters onto a context (LlamaContextOptions.lora, in
+    // dist/evaluator/LlamaContext/types.d.ts); they are freed with the model
+    const lora = adapter != null ? {lora: {adapters: [adapter]}} : {};
+    const context = await model.createContext({contextSize: desc.context_length, threads, ...lora});
     const sequence = context.getSequence();
     const ends = new Set(desc.tokens.end_of_turn.map((t) => t.id));
     const gen = desc.generation;
@@ -113,6 +160,7 @@ async function main(argv) {
         options: {
             bundle: {type: "string"},
             artifact: {type: "string"},
+            task: {type: "string"},
             "max-tokens": {type: "string"},
             threads: {type: "string"},
             json: {type: "boolean", default: false},
@@ -120,12 +168,19 @@ async function main(argv) {
         },
     });
     if (a.help)
-        return `usage: node ${PROG} [--bundle DIR] [--artifact PATH] [--max-tokens N] [--threads N] [--json] PROMPT...\n`;
+        return `usage: node ${PROG} [--bundle DIR] [--artifact PATH] [--task NAME] [--max-tokens N] [--threads N] [--json] ` +
+            "PROMPT...\n";
     if (prompts.length === 0) throw new ExampleError("give at least one PROMPT");
     const bundle = a.bundle ?? (existsSync(join(inBundle, "model.json")) ? inBundle : null);
     if (bundle == null) throw new ExampleError("no bundle: pass --bundle DIR (the folder holding model.json)");
     const desc = loadDescription(bundle);
-    const [path, entry] = pickArtifact(bundle, desc, a.artifact);
+    let [path, entry] = pickArtifact(bundle, desc, a.artifact);
+    let adapter = null;
+    if ("base" in entry || "adapters" in entry) {  // a base + adapter folder: load its base, apply one adapter
+        [path, adapter] = pickAdapter(bundle, entry, a.task);
+    } else if (a.task != null) {
+        throw new ExampleError(`--task ${a.task}: ${entry.path} is a merged model, it has no adapters`);
+    }
     const maxNew = a["max-tokens"] != null ? Number(a["max-tokens"]) : desc.generation.max_new_tokens;
     if (!Number.isInteger(maxNew) || maxNew < 1) throw new ExampleError(`--max-tokens = ${a["max-tokens"]} should be 1 or more`);
     // decode threads: what the artifact ran fastest at on the device (after `edgeft bench`), else the profile's;
@@ -133,7 +188,7 @@ async function main(argv) {
     const wanted = entry.threads?.decode ?? desc.threads ?? 1;
     const threads = a.threads != null ? Number(a.threads) : Math.max(1, Math.min(wanted, availableParallelism()));
     if (!Number.isInteger(threads) || threads < 1) throw new ExampleError(`--threads = ${a.threads} should be 1 or more`);
-    const results = await answer(path, desc, prompts, maxNew, threads);
+    const results = await answer(path, desc, prompts, maxNew, threads, adapter);
     return results
         .map(([ids, text], i) => (a.json ? JSON.stringify({prompt: prompts[i], prompt_ids: ids, answer: text}) : text) + "\n")
         .join("");

@@ -8,6 +8,7 @@ settings, context length and threads. Nothing here hard-codes any of it. Python 
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -49,11 +50,57 @@ def pick_artifact(
         raise ExampleError(
             f"{rel}: not a {fmt} artifact of this bundle (have: {', '.join(entries) or 'none'})"
         )
-    root = bundle.resolve()
-    path = (root / rel).resolve()
-    if root not in path.parents or not path.exists():  # Path.is_relative_to is 3.9+
+    path = in_bundle(bundle, rel)
+    if path is None or not path.exists():
         raise ExampleError(f"{rel}: missing from the bundle")
     return path, entries[rel]
+
+
+def in_bundle(bundle: Path, rel: Any) -> Optional[Path]:
+    """`rel` (a path from model.json, relative to the bundle) with every symlink resolved, or None when it is
+    not a path or leads outside the bundle's real folder (a link to elsewhere, "..", an absolute path)."""
+    if not isinstance(rel, str) or not rel:
+        return None
+    root = bundle.resolve()
+    path = (root / rel).resolve()
+    return path if root in path.parents else None  # Path.is_relative_to is 3.9+
+
+
+def bundle_file(bundle: Path, rel: Any, what: str) -> Path:
+    """The regular file `rel` names inside the bundle (see in_bundle), or a one-line failure naming `what`."""
+    path = in_bundle(bundle, rel)
+    if path is None or not path.exists():
+        raise ExampleError(f"{str(rel)[:200]}: {what} is not a file inside the bundle")
+    if not path.is_file():  # resolved: not a link; is_file refuses folders, devices and pipes
+        raise ExampleError(f"{rel}: {what} is not a regular file")
+    return path
+
+
+# A LoRA adapter applied on a base model: its file and its scale (model.json artifacts[].adapters[])
+Adapter = Tuple[Path, float]
+
+
+def pick_adapter(bundle: Path, entry: Dict[str, Any], task: Optional[str]) -> Tuple[Path, Adapter]:
+    """A base + adapter artifact's base model file and the adapter of `task` (default: the first listed),
+    each a regular file inside the bundle."""
+    rel = entry["path"]
+    listed = entry.get("adapters")
+    if not isinstance(listed, list) or not listed or not all(isinstance(a, dict) for a in listed):
+        raise ExampleError(f"{rel}: model.json lists no adapters for this base + adapter artifact")
+    tasks = [str(a.get("task")) for a in listed]
+    if task is not None and task not in tasks:
+        raise ExampleError(f"--task {task}: {rel} has no such task (have: {', '.join(tasks)})")
+    i = 0 if task is None else tasks.index(task)
+    # each file sits directly in the artifact's own folder (the files edgeft check loaded), then in the bundle
+    for p in (entry.get("base"), listed[i].get("path")):
+        if not isinstance(p, str) or not p.startswith(f"{rel}/") or "/" in p[len(rel) + 1 :]:
+            raise ExampleError(f"{p}: not a file inside the bundle's {rel} folder")
+    base = bundle_file(bundle, entry.get("base"), f"the base model of {rel}")
+    adapter = bundle_file(bundle, listed[i].get("path"), f"the {tasks[i]} adapter of {rel}")
+    scale = listed[i].get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ExampleError(f"{rel}: the {tasks[i]} adapter's scale {scale!r} is not a number")
+    return base, (adapter, float(scale))
 
 
 def threads(desc: Dict[str, Any], entry: Dict[str, Any], phase: str = "decode") -> int:
@@ -134,8 +181,9 @@ def end_ids(desc: Dict[str, Any]) -> List[int]:
 
 
 # An answer function: (artifact, description, prompts, max_new_tokens, (decode, prefill) threads)
-# -> [(prompt ids, answer)]
-Answerer = Callable[[Path, Dict[str, Any], List[str], int, Tuple[int, int]], List[Any]]
+# -> [(prompt ids, answer)]; one that runs base + adapter artifacts (main's `adapters=True`) takes the base as
+# the artifact and `adapter=` the Adapter to apply (None for a merged model)
+Answerer = Callable[..., List[Any]]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -146,8 +194,11 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(1)
 
 
-def main(prog: str, fmt: str, answer: Answerer, argv: Optional[List[str]] = None) -> int:
-    """Parse the command line, answer every prompt (each a fresh conversation) and print the answers."""
+def main(
+    prog: str, fmt: str, answer: Answerer, argv: Optional[List[str]] = None, adapters: bool = False
+) -> int:
+    """Parse the command line, answer every prompt (each a fresh conversation) and print the answers.
+    `adapters`: `answer` also runs base + adapter artifacts (and the command line has `--task`)."""
     here = Path(__file__).resolve().parent
     default_bundle = here.parent.parent if (here.parent.parent / MODEL_JSON).is_file() else None
     ap = _Parser(
@@ -165,6 +216,12 @@ def main(prog: str, fmt: str, answer: Answerer, argv: Optional[List[str]] = None
     ap.add_argument(
         "--artifact", default=None, help=f"{fmt} artifact path in the bundle (default: the first)"
     )
+    if adapters:
+        ap.add_argument(
+            "--task",
+            default=None,
+            help="the adapter to apply, by task, for a base + adapter artifact (default: the first listed)",
+        )
     ap.add_argument("--max-tokens", type=int, default=None, help="longest answer (default: model.json's)")
     ap.add_argument(
         "--threads", type=int, default=None, help="CPU threads (default: model.json's for the artifact)"
@@ -178,13 +235,23 @@ def main(prog: str, fmt: str, answer: Answerer, argv: Optional[List[str]] = None
             raise ExampleError("no bundle: pass --bundle DIR (the folder holding model.json)")
         desc = load_description(a.bundle)
         path, entry = pick_artifact(a.bundle, desc, fmt, a.artifact)
+        task = getattr(a, "task", None)
+        adapter: Optional[Adapter] = None
+        # a base + adapter folder: load its base and apply one adapter
+        if "base" in entry or "adapters" in entry:
+            if not adapters:
+                raise ExampleError(f"{entry['path']}: a base + adapter artifact, which {prog} does not run")
+            path, adapter = pick_adapter(a.bundle, entry, task)
+        elif task is not None:
+            raise ExampleError(f"--task {task}: {entry['path']} is a merged model, it has no adapters")
         max_new = a.max_tokens if a.max_tokens is not None else int(desc["generation"]["max_new_tokens"])
         if max_new < 1:
             raise ExampleError(f"--max-tokens = {max_new} should be 1 or more")
         if a.threads is not None and a.threads < 1:
             raise ExampleError(f"--threads = {a.threads} should be 1 or more")
         n = (a.threads or threads(desc, entry), a.threads or threads(desc, entry, "prefill"))
-        results = answer(path, desc, a.prompts, max_new, n)
+        extra = {"adapter": adapter} if adapters else {}
+        results = answer(path, desc, a.prompts, max_new, n, **extra)
     except ExampleError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1

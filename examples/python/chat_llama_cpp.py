@@ -9,11 +9,15 @@ The chat template, its variables, the system prompt (none unless model.json name
 tokens and the greedy settings all come from the bundle's model.json (bundle_model.py). The prompt ids are
 llama.cpp's own tokenization of the rendered template; the answer ends at llama.cpp's end-of-generation
 tokens and at model.json's end-of-turn ids.
+
+A base + adapter artifact (a folder: the base model's GGUF and one LoRA adapter GGUF per task) loads its base
+and applies one adapter at model.json's scale (`--task NAME` picks it; default: the first listed), which
+answers as the merged model does.
 """
 
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 sys.dont_write_bytecode = True  # no __pycache__ inside the bundle: its files stay exactly what was shipped
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -21,16 +25,25 @@ import bundle_model  # noqa: E402 - the examples' shared helper, beside this fil
 
 
 def answer(
-    path: Path, desc: Dict[str, Any], prompts: List[str], max_new: int, threads: Tuple[int, int]
+    path: Path,
+    desc: Dict[str, Any],
+    prompts: List[str],
+    max_new: int,
+    threads: Tuple[int, int],
+    adapter: Optional[bundle_model.Adapter] = None,
 ) -> List[Tuple[List[int], str]]:
     llama_cpp = bundle_model.runtime("llama_cpp", "llama-cpp-python")
     gen = desc["generation"]
+    # a LoRA adapter (file, scale) applied on the base model `path` (ref: llama-cpp-python Llama lora_path,
+    # lora_scale: llama_adapter_lora_init, then set on the context)
+    lora = {} if adapter is None else {"lora_path": str(adapter[0]), "lora_scale": adapter[1]}
     llm = llama_cpp.Llama(
         model_path=str(path),
         n_ctx=int(desc["context_length"]),
         n_threads=threads[0],
         n_threads_batch=threads[1],
         verbose=False,
+        **lora,
     )
     ends = set(bundle_model.end_ids(desc))
     # llama.cpp ends at its own end-of-generation tokens; model.json's end-of-turn ids end the answer too
@@ -60,4 +73,4 @@ def answer(
 
 
 if __name__ == "__main__":
-    sys.exit(bundle_model.main("chat_llama_cpp.py", "gguf", answer))
+    sys.exit(bundle_model.main("chat_llama_cpp.py", "gguf", answer, adapters=True))
