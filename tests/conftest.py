@@ -133,7 +133,7 @@ def adapter_bundle(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def two_task_bundle(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo's task and a second one (naming the room of 160 of the demo's commands) as two adapters over
+    """The demo's task and a second one (naming the room of 300 of the demo's commands) as two adapters over
     one base q8_0, in a copy of demo_bundle's output folder: the first task's fine-tune is reused, the
     second is fine-tuned here."""
     from edgeft.demo import DEMO_DATA
@@ -142,7 +142,7 @@ def two_task_bundle(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory)
     shutil.copytree(demo_bundle.parent, out, symlinks=True)
     rooms = out.parent / "rooms.jsonl"
     with DEMO_DATA.open() as src, rooms.open("w") as dst:
-        for line in list(src)[:160]:
+        for line in list(src)[:300]:
             rec = json.loads(line)
             room = json.loads(rec["completion"]).get("room", "none")
             dst.write(json.dumps({"prompt": rec["prompt"], "completion": room}) + "\n")
