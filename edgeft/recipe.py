@@ -48,6 +48,20 @@ class Recipe:
     generation_prompt: str
     trim: bool = False  # each content stripped of leading and trailing whitespace first (Llama 3's `| trim`)
 
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Recipe:
+        """model.json's `recipe` back as a Recipe (KeyError/TypeError on another shape)."""
+        s = d["system"]
+        return Recipe(
+            d["start"],
+            Turn(**d["user"]),
+            Turn(**d["assistant"]),
+            s["mode"],
+            Turn(s["prefix"], s["suffix"]),
+            d["generation_prompt"],
+            bool(d.get("trim", False)),
+        )
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["system"] = {"mode": self.system_mode, **d["system"]}

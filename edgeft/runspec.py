@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgeft import data, formats
+from edgeft import data, formats, recipe
 from edgeft.footprint import max_positions
 
 # model.json layout version; bumped whenever a key changes meaning.
@@ -76,6 +76,7 @@ def describe(
     threads: int,
     max_new_tokens: int,
     system_prompt: str | None,
+    conversations: Sequence[Sequence[dict[str, str]]] = (),
 ) -> dict[str, Any]:
     """model.json's content for the model in `tokenizer_dir` and the bundle's shipped `artifacts` (manifest
     entries: path, format). `versions` are the tool versions the build verified with."""
@@ -113,9 +114,23 @@ def describe(
                 for task, name in a["adapters"].items()
             ]
         runs.append(run)
+    template = data.chat_template(tok)
+
+    def render(messages: list[dict[str, str]], gen: bool) -> str:
+        return str(
+            tok.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=gen
+            )
+        )
+
+    found, why = recipe.derive(render, [list(c) for c in conversations])
     return {
         "schema_version": SCHEMA_VERSION,
-        "chat_template": data.chat_template(tok),
+        "chat_template": template,
+        # the prompt by string concatenation, for apps without a template engine (edgeft.recipe): proven equal
+        # to the template's rendering on the held-out prompts and probes; null with the reason otherwise
+        "recipe": found.to_json() if found is not None else None,
+        "recipe_reason": why,
         "template_variables": dict(sorted(variables.items())),
         "prompt": {
             "add_generation_prompt": True,

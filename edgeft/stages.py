@@ -816,6 +816,7 @@ def facts(
         finetune_method=ft.method,
         max_new_tokens=evalset.max_new_tokens,
         system_prompt=runspec.common_system_prompt([ex.prompt_messages for ex in evalset.examples]),
+        conversations=tuple(tuple(ex.prompt_messages) for ex in evalset.examples),
     )
 
 

@@ -4,11 +4,15 @@ conformance suite's and SmolLM2's own); a template the recipe cannot express get
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from tinymodels import CHATML_TEMPLATE, LLAMA2_TEMPLATE
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from edgeft import recipe
+from edgeft import data, recipe, verify
+from edgeft.loading import load_tokenizer
 
 LLAMA3 = (
     "{{ bos_token }}{% for message in messages %}"
@@ -148,3 +152,20 @@ def test_a_recipe_edited_after_the_fact_fails_the_proof() -> None:
     wrong = recipe.Recipe(got.start, recipe.Turn("<|im_start|>user ", got.user.suffix), got.assistant,
                           got.system_mode, got.system, got.generation_prompt)  # fmt: skip
     assert "differs" in str(recipe.prove(render, wrong, EVAL))
+
+
+def test_the_demo_bundle_carries_a_recipe_giving_the_fine_tunes_prompt_ids(demo_bundle: Path) -> None:
+    """model.json's recipe, built by concatenation as an app without Jinja does, tokenized as model.json says
+    (special tokens parsed, none added), gives the fine-tune's own prompt ids on every held-out prompt."""
+    desc = json.loads((demo_bundle / "model.json").read_text())
+    assert desc["recipe"] is not None and desc["recipe_reason"] is None
+    rec = recipe.Recipe.from_json(desc["recipe"])
+    assert rec.to_json() == desc["recipe"]
+    tok = load_tokenizer(demo_bundle / "tokenizer", notify=False)
+    examples, _ = verify.eval_examples(demo_bundle.parent / ".work" / "build" / "merged", None)
+    assert examples
+    for ex in examples:
+        msgs = list(ex.prompt_messages)
+        assert list(
+            tok(recipe.build(rec, msgs), add_special_tokens=False)["input_ids"]
+        ) == data.chat_prompt_ids(tok, msgs)

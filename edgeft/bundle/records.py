@@ -115,6 +115,9 @@ class BuildFacts:
     finetuned_weights_sha256: dict[str, str] = field(default_factory=dict)  # full: the tuned model's files
     max_new_tokens: int = 256  # the longest answer verify generated (model.json's generation settings)
     system_prompt: str | None = None  # runspec.common_system_prompt of the verified conversations
+    conversations: tuple[
+        tuple[dict[str, str], ...], ...
+    ] = ()  # the held-out prompts model.json's recipe is proven on
 
 
 @dataclass(frozen=True)

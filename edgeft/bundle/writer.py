@@ -117,6 +117,7 @@ def write_bundle(
                 threads=target.threads,
                 max_new_tokens=facts.max_new_tokens,
                 system_prompt=facts.system_prompt,
+                conversations=facts.conversations,
             )
             (tmp / MODEL_JSON).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
             runspec.copy_examples(tmp / "examples", {e["format"] for e in entries})
