@@ -218,9 +218,13 @@ def derive(render: Render, conversations: Sequence[Messages] = ()) -> tuple[Reci
         return None, str(e)
     except Exception as e:  # noqa: BLE001 - the template refused a plain user/assistant conversation
         return None, f"the template cannot render a plain conversation ({str(e).splitlines()[0][:80]})"
+    try:
+        systems = _system_candidates(render, start, user)
+    except _NoRecipe as e:
+        return None, f"a system message: {e}"
     first = None
     for trim in (False, True):
-        for mode, turn in _system_candidates(render, start, user):
+        for mode, turn in systems:
             recipe = Recipe(start, user, assistant, mode, turn, gen, trim)
             why = prove(render, recipe, conversations)
             if why is None:
