@@ -42,13 +42,14 @@ def tensor_sums(path: Path) -> TensorSums:
     A base + adapter adds its adapters: all of them resident (an app may load every task's), the largest read
     every token (llama.cpp computes B (A x) beside each adapted weight, for the active adapter). Read with the
     bounded header reader: tensor infos and metadata, no data."""
-    sizes = {t.name: t.n_bytes for t in check_gguf(_model_file(path)).tensors}
+    pair = pair_files(path) if Path(path).is_dir() else None
+    sizes = {t.name: t.n_bytes for t in check_gguf(pair.base if pair else path).tensors}
     total = sum(sizes.values())
     gathered = sizes.get(GGUF_TOKEN_EMBD, 0) if GGUF_OUTPUT in sizes else 0
-    if Path(path).is_dir():
-        extra = max(sum(t.n_bytes for t in check_gguf(f).tensors) for f in pair_files(path).adapters.values())
-        total += extra
-    return TensorSums(total, total - gathered)
+    if pair is None:
+        return TensorSums(total, total - gathered)
+    adapters = [sum(t.n_bytes for t in check_gguf(f).tensors) for f in pair.adapters.values()]
+    return TensorSums(total + sum(adapters), total - gathered + max(adapters))
 
 
 # llama.cpp keeps K and V in f16 unless told otherwise (ref: src/llama-context.cpp
