@@ -3,7 +3,9 @@
 Every file is re-hashed against manifest.json (missing, changed and added files are findings), SHA256SUMS is
 validated against the files (it covers manifest.json too, so an edited manifest is caught), every artifact
 gets its format's header check (Format.check_file), and each is loaded in its runtime and generates a few
-tokens.
+tokens. model.json's prompt recipe (edgeft.recipe) is proved again against its chat template, rendered within
+bounds (edgeft.template), and on each artifact's own template and tokenizer; model.kv must say what model.json
+says.
 manifest.json and SHA256SUMS are read as untrusted input: a damaged or hostile one is a finding, never a
 traceback, and no path they name is opened outside the bundle.
 """
@@ -11,15 +13,16 @@ traceback, and no path they name is opened outside the bundle.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeft import formats
+from edgeft import formats, recipe, runspec
 from edgeft.bundle import bundle_files
-from edgeft.constants import BUNDLE_USER_DIRS, MANIFEST, SHA256SUMS
+from edgeft.constants import BUNDLE_USER_DIRS, MANIFEST, MODEL_JSON, MODEL_KV, SHA256SUMS
 from edgeft.device import bundle_manifest
 from edgeft.device.bundle_manifest import (
     MAX_MANIFEST_BYTES,
@@ -32,6 +35,7 @@ from edgeft.device.bundle_manifest import (
 from edgeft.device.bundle_manifest import parse_sums as device_sums
 from edgeft.errors import EdgeftError
 from edgeft.files import sha256_file
+from edgeft.template import BoundedRender
 
 # Tokens each artifact generates to show it runs (greedy, from a one-message chat through its own template).
 PROBE_TOKENS = 4
@@ -40,6 +44,8 @@ PROBE_MESSAGES = [{"role": "user", "content": "Hello"}]
 # Finding kinds, for --json readers.
 MISSING, MODIFIED, UNEXPECTED, NOT_REGULAR = "missing", "modified", "unexpected", "not_regular"
 BAD_MANIFEST, BAD_SUMS, BAD_HEADER, RUNTIME = "manifest", "sha256sums", "artifact_header", "runtime"
+RECIPE = "recipe"
+MAX_MODEL_JSON_BYTES = 4 << 20  # a chat template and a few settings: tens of KB
 
 
 @dataclass(frozen=True)
@@ -205,8 +211,9 @@ def check_bundle(
         except EdgeftError as e:
             bad_header.add(rel)
             c.add(BAD_HEADER, rel, str(e).removeprefix(f"{root / rel}: "))
+    found = _check_recipe(c) if manifest is not None and MODEL_JSON in manifest.files else None
     for a in manifest.artifacts if manifest is not None else []:
-        artifacts.append(_run_artifact(c, a, load, threads, allow_native_libs, bad_header))
+        artifacts.append(_run_artifact(c, a, load, threads, allow_native_libs, bad_header, found))
     return CheckReport(
         bundle=str(root),
         schema_version=manifest.schema_version if manifest else None,
@@ -236,6 +243,57 @@ def _check_artifact_entries(c: _Checker, m: Manifest) -> None:
             c.add(BAD_MANIFEST, MANIFEST, f"artifact {a.path}: its sha256 disagrees with the files list")
 
 
+def _app_conversations(desc: dict[str, Any]) -> list[list[dict[str, str]]]:
+    """What an app sends (model.json's system prompt, if any, then a user message) and a several-turn one."""
+    system = desc.get("prompt", {}).get("system_prompt") if isinstance(desc.get("prompt"), dict) else None
+    head = [{"role": "system", "content": system}] if isinstance(system, str) else []
+    return [
+        head + PROBE_MESSAGES,
+        head + [*PROBE_MESSAGES, {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Bye"}],
+    ]
+
+
+def _check_recipe(c: _Checker) -> tuple[recipe.Recipe, list[list[dict[str, str]]]] | None:
+    """model.json's recipe proved again against its chat template (even when model.json's digest is already a
+    finding: an edited template must be named as breaking the recipe), and model.kv equal to model.json's
+    flat form. The recipe and the conversations to try it on each artifact, or None."""
+    try:
+        desc = json.loads(read_regular(c.root / MODEL_JSON, MAX_MODEL_JSON_BYTES).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        c.add(RECIPE, MODEL_JSON, "cannot be read as JSON; rebuild the bundle")
+        return None
+    if not isinstance(desc, dict):
+        c.add(RECIPE, MODEL_JSON, "not a JSON object; rebuild the bundle")
+        return None
+    if (c.root / MODEL_KV).is_file() and MODEL_KV not in c.flagged and MODEL_JSON not in c.flagged:
+        try:
+            same = read_regular(c.root / MODEL_KV, MAX_MODEL_JSON_BYTES).decode("utf-8") == runspec.flat(desc)
+        except (OSError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            same = False
+        if not same:
+            c.add(RECIPE, MODEL_KV, f"does not say what {MODEL_JSON} says (the build writes it from there)")
+    raw = desc.get("recipe")
+    if raw is None:
+        return None  # no recipe claimed: model.json's recipe_reason says why
+    try:
+        rec = recipe.Recipe.from_json(raw)
+        template, variables = desc["chat_template"], desc.get("template_variables", {})
+        if not isinstance(template, str) or not isinstance(variables, dict):
+            raise TypeError
+    except (KeyError, TypeError, AttributeError):
+        c.add(RECIPE, MODEL_JSON, "recipe: not the shape edgeft writes; rebuild the bundle")
+        return None
+    convs = _app_conversations(desc)
+    try:
+        why = recipe.prove(BoundedRender(template, variables, f"{MODEL_JSON} chat_template"), rec, convs)
+    except EdgeftError as e:
+        why = str(e).removeprefix(f"{MODEL_JSON} ")
+    if why is not None:
+        c.add(RECIPE, MODEL_JSON, f"recipe: not what the chat template renders any more: {why}")
+        return None
+    return rec, convs
+
+
 def _check_sums(c: _Checker, present: set[str]) -> None:
     """SHA256SUMS covers every file (manifest.json included) and every line matches its file."""
     if SHA256SUMS not in present:
@@ -261,6 +319,7 @@ def _run_artifact(
     threads: int | None,
     allow_native_libs: bool,
     bad_header: set[str],
+    found: tuple[recipe.Recipe, list[list[dict[str, str]]]] | None = None,
 ) -> ArtifactCheck:
     """Load one artifact in its runtime and generate PROBE_TOKENS tokens, unless it failed a check before."""
     tainted = (
@@ -282,6 +341,7 @@ def _run_artifact(
         try:
             ids = rt.chat_prompt_ids(PROBE_MESSAGES)
             out = [int(t) for t in rt.generate(ids, PROBE_TOKENS)]
+            recipe_diff = _recipe_on(rt, found) if found is not None else None
         finally:
             rt.close()
         if not out or not all(0 <= t < rt.n_vocab for t in out):
@@ -294,4 +354,25 @@ def _run_artifact(
             RUNTIME, a.path, f"does not run: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         )
         return ArtifactCheck(a.path, a.format, False)
+    if recipe_diff is not None:
+        c.add(RECIPE, a.path, f"{MODEL_JSON}'s recipe {recipe_diff}")
     return ArtifactCheck(a.path, a.format, True, out)
+
+
+def _recipe_on(rt: Any, found: tuple[recipe.Recipe, list[list[dict[str, str]]]]) -> str | None:
+    """Where the recipe's prompt, tokenized by the artifact's runtime, differs from the ids of its own chat
+    template (the app path), or None."""
+    rec, convs = found
+    for conv in convs:
+        want = rt.chat_prompt_ids(conv)
+        got = rt.text_ids(recipe.build(rec, conv))
+        if got != want:
+            at = next(
+                (i for i, (x, y) in enumerate(zip(got, want, strict=False)) if x != y),
+                min(len(got), len(want)),
+            )
+            return (
+                f"gives other prompt ids than this artifact's own chat template (a {len(conv)}-message "
+                f"conversation, first difference at token {at})"
+            )
+    return None

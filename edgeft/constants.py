@@ -23,6 +23,7 @@ BUDGET_KINDS = {
 # --- files -----------------------------------------------------------------------------------------------
 MANIFEST = "manifest.json"
 MODEL_JSON = "model.json"  # how an app runs the model (edgeft.runspec)
+MODEL_KV = "model.kv"  # the same for programs without a JSON parser (edgeft.runspec.flat)
 # Where a user installs an example's dependencies inside a bundle (`npm ci` in examples/node): edgeft never
 # hashes, checks, copies to a device or removes what is there.
 BUNDLE_USER_DIRS = ("examples/node/node_modules",)

@@ -184,7 +184,9 @@ def prove(render: Render, recipe: Recipe, conversations: Sequence[Messages]) -> 
     path: model.json's add_generation_prompt), on every conversation and probe; else the first difference, in
     one line."""
     strings = [recipe.start, recipe.user.prefix, recipe.user.suffix, recipe.assistant.prefix]
-    for conv in [*conversations, *probes(strings)]:
+    convs = [*conversations, *probes(strings)]
+    _prefetch(render, [(list(c), True) for c in convs])
+    for conv in convs:
         has_system = bool(conv) and conv[0]["role"] == "system"
         if has_system and recipe.system_mode == "unsupported":
             continue
@@ -210,8 +212,18 @@ def prove(render: Render, recipe: Recipe, conversations: Sequence[Messages]) -> 
     return None
 
 
+def _prefetch(render: Render, renders: list[tuple[Messages, bool]]) -> None:
+    """Let a renderer that batches (edgeft.template.BoundedRender) render these in one go."""
+    prefetch = getattr(render, "prefetch", None)
+    if prefetch is not None:
+        prefetch(renders)
+
+
 def derive(render: Render, conversations: Sequence[Messages] = ()) -> tuple[Recipe | None, str | None]:
     """The proven recipe of a template, or (None, why) in one line."""
+    u1, a1, u2 = _m("user", U1), _m("assistant", A1), _m("user", U2)
+    sentinels = [[u1, a1, u2], [u1, a1], [u1], [_m("system", S1), u1]]
+    _prefetch(render, [(c, False) for c in sentinels] + [([u1], True)])
     try:
         start, user, assistant, gen = _turns(render)
     except _NoRecipe as e:

@@ -95,8 +95,8 @@ def describe(
             # the build verified this artifact with the installed Python runtime; a package pinned in the
             # examples with the version edgeft's tests run (older versions are untested, so not claimed)
             pinned = app.get("pinned")
-            version = pinned or versions.get(app["name"])
-            verified = "edgeft's example tests" if pinned else "this build's verify"
+            version = pinned or versions.get(app.get("version_of", app["name"]))
+            verified = "edgeft's example tests" if pinned or "version_of" in app else "this build's verify"
             shown = {k: app[k] for k in ("name", "package", "example")}
             runtimes.append({**shown, "min_version": version, "verified_by": verified})
         # threads measured on a device (with_device_threads) replace the profile's `threads` for it
@@ -179,3 +179,64 @@ def with_device_threads(described: Any, result: Any, where: str) -> dict[str, An
             entry["threads"] = {"decode": b["decode"], "prefill": b["prefill"], "measured_on": where}
             changed = True
     return described if changed else None
+
+
+# model.kv: model.json's facts for a program without a JSON parser (examples/c/chat.c), written beside it by
+# the same writers. Line-based so C reads it with fgets: `key=value`, the value's backslash, control bytes
+# and DEL escaped as \\, \n, \r, \t or \xHH (UTF-8 passes as it is), a repeated key is a list, and
+# `artifact.*` keys belong to the `artifact=` line above them.
+KV_HEADER = "# edgeft model.kv 1: model.json for programs without a JSON parser (edgeft.runspec.flat)"
+_KV_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def kv_escape(text: str) -> str:
+    """A value for one model.kv line (see KV_HEADER)."""
+    return "".join(
+        _KV_ESCAPES.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch)
+        for ch in text
+    )
+
+
+def flat(described: dict[str, Any]) -> str:
+    """model.kv's text for a model.json (describe's output): the recipe, how to tokenize, when to stop, the
+    settings and the artifacts, nothing a C program would need a JSON parser for."""
+    lines = [KV_HEADER, f"schema_version={described['schema_version']}"]
+
+    def put(key: str, value: object) -> None:
+        v = int(value) if isinstance(value, bool) else value
+        lines.append(f"{key}={kv_escape(str(v))}")
+
+    rec = described.get("recipe")
+    put("recipe", rec is not None)
+    if rec is None:
+        put("recipe_reason", described.get("recipe_reason") or "")
+    else:
+        put("recipe.start", rec["start"])
+        for role in ("user", "assistant"):
+            put(f"recipe.{role}.prefix", rec[role]["prefix"])
+            put(f"recipe.{role}.suffix", rec[role]["suffix"])
+        put("recipe.system.mode", rec["system"]["mode"])
+        put("recipe.system.prefix", rec["system"]["prefix"])
+        put("recipe.system.suffix", rec["system"]["suffix"])
+        put("recipe.generation_prompt", rec["generation_prompt"])
+        put("recipe.trim", rec["trim"])
+    prompt = described["prompt"]
+    put("prompt.add_special_tokens", prompt["add_special_tokens"])
+    put("prompt.parse_special", prompt["parse_special"])
+    if prompt.get("system_prompt") is not None:
+        put("prompt.system_prompt", prompt["system_prompt"])
+    for t in described["tokens"]["end_of_turn"]:
+        put("end_of_turn", t["id"])
+    put("max_new_tokens", described["generation"]["max_new_tokens"])
+    put("context_length", described["context_length"])
+    put("threads", described["threads"])
+    for a in described["artifacts"]:
+        put("artifact", a["path"])
+        put("artifact.format", a["format"])
+        if isinstance(a.get("threads"), dict):  # measured on a device (with_device_threads)
+            put("artifact.threads", f"{a['threads']['decode']} {a['threads']['prefill']}")
+        if a.get("base"):
+            put("artifact.base", a["base"])
+            for ad in a.get("adapters", []):  # task and scale first: a path may hold spaces
+                put("artifact.adapter", f"{ad['task']} {ad['scale']} {ad['path']}")
+    return "\n".join(lines) + "\n"

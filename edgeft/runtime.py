@@ -29,6 +29,11 @@ class Runtime(Protocol):
         """The ids an app feeds the model for a conversation: the artifact's own template and tokenizer."""
         ...
 
+    def text_ids(self, text: str) -> list[int]:
+        """A prompt text's ids as an app without a template engine gets them from the runtime's tokenizer:
+        special tokens in the text parsed as such, none added (model.json's prompt settings)."""
+        ...
+
     @property
     def end_ids(self) -> list[int]:
         """The ids this runtime ends an answer on (what an app's generation stops at)."""

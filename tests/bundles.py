@@ -87,3 +87,22 @@ class Bundles:
         dst = self.work / "copies" / name / self.fresh.name
         shutil.copytree(self.fresh, dst, symlinks=True)
         return dst
+
+
+def reseal(root: Path, changed: dict[str, str]) -> None:
+    """Rewrite files of a bundle and make its manifest and SHA256SUMS agree with them, as someone who edits a
+    bundle and re-hashes it would: only checks that look past the digests can find the change."""
+    import hashlib
+    import json
+
+    from edgeft.constants import MANIFEST, SHA256SUMS
+    from edgeft.device.bundle_manifest import dump_manifest, dump_sums
+
+    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    for rel, text in changed.items():
+        (root / rel).write_text(text, encoding="utf-8")
+        manifest["files"][rel] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    manifest_text = dump_manifest(manifest)
+    sums = dict(manifest["files"]) | {MANIFEST: hashlib.sha256(manifest_text.encode("utf-8")).hexdigest()}
+    (root / MANIFEST).write_text(manifest_text, encoding="utf-8")
+    (root / SHA256SUMS).write_text(dump_sums(sums), encoding="utf-8")

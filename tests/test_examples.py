@@ -15,13 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from edgeft import bundle, runspec
-from edgeft.constants import MANIFEST, MODEL_JSON
+from edgeft import bundle, recipe, runspec
+from edgeft.constants import MANIFEST, MODEL_JSON, MODEL_KV
 from edgeft.formats.gguf import NODE_LLAMA_CPP
+from edgeft.template import BoundedRender
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 PY_GGUF, PY_ONNX, NODE = "python/chat_llama_cpp.py", "python/chat_onnxruntime_genai.py", "node/chat.mjs"
+C = "c/chat.c"
 N_PROMPTS = 4
 
 
@@ -70,6 +72,36 @@ def node_bundle(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return dst
 
 
+@pytest.fixture(scope="module")
+def c_chat(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundle's C example built as its header says, against the llama.h and libllama llama-cpp-python
+    installs (its include/ beside the package, its lib/ inside it)."""
+    import llama_cpp
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.fail("a C compiler is needed for the C example (apt-get install gcc)")
+    pkg = Path(llama_cpp.__file__).parent
+    inc, lib = pkg.parent / "include", pkg / "lib"
+    assert (inc / "llama.h").is_file() and any(lib.glob("libllama.so*")), (inc, lib)
+    out = tmp_path_factory.mktemp("c") / "chat"
+    src = demo_bundle / "examples" / C
+    flags = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror", f"-I{inc}", f"-L{lib}", f"-Wl,-rpath,{lib}"]
+    res = _run([cc, *flags[:-2], str(src), *flags[-2:], "-lllama", "-o", str(out)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def _c(c_chat: Path, bundle_dir: Path, *args: str) -> list[str]:
+    return [str(c_chat), "--bundle", str(bundle_dir), *args]
+
+
+def _describe(bundle_dir: Path, desc: dict) -> None:
+    """A changed description, as both an app reading model.json and one reading model.kv see it."""
+    (bundle_dir / MODEL_JSON).write_text(json.dumps(desc))
+    (bundle_dir / MODEL_KV).write_text(runspec.flat(desc))
+
+
 def _python(runtime_venv: Path, bundle_dir: Path, example: str, *args: str) -> list[str]:
     return [str(runtime_venv), "-I", str(bundle_dir / "examples" / example), *args]
 
@@ -104,7 +136,10 @@ def test_bundle_describes_how_to_run_the_model(demo_bundle: Path) -> None:
         (a["path"], a["format"]) for a in manifest["artifacts"]
     ]
     runtimes = {a["format"]: [r["name"] for r in a["runtimes"]] for a in desc["artifacts"]}
-    assert runtimes == {"gguf": ["llama-cpp-python", "node-llama-cpp"], "onnx": ["onnxruntime-genai"]}
+    assert runtimes == {
+        "gguf": ["llama-cpp-python", "node-llama-cpp", "llama.cpp C API"],
+        "onnx": ["onnxruntime-genai"],
+    }
     pinned = json.loads((EXAMPLES / "node" / "package.json").read_text())["dependencies"]["node-llama-cpp"]
     node = next(r for a in desc["artifacts"] for r in a["runtimes"] if r["name"] == "node-llama-cpp")
     assert node["min_version"] == pinned == NODE_LLAMA_CPP
@@ -164,6 +199,50 @@ def test_node_example_answers_as_the_float_model(
     assert plain.returncode == 0 and plain.stdout == float_answers[0][2] + "\n", plain.stderr[-2000:]
 
 
+def test_c_example_answers_as_the_float_model(
+    demo_bundle: Path, c_chat: Path, float_answers: list[tuple[str, list[int], str]]
+) -> None:
+    """No template engine, no JSON parser: the prompt by concatenation from model.kv's recipe, tokenized by
+    llama.h with special tokens parsed, greedy to the end-of-turn ids — the float model's ids and answers."""
+    prompts = [p for p, _, _ in float_answers]
+    got = _answers(_run(_c(c_chat, demo_bundle, "--json", *prompts)))
+    assert [(g["prompt"], g["prompt_ids"], g["answer"]) for g in got] == float_answers
+    plain = _run(_c(c_chat, demo_bundle, prompts[0]))
+    assert plain.returncode == 0 and plain.stdout == float_answers[0][2] + "\n", plain.stderr[-2000:]
+
+
+def test_c_example_reads_escaped_values_and_a_system_prompt(
+    demo_bundle: Path, c_chat: Path, tmp_path: Path
+) -> None:
+    """model.kv's escapes (tabs, newlines, backslashes, control bytes) reach the prompt as the characters
+    model.json holds: the C example's ids for a system prompt holding them are the template's."""
+    from edgeft.loading import load_tokenizer
+
+    dst = tmp_path / demo_bundle.name
+    shutil.copytree(demo_bundle, dst)
+    desc = json.loads((dst / MODEL_JSON).read_text())
+    system = "Be exact.\tTabs,\nlines, a back\\slash\\n, \x01 and ü = ok"
+    desc["prompt"]["system_prompt"] = system
+    _describe(dst, desc)
+    kv = (dst / MODEL_KV).read_text()
+    assert "\\t" in kv and "\\x01" in kv and "\\\\" in kv and "\x01" not in kv
+    tok = load_tokenizer(dst / "tokenizer", notify=False)
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]
+    want = list(tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False)["input_ids"])  # fmt: skip
+    (got,) = _answers(_run(_c(c_chat, dst, "--json", "--max-tokens", "2", "hi")))
+    assert got["prompt_ids"] == want
+
+
+def test_c_example_without_a_recipe_is_one_line(demo_bundle: Path, c_chat: Path, tmp_path: Path) -> None:
+    dst = tmp_path / demo_bundle.name
+    shutil.copytree(demo_bundle, dst)
+    desc = json.loads((dst / MODEL_JSON).read_text())
+    desc["recipe"], desc["recipe_reason"] = None, "the template reorders the messages"
+    _describe(dst, desc)
+    _one_line_failure(_c(c_chat, dst, "hi"), "no recipe", "the template reorders the messages")
+
+
 def test_an_installed_node_example_leaves_the_bundle_whole(node_bundle: Path) -> None:
     """`npm ci` inside a bundle's examples/node (as its README says) is the user's install: `edgeft check`
     does not count it, and `edgeft bench --remote` would not upload it (remote.local_files)."""
@@ -204,7 +283,14 @@ def changed(
     desc["chat_template"] = CHANGED_PREFIX + desc["chat_template"]
     desc["template_variables"]["bos_token"] = CHANGED_BOS
     desc["prompt"]["system_prompt"] = CHANGED_SYSTEM
-    (dst / MODEL_JSON).write_text(json.dumps(desc))
+    # the changed template's own recipe, as a build derives it (for the C example, which reads model.kv)
+    render = BoundedRender(desc["chat_template"], desc["template_variables"], "changed model.json")
+    found, why = recipe.derive(render, [[{"role": "system", "content": CHANGED_SYSTEM}]])
+    assert (
+        found is not None and found.start != json.loads((dst / MODEL_JSON).read_text())["recipe"]["start"]
+    ), why
+    desc["recipe"] = found.to_json()
+    _describe(dst, desc)
     tok = load_tokenizer(dst / "tokenizer", notify=False)
     prompts = [p for p, _, _ in float_answers[:2]]
     want = []
@@ -225,6 +311,7 @@ def changed(
 def test_examples_follow_a_changed_description(
     changed: tuple[Path, list[str], list[list[int]]],
     runtime_venv: Path,
+    c_chat: Path,
     float_answers: list[tuple[str, list[int], str]],
 ) -> None:
     dst, prompts, want = changed
@@ -233,6 +320,7 @@ def test_examples_follow_a_changed_description(
         PY_GGUF: _python(runtime_venv, dst, PY_GGUF, *short),
         PY_ONNX: _python(runtime_venv, dst, PY_ONNX, *short),
         NODE: _node(dst, *short),
+        C: _c(c_chat, dst, *short),
     }
     originals = {p: ids for p, ids, _ in float_answers}
     for name, cmd in runs.items():
@@ -245,7 +333,7 @@ def test_examples_follow_a_changed_description(
 
 
 def test_examples_fail_in_one_line(
-    demo_bundle: Path, node_bundle: Path, runtime_venv: Path, tmp_path: Path
+    demo_bundle: Path, node_bundle: Path, runtime_venv: Path, c_chat: Path, tmp_path: Path
 ) -> None:
     empty = tmp_path / "not-a-bundle"
     empty.mkdir()
@@ -260,6 +348,12 @@ def test_examples_fail_in_one_line(
         (_python(runtime_venv, demo_bundle, PY_ONNX), "PROMPT"),
         (_node(node_bundle, "--bundle", str(empty), "hi"), "model.json"),
         (_node(node_bundle, "--artifact", "../../etc/passwd", "hi"), "not a gguf artifact"),
+        (_c(c_chat, empty, "hi"), "model.kv"),
+        (_c(c_chat, demo_bundle, "--artifact", "onnx-int4", "hi"), "onnx-int4: not a GGUF artifact"),
+        (_c(c_chat, demo_bundle, "--artifact", "../../etc/passwd", "hi"), "lists no ../../etc/passwd"),
+        (_c(c_chat, demo_bundle, "--max-tokens", "0", "hi"), "--max-tokens"),
+        (_c(c_chat, demo_bundle, "--max-tokens", "abc", "hi"), "--max-tokens"),
+        (_c(c_chat, demo_bundle), "PROMPT"),
     ]
     for cmd, needle in cases:
         res = _run(cmd)
@@ -374,9 +468,21 @@ def test_node_example_runs_a_base_and_adapter_artifact(
     assert [(g["prompt"], g["prompt_ids"], g["answer"]) for g in got] == float_answers
 
 
+def test_c_example_runs_a_base_and_adapter_artifact(
+    adapter_bundle: Path, c_chat: Path, float_answers: list[tuple[str, list[int], str]]
+) -> None:
+    entry = _adapter_entry(adapter_bundle)
+    _same_answers_as_merged(_c(c_chat, adapter_bundle, "--json"), float_answers)
+    task = ("--task", entry["adapters"][0]["task"])
+    prompts = [p for p, _, _ in float_answers]
+    got = _answers(_run(_c(c_chat, adapter_bundle, "--json", "--artifact", LORA, *task, *prompts)))
+    assert [(g["prompt"], g["prompt_ids"], g["answer"]) for g in got] == float_answers
+
+
 def test_the_adapter_is_what_answers(
     adapter_node_bundle: Path,
     runtime_venv: Path,
+    c_chat: Path,
     float_answers: list[tuple[str, list[int], str]],
     tmp_path: Path,
 ) -> None:
@@ -387,10 +493,10 @@ def test_the_adapter_is_what_answers(
     desc = json.loads((dst / MODEL_JSON).read_text())
     entry = next(a for a in desc["artifacts"] if a["path"] == LORA)
     entry["adapters"][0]["scale"] = 0.0
-    (dst / MODEL_JSON).write_text(json.dumps(desc))
+    _describe(dst, desc)
     prompts = [p for p, _, _ in float_answers]
     args = ("--json", "--artifact", LORA, *prompts)
-    for cmd in (_python(runtime_venv, dst, PY_GGUF, *args), _node(dst, *args)):
+    for cmd in (_python(runtime_venv, dst, PY_GGUF, *args), _node(dst, *args), _c(c_chat, dst, *args)):
         got = _answers(_run(cmd))
         assert [g["prompt_ids"] for g in got] == [ids for _, ids, _ in float_answers], cmd
         assert [g["answer"] for g in got] != [a for _, _, a in float_answers], cmd
@@ -405,11 +511,12 @@ def _one_line_failure(cmd: list[str], *needles: str) -> str:
     return lines[0]
 
 
-def test_an_unknown_task_is_one_line(adapter_node_bundle: Path, runtime_venv: Path) -> None:
+def test_an_unknown_task_is_one_line(adapter_node_bundle: Path, runtime_venv: Path, c_chat: Path) -> None:
     known = [a["task"] for a in _adapter_entry(adapter_node_bundle)["adapters"]]
     for run in (
         lambda *args: _python(runtime_venv, adapter_node_bundle, PY_GGUF, *args),
         lambda *args: _node(adapter_node_bundle, *args),
+        lambda *args: _c(c_chat, adapter_node_bundle, *args),
     ):
         _one_line_failure(run("--artifact", LORA, "--task", "nosuch", "hi"), "nosuch", LORA, *known)
         # a merged model has no tasks: asking for one is refused, not ignored
@@ -417,7 +524,7 @@ def test_an_unknown_task_is_one_line(adapter_node_bundle: Path, runtime_venv: Pa
 
 
 def test_an_adapter_path_outside_the_bundle_is_refused(
-    adapter_node_bundle: Path, runtime_venv: Path, tmp_path: Path
+    adapter_node_bundle: Path, runtime_venv: Path, c_chat: Path, tmp_path: Path
 ) -> None:
     """model.json's base and adapter paths are confined to the bundle's real folder (symlinks resolved) and
     must name regular files: a working adapter file outside it is refused, each time in one line."""
@@ -446,13 +553,14 @@ def test_an_adapter_path_outside_the_bundle_is_refused(
             lora["base"] = path
         else:
             lora["adapters"][0]["path"] = path
-        (dst / MODEL_JSON).write_text(json.dumps(desc))
+        _describe(dst, desc)
         args = ("--artifact", LORA, "hi")
-        # Node (the slower to start) on every other case: both apps share the rule, each case runs in Python
-        apps = (_python(runtime_venv, dst, PY_GGUF, *args), *((_node(dst, *args),) if n % 2 == 0 else ()))
+        # Node (the slower to start) on every other case: the apps share the rule, each case runs in Python and C
+        node = (_node(dst, *args),) if n % 2 == 0 else ()
+        apps = (_python(runtime_venv, dst, PY_GGUF, *args), _c(c_chat, dst, *args), *node)
         for cmd in apps:
             _one_line_failure(cmd, path, needle)
     # the same copy with its model.json back runs: only the paths were refused
-    (dst / MODEL_JSON).write_text(json.dumps(original))
-    for cmd in (_python(runtime_venv, dst, PY_GGUF, *args), _node(dst, *args)):
+    _describe(dst, original)
+    for cmd in (_python(runtime_venv, dst, PY_GGUF, *args), _node(dst, *args), _c(c_chat, dst, *args)):
         assert _run(cmd).returncode == 0, cmd

@@ -19,6 +19,7 @@ from edgeft.constants import (
     BUNDLE_USER_DIRS,
     MANIFEST,
     MODEL_JSON,
+    MODEL_KV,
     REPORT,
     REPORT_HTML,
     SHA256SUMS,
@@ -389,6 +390,9 @@ def _record(root: Path, result: dict[str, Any], where: str) -> dict[str, Any]:
         if described is not None:
             new[MODEL_JSON] = json.dumps(described, indent=2) + "\n"
             manifest["files"][MODEL_JSON] = hashlib.sha256(new[MODEL_JSON].encode("utf-8")).hexdigest()
+            if MODEL_KV in manifest["files"]:  # its flat twin says the same
+                new[MODEL_KV] = runspec.flat(described)
+                manifest["files"][MODEL_KV] = hashlib.sha256(new[MODEL_KV].encode("utf-8")).hexdigest()
     manifest_text = dump_manifest(manifest)
     sums = dict(manifest["files"]) | {MANIFEST: hashlib.sha256(manifest_text.encode("utf-8")).hexdigest()}
     sums_text = dump_sums(sums)

@@ -19,6 +19,7 @@ from edgeft.constants import (
     BUNDLE_USER_DIRS,
     MANIFEST,
     MODEL_JSON,
+    MODEL_KV,
     REPORT,
     REPORT_HTML,
     SHA256SUMS,
@@ -120,6 +121,7 @@ def write_bundle(
                 conversations=facts.conversations,
             )
             (tmp / MODEL_JSON).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+            (tmp / MODEL_KV).write_text(runspec.flat(description), encoding="utf-8")
             runspec.copy_examples(tmp / "examples", {e["format"] for e in entries})
             (tmp / REPORT).write_text(render_report(target, facts, arts, types), encoding="utf-8")
             normalize_modes(tmp)

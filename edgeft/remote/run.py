@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeft.bundle import record_device_run
-from edgeft.constants import MANIFEST, MODEL_JSON, REPORT, REPORT_HTML, SHA256SUMS
+from edgeft.constants import MANIFEST, MODEL_JSON, MODEL_KV, REPORT, REPORT_HTML, SHA256SUMS
 from edgeft.errors import EdgeftError
 from edgeft.remote.ssh import (
     DEFAULT_COMMAND_TIMEOUT,
@@ -215,7 +215,7 @@ def bench_remote(
                 rdir,
                 where=ep.where,
                 python=python,
-                changed=[MANIFEST, MODEL_JSON, REPORT, REPORT_HTML, SHA256SUMS],
+                changed=[MANIFEST, MODEL_JSON, MODEL_KV, REPORT, REPORT_HTML, SHA256SUMS],
             )
         except EdgeftError as e:
             note = f"the results are recorded here, but the device's copy was not updated: {e}"

@@ -68,12 +68,19 @@ class GgufFormat:
             "example": "node/chat.mjs",
             "pinned": NODE_LLAMA_CPP,
         },
+        {  # the C program builds against the llama.h and libllama that llama-cpp-python installs
+            "name": "llama.cpp C API",
+            "package": "pypi:llama-cpp-python (its llama.h and libllama)",
+            "example": "c/chat.c",
+            "version_of": "llama-cpp-python",
+        },
     )
     example_files = (
         "python/chat_llama_cpp.py",
         "node/chat.mjs",
         "node/package.json",
         "node/package-lock.json",
+        "c/chat.c",
     )
     tokenizer_notes = (
         (

@@ -186,6 +186,10 @@ class LlamaCppRuntime:
         except Exception as e:  # noqa: BLE001 - a template can raise anything while rendering
             raise EdgeftError(f"{self.path}: the GGUF chat template fails to render ({e})") from None
 
+    def text_ids(self, text: str) -> list[int]:
+        """llama.cpp's ids of a prompt text, special tokens parsed, none added (llama_tokenize)."""
+        return self.tokenize(text, add_special=False)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Answer text the way llama-cpp-python returns it (special tokens not rendered)."""
         return self._llm.detokenize([int(i) for i in ids]).decode("utf-8", errors="replace")

@@ -228,6 +228,10 @@ class OrtRuntime:
                 f"{self.path}: onnxruntime-genai cannot render the chat prompt ({_first_line(e)})"
             ) from None
 
+    def text_ids(self, text: str) -> list[int]:
+        """onnxruntime-genai's ids of a prompt text (`Tokenizer.encode`, as chat_prompt_ids encodes)."""
+        return [int(i) for i in self._get_og_tokenizer().encode(text)]
+
     @property
     def end_ids(self) -> list[int]:
         """The ids onnxruntime-genai's generator stops after: genai_config.json's eos_token_id."""

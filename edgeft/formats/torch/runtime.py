@@ -130,6 +130,10 @@ class TorchRuntime:
         """The fine-tune's prompt ids for a conversation (chat template + generation prompt)."""
         return data_mod.chat_prompt_ids(self.tokenizer, messages)
 
+    def text_ids(self, text: str) -> list[int]:
+        """The tokenizer's ids of a prompt text, nothing added (special tokens in it are parsed)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     @property
     def end_ids(self) -> list[int]:
         """Ids that end an answer: eos and the chat template's end-of-turn tokens."""

@@ -1,0 +1,131 @@
+"""A stranger's chat template rendered within bounds: in a child process with a memory limit, a CPU limit, a
+wall-clock timeout and a cap on each rendering's length.
+
+A chat template is a program from whoever made the model folder or bundle. Jinja's sandbox stops it reaching
+Python internals but not running forever (`range(100000)` nested) or growing a string to gigabytes
+(`'x' * 2000000000`); in the child both end as one line naming the template, and this process is untouched.
+The child (edgeft/template_child.py) renders as transformers does, so a rendering here equals the fine-tune's.
+Renders are batched (one child per batch, about 0.1 s) and cached, so proving a recipe costs one or two
+children.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edgeft.errors import EdgeftError
+
+MAX_SECONDS = 20.0  # wall clock for one batch; a chat template renders in milliseconds
+MAX_MEMORY = 1 << 30  # the child's address space: Python and jinja2 need ~100 MB of it
+MAX_CHARS = 1_000_000  # one rendering; a prompt past the longest context edgeft builds for is far shorter
+MAX_BATCH = 1000  # renders per child, so its reply stays bounded (MAX_BATCH x MAX_CHARS x JSON escaping)
+CHILD = Path(__file__).with_name("template_child.py")
+
+Messages = list[dict[str, str]]
+
+
+class TemplateRefused(Exception):  # noqa: N818 - the template's own answer, not edgeft's error
+    """The template raised for this conversation (raise_exception, or its own bug): an answer, not a fault."""
+
+
+def _limit_child(seconds: float) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (MAX_MEMORY, MAX_MEMORY))
+    cpu = math.ceil(seconds) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+
+
+def render_many(
+    template: str,
+    variables: dict[str, Any],
+    renders: Sequence[tuple[Messages, bool]],
+    *,
+    where: str,
+    seconds: float = MAX_SECONDS,
+) -> list[str | TemplateRefused]:
+    """Each (messages, add_generation_prompt) rendered: its text, or TemplateRefused when the template raised.
+    A template past a bound (time, memory, length, recursion) is one EdgeftError naming `where`."""
+    out: list[str | TemplateRefused] = []
+    for i in range(0, len(renders), MAX_BATCH):
+        out += _batch(template, variables, renders[i : i + MAX_BATCH], where, seconds)
+    return out
+
+
+def _batch(
+    template: str,
+    variables: dict[str, Any],
+    renders: Sequence[tuple[Messages, bool]],
+    where: str,
+    seconds: float,
+) -> list[str | TemplateRefused]:
+    request = {"template": template, "variables": variables, "renders": renders, "max_chars": MAX_CHARS}
+    limits = (
+        f"edgeft renders a template within {seconds:g} s, {MAX_MEMORY >> 20} MB and {MAX_CHARS} characters"
+    )
+    try:
+        res = subprocess.run(
+            [sys.executable, "-I", str(CHILD)],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            timeout=seconds,
+            preexec_fn=(lambda: _limit_child(seconds)) if sys.platform != "win32" else None,  # noqa: PLW1509
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise EdgeftError(f"{where}: the chat template did not finish rendering ({limits})") from None
+    if res.returncode != 0:
+        tail = res.stderr.strip().splitlines()[-1:] or [f"exit status {res.returncode}"]
+        if "MemoryError" in res.stderr or res.returncode < 0:
+            raise EdgeftError(f"{where}: the chat template needed more memory or CPU than allowed ({limits})")
+        raise EdgeftError(f"{where}: the chat template could not be rendered ({tail[0][:200]})")
+    try:
+        replies = json.loads(res.stdout)
+    except ValueError:
+        raise EdgeftError(f"{where}: the chat template renderer gave no answer ({limits})") from None
+    out: list[str | TemplateRefused] = []
+    for r in replies:
+        if "text" in r:
+            out.append(str(r["text"]))
+        elif r.get("limit"):
+            raise EdgeftError(f"{where}: the chat template {r.get('error')} ({limits})")
+        else:
+            out.append(TemplateRefused(str(r.get("error"))))
+    return out
+
+
+class BoundedRender:
+    """A recipe.Render over a stranger's template: `prefetch` renders a batch in one child; a call not
+    prefetched renders alone. The template's refusal raises TemplateRefused, as a Jinja error would."""
+
+    def __init__(self, template: str, variables: dict[str, Any], where: str) -> None:
+        self.template, self.variables, self.where = template, variables, where
+        self._done: dict[str, str | TemplateRefused] = {}
+
+    @staticmethod
+    def _key(messages: Messages, gen: bool) -> str:
+        return json.dumps([messages, gen], sort_keys=True)
+
+    def prefetch(self, renders: Sequence[tuple[Messages, bool]]) -> None:
+        todo = [(list(m), g) for m, g in renders if self._key(m, g) not in self._done]
+        todo = list({self._key(m, g): (m, g) for m, g in todo}.values())
+        for (m, g), r in zip(
+            todo, render_many(self.template, self.variables, todo, where=self.where), strict=True
+        ):
+            self._done[self._key(m, g)] = r
+
+    def __call__(self, messages: Messages, gen: bool) -> str:
+        key = self._key(messages, gen)
+        if key not in self._done:
+            self.prefetch([(messages, gen)])
+        r = self._done[key]
+        if isinstance(r, TemplateRefused):
+            raise r
+        return r

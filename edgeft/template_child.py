@@ -1,0 +1,120 @@
+"""The child process edgeft.template renders a stranger's chat template in: standard library and jinja2 only.
+
+stdin: {"template", "variables", "renders": [[messages, add_generation_prompt], ...], "max_chars"}; stdout: one
+JSON list, per render {"text": ...} or {"error": one line}. The parent sets the memory and CPU limits and the
+wall-clock timeout; this side caps each rendering's length while it is produced. The environment is the one
+transformers renders with (ref: transformers utils/chat_template_utils.py _cached_compile_jinja_template):
+sandboxed, trim_blocks and lstrip_blocks, loop controls, a `{% generation %}` block, `tojson` keeping
+non-ASCII, `raise_exception`, `strftime_now`, and `dict`/`namespace` that refuse underscore names.
+"""
+
+import datetime
+import json
+import sys
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class _TooLong(Exception):
+    pass
+
+
+class _Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: its body, as transformers renders it when not tracking."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):  # noqa: ANN001, ANN201 - jinja2's extension interface
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):  # noqa: ANN001, ANN202
+        return caller()
+
+
+class _Namespace(jinja2.utils.Namespace):
+    def __init__(*args, **kwargs):  # noqa: N805 - Namespace's own signature trick
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):  # noqa: ANN001, ANN204
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):  # noqa: ANN001, ANN205
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"a namespace attribute may not start with '_' ({name!r})")
+
+
+class _Dict:
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        return dict.fromkeys(*args, **kwargs)
+
+
+def _raise(message):  # noqa: ANN001, ANN202
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # noqa: ANN001, ANN202
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _line(e):  # noqa: ANN001, ANN202
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def main():  # noqa: ANN201
+    req = json.load(sys.stdin)
+    cap = int(req["max_chars"])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals.update(
+        raise_exception=_raise,
+        strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt),
+        dict=_Dict(),
+        namespace=_Namespace,
+    )
+    out = []
+    try:
+        template = env.from_string(req["template"])
+    except Exception as e:  # noqa: BLE001 - a syntax error is this template's answer to every render
+        template, broken = None, _line(e)
+    for messages, gen in req["renders"]:
+        if template is None:
+            out.append({"error": broken})
+            continue
+        parts, n = [], 0
+        try:
+            for chunk in template.generate(messages=messages, add_generation_prompt=gen, **req["variables"]):
+                n += len(chunk)
+                if n > cap:
+                    raise _TooLong
+                parts.append(chunk)
+            out.append({"text": "".join(parts)})
+        except _TooLong:
+            out.append({"error": f"grew past {cap} characters while rendering", "limit": True})
+        except MemoryError:
+            out.append({"error": "needed more memory than allowed", "limit": True})
+        except RecursionError:
+            out.append({"error": "recursed too deeply", "limit": True})
+        except Exception as e:  # noqa: BLE001 - the template's own refusal (raise_exception) or its bug
+            out.append({"error": _line(e)})
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

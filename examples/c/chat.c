@@ -1,0 +1,389 @@
+/* Answer prompts with the bundle's GGUF through llama.cpp's C API (llama.h), with no template engine and no
+ * JSON parser: the prompt is built by concatenation from the recipe edgeft derived from the chat template and
+ * proved equal to its rendering, as model.kv (model.json's flat twin, at the bundle's root) carries it.
+ *
+ *   # llama.h and libllama from any llama.cpp build; here the ones llama-cpp-python installs:
+ *   LLAMA=$(python3 -c 'import llama_cpp, pathlib; print(pathlib.Path(llama_cpp.__file__).parent)')
+ *   cc -O2 -std=c11 chat.c -I"$LLAMA/../include" -L"$LLAMA/lib" -lllama -Wl,-rpath,"$LLAMA/lib" -o chat
+ *   ./chat --bundle path/to/bundle "turn off the kitchen lights"
+ *
+ * model.kv decides everything a template engine would: the text around each message (recipe.*), where a
+ * system prompt goes, whether special tokens are parsed in the text (prompt.parse_special) and added
+ * (prompt.add_special_tokens), the ids an answer ends at (end_of_turn) and the longest answer. Decoding is
+ * greedy, as edgeft verified. A base + adapter artifact loads its base and one LoRA adapter (--task picks it;
+ * default: the first listed) at model.kv's scale. Every path comes from the bundle and must stay inside it.
+ * One answer per prompt (--json: {"prompt", "prompt_ids", "answer"}); any failure is one line and exit 1.
+ */
+#define _DEFAULT_SOURCE
+#include <ctype.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "llama.h"
+
+#define MAX_KV_LINES 4096
+#define MAX_LINE 65536
+#define MAX_END_IDS 64
+
+static const char *prog = "chat";
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "%s: error: ", prog);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(1);
+}
+
+/* ---- model.kv: `key=value` lines, values escaped as \\ \n \r \t \xHH (edgeft.runspec.flat) ---- */
+
+typedef struct {
+    char *key[MAX_KV_LINES];
+    char *val[MAX_KV_LINES];
+    int n;
+} kv_t;
+
+static int hexval(int c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    c = tolower(c);
+    return (c >= 'a' && c <= 'f') ? c - 'a' + 10 : -1;
+}
+
+static char *unescape(const char *s, const char *file, int line) {
+    char *out = malloc(strlen(s) + 1), *o = out;
+    if (!out) die("out of memory");
+    for (; *s; s++) {
+        if (*s != '\\') { *o++ = *s; continue; }
+        s++;
+        if (*s == '\\') *o++ = '\\';
+        else if (*s == 'n') *o++ = '\n';
+        else if (*s == 'r') *o++ = '\r';
+        else if (*s == 't') *o++ = '\t';
+        else if (*s == 'x' && hexval(s[1]) >= 0 && hexval(s[2]) >= 0) {
+            *o++ = (char)(hexval(s[1]) * 16 + hexval(s[2]));
+            s += 2;
+        } else die("%s:%d: a bad escape in a value; rebuild the bundle with edgeft", file, line);
+    }
+    *o = '\0';
+    return out;
+}
+
+static void kv_read(kv_t *kv, const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) die("%s: cannot open it; pass --bundle DIR, the folder holding model.kv", path);
+    static char buf[MAX_LINE];
+    int line = 0;
+    kv->n = 0;
+    while (fgets(buf, sizeof buf, f)) {
+        line++;
+        size_t len = strlen(buf);
+        if (len == sizeof buf - 1 && buf[len - 1] != '\n') die("%s:%d: a line longer than %d bytes", path, line, MAX_LINE);
+        if (len && buf[len - 1] == '\n') buf[--len] = '\0';
+        if (buf[0] == '#' || buf[0] == '\0') continue;
+        char *eq = strchr(buf, '=');
+        if (!eq) die("%s:%d: not a key=value line", path, line);
+        if (kv->n == MAX_KV_LINES) die("%s: more than %d lines", path, MAX_KV_LINES);
+        *eq = '\0';
+        kv->key[kv->n] = strdup(buf);
+        kv->val[kv->n] = unescape(eq + 1, path, line);
+        kv->n++;
+    }
+    fclose(f);
+}
+
+/* the value of `key` in lines [from, to), or NULL */
+static const char *kv_in(const kv_t *kv, const char *key, int from, int to) {
+    for (int i = from; i < to; i++)
+        if (strcmp(kv->key[i], key) == 0) return kv->val[i];
+    return NULL;
+}
+
+static const char *kv_get(const kv_t *kv, const char *key) {
+    const char *v = kv_in(kv, key, 0, kv->n);
+    if (!v) die("model.kv: no `%s`; rebuild the bundle with a current edgeft", key);
+    return v;
+}
+
+static long kv_int(const kv_t *kv, const char *key) {
+    char *end;
+    const char *v = kv_get(kv, key);
+    long n = strtol(v, &end, 10);
+    if (*v == '\0' || *end != '\0' || n < 0 || n > INT_MAX) die("model.kv: `%s` is not a count (%s)", key, v);
+    return n;
+}
+
+/* ---- paths from the bundle stay inside it ---- */
+
+/* `rel` (a path from model.kv, relative to the bundle) with every symlink resolved: a regular file (a folder
+ * when `folder`) inside the real folder `within` (the bundle, or a base + adapter artifact's own folder),
+ * else one line naming it */
+static char *inside(const char *bundle_real, const char *within, const char *rel, const char *what, bool folder) {
+    size_t n = strlen(bundle_real) + strlen(rel) + 2, w = strlen(within);
+    char *joined = malloc(n), *real = NULL;
+    if (!joined) die("out of memory");
+    snprintf(joined, n, "%s/%s", bundle_real, rel);
+    if (rel[0] != '/') real = realpath(joined, NULL);
+    free(joined);
+    if (!real || strncmp(real, within, w) != 0 || real[w] != '/')
+        die("%.200s: %s is not a file inside the bundle%s", rel, what, within == bundle_real ? "" : "'s artifact folder");
+    struct stat st;
+    if (stat(real, &st) != 0 || (folder ? !S_ISDIR(st.st_mode) : !S_ISREG(st.st_mode)))
+        die("%s: %s is not a %s", rel, what, folder ? "folder" : "regular file");
+    return real;
+}
+
+/* ---- the prompt by concatenation (edgeft.recipe.build, for one user message) ---- */
+
+typedef struct {
+    char *s;
+    size_t n, cap;
+} str_t;
+
+static void put(str_t *b, const char *s, size_t n) {
+    if (b->n + n + 1 > b->cap) {
+        b->cap = (b->n + n + 1) * 2;
+        b->s = realloc(b->s, b->cap);
+        if (!b->s) die("out of memory");
+    }
+    memcpy(b->s + b->n, s, n);
+    b->n += n;
+    b->s[b->n] = '\0';
+}
+
+static void puts_(str_t *b, const char *s) { put(b, s, strlen(s)); }
+
+/* content with leading and trailing whitespace removed when the recipe trims (Python's str.strip for ASCII) */
+static void put_content(str_t *b, const char *s, bool trim) {
+    size_t n = strlen(s);
+    if (trim) {
+        while (n && isspace((unsigned char)*s)) s++, n--;
+        while (n && isspace((unsigned char)s[n - 1])) n--;
+    }
+    put(b, s, n);
+}
+
+static char *build_prompt(const kv_t *kv, const char *user) {
+    str_t b = {0};
+    bool trim = kv_int(kv, "recipe.trim") != 0;
+    const char *system = kv_in(kv, "prompt.system_prompt", 0, kv->n);
+    const char *mode = kv_get(kv, "recipe.system.mode");
+    str_t pending = {0};
+    puts_(&pending, "");
+    if (system && strcmp(mode, "sent") == 0) {
+        puts_(&b, kv_get(kv, "recipe.system.prefix"));  /* its whole turn, the start included */
+        put_content(&b, system, trim);
+        puts_(&b, kv_get(kv, "recipe.system.suffix"));
+    } else {
+        puts_(&b, kv_get(kv, "recipe.start"));
+        if (system && strcmp(mode, "merged") == 0) {  /* folded into the first user message */
+            puts_(&pending, kv_get(kv, "recipe.system.prefix"));
+            put_content(&pending, system, trim);
+            puts_(&pending, kv_get(kv, "recipe.system.suffix"));
+        } else if (system) {
+            die("model.kv: this model's chat template takes no system message, but prompt.system_prompt is set");
+        }
+    }
+    puts_(&b, kv_get(kv, "recipe.user.prefix"));
+    puts_(&b, pending.s);
+    put_content(&b, user, trim);
+    puts_(&b, kv_get(kv, "recipe.user.suffix"));
+    puts_(&b, kv_get(kv, "recipe.generation_prompt"));
+    free(pending.s);
+    return b.s;
+}
+
+static void quiet(enum ggml_log_level level, const char *text, void *user_data) {
+    (void)level, (void)text, (void)user_data;  /* llama.cpp's log lines are not the answer */
+}
+
+/* ---- output ---- */
+
+static void json_string(const char *s, size_t n) {
+    putchar('"');
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\') printf("\\%c", c);
+        else if (c == '\n') fputs("\\n", stdout);
+        else if (c < 0x20 || c == 0x7f) printf("\\u%04x", c);
+        else putchar(c);
+    }
+    putchar('"');
+}
+
+static void usage(void) {
+    die("usage: %s [--bundle DIR] [--artifact PATH] [--task NAME] [--max-tokens N] [--threads N] [--json] PROMPT...",
+        prog);
+}
+
+static long arg_count(const char *opt, const char *v) {
+    char *end;
+    long n = strtol(v, &end, 10);
+    if (*v == '\0' || *end != '\0' || n < 1 || n > 1000000) die("%s: not a positive count (%s)", opt, v);
+    return n;
+}
+
+int main(int argc, char **argv) {
+    const char *bundle = ".", *want_artifact = NULL, *want_task = NULL;
+    long max_tokens = -1, threads = -1;
+    bool as_json = false;
+    int first_prompt = argc;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        bool has = i + 1 < argc;
+        if (strcmp(a, "--bundle") == 0 && has) bundle = argv[++i];
+        else if (strcmp(a, "--artifact") == 0 && has) want_artifact = argv[++i];
+        else if (strcmp(a, "--task") == 0 && has) want_task = argv[++i];
+        else if (strcmp(a, "--max-tokens") == 0 && has) max_tokens = arg_count(a, argv[++i]);
+        else if (strcmp(a, "--threads") == 0 && has) threads = arg_count(a, argv[++i]);
+        else if (strcmp(a, "--json") == 0) as_json = true;
+        else if (a[0] == '-' && a[1] == '-') usage();
+        else { first_prompt = i; break; }
+    }
+    if (first_prompt == argc) usage();
+
+    char *bundle_real = realpath(bundle, NULL);
+    if (!bundle_real) die("%s: no such folder; pass --bundle DIR, the folder holding model.kv", bundle);
+    size_t n = strlen(bundle_real) + sizeof "/model.kv";
+    char *kv_path = malloc(n);
+    snprintf(kv_path, n, "%s/model.kv", bundle_real);
+    static kv_t kv;
+    kv_read(&kv, kv_path);
+    if (kv_int(&kv, "schema_version") != 1) die("%s: not a model.kv this example knows (schema_version 1)", kv_path);
+    if (kv_int(&kv, "recipe") == 0)
+        die("%s: this model's chat template has no recipe (%s); use an example with a template engine",
+            kv_path, kv_get(&kv, "recipe_reason"));
+
+    /* the artifact: --artifact, else the first GGUF; its own keys run to the next `artifact=` line */
+    int at = -1, end = kv.n;
+    for (int i = 0; i < kv.n && at < 0; i++) {
+        if (strcmp(kv.key[i], "artifact") != 0) continue;
+        int j = i + 1;
+        while (j < kv.n && strncmp(kv.key[j], "artifact.", 9) == 0) j++;
+        const char *fmt = kv_in(&kv, "artifact.format", i + 1, j);
+        if (want_artifact ? strcmp(kv.val[i], want_artifact) == 0 : (fmt && strcmp(fmt, "gguf") == 0)) at = i, end = j;
+    }
+    if (at < 0) die("%s: model.kv lists no %s", bundle, want_artifact ? want_artifact : "gguf artifact");
+    const char *fmt = kv_in(&kv, "artifact.format", at + 1, end);
+    if (!fmt || strcmp(fmt, "gguf") != 0) die("%s: not a GGUF artifact; this example runs llama.cpp", kv.val[at]);
+    const char *base = kv_in(&kv, "artifact.base", at + 1, end);
+    char *model_path, *adapter_path = NULL;
+    float scale = 1.0f;
+    if (base) {  /* `artifact.adapter=TASK SCALE PATH` lines: the one for --task, else the first */
+        char *folder = inside(bundle_real, bundle_real, kv.val[at], "the artifact", true), tasks[1024] = "";
+        model_path = inside(bundle_real, folder, base, "the base model", false);
+        for (int i = at + 1; i < end && !adapter_path; i++) {
+            if (strcmp(kv.key[i], "artifact.adapter") != 0) continue;
+            char task[256], *rest;
+            const char *v = kv.val[i], *sp = strchr(v, ' ');
+            if (!sp || (size_t)(sp - v) >= sizeof task) die("%s: a bad artifact.adapter line (%.200s)", kv_path, v);
+            memcpy(task, v, (size_t)(sp - v));
+            task[sp - v] = '\0';
+            if (want_task && strcmp(task, want_task) != 0) {
+                if (strlen(tasks) + strlen(task) + 3 < sizeof tasks) strcat(strcat(tasks, *tasks ? ", " : ""), task);
+                continue;
+            }
+            scale = strtof(sp + 1, &rest);
+            if (rest == sp + 1 || *rest != ' ') die("%s: the %s adapter's scale is not a number (%.200s)", kv.val[at], task, v);
+            adapter_path = inside(bundle_real, folder, rest + 1, "an adapter", false);
+        }
+        if (!adapter_path && want_task) die("--task %s: %s has no such task (have: %s)", want_task, kv.val[at], tasks);
+        if (!adapter_path) die("%s: model.kv lists no adapters for this base + adapter artifact", kv.val[at]);
+        free(folder);
+    } else {
+        if (want_task) die("--task %s: %s is a merged model, it has no adapters", want_task, kv.val[at]);
+        model_path = inside(bundle_real, bundle_real, kv.val[at], "the artifact", false);
+    }
+    if (max_tokens < 0) max_tokens = kv_int(&kv, "max_new_tokens");
+    if (threads < 0) {
+        const char *measured = kv_in(&kv, "artifact.threads", at + 1, end);  /* "decode prefill" on a device */
+        threads = measured ? strtol(measured, NULL, 10) : kv_int(&kv, "threads");
+        if (threads < 1) threads = 1;
+    }
+    llama_token ends[MAX_END_IDS];
+    int n_ends = 0;
+    for (int i = 0; i < kv.n; i++)
+        if (strcmp(kv.key[i], "end_of_turn") == 0 && n_ends < MAX_END_IDS) ends[n_ends++] = (llama_token)atol(kv.val[i]);
+    bool add_special = kv_int(&kv, "prompt.add_special_tokens") != 0;
+    bool parse_special = kv_int(&kv, "prompt.parse_special") != 0;
+
+    llama_backend_init();
+    llama_log_set(quiet, NULL);
+    struct llama_model_params mp = llama_model_default_params();
+    struct llama_model *model = llama_model_load_from_file(model_path, mp);
+    if (!model) die("%s: llama.cpp could not load it", model_path);
+    const struct llama_vocab *vocab = llama_model_get_vocab(model);
+    struct llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = (uint32_t)kv_int(&kv, "context_length");
+    cp.n_batch = cp.n_ctx;
+    cp.n_threads = cp.n_threads_batch = (int32_t)threads;
+    struct llama_context *ctx = llama_init_from_model(model, cp);
+    if (!ctx) die("%s: llama.cpp could not make a context of %u tokens", model_path, cp.n_ctx);
+    if (adapter_path) {  /* ref: llama.h llama_adapter_lora_init, llama_set_adapters_lora */
+        struct llama_adapter_lora *lora = llama_adapter_lora_init(model, adapter_path);
+        if (!lora) die("%s: llama.cpp could not load the adapter for this base", adapter_path);
+        if (llama_set_adapters_lora(ctx, &lora, 1, &scale) != 0) die("%s: llama.cpp could not apply it", adapter_path);
+    }
+    const int n_vocab = llama_vocab_n_tokens(vocab);
+
+    for (int p = first_prompt; p < argc; p++) {
+        char *text = build_prompt(&kv, argv[p]);
+        int len = (int)strlen(text);
+        int cap = len + 16;
+        llama_token *ids = malloc(sizeof(llama_token) * (size_t)cap);
+        int n_ids = llama_tokenize(vocab, text, len, ids, cap, add_special, parse_special);
+        if (n_ids < 0 && n_ids != INT32_MIN) {  /* more ids than bytes: the count it needs */
+            cap = -n_ids;
+            ids = realloc(ids, sizeof(llama_token) * (size_t)cap);
+            n_ids = llama_tokenize(vocab, text, len, ids, cap, add_special, parse_special);
+        }
+        if (n_ids < 0 || !ids) die("llama.cpp could not tokenize the prompt");
+        if (n_ids + max_tokens > (long)cp.n_ctx)
+            die("the prompt (%d tokens) and answer (%ld) do not fit the context of %u tokens", n_ids, max_tokens, cp.n_ctx);
+        llama_memory_clear(llama_get_memory(ctx), true);  /* each prompt a fresh conversation */
+        str_t answer = {0};
+        puts_(&answer, "");
+        struct llama_batch batch = llama_batch_get_one(ids, n_ids);
+        llama_token tok;
+        for (long k = 0; k < max_tokens; k++) {
+            if (llama_decode(ctx, batch) != 0) die("llama.cpp failed to decode");
+            const float *logits = llama_get_logits_ith(ctx, -1);
+            tok = 0;  /* greedy: the most likely id, the first of equals */
+            for (int v = 1; v < n_vocab; v++)
+                if (logits[v] > logits[tok]) tok = v;
+            bool stop = false;
+            for (int e = 0; e < n_ends; e++) stop = stop || tok == ends[e];
+            if (stop) break;
+            char piece[256];
+            int m = llama_token_to_piece(vocab, tok, piece, sizeof piece, 0, false);
+            if (m < 0) die("token %d has a piece longer than %zu bytes", tok, sizeof piece);
+            put(&answer, piece, (size_t)m);
+            batch = llama_batch_get_one(&tok, 1);
+        }
+        if (as_json) {
+            fputs("{\"prompt\": ", stdout);
+            json_string(argv[p], strlen(argv[p]));
+            fputs(", \"prompt_ids\": [", stdout);
+            for (int i = 0; i < n_ids; i++) printf(i ? ", %d" : "%d", ids[i]);
+            fputs("], \"answer\": ", stdout);
+            json_string(answer.s, answer.n);
+            fputs("}\n", stdout);
+        } else {
+            printf("%s\n", answer.s);
+        }
+        fflush(stdout);
+        free(answer.s);
+        free(ids);
+        free(text);
+    }
+    llama_free(ctx);
+    llama_model_free(model);
+    llama_backend_free();
+    return 0;
+}
