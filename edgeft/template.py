@@ -48,10 +48,12 @@ def render_many(
     renders: Sequence[tuple[Messages, bool]],
     *,
     where: str,
-    seconds: float = MAX_SECONDS,
+    seconds: float | None = None,
 ) -> list[str | TemplateRefused]:
     """Each (messages, add_generation_prompt) rendered: its text, or TemplateRefused when the template raised.
-    A template past a bound (time, memory, length, recursion) is one EdgeftError naming `where`."""
+    A template past a bound (time, memory, length, recursion; `seconds` defaults to MAX_SECONDS) is one
+    EdgeftError naming `where`."""
+    seconds = MAX_SECONDS if seconds is None else seconds
     out: list[str | TemplateRefused] = []
     for i in range(0, len(renders), MAX_BATCH):
         out += _batch(template, variables, renders[i : i + MAX_BATCH], where, seconds)

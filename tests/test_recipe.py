@@ -5,14 +5,23 @@ conformance suite's and SmolLM2's own); a template the recipe cannot express get
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from tinymodels import CHATML_TEMPLATE, LLAMA2_TEMPLATE
+from bundles import reseal
+from test_conformance import KINDS
+from tinymodels import CHATML_TEMPLATE, LLAMA2_TEMPLATE, cached_model
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from edgeft import data, recipe, verify
+from edgeft import data, recipe, runspec, template, verify
+from edgeft.check import check_bundle
+from edgeft.constants import MODEL_JSON, MODEL_KV
 from edgeft.loading import load_tokenizer
+from edgeft.template import BoundedRender
 
 LLAMA3 = (
     "{{ bos_token }}{% for message in messages %}"
@@ -176,3 +185,113 @@ def test_the_demo_bundle_carries_a_recipe_giving_the_fine_tunes_prompt_ids(demo_
         assert list(
             tok(recipe.build(rec, msgs), add_special_tokens=False)["input_ids"]
         ) == data.chat_prompt_ids(tok, msgs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_json_carries_a_proven_recipe_for_every_conformance_template(kind: str) -> None:
+    """Every tokenizer kind of the conformance suite (ChatML and Llama 2 templates over byte-level BPE and
+    SentencePiece): model.json carries a recipe whose prompt, tokenized as model.json says, is the
+    fine-tune's own ids on the probes, or none with the reason (never a wrong one)."""
+    model_dir = cached_model("llama", kind)
+    tok = load_tokenizer(model_dir, notify=False)
+    desc = runspec.describe(
+        model_dir,
+        artifacts=[],
+        versions={},
+        context_length=256,
+        threads=1,
+        max_new_tokens=8,
+        system_prompt=None,
+        conversations=EVAL,
+    )
+    assert desc["recipe"] is not None, desc["recipe_reason"]
+    rec = recipe.Recipe.from_json(desc["recipe"])
+    for conv in [*EVAL, *recipe.probes([rec.start, rec.user.prefix])]:
+        try:
+            want = data.chat_prompt_ids(tok, conv)
+        except Exception:  # noqa: BLE001 - the template refuses it (Llama 2 after a system turn, say)
+            continue
+        assert list(tok(recipe.build(rec, conv), add_special_tokens=False)["input_ids"]) == want, conv
+    flat = runspec.flat(desc)
+    assert "recipe=1\n" in flat and all("\n" not in line for line in flat.splitlines())
+
+
+# --- `edgeft check` proves the recipe again -----------------------------------------------------------------
+
+
+def _copy(demo_bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / demo_bundle.name
+    shutil.copytree(demo_bundle, dst)
+    return dst
+
+
+EDIT = ("'<|im_start|>' + message['role'] + '\\n'", "'<|im_start|>' + message['role'] + ' '")
+
+
+def _edited(desc: dict) -> dict:
+    assert EDIT[0] in desc["chat_template"], desc["chat_template"]
+    return desc | {"chat_template": desc["chat_template"].replace(*EDIT)}
+
+
+def test_check_names_the_recipe_when_the_template_was_edited(demo_bundle: Path, tmp_path: Path) -> None:
+    """An edited chat_template: the digest finding, and one naming the recipe. Re-hashed so the digests
+    agree: the recipe is the finding left, and the CLI fails naming it."""
+    dst = _copy(demo_bundle, tmp_path)
+    desc = _edited(json.loads((dst / MODEL_JSON).read_text()))
+    (dst / MODEL_JSON).write_text(json.dumps(desc))
+    kinds = {(f.kind, f.path) for f in check_bundle(dst, load=False).findings}
+    assert {("modified", MODEL_JSON), ("recipe", MODEL_JSON)} <= kinds, kinds
+    reseal(dst, {MODEL_JSON: json.dumps(desc), MODEL_KV: runspec.flat(desc)})
+    found = check_bundle(dst, load=False).findings
+    assert [(f.kind, f.path) for f in found] == [("recipe", MODEL_JSON)], found
+    assert "recipe: not what the chat template renders" in found[0].detail and "user Hello" in found[0].detail
+    res = subprocess.run(
+        [sys.executable, "-m", "edgeft", "check", str(dst), "--no-load"], capture_output=True, text=True
+    )
+    assert res.returncode == 1 and "model.json: recipe:" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_check_proves_the_recipe_on_each_artifacts_own_template(demo_bundle: Path, tmp_path: Path) -> None:
+    """model.json's template and recipe edited together (so they agree with each other), the artifacts'
+    own templates untouched: the recipe fails on each artifact's path, named there."""
+    dst = _copy(demo_bundle, tmp_path)
+    desc = _edited(json.loads((dst / MODEL_JSON).read_text()))
+    render = BoundedRender(desc["chat_template"], desc["template_variables"], "test")
+    rec, why = recipe.derive(render)
+    assert rec is not None, why
+    desc["recipe"] = rec.to_json()
+    reseal(dst, {MODEL_JSON: json.dumps(desc), MODEL_KV: runspec.flat(desc)})
+    rep = check_bundle(dst, threads=2)
+    artifacts = {a["path"] for a in desc["artifacts"]}
+    assert {(f.kind, f.path) for f in rep.findings} == {("recipe", a) for a in artifacts}, rep.findings
+    assert all("own chat template" in f.detail for f in rep.findings)
+    assert check_bundle(demo_bundle, threads=2).passed  # the bundle as built: its recipe holds everywhere
+
+
+def test_check_finds_a_model_kv_that_disagrees(demo_bundle: Path, tmp_path: Path) -> None:
+    dst = _copy(demo_bundle, tmp_path)
+    kv = (dst / MODEL_KV).read_text()
+    assert "recipe.user.prefix=<|im_start|>user\\n\n" in kv
+    reseal(dst, {MODEL_KV: kv.replace("recipe.user.prefix=<|im_start|>user\\n", "recipe.user.prefix=user: ")})
+    found = check_bundle(dst, load=False).findings
+    assert [(f.kind, f.path) for f in found] == [("recipe", MODEL_KV)], found
+
+
+def test_check_bounds_a_hostile_template(demo_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    """A template that never ends (nested range loops) or grows without bound is one finding, quickly."""
+    monkeypatch.setattr(template, "MAX_SECONDS", 2.0)
+    for hostile, says in [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "did not finish",
+        ),
+        ("{{ 'x' * 2000000000 }}", "needed more memory"),
+    ]:
+        dst = _copy(demo_bundle, tmp_path / says.replace(" ", "-"))
+        desc = json.loads((dst / MODEL_JSON).read_text()) | {"chat_template": hostile}
+        reseal(dst, {MODEL_JSON: json.dumps(desc), MODEL_KV: runspec.flat(desc)})
+        t0 = time.monotonic()
+        found = check_bundle(dst, load=False).findings
+        assert time.monotonic() - t0 < 10
+        assert [(f.kind, f.path) for f in found] == [("recipe", MODEL_JSON)], found
+        assert says in found[0].detail and "\n" not in found[0].detail
