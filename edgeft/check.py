@@ -277,11 +277,23 @@ def _check_recipe(c: _Checker) -> tuple[recipe.Recipe, list[list[dict[str, str]]
         return None  # no recipe claimed: model.json's recipe_reason says why
     try:
         rec = recipe.Recipe.from_json(raw)
-        template, variables = desc["chat_template"], desc.get("template_variables", {})
-        if not isinstance(template, str) or not isinstance(variables, dict):
+        template, variables, prompt = (
+            desc.get("chat_template"),
+            desc.get("template_variables", {}),
+            desc.get("prompt"),
+        )
+        if not isinstance(template, str) or not isinstance(variables, dict) or not isinstance(prompt, dict):
             raise TypeError
-    except (KeyError, TypeError, AttributeError):
+    except TypeError:
         c.add(RECIPE, MODEL_JSON, "recipe: not the shape edgeft writes; rebuild the bundle")
+        return None
+    # the recipe's text is proved tokenized as edgeft writes it: special tokens parsed, none added
+    if prompt.get("parse_special") is not True or prompt.get("add_special_tokens") is not False:
+        c.add(
+            RECIPE,
+            MODEL_JSON,
+            "prompt: the recipe is proved with parse_special true, add_special_tokens false",
+        )
         return None
     convs = _app_conversations(desc)
     try:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from edgeft.errors import EdgeftError
+
 Messages = list[dict[str, str]]
 # render(messages, add_generation_prompt) -> the template's text; raises for a conversation it refuses
 Render = Callable[[Messages, bool], str]
@@ -43,23 +45,38 @@ class Recipe:
     start: str  # before the first message when no system message is sent
     user: Turn
     assistant: Turn
-    system_mode: str  # "sent" | "merged" | "unsupported"
+    system_mode: str  # "sent" | "merged" | "unsupported" (the template drops or refuses it: send none)
     system: Turn  # sent: its whole turn, `start` included; merged: around the system text in the first user content
     generation_prompt: str
     trim: bool = False  # each content stripped of leading and trailing whitespace first (Llama 3's `| trim`)
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> Recipe:
-        """model.json's `recipe` back as a Recipe (KeyError/TypeError on another shape)."""
-        s = d["system"]
+    def from_json(d: Any) -> Recipe:
+        """model.json's `recipe` back as a Recipe; TypeError on any other shape (it is read from strangers)."""
+
+        def text(v: Any) -> str:
+            if not isinstance(v, str):
+                raise TypeError("a recipe's texts are strings")
+            return v
+
+        def turn(v: Any) -> Turn:
+            if not isinstance(v, dict):
+                raise TypeError("a recipe's turn is an object")
+            return Turn(text(v.get("prefix")), text(v.get("suffix")))
+
+        if not isinstance(d, dict) or not isinstance(d.get("system"), dict):
+            raise TypeError("a recipe is an object with a system object")
+        mode, trim = d["system"].get("mode"), d.get("trim", False)
+        if mode not in SYSTEM_MODES or not isinstance(trim, bool):
+            raise TypeError(f"a recipe's system mode is one of {SYSTEM_MODES} and its trim a boolean")
         return Recipe(
-            d["start"],
-            Turn(**d["user"]),
-            Turn(**d["assistant"]),
-            s["mode"],
-            Turn(s["prefix"], s["suffix"]),
-            d["generation_prompt"],
-            bool(d.get("trim", False)),
+            text(d.get("start")),
+            turn(d.get("user")),
+            turn(d.get("assistant")),
+            mode,
+            turn(d["system"]),
+            text(d.get("generation_prompt")),
+            trim,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -73,10 +90,10 @@ def build(recipe: Recipe, messages: Messages, add_generation_prompt: bool = True
     """The prompt by concatenation, as an app without a template engine builds it (docs/apps.md)."""
     msgs = list(messages)
     text, pending = recipe.start, ""
-    if msgs and msgs[0]["role"] == "system":
-        system = msgs.pop(0)["content"]
-        if recipe.system_mode == "unsupported":
-            raise ValueError("this model's chat template takes no system message")
+    system = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else None
+    if (
+        system is not None and recipe.system_mode != "unsupported"
+    ):  # unsupported: left out, as the template does
         system = system.strip() if recipe.trim else system
         wrapped = recipe.system.prefix + system + recipe.system.suffix
         if recipe.system_mode == "sent":
@@ -142,6 +159,8 @@ def _system_candidates(render: Render, start: str, user: Turn) -> list[tuple[str
     or unsupported (the template refuses it, or drops it)."""
     try:
         rs = render([_m("system", S1), _m("user", U1)], False)
+    except EdgeftError:
+        raise  # past the renderer's bounds: the caller's one line
     except Exception:  # noqa: BLE001 - a template refusing system messages raises its own error type
         return [("unsupported", Turn("", ""))]
     if S1 not in rs:
@@ -188,14 +207,14 @@ def prove(render: Render, recipe: Recipe, conversations: Sequence[Messages]) -> 
     _prefetch(render, [(list(c), True) for c in convs])
     for conv in convs:
         has_system = bool(conv) and conv[0]["role"] == "system"
-        if has_system and recipe.system_mode == "unsupported":
-            continue
         try:
             want = render(list(conv), True)
+        except EdgeftError:
+            raise  # past the renderer's bounds: the caller's one line
         except Exception as e:  # noqa: BLE001 - the template's own refusal
-            if has_system:
-                continue
-            return f"the template refuses a conversation the recipe builds ({str(e).splitlines()[0][:80]})"
+            if has_system and recipe.system_mode == "unsupported":
+                continue  # refused with a system message: the recipe sends none (the template drops it: compared)
+            return f"the template refuses a conversation the recipe builds ({str(e).splitlines()[0][:80]!r})"
         try:
             got = build(recipe, conv, True)
         except ValueError as e:
@@ -219,6 +238,33 @@ def _prefetch(render: Render, renders: list[tuple[Messages, bool]]) -> None:
         prefetch(renders)
 
 
+# Two instants a template's `strftime_now` is given while its recipe is derived: a template that writes the
+# date or time (Llama 3.2's "Today Date") renders them differently, and a recipe would freeze the build's day.
+CLOCKS = ("2001-02-03T04:05:06", "2012-11-10T09:08:07")
+
+
+def from_template(
+    template: str, variables: dict[str, Any], conversations: Sequence[Messages], where: str
+) -> tuple[Recipe | None, str | None]:
+    """The proven recipe of a chat template, rendered within bounds (edgeft.template), or (None, why); None
+    for a template that writes the date or time. A template past the bounds is an EdgeftError naming `where`."""
+    from edgeft.template import BoundedRender
+
+    render = BoundedRender(template, variables, where, now=CLOCKS[0])
+    other = BoundedRender(template, variables, where, now=CLOCKS[1])
+    probe = [_m("system", S1), _m("user", U1)]
+    for conv in (probe, probe[1:]):
+        try:
+            same = render(conv, True) == other(conv, True)
+        except EdgeftError:
+            raise  # past the renderer's bounds: the caller's one line
+        except Exception:  # noqa: BLE001 - refused alike at both instants; derive finds out why
+            continue
+        if not same:
+            return None, "the template writes the date or time (strftime_now): a fixed recipe would freeze it"
+    return derive(render, conversations)
+
+
 def derive(render: Render, conversations: Sequence[Messages] = ()) -> tuple[Recipe | None, str | None]:
     """The proven recipe of a template, or (None, why) in one line."""
     u1, a1, u2 = _m("user", U1), _m("assistant", A1), _m("user", U2)
@@ -228,6 +274,8 @@ def derive(render: Render, conversations: Sequence[Messages] = ()) -> tuple[Reci
         start, user, assistant, gen = _turns(render)
     except _NoRecipe as e:
         return None, str(e)
+    except EdgeftError:
+        raise  # past the renderer's bounds: the caller's one line
     except Exception as e:  # noqa: BLE001 - the template refused a plain user/assistant conversation
         return None, f"the template cannot render a plain conversation ({str(e).splitlines()[0][:80]})"
     try:

@@ -116,14 +116,9 @@ def describe(
         runs.append(run)
     template = data.chat_template(tok)
 
-    def render(messages: list[dict[str, str]], gen: bool) -> str:
-        return str(
-            tok.apply_chat_template(
-                messages, chat_template=template, tokenize=False, add_generation_prompt=gen
-            )
-        )
-
-    found, why = recipe.derive(render, [list(c) for c in conversations])
+    found, why = recipe.from_template(
+        template, variables, [list(c) for c in conversations], where=f"{tokenizer_dir} chat template"
+    )
     return {
         "schema_version": SCHEMA_VERSION,
         "chat_template": template,

@@ -23,11 +23,16 @@ from edgeft.errors import EdgeftError
 
 MAX_SECONDS = 20.0  # wall clock for one batch; a chat template renders in milliseconds
 MAX_MEMORY = 1 << 30  # the child's address space: Python and jinja2 need ~100 MB of it
-MAX_CHARS = 1_000_000  # one rendering; a prompt past the longest context edgeft builds for is far shorter
-MAX_BATCH = 1000  # renders per child, so its reply stays bounded (MAX_BATCH x MAX_CHARS x JSON escaping)
+MAX_CHARS = 200_000  # one rendering: a 32k-token prompt is ~150k characters
+MAX_BATCH = 64  # renders per child, so its reply stays bounded (MAX_BATCH x MAX_CHARS x 6 for JSON escapes)
 CHILD = Path(__file__).with_name("template_child.py")
 
 Messages = list[dict[str, str]]
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped (a stranger's message must not drive the terminal)."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 class TemplateRefused(Exception):  # noqa: N818 - the template's own answer, not edgeft's error
@@ -35,11 +40,13 @@ class TemplateRefused(Exception):  # noqa: N818 - the template's own answer, not
 
 
 def _limit_child(seconds: float) -> None:
+    """The child's memory and CPU limits, never above the ones this process already has (a user's ulimit)."""
     import resource
 
-    resource.setrlimit(resource.RLIMIT_AS, (MAX_MEMORY, MAX_MEMORY))
-    cpu = math.ceil(seconds) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    for which, want in ((resource.RLIMIT_AS, MAX_MEMORY), (resource.RLIMIT_CPU, math.ceil(seconds) + 1)):
+        _, hard = resource.getrlimit(which)
+        limit = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(which, (limit, limit))
 
 
 def render_many(
@@ -49,14 +56,15 @@ def render_many(
     *,
     where: str,
     seconds: float | None = None,
+    now: str | None = None,
 ) -> list[str | TemplateRefused]:
     """Each (messages, add_generation_prompt) rendered: its text, or TemplateRefused when the template raised.
     A template past a bound (time, memory, length, recursion; `seconds` defaults to MAX_SECONDS) is one
-    EdgeftError naming `where`."""
+    EdgeftError naming `where`. `now` (ISO time): what `strftime_now` formats instead of the clock."""
     seconds = MAX_SECONDS if seconds is None else seconds
     out: list[str | TemplateRefused] = []
     for i in range(0, len(renders), MAX_BATCH):
-        out += _batch(template, variables, renders[i : i + MAX_BATCH], where, seconds)
+        out += _batch(template, variables, renders[i : i + MAX_BATCH], where, seconds, now)
     return out
 
 
@@ -66,8 +74,15 @@ def _batch(
     renders: Sequence[tuple[Messages, bool]],
     where: str,
     seconds: float,
+    now: str | None,
 ) -> list[str | TemplateRefused]:
-    request = {"template": template, "variables": variables, "renders": renders, "max_chars": MAX_CHARS}
+    request = {
+        "template": template,
+        "variables": variables,
+        "renders": renders,
+        "max_chars": MAX_CHARS,
+        "now": now,
+    }
     limits = (
         f"edgeft renders a template within {seconds:g} s, {MAX_MEMORY >> 20} MB and {MAX_CHARS} characters"
     )
@@ -83,8 +98,12 @@ def _batch(
         )
     except subprocess.TimeoutExpired:
         raise EdgeftError(f"{where}: the chat template did not finish rendering ({limits})") from None
+    except (OSError, subprocess.SubprocessError) as e:
+        raise EdgeftError(f"{where}: cannot start the template renderer ({e})") from None
     if res.returncode != 0:
-        tail = res.stderr.strip().splitlines()[-1:] or [f"exit status {res.returncode}"]
+        tail = [printable(t) for t in res.stderr.strip().splitlines()[-1:]] or [
+            f"exit status {res.returncode}"
+        ]
         if "MemoryError" in res.stderr or res.returncode < 0:
             raise EdgeftError(f"{where}: the chat template needed more memory or CPU than allowed ({limits})")
         raise EdgeftError(f"{where}: the chat template could not be rendered ({tail[0][:200]})")
@@ -107,8 +126,8 @@ class BoundedRender:
     """A recipe.Render over a stranger's template: `prefetch` renders a batch in one child; a call not
     prefetched renders alone. The template's refusal raises TemplateRefused, as a Jinja error would."""
 
-    def __init__(self, template: str, variables: dict[str, Any], where: str) -> None:
-        self.template, self.variables, self.where = template, variables, where
+    def __init__(self, template: str, variables: dict[str, Any], where: str, now: str | None = None) -> None:
+        self.template, self.variables, self.where, self.now = template, variables, where, now
         self._done: dict[str, str | TemplateRefused] = {}
 
     @staticmethod
@@ -119,7 +138,9 @@ class BoundedRender:
         todo = [(list(m), g) for m, g in renders if self._key(m, g) not in self._done]
         todo = list({self._key(m, g): (m, g) for m, g in todo}.values())
         for (m, g), r in zip(
-            todo, render_many(self.template, self.variables, todo, where=self.where), strict=True
+            todo,
+            render_many(self.template, self.variables, todo, where=self.where, now=self.now),
+            strict=True,
         ):
             self._done[self._key(m, g)] = r
 

@@ -1,11 +1,14 @@
 """The child process edgeft.template renders a stranger's chat template in: standard library and jinja2 only.
 
-stdin: {"template", "variables", "renders": [[messages, add_generation_prompt], ...], "max_chars"}; stdout: one
-JSON list, per render {"text": ...} or {"error": one line}. The parent sets the memory and CPU limits and the
+stdin: {"template", "variables", "renders": [[messages, add_generation_prompt], ...], "max_chars", "now"}; stdout:
+one JSON list, per render {"text": ...} or {"error": one line}. `now` (an ISO time, or null for the clock) is
+what `strftime_now` formats, so a template that writes the date can be caught writing it. The parent sets the memory and CPU limits and the
 wall-clock timeout; this side caps each rendering's length while it is produced. The environment is the one
 transformers renders with (ref: transformers utils/chat_template_utils.py _cached_compile_jinja_template):
 sandboxed, trim_blocks and lstrip_blocks, loop controls, a `{% generation %}` block, `tojson` keeping
-non-ASCII, `raise_exception`, `strftime_now`, and `dict`/`namespace` that refuse underscore names.
+non-ASCII, `raise_exception`, `strftime_now`, `dict`/`namespace` that refuse underscore names, and `tools` and
+`documents` passed as none. jinja2 before 3.1.6 has known sandbox escapes (CVE-2024-56201, CVE-2024-56326,
+CVE-2025-27516; transformers refuses it too): it is refused.
 """
 
 import datetime
@@ -70,21 +73,33 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def _printable(text):  # noqa: ANN001, ANN202
+    """The text with control characters escaped: a template's message must not drive the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def _line(e):  # noqa: ANN001, ANN202
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+    return _printable(f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__)
+
+
+def _version(text):  # noqa: ANN001, ANN202
+    return tuple(int(p) if p.isdigit() else 0 for p in text.split(".")[:3])
 
 
 def main():  # noqa: ANN201
     req = json.load(sys.stdin)
+    if _version(jinja2.__version__) < (3, 1, 6):
+        sys.exit(f"jinja2 {jinja2.__version__} has known sandbox escapes; pip install 'jinja2>=3.1.6'")
     cap = int(req["max_chars"])
+    now = datetime.datetime.fromisoformat(req["now"]) if req.get("now") else None
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
     env.globals.update(
         raise_exception=_raise,
-        strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt),
+        strftime_now=lambda fmt: (now or datetime.datetime.now()).strftime(fmt),
         dict=_Dict(),
         namespace=_Namespace,
     )
@@ -99,7 +114,10 @@ def main():  # noqa: ANN201
             continue
         parts, n = [], 0
         try:
-            for chunk in template.generate(messages=messages, add_generation_prompt=gen, **req["variables"]):
+            chunks = template.generate(
+                messages=messages, tools=None, documents=None, add_generation_prompt=gen, **req["variables"]
+            )
+            for chunk in chunks:
                 n += len(chunk)
                 if n > cap:
                     raise _TooLong
@@ -113,7 +131,7 @@ def main():  # noqa: ANN201
             out.append({"error": "recursed too deeply", "limit": True})
         except Exception as e:  # noqa: BLE001 - the template's own refusal (raise_exception) or its bug
             out.append({"error": _line(e)})
-    json.dump(out, sys.stdout)
+    json.dump(out, sys.stdout, ensure_ascii=False)
 
 
 if __name__ == "__main__":

@@ -126,8 +126,7 @@ def test_a_recipe_is_derived_and_equals_the_template(name: str, template: str, m
     # the proof is the claim: every probe and eval conversation gives the template's exact text
     for conv in [*EVAL, *recipe.probes(["<|im_start|>", "[INST]"])]:
         if conv[0]["role"] == "system" and got.system_mode == "unsupported":
-            with pytest.raises(ValueError, match="no system message"):
-                recipe.build(got, conv)
+            assert recipe.build(got, conv) == recipe.build(got, conv[1:])  # left out, as the template does
             continue
         try:
             want = render(conv, True)
@@ -159,6 +158,16 @@ def test_smollm2s_own_template() -> None:
 def test_a_template_the_recipe_cannot_express_gets_none_with_the_reason(template: str, says: str) -> None:
     got, why = recipe.derive(renderer(template), EVAL)
     assert got is None and says in str(why) and "\n" not in str(why)
+
+
+def test_a_template_writing_the_date_gets_no_recipe() -> None:
+    """Llama 3.2's template writes today's date: a recipe would freeze the build's day (and `check` would
+    fail from the next day on), so there is none, with the reason."""
+    dated = "{{ 'Today: ' + strftime_now('%d %b %Y') + '\n' }}" + CHATML_TEMPLATE
+    got, why = recipe.from_template(dated, {}, EVAL, where="t")
+    assert got is None and "date or time" in str(why)
+    got, why = recipe.from_template(CHATML_TEMPLATE, {}, EVAL, where="t")
+    assert got is not None, why
 
 
 def test_a_recipe_edited_after_the_fact_fails_the_proof() -> None:
@@ -266,6 +275,47 @@ def test_check_proves_the_recipe_on_each_artifacts_own_template(demo_bundle: Pat
     assert {(f.kind, f.path) for f in rep.findings} == {("recipe", a) for a in artifacts}, rep.findings
     assert all("own chat template" in f.detail for f in rep.findings)
     assert check_bundle(demo_bundle, threads=2).passed  # the bundle as built: its recipe holds everywhere
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("recipe", {"start": 5}),
+        ("recipe", "text"),
+        ("recipe.user", {"prefix": ["x"], "suffix": ""}),
+        ("recipe.system", {"mode": "shouted", "prefix": "", "suffix": ""}),
+        ("recipe.trim", "yes"),
+        ("chat_template", 7),
+        ("prompt", {"parse_special": False, "add_special_tokens": False}),
+    ],
+)
+def test_a_hostile_recipe_is_a_finding_not_a_traceback(
+    demo_bundle: Path, tmp_path: Path, field: str, value: object
+) -> None:
+    dst = _copy(demo_bundle, tmp_path)
+    desc = json.loads((dst / MODEL_JSON).read_text())
+    *parents, last = field.split(".")
+    node = desc
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    reseal(dst, {MODEL_JSON: json.dumps(desc)})  # model.kv left as built: it disagrees too
+    found = check_bundle(dst, load=False).findings
+    assert ("recipe", MODEL_JSON) in {(f.kind, f.path) for f in found}, found
+    assert all("\n" not in f.detail for f in found)
+
+
+def test_a_system_prompt_the_template_refuses_fails_the_recipe(demo_bundle: Path, tmp_path: Path) -> None:
+    """A template that refuses a system message, with model.json sending one: not a pass."""
+    dst = _copy(demo_bundle, tmp_path)
+    desc = json.loads((dst / MODEL_JSON).read_text())
+    refuse = "{% if messages[0].role == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+    desc["chat_template"] = refuse + desc["chat_template"]
+    desc["prompt"]["system_prompt"] = "be brief"
+    reseal(dst, {MODEL_JSON: json.dumps(desc), MODEL_KV: runspec.flat(desc)})
+    found = check_bundle(dst, load=False).findings
+    assert [(f.kind, f.path) for f in found] == [("recipe", MODEL_JSON)], found
+    assert "refuses" in found[0].detail
 
 
 def test_check_finds_a_model_kv_that_disagrees(demo_bundle: Path, tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ quickly, with this process untouched."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -29,6 +31,8 @@ EXTRAS = (
     "{% set ns = namespace(n=0) %}{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
     "{% set ns.n = ns.n + 1 %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
     "{% else %}{{ m | tojson }}{% endif %}{% endfor %}{{ ns.n }}"
+    # transformers passes tools and documents as none (Mistral's templates test `tools is not none`)
+    "{% if tools is none %}[no tools]{% endif %}{% if documents is not none %}[docs]{% endif %}"
 )
 
 
@@ -74,6 +78,26 @@ def test_a_template_without_bounds_is_stopped_in_one_line(template: str, says: s
     line = str(e.value)
     assert line.startswith("x/model.json: the chat template") and says in line and "\n" not in line
     assert took < 8, took
+
+
+def test_a_templates_message_cannot_drive_the_terminal() -> None:
+    (refused,) = render_many(
+        "{{ raise_exception('\x1b[2J\x1b[32mok: all good\x07') }}", {}, [([], True)], where="t"
+    )
+    assert isinstance(refused, TemplateRefused) and "ok: all good" in str(refused)
+    assert not any(ord(ch) < 0x20 for ch in str(refused)), str(refused)
+
+
+def test_a_lower_limit_of_the_users_is_kept(tmp_path) -> None:
+    """Under a user's `ulimit -t 10` (a hard CPU limit below the child's), rendering still works: the child's
+    limits are never raised above the caller's."""
+    code = (
+        "import resource; resource.setrlimit(resource.RLIMIT_CPU, (10, 10)); "
+        "from edgeft.template import render_many; "
+        "print(render_many('{{ messages[0].content }}', {}, [([{'role': 'user', 'content': 'hi'}], True)], where='t'))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "['hi']", res.stderr[-2000:]
 
 
 def test_many_renders_take_one_child() -> None:
