@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -241,6 +242,53 @@ def test_c_example_without_a_recipe_is_one_line(demo_bundle: Path, c_chat: Path,
     desc["recipe"], desc["recipe_reason"] = None, "the template reorders the messages"
     _describe(dst, desc)
     _one_line_failure(_c(c_chat, dst, "hi"), "no recipe", "the template reorders the messages")
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("context_length=0", "`context_length` is not a number from 1 to"),
+        ("context_length=100000000", "`context_length` is not a number from 1 to"),
+        ("threads=2147483647", "`threads` is not a number"),
+        ("end_of_turn=abc", "an end_of_turn id is not a number"),
+        ("end_of_turn=99999999", "an end_of_turn id is not a number"),
+        ("max_new_tokens=-1", "`max_new_tokens` is not a number"),
+        ("recipe.start=\\x00", "a bad escape in a value"),
+        ("recipe.start=\\", "a bad escape in a value"),
+        ("recipe.system.mode=shouted", "recipe.system.mode is not sent, merged or unsupported"),
+        (
+            "recipe=0\nrecipe_reason=\\x1b[2J\\x1b[32mok: all good",
+            "no recipe (\\x1b[2J\\x1b[32mok: all good)",
+        ),
+        ("artifact=/etc/passwd", "is not a file inside the bundle"),
+        ("artifact=../../../etc/passwd", "is not a file inside the bundle"),
+    ],
+)
+def test_c_example_refuses_a_hostile_model_kv_in_one_line(
+    demo_bundle: Path, c_chat: Path, tmp_path: Path, case: str, says: str
+) -> None:
+    """model.kv comes with the bundle: a value out of range, a bad escape or a path leading out is one line
+    (control characters shown escaped), never an abort, a hang or gigabytes of context."""
+    dst = tmp_path / demo_bundle.name
+    shutil.copytree(demo_bundle, dst)
+    kv = (dst / MODEL_KV).read_text()
+    key = case.split("=", 1)[0]
+    first = next(line for line in kv.splitlines() if line.startswith(key + "="))
+    (dst / MODEL_KV).write_text(kv.replace(first + "\n", case + "\n", 1))
+    line = _one_line_failure(_c(c_chat, dst, "hi"), says)
+    assert "\x1b" not in line
+
+
+def test_c_example_reads_model_kv_only_as_a_regular_file(
+    demo_bundle: Path, c_chat: Path, tmp_path: Path
+) -> None:
+    """A FIFO (a read that never ends) or a link to /dev/zero in model.kv's place: one line, at once."""
+    for name, make in (("fifo", os.mkfifo), ("link", lambda p: os.symlink("/dev/zero", p))):
+        dst = tmp_path / name
+        shutil.copytree(demo_bundle, dst)
+        (dst / MODEL_KV).unlink()
+        make(dst / MODEL_KV)
+        _one_line_failure(_c(c_chat, dst, "hi"), str(dst / MODEL_KV))
 
 
 def test_an_installed_node_example_leaves_the_bundle_whole(node_bundle: Path) -> None:
