@@ -253,6 +253,8 @@ def from_template(
     render = BoundedRender(template, variables, where, now=CLOCKS[0])
     other = BoundedRender(template, variables, where, now=CLOCKS[1])
     probe = [_m("system", S1), _m("user", U1)]
+    for r in (render, other):
+        r.prefetch([(probe, True), (probe[1:], True)])
     for conv in (probe, probe[1:]):
         try:
             same = render(conv, True) == other(conv, True)

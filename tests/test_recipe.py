@@ -145,6 +145,10 @@ def test_qwen_default_system_prompt_is_the_start_and_a_system_message_replaces_i
 def test_smollm2s_own_template() -> None:
     got, why = recipe.derive(renderer(_smollm2_template()), EVAL)
     assert got is not None, why
+    # the same recipe through the bounded renderer a build uses
+    assert recipe.from_template(
+        _smollm2_template(), {"bos_token": "<s>", "eos_token": "</s>"}, EVAL, "t"
+    ) == (got, None)
     assert got.user == recipe.Turn("<|im_start|>user\n", "<|im_end|>\n")
     assert (
         got.generation_prompt == "<|im_start|>assistant\n" and "You are a helpful AI assistant" in got.start
