@@ -33,7 +33,7 @@ from edgeft.device.bundle_manifest import (
     read_sums,
 )
 from edgeft.device.bundle_manifest import parse_sums as device_sums
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, printable
 from edgeft.files import sha256_file
 from edgeft.template import BoundedRender
 
@@ -57,7 +57,8 @@ class Finding:
     detail: str
 
     def line(self) -> str:
-        return f"{self.path}: {self.detail}"
+        """One line, control characters escaped: a file named "x\nok: all good" forges no line."""
+        return printable(f"{self.path}: {self.detail}")
 
 
 @dataclass(frozen=True)

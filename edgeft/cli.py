@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, printable
 
 if TYPE_CHECKING:
     from edgeft import spec as spec_mod
@@ -665,12 +665,8 @@ def _bench_bundle(bundle: Path, *, as_json: bool, allow_native_libs: bool, **kw:
     """edgeft bench BUNDLE [--remote ...]: run, record, and say what happened (see edgeft/remote/)."""
     from edgeft.bundle import regression_line
     from edgeft.remote import bench_bundle, script_args
-    from edgeft.ui import info
+    from edgeft.ui import info, info_text
 
-    if allow_native_libs:
-        raise EdgeftError(
-            "--allow-native-libs: for --artifact; a bundle's script loads what its manifest lists"
-        )
     for flag, value in (("--connect-timeout", kw["connect_timeout"]), ("--timeout", kw["timeout"])):
         if not 0 < value <= 7 * 86400:
             raise EdgeftError(f"{flag} = {value:g}: expected seconds above 0 (at most a week)")
@@ -680,6 +676,7 @@ def _bench_bundle(bundle: Path, *, as_json: bool, allow_native_libs: bool, **kw:
         prompt_tokens=kw.pop("prompt_tokens"),
         decode_tokens=kw.pop("decode_tokens"),
         only=kw.pop("only"),
+        allow_native_libs=allow_native_libs,
     )
     with _stdout_to_stderr():
         run = bench_bundle(bundle, args, **kw)
@@ -692,23 +689,25 @@ def _bench_bundle(bundle: Path, *, as_json: bool, allow_native_libs: bool, **kw:
     for a in run.result["artifacts"]:
         if a.get("status") == "ok":
             best = a.get("best_threads") if isinstance(a.get("best_threads"), dict) else {}
-            info(
+            info_text(
                 f"{a['path']}: prefill {_num(a.get('prefill_tok_s'), '.0f')} tok/s ({best.get('prefill')} threads), "
                 f"decode {_num(a.get('decode_tok_s'), '.1f')} tok/s ({best.get('decode')} threads), "
                 f"TTFT {_num(a.get('ttft_ms'), '.1f')} ms, peak RSS {_num(a.get('peak_rss_mb'), '.0f')} MB"
             )
         else:
             install = f" (install: {a['install']})" if a.get("install") else ""
-            info(f"{a['path']}: {a.get('status')}: {a.get('reason')}{install}")
+            info_text(f"{a['path']}: {a.get('status')}: {a.get('reason')}{install}")
 
     for r in run.comparison["regressions"]:
         print(
-            f"warning: {run.where}: slower than the run of {run.comparison['previous_recorded']}: "
-            f"{regression_line(r)}",
+            printable(
+                f"warning: {run.where}: slower than the run of {run.comparison['previous_recorded']}: "
+                f"{regression_line(r)}"
+            ),
             file=sys.stderr,
         )
     if run.note:
-        print(f"warning: {run.note}", file=sys.stderr)
+        print(printable(f"warning: {run.note}"), file=sys.stderr)
     if as_json:
         _emit({"bundle": str(Path(bundle).resolve())} | run.to_json(), True)
     else:
@@ -794,8 +793,8 @@ def main() -> None:
     traceback instead, for a bug report.
     """
 
-    def one_line(text: str) -> str:
-        return " ".join(part.strip() for part in text.splitlines() if part.strip())
+    def one_line(text: str) -> str:  # and no control character from a stranger's text reaches the terminal
+        return printable(" ".join(part.strip() for part in text.splitlines() if part.strip()))
 
     try:
         app()

@@ -26,6 +26,7 @@ from edgeft.footprint import max_positions
 
 # model.json layout version; bumped whenever a key changes meaning.
 SCHEMA_VERSION = 1
+MAX_THREADS = 4096  # a thread count a device may report (more is no device's)
 
 # The example files every bundle carries (examples/ in the repo); each format adds those that run it
 # (Format.example_files).
@@ -169,7 +170,8 @@ def with_device_threads(described: Any, result: Any, where: str) -> dict[str, An
     for entry in described["artifacts"]:
         b = best.get(entry.get("path")) if isinstance(entry, dict) else None
         if b and all(
-            isinstance(b.get(k), int) and not isinstance(b.get(k), bool) for k in ("decode", "prefill")
+            isinstance(b.get(k), int) and not isinstance(b.get(k), bool) and 1 <= b[k] <= MAX_THREADS
+            for k in ("decode", "prefill")
         ):
             entry["threads"] = {"decode": b["decode"], "prefill": b["prefill"], "measured_on": where}
             changed = True

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, printable
 
 MAX_SECONDS = 20.0  # wall clock for one batch; a chat template renders in milliseconds
 MAX_MEMORY = 1 << 30  # the child's address space: Python and jinja2 need ~100 MB of it
@@ -28,11 +28,6 @@ MAX_BATCH = 64  # renders per child, so its reply stays bounded (MAX_BATCH x MAX
 CHILD = Path(__file__).with_name("template_child.py")
 
 Messages = list[dict[str, str]]
-
-
-def printable(text: str) -> str:
-    """`text` with control characters escaped (a stranger's message must not drive the terminal)."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 class TemplateRefused(Exception):  # noqa: N818 - the template's own answer, not edgeft's error

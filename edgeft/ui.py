@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as Bar
 
+from edgeft.errors import printable
+
 console = Console(stderr=True)
 # A long step's progress callback: update(done, total); task()'s also takes an optional note (e.g. the loss).
 Progress = Callable[[int, int], None]
@@ -40,3 +42,9 @@ def task(description: str, total: int | None = None) -> Iterator[Progress]:
 
 def info(msg: str) -> None:
     console.print(msg, highlight=False, soft_wrap=True)
+
+
+def info_text(msg: str) -> None:
+    """A line holding a stranger's text (a device's reason, a path it sent): no rich markup, no control
+    characters, so it can neither style nor forge what is around it."""
+    console.print(printable(msg), markup=False, highlight=False, soft_wrap=True)

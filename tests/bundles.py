@@ -106,3 +106,19 @@ def reseal(root: Path, changed: dict[str, str]) -> None:
     sums = dict(manifest["files"]) | {MANIFEST: hashlib.sha256(manifest_text.encode("utf-8")).hexdigest()}
     (root / MANIFEST).write_text(manifest_text, encoding="utf-8")
     (root / SHA256SUMS).write_text(dump_sums(sums), encoding="utf-8")
+
+
+def reseal_removed(root: Path, rel: str) -> None:
+    """Drop `rel` (already deleted) from a bundle's manifest and SHA256SUMS, as a rebuild without it would."""
+    import hashlib
+    import json
+
+    from edgeft.constants import MANIFEST, SHA256SUMS
+    from edgeft.device.bundle_manifest import dump_manifest, dump_sums
+
+    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    del manifest["files"][rel]
+    manifest_text = dump_manifest(manifest)
+    sums = dict(manifest["files"]) | {MANIFEST: hashlib.sha256(manifest_text.encode("utf-8")).hexdigest()}
+    (root / MANIFEST).write_text(manifest_text, encoding="utf-8")
+    (root / SHA256SUMS).write_text(dump_sums(sums), encoding="utf-8")

@@ -29,6 +29,7 @@ from bundles import Bundles
 from edgeft import bundle, remote
 from edgeft.check import check_bundle
 from edgeft.constants import MANIFEST, MODEL_JSON, REPORT, SHA256SUMS
+from edgeft.device.sync_on_device import COPY_MARKER
 from edgeft.errors import EdgeftError
 from edgeft.targets import ArtifactSpec
 
@@ -154,10 +155,11 @@ def _one_error_line(res: subprocess.CompletedProcess[str], *needles: str) -> str
 
 
 def _files(folder: Path) -> dict[str, str]:
+    """Every file under `folder` but a device copy's own marker (its record of what edgeft copied there)."""
     return {
         p.relative_to(folder).as_posix(): bundle.sha256_file(p)
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != COPY_MARKER
     }
 
 
@@ -250,9 +252,9 @@ def test_a_device_folder_edgeft_did_not_copy_is_left_alone(
     users = Path(str(device_dir) + suffix)
     (users / ".ssh").mkdir(parents=True)
     (users / ".ssh" / "authorized_keys").write_text("ssh-ed25519 AAAA me")
-    if which == "old":  # .old only matters when a copy finishes: give it an edgeft bundle to replace
+    if which == "old":  # .old only matters when a copy finishes: give it an edgeft copy to replace
         (device_dir).mkdir()
-        (device_dir / ".edgeft").write_text("")
+        (device_dir / COPY_MARKER).write_text(json.dumps({"what": "device copy", "files": []}))
     ep = remote.resolve_endpoint(remote.parse_remote(sshd.spec), sshd.key)
     client = remote.connect(ep, accept_new_host_key=True)
     try:
@@ -261,8 +263,80 @@ def test_a_device_folder_edgeft_did_not_copy_is_left_alone(
     finally:
         client.close()
     msg = str(e.value)
-    assert "\n" not in msg and "not a bundle edgeft copied" in msg and str(users) in msg, msg
+    assert "\n" not in msg and "not a bundle copy edgeft made" in msg and str(users) in msg, msg
     assert (users / ".ssh" / "authorized_keys").read_text() == "ssh-ed25519 AAAA me"
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file and folder under `folder`, links included (not followed), with its content's sha256."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        out[rel] = "link" if p.is_symlink() else "dir" if p.is_dir() else bundle.sha256_file(p)
+    return out
+
+
+@pytest.mark.parametrize("target", ["build-out", "user-folder", "foreign-bundle", "bundle-inside-out"])
+def test_remote_dir_never_costs_the_user_a_file(
+    sshd: Sshd, made: Bundles, runtime_venv: Path, target: str
+) -> None:
+    """--remote-dir at a build's --out folder (bundles and the user's notes), the user's own folder, a bundle
+    put on the device by hand, or a bundle inside a build's --out: refused in one line before anything on the
+    device is renamed or removed; the whole device tree is byte for byte what it was."""
+    b = made(f"hostile-{target}")
+    device = sshd.root / f"device-{target}"
+    if target == "build-out":  # what `edgeft build --out ~/work` leaves: its marker, a bundle, the user's notes
+        rdir = device / "work"
+        shutil.copytree(b, rdir / "tiny-device")
+        (rdir / ".edgeft").write_text(json.dumps({"written_by": "edgeft", "what": "output folder"}))
+        (rdir / "notes.txt").write_text("mine")
+    elif target == "user-folder":
+        rdir = device / "home-pi"
+        (rdir / "projects").mkdir(parents=True)
+        (rdir / "projects" / "main.py").write_text("print('mine')")
+    elif target == "foreign-bundle":  # another bundle, copied by hand, with the user's file beside its files
+        rdir = device / "other-bundle"
+        shutil.copytree(made.fresh, rdir)
+        (rdir / "notes.txt").write_text("mine")
+    else:
+        rdir = device / "work" / "tiny-device"
+        shutil.copytree(b, rdir)
+        (rdir.parent / ".edgeft").write_text(json.dumps({"written_by": "edgeft", "what": "output folder"}))
+        (rdir / "notes.txt").write_text("mine")
+    before = _tree(device)
+    args = ("bench", str(b), "--remote", sshd.spec, "--identity", str(sshd.key), "--accept-new-host-key")
+    args += ("--python", str(runtime_venv), "--remote-dir", str(rdir), *QUICK)
+    res = _edgeft(*args, home=sshd.home(f"hostile-{target}"))
+    line = _one_error_line(res, str(rdir), "not a bundle copy edgeft made", "nothing in it was touched")
+    assert "--remote-dir" in line
+    assert _tree(device) == before
+    assert check_bundle(b, load=False).passed  # nothing was recorded in the bundle either
+
+
+def test_the_users_files_inside_a_device_copy_are_kept(sshd: Sshd, made: Bundles, monkeypatch) -> None:
+    """Files the user adds inside edgeft's own copy on the device are not edgeft's: a later copy (even of a
+    bundle that no longer holds some of edgeft's files) removes only what edgeft put there."""
+    b = made("users-inside")
+    monkeypatch.setenv("HOME", str(sshd.home("users-inside")))
+    device_dir = sshd.root / "device-users-inside" / "tiny-device"
+    ep = remote.resolve_endpoint(remote.parse_remote(sshd.spec), sshd.key)
+    client = remote.connect(ep, accept_new_host_key=True)
+    try:
+        remote.sync_bundle(client, b, str(device_dir), where=ep.where, python=sys.executable)
+        (device_dir / "notes.txt").write_text("mine")
+        (device_dir / "tokenizer" / "my-vocab.txt").write_text("mine")
+        gone = "tokenizer/special_tokens_map.json"
+        assert (device_dir / gone).is_file()
+        (b / gone).unlink()  # the next bundle no longer holds it: edgeft's copy of it goes
+        bundles.reseal_removed(b, gone)
+        remote.sync_bundle(client, b, str(device_dir), where=ep.where, python=sys.executable)
+    finally:
+        client.close()
+    assert (device_dir / "notes.txt").read_text() == "mine"
+    assert (device_dir / "tokenizer" / "my-vocab.txt").read_text() == "mine"
+    assert not (device_dir / gone).exists()
+    record = json.loads((device_dir / COPY_MARKER).read_text())["files"]
+    assert "notes.txt" not in record and MANIFEST in record
 
 
 def test_the_demo_bundle_benched_over_ssh(
@@ -311,10 +385,12 @@ def test_a_killed_copy_is_picked_up_by_the_next(
     device_dir = sshd.root / "device-killed" / "tiny-device"
     partial = Path(str(device_dir) + remote.PARTIAL_SUFFIX)
     (partial / "tokenizer").mkdir(parents=True)
-    (partial / ".edgeft").write_text("")  # written first by every copy: the partial folder is edgeft's
+    # written first by every copy: the partial folder is edgeft's, and what the killed copy put there
+    record = ["tokenizer/stale.json", MANIFEST, "model-q8_0.gguf", REPORT]
+    (partial / COPY_MARKER).write_text(json.dumps({"what": "device copy", "files": record}))
     shutil.copy(b / MANIFEST, partial / MANIFEST)  # whole: kept
     (partial / "model-q8_0.gguf.part").write_bytes(b"GGUF half")  # an unfinished upload
-    (partial / "tokenizer" / "stale.json").write_text("{}")  # not in the bundle
+    (partial / "tokenizer" / "stale.json").write_text("{}")  # an earlier bundle's, not this one's: removed
     (partial / REPORT).write_text("older report")  # changed: copied again
     ep = remote.resolve_endpoint(remote.parse_remote(sshd.spec), sshd.key)
     client = remote.connect(ep, accept_new_host_key=True)

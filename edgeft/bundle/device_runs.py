@@ -5,6 +5,7 @@ step, and compares each run with the previous one of the same device."""
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ from edgeft.device.bundle_manifest import (
     dump_sums,
     read_manifest,
 )
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, printable
 from edgeft.files import MARKER, atomic_dir, read_json
 from edgeft.report_html import render_html
 
@@ -126,12 +127,15 @@ def regression_line(r: dict[str, Any]) -> str:
 
 
 def _cell(x: Any, spec: str = "") -> str:
-    """A table cell from untrusted JSON: numbers formatted, text without pipes or line breaks."""
+    """A table cell from untrusted JSON: numbers formatted; text without pipes, line breaks or control
+    characters, and with <, > and & as HTML entities (a device's `<script>`, or report.md's own section
+    markers in a hostname, stay text)."""
     if x is None:
         return "—"
     if isinstance(x, int | float) and not isinstance(x, bool):
         return format(x, spec) if spec else str(x)
-    return " ".join(str(x).replace("|", "/").split())[:200] or "—"
+    text = printable(" ".join(str(x).replace("|", "/").split())[:200])
+    return html.escape(text, quote=False) or "—"
 
 
 # /proc/cpuinfo flags → the ISA names of target profiles (the features llama.cpp's and onnxruntime's fast

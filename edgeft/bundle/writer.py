@@ -39,8 +39,9 @@ from edgeft.targets import TargetProfile
 from edgeft.versions import tool_versions
 
 # Scripts every bundle carries at its root (edgeft/device/): run on the device without edgeft.
-# bundle_manifest.py is the bundle schema the device script reads manifest.json and SHA256SUMS with.
-DEVICE_SCRIPTS = ("bench_on_device.py", "bundle_manifest.py")
+# bundle_manifest.py is the bundle schema the device script reads manifest.json and SHA256SUMS with;
+# bundle_checks.py the folder checks every loader runs before a runtime sees an artifact.
+DEVICE_SCRIPTS = ("bench_on_device.py", "bundle_manifest.py", "bundle_checks.py")
 
 
 def write_bundle(

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 if __package__:  # imported as edgeft.device.bench_on_device (edgeft bench, edgeft check)
+    from edgeft.device import bundle_checks
     from edgeft.device.bundle_manifest import (
         MANIFEST,
         SHA256SUMS,
@@ -54,12 +55,12 @@ if __package__:  # imported as edgeft.device.bench_on_device (edgeft bench, edge
         read_manifest,
         read_sums,
     )
-else:  # run as the bundle's own script (python -I): the schema file it ships beside it, and nothing else
+else:  # run as a script (python -I): the schema and folder checks it ships beside it, and nothing else
 
-    def _load_schema() -> Any:
-        """bundle_manifest.py beside this script, compiled from its own bytes: never a cached .pyc (one planted
-        in __pycache__ would run instead), never through a symlink, and no bytecode written into the bundle."""
-        path = Path(__file__).with_name("bundle_manifest.py")
+    def _load_beside(name: str) -> Any:
+        """NAME.py beside this script, compiled from its own bytes: never a cached .pyc (one planted in
+        __pycache__ would run instead), never through a symlink, and no bytecode written into the bundle."""
+        path = Path(__file__).with_name(f"{name}.py")
         try:
             if not stat.S_ISREG(os.lstat(path).st_mode):
                 raise OSError("not a regular file")
@@ -68,13 +69,14 @@ else:  # run as the bundle's own script (python -I): the schema file it ships be
             sys.exit(
                 f"bench_on_device: error: {path.name} beside this script cannot be read ({e}); copy the whole bundle"
             )
-        module = types.ModuleType("bundle_manifest")
+        module = types.ModuleType(name)
         module.__file__ = str(path)
-        sys.modules["bundle_manifest"] = module  # dataclasses look their module up while the file runs
-        exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 - the bundle's own schema file
+        sys.modules[name] = module  # dataclasses look their module up while the file runs
+        exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 - shipped beside this script
         return module
 
-    _schema = _load_schema()
+    _schema = _load_beside("bundle_manifest")
+    bundle_checks = _load_beside("bundle_checks")
     MANIFEST, SHA256SUMS, ArtifactEntry, Manifest = (
         _schema.MANIFEST,
         _schema.SHA256SUMS,
@@ -918,6 +920,12 @@ def bench_artifact(
         shape_ok = pair is not None
     else:
         shape_ok = path.is_file() if fmt == "gguf" else (path / "genai_config.json").is_file()
+    if shape_ok and fmt == "onnx":  # the checks every loader runs before onnxruntime-genai sees the folder
+        try:
+            bundle_checks.check_onnx_folder(path, allow_native_libs=a.allow_native_libs)
+        except bundle_checks.FolderError as e:
+            res["reason"] = str(e)
+            return res
     if not shape_ok:
         shape = (
             "GGUF file or base + adapter folder whose every file the manifest lists"
@@ -1096,6 +1104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="energy",
         action="store_false",
         help="skip the idle-power wait and energy readings (they run where a counter is readable)",
+    )
+    ap.add_argument(
+        "--allow-native-libs",
+        action="store_true",
+        help="load an ONNX folder whose genai_config.json names native libraries (custom ops, providers)",
     )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--format", choices=sorted(RUNTIMES), help=argparse.SUPPRESS)

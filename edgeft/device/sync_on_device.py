@@ -11,11 +11,13 @@ Runs on the device with its own Python (standard library only, Python 3.8+), sen
 - finish: the finished copy takes the name FINAL (an older one is moved aside first and removed after), so
   FINAL only ever holds a whole bundle.
 
-Only a folder that is a bundle copy edgeft made is ever renamed, emptied or removed: an empty folder, or one
-with a `.edgeft` marker that is not a build's output folder's (that one holds bundles and maybe the user's
-files). Unlike the host's rule (edgeft/files.py ensure_replaceable_dir), an empty or unreadable marker counts
-as a copy: prepare writes an empty one first, so a copy killed midway is picked up. Anything else is refused
-in one line.
+Only a folder that is a device copy edgeft made is ever renamed, and only files edgeft put there are ever
+removed. A device copy carries its own marker, `.edgeft-copy` (never a file of any bundle): {"what": "device
+copy", "files": [every path edgeft copied into it]}, written before the first upload, so a copy killed midway
+is still known. Any other folder is refused in one line: a build's --out folder, a bundle built or copied there
+by hand (its `.edgeft` marker is a bundle's, not a copy's), the user's own folder. Inside a copy, a file the
+record does not list is the user's: it stays where it is (the device script looks only at the files the
+manifest lists), and a copy holding such files is never removed whole.
 """
 
 from __future__ import annotations
@@ -23,42 +25,49 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 from typing import Any
 
-MARKER = ".edgeft"
-CONTAINER = "output folder"  # the marker's "what" of a build's --out folder (edgeft/files.py CONTAINER)
-MAX_MARKER_BYTES = 4096
+COPY_MARKER = ".edgeft-copy"  # a device copy's own marker (edgeft/remote/sync.py never uploads such a name)
+COPY_WHAT = "device copy"
+MAX_MARKER_BYTES = 1 << 20  # a record of a bundle's file list: a few KB
+UPLOAD_SUFFIX = ".part"  # an upload in progress (edgeft/remote/ssh.py UPLOAD_SUFFIX)
 
 
-def marker_what(folder: str) -> str | None:
-    """The "what" a folder's marker names, or None (no marker, an empty one, or one that is not JSON)."""
+def copy_record(folder: str) -> list[str] | None:
+    """The files edgeft copied into `folder`, from its device-copy marker; None when it is not a device copy
+    (no such marker, a link, too large, not JSON, another "what")."""
+    path = os.path.join(folder, COPY_MARKER)
+    if os.path.islink(path) or not os.path.isfile(path) or os.path.getsize(path) > MAX_MARKER_BYTES:
+        return None
     try:
-        with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             data = json.loads(f.read(MAX_MARKER_BYTES))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
-    return data.get("what") if isinstance(data, dict) and isinstance(data.get("what"), str) else None
+    files = data.get("files") if isinstance(data, dict) and data.get("what") == COPY_WHAT else None
+    return files if isinstance(files, list) and all(_plain(rel) for rel in files) else None
+
+
+def _write_record(folder: str, files: list[str]) -> None:
+    tmp = os.path.join(folder, COPY_MARKER + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"written_by": "edgeft", "what": COPY_WHAT, "files": sorted(files)}, f)
+    os.replace(tmp, os.path.join(folder, COPY_MARKER))
 
 
 def ours(folder: str) -> bool:
-    """An empty folder, or a bundle copy edgeft made (its marker, and not a build's output folder)."""
+    """An empty folder, or a device copy edgeft made (its own marker; a bundle's `.edgeft` is not one)."""
     if os.path.islink(folder) or not os.path.isdir(folder):
         return False
-    if not os.listdir(folder):
-        return True
-    marker = os.path.join(folder, MARKER)
-    if not os.path.isfile(marker) or os.path.getsize(marker) > MAX_MARKER_BYTES:
-        return False  # no marker, or more than any marker edgeft writes (its "what" would go unread)
-    return marker_what(folder) != CONTAINER
+    return not os.listdir(folder) or copy_record(folder) is not None
 
 
 def refuse_unless_ours(folder: str, what: str) -> None:
     if os.path.lexists(folder) and not ours(folder):
         sys.exit(
-            f"{folder} exists and is not a bundle edgeft copied (no .edgeft marker, or a build's output "
-            f"folder); {what}"
+            f"{folder} exists and is not a bundle copy edgeft made (no {COPY_MARKER} marker: your folder, a "
+            f"build's output or a bundle put there by hand); nothing in it was touched; {what}"
         )
 
 
@@ -106,6 +115,8 @@ def prepare(final: str, partial: str, job: Any) -> dict[str, Any]:
         _paths(job, "hash", null=True),
         _paths(job, "keep", null=True) or [],
     )
+    if any(rel == COPY_MARKER or rel.startswith(COPY_MARKER + ".") for rel in want):
+        sys.exit(f"the bundle holds a file named {COPY_MARKER}, the device copy's own marker; refusing it")
     for d in (final, partial):
         refuse_unless_ours(d, "choose another --remote-dir")
     if not os.path.isdir(partial):
@@ -114,29 +125,52 @@ def prepare(final: str, partial: str, job: Any) -> dict[str, Any]:
             os.rename(final, partial)
         else:
             os.mkdir(partial)
-    open(
-        os.path.join(partial, MARKER), "a"
-    ).close()  # ours from the first moment (the bundle's own replaces it)
+    record = set(copy_record(partial) or ())
+    _write_record(partial, sorted(record | want))  # before any upload: what this copy may put here
+    mine = record | want
     have: dict[str, str] = {}
     for d, dirs, names in os.walk(partial, topdown=False):
         for n in names + [x for x in dirs if os.path.islink(os.path.join(d, x))]:
             p = os.path.join(d, n)
             rel = os.path.relpath(p, partial).replace(os.sep, "/")
-            if _kept(rel, keep) or (rel == MARKER and rel not in want):
-                continue  # the user's install (npm ci in examples/node); our marker, kept till the bundle's
+            if rel == COPY_MARKER or _kept(rel, keep):
+                continue  # the record itself; the user's install (npm ci in examples/node)
+            upload = (
+                rel.endswith(UPLOAD_SUFFIX) and rel[: -len(UPLOAD_SUFFIX)] in mine
+            )  # an unfinished upload
             if rel not in want or os.path.islink(p) or not os.path.isfile(p):
-                os.remove(p)
-                continue
+                if rel in mine or upload:
+                    os.remove(p)  # edgeft's: a file the bundle no longer holds, or a link where one goes
+                continue  # not edgeft's: the user's, left alone
             if to_hash is not None and rel not in to_hash:
                 have[rel] = f"size:{os.path.getsize(p)}"
                 continue
             have[rel] = _sha256(p)
         drel = os.path.relpath(d, partial).replace(os.sep, "/")
-        if d != partial and not os.listdir(d) and not _kept(drel, keep):
-            os.rmdir(d)
+        if d != partial and not os.listdir(d) and any(r.startswith(drel + "/") for r in record):
+            os.rmdir(d)  # emptied of edgeft's files
     for rel in want:
         os.makedirs(os.path.dirname(os.path.join(partial, rel)), exist_ok=True)
     return {"dir": partial, "files": have}
+
+
+def _remove_copy(folder: str) -> None:
+    """Remove a device copy: the files its record lists, then the folders they emptied, then the folder. A
+    file it does not list (the user's) stays, and so does the folder, still marked as a copy."""
+    record = copy_record(folder) or []
+    for rel in record:
+        for p in (os.path.join(folder, rel), os.path.join(folder, rel + UPLOAD_SUFFIX)):
+            if os.path.islink(p) or os.path.isfile(p):
+                os.remove(p)
+    for d, _dirs, _names in os.walk(folder, topdown=False):
+        drel = os.path.relpath(d, folder).replace(os.sep, "/")
+        if d != folder and not os.listdir(d) and any(r.startswith(drel + "/") for r in record):
+            os.rmdir(d)
+    if sorted(os.listdir(folder)) == [COPY_MARKER]:
+        os.remove(os.path.join(folder, COPY_MARKER))
+        os.rmdir(folder)
+    else:
+        _write_record(folder, [])
 
 
 def finish(final: str, partial: str) -> str:
@@ -146,12 +180,14 @@ def finish(final: str, partial: str) -> str:
     if not ours(partial):  # nothing is moved unless the finished copy is there and is ours
         sys.exit(f"{partial} is not a bundle copy edgeft made; copy again")
     if os.path.lexists(old):
-        shutil.rmtree(old)
+        _remove_copy(old)
+    if os.path.lexists(old):
+        sys.exit(f"{old} holds files edgeft did not copy; move them away")
     if os.path.lexists(final):
         os.rename(final, old)
     os.rename(partial, final)
     if os.path.lexists(old):
-        shutil.rmtree(old)
+        _remove_copy(old)
     return final
 
 

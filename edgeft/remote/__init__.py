@@ -2,9 +2,10 @@
 
 The bundle is copied over SFTP into `<dir>.partial` on the device (files the device already has with the same
 sha256 are skipped), then renamed to its final name, so a half-copied bundle never sits under the final name
-and a killed copy is picked up by the next run. The bundle's own `bench_on_device.py` runs there with the
-device's Python and prints one JSON object (its layout: edgeft/device/bench_on_device.py), which is recorded
-in the local bundle (edgeft.bundle.record_device_run); the rewritten manifest.json, report.md and SHA256SUMS
+and a killed copy is picked up by the next run. The bundle's `bench_on_device.py` (byte for byte this edgeft's,
+or refused) runs there with the device's Python and prints one JSON object (its layout:
+edgeft/device/bench_on_device.py), parsed within bounds (edgeft/remote/result.py) and recorded in the local
+bundle (edgeft.bundle.record_device_run); the rewritten manifest.json, report.md and SHA256SUMS
 are copied back the same way, so the device holds the same bundle. Every command on the device is ended,
 with what it started, when it runs past its timeout.
 
@@ -13,7 +14,8 @@ Host keys are checked against known_hosts as OpenSSH does: an unknown key is ref
 Every failure is one EdgeftError line naming the host and what to do.
 """
 
-from edgeft.remote.run import DeviceRun, bench_bundle, bench_local, bench_remote, parse_result, script_args
+from edgeft.remote.result import parse_result
+from edgeft.remote.run import DeviceRun, bench_bundle, bench_local, bench_remote, script_args
 from edgeft.remote.ssh import (
     DEVICE_SCRIPT,
     PARTIAL_SUFFIX,

@@ -1,9 +1,12 @@
-"""Running the bundle's own bench_on_device.py, on this machine or on a device, and recording its JSON result
-in the bundle (edgeft.bundle.record_device_run), copied back so the device holds the same bundle."""
+"""Running bench_on_device.py on a bundle, on this machine or on a device, and recording its JSON result in the
+bundle (edgeft.bundle.record_device_run), copied back so the device holds the same bundle.
+
+edgeft runs only its own device code: on this machine the script installed with edgeft (a bundle's copy is
+never run, whatever its digests say), on a device the bundle's copies only when they are byte for byte this
+edgeft's (a bundle from another edgeft is refused, naming the file)."""
 
 from __future__ import annotations
 
-import json
 import shlex
 import subprocess
 import sys
@@ -13,14 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeft.bundle import record_device_run
+from edgeft.bundle.writer import DEVICE_SCRIPTS
 from edgeft.constants import MANIFEST, MODEL_JSON, MODEL_KV, REPORT, REPORT_HTML, SHA256SUMS
 from edgeft.errors import EdgeftError
+from edgeft.files import sha256_file
+from edgeft.remote.result import MAX_RESULT_BYTES, parse_result
 from edgeft.remote.ssh import (
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_REMOTE_ROOT,
     DEVICE_SCRIPT,
-    RESULT_SCHEMA,
     connect,
     parse_remote,
     resolve_endpoint,
@@ -33,33 +38,6 @@ if TYPE_CHECKING:
     pass
 
 
-# --- the on-device script's result -------------------------------------------------------------------------
-
-
-def parse_result(stdout: str, where: str) -> dict[str, Any]:
-    """bench_on_device.py's JSON object, checked for the fields edgeft reads; one line when it is not that."""
-    text = stdout.strip()
-    doc: Any = None
-    for candidate in (text, *(reversed(text.splitlines()))):
-        try:
-            doc = json.loads(candidate)
-            break
-        except ValueError:
-            continue
-    if not isinstance(doc, dict):
-        raise EdgeftError(f"{where}: {DEVICE_SCRIPT} printed no JSON object ({text[-200:]!r})")
-    if doc.get("schema") != RESULT_SCHEMA:
-        raise EdgeftError(
-            f"{where}: {DEVICE_SCRIPT} wrote schema {doc.get('schema')!r}, this edgeft reads {RESULT_SCHEMA}; "
-            "rebuild the bundle with this edgeft"
-        )
-    if not isinstance(doc.get("artifacts"), list) or not isinstance(doc.get("integrity"), dict):
-        raise EdgeftError(f"{where}: {DEVICE_SCRIPT}'s JSON lacks artifacts or integrity")
-    if not all(isinstance(a, dict) and isinstance(a.get("path"), str) for a in doc["artifacts"]):
-        raise EdgeftError(f"{where}: {DEVICE_SCRIPT}'s JSON has an artifact without a path")
-    return doc
-
-
 def script_args(
     *,
     threads: list[int] | None = None,
@@ -67,6 +45,7 @@ def script_args(
     prompt_tokens: int | None = None,
     decode_tokens: int | None = None,
     only: list[str] | None = None,
+    allow_native_libs: bool = False,
 ) -> list[str]:
     """The on-device script's options (its CLI: edgeft/device/bench_on_device.py); None keeps its default."""
     args: list[str] = []
@@ -81,6 +60,8 @@ def script_args(
             args += [flag, str(value)]
     for rel in only or []:
         args += ["--artifact", rel]
+    if allow_native_libs:
+        args.append("--allow-native-libs")
     return args
 
 
@@ -129,21 +110,53 @@ def bench_local(
     from the working folder) and record the result (where = "localhost")."""
 
     bundle = Path(bundle).resolve()
-    script = _bundle_script(bundle)
+    _bundle_script(bundle)
+    script = OWN_DEVICE_DIR / DEVICE_SCRIPT  # this edgeft's, with its schema and checks beside it
     python = python or sys.executable
     where = "localhost"
     cmd = [python, "-I", str(script), str(bundle), *args]
     with tempfile.TemporaryDirectory(prefix="edgeft-device-") as cwd, task(f"bench on {where}"):
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout)
+            code, out, err = run_capped(cmd, cwd=cwd, timeout=timeout, cap=MAX_RESULT_BYTES + 1)
         except (FileNotFoundError, PermissionError):
             raise EdgeftError(
                 f"--python {python}: no such interpreter here; pass the path of a Python 3"
             ) from None
         except subprocess.TimeoutExpired:
             raise EdgeftError(f"{where}: {DEVICE_SCRIPT} ran past {timeout:.0f} s; raise --timeout") from None
-    doc = _checked(_parse_or_fail(proc.stdout, proc.stderr, proc.returncode, where), where)
+    doc = _checked(_parse_or_fail(out, err, code, where), where)
     return DeviceRun(where, doc, record_device_run(bundle, doc, where))
+
+
+def run_capped(cmd: list[str], *, cwd: str, timeout: float, cap: int) -> tuple[int, str, str]:
+    """Run `cmd`, keeping at most `cap` bytes of its stdout and of its stderr (the rest is read and dropped, so
+    the child never blocks): a child printing without end costs no memory here."""
+    import threading
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    kept: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+
+    def pump(stream: Any, buf: bytearray) -> None:
+        for block in iter(lambda: stream.read(1 << 16), b""):
+            if len(buf) < cap:
+                buf.extend(block[: cap - len(buf)])
+
+    threads = [
+        threading.Thread(target=pump, args=(proc.stdout, kept[1]), daemon=True),
+        threading.Thread(target=pump, args=(proc.stderr, kept[2]), daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        for t in threads:
+            t.join(timeout=5)
+    return code, kept[1].decode("utf-8", "replace"), kept[2].decode("utf-8", "replace")
 
 
 def _parse_or_fail(stdout: str, stderr: str, returncode: int, where: str) -> dict[str, Any]:
@@ -156,6 +169,9 @@ def _parse_or_fail(stdout: str, stderr: str, returncode: int, where: str) -> dic
         raise EdgeftError(f"{where}: {DEVICE_SCRIPT} failed (exit {returncode}): {last}") from None
 
 
+OWN_DEVICE_DIR = Path(__file__).resolve().parent.parent / "device"
+
+
 def _bundle_script(bundle: Path) -> Path:
     if not (bundle / MANIFEST).is_file():
         raise EdgeftError(f"{bundle}: not a bundle (no {MANIFEST}); pass the folder `edgeft build` wrote")
@@ -165,6 +181,19 @@ def _bundle_script(bundle: Path) -> Path:
             f"{bundle}: has no {DEVICE_SCRIPT} (written by an older edgeft); rebuild the bundle with this edgeft"
         )
     return script
+
+
+def _own_device_code(bundle: Path) -> None:
+    """The bundle's device scripts, which a device run executes, must be this edgeft's byte for byte."""
+    for name in DEVICE_SCRIPTS:
+        theirs = bundle / name
+        if theirs.is_symlink() or not theirs.is_file():
+            raise EdgeftError(f"{theirs}: missing or not a regular file; rebuild the bundle with this edgeft")
+        if sha256_file(theirs) != sha256_file(OWN_DEVICE_DIR / name):
+            raise EdgeftError(
+                f"{theirs}: not this edgeft's {name} (edgeft runs only its own code on a device); rebuild the "
+                "bundle with this edgeft"
+            )
 
 
 def default_remote_dir(bundle: Path) -> str:
@@ -189,6 +218,7 @@ def bench_remote(
 
     bundle = Path(bundle).resolve()
     _bundle_script(bundle)
+    _own_device_code(bundle)
     ep = resolve_endpoint(parse_remote(remote), identity)
     rdir = (remote_dir or default_remote_dir(bundle)).rstrip("/")
     if rdir in ("", "~", "."):

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 DEVICE_SCRIPT = "bench_on_device.py"
 # The JSON layout version bench_on_device.py prints ("schema").
 RESULT_SCHEMA = 1
+# The most of a command's stdout (and of its stderr) kept: above edgeft.remote.result.MAX_RESULT_BYTES, so a
+# result that large is named as too large rather than cut into something else.
+MAX_OUTPUT_BYTES = (4 << 20) + 1
 DEFAULT_PORT = 22
 DEFAULT_CONNECT_TIMEOUT = 15.0
 DEFAULT_COMMAND_TIMEOUT = 3600.0
@@ -303,6 +306,11 @@ def run_command(
         raise EdgeftError(f"{where}: the SSH connection dropped; check the network and retry")
     chan = transport.open_session(timeout=DEFAULT_CONNECT_TIMEOUT)
     out, err = bytearray(), bytearray()
+
+    def keep(buf: bytearray, data: bytes) -> None:  # a device printing without end costs no memory here
+        if len(buf) < MAX_OUTPUT_BYTES:
+            buf.extend(data[: MAX_OUTPUT_BYTES - len(buf)])
+
     finished = False
     try:
         chan.settimeout(DEFAULT_CONNECT_TIMEOUT)  # for sending stdin; reads below only take what is there
@@ -315,10 +323,10 @@ def run_command(
         def drain() -> bool:
             got = False
             while chan.recv_ready():
-                out.extend(chan.recv(1 << 16))
+                keep(out, chan.recv(1 << 16))
                 got = True
             while chan.recv_stderr_ready():
-                err.extend(chan.recv_stderr(1 << 16))
+                keep(err, chan.recv_stderr(1 << 16))
                 got = True
             return got
 

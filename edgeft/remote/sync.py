@@ -77,7 +77,7 @@ def helper_failure(where: str, python: str, res: Completed) -> str:
             f"{where}: {python} was not found on the device; install Python 3 there "
             "(sudo apt install python3) or pass --python /path/to/python3"
         )
-    if "no .edgeft marker" in last:
+    if "not a bundle copy edgeft made" in last or "the device copy's own marker" in last:
         return f"{where}: {last}"
     if last.startswith("SyntaxError"):  # e.g. `from __future__ import annotations` on Python 3.6
         return f"{where}: {python} on the device is too old; edgeft's device code needs Python 3.8 or newer"

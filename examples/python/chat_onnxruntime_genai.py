@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Tuple
 
 sys.dont_write_bytecode = True  # no __pycache__ inside the bundle: its files stay exactly what was shipped
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bundle_checks  # noqa: E402 - the folder checks every loader of a bundle runs (edgeft's own module)
 import bundle_model  # noqa: E402 - the examples' shared helper, beside this file
 
 
@@ -26,6 +27,10 @@ def answer(
     path: Path, desc: Dict[str, Any], prompts: List[str], max_new: int, threads: Tuple[int, int]
 ) -> List[Tuple[List[int], str]]:
     og = bundle_model.runtime("onnxruntime_genai", "onnxruntime-genai")
+    try:  # before onnxruntime-genai reads anything: no native library, nothing outside the folder
+        bundle_checks.check_onnx_folder(path)
+    except bundle_checks.FolderError as e:
+        raise bundle_model.ExampleError(str(e)) from None
     config = og.Config(str(path))
     # ref: onnxruntime-genai src/config.h, Config::SessionOptions intra_op_num_threads
     config.overlay(

@@ -49,7 +49,7 @@ class OnnxFormat:
             "example": "python/chat_onnxruntime_genai.py",
         },
     )
-    example_files = ("python/chat_onnxruntime_genai.py",)
+    example_files = ("python/chat_onnxruntime_genai.py", "python/bundle_checks.py")
     tokenizer_notes = (
         (
             "byte-level BPE with a Digits(individual) pre-tokenizer (SmolLM2)",

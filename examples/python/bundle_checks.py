@@ -1,0 +1,1 @@
+../../edgeft/device/bundle_checks.py
