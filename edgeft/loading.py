@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.constants import PICKLE_SUFFIXES, TOKENIZER_FILES
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, show
 from edgeft.files import atomic_dir, cache_root, sha256_file
 from edgeft.guard import check_model_folder, inside, read_json, require_regular, safetensors_header
 from edgeft.ui import info
@@ -212,10 +212,12 @@ def load_tokenizer(model: str | Path, *, trust_remote_code: bool = False, notify
                 f"{path}: directory not found (expected a model or adapter dir with a tokenizer)"
             )
         name = str(path)
+        check_tokenizer_files(path)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise EdgeftError(f"{name}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise EdgeftError(f"{name}: cannot load the tokenizer ({first[:200]})") from None
     tj = local_dir(name) / "tokenizer.json"
     if tj.is_file():
         differs = pipeline_differences(tok, tj)
@@ -238,6 +240,28 @@ def load_tokenizer(model: str | Path, *, trust_remote_code: bool = False, notify
             raise EdgeftError(f"{name}: the tokenizer has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """A model folder's tokenizer files as a stranger wrote them: JSON that parses within bounds, and a
+    chat_template that is a template (text, or a list of {name, template}); else one line naming the file and
+    field. transformers would ignore an int template with warnings, and the GGUF would ship without one."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            doc = read_json(folder / name)  # one line for a nested-too-deep or broken file
+            if name == "tokenizer_config.json" and isinstance(doc, dict) and "chat_template" in doc:
+                t = doc["chat_template"]
+                named = isinstance(t, list) and all(
+                    isinstance(x, dict)
+                    and isinstance(x.get("name"), str)
+                    and isinstance(x.get("template"), str)
+                    for x in t
+                )
+                if not (t is None or isinstance(t, str) or named):
+                    raise EdgeftError(
+                        f"{folder / name}: chat_template is {show(t)} ({type(t).__name__}), not a template; "
+                        "write the template text there (or remove the key)"
+                    )
 
 
 def tokenizer_files(model: str | Path) -> list[Path]:

@@ -31,6 +31,7 @@ from edgeft.check import check_bundle
 from edgeft.constants import MANIFEST, MODEL_JSON, REPORT, SHA256SUMS
 from edgeft.device.sync_on_device import COPY_MARKER
 from edgeft.errors import EdgeftError
+from edgeft.remote.ssh import RESULT_SCHEMA
 from edgeft.targets import ArtifactSpec
 
 SSHD = Path("/usr/sbin/sshd")
@@ -285,7 +286,9 @@ def test_remote_dir_never_costs_the_user_a_file(
     device is renamed or removed; the whole device tree is byte for byte what it was."""
     b = made(f"hostile-{target}")
     device = sshd.root / f"device-{target}"
-    if target == "build-out":  # what `edgeft build --out ~/work` leaves: its marker, a bundle, the user's notes
+    if (
+        target == "build-out"
+    ):  # what `edgeft build --out ~/work` leaves: its marker, a bundle, the user's notes
         rdir = device / "work"
         shutil.copytree(b, rdir / "tiny-device")
         (rdir / ".edgeft").write_text(json.dumps({"written_by": "edgeft", "what": "output folder"}))
@@ -750,3 +753,142 @@ def test_record_is_atomic_and_keeps_hostile_text_out_of_the_table(made: Bundles)
         k: v for k, v in before.items() if k != "files"
     }
     assert not [p for p in b.parent.iterdir() if p.name != b.name]  # no temp folder left beside it
+
+
+# --- a hostile device -------------------------------------------------------------------------------------------
+
+
+def _fake_device_python(folder: Path, answer: str) -> Path:
+    """The device's `python`: edgeft's copy helpers (`python -I -c CODE`) run for real; the benchmark script
+    is answered by `answer`, a shell command standing in for what a hostile device prints."""
+    fake = folder / "python3"
+    fake.write_text(f'#!/bin/sh\nif [ "$2" = "-c" ]; then exec {sys.executable} "$@"; fi\n{answer}\n')
+    fake.chmod(0o755)
+    return fake
+
+
+def _bench_with(sshd: Sshd, b: Path, fake: Path, name: str) -> subprocess.CompletedProcess[str]:
+    args = ("bench", str(b), "--remote", sshd.spec, "--identity", str(sshd.key), "--accept-new-host-key")
+    args += ("--python", str(fake), "--remote-dir", str(sshd.root / f"device-{name}" / "b"), *QUICK)
+    return _edgeft(*args, home=sshd.home(name))
+
+
+def _strict_json(path: Path) -> dict:
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} in {path}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_hostile_device_result_is_recorded_within_bounds(sshd: Sshd, made: Bundles, tmp_path: Path) -> None:
+    """NaN, Infinity, a 400-digit number, thread counts of -7 and 10^12, a 2 MB string, ANSI escapes, HTML and
+    report.md's own section marker in a hostname: recorded as typed, bounded JSON (the odd values null, with
+    why), shown escaped, and the bundle still passes `edgeft check`; a normal run afterwards replaces the
+    device section whole."""
+    b = made("hostile-result")
+    before_model = (b / MODEL_JSON).read_text()
+    art = {
+        "path": "model-q8_0.gguf",
+        "status": "ok",
+        "reason": None,
+        "sweep": [{"threads": 10**12, "prefill_tok_s": 1.0, "decode_tok_s": 1.0, "ttft_ms": 1.0}],
+        "best_threads": {"decode": -7, "prefill": 10**12},
+        "prefill_tok_s": float("inf"),
+        "decode_tok_s": float("nan"),
+        "ttft_ms": 12.5,
+        "note": "x" * 2_000_000,
+    }
+    evil = "\x1b[2J\x1b[32mok: all good <script>alert(1)</script> " + bundle.DEVICE_SECTION_END
+    result = {
+        "schema": RESULT_SCHEMA,
+        "integrity": {"ok": True, "files_checked": 3, "problems": []},
+        "device": {"hostname": evil, "cores": 4, "cpu_model": evil},
+        "settings": {"prompt_tokens": 8, "decode_tokens": 4, "runs": 1, "threads": [1, 2]},
+        "artifacts": [art, {**art, "path": "onnx-int8", "status": "failed", "reason": evil}],
+    }
+    text = json.dumps(result).replace('"ttft_ms": 12.5', '"ttft_ms": 1' + "0" * 400)
+    planted = tmp_path / "result.json"
+    planted.write_text(text)
+    res = _bench_with(sshd, b, _fake_device_python(tmp_path, f"cat {planted}"), "hostile-result")
+    assert "\x1b" not in res.stdout + res.stderr, res.stderr[-2000:]
+    assert res.returncode == 2 and "onnx-int8" in res.stderr  # the failed artifact, one line
+    m = _strict_json(b / MANIFEST)
+    [run] = m["device_latency"]
+    got = run["result"]["artifacts"][0]
+    assert got["decode_tok_s"] is None and got["prefill_tok_s"] is None and got["ttft_ms"] is None
+    assert got["best_threads"] is None and got["sweep"] == [] and len(got["note"]) == 1000
+    notes = " ".join(run["result"]["sanitized"])
+    assert "not a finite number" in notes and "does not fit a double" in notes and "thread counts" in notes
+    assert len((b / MANIFEST).read_bytes()) < 200_000
+    assert (b / MODEL_JSON).read_text() == before_model  # no thread count from this run reached model.json
+    report = (b / REPORT).read_text()
+    assert "<script>" not in report and "&lt;script&gt;" in report and "\x1b" not in report
+    assert report.count(bundle.DEVICE_SECTION_START) == 1 and report.count(bundle.DEVICE_SECTION_END) == 1
+    assert check_bundle(b, load=False).passed
+    # a plain run afterwards: the hostile section is replaced whole, nothing of it left behind
+    plain = {
+        **result,
+        "device": {"hostname": "pi5", "cores": 4},
+        "artifacts": [_result(30.0)["artifacts"][0]],
+    }
+    planted.write_text(json.dumps(plain))
+    again = _bench_with(sshd, b, _fake_device_python(tmp_path, f"cat {planted}"), "hostile-result")
+    assert again.returncode == 0, again.stderr[-2000:]
+    report = (b / REPORT).read_text()
+    assert (
+        "alert"
+        not in report.split(bundle.DEVICE_SECTION_START)[0] + report.split(bundle.DEVICE_SECTION_END)[1]
+    )
+    assert check_bundle(b, load=False).passed
+
+
+@pytest.mark.parametrize(
+    ("name", "answer", "says"),
+    [
+        ("endless", "yes xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx | head -c 300000000",
+         "printed more than 4 MB"),
+        ("deep", "python3 -c \"print('[' * 100000 + ']' * 100000)\"", "nested too deeply"),
+        ("deep-object", "python3 -c \"print('{\\\"schema\\\": 1, \\\"a\\\": ' + '[' * 100000 + ']' * 100000 + '}')\"",
+         "nested too deeply"),
+    ],
+)  # fmt: skip
+def test_a_device_that_floods_or_nests_is_one_line(
+    sshd: Sshd, made: Bundles, tmp_path: Path, name: str, answer: str, says: str
+) -> None:
+    """300 MB of output, or JSON nested 100,000 deep: one line, host memory bounded, nothing recorded."""
+    b = made(f"flood-{name}")
+    before = _files(b)
+    fake = _fake_device_python(tmp_path, answer)
+    args = ("bench", str(b), "--remote", sshd.spec, "--identity", str(sshd.key), "--accept-new-host-key")
+    args += ("--python", str(fake), "--remote-dir", str(sshd.root / f"device-flood-{name}" / "b"), *QUICK)
+    # edgeft as the only child of a small Python, which reports that child's peak memory
+    peak = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    peak += "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)"
+    env = dict(os.environ, HOME=str(sshd.home(f"flood-{name}")), COLUMNS="200")
+    env.pop("SSH_AUTH_SOCK", None)
+    res = subprocess.run(
+        [sys.executable, "-c", peak, sys.executable, "-m", "edgeft", *args],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    peak_mb = int(res.stderr.strip().splitlines()[-1]) / 1024
+    res = subprocess.CompletedProcess(
+        res.args, res.returncode, res.stdout, "\n".join(res.stderr.splitlines()[:-1])
+    )
+    _one_error_line(res, says)
+    assert _files(b) == before
+    assert peak_mb < 1000, peak_mb  # edgeft with torch imported: a few hundred MB; 300 MB of output is more
+
+
+def test_a_bundle_with_other_device_code_is_not_run_on_the_device(
+    sshd: Sshd, made: Bundles, tmp_path: Path
+) -> None:
+    """A bundle whose bench_on_device.py is not this edgeft's (digests made consistent): refused before
+    anything is copied; edgeft runs only its own code on a device."""
+    b = made("other-script")
+    planted = (b / remote.DEVICE_SCRIPT).read_text() + "\nopen('/tmp/edgeft-pwned', 'w')\n"
+    bundles.reseal(b, {remote.DEVICE_SCRIPT: planted})
+    device = sshd.root / "device-other-script"
+    args = ("bench", str(b), "--remote", sshd.spec, "--identity", str(sshd.key), "--accept-new-host-key")
+    res = _edgeft(*args, "--remote-dir", str(device / "b"), *QUICK, home=sshd.home("other-script"))
+    _one_error_line(res, remote.DEVICE_SCRIPT, "not this edgeft's", "rebuild the bundle")
+    assert not device.exists()

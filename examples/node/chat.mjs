@@ -129,6 +129,12 @@ async function answer(path, desc, prompts, maxNew, threads, adapter) {
             // parse special tokens ("<|im_start|>" is one token); add BOS only if model.json says so
             const ids = model.tokenize(text, desc.prompt.parse_special);
             if (desc.prompt.add_special_tokens && model.tokens.bos != null) ids.unshift(model.tokens.bos);
+            if (ids.length + maxNew > desc.context_length) {
+                throw new ExampleError(
+                    `the prompt (${ids.length} tokens) and the answer (up to ${maxNew}) do not fit the context of ` +
+                        `${desc.context_length} tokens (model.json context_length); shorten the prompt or pass a smaller --max-tokens`,
+                );
+            }
             await sequence.clearHistory();
             const answerIds = [];
             for await (const token of sequence.evaluate(ids, {temperature: gen.temperature, topK: gen.top_k})) {

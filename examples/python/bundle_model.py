@@ -165,6 +165,16 @@ def prompt_text(desc: Dict[str, Any], prompt: str) -> str:
     return render(desc, conversation(desc, prompt))
 
 
+def fits(desc: Dict[str, Any], n_prompt: int, max_new: int) -> None:
+    """Refuse, in one line, a prompt that leaves no room for the answer in model.json's context."""
+    n_ctx = int(desc["context_length"])
+    if n_prompt + max_new > n_ctx:
+        raise ExampleError(
+            f"the prompt ({n_prompt} tokens) and the answer (up to {max_new}) do not fit the context of "
+            f"{n_ctx} tokens (model.json context_length); shorten the prompt or pass a smaller --max-tokens"
+        )
+
+
 def runtime(module: str, package: str) -> Any:
     """Import an artifact's runtime, or fail in one line naming what to install."""
     import importlib

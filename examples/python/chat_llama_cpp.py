@@ -57,6 +57,7 @@ def answer(
                 add_bos=desc["prompt"]["add_special_tokens"],
                 special=desc["prompt"]["parse_special"],
             )
+            bundle_model.fits(desc, len(ids), max_new)
             res = llm.create_completion(  # a list of ids is fed as is; it stops at end-of-generation tokens
                 prompt=ids,
                 max_tokens=max_new,

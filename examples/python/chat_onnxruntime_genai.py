@@ -46,6 +46,7 @@ def answer(
     for prompt in prompts:
         text = bundle_model.prompt_text(desc, prompt)
         ids = [int(i) for i in tokenizer.encode(text)]
+        bundle_model.fits(desc, len(ids), max_new)
         params = og.GeneratorParams(model)
         params.set_search_options(do_sample=desc["generation"]["do_sample"], max_length=len(ids) + max_new)
         generator = og.Generator(model, params)

@@ -14,6 +14,7 @@ import torch
 from edgeft.constants import PICKLE_SUFFIXES
 from edgeft.errors import EdgeftError
 from edgeft.files import read_json
+from edgeft.guard import safetensors_header
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -43,6 +44,9 @@ def tensor_index(files: list[Path]) -> dict[str, Path]:
 
     index: dict[str, Path] = {}
     for f in files:
+        safetensors_header(
+            f
+        )  # a damaged or hostile header: one line naming the file, before safetensors reads it
         with safe_open(str(f), framework="pt") as sf:
             for k in sf.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 index[k] = f

@@ -1,0 +1,279 @@
+"""Failure injection: hostile bundles and model folders against every loader on this machine (the device
+cases, behind a real sshd on 127.0.0.1, are in test_remote.py). Each ends in one clear line, nothing runs that
+the user did not ask for, and the bundle still passes `edgeft check` after any device run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import bundles
+import pytest
+from bundles import TARGET, Bundles
+from tinymodels import make_model
+
+from edgeft import remote
+from edgeft.check import check_bundle
+from edgeft.constants import MANIFEST
+from edgeft.device import bundle_checks
+from edgeft.remote.run import run_capped
+
+QUICK = ("--thread-sweep", "1", "--runs", "1", "--prompt-tokens", "8", "--decode-tokens", "4")
+ONNX = "onnx-int8"
+
+
+@pytest.fixture(scope="module")
+def made(tiny_llama: Path, tiny_exports: list, tmp_path_factory: pytest.TempPathFactory) -> Bundles:
+    """The tiny Llama's bundle (GGUF q8_0 and ONNX int8), as `edgeft build` writes it."""
+    work = tmp_path_factory.mktemp("hostile")
+    arts = [a for a in tiny_exports if a.spec in TARGET.artifacts]
+    fresh = bundles.write(tiny_llama, arts, work / "dist", target=TARGET)
+    assert (fresh / ONNX / "genai_config.json").is_file()
+    return Bundles(fresh, work)
+
+
+def _edgeft(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeft", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def _one_line(res: subprocess.CompletedProcess[str], *needles: str) -> str:
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert res.returncode != 0 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert all(n in lines[0] for n in needles), (needles, lines[0])
+    return lines[0]
+
+
+# --- native code named by a bundle runs only when asked for --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evil_lib(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A shared library whose constructor leaves a file behind when anything loads it."""
+    work = tmp_path_factory.mktemp("evil")
+    flag = work / "constructor-ran"
+    src = work / "evil.c"
+    src.write_text(
+        "#include <stdio.h>\n__attribute__((constructor)) static void ran(void) {\n"
+        f'  FILE *f = fopen("{flag}", "w"); if (f) fclose(f);\n}}\n'
+    )
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc, "a C compiler is needed (apt-get install gcc)"
+    subprocess.run(
+        [cc, "-shared", "-fPIC", "-o", str(work / "libevil.so"), str(src)], check=True, timeout=120
+    )
+    return work / "libevil.so", flag
+
+
+def _with_native_lib(made: Bundles, name: str, lib: Path) -> Path:
+    """A copy whose ONNX folder ships libevil.so and names it in genai_config.json, every digest (files,
+    the artifact's tree digest, SHA256SUMS) made consistent, as a careful attacker would."""
+    import hashlib
+
+    from edgeft.constants import SHA256SUMS
+    from edgeft.device.bundle_manifest import dump_manifest, dump_sums
+
+    b = made(name)
+    shutil.copy(lib, b / ONNX / "libevil.so")
+    cfg = json.loads((b / ONNX / "genai_config.json").read_text())
+    cfg["model"]["decoder"].setdefault("session_options", {})["custom_ops_library"] = "libevil.so"
+    (b / ONNX / "genai_config.json").write_text(json.dumps(cfg, indent=2))
+    manifest = json.loads((b / MANIFEST).read_text())
+    for rel in (f"{ONNX}/genai_config.json", f"{ONNX}/libevil.so"):
+        manifest["files"][rel] = hashlib.sha256((b / rel).read_bytes()).hexdigest()
+    inner = {k.removeprefix(ONNX + "/"): v for k, v in manifest["files"].items() if k.startswith(ONNX + "/")}
+    tree = hashlib.sha256("".join(f"{k}\0{inner[k]}\n" for k in sorted(inner)).encode()).hexdigest()
+    next(a for a in manifest["artifacts"] if a["path"] == ONNX)["sha256"] = tree
+    text = dump_manifest(manifest)
+    (b / MANIFEST).write_text(text)
+    sums = dict(manifest["files"]) | {MANIFEST: hashlib.sha256(text.encode()).hexdigest()}
+    (b / SHA256SUMS).write_text(dump_sums(sums))
+    assert check_bundle(b, load=False).passed  # consistent: only what looks inside the folder can tell
+    return b
+
+
+def test_a_native_library_in_a_bundle_is_loaded_by_no_one_unless_asked(
+    made: Bundles, evil_lib: tuple[Path, Path], runtime_venv: Path
+) -> None:
+    """genai_config.json naming a custom-ops library (digests consistent): `edgeft check`, `edgeft bench`,
+    the device script and the ONNX example all refuse it before onnxruntime-genai opens the folder; only
+    `edgeft bench --allow-native-libs` loads it."""
+    lib, flag = evil_lib
+    b = _with_native_lib(made, "native", lib)
+    flag.unlink(missing_ok=True)
+    rep = check_bundle(b)
+    assert [(f.kind, f.path) for f in rep.findings if f.path == ONNX] == [("runtime", ONNX)], rep.findings
+    assert "names native code" in next(f.detail for f in rep.findings if f.path == ONNX)
+    res = _edgeft("bench", str(b), "--python", str(runtime_venv), *QUICK)
+    line = _one_line(res, ONNX)
+    assert "failed to run" in line and "names native code" in res.stderr
+    run = json.loads((b / MANIFEST).read_text())["device_latency"][-1]["result"]
+    onnx = next(a for a in run["artifacts"] if a["path"] == ONNX)
+    assert onnx["status"] == "failed" and "names native code" in onnx["reason"]
+    dev = subprocess.run(  # the bundle's own script, as a device user runs it
+        [str(runtime_venv), "-I", str(b / "bench_on_device.py"), str(b), "--artifact", ONNX, "--threads", "1"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert "names native code" in json.loads(dev.stdout)["artifacts"][0]["reason"]
+    ex = subprocess.run(
+        [str(runtime_venv), "-I", str(b / "examples/python/chat_onnxruntime_genai.py"), "--bundle", str(b), "hi"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert (
+        ex.returncode == 1 and "names native code" in ex.stderr and len(ex.stderr.strip().splitlines()) == 1
+    )
+    assert not flag.exists(), "the library's constructor ran without --allow-native-libs"
+    assert check_bundle(b, load=False).passed  # after a recorded device run, still whole
+    _edgeft("bench", str(b), "--python", str(runtime_venv), "--allow-native-libs", "--only", ONNX, *QUICK)
+    assert flag.exists(), "--allow-native-libs must reach the script that loads the folder"
+
+
+def test_edgeft_bench_runs_its_own_script_not_the_bundles(
+    made: Bundles, runtime_venv: Path, tmp_path: Path
+) -> None:
+    """A bundle whose bench_on_device.py was replaced (digests made consistent): `edgeft bench` runs the
+    script installed with edgeft, so the planted code never runs."""
+    b = made("planted-script")
+    flag = tmp_path / "planted-ran"
+    script = (b / remote.DEVICE_SCRIPT).read_text()
+    bundles.reseal(b, {remote.DEVICE_SCRIPT: f"open({str(flag)!r}, 'w').close()\n" + script})
+    res = _edgeft("bench", str(b), "--python", str(runtime_venv), "--only", "model-q8_0.gguf", *QUICK)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not flag.exists()
+    assert check_bundle(b, load=False).passed
+
+
+def _onnx_with_external(path: Path, location: str) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
+    w.ClearField("float_data")
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", "16")):
+        w.external_data.add(key=k, value=v)
+    inner = helper.make_graph([helper.make_node("Identity", ["w"], ["z"])], "inner", [], [], [w])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=inner, else_branch=inner)
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    onnx.save(helper.make_model(graph), str(path))
+
+
+@pytest.mark.parametrize("location", ["../../secret.bin", "/etc/passwd", "sub/../../x.bin"])
+def test_external_data_outside_the_folder_is_refused_without_the_onnx_package(
+    tmp_path: Path, location: str
+) -> None:
+    """The shared check reads the model's protobuf itself (a device has no onnx package), subgraphs included,
+    and agrees with the onnx package on where each tensor's data lives."""
+    import onnx
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx"}}}))
+    _onnx_with_external(folder / "model.onnx", location)
+    # the tensor sits in both branches of the If: found in each subgraph
+    assert bundle_checks.external_data_locations(folder / "model.onnx") == [("w", location)] * 2
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    assert model.graph.node[0].attribute[0].g.initializer[0].external_data[0].value == location
+    with pytest.raises(bundle_checks.FolderError, match="outside"):
+        bundle_checks.check_onnx_folder(folder)
+
+
+def test_the_protobuf_field_numbers_are_onnxs() -> None:
+    """The shared module's table of ONNX field numbers, against the onnx package's own descriptors."""
+    import onnx
+
+    table = {
+        ("ModelProto", "graph"): bundle_checks.MODEL_GRAPH,
+        ("ModelProto", "functions"): bundle_checks.MODEL_FUNCTIONS,
+        ("GraphProto", "node"): bundle_checks.GRAPH_NODE,
+        ("GraphProto", "initializer"): bundle_checks.GRAPH_INITIALIZER,
+        ("GraphProto", "sparse_initializer"): bundle_checks.GRAPH_SPARSE_INITIALIZER,
+        ("FunctionProto", "node"): bundle_checks.FUNCTION_NODE,
+        ("NodeProto", "attribute"): bundle_checks.NODE_ATTRIBUTE,
+        ("AttributeProto", "t"): bundle_checks.ATTR_T,
+        ("AttributeProto", "g"): bundle_checks.ATTR_G,
+        ("AttributeProto", "tensors"): bundle_checks.ATTR_TENSORS,
+        ("AttributeProto", "graphs"): bundle_checks.ATTR_GRAPHS,
+        ("AttributeProto", "sparse_tensor"): bundle_checks.ATTR_SPARSE_TENSOR,
+        ("AttributeProto", "sparse_tensors"): bundle_checks.ATTR_SPARSE_TENSORS,
+        ("TensorProto", "name"): bundle_checks.TENSOR_NAME,
+        ("TensorProto", "external_data"): bundle_checks.TENSOR_EXTERNAL_DATA,
+        ("TensorProto", "data_location"): bundle_checks.TENSOR_DATA_LOCATION,
+        ("SparseTensorProto", "values"): bundle_checks.SPARSE_VALUES,
+        ("SparseTensorProto", "indices"): bundle_checks.SPARSE_INDICES,
+        ("StringStringEntryProto", "key"): bundle_checks.ENTRY_KEY,
+        ("StringStringEntryProto", "value"): bundle_checks.ENTRY_VALUE,
+    }
+    for (message, field), number in table.items():
+        assert getattr(onnx, message).DESCRIPTOR.fields_by_name[field].number == number, (message, field)
+    assert onnx.TensorProto.EXTERNAL == 1
+
+
+def test_a_truncated_or_random_model_file_is_one_line(tmp_path: Path) -> None:
+    for name, raw in (("cut", b"\x3a\xff\xff\xff\x0f"), ("random", bytes(range(256)) * 40), ("empty", b"")):
+        path = tmp_path / f"{name}.onnx"
+        path.write_bytes(raw)
+        try:
+            bundle_checks.external_data_locations(path)
+        except bundle_checks.FolderError as e:
+            assert "\n" not in str(e) and str(path) in str(e)
+
+
+# --- text from strangers reaches no terminal raw ------------------------------------------------------------
+
+
+def test_a_file_name_cannot_forge_a_line_of_check(made: Bundles) -> None:
+    b = made("forged-names")
+    (b / "x\nok: all good").write_text("")
+    (b / "\x1b[2J\x1b[32mclean").write_text("")
+    res = _edgeft("check", str(b), "--no-load")
+    assert res.returncode == 1
+    lines = res.stderr.splitlines()
+    assert "ok: all good" not in lines and not any(ln.startswith("ok:") for ln in lines), lines
+    assert "\x1b" not in res.stderr and "x\\nok: all good" in res.stderr
+
+
+# --- the faults a stranger's model folder can cause: one line each ------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["int-template", "deep-tokenizer", "bad-safetensors"])
+def test_a_broken_model_folder_is_one_line_naming_the_file(tmp_path: Path, fault: str) -> None:
+    model = make_model("llama", "bpe", tmp_path / "m")
+    if fault == "int-template":
+        (model / "chat_template.jinja").unlink(missing_ok=True)
+        cfg = json.loads((model / "tokenizer_config.json").read_text())
+        cfg["chat_template"] = 7
+        (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+        needles = ("tokenizer_config.json", "chat_template is 7")
+    elif fault == "deep-tokenizer":
+        (model / "tokenizer.json").write_text("[" * 100_000 + "]" * 100_000)
+        needles = ("tokenizer.json", "cannot read JSON")
+    else:
+        (model / "model.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b'{"a":1,"b":[}   ' + b"\0" * 64)
+        needles = ("model.safetensors", "not a readable safetensors file")
+    res = _edgeft("export", "--model", str(model), "--quant", "f32", "--out", str(tmp_path / "x.gguf"))
+    _one_line(res, *needles)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_output_read_with_a_cap() -> None:
+    """A child printing 300 MB: at most the cap is kept, the child is drained (no deadlock), quickly."""
+    t0 = time.monotonic()
+    code, out, err = run_capped(
+        [sys.executable, "-c", "import sys\nfor _ in range(300): sys.stdout.write('x' * (1 << 20))"],
+        cwd=".",
+        timeout=120,
+        cap=1 << 20,
+    )
+    assert code == 0 and len(out) == 1 << 20 and err == ""
+    assert time.monotonic() - t0 < 60
+
+
+def test_an_error_line_escapes_control_characters() -> None:
+    res = _edgeft("check", "/nonexistent/\x1b[2Jbundle")
+    assert res.returncode == 2 and "\x1b" not in res.stderr and "\\x1b[2J" in res.stderr
