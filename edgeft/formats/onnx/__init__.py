@@ -96,7 +96,7 @@ class OnnxFormat:
             raise EdgeftError(
                 f"{where}: accuracy_level applies to onnx int8/int4 only, not onnx {spec.quant}"
             )
-        if isinstance(level, bool) or level not in ONNX_ACCURACY_LEVELS:
+        if not isinstance(level, int) or isinstance(level, bool) or level not in ONNX_ACCURACY_LEVELS:
             known = ", ".join(map(str, ONNX_ACCURACY_LEVELS))
             raise EdgeftError(f"{where}: accuracy_level = {show(level)} (known: {known})")
 
