@@ -352,6 +352,7 @@ def _run_artifact(
             full, threads=threads, n_ctx=512, all_logits=False, allow_native_libs=allow_native_libs
         )
         try:
+            rt.vet([PROBE_MESSAGES, *(found[1] if found is not None else [])])  # its own template, bounded
             ids = rt.chat_prompt_ids(PROBE_MESSAGES)
             out = [int(t) for t in rt.generate(ids, PROBE_TOKENS)]
             recipe_diff = _recipe_on(rt, found) if found is not None else None

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeft import template
 from edgeft.errors import EdgeftError
 from edgeft.files import sha256_file
 
@@ -322,7 +323,29 @@ def chat_template(tokenizer: Any) -> str:
     return tmpl if isinstance(tmpl, str) and tmpl else plain_chat_template(tokenizer)
 
 
+def template_variables(tokenizer: Any) -> dict[str, Any]:
+    """What transformers gives a chat template besides the messages: the special tokens' text."""
+    return {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str | list)}
+
+
+def vet(tokenizer: Any, renders: list[tuple[list[dict[str, str]], bool]]) -> None:
+    """Render these through the tokenizer's chat template within bounds first, in one batch (edgeft.template
+    vet): transformers then renders the same inputs in this process, known to finish."""
+    where = f"{getattr(tokenizer, 'name_or_path', '') or 'the model'}: its chat template"
+    template.vet(chat_template(tokenizer), template_variables(tokenizer), renders, where=where)
+
+
+def vet_examples(tokenizer: Any, examples: Sequence[Example]) -> None:
+    """vet() every rendering train_ids and prompt_ids make of these examples, in one batch."""
+    renders = [(list(ex.prompt_messages), True) for ex in examples]
+    renders += [
+        ([*ex.prompt_messages, {"role": "assistant", "content": ex.answer}], False) for ex in examples
+    ]
+    vet(tokenizer, renders)
+
+
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    vet(tokenizer, [(messages, generation_prompt)])  # at once when a batch vetted it already
     try:
         text = tokenizer.apply_chat_template(
             messages,
@@ -356,7 +379,7 @@ def prompt_ids(tokenizer: Any, ex: Example) -> list[int]:
     try:
         return chat_prompt_ids(tokenizer, ex.prompt_messages)
     except EdgeftError as e:
-        raise EdgeftError(f"{ex.source}: {e}") from None
+        raise type(e)(f"{ex.source}: {e}") from None
 
 
 _SENTINEL = "\u2063edgeft-answer\u2063"
@@ -367,6 +390,8 @@ def template_end_of_turn(tokenizer: Any) -> int | None:
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
     try:
         text = _render(tokenizer, msgs, False)
+    except template.TemplateBoundsError:
+        raise
     except Exception:  # noqa: BLE001 - a template may refuse this shape; then there is nothing to learn
         return None
     if _SENTINEL not in text:
@@ -417,7 +442,7 @@ def train_ids(tokenizer: Any, ex: Example, max_len: int) -> tuple[list[int], lis
     try:
         full = _render(tokenizer, full_msgs, False)
     except EdgeftError as e:
-        raise EdgeftError(f"{ex.source}: {e}") from None
+        raise type(e)(f"{ex.source}: {e}") from None
     head = _render(tokenizer, ex.prompt_messages, True)
     if full.startswith(head):
         rest = _encode(tokenizer, full[len(head) :], special=False)

@@ -16,6 +16,7 @@ from edgeft import files
 from edgeft.errors import EdgeftError
 from edgeft.probes import PROBE_CONVERSATIONS
 from edgeft.runtime import Runtime
+from edgeft.template import TemplateBoundsError
 from edgeft.ui import Progress
 
 
@@ -111,6 +112,9 @@ def make_eval_set(
     """Ids for drift (the whole held-out conversations, or offline text) and the conversations to answer."""
     examples = list(examples or [])[:max_examples]
     if examples:
+        data_mod.vet_examples(
+            tokenizer, examples
+        )  # the template renders them within bounds first, in one batch
         seqs = [data_mod.train_ids(tokenizer, ex, max_len)[0] for ex in examples]
         longest = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
         max_new, scored = min(256, longest + 8), True
@@ -159,6 +163,14 @@ def greedy(
     return out
 
 
+def vet_app_path(rt: Runtime, es: EvalSet) -> None:
+    """Every conversation's prompt through the runtime's own template within bounds, in one batch, before
+    the runtime renders them one by one (Runtime.vet)."""
+    vet = getattr(rt, "vet", None)  # a runtime that renders no stranger's template (a test's) has none
+    if vet is not None:
+        vet([list(ex.prompt_messages) for ex in es.examples])
+
+
 def app_answer(
     rt: Runtime, es: EvalSet, i: int, keep_going: Callable[[list[int]], bool] | None = None
 ) -> AppAnswer:
@@ -166,6 +178,8 @@ def app_answer(
     ex = es.examples[i]
     try:
         prompt = rt.chat_prompt_ids(ex.prompt_messages)
+    except TemplateBoundsError:
+        raise  # a hostile template is the artifact's fault, not one conversation's
     except EdgeftError as e:
         return AppAnswer([], [], False, "", error=str(e))
     if len(prompt) + es.max_new_tokens > es.n_ctx:
@@ -188,6 +202,7 @@ def task_accuracy(rt: Runtime, es: EvalSet, progress: Progress | None = None) ->
     once."""
     if not es.scored:
         return None
+    vet_app_path(rt, es)
     hits = 0
     if getattr(rt, "generate_batch", None) is not None:
         for a in range(0, len(es.examples), BATCH):

@@ -61,6 +61,7 @@ class _Examples(torch.utils.data.Dataset):
     """Pre-tokenized (input_ids, labels) pairs."""
 
     def __init__(self, tokenizer: Any, examples: Sequence[_data.Example], max_len: int) -> None:
+        _data.vet_examples(tokenizer, examples)  # the template renders them within bounds first, in one batch
         self.rows = [_data.train_ids(tokenizer, ex, max_len) for ex in examples]
 
     def __len__(self) -> int:

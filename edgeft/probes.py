@@ -13,6 +13,7 @@ from typing import Any
 
 from edgeft import data as data_mod
 from edgeft.errors import EdgeftError
+from edgeft.template import TemplateBoundsError
 
 PROBE_TEXTS: tuple[str, ...] = (
     "Hello world",
@@ -88,6 +89,8 @@ def tokenization_mismatches(
         msgs = [dict(m) for m in messages]
         try:
             want = data_mod.chat_prompt_ids(tokenizer, msgs)
+        except TemplateBoundsError:
+            raise
         except EdgeftError:  # the model's template refuses this shape (e.g. a system turn)
             continue
         try:

@@ -23,7 +23,7 @@ import numpy as np
 from edgeft import data as data_mod
 from edgeft import files, formats, metrics
 from edgeft.errors import EdgeftError
-from edgeft.evalset import AppAnswer, EvalSet, app_answer, cut_answer
+from edgeft.evalset import AppAnswer, EvalSet, app_answer, cut_answer, vet_app_path
 from edgeft.runtime import Runtime
 from edgeft.ui import Progress
 from edgeft.versions import tool_versions
@@ -134,6 +134,7 @@ def _batches(seqs: list[list[int]], vocab: int, batched: bool) -> list[list[list
 def _answers(rt: Runtime, es: EvalSet, progress: Progress | None) -> tuple[list[AppAnswer], list[Choices]]:
     """The float model's greedy answer to every conversation, through its own template and end ids."""
     base = len(es.sequences)
+    vet_app_path(rt, es)  # its own template renders every conversation within bounds first
     generate_batch = getattr(rt, "generate_batch", None)
     if generate_batch is None:  # one at a time (no alternatives: the near-tie rule does not apply)
         answers = []

@@ -29,6 +29,12 @@ class Runtime(Protocol):
         """The ids an app feeds the model for a conversation: the artifact's own template and tokenizer."""
         ...
 
+    def vet(self, conversations: list[list[dict[str, str]]]) -> None:
+        """Render these through the artifact's own chat template within bounds first, in one batch
+        (edgeft.template.vet), so chat_prompt_ids on them next is known to finish; a template past the bounds
+        is one EdgeftError naming it."""
+        ...
+
     def text_ids(self, text: str) -> list[int]:
         """A prompt text's ids as an app without a template engine gets them from the runtime's tokenizer:
         special tokens in the text parsed as such, none added (model.json's prompt settings)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -21,13 +22,18 @@ from typing import Any
 
 from edgeft.errors import EdgeftError, printable
 
-MAX_SECONDS = 20.0  # wall clock for one batch; a chat template renders in milliseconds
+# wall clock for one batch; a chat template renders in milliseconds (EDGEFT_RENDER_SECONDS: a slow machine, a test)
+MAX_SECONDS = float(os.environ.get("EDGEFT_RENDER_SECONDS") or 20)
 MAX_MEMORY = 1 << 30  # the child's address space: Python and jinja2 need ~100 MB of it
 MAX_CHARS = 200_000  # one rendering: a 32k-token prompt is ~150k characters
 MAX_BATCH = 64  # renders per child, so its reply stays bounded (MAX_BATCH x MAX_CHARS x 6 for JSON escapes)
 CHILD = Path(__file__).with_name("template_child.py")
 
 Messages = list[dict[str, str]]
+
+
+class TemplateBoundsError(EdgeftError):
+    """A template past the renderer's bounds: a fault of the template, never skipped as a refusal."""
 
 
 class TemplateRefused(Exception):  # noqa: N818 - the template's own answer, not edgeft's error
@@ -92,26 +98,28 @@ def _batch(
             check=False,
         )
     except subprocess.TimeoutExpired:
-        raise EdgeftError(f"{where}: the chat template did not finish rendering ({limits})") from None
+        raise TemplateBoundsError(f"{where}: the chat template did not finish rendering ({limits})") from None
     except (OSError, subprocess.SubprocessError) as e:
-        raise EdgeftError(f"{where}: cannot start the template renderer ({e})") from None
+        raise TemplateBoundsError(f"{where}: cannot start the template renderer ({e})") from None
     if res.returncode != 0:
         tail = [printable(t) for t in res.stderr.strip().splitlines()[-1:]] or [
             f"exit status {res.returncode}"
         ]
         if "MemoryError" in res.stderr or res.returncode < 0:
-            raise EdgeftError(f"{where}: the chat template needed more memory or CPU than allowed ({limits})")
-        raise EdgeftError(f"{where}: the chat template could not be rendered ({tail[0][:200]})")
+            raise TemplateBoundsError(
+                f"{where}: the chat template needed more memory or CPU than allowed ({limits})"
+            )
+        raise TemplateBoundsError(f"{where}: the chat template could not be rendered ({tail[0][:200]})")
     try:
         replies = json.loads(res.stdout)
     except ValueError:
-        raise EdgeftError(f"{where}: the chat template renderer gave no answer ({limits})") from None
+        raise TemplateBoundsError(f"{where}: the chat template renderer gave no answer ({limits})") from None
     out: list[str | TemplateRefused] = []
     for r in replies:
         if "text" in r:
             out.append(str(r["text"]))
         elif r.get("limit"):
-            raise EdgeftError(f"{where}: the chat template {r.get('error')} ({limits})")
+            raise TemplateBoundsError(f"{where}: the chat template {r.get('error')} ({limits})")
         else:
             out.append(TemplateRefused(str(r.get("error"))))
     return out
@@ -147,3 +155,31 @@ class BoundedRender:
         if isinstance(r, TemplateRefused):
             raise r
         return r
+
+
+# Renderings already made within bounds in this process, by digest of (template, variables, messages, gen).
+_VETTED: set[str] = set()
+
+
+def _digest(template: str, variables: dict[str, Any], messages: Messages, gen: bool) -> str:
+    import hashlib
+
+    raw = json.dumps([template, variables, messages, gen], sort_keys=True, default=str)
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()
+
+
+def vet(
+    template: str, variables: dict[str, Any], renders: Sequence[tuple[Messages, bool]], *, where: str
+) -> None:
+    """Render these within bounds first (batched, each input once per process), so that an in-process renderer
+    given the same input next (transformers, llama-cpp-python, onnxruntime-genai) is known to finish: a template
+    that would hang, eat memory or grow without end is one EdgeftError naming `where` here instead. The
+    template's own refusal is not a fault here: the renderer that follows reports it as it always has."""
+    todo: dict[str, tuple[Messages, bool]] = {}
+    for m, g in renders:
+        key = _digest(template, variables, list(m), g)
+        if key not in _VETTED:
+            todo[key] = (list(m), g)
+    if todo:
+        render_many(template, variables, list(todo.values()), where=where)
+        _VETTED.update(todo)

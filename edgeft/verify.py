@@ -45,6 +45,7 @@ from edgeft.evalset import (  # noqa: F401 - the eval set's names, as verify's c
     make_eval_set,
     probe_examples,
     task_accuracy,
+    vet_app_path,
 )
 from edgeft.files import cache_root
 from edgeft.formats import open_runtime
@@ -247,6 +248,7 @@ def compare(
     def spelled(i: int) -> str:
         return "<end of turn>" if i == _END else piece(i)
 
+    vet_app_path(rt, es)  # its own template renders every conversation within bounds first
     prompt_hits = answer_hits = task_hits = near_ties = 0
     prompt_diff = answer_diff = near_tie_diff = None
     margins: list[float | None] = []

@@ -90,8 +90,11 @@ def test_scripts_import_only_the_standard_library_and_runtimes(script: str) -> N
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, f"{script} has a relative import"
-            if node.module == "edgeft.device.bundle_manifest":  # its sibling, shipped beside it
-                assert "bundle_manifest.py" in bundle.DEVICE_SCRIPTS
+            if node.module in (
+                "edgeft.device.bundle_manifest",
+                "edgeft.device",
+            ):  # siblings shipped beside it
+                assert {"bundle_manifest.py", "bundle_checks.py"} <= set(bundle.DEVICE_SCRIPTS)
                 continue
             names.add((node.module or "").split(".")[0])
     allowed = set(sys.stdlib_module_names) | {"llama_cpp", "onnxruntime_genai"}
@@ -128,10 +131,10 @@ def _device_sync(step: str, final: Path, job: dict | None = None) -> subprocess.
 
 
 def test_the_copy_helper_never_touches_an_output_folder_or_the_users_files(tmp_path: Path) -> None:
-    """A build's --out folder carries edgeft's marker too, but holds bundles and the user's own files: as
-    --remote-dir it is refused in one line and nothing in it moves. A bundle copy edgeft made is brought to
-    the bundle's file list, the user's install folder inside it kept."""
-    assert (sync.MARKER, sync.CONTAINER) == (files.MARKER, files.CONTAINER)  # one rule, on both sides
+    """A build's --out folder carries edgeft's marker, but holds bundles and the user's own files: as
+    --remote-dir it is refused in one line and nothing in it moves. A device copy edgeft made (its own marker,
+    recording what it copied) is brought to the bundle's file list: edgeft's stale files go, the user's files
+    and install folder inside it stay."""
     out = tmp_path / "dist"
     out.mkdir(exist_ok=True)
     (out / ".edgeft").write_text(json.dumps({"written_by": "edgeft", "what": files.CONTAINER}))
@@ -141,15 +144,19 @@ def test_the_copy_helper_never_touches_an_output_folder_or_the_users_files(tmp_p
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     for step in ("prepare", "finish"):
         res = _device_sync(step, out, {"want": ["a.txt"], "hash": None})
-        assert res.returncode == 1 and "a build's output folder" in res.stderr and str(out) in res.stderr
+        assert (
+            res.returncode == 1 and "not a bundle copy edgeft made" in res.stderr and str(out) in res.stderr
+        )
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert (out / "notes.txt").read_text() == "mine"
 
     copy = tmp_path / "copy"
     (copy / "examples" / "node" / "node_modules").mkdir(parents=True)
-    (copy / ".edgeft").write_text(json.dumps({"written_by": "edgeft", "what": "bundle"}))
+    record = {"written_by": "edgeft", "what": sync.COPY_WHAT, "files": ["a.txt", "stale.bin"]}
+    (copy / sync.COPY_MARKER).write_text(json.dumps(record))
     (copy / "examples" / "node" / "node_modules" / "dep.js").write_text("users install")
-    (copy / "stale.bin").write_text("not in the bundle any more")
+    (copy / "stale.bin").write_text("an earlier bundle's file, not this one's")
+    (copy / "notes.txt").write_text("the user's")
     (copy / "a.txt").write_text("kept")
     job = {"want": ["a.txt", "sub/b.txt"], "hash": None, "keep": ["examples/node/node_modules"]}
     res = _device_sync("prepare", copy, job)
@@ -158,9 +165,11 @@ def test_the_copy_helper_never_touches_an_output_folder_or_the_users_files(tmp_p
     partial = Path(got["dir"])
     assert got["files"] == {"a.txt": bod.sha256_file(partial / "a.txt")}
     assert not (partial / "stale.bin").exists() and (partial / "sub").is_dir() and not copy.exists()
+    assert (partial / "notes.txt").read_text() == "the user's"
     assert (partial / "examples" / "node" / "node_modules" / "dep.js").read_text() == "users install"
     res = _device_sync("finish", copy)
     assert res.returncode == 0 and res.stdout.strip() == str(copy) and not partial.exists()
+    assert (copy / "notes.txt").read_text() == "the user's"
 
 
 def test_the_copy_helper_refuses_a_job_or_a_finish_that_would_reach_outside_the_copy(tmp_path: Path) -> None:

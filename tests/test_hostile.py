@@ -277,3 +277,32 @@ def test_output_read_with_a_cap() -> None:
 def test_an_error_line_escapes_control_characters() -> None:
     res = _edgeft("check", "/nonexistent/\x1b[2Jbundle")
     assert res.returncode == 2 and "\x1b" not in res.stderr and "\\x1b[2J" in res.stderr
+
+
+# --- a stranger's chat template renders within bounds, everywhere -------------------------------------------
+
+HOSTILE_TEMPLATES = {
+    "nested-loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "did not finish"),
+    "huge-string": ("{% set ns = namespace(s='xx') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}"
+                    "{{ ns.s }}", ""),
+}  # fmt: skip
+FAST = {"EDGEFT_RENDER_SECONDS": "3"}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_TEMPLATES))
+def test_a_model_folders_template_is_bounded_in_edgeft(tmp_path: Path, name: str) -> None:
+    """edgeft renders a model's template (export's tokenizer checks, training, verify) only after the same
+    conversations rendered within bounds in a child: a hostile one is one line naming it, in seconds."""
+    import os
+
+    template, says = HOSTILE_TEMPLATES[name]
+    model = make_model("llama", "bpe", tmp_path / "m")
+    (model / "chat_template.jinja").write_text(template)
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-m", "edgeft", "export", "--model", str(model), "--quant", "f32", "--out", str(tmp_path / "x.gguf")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, **FAST),
+    )  # fmt: skip
+    line = _one_line(res, "chat template", says)
+    assert "m: its chat template" in line or str(model) in line
+    assert time.monotonic() - t0 < 60 and not (tmp_path / "x.gguf").exists()

@@ -177,8 +177,12 @@ def read_regular(path: Path, cap: int | None) -> bytes:
 
 def inside(folder: Path, rel: str, what: str) -> Path:
     """folder/rel, refused unless it stays inside `folder` once every link is resolved."""
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\0" in rel:
+    if not isinstance(rel, str) or not rel or "\0" in rel:
         raise FolderError(f"{folder}: {what} is {str(rel)[:200]!r}, not a file inside the folder")
+    if os.path.isabs(rel):
+        raise FolderError(
+            f"{folder}: {what} {rel[:200]!r} is an absolute path, outside the folder; refusing it"
+        )
     path = folder / rel
     try:
         path.resolve().relative_to(folder.resolve())

@@ -19,6 +19,7 @@ import {dirname, join, resolve, sep} from "node:path";
 import {availableParallelism} from "node:os";
 import {fileURLToPath} from "node:url";
 import {parseArgs} from "node:util";
+import {Worker, isMainThread, parentPort, workerData} from "node:worker_threads";
 import {Template} from "@huggingface/jinja";
 import {getLlama, LlamaLogLevel} from "node-llama-cpp";
 
@@ -103,11 +104,47 @@ function conversation(desc, prompt) {
 
 // @huggingface/jinja gives a template what transformers does: raise_exception, strftime_now, tojson
 // (non-ASCII kept), trim_blocks and lstrip_blocks; then model.json's variables and the generation prompt
-function render(desc, messages) {
-    return new Template(desc.chat_template).render({
+// A chat template is a program from whoever made the bundle: it renders in a worker thread with a heap limit,
+// a time limit and a cap on the text's length (a nested range(100000) loop would hang the app).
+const RENDER_MS = 1000 * (Number(process.env.EDGEFT_RENDER_SECONDS) || 20);
+const RENDER_HEAP_MB = 512;
+const RENDER_CHARS = 200000;
+
+function renderHere(desc, messages) {
+    const text = new Template(desc.chat_template).render({
         messages,
         add_generation_prompt: desc.prompt.add_generation_prompt,
         ...(desc.template_variables ?? {}),
+    });
+    if (text.length > RENDER_CHARS) throw new Error(`the rendering grew past ${RENDER_CHARS} characters`);
+    return text;
+}
+
+const printable = (s) => String(s).replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
+
+// every conversation's text, rendered in one worker within the bounds above; a template past them is one line
+function renderAll(desc, conversations) {
+    const bounds = `${RENDER_MS / 1000} s, ${RENDER_HEAP_MB} MB, ${RENDER_CHARS} characters`;
+    return new Promise((resolveAll, reject) => {
+        const worker = new Worker(new URL(import.meta.url), {
+            workerData: {desc, conversations},
+            resourceLimits: {maxOldGenerationSizeMb: RENDER_HEAP_MB, maxYoungGenerationSizeMb: 32},
+        });
+        const fail = (why) => reject(new ExampleError(`model.json chat_template: ${printable(why)}`));
+        const timer = setTimeout(() => {
+            worker.terminate();
+            fail(`did not finish rendering within ${bounds}`);
+        }, RENDER_MS);
+        worker.on("message", (m) => {
+            clearTimeout(timer);
+            if (m.error != null) fail(m.error);
+            else resolveAll(m.texts);
+        });
+        worker.on("error", (e) => {
+            clearTimeout(timer);
+            fail(e?.code === "ERR_WORKER_OUT_OF_MEMORY" ? `needed more than ${bounds}` : `${e?.name}: ${e?.message}`);
+        });
+        worker.on("exit", () => clearTimeout(timer));
     });
 }
 
@@ -124,8 +161,9 @@ async function answer(path, desc, prompts, maxNew, threads, adapter) {
     const gen = desc.generation;
     const out = [];
     try {
-        for (const prompt of prompts) {
-            const text = render(desc, conversation(desc, prompt));
+        const texts = await renderAll(desc, prompts.map((p) => conversation(desc, p)));
+        for (const [i, prompt] of prompts.entries()) {
+            const text = texts[i];
             // parse special tokens ("<|im_start|>" is one token); add BOS only if model.json says so
             const ids = model.tokenize(text, desc.prompt.parse_special);
             if (desc.prompt.add_special_tokens && model.tokens.bos != null) ids.unshift(model.tokens.bos);
@@ -200,7 +238,14 @@ async function main(argv) {
         .join("");
 }
 
-main(process.argv.slice(2)).then(
+if (!isMainThread) {  // the template worker (renderAll): render, answer, and end
+    try {
+        const {desc, conversations} = workerData;
+        parentPort.postMessage({texts: conversations.map((m) => renderHere(desc, m))});
+    } catch (e) {
+        parentPort.postMessage({error: `${e?.name ?? "Error"}: ${String(e?.message ?? e).split("\n")[0].slice(0, 300)}`});
+    }
+} else main(process.argv.slice(2)).then(
     (text) => process.stdout.write(text, () => process.exit(0)),  // exit once the answers are written out
     (e) => {
         const first = (String(e?.message ?? e).trim().split("\n")[0]) || e?.name || "error";

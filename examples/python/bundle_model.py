@@ -119,11 +119,74 @@ def conversation(desc: Dict[str, Any], prompt: str) -> Messages:
     return head + [{"role": "user", "content": prompt}]
 
 
+# A chat template is a program from whoever made the bundle: it renders in a child Python within these bounds
+# (a nested range(100000) loop would hang the app; 'x' * 2000000000 would take ~24 GB).
+RENDER_SECONDS = int(os.environ.get("EDGEFT_RENDER_SECONDS") or 20)  # a slow board (or a test) may change it
+RENDER_MEMORY = 1 << 30
+RENDER_CHARS = 200_000
+
+
+def _limit_child() -> None:
+    import resource
+
+    for which, want in ((resource.RLIMIT_AS, RENDER_MEMORY), (resource.RLIMIT_CPU, RENDER_SECONDS + 1)):
+        hard = resource.getrlimit(which)[1]
+        limit = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(which, (limit, limit))
+
+
 def render(desc: Dict[str, Any], messages: Messages) -> str:
+    """model.json's chat template rendered (render_here) in a child Python with a memory, CPU and time limit
+    and a cap on the text's length; a template past them is one line naming it."""
+    import subprocess
+
+    here = str(Path(__file__).resolve().parent)
+    code = f"import sys; sys.dont_write_bytecode = True; sys.path.insert(0, {here!r}); import bundle_model; "
+    code += "bundle_model.render_child()"
+    bounds = f"{RENDER_SECONDS} s, {RENDER_MEMORY >> 20} MB, {RENDER_CHARS} characters"
+    try:
+        res = subprocess.run(
+            [sys.executable, "-I", "-c", code],
+            input=json.dumps({"desc": desc, "messages": messages}),
+            capture_output=True,
+            text=True,
+            timeout=RENDER_SECONDS,
+            preexec_fn=_limit_child if os.name == "posix" else None,
+        )
+    except subprocess.TimeoutExpired:
+        raise ExampleError(f"model.json chat_template: did not finish rendering within {bounds}") from None
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
+        if "MemoryError" in last or res.returncode < 0:
+            last = f"needed more than {bounds}"
+        raise ExampleError(f"model.json chat_template: {printable(last[:300])}")
+    return json.loads(res.stdout)
+
+
+def printable(text: str) -> str:
+    """Control characters shown as escapes: a template's message must not drive the terminal."""
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in text)
+
+
+def render_child() -> None:
+    """The child's side of render: stdin {"desc", "messages"}, stdout the text as JSON, one line on stderr and
+    exit 1 for the template's own error or a bound."""
+    job = json.load(sys.stdin)
+    try:
+        text = render_here(job["desc"], job["messages"])
+    except MemoryError:
+        sys.exit("MemoryError")
+    except Exception as e:  # noqa: BLE001 - the template's own error (raise_exception) or its bug
+        sys.exit(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300])
+    json.dump(text, sys.stdout)
+
+
+def render_here(desc: Dict[str, Any], messages: Messages) -> str:
     """model.json's chat template rendered as transformers renders it: Jinja2, sandboxed, trim_blocks and
     lstrip_blocks, loop controls, its `tojson` (non-ASCII kept) and its `raise_exception` and `strftime_now`
-    globals (ref: transformers utils/chat_template_utils.py _compile_jinja_template), with model.json's
-    template variables and the generation prompt."""
+    globals, `tools` and `documents` none (ref: transformers utils/chat_template_utils.py
+    _compile_jinja_template), with model.json's template variables and the generation prompt; at most
+    RENDER_CHARS characters."""
     import datetime
 
     import jinja2
@@ -153,11 +216,19 @@ def render(desc: Dict[str, Any], messages: Messages) -> str:
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     template = env.from_string(desc["chat_template"])
-    return template.render(
+    parts, n = [], 0
+    for chunk in template.generate(
         messages=messages,
+        tools=None,
+        documents=None,
         add_generation_prompt=desc["prompt"]["add_generation_prompt"],
         **desc.get("template_variables", {}),
-    )
+    ):
+        n += len(chunk)
+        if n > RENDER_CHARS:
+            raise ValueError(f"the rendering grew past {RENDER_CHARS} characters")
+        parts.append(chunk)
+    return "".join(parts)
 
 
 def prompt_text(desc: Dict[str, Any], prompt: str) -> str:

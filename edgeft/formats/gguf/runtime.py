@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeft import template
 from edgeft.errors import EdgeftError
 from edgeft.formats.gguf.header import check_gguf
 
@@ -177,8 +178,24 @@ class LlamaCppRuntime:
             self._llm.eval([nxt])
         return out
 
+    def vet(self, conversations: list[list[dict[str, str]]]) -> None:
+        """The GGUF's own template (the one llama-cpp-python renders, with the bos and eos text it passes)
+        rendered within bounds first; a GGUF without one uses llama-cpp-python's built-in formats (no Jinja)."""
+        tmpl = self.metadata.get("tokenizer.chat_template")
+        if not tmpl:
+            return
+        model = self._llm._model  # noqa: SLF001 - where Llama keeps the vocabulary's token texts
+        bos, eos = self._llm.token_bos(), self._llm.token_eos()
+        variables = {
+            "bos_token": model.token_get_text(bos) if bos != -1 else "",
+            "eos_token": model.token_get_text(eos) if eos != -1 else "",
+        }
+        renders = [(list(m), True) for m in conversations]
+        template.vet(tmpl, variables, renders, where=f"{self.path}: its chat template")
+
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The ids an app's `create_chat_completion(messages)` feeds this model (its template, its tokenizer)."""
+        self.vet([messages])  # at once when a batch vetted it already
         try:
             return chat_prompt_ids(self._llm, messages)
         except EdgeftError:

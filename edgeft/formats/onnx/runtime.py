@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from edgeft import template
 from edgeft.errors import EdgeftError
 from edgeft.formats.onnx.constants import ONNX_GENAI_CONFIG, ONNX_MODEL_FILE
 from edgeft.formats.onnx.folder import check_external_data, check_onnx_folder
+from edgeft.guard import read_json
 
 # onnxruntime's type strings for the float I/O dtypes a CPU decoder can have.
 _ORT_FLOATS: dict[str, Any] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -217,8 +219,28 @@ class OrtRuntime:
                 ) from None
         return self._og_tokenizer
 
+    def vet(self, conversations: list[list[dict[str, str]]]) -> None:
+        """The folder's chat template (tokenizer_config.json's, else chat_template.jinja: what onnxruntime-genai's
+        tokenizer renders) rendered within bounds first, with the bos and eos text the config names."""
+        cfg_path = self.path / "tokenizer_config.json"
+        cfg = read_json(cfg_path) if cfg_path.is_file() else {}
+        cfg = cfg if isinstance(cfg, dict) else {}
+        tmpl = cfg.get("chat_template")
+        if not isinstance(tmpl, str) and (self.path / "chat_template.jinja").is_file():
+            tmpl = (self.path / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")
+        if not isinstance(tmpl, str) or not tmpl:
+            return
+
+        def text(v: Any) -> str:
+            return v if isinstance(v, str) else str(v.get("content", "")) if isinstance(v, dict) else ""
+
+        variables = {"bos_token": text(cfg.get("bos_token")), "eos_token": text(cfg.get("eos_token"))}
+        renders = [(list(m), True) for m in conversations]
+        template.vet(tmpl, variables, renders, where=f"{self.path}: its chat template")
+
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The ids an app feeds the model: `Tokenizer.apply_chat_template` (generation prompt) + `encode`."""
+        self.vet([messages])  # at once when a batch vetted it already
         tok = self._get_og_tokenizer()
         try:
             prompt = tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True)

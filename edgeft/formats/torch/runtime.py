@@ -130,6 +130,9 @@ class TorchRuntime:
         """The fine-tune's prompt ids for a conversation (chat template + generation prompt)."""
         return data_mod.chat_prompt_ids(self.tokenizer, messages)
 
+    def vet(self, conversations: list[list[dict[str, str]]]) -> None:
+        data_mod.vet(self.tokenizer, [(list(m), True) for m in conversations])
+
     def text_ids(self, text: str) -> list[int]:
         """The tokenizer's ids of a prompt text, nothing added (special tokens in it are parsed)."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
