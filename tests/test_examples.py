@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -613,3 +614,41 @@ def test_an_adapter_path_outside_the_bundle_is_refused(
     _describe(dst, original)
     for cmd in (_python(runtime_venv, dst, PY_GGUF, *args), _node(dst, *args), _c(c_chat, dst, *args)):
         assert _run(cmd).returncode == 0, cmd
+
+
+# --- a hostile template in model.json: one line, in bounded time, in every example ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "says"),
+    [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "did not finish",
+        ),
+        ("{% for i in range(100000) %}{{ 'abcdefghijk' }}{% endfor %}", "grew past 200000 characters"),
+        ("{{ raise_exception('\x1b[2J\x1b[32mok') }}", "\\x1b[2J"),
+    ],
+    ids=["nested-loops", "long-output", "escape-codes"],
+)
+def test_a_hostile_template_is_bounded_in_the_examples(
+    node_bundle: Path, runtime_venv: Path, tmp_path: Path, template: str, says: str
+) -> None:
+    import os
+
+    dst = tmp_path / node_bundle.name
+    shutil.copytree(node_bundle, dst, ignore=shutil.ignore_patterns("node_modules"))
+    (dst / "examples" / "node" / "node_modules").symlink_to(
+        node_bundle / "examples" / "node" / "node_modules"
+    )
+    desc = json.loads((dst / MODEL_JSON).read_text())
+    desc["chat_template"] = template
+    (dst / MODEL_JSON).write_text(json.dumps(desc))
+    env = dict(os.environ, EDGEFT_RENDER_SECONDS="3")
+    for cmd in (_python(runtime_venv, dst, PY_GGUF, "hi"), _node(dst, "hi")):
+        t0 = time.monotonic()
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 1 and len(lines) == 1 and "chat_template" in lines[0], (cmd, res.stderr)
+        assert says in lines[0] and "\x1b" not in res.stderr, lines
+        assert time.monotonic() - t0 < 30
