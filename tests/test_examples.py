@@ -652,3 +652,17 @@ def test_a_hostile_template_is_bounded_in_the_examples(
         assert res.returncode == 1 and len(lines) == 1 and "chat_template" in lines[0], (cmd, res.stderr)
         assert says in lines[0] and "\x1b" not in res.stderr, lines
         assert time.monotonic() - t0 < 30
+
+
+def test_a_prompt_longer_than_the_context_is_named_as_that(
+    node_bundle: Path, runtime_venv: Path, c_chat: Path
+) -> None:
+    long = " ".join(f"word{i}" for i in range(600))  # ~2300 tokens, past the demo's 512
+    for cmd in (
+        _python(runtime_venv, node_bundle, PY_GGUF, long),
+        _python(runtime_venv, node_bundle, PY_ONNX, long),
+        _node(node_bundle, long),
+        _c(c_chat, node_bundle, long),
+    ):
+        line = _one_line_failure(cmd, "do not fit the context of 512 tokens")
+        assert "prompt (" in line, line
