@@ -70,7 +70,7 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 def _emit(obj: Any, as_json: bool) -> None:
     """Print a result: one JSON object on stdout, or a readable summary on stderr."""
-    from edgeft.ui import info
+    from edgeft.ui import info_text
 
     plain = asdict(obj) if is_dataclass(obj) else obj
     if as_json:
@@ -78,7 +78,7 @@ def _emit(obj: Any, as_json: bool) -> None:
         return
 
     for key, value in plain.items():
-        info(f"{key:>16}: {value:.6g}" if isinstance(value, float) else f"{key:>16}: {value}")
+        info_text(f"{key:>16}: {value:.6g}" if isinstance(value, float) else f"{key:>16}: {value}")
 
 
 def _key_values(pairs: list[str], flag: str) -> dict[str, Any]:
@@ -497,7 +497,7 @@ def verify(
     _emit(asdict(report) | {"reference_task_accuracy": ref_acc, "eval_source": source}, as_json)
     failed = [report.explain(v) for v in limits.violations(report.metrics(), ref_acc)]
     if failed:
-        print(f"error: {artifact}: over budget: {'; '.join(failed)}", file=sys.stderr)
+        print(printable(f"error: {artifact}: over budget: {'; '.join(failed)}"), file=sys.stderr)
         sys.exit(1)
 
 
@@ -682,7 +682,7 @@ def _bench_bundle(bundle: Path, *, as_json: bool, allow_native_libs: bool, **kw:
         run = bench_bundle(bundle, args, **kw)
     if run.sync is not None:
         s = run.sync
-        info(
+        info_text(
             f"copied {s.copied_files} files ({s.copied_bytes / 1e6:.1f} MB) to {run.where}:{s.remote_dir}; "
             f"skipped {s.skipped_files} files ({s.skipped_bytes / 1e6:.1f} MB) already there"
         )

@@ -345,18 +345,15 @@ def vet_examples(tokenizer: Any, examples: Sequence[Example]) -> None:
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    vet(tokenizer, [(messages, generation_prompt)])  # at once when a batch vetted it already
+    """The conversation through the chat template as transformers renders it (its environment and
+    variables), rendered within bounds in a child (edgeft.template; at once when a batch vetted it already)."""
+    where = f"{getattr(tokenizer, 'name_or_path', '') or 'the model'}: its chat template"
     try:
-        text = tokenizer.apply_chat_template(
-            messages,
-            chat_template=chat_template(tokenizer),
-            tokenize=False,
-            add_generation_prompt=generation_prompt,
+        text = template.rendered(
+            chat_template(tokenizer), template_variables(tokenizer), messages, generation_prompt, where=where
         )
-    except Exception as e:  # noqa: BLE001 - jinja raises TemplateError, templates call raise_exception(...)
-        raise EdgeftError(
-            f"the chat template cannot render this conversation ({str(e).splitlines()[0]})"
-        ) from None
+    except template.TemplateRefused as e:  # raise_exception(...) in the template, or its own bug
+        raise EdgeftError(f"the chat template cannot render this conversation ({str(e)[:200]})") from None
     if not isinstance(text, str):
         raise EdgeftError("the tokenizer's chat template did not render to text")
     return text

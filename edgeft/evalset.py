@@ -96,6 +96,8 @@ def probe_examples() -> list[data_mod.Example]:
 def _renders(tokenizer: Any, ex: data_mod.Example) -> bool:
     try:
         data_mod.prompt_ids(tokenizer, ex)
+    except TemplateBoundsError:
+        raise  # a hostile template, not a conversation it refuses
     except EdgeftError:
         return False
     return True

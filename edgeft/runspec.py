@@ -161,6 +161,13 @@ def with_device_threads(described: Any, result: Any, where: str) -> dict[str, An
     if not isinstance(described, dict) or not isinstance(described.get("artifacts"), list):
         return None
     arts = result.get("artifacts") if isinstance(result, dict) else None
+    dev = result.get("device") if isinstance(result, dict) else None
+    cores = dev.get("cores") if isinstance(dev, dict) else None
+    limit = (
+        cores
+        if isinstance(cores, int) and not isinstance(cores, bool) and 0 < cores <= MAX_THREADS
+        else MAX_THREADS
+    )
     best = {
         a.get("path"): a["best_threads"]
         for a in (arts if isinstance(arts, list) else [])
@@ -170,7 +177,7 @@ def with_device_threads(described: Any, result: Any, where: str) -> dict[str, An
     for entry in described["artifacts"]:
         b = best.get(entry.get("path")) if isinstance(entry, dict) else None
         if b and all(
-            isinstance(b.get(k), int) and not isinstance(b.get(k), bool) and 1 <= b[k] <= MAX_THREADS
+            isinstance(b.get(k), int) and not isinstance(b.get(k), bool) and 1 <= b[k] <= limit
             for k in ("decode", "prefill")
         ):
             entry["threads"] = {"decode": b["decode"], "prefill": b["prefill"], "measured_on": where}

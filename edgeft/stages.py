@@ -28,7 +28,8 @@ from edgeft.footprint import Footprint
 from edgeft.loading import checkpoint_dtype, load_tokenizer, model_fingerprint, weights_dir
 from edgeft.merge import merge
 from edgeft.reference import stored_reference
-from edgeft.ui import info, task
+from edgeft.template import TemplateBoundsError
+from edgeft.ui import info, plain, task
 from edgeft.versions import tool_versions
 
 Seconds = Mapping[str, float]
@@ -364,10 +365,10 @@ def export_all(
                 try:
                     path, again = export_candidate(spec, merged, run.work, conversations, calibration)
                 except EdgeftError as exc:
-                    if len(concrete) == 1:
-                        raise
+                    if len(concrete) == 1 or isinstance(exc, TemplateBoundsError):
+                        raise  # a hostile template fails every candidate alike
                     # e.g. a head type whose blocks do not divide this model's rows: the others still compete
-                    info(f"[yellow]leaving out candidate {spec.label}[/]: {exc}")
+                    info(f"[yellow]leaving out candidate {spec.label}[/]: {plain(str(exc))}")
                     left_out.append(str(exc))
                     continue
             reused += [spec.label] if again else []

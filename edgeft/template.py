@@ -157,8 +157,9 @@ class BoundedRender:
         return r
 
 
-# Renderings already made within bounds in this process, by digest of (template, variables, messages, gen).
-_VETTED: set[str] = set()
+# Renderings made within bounds in this process, by digest of (template, variables, messages, gen): the text,
+# or the template's refusal.
+_VETTED: dict[str, str | TemplateRefused] = {}
 
 
 def _digest(template: str, variables: dict[str, Any], messages: Messages, gen: bool) -> str:
@@ -181,5 +182,16 @@ def vet(
         if key not in _VETTED:
             todo[key] = (list(m), g)
     if todo:
-        render_many(template, variables, list(todo.values()), where=where)
-        _VETTED.update(todo)
+        results = render_many(template, variables, list(todo.values()), where=where)
+        _VETTED.update(zip(todo, results, strict=True))
+
+
+def rendered(template: str, variables: dict[str, Any], messages: Messages, gen: bool, *, where: str) -> str:
+    """The bounded child's rendering (vetted in a batch before, or alone now): edgeft uses this text itself
+    rather than rendering the same input again in process, so no template can tell the two apart. Raises
+    TemplateRefused when the template refuses the conversation."""
+    vet(template, variables, [(messages, gen)], where=where)
+    r = _VETTED[_digest(template, variables, list(messages), gen)]
+    if isinstance(r, TemplateRefused):
+        raise r
+    return r

@@ -80,6 +80,8 @@ def _printable(text):  # noqa: ANN001, ANN202
 
 def _line(e):  # noqa: ANN001, ANN202
     text = str(e).strip().splitlines()
+    if type(e) is jinja2.exceptions.TemplateError and text:  # the template's raise_exception(message)
+        return _printable(text[0][:200])
     return _printable(f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__)
 
 

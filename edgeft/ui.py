@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.errors import MarkupError
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as Bar
 
@@ -41,7 +43,17 @@ def task(description: str, total: int | None = None) -> Iterator[Progress]:
 
 
 def info(msg: str) -> None:
-    console.print(msg, highlight=False, soft_wrap=True)
+    """A line on stderr with edgeft's own markup; control characters are escaped whatever the text holds, and
+    a stranger's stray markup (an unbalanced "[/]") prints as text rather than failing the command."""
+    try:
+        console.print(printable(msg), highlight=False, soft_wrap=True)
+    except MarkupError:
+        console.print(printable(msg), markup=False, highlight=False, soft_wrap=True)
+
+
+def plain(text: str) -> str:
+    """A stranger's text for a line of info(): its markup shown, not applied."""
+    return escape(printable(text))
 
 
 def info_text(msg: str) -> None:

@@ -38,6 +38,8 @@ from edgeft.report_html import render_html
 # --- device results: `edgeft bench BUNDLE [--remote user@host]` records what bench_on_device.py measured ----
 
 # report.md's device section sits between these lines; it is rewritten whole on every recorded run.
+MAX_RUNS_PER_DEVICE = 20  # device runs kept in manifest.json per device (the newest) ...
+MAX_RUNS = 100  # ... and overall
 DEVICE_SECTION_START = "<!-- edgeft:device-latency -->"
 DEVICE_SECTION_END = "<!-- /edgeft:device-latency -->"
 # A run is flagged as slower than the previous run of the same device when a metric is worse by more than
@@ -126,6 +128,9 @@ def regression_line(r: dict[str, Any]) -> str:
     )
 
 
+MARKDOWN_SPECIALS = frozenset("\\`[]!")  # what makes a link, an image or code of plain text
+
+
 def _cell(x: Any, spec: str = "") -> str:
     """A table cell from untrusted JSON: numbers formatted; text without pipes, line breaks or control
     characters, and with <, > and & as HTML entities (a device's `<script>`, or report.md's own section
@@ -135,7 +140,9 @@ def _cell(x: Any, spec: str = "") -> str:
     if isinstance(x, int | float) and not isinstance(x, bool):
         return format(x, spec) if spec else str(x)
     text = printable(" ".join(str(x).replace("|", "/").split())[:200])
-    return html.escape(text, quote=False) or "—"
+    # no Markdown from a device either: a link or an image in its reason would render as one
+    text = "".join("\\" + ch if ch in MARKDOWN_SPECIALS else ch for ch in html.escape(text, quote=False))
+    return text or "—"
 
 
 # /proc/cpuinfo flags → the ISA names of target profiles (the features llama.cpp's and onnxruntime's fast
@@ -233,7 +240,7 @@ def render_device_section(manifest: dict[str, Any]) -> str:
         "Measured on the device itself by the bundle's `bench_on_device.py` (`edgeft bench BUNDLE --remote "
         "user@host`, or `edgeft bench BUNDLE` on this machine), each figure at its best thread count; the host "
         "figures are the build host's from the table above. The newest run per device is shown; manifest.json "
-        f"keeps every run under `device_latency`. A metric is flagged when it is worse than that device's "
+        f"keeps the newest {MAX_RUNS_PER_DEVICE} runs per device under `device_latency`. A metric is flagged when it is worse than that device's "
         f"previous run by more than {REGRESSION_MIN_SHARE:.0%} and more than its spread over the earlier runs.",
         "",
     ]
@@ -375,7 +382,16 @@ def _record(root: Path, result: dict[str, Any], where: str) -> dict[str, Any]:
     runs.append(
         {"where": where, "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "result": result}
     )
-    manifest["device_latency"] = runs
+    # a bounded history, so manifest.json stays far below what a reader accepts: the newest runs per device,
+    # and the newest overall (each run is at most edgeft.remote.result.MAX_RECORDED_BYTES)
+    per_device: dict[str, int] = {}
+    kept = []
+    for r in reversed(runs):
+        w = str(r.get("where")) if isinstance(r, dict) else ""
+        per_device[w] = per_device.get(w, 0) + 1
+        if per_device[w] <= MAX_RUNS_PER_DEVICE and len(kept) < MAX_RUNS:
+            kept.append(r)
+    manifest["device_latency"] = runs = kept[::-1]
     try:
         report = (root / REPORT).read_text(encoding="utf-8") if (root / REPORT).is_file() else ""
     except (OSError, UnicodeDecodeError) as e:

@@ -28,12 +28,28 @@ MAX_GRAPH_DEPTH = 32  # subgraphs within subgraphs (If/Loop bodies): a real mode
 # provider_options); QNN's "backend_path".
 NATIVE_LIB_KEYS = ("custom_ops_library", "backend_path", "library_path", "custom_op_library")
 NATIVE_LIB_SUFFIXES = (".so", ".dll", ".dylib")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "special_tokens_map.json",
+# session_options keys onnxruntime-genai understands without touching a file or loading code (ref:
+# onnxruntime-genai src/config.cpp SessionOptions_Element): any other key is passed to onnxruntime as a session
+# config entry unchecked, and `enable_profiling` takes a file path prefix, so they need --allow-native-libs.
+SAFE_SESSION_OPTIONS = frozenset(
+    {
+        "log_id",
+        "log_severity_level",
+        "intra_op_num_threads",
+        "inter_op_num_threads",
+        "enable_cpu_mem_arena",
+        "enable_mem_pattern",
+        "disable_cpu_ep_fallback",
+        "disable_quant_qdq",
+        "enable_quant_qdq_cleanup",
+        "graph_optimization_level",
+        "use_env_allocators",
+        "provider_options",
+    }
 )
+# Keys whose value onnxruntime-genai opens as a file relative to the folder (ref: src/config.cpp: filename,
+# config_filename, adapter_filename, shared_initializers' data_file).
+PATH_KEY_SUFFIXES = ("filename", "_file", "_path")
 
 
 class FolderError(ValueError):
@@ -42,9 +58,9 @@ class FolderError(ValueError):
 
 # --- ONNX protobuf, the few fields that name external data (ref: onnx/onnx.proto; field numbers checked
 # against the onnx package's descriptors in tests/test_safety.py) -------------------------------------------
-MODEL_GRAPH, MODEL_FUNCTIONS = 7, 25  # ModelProto.graph, .functions
+MODEL_GRAPH, MODEL_FUNCTIONS, MODEL_TRAINING_INFO = 7, 25, 20  # ModelProto.graph, .functions, .training_info
 GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_SPARSE_INITIALIZER = 1, 5, 15  # GraphProto
-FUNCTION_NODE = 7  # FunctionProto.node
+FUNCTION_NODE, FUNCTION_ATTRIBUTE_PROTO = 7, 11  # FunctionProto.node, .attribute_proto (default attributes)
 NODE_ATTRIBUTE = 5  # NodeProto.attribute
 ATTR_T, ATTR_G, ATTR_TENSORS, ATTR_GRAPHS, ATTR_SPARSE_TENSOR, ATTR_SPARSE_TENSORS = 5, 6, 10, 11, 22, 23
 TENSOR_NAME, TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION = 8, 13, 14  # TensorProto
@@ -98,9 +114,8 @@ def _tensor(buf: memoryview) -> tuple[str, str | None, bool]:
         elif num == TENSOR_DATA_LOCATION and v == 1:
             external = True
         elif num == TENSOR_EXTERNAL_DATA and isinstance(v, memoryview):
-            entry = {
-                k: bytes(x).decode("utf-8", "replace") for k, x in _fields(v) if isinstance(x, memoryview)
-            }
+            # the location as onnxruntime opens it: undecodable bytes kept (never replaced by U+FFFD)
+            entry = {k: os.fsdecode(bytes(x)) for k, x in _fields(v) if isinstance(x, memoryview)}
             if entry.get(ENTRY_KEY) == "location":
                 location = entry.get(ENTRY_VALUE, "")
     return name, location, external
@@ -124,6 +139,8 @@ def _graph_tensors(buf: memoryview, depth: int, nodes_field: int = GRAPH_NODE) -
             for n, attr in _fields(v):
                 if n == NODE_ATTRIBUTE and isinstance(attr, memoryview):
                     yield from _attribute_tensors(attr, depth)
+        elif nodes_field == FUNCTION_NODE and num == FUNCTION_ATTRIBUTE_PROTO:
+            yield from _attribute_tensors(v, depth)
 
 
 def _attribute_tensors(buf: memoryview, depth: int) -> Iterator[memoryview]:
@@ -155,6 +172,8 @@ def external_data_locations(model_path: Path) -> list[tuple[str, str]]:
                 tensors += _graph_tensors(v, 0)
             elif num == MODEL_FUNCTIONS and isinstance(v, memoryview):
                 tensors += _graph_tensors(v, 0, FUNCTION_NODE)
+            elif num == MODEL_TRAINING_INFO:
+                raise FolderError("it carries training_info, which an inference model has no use for")
         for t in tensors:
             name, location, external = _tensor(t)
             if location is not None or external:
@@ -214,16 +233,41 @@ def native_library_references(config: Any, where: str = "", depth: int = 0) -> l
     return found
 
 
+def unchecked_session_options(config: Any, where: str = "", depth: int = 0) -> list[str]:
+    """Places in a genai_config.json whose session options reach onnxruntime unchecked: keys outside
+    SAFE_SESSION_OPTIONS, and provider options that are not empty (a provider can load libraries)."""
+    found: list[str] = []
+    if depth > 64:
+        return [where or "(root)"]
+    if isinstance(config, dict):
+        for key, value in config.items():
+            path = f"{where}.{key}" if where else str(key)
+            if str(key) == "session_options" and isinstance(value, dict):
+                found += [f"{path}.{k}" for k in value if k not in SAFE_SESSION_OPTIONS]
+                providers = value.get("provider_options", [])
+                if providers not in ([], None) and not (
+                    isinstance(providers, list) and all(p in ({}, {"cpu": {}}) for p in providers)
+                ):
+                    found.append(f"{path}.provider_options")
+            else:
+                found += unchecked_session_options(value, path, depth + 1)
+    elif isinstance(config, list):
+        for i, item in enumerate(config):
+            found += unchecked_session_options(item, f"{where}[{i}]", depth + 1)
+    return found
+
+
 def named_files(config: Any, where: str = "", depth: int = 0) -> dict[str, Any]:
-    """Every value a genai_config.json gives under a "filename" key (decoder, embedding, vision, speech,
-    pipeline stages…), by dotted path: onnxruntime-genai opens each relative to the folder."""
+    """Every value a genai_config.json gives under a key naming a file (filename, config_filename,
+    adapter_filename, data_file, ..._path) in the decoder, embedding, vision, speech, pipeline stages…, by
+    dotted path: onnxruntime-genai opens each relative to the folder."""
     found: dict[str, Any] = {}
     if depth > 64:
         return found
     if isinstance(config, dict):
         for key, value in config.items():
             path = f"{where}.{key}" if where else str(key)
-            if str(key).lower() == "filename":
+            if str(key).lower().endswith(PATH_KEY_SUFFIXES) and not isinstance(value, (dict, list)):  # noqa: UP038 - Python 3.8 on devices
                 found[path] = value
             else:
                 found.update(named_files(value, path, depth + 1))
@@ -237,6 +281,17 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once: onnxruntime-genai's streaming parser applies every copy
+    of a repeated key, json.loads only the last, so a repeat could hide a setting from these checks."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the key {k[:60]!r} is given twice in one object")
+        out[k] = v
+    return out
+
+
 def read_genai_config(folder: Path) -> dict[str, Any]:
     """genai_config.json as a dict with a "model" object; FolderError in one line otherwise."""
     path = inside(folder, GENAI_CONFIG, "the config")
@@ -247,7 +302,7 @@ def read_genai_config(folder: Path) -> dict[str, Any]:
     if len(raw) > MAX_CONFIG_BYTES:
         raise FolderError(f"{path}: more than {MAX_CONFIG_BYTES} bytes, more than a config holds")
     try:
-        cfg = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        cfg = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FolderError(f"{path}: not JSON ({str(e)[:120]})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
@@ -261,10 +316,11 @@ def check_onnx_folder(folder: Path, allow_native_libs: bool = False) -> list[Pat
     folder = Path(folder)
     cfg = read_genai_config(folder)
     cfg_path = folder / GENAI_CONFIG
-    libs = native_library_references(cfg)
+    libs = native_library_references(cfg) + unchecked_session_options(cfg)
     if libs and not allow_native_libs:
         raise FolderError(
-            f"{cfg_path}: names native code to load ({', '.join(libs)[:300]}); refusing it "
+            f"{cfg_path}: names native code to load, or settings onnxruntime applies unchecked "
+            f"({', '.join(libs)[:300]}); refusing it "
             "(pass --allow-native-libs if you trust this folder)"
         )
     decoder = cfg["model"].get("decoder") if isinstance(cfg["model"].get("decoder"), dict) else {}
@@ -274,10 +330,13 @@ def check_onnx_folder(folder: Path, allow_native_libs: bool = False) -> list[Pat
     data: list[Path] = []
     root = folder.resolve()
     for where, filename in sorted(named.items()):
+        if filename is None and not where.endswith("filename"):
+            continue
         if not isinstance(filename, str) or not filename:
             raise FolderError(f"{cfg_path}: {where} is {str(filename)[:100]!r}, not a file name")
         model_file = inside(folder, filename, where)
-        if model_file.is_file() and model_file.suffix == ".onnx":
+        # a model file onnxruntime reads, whatever its name: its external data is checked too
+        if model_file.is_file() and where.lower().endswith(".filename"):
             for tensor, location in external_data_locations(model_file):
                 target = (root / location).resolve() if location else root
                 if not location or os.path.isabs(location) or root not in target.parents:
@@ -286,7 +345,12 @@ def check_onnx_folder(folder: Path, allow_native_libs: bool = False) -> list[Pat
                         f"outside {folder}; refusing to load it"
                     )
                 data.append(target)
-    for name in TOKENIZER_FILES:
-        if (folder / name).exists() or (folder / name).is_symlink():
-            inside(folder, name, "file")
+    # a bundle's folders hold regular files only: no link to a secret, FIFO or device
+    for entry in os.scandir(folder):
+        if entry.is_symlink() or not (
+            entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)
+        ):
+            raise FolderError(
+                f"{folder / entry.name}: not a regular file (a link, FIFO or device); refusing it"
+            )
     return sorted(set(data))

@@ -71,6 +71,13 @@ def refuse_unless_ours(folder: str, what: str) -> None:
         )
 
 
+def _through_link(root: str, rel: str) -> bool:
+    """Whether a folder on the way from `root` to `rel` is a link (writing or removing there would reach
+    whatever it points to: the user's folder)."""
+    parts = rel.split("/")[:-1]
+    return any(os.path.islink(os.path.join(root, *parts[: i + 1])) for i in range(len(parts)))
+
+
 def _kept(rel: str, keep: list[str]) -> bool:
     return any(rel == k or rel.startswith(k + "/") for k in keep)
 
@@ -126,6 +133,11 @@ def prepare(final: str, partial: str, job: Any) -> dict[str, Any]:
         else:
             os.mkdir(partial)
     record = set(copy_record(partial) or ())
+    linked = sorted(rel for rel in want if _through_link(partial, rel))
+    if linked:
+        sys.exit(
+            f"{partial}/{linked[0]}: reached through a link inside the copy; refusing to write through it"
+        )
     _write_record(partial, sorted(record | want))  # before any upload: what this copy may put here
     mine = record | want
     have: dict[str, str] = {}
@@ -159,6 +171,8 @@ def _remove_copy(folder: str) -> None:
     file it does not list (the user's) stays, and so does the folder, still marked as a copy."""
     record = copy_record(folder) or []
     for rel in record:
+        if _through_link(folder, rel):
+            continue  # never through a link: what it points to is not the copy's
         for p in (os.path.join(folder, rel), os.path.join(folder, rel + UPLOAD_SUFFIX)):
             if os.path.islink(p) or os.path.isfile(p):
                 os.remove(p)

@@ -24,6 +24,9 @@ MAX_ITEMS = 256  # per list or object: artifacts, sweep points, problems, cpu fe
 MAX_TEXT = 1000  # per string: a reason, a path, a CPU model
 MAX_THREADS = 4096
 MAX_NOTES = 50
+MAX_RECORDED_BYTES = (
+    64 << 10
+)  # one run in manifest.json (a sweep per artifact is a few KB); x MAX_RUNS << 16 MB
 STATUSES = ("ok", "failed", "skipped")
 SPEEDS = (
     "prefill_tok_s",
@@ -161,8 +164,32 @@ def parse_result(stdout: str, where: str) -> dict[str, Any]:
     if any(a is None for a in arts):
         raise EdgeftError(f"{where}: {DEVICE_SCRIPT}'s JSON has an artifact without a path")
     doc["artifacts"] = arts
-    if not isinstance(doc["integrity"].get("ok"), bool):
+    integrity = doc["integrity"]
+    if not isinstance(integrity.get("ok"), bool):
         raise EdgeftError(f"{where}: {DEVICE_SCRIPT}'s integrity has no ok: true or false")
+    if not isinstance(integrity.get("problems", []), list):
+        b.note("result.integrity.problems: not a list; recorded as empty")
+        integrity["problems"] = []
+    settings = doc.get("settings")
+    if settings is not None and not isinstance(settings, dict):
+        b.note("result.settings: not an object; recorded as null")
+        doc["settings"] = settings = None
+    if isinstance(settings, dict):
+        threads = settings.get("threads")
+        if threads is not None and not (isinstance(threads, list) and all(_thread_count(t) for t in threads)):
+            b.note("result.settings.threads: not a list of thread counts; recorded as null")
+            settings["threads"] = None
+        for k in ("prompt_tokens", "decode_tokens", "runs"):
+            v = settings.get(k)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**7):
+                b.note(f"result.settings.{k}: not a count; recorded as null")
+                settings[k] = None
     if b.notes:
         doc["sanitized"] = b.notes
+    size = len(json.dumps(doc, indent=2))  # as manifest.json will hold it (non-ASCII escaped)
+    if size > MAX_RECORDED_BYTES:
+        raise EdgeftError(
+            f"{where}: {DEVICE_SCRIPT}'s result would take {size >> 10} KB of manifest.json, more than a run's "
+            f"{MAX_RECORDED_BYTES >> 10} KB; nothing was recorded"
+        )
     return doc

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -52,7 +54,15 @@ def local_files(bundle: Path) -> dict[str, Path]:
     """Every regular file of a bundle (manifest.json and SHA256SUMS included) by POSIX relative path."""
 
     rels = [*bundle_files(bundle), MANIFEST, SHA256SUMS]
-    return {rel: bundle / rel for rel in sorted(rels) if (bundle / rel).is_file()}
+    # regular files only, never through a link (a manifest.json linked to ~/.ssh/id_rsa is not uploaded)
+    return {rel: bundle / rel for rel in sorted(rels) if _regular(bundle / rel)}
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _python_cmd(python: str, code: str, *args: str) -> str:

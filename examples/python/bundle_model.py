@@ -192,6 +192,12 @@ def render_here(desc: Dict[str, Any], messages: Messages) -> str:
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    version = tuple(int(p) if p.isdigit() else 0 for p in jinja2.__version__.split(".")[:3])
+    if version < (3, 1, 6):  # CVE-2024-56201, CVE-2024-56326, CVE-2025-27516: sandbox escapes
+        raise ValueError(
+            f"jinja2 {jinja2.__version__} has known sandbox escapes; pip install 'jinja2>=3.1.6'"
+        )
+
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 

@@ -44,12 +44,15 @@ def tensor_index(files: list[Path]) -> dict[str, Path]:
 
     index: dict[str, Path] = {}
     for f in files:
-        safetensors_header(
-            f
-        )  # a damaged or hostile header: one line naming the file, before safetensors reads it
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                index[k] = f
+        # a damaged or hostile header: one line naming the file, before safetensors reads it
+        safetensors_header(f)
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                    index[k] = f
+        except Exception as e:  # noqa: BLE001 - SafetensorError for offsets past the data, and the like
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise EdgeftError(f"{f}: not a readable safetensors file ({first[:120]})") from None
     return index
 
 
