@@ -306,3 +306,120 @@ def test_a_model_folders_template_is_bounded_in_edgeft(tmp_path: Path, name: str
     line = _one_line(res, "chat template", says)
     assert "m: its chat template" in line or str(model) in line
     assert time.monotonic() - t0 < 60 and not (tmp_path / "x.gguf").exists()
+
+
+# --- ways around the folder checks, closed ----------------------------------------------------------------
+
+
+def _folder_with(made: Bundles, tmp_path: Path, name: str, edit) -> Path:  # noqa: ANN001
+    folder = tmp_path / name
+    shutil.copytree(made.fresh / ONNX, folder)
+    edit(folder)
+    return folder
+
+
+def _cfg(folder: Path, change) -> None:  # noqa: ANN001
+    cfg = json.loads((folder / "genai_config.json").read_text())
+    change(cfg)
+    (folder / "genai_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("duplicate-key", "given twice"),
+        ("profiling", "session_options.enable_profiling"),
+        ("provider-library", "provider_options"),
+        ("config-filename", "leads outside the folder"),
+        ("data-file", "absolute path"),
+        ("renamed-model", "outside"),
+        ("linked-vocab", "not a regular file"),
+    ],
+)
+def test_every_way_around_the_onnx_folder_check_is_closed(
+    made: Bundles, tmp_path: Path, case: str, says: str
+) -> None:
+    """What onnxruntime-genai honours beyond `filename` and `custom_ops_library` (ref: onnxruntime-genai
+    src/config.cpp): a repeated key (its parser applies both copies), session options it passes to
+    onnxruntime unchecked, provider options, config/adapter/data files, a model under another name, a link."""
+    decoder = ("model", "decoder")
+
+    def edit(folder: Path) -> None:
+        if case == "duplicate-key":
+            text = (folder / "genai_config.json").read_text()
+            text = text.replace('"session_options": {', '"session_options": {}, "session_options": {', 1)
+            (folder / "genai_config.json").write_text(text)
+        elif case == "profiling":
+            _cfg(
+                folder,
+                lambda c: c[decoder[0]][decoder[1]]["session_options"].update(enable_profiling="/tmp/p"),
+            )
+        elif case == "provider-library":
+            opts = [{"qnn": {"qnn_saver_path": "./payload"}}]
+            _cfg(folder, lambda c: c["model"]["decoder"]["session_options"].update(provider_options=opts))
+        elif case == "config-filename":
+            _cfg(folder, lambda c: c["model"].update(vision={"config_filename": "../../../../etc/passwd"}))
+        elif case == "data-file":
+            _cfg(
+                folder,
+                lambda c: c["model"]["decoder"].update(shared_initializers=[{"data_file": "/etc/shadow"}]),
+            )
+        elif case == "renamed-model":
+            _onnx_with_external(folder / "model.bin", "/etc/passwd")
+            _cfg(folder, lambda c: c["model"]["decoder"].update(filename="model.bin"))
+        else:
+            (folder / "vocab.json").symlink_to("/etc/passwd")
+
+    folder = _folder_with(made, tmp_path, case, edit)
+    with pytest.raises(bundle_checks.FolderError) as e:
+        bundle_checks.check_onnx_folder(folder)
+    assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_the_exported_folder_passes_the_stricter_check(made: Bundles) -> None:
+    """What edgeft's own ONNX export writes stays within the allow-list (no false refusal)."""
+    assert bundle_checks.check_onnx_folder(made.fresh / ONNX)
+
+
+def test_no_write_or_removal_through_a_link_inside_a_device_copy(tmp_path: Path) -> None:
+    """A link inside a device copy (a user's `data -> ~/data`): a bundle shipping data/notes.txt is refused
+    before anything is written through it, and removing the copy never follows it."""
+    from edgeft.device import sync_on_device as sync
+
+    users = tmp_path / "home" / "data"
+    users.mkdir(parents=True)
+    (users / "notes.txt").write_text("mine")
+    copy = tmp_path / "device" / "b"
+    copy.mkdir(parents=True)
+    (copy / sync.COPY_MARKER).write_text(json.dumps({"what": sync.COPY_WHAT, "files": ["data/notes.txt"]}))
+    (copy / "data").symlink_to(users)
+    res = subprocess.run(
+        [sys.executable, "-I", sync.__file__, "prepare", str(copy), str(copy) + ".partial"],
+        input=json.dumps({"want": ["data/notes.txt"], "hash": None}), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 1 and "through a link" in res.stderr, res.stderr
+    sync._remove_copy(str(copy.parent / "b.partial") if (copy.parent / "b.partial").exists() else str(copy))
+    assert (users / "notes.txt").read_text() == "mine"
+
+
+def test_a_device_result_with_odd_settings_is_recorded_typed(made: Bundles) -> None:
+    from edgeft.bundle import record_device_run
+    from edgeft.remote.result import parse_result
+
+    b = made("odd-settings")
+    doc = {
+        "schema": 1,
+        "integrity": {"ok": True, "problems": 7},
+        "settings": {"threads": 7, "runs": -1},
+        "artifacts": [{"path": "model-q8_0.gguf", "status": "failed", "reason": "[click](https://evil) ![x](y)"}],
+    }
+    result = parse_result(json.dumps(doc), "pi@board")
+    assert result["settings"]["threads"] is None and result["integrity"]["problems"] == []
+    record_device_run(b, result, "pi@board")
+    report = (b / "report.md").read_text()
+    assert "\\[click\\](https://evil) \\!\\[x\\](y)" in report  # shown as text: no link, no image
+    for _ in range(25):
+        record_device_run(b, result, "pi@board")
+    runs = json.loads((b / MANIFEST).read_text())["device_latency"]
+    assert len(runs) == 20  # the newest per device
+    assert check_bundle(b, load=False).passed
