@@ -411,7 +411,9 @@ def test_a_device_result_with_odd_settings_is_recorded_typed(made: Bundles) -> N
         "schema": 1,
         "integrity": {"ok": True, "problems": 7},
         "settings": {"threads": 7, "runs": -1},
-        "artifacts": [{"path": "model-q8_0.gguf", "status": "failed", "reason": "[click](https://evil) ![x](y)"}],
+        "artifacts": [
+            {"path": "model-q8_0.gguf", "status": "failed", "reason": "[click](https://evil) ![x](y)"}
+        ],
     }
     result = parse_result(json.dumps(doc), "pi@board")
     assert result["settings"]["threads"] is None and result["integrity"]["problems"] == []
