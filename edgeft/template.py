@@ -1,21 +1,24 @@
-"""A stranger's chat template rendered within bounds: in a child process with a memory limit, a CPU limit, a
-wall-clock timeout and a cap on each rendering's length.
+"""A stranger's chat template rendered within bounds: in a child process with a memory limit, a wall-clock
+deadline per request and a cap on each rendering's length.
 
 A chat template is a program from whoever made the model folder or bundle. Jinja's sandbox stops it reaching
 Python internals but not running forever (`range(100000)` nested) or growing a string to gigabytes
 (`'x' * 2000000000`); in the child both end as one line naming the template, and this process is untouched.
 The child (edgeft/template_child.py) renders as transformers does, so a rendering here equals the fine-tune's.
-Renders are batched (one child per batch, about 0.1 s) and cached, so proving a recipe costs one or two
-children.
+One child serves a process's renders (started once, ~0.1 s; a request ~1 ms), is replaced after a bound is
+hit, and renders are batched and cached.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
-import math
 import os
+import select
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,8 @@ from edgeft.errors import EdgeftError, printable
 MAX_SECONDS = float(os.environ.get("EDGEFT_RENDER_SECONDS") or 20)
 MAX_MEMORY = 1 << 30  # the child's address space: Python and jinja2 need ~100 MB of it
 MAX_CHARS = 200_000  # one rendering: a 32k-token prompt is ~150k characters
-MAX_BATCH = 64  # renders per child, so its reply stays bounded (MAX_BATCH x MAX_CHARS x 6 for JSON escapes)
+MAX_BATCH = 64  # renders per request, so a reply stays bounded (MAX_BATCH x MAX_CHARS x 6 for JSON escapes)
+MAX_REPLY_BYTES = MAX_BATCH * MAX_CHARS * 6 + (1 << 20)
 CHILD = Path(__file__).with_name("template_child.py")
 
 Messages = list[dict[str, str]]
@@ -40,14 +44,86 @@ class TemplateRefused(Exception):  # noqa: N818 - the template's own answer, not
     """The template raised for this conversation (raise_exception, or its own bug): an answer, not a fault."""
 
 
-def _limit_child(seconds: float) -> None:
-    """The child's memory and CPU limits, never above the ones this process already has (a user's ulimit)."""
+def _limit_child() -> None:
+    """The child's memory limit, never above the one this process already has (a user's ulimit). Its time is
+    bounded per request by the parent's wall clock (a long-lived child would exhaust a CPU-seconds limit)."""
     import resource
 
-    for which, want in ((resource.RLIMIT_AS, MAX_MEMORY), (resource.RLIMIT_CPU, math.ceil(seconds) + 1)):
-        _, hard = resource.getrlimit(which)
-        limit = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        resource.setrlimit(which, (limit, limit))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = MAX_MEMORY if hard == resource.RLIM_INFINITY else min(MAX_MEMORY, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+class _Child:
+    """One renderer child for this process's renders (starting Python and jinja2 costs ~0.1 s; a request to a
+    running child ~1 ms): one JSON line in, one out, within a deadline; a child past a bound is killed and the
+    next request starts a fresh one."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lock = threading.Lock()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", str(CHILD)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                preexec_fn=_limit_child if sys.platform != "win32" else None,  # noqa: PLW1509
+            )
+        return self.proc
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def ask(self, request: dict[str, Any], seconds: float) -> tuple[str, Any]:
+        """("ok", answer), or ("timeout" | "died" | "too long", stderr's last line)."""
+        with self.lock:
+            proc = self._start()
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                proc.stdin.write(json.dumps(request).encode("utf-8") + b"\n")
+                proc.stdin.flush()
+            except OSError:
+                return self._died()
+            deadline, buf = time.monotonic() + seconds, bytearray()
+            fd = proc.stdout.fileno()
+            while not buf.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.kill()
+                    return "timeout", ""
+                ready, _, _ = select.select([fd], [], [], left)
+                if not ready:
+                    continue
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    return self._died()
+                buf += chunk
+                if len(buf) > MAX_REPLY_BYTES:
+                    self.kill()
+                    return "too long", ""
+            return "ok", json.loads(buf)
+
+    def _died(self) -> tuple[str, str]:
+        proc, self.proc = self.proc, None
+        err = b""
+        if proc is not None:
+            proc.wait()
+            err = proc.stderr.read()[-2000:] if proc.stderr is not None else b""
+            code = proc.returncode
+        else:
+            code = 0
+        last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit status {code}"]
+        return ("died", printable(last[0][:200]) + (" (killed)" if code < 0 else ""))
+
+
+_CHILD = _Child()
+atexit.register(_CHILD.kill)
 
 
 def render_many(
@@ -80,7 +156,7 @@ def _batch(
     request = {
         "template": template,
         "variables": variables,
-        "renders": renders,
+        "renders": list(renders),
         "max_chars": MAX_CHARS,
         "now": now,
     }
@@ -88,34 +164,17 @@ def _batch(
         f"edgeft renders a template within {seconds:g} s, {MAX_MEMORY >> 20} MB and {MAX_CHARS} characters"
     )
     try:
-        res = subprocess.run(
-            [sys.executable, "-I", str(CHILD)],
-            input=json.dumps(request),
-            capture_output=True,
-            text=True,
-            timeout=seconds,
-            preexec_fn=(lambda: _limit_child(seconds)) if sys.platform != "win32" else None,  # noqa: PLW1509
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise TemplateBoundsError(f"{where}: the chat template did not finish rendering ({limits})") from None
-    except (OSError, subprocess.SubprocessError) as e:
+        status, reply = _CHILD.ask(request, seconds)
+    except OSError as e:
         raise TemplateBoundsError(f"{where}: cannot start the template renderer ({e})") from None
-    if res.returncode != 0:
-        tail = [printable(t) for t in res.stderr.strip().splitlines()[-1:]] or [
-            f"exit status {res.returncode}"
-        ]
-        if "MemoryError" in res.stderr or res.returncode < 0:
-            raise TemplateBoundsError(
-                f"{where}: the chat template needed more memory or CPU than allowed ({limits})"
-            )
-        raise TemplateBoundsError(f"{where}: the chat template could not be rendered ({tail[0][:200]})")
-    try:
-        replies = json.loads(res.stdout)
-    except ValueError:
-        raise TemplateBoundsError(f"{where}: the chat template renderer gave no answer ({limits})") from None
+    if status == "timeout":
+        raise TemplateBoundsError(f"{where}: the chat template did not finish rendering ({limits})")
+    if status != "ok":
+        if status == "died" and "jinja2" in str(reply) and "sandbox" in str(reply):
+            raise TemplateBoundsError(f"{where}: {reply}")
+        raise TemplateBoundsError(f"{where}: the chat template needed more memory than allowed ({limits})")
     out: list[str | TemplateRefused] = []
-    for r in replies:
+    for r in reply:
         if "text" in r:
             out.append(str(r["text"]))
         elif r.get("limit"):

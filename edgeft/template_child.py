@@ -1,7 +1,7 @@
 """The child process edgeft.template renders a stranger's chat template in: standard library and jinja2 only.
 
-stdin: {"template", "variables", "renders": [[messages, add_generation_prompt], ...], "max_chars", "now"}; stdout:
-one JSON list, per render {"text": ...} or {"error": one line}. `now` (an ISO time, or null for the clock) is
+Per stdin line a request {"template", "variables", "renders": [[messages, add_generation_prompt], ...],
+"max_chars", "now"}; per stdout line its answer: a JSON list, per render {"text": ...} or {"error": one line}. `now` (an ISO time, or null for the clock) is
 what `strftime_now` formats, so a template that writes the date can be caught writing it. The parent sets the memory and CPU limits and the
 wall-clock timeout; this side caps each rendering's length while it is produced. The environment is the one
 transformers renders with (ref: transformers utils/chat_template_utils.py _cached_compile_jinja_template):
@@ -89,27 +89,34 @@ def _version(text):  # noqa: ANN001, ANN202
     return tuple(int(p) if p.isdigit() else 0 for p in text.split(".")[:3])
 
 
-def main():  # noqa: ANN201
-    req = json.load(sys.stdin)
-    if _version(jinja2.__version__) < (3, 1, 6):
-        sys.exit(f"jinja2 {jinja2.__version__} has known sandbox escapes; pip install 'jinja2>=3.1.6'")
+def _compiled(req, cache):  # noqa: ANN001, ANN202
+    """(template, or None and its syntax error) for a request; a few kept compiled between requests."""
+    key = (req["template"], req.get("now"))
+    if key not in cache:
+        now = datetime.datetime.fromisoformat(req["now"]) if req.get("now") else None
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+        )
+        env.filters["tojson"] = _tojson
+        env.globals.update(
+            raise_exception=_raise,
+            strftime_now=lambda fmt: (now or datetime.datetime.now()).strftime(fmt),
+            dict=_Dict(),
+            namespace=_Namespace,
+        )
+        try:
+            cache[key] = (env.from_string(req["template"]), None)
+        except Exception as e:  # noqa: BLE001 - a syntax error is this template's answer to every render
+            cache[key] = (None, _line(e))
+        while len(cache) > 16:
+            cache.pop(next(iter(cache)))
+    return cache[key]
+
+
+def answer(req, cache):  # noqa: ANN001, ANN201
     cap = int(req["max_chars"])
-    now = datetime.datetime.fromisoformat(req["now"]) if req.get("now") else None
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals.update(
-        raise_exception=_raise,
-        strftime_now=lambda fmt: (now or datetime.datetime.now()).strftime(fmt),
-        dict=_Dict(),
-        namespace=_Namespace,
-    )
+    template, broken = _compiled(req, cache)
     out = []
-    try:
-        template = env.from_string(req["template"])
-    except Exception as e:  # noqa: BLE001 - a syntax error is this template's answer to every render
-        template, broken = None, _line(e)
     for messages, gen in req["renders"]:
         if template is None:
             out.append({"error": broken})
@@ -133,7 +140,18 @@ def main():  # noqa: ANN201
             out.append({"error": "recursed too deeply", "limit": True})
         except Exception as e:  # noqa: BLE001 - the template's own refusal (raise_exception) or its bug
             out.append({"error": _line(e)})
-    json.dump(out, sys.stdout, ensure_ascii=False)
+    return out
+
+
+def main():  # noqa: ANN201
+    """One request per stdin line, one answer per stdout line, until stdin ends (edgeft.template keeps one
+    child for a process's renders and replaces it after a bound is hit)."""
+    if _version(jinja2.__version__) < (3, 1, 6):
+        sys.exit(f"jinja2 {jinja2.__version__} has known sandbox escapes; pip install 'jinja2>=3.1.6'")
+    cache = {}
+    for line in sys.stdin:
+        sys.stdout.write(json.dumps(answer(json.loads(line), cache), ensure_ascii=False) + "\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
