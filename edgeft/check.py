@@ -35,6 +35,7 @@ from edgeft.device.bundle_manifest import (
 from edgeft.device.bundle_manifest import parse_sums as device_sums
 from edgeft.errors import EdgeftError, printable
 from edgeft.files import sha256_file
+from edgeft.probes import first_difference
 from edgeft.template import BoundedRender
 
 # Tokens each artifact generates to show it runs (greedy, from a one-message chat through its own template).
@@ -378,13 +379,8 @@ def _recipe_on(rt: Any, found: tuple[recipe.Recipe, list[list[dict[str, str]]]])
     template (the app path), or None."""
     rec, convs = found
     for conv in convs:
-        want = rt.chat_prompt_ids(conv)
-        got = rt.text_ids(recipe.build(rec, conv))
-        if got != want:
-            at = next(
-                (i for i, (x, y) in enumerate(zip(got, want, strict=False)) if x != y),
-                min(len(got), len(want)),
-            )
+        at = first_difference(rt.chat_prompt_ids(conv), rt.text_ids(recipe.build(rec, conv)))
+        if at is not None:
             return (
                 f"gives other prompt ids than this artifact's own chat template (a {len(conv)}-message "
                 f"conversation, first difference at token {at})"

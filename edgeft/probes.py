@@ -39,8 +39,9 @@ PROBE_CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
 )
 
 
-def first_difference(want: Sequence[int], got: Sequence[int]) -> int | None:
-    """Where two id sequences first differ (the shorter one's length when one extends the other), or None."""
+def first_difference(want: Sequence[Any], got: Sequence[Any]) -> int | None:
+    """Where two id sequences (or texts) first differ (the shorter one's length when one extends the other),
+    or None."""
     if list(want) == list(got):
         return None
     return next(

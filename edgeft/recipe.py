@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edgeft.errors import EdgeftError
+from edgeft.probes import first_difference
 
 Messages = list[dict[str, str]]
 # render(messages, add_generation_prompt) -> the template's text; raises for a conversation it refuses
@@ -219,11 +220,8 @@ def prove(render: Render, recipe: Recipe, conversations: Sequence[Messages]) -> 
             got = build(recipe, conv, True)
         except ValueError as e:
             return str(e)
-        if got != want:
-            at = next(
-                (i for i, (x, y) in enumerate(zip(got, want, strict=False)) if x != y),
-                min(len(got), len(want)),
-            )
+        at = first_difference(want, got)
+        if at is not None:
             return (
                 f"the recipe's prompt differs from the template's at character {at} of a "
                 f"{len(conv)}-message conversation ({want[max(0, at - 20) : at + 20]!r})"
