@@ -184,73 +184,70 @@ def _batch(
     return out
 
 
-class BoundedRender:
-    """A recipe.Render over a stranger's template: `prefetch` renders a batch in one child; a call not
-    prefetched renders alone. The template's refusal raises TemplateRefused, as a Jinja error would."""
-
-    def __init__(self, template: str, variables: dict[str, Any], where: str, now: str | None = None) -> None:
-        self.template, self.variables, self.where, self.now = template, variables, where, now
-        self._done: dict[str, str | TemplateRefused] = {}
-
-    @staticmethod
-    def _key(messages: Messages, gen: bool) -> str:
-        return json.dumps([messages, gen], sort_keys=True)
-
-    def prefetch(self, renders: Sequence[tuple[Messages, bool]]) -> None:
-        todo = [(list(m), g) for m, g in renders if self._key(m, g) not in self._done]
-        todo = list({self._key(m, g): (m, g) for m, g in todo}.values())
-        for (m, g), r in zip(
-            todo,
-            render_many(self.template, self.variables, todo, where=self.where, now=self.now),
-            strict=True,
-        ):
-            self._done[self._key(m, g)] = r
-
-    def __call__(self, messages: Messages, gen: bool) -> str:
-        key = self._key(messages, gen)
-        if key not in self._done:
-            self.prefetch([(messages, gen)])
-        r = self._done[key]
-        if isinstance(r, TemplateRefused):
-            raise r
-        return r
-
-
 # Renderings made within bounds in this process, by digest of (template, variables, messages, gen): the text,
 # or the template's refusal.
 _VETTED: dict[str, str | TemplateRefused] = {}
 
 
-def _digest(template: str, variables: dict[str, Any], messages: Messages, gen: bool) -> str:
+def _digest(template: str, variables: dict[str, Any], messages: Messages, gen: bool, now: str | None) -> str:
     import hashlib
 
-    raw = json.dumps([template, variables, messages, gen], sort_keys=True, default=str)
+    raw = json.dumps([template, variables, messages, gen, now], sort_keys=True, default=str)
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()
 
 
 def vet(
-    template: str, variables: dict[str, Any], renders: Sequence[tuple[Messages, bool]], *, where: str
+    template: str,
+    variables: dict[str, Any],
+    renders: Sequence[tuple[Messages, bool]],
+    *,
+    where: str,
+    now: str | None = None,
 ) -> None:
     """Render these within bounds first (batched, each input once per process), so that an in-process renderer
     given the same input next (transformers, llama-cpp-python, onnxruntime-genai) is known to finish: a template
     that would hang, eat memory or grow without end is one EdgeftError naming `where` here instead. The
-    template's own refusal is not a fault here: the renderer that follows reports it as it always has."""
+    template's own refusal is not a fault here: the renderer that follows reports it as it always has. `now`:
+    see render_many."""
     todo: dict[str, tuple[Messages, bool]] = {}
     for m, g in renders:
-        key = _digest(template, variables, list(m), g)
+        key = _digest(template, variables, list(m), g, now)
         if key not in _VETTED:
             todo[key] = (list(m), g)
     if todo:
-        results = render_many(template, variables, list(todo.values()), where=where)
+        results = render_many(template, variables, list(todo.values()), where=where, now=now)
         _VETTED.update(zip(todo, results, strict=True))
 
 
-def rendered(template: str, variables: dict[str, Any], messages: Messages, gen: bool, *, where: str) -> str:
+def rendered(
+    template: str,
+    variables: dict[str, Any],
+    messages: Messages,
+    gen: bool,
+    *,
+    where: str,
+    now: str | None = None,
+) -> str:
     """The bounded child's rendering (vetted in a batch before, or alone now): edgeft uses this text itself
     rather than rendering the same input again in process, so no template can tell the two apart. Raises
     TemplateRefused when the template refuses the conversation."""
-    vet(template, variables, [(messages, gen)], where=where)
-    r = _VETTED[_digest(template, variables, list(messages), gen)]
+    vet(template, variables, [(messages, gen)], where=where, now=now)
+    r = _VETTED[_digest(template, variables, list(messages), gen, now)]
     if isinstance(r, TemplateRefused):
         raise r
     return r
+
+
+class BoundedRender:
+    """A recipe.Render over a stranger's template: `prefetch` renders a batch in one request (vet); a call
+    renders what was not prefetched (rendered). The template's refusal raises TemplateRefused, as a Jinja error
+    would. Renderings are kept with every other of the process (vet's), by template, variables and `now`."""
+
+    def __init__(self, template: str, variables: dict[str, Any], where: str, now: str | None = None) -> None:
+        self.template, self.variables, self.where, self.now = template, variables, where, now
+
+    def prefetch(self, renders: Sequence[tuple[Messages, bool]]) -> None:
+        vet(self.template, self.variables, renders, where=self.where, now=self.now)
+
+    def __call__(self, messages: Messages, gen: bool) -> str:
+        return rendered(self.template, self.variables, messages, gen, where=self.where, now=self.now)
