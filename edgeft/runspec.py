@@ -23,10 +23,10 @@ from typing import Any
 
 from edgeft import data, formats, recipe
 from edgeft.footprint import max_positions
+from edgeft.targets import MAX_THREADS
 
 # model.json layout version; bumped whenever a key changes meaning.
 SCHEMA_VERSION = 1
-MAX_THREADS = 4096  # a thread count a device may report (more is no device's)
 
 # The example files every bundle carries (examples/ in the repo); each format adds those that run it
 # (Format.example_files).

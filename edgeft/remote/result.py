@@ -17,12 +17,12 @@ from typing import Any
 
 from edgeft.errors import EdgeftError
 from edgeft.remote.ssh import DEVICE_SCRIPT, RESULT_SCHEMA
+from edgeft.targets import MAX_THREADS
 
 MAX_RESULT_BYTES = 4 << 20  # a result is tens of KB (a sweep per artifact); far more is not one
 MAX_DEPTH = 8  # result.device.energy.* is the deepest the script writes (4)
 MAX_ITEMS = 256  # per list or object: artifacts, sweep points, problems, cpu features
 MAX_TEXT = 1000  # per string: a reason, a path, a CPU model
-MAX_THREADS = 4096
 MAX_NOTES = 50
 MAX_RECORDED_BYTES = (
     64 << 10
