@@ -328,11 +328,16 @@ def template_variables(tokenizer: Any) -> dict[str, Any]:
     return {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str | list)}
 
 
+def _template_where(tokenizer: Any) -> str:
+    return f"{getattr(tokenizer, 'name_or_path', '') or 'the model'}: its chat template"
+
+
 def vet(tokenizer: Any, renders: list[tuple[list[dict[str, str]], bool]]) -> None:
     """Render these through the tokenizer's chat template within bounds first, in one batch (edgeft.template
     vet): transformers then renders the same inputs in this process, known to finish."""
-    where = f"{getattr(tokenizer, 'name_or_path', '') or 'the model'}: its chat template"
-    template.vet(chat_template(tokenizer), template_variables(tokenizer), renders, where=where)
+    template.vet(
+        chat_template(tokenizer), template_variables(tokenizer), renders, where=_template_where(tokenizer)
+    )
 
 
 def vet_examples(tokenizer: Any, examples: Sequence[Example]) -> None:
@@ -347,10 +352,13 @@ def vet_examples(tokenizer: Any, examples: Sequence[Example]) -> None:
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     """The conversation through the chat template as transformers renders it (its environment and
     variables), rendered within bounds in a child (edgeft.template; at once when a batch vetted it already)."""
-    where = f"{getattr(tokenizer, 'name_or_path', '') or 'the model'}: its chat template"
     try:
         text = template.rendered(
-            chat_template(tokenizer), template_variables(tokenizer), messages, generation_prompt, where=where
+            chat_template(tokenizer),
+            template_variables(tokenizer),
+            messages,
+            generation_prompt,
+            where=_template_where(tokenizer),
         )
     except template.TemplateRefused as e:  # raise_exception(...) in the template, or its own bug
         raise EdgeftError(f"the chat template cannot render this conversation ({str(e)[:200]})") from None
