@@ -14,7 +14,7 @@ from pathlib import Path
 import bundles
 import pytest
 from bundles import TARGET, Bundles
-from tinymodels import make_model
+from tinymodels import make_model, onnx_with_external
 
 from edgeft import remote
 from edgeft.check import check_bundle
@@ -148,21 +148,6 @@ def test_edgeft_bench_runs_its_own_script_not_the_bundles(
     assert check_bundle(b, load=False).passed
 
 
-def _onnx_with_external(path: Path, location: str) -> None:
-    import onnx
-    from onnx import TensorProto, helper
-
-    w = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
-    w.ClearField("float_data")
-    w.data_location = TensorProto.EXTERNAL
-    for k, v in (("location", location), ("offset", "0"), ("length", "16")):
-        w.external_data.add(key=k, value=v)
-    inner = helper.make_graph([helper.make_node("Identity", ["w"], ["z"])], "inner", [], [], [w])
-    node = helper.make_node("If", ["c"], ["y"], then_branch=inner, else_branch=inner)
-    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
-    onnx.save(helper.make_model(graph), str(path))
-
-
 @pytest.mark.parametrize("location", ["../../secret.bin", "/etc/passwd", "sub/../../x.bin"])
 def test_external_data_outside_the_folder_is_refused_without_the_onnx_package(
     tmp_path: Path, location: str
@@ -174,7 +159,7 @@ def test_external_data_outside_the_folder_is_refused_without_the_onnx_package(
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx"}}}))
-    _onnx_with_external(folder / "model.onnx", location)
+    onnx_with_external(folder / "model.onnx", location, in_subgraph=True)
     # the tensor sits in both branches of the If: found in each subgraph
     assert bundle_checks.external_data_locations(folder / "model.onnx") == [("w", location)] * 2
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
@@ -365,7 +350,7 @@ def test_every_way_around_the_onnx_folder_check_is_closed(
                 lambda c: c["model"]["decoder"].update(shared_initializers=[{"data_file": "/etc/shadow"}]),
             )
         elif case == "renamed-model":
-            _onnx_with_external(folder / "model.bin", "/etc/passwd")
+            onnx_with_external(folder / "model.bin", "/etc/passwd", in_subgraph=True)
             _cfg(folder, lambda c: c["model"]["decoder"].update(filename="model.bin"))
         else:
             (folder / "vocab.json").symlink_to("/etc/passwd")

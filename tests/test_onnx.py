@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tinymodels import cached_model, kld, leftovers, load_tokenizer, quiet_transformers
+from tinymodels import cached_model, kld, leftovers, load_tokenizer, onnx_with_external, quiet_transformers
 
 from edgeft.errors import EdgeftError
 from edgeft.formats.gguf.export import export_gguf
@@ -335,33 +335,12 @@ def test_refuses_to_replace_a_foreign_dir(root: Path) -> None:
 # --- external data path traversal ------------------------------------------------------------------------
 
 
-def _model_with_external(path: Path, location: str) -> Path:
-    """A one-initializer ONNX model whose weights live at `location` (written by hand, not by onnx)."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    w = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
-    w.ClearField("float_data")
-    w.data_location = TensorProto.EXTERNAL
-    for k, v in (("location", location), ("offset", "0"), ("length", "16")):
-        w.external_data.add(key=k, value=v)
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["w"], ["y"])],
-        "g",
-        [],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-        [w],
-    )
-    onnx.save(helper.make_model(graph), str(path))
-    return path
-
-
 @pytest.mark.parametrize("location", ["../evil.bin", "sub/../../evil.bin", "/etc/passwd"])
 def test_external_data_escape_refused(tmp_path: Path, location: str) -> None:
     model_dir_ = tmp_path / "m"
     model_dir_.mkdir()
     (tmp_path / "evil.bin").write_bytes(b"\0" * 16)
-    model = _model_with_external(model_dir_ / "model.onnx", location)
+    model = onnx_with_external(model_dir_ / "model.onnx", location)
     with pytest.raises(EdgeftError, match="outside"):
         check_external_data(model, model_dir_)
 
@@ -370,11 +349,11 @@ def test_external_data_inside_ok_and_runtime_checks(tmp_path: Path, root: Path) 
     inside = tmp_path / "ok"
     inside.mkdir()
     (inside / "w.bin").write_bytes(b"\0" * 16)
-    model = _model_with_external(inside / "model.onnx", "w.bin")
+    model = onnx_with_external(inside / "model.onnx", "w.bin")
     assert check_external_data(model, inside) == [(inside / "w.bin").resolve()]
     # A model dir whose decoder escapes is refused when opened, before any engine reads it.
     evil = tmp_path / "evil-model"
     shutil.copytree(exported("qwen2", "fp32", root), evil)
-    _model_with_external(evil / "model.onnx", "../evil.bin")
+    onnx_with_external(evil / "model.onnx", "../evil.bin")
     with pytest.raises(EdgeftError, match="outside"):
         OrtRuntime(evil)

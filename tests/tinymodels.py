@@ -473,3 +473,25 @@ def kld(ref_logits: np.ndarray, test_logits: np.ndarray) -> float:
 def leftovers(folder: Path, name: str) -> list[str]:
     """Temp names edgeft's writers make next to an output `name` (`.NAME.partial-*`, `.NAME.old-*`, ...)."""
     return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith(f".{name}."))
+
+
+def onnx_with_external(path: Path, location: str, *, in_subgraph: bool = False) -> Path:
+    """A one-initializer ONNX model whose weights live at `location` (written by hand, not by onnx); with
+    `in_subgraph`, the initializer sits in both branches of an If (subgraphs must be walked too)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
+    w.ClearField("float_data")
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", "16")):
+        w.external_data.add(key=k, value=v)
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])]
+    if in_subgraph:
+        inner = helper.make_graph([helper.make_node("Identity", ["w"], ["z"])], "inner", [], [], [w])
+        node = helper.make_node("If", ["c"], ["y"], then_branch=inner, else_branch=inner)
+        graph = helper.make_graph([node], "g", [], out)
+    else:
+        graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [], out, [w])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
